@@ -1,0 +1,121 @@
+"""The seed recipes and the one frozen config a training run is described by.
+
+Each model carries the recipe of the tutorial it comes from (../shared/DESIGN.md,
+"The seed recipes"); every CLI flag overrides one field of `TrainConfig`, 1:1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A seed tutorial's hyperparameters: the defaults of `tinymnist train --model NAME`."""
+
+    optimizer: str
+    lr: float
+    gamma: float  # StepLR factor applied after every epoch; 1.0 = constant rate
+    batch_size: int
+    test_batch_size: int
+    epochs: int
+    mean: float  # input scaling: x = (pixel / 255 - mean) / std
+    std: float
+    source: str  # the seed tutorial (../shared/seeds/) the numbers come from
+
+
+RECIPES: dict[str, Recipe] = {
+    # torchvision's Normalize((0.5,), (0.5,)) maps 0..1 to -1..1.
+    "mlp": Recipe("adam", 1e-3, 1.0, 64, 1000, 5, 0.5, 0.5, "000_c34cd4da58a30877.txt"),
+    # ToTensor() alone: pixels in 0..1.
+    "mlp3": Recipe("adam", 1e-3, 1.0, 15, 1000, 2, 0.0, 1.0, "002_ea36810c15c201e9.txt"),
+    # pytorch/examples mnist: MNIST's own pixel mean and standard deviation.
+    "cnn": Recipe("adadelta", 1.0, 0.7, 64, 1000, 14, 0.1307, 0.3081, "001_9c5f021c5c96d2c2.txt"),
+    "lenet": Recipe("rmsprop", 1e-3, 1.0, 8192, 8192, 50, 0.0, 1.0, "003_eace7280a9d12c4c.txt"),
+}
+
+# The learning rate an optimizer gets when --optimizer overrides the recipe's and
+# --lr is not given: torch.optim's own defaults (a recipe's lr belongs to its optimizer:
+# Adadelta's 1.0 would blow up SGD).
+DEFAULT_LR: dict[str, float] = {
+    "sgd": 1e-3,
+    "adam": 1e-3,
+    "adamw": 1e-3,
+    "adadelta": 1.0,
+    "rmsprop": 1e-2,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on. Field names are the CLI flags."""
+
+    model: str = "cnn"
+    optimizer: str = "adadelta"
+    lr: float = 1.0  # learning rate at epoch 1
+    gamma: float = 0.7  # multiply lr by gamma after every epoch (StepLR, step_size 1)
+    batch_size: int = 64  # training images per step; fixed, so the step compiles once
+    test_batch_size: int = 1000  # images per evaluation chunk
+    epochs: int = 14  # total epochs; a resumed run continues up to this number
+    seed: int = 1  # seeds parameter init, shuffling and dropout
+    log_interval: int = 10  # steps between log lines (and the only host syncs)
+    dry_run: bool = False  # one step and one evaluation, to check the setup
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
+    compile: bool | None = None  # None: the faster choice for the device kind
+    data_dir: str = "data"
+    download: bool = True  # fetch missing MNIST files before training
+    save_model: str | None = None  # checkpoint path, rewritten at every epoch end
+    metrics: str | None = None  # JSON Lines path, one object per evaluation
+    resume: str | None = None  # checkpoint to continue from
+
+    @property
+    def recipe(self) -> Recipe:
+        return RECIPES[self.model]
+
+    def to_dict(self) -> dict:
+        """Plain str/int/float/bool/None values: what a checkpoint stores."""
+        return dataclasses.asdict(self)
+
+
+def recipe_config(model: str, optimizer: str | None = None, **overrides) -> TrainConfig:
+    """The config for `model` with its seed recipe as defaults; None overrides are ignored."""
+    recipe = RECIPES[model]
+    optimizer = optimizer or recipe.optimizer
+    lr = recipe.lr if optimizer == recipe.optimizer else DEFAULT_LR[optimizer]
+    defaults = dict(
+        model=model,
+        optimizer=optimizer,
+        lr=lr,
+        gamma=recipe.gamma,
+        batch_size=recipe.batch_size,
+        test_batch_size=recipe.test_batch_size,
+        epochs=recipe.epochs,
+    )
+    defaults.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**defaults)
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Raise a one-line TinyMnistError naming the flag for any value training cannot use."""
+    from tinymnist.errors import TinyMnistError
+
+    positive = {
+        "--batch-size": config.batch_size,
+        "--test-batch-size": config.test_batch_size,
+        "--epochs": config.epochs,
+        "--lr": config.lr,
+        "--log-interval": config.log_interval,
+    }
+    for flag, value in positive.items():
+        if not value > 0:  # also catches NaN
+            raise TinyMnistError(f"{flag} must be positive, got {value}")
+    if not 0 < config.gamma <= 1:
+        raise TinyMnistError(f"--gamma must be in (0, 1], got {config.gamma}")
+    if config.model not in RECIPES:
+        raise TinyMnistError(f"--model {config.model!r} is unknown; choose one of {', '.join(RECIPES)}")
+    if config.optimizer not in DEFAULT_LR:
+        raise TinyMnistError(
+            f"--optimizer {config.optimizer!r} is unknown; choose one of {', '.join(DEFAULT_LR)}"
+        )
+    return config
