@@ -110,8 +110,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     for flag, value in positive.items():
         if not value > 0:  # also catches NaN
             raise TinyMnistError(f"{flag} must be positive, got {value}")
-    if not 0 < config.gamma <= 1:
-        raise TinyMnistError(f"--gamma must be in (0, 1], got {config.gamma}")
+    if not config.gamma > 0:
+        raise TinyMnistError(f"--gamma must be positive, got {config.gamma}")
     if config.model not in RECIPES:
         raise TinyMnistError(f"--model {config.model!r} is unknown; choose one of {', '.join(RECIPES)}")
     if config.optimizer not in DEFAULT_LR:
