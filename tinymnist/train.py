@@ -1,0 +1,249 @@
+"""The training loop: one compiled pure step, on-device batching, exact evaluation.
+
+Everything the loop carries from step to step is data, `(params, opt_state)`: plain
+tensor dicts that the step consumes and returns anew. Nothing is mutated, so a
+checkpoint is those dicts plus the RNG state, and a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from tinymnist import models, optim
+from tinymnist.config import TrainConfig
+from tinymnist.data import MNIST
+from tinymnist.devices import synchronize
+from tinymnist.errors import TinyMnistError
+
+Params = dict[str, torch.Tensor]
+OptState = dict  # the optimizer's nested dict of tensors (see optim.py)
+Step = Callable[..., tuple[Params, OptState, torch.Tensor]]
+
+
+def scale_images(images_u8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 pixels (B, 28, 28) -> the float input the recipe trains on, (B, 1, 28, 28)."""
+    x = images_u8.unsqueeze(1).float() / 255  # (B, 1, 28, 28) in 0..1
+    return (x - mean) / std
+
+
+def loss_and_logits(model: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The recipe's loss: NLL where the network ends in log_softmax, else cross-entropy."""
+    return F.nll_loss if models.OUTPUTS_LOG_PROBS[model] else F.cross_entropy
+
+
+def make_step(config: TrainConfig, optimizer: optim.Optimizer, compile: bool) -> Step:
+    """Build `step(params, opt_state, images, labels, batch_idx, lr) -> (params, opt_state, loss)`.
+
+    The batch gather `images[batch_idx]` happens inside the step so that, compiled,
+    it fuses with the uint8 -> float scaling and no float copy of a batch is made.
+    `lr` is a 0-d tensor: a Python float would be baked into the compiled graph and
+    every StepLR change would recompile it.
+    """
+    model, recipe = config.model, config.recipe
+    loss_fn = loss_and_logits(model)
+
+    def batch_loss(params: Params, images_u8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = scale_images(images_u8, recipe.mean, recipe.std)  # (B, 1, 28, 28)
+        out = models.apply(model, params, x, train=True)  # (B, 10)
+        return loss_fn(out, labels)
+
+    grad_and_loss = torch.func.grad_and_value(batch_loss)
+
+    def step(params, opt_state, images, labels, batch_idx, lr):
+        grads, loss = grad_and_loss(params, images[batch_idx], labels[batch_idx])
+        params, opt_state = optimizer.update(grads, opt_state, params, lr)
+        return params, opt_state, loss
+
+    return torch.compile(step, fullgraph=True) if compile else step
+
+
+def epoch_batches(n_images: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """This epoch's shuffled image indices as (steps, batch_size), from torch's generator.
+
+    Every image appears once; when batch_size does not divide n_images, the last row
+    is topped up with images from a second permutation, so every step has the same
+    shape and the compiled step never sees a second one.
+    """
+    order = torch.randperm(n_images, device=device)  # (N,)
+    steps = math.ceil(n_images / batch_size)
+    shortfall = steps * batch_size - n_images
+    if shortfall:
+        top_up = torch.randperm(n_images, device=device)[:shortfall]  # (shortfall,)
+        order = torch.cat([order, top_up])
+    return order.view(steps, batch_size)  # (steps, B)
+
+
+class Evaluation(NamedTuple):
+    loss: float  # mean loss per test image
+    correct: int
+    total: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
+
+
+@torch.inference_mode()
+def evaluate(config: TrainConfig, params: Params, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
+    """Loss and correct count over the whole test set, in test_batch_size chunks.
+
+    Losses are summed and correct predictions counted as integers on the device,
+    then read once: no per-chunk averaging, so the result is exact for any chunk size.
+    """
+    recipe = config.recipe
+    loss_fn = loss_and_logits(config.model)
+    loss_sum = torch.zeros((), device=images.device, dtype=torch.float64)
+    correct = torch.zeros((), device=images.device, dtype=torch.int64)
+    for start in range(0, len(images), config.test_batch_size):
+        x = scale_images(images[start : start + config.test_batch_size], recipe.mean, recipe.std)
+        y = labels[start : start + config.test_batch_size]  # (C,)
+        out = models.apply(config.model, params, x)  # (C, 10)
+        loss_sum += loss_fn(out, y, reduction="sum")
+        correct += (out.argmax(dim=1) == y).sum()
+    total = len(images)
+    return Evaluation(loss_sum.item() / total, int(correct.item()), total)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds: the run's data after `epoch` completed epochs."""
+
+    params: Params
+    opt_state: OptState
+    epoch: int
+    rng: dict  # torch generator states, see capture_rng
+
+
+def capture_rng(device: torch.device) -> dict:
+    """The generators' states: shuffling and dropout continue exactly from here."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(rng: dict, device: torch.device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def initial_state(config: TrainConfig, optimizer: optim.Optimizer, device: torch.device) -> TrainState:
+    """Epoch 0: fresh parameters from the seed, fresh optimizer state, seeded generators."""
+    torch.manual_seed(config.seed)
+    params = models.init_params(config.model, config.seed, device)
+    return TrainState(params, optimizer.init(params), 0, capture_rng(device))
+
+
+def make_optimizer(config: TrainConfig) -> optim.Optimizer:
+    return optim.OPTIMIZERS[config.optimizer]()
+
+
+class Reporter(Protocol):
+    """Where the loop's progress goes: log lines, a progress bar, a metrics file."""
+
+    def epoch_started(self, epoch: int, steps: int, lr: float) -> None: ...
+    def logged(self, epoch: int, step: int, images_seen: int, n_train: int, loss: float) -> None: ...
+    def evaluated(self, record: dict) -> None: ...
+    def epoch_ended(self, state: TrainState) -> None: ...
+
+
+class NonFiniteLoss(TinyMnistError):
+    pass
+
+
+def fit(config: TrainConfig, data: MNIST, device: torch.device, reporter: Reporter, state: TrainState) -> dict:
+    """Train from `state` up to config.epochs; return timing totals.
+
+    The host reads the device only every log_interval steps (the running loss) and at
+    epoch ends: no per-step .item(), so the CPU queues steps ahead of a GPU.
+    """
+    optimizer = make_optimizer(config)
+    compile = config.compile if config.compile is not None else default_compile(device)
+    step = make_step(config, optimizer, compile)
+    params, opt_state = state.params, state.opt_state
+    restore_rng(state.rng, device)
+    n_train = len(data.train_images)
+    compile_seconds = train_seconds = 0.0
+    images_trained = 0
+    first_call = True
+
+    if state.epoch == 0 and not config.dry_run:  # the untrained network, as seed 002 shows
+        untrained = evaluate(config, params, data.test_images, data.test_labels)
+        reporter.evaluated(evaluation_record(config, 0, None, untrained, config.lr, 0.0))
+
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        lr = optim.step_lr(config.lr, epoch - 1, step_size=1, gamma=config.gamma)
+        lr_tensor = torch.tensor(lr, device=device)  # 0-d: a new value never recompiles
+        batches = epoch_batches(n_train, config.batch_size, device)  # (steps, B)
+        steps = 1 if config.dry_run else len(batches)
+        reporter.epoch_started(epoch, steps, lr)
+        running = torch.zeros((), device=device)  # loss summed since the last log line
+        epoch_loss = torch.zeros((), device=device)
+        synchronize(device)
+        started = time.perf_counter()
+        for i in range(steps):
+            params, opt_state, loss = step(params, opt_state, data.train_images, data.train_labels, batches[i], lr_tensor)
+            running += loss.detach()
+            if first_call:  # the first call compiles: time it apart from training
+                synchronize(device)
+                compile_seconds = time.perf_counter() - started
+                started, first_call = time.perf_counter(), False
+            if (i + 1) % config.log_interval == 0 or i + 1 == steps:
+                done = (i + 1) % config.log_interval or config.log_interval
+                mean_loss = running.item() / done
+                if not math.isfinite(mean_loss):
+                    raise NonFiniteLoss(
+                        f"loss became {mean_loss} in epoch {epoch} by step {i + 1}; "
+                        f"lower --lr (it was {lr:g}); the last good checkpoint is kept"
+                    )
+                reporter.logged(epoch, i + 1, (i + 1) * config.batch_size, n_train, mean_loss)
+                epoch_loss += running
+                running.zero_()
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        train_seconds += seconds
+        images_trained += steps * config.batch_size
+        result = evaluate(config, params, data.test_images, data.test_labels)
+        train_loss = epoch_loss.item() / steps
+        reporter.evaluated(
+            evaluation_record(config, epoch, train_loss, result, lr, seconds, steps * config.batch_size)
+        )
+        state = TrainState(params, opt_state, epoch, capture_rng(device))
+        reporter.epoch_ended(state)
+        if config.dry_run:
+            break
+    return {
+        "compile_seconds": compile_seconds,
+        "train_seconds": train_seconds,
+        "images_per_second": images_trained / train_seconds if train_seconds else 0.0,
+        "state": state,
+    }
+
+
+def evaluation_record(
+    config: TrainConfig, epoch: int, train_loss: float | None, result: Evaluation, lr: float, seconds: float, images: int = 0
+) -> dict:
+    """One line of --metrics: what the run looked like after `epoch` epochs."""
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "test_loss": result.loss,
+        "test_accuracy": result.accuracy,
+        "correct": result.correct,
+        "total": result.total,
+        "lr": lr,
+        "seconds": seconds,
+        "images_per_second": images / seconds if seconds else 0.0,
+    }
+
+
+def default_compile(device: torch.device) -> bool:
+    """Compile where it pays: measured by `tinymnist bench` (see BENCHMARKS.md)."""
+    return device.type == "cuda"
