@@ -70,13 +70,13 @@ def load(path: Path, device: torch.device) -> tuple[dict, TrainState]:
         raise TinyMnistError(f"checkpoint {path}: not a tinymnist checkpoint (expected format {FORMAT})")
     config = payload["config"]
     _check_params(path, config.get("model"), payload["params"])
-    state = TrainState(
-        params={k: v.to(device) for k, v in payload["params"].items()},
-        opt_state=_to_device(payload["opt_state"], device),
-        epoch=int(payload["epoch"]),
-        rng=payload["rng"],
-    )
-    return config, state
+    state = TrainState(payload["params"], payload["opt_state"], int(payload["epoch"]), payload["rng"])
+    return config, to_device(state, device)
+
+
+def to_device(state: TrainState, device: torch.device) -> TrainState:
+    """The same state with params and optimizer state on `device` (RNG states stay on the CPU)."""
+    return TrainState(_to_device(state.params, device), _to_device(state.opt_state, device), state.epoch, state.rng)
 
 
 def _check_params(path: Path, model: str | None, params: dict) -> None:
