@@ -1,0 +1,278 @@
+"""models.py against the tutorials' own nn.Module classes, used as oracles.
+
+The classes below are copied from the seed tutorials (seeds/000..003), so their
+state_dicts, their initialisation under torch.manual_seed, their forward passes and
+the shapes their layers see are what ours must match.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinymnist import models, shapes
+from tinymnist.errors import TinyMnistError
+
+
+class SimpleNN(nn.Module):  # seed 000
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(28 * 28, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = x.view(-1, 28 * 28)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class Mlp3Net(nn.Module):  # seed 002; the tutorial flattens before calling forward
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(28 * 28, 64)
+        self.fc2 = nn.Linear(64, 64)
+        self.fc3 = nn.Linear(64, 64)
+        self.fc4 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = x.view(-1, 28 * 28)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        x = F.relu(self.fc3(x))
+        return F.log_softmax(self.fc4(x), dim=1)
+
+
+class ExamplesNet(nn.Module):  # seed 001: pytorch/examples mnist/main.py
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = self.dropout2(x)
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class LeNet(nn.Module):  # seed 003; its nn.Sequential blocks name the weights conv1.0.weight, ...
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(1, 6, 5, 1, 2), nn.ReLU(), nn.MaxPool2d(kernel_size=2, stride=2))
+        self.conv2 = nn.Sequential(nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2, 2))
+        self.fc1 = nn.Sequential(nn.Linear(16 * 5 * 5, 120), nn.ReLU())
+        self.fc2 = nn.Sequential(nn.Linear(120, 84), nn.ReLU())
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = self.conv2(self.conv1(x))
+        x = x.view(x.size(0), -1)
+        return self.fc3(self.fc2(self.fc1(x)))
+
+
+ORACLES = {"mlp": SimpleNN, "mlp3": Mlp3Net, "cnn": ExamplesNet, "lenet": LeNet}
+
+
+def oracle_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The oracle's parameters under our names: the seed's `conv1.0.weight` is our `conv1.weight`."""
+    return {key.replace(".0.", "."): value for key, value in net.state_dict().items()}
+
+
+def load_oracle(name: str, params: dict[str, torch.Tensor]) -> nn.Module:
+    net = ORACLES[name]()
+    keys = {ours: theirs for ours, theirs in zip(oracle_state(net), net.state_dict())}
+    net.load_state_dict({keys[k]: v for k, v in params.items()})
+    return net
+
+
+def images(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(seed))  # (B, 1, 28, 28)
+
+
+def stack(dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([d[key] for d in dicts]) for key in dicts[0]}  # each (K, ...)
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_init_params_is_torchs_default_init_under_the_same_seed(name):
+    torch.manual_seed(7)
+    expected = oracle_state(ORACLES[name]())
+    before = torch.get_rng_state()
+    params = models.init_params(name, 7)
+    assert torch.equal(torch.get_rng_state(), before), "init_params must not draw from the global generator"
+    assert list(params) == list(expected) == [k for k, _ in models.TEMPLATES[name].named_parameters()]
+    for key in expected:
+        assert torch.equal(params[key], expected[key]), key
+
+
+def test_init_params_bounds_and_seeds():
+    params = models.init_params("cnn", 0)
+    for key, value in params.items():
+        fan_in = value.shape[1:].numel() if key.endswith("weight") else params[key.replace("bias", "weight")][0].numel()
+        bound = 1 / math.sqrt(fan_in)
+        assert value.abs().max() <= bound
+        if value.numel() > 1000:  # U(-b, b) has standard deviation b / sqrt(3)
+            assert value.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    again, other = models.init_params("cnn", 0), models.init_params("cnn", 1)
+    assert all(torch.equal(params[k], again[k]) for k in params)
+    assert not any(torch.equal(params[k], other[k]) for k in params)
+
+
+def test_init_params_on_other_devices():
+    meta = models.init_params("lenet", 0, "meta")
+    assert all(v.is_meta for v in meta.values())
+    if torch.cuda.is_available():
+        cpu, cuda = models.init_params("lenet", 3), models.init_params("lenet", 3, "cuda")
+        assert all(torch.equal(cpu[k], cuda[k].cpu()) for k in cpu)
+
+
+def test_unknown_model_names_the_valid_ones():
+    for call in (lambda: models.init_params("resnet", 0), lambda: models.apply("resnet", {}, images(1)), lambda: models.trace("resnet")):
+        with pytest.raises(TinyMnistError, match="mlp, mlp3, cnn, lenet"):
+            call()
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_apply_equals_the_tutorial_forward(name):
+    params = models.init_params(name, 0)
+    x = images(5)
+    ours = models.apply(name, params, x)
+    assert ours.shape == (5, models.NUM_CLASSES)
+    torch.testing.assert_close(ours, load_oracle(name, params).eval()(x), rtol=1e-5, atol=1e-6)
+    if models.OUTPUTS_LOG_PROBS[name]:  # log-probabilities: their exponentials sum to 1
+        torch.testing.assert_close(ours.exp().sum(dim=1), torch.ones(5))
+
+
+def test_loss_kinds_follow_the_tutorials():
+    assert dict(models.OUTPUTS_LOG_PROBS) == {"mlp": False, "mlp3": True, "cnn": True, "lenet": False}
+
+
+def test_templates_stay_empty_and_unchanged():
+    params = models.init_params("cnn", 0)
+    models.apply("cnn", params, images(2), train=True)
+    for template in models.TEMPLATES.values():
+        assert all(p.is_meta for p in template.parameters())
+        assert not list(template.buffers())
+
+
+def test_train_dropout_is_the_tutorials_dropout():
+    params = models.init_params("cnn", 0)
+    oracle, x = load_oracle("cnn", params).train(), images(4)  # built first: building draws numbers too
+    torch.manual_seed(123)
+    ours = models.apply("cnn", params, x, train=True)
+    torch.manual_seed(123)
+    theirs = oracle(x)  # nn.Dropout(0.25) then nn.Dropout(0.5), from the same generator state
+    torch.testing.assert_close(ours, theirs)
+    assert not torch.allclose(ours, models.apply("cnn", params, x))
+
+
+def test_dropout_rates_are_a_quarter_and_a_half():
+    """Wire the cnn so that its outputs read dropout's masks directly.
+
+    Constant convolutions make every pooled value 1; dropout1 (p=0.25) leaves 0 or
+    1/0.75. fc1 units 0-4 each copy one pooled value; units 5-8 are a constant 1, so
+    they see dropout2 only. dropout2 (p=0.5) leaves 0 or value/0.5. fc2 class j < 9
+    copies unit j; class 9 is the constant 0 that log_softmax's output is read against.
+    """
+    params = {k: torch.zeros_like(v) for k, v in models.init_params("cnn", 0).items()}
+    params["conv1.bias"] += 1
+    params["conv2.bias"] += 1
+    for unit in range(5):
+        params["fc1.weight"][unit, unit] = 1
+    params["fc1.bias"][5:9] = 1
+    for unit in range(9):
+        params["fc2.weight"][unit, unit] = 1
+    torch.manual_seed(0)
+    out = models.apply("cnn", params, images(400), train=True)  # (400, 10)
+    units = out[:, :9] - out[:, 9:]  # logits, recovered from log-probabilities
+    both, second_only = units[:, :5], units[:, 5:]
+    kept_value = (1 / (1 - 0.25)) * (1 / (1 - 0.5))
+    assert torch.all(torch.isclose(both, torch.tensor(0.0), atol=1e-4) | torch.isclose(both, torch.tensor(kept_value)))
+    assert torch.all(torch.isclose(second_only, torch.tensor(0.0), atol=1e-4) | torch.isclose(second_only, torch.tensor(2.0)))
+    assert (both > 1).float().mean().item() == pytest.approx(0.75 * 0.5, abs=0.05)
+    assert (second_only > 1).float().mean().item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_eval_is_deterministic_and_draws_no_randomness():
+    params = models.init_params("cnn", 0)
+    before = torch.get_rng_state()
+    first, second = models.apply("cnn", params, images(3)), models.apply("cnn", params, images(3))
+    assert torch.equal(first, second)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_vmap_over_stacked_params_equals_separate_calls(name):
+    members = [models.init_params(name, seed) for seed in range(3)]
+    x = images(4)
+    together = torch.func.vmap(lambda p: models.apply(name, p, x))(stack(members))  # (K, B, 10)
+    for k, params in enumerate(members):
+        torch.testing.assert_close(together[k], models.apply(name, params, x), rtol=1e-4, atol=1e-5)
+
+
+def test_vmap_train_draws_a_different_dropout_mask_per_member():
+    same = stack([models.init_params("cnn", 0)] * 2)
+    out = torch.func.vmap(lambda p: models.apply("cnn", p, images(2), train=True), randomness="different")(same)
+    assert out.shape == (2, 2, models.NUM_CLASSES) and not torch.allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_trace_matches_the_shapes_torch_observes(name):
+    """Forward hooks on the tutorial's own modules record the shapes each layer sees."""
+    net = ORACLES[name]()
+    seen = []
+    hooked = (nn.Conv2d, nn.Linear, nn.MaxPool2d)
+    for module in net.modules():
+        if isinstance(module, hooked):
+            module.register_forward_hook(lambda m, args, out: seen.append((m, args[0].shape[1:], out.shape[1:])))
+    net.eval()(images(2))
+
+    as_module = {shapes.Conv2d: nn.Conv2d, shapes.Linear: nn.Linear, shapes.MaxPool2d: nn.MaxPool2d}
+    oracle_kinds = {type(m) for m, _, _ in seen}  # pytorch/examples pools with F.max_pool2d: no hook
+    rows = models.trace(name)
+    inputs = [shapes.MNIST_IMAGE] + [row.shape for row in rows[:-1]]
+    expected = [
+        (as_module[type(layer)], shape_in, row)
+        for layer, shape_in, row in zip(models.ARCHITECTURES[name], inputs, rows)
+        if as_module.get(type(layer)) in oracle_kinds
+    ]
+    assert len(seen) == len(expected)
+    for (module, shape_in, shape_out), (kind, row_in, row) in zip(seen, expected):
+        assert isinstance(module, kind)
+        assert (tuple(shape_in), tuple(shape_out)) == (row_in, row.shape), row.layer
+        assert row.params == sum(p.numel() for p in module.parameters()), row.layer
+    assert rows[-1].shape == (models.NUM_CLASSES,)
+    assert sum(row.params for row in rows) == sum(p.numel() for p in models.init_params(name, 0).values())
+
+
+def test_the_flatten_sizes_are_derived():
+    assert next(r for r in models.trace("cnn") if r.layer == "flatten").shape == (9216,)
+    assert next(r for r in models.trace("lenet") if r.layer == "flatten").shape == (400,)
+    assert models.TEMPLATES["cnn"].fc1.in_features == 9216
+    assert models.TEMPLATES["lenet"].fc1.in_features == 400
+
+
+def test_compiled_train_step_has_no_graph_break():
+    """What train.py compiles: grad of a dropout loss through apply, as one graph (fullgraph=True)."""
+    params, x, y = models.init_params("cnn", 0), images(8), torch.arange(8)
+
+    def train_loss(params, x, y):
+        return F.nll_loss(models.apply("cnn", params, x, train=True), y)
+
+    def step(params, x, y):
+        grads, value = torch.func.grad_and_value(train_loss)(params, x, y)
+        return grads, value, models.apply("cnn", params, x)
+
+    grads, loss, out = torch.compile(step, fullgraph=True)(params, x, y)
+    assert {k: v.shape for k, v in grads.items()} == {k: v.shape for k, v in params.items()}
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+    torch.testing.assert_close(out, models.apply("cnn", params, x), rtol=1e-4, atol=1e-5)
