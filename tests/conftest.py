@@ -18,3 +18,37 @@ def real_mnist() -> Path:
     if not ((REAL_MNIST / T10K_IMAGES).is_file() and (REAL_MNIST / T10K_LABELS).is_file()):
         pytest.skip(f"real MNIST t10k files not found in {REAL_MNIST} (set TINYMNIST_TEST_MNIST)")
     return REAL_MNIST
+
+
+def write_split(folder: Path, train: tuple, test: tuple) -> Path:
+    """Write (images, labels) pairs under the four canonical MNIST names, as `load_mnist` reads them."""
+    from tinymnist.idx import write_idx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, (images, labels) in (("train", train), ("t10k", test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def real_split(real_mnist, tmp_path_factory) -> Path:
+    """Real handwriting as a data folder: the first 8,000 t10k images train, the last 2,000 test."""
+    from tinymnist.idx import read_idx
+
+    images = read_idx(real_mnist / T10K_IMAGES)  # (10000, 28, 28) uint8
+    labels = read_idx(real_mnist / T10K_LABELS)  # (10000,) uint8
+    return write_split(tmp_path_factory.mktemp("real_split"), (images[:8000], labels[:8000]), (images[8000:], labels[8000:]))
+
+
+@pytest.fixture(scope="session")
+def tiny_split(tmp_path_factory) -> Path:
+    """A small synthetic data folder (600 train, 200 test images) for tests that need no real digits."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    make = lambda n: (  # noqa: E731
+        torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n,), dtype=torch.uint8, generator=g),
+    )
+    return write_split(tmp_path_factory.mktemp("tiny_split"), make(600), make(200))

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tinymnist import checkpoint, data, shapes
+from tinymnist import checkpoint, data, models
 from tinymnist.config import RECIPES, TrainConfig, recipe_config, validate
 from tinymnist.devices import accelerator_report, resolve_device
 from tinymnist.errors import TinyMnistError
@@ -196,7 +196,7 @@ def shapes_command(model: str = typer.Argument(..., help="mlp, mlp3, cnn or lene
     table = Table(title=f"{model}: input (1, 28, 28)")
     for column in ("layer", "output shape", "arithmetic", "params"):
         table.add_column(column, justify="right" if column == "params" else "left")
-    rows = shapes.trace(model)
+    rows = models.trace(model)
     for row in rows:
         table.add_row(row.layer, str(row.shape), row.arithmetic, f"{row.params:,}")
     table.add_row("total", "", "", f"{sum(r.params for r in rows):,}", style="bold")

@@ -82,7 +82,7 @@ def recipe_config(model: str, optimizer: str | None = None, **overrides) -> Trai
     """The config for `model` with its seed recipe as defaults; None overrides are ignored."""
     recipe = RECIPES[model]
     optimizer = optimizer or recipe.optimizer
-    lr = recipe.lr if optimizer == recipe.optimizer else DEFAULT_LR[optimizer]
+    lr = recipe.lr if optimizer == recipe.optimizer else DEFAULT_LR.get(optimizer, recipe.lr)  # validate() names a bad one
     defaults = dict(
         model=model,
         optimizer=optimizer,

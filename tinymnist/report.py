@@ -27,8 +27,8 @@ def test_line(record: dict) -> str:
 class LineReporter:
     """The log lines of pytorch/examples mnist/main.py, for logs and pipes."""
 
-    def __init__(self, out=sys.stdout):
-        self.out = out
+    def __init__(self, out=None):
+        self.out = out or sys.stdout
         self.steps = 1
 
     def epoch_started(self, epoch: int, steps: int, lr: float) -> None:

@@ -159,77 +159,81 @@ class NonFiniteLoss(TinyMnistError):
 
 
 def fit(config: TrainConfig, data: MNIST, device: torch.device, reporter: Reporter, state: TrainState) -> dict:
-    """Train from `state` up to config.epochs; return timing totals.
+    """Train from `state` up to config.epochs; return the final state and timing totals.
 
-    The host reads the device only every log_interval steps (the running loss) and at
-    epoch ends: no per-step .item(), so the CPU queues steps ahead of a GPU.
+    The first step compiles (when compiling), so it is timed apart from training.
     """
     optimizer = make_optimizer(config)
     compile = config.compile if config.compile is not None else default_compile(device)
     step = make_step(config, optimizer, compile)
-    params, opt_state = state.params, state.opt_state
     restore_rng(state.rng, device)
-    n_train = len(data.train_images)
-    compile_seconds = train_seconds = 0.0
-    images_trained = 0
-    first_call = True
+    totals = {"compile_seconds": 0.0, "train_seconds": 0.0, "images": 0}
 
     if state.epoch == 0 and not config.dry_run:  # the untrained network, as seed 002 shows
-        untrained = evaluate(config, params, data.test_images, data.test_labels)
-        reporter.evaluated(evaluation_record(config, 0, None, untrained, config.lr, 0.0))
+        untrained = evaluate(config, state.params, data.test_images, data.test_labels)
+        reporter.evaluated(evaluation_record(0, None, untrained, config.lr, 0.0, 0))
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
         lr = optim.step_lr(config.lr, epoch - 1, step_size=1, gamma=config.gamma)
-        lr_tensor = torch.tensor(lr, device=device)  # 0-d: a new value never recompiles
-        batches = epoch_batches(n_train, config.batch_size, device)  # (steps, B)
-        steps = 1 if config.dry_run else len(batches)
-        reporter.epoch_started(epoch, steps, lr)
-        running = torch.zeros((), device=device)  # loss summed since the last log line
-        epoch_loss = torch.zeros((), device=device)
-        synchronize(device)
-        started = time.perf_counter()
-        for i in range(steps):
-            params, opt_state, loss = step(params, opt_state, data.train_images, data.train_labels, batches[i], lr_tensor)
-            running += loss.detach()
-            if first_call:  # the first call compiles: time it apart from training
-                synchronize(device)
-                compile_seconds = time.perf_counter() - started
-                started, first_call = time.perf_counter(), False
-            if (i + 1) % config.log_interval == 0 or i + 1 == steps:
-                done = (i + 1) % config.log_interval or config.log_interval
-                mean_loss = running.item() / done
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteLoss(
-                        f"loss became {mean_loss} in epoch {epoch} by step {i + 1}; "
-                        f"lower --lr (it was {lr:g}); the last good checkpoint is kept"
-                    )
-                reporter.logged(epoch, i + 1, (i + 1) * config.batch_size, n_train, mean_loss)
-                epoch_loss += running
-                running.zero_()
-        synchronize(device)
-        seconds = time.perf_counter() - started
-        train_seconds += seconds
-        images_trained += steps * config.batch_size
+        first_epoch = totals["images"] == 0 and totals["compile_seconds"] == 0.0
+        params, opt_state, train_loss, timing = train_epoch(config, step, state, data, device, epoch, lr, reporter, first_epoch)
+        totals["compile_seconds"] += timing["first_step_seconds"]
+        totals["train_seconds"] += timing["seconds"]
+        totals["images"] += timing["images"]
         result = evaluate(config, params, data.test_images, data.test_labels)
-        train_loss = epoch_loss.item() / steps
-        reporter.evaluated(
-            evaluation_record(config, epoch, train_loss, result, lr, seconds, steps * config.batch_size)
-        )
+        reporter.evaluated(evaluation_record(epoch, train_loss, result, lr, timing["seconds"], timing["images"]))
         state = TrainState(params, opt_state, epoch, capture_rng(device))
         reporter.epoch_ended(state)
         if config.dry_run:
             break
-    return {
-        "compile_seconds": compile_seconds,
-        "train_seconds": train_seconds,
-        "images_per_second": images_trained / train_seconds if train_seconds else 0.0,
-        "state": state,
+    seconds = totals["train_seconds"]
+    return {**totals, "images_per_second": totals["images"] / seconds if seconds else 0.0, "state": state}
+
+
+def train_epoch(config, step, state, data, device, epoch, lr, reporter, time_first_step: bool):
+    """One pass over the shuffled training set; returns (params, opt_state, mean loss, timing).
+
+    The host reads the device only every log_interval steps (the running loss): no
+    per-step .item(), so the CPU can queue steps ahead of a GPU.
+    """
+    params, opt_state = state.params, state.opt_state
+    lr_tensor = torch.tensor(lr, device=device)  # 0-d: a new value never recompiles
+    batches = epoch_batches(len(data.train_images), config.batch_size, device)  # (steps, B)
+    steps = 1 if config.dry_run else len(batches)
+    reporter.epoch_started(epoch, steps, lr)
+    running = torch.zeros((), device=device)  # loss summed since the last log line
+    epoch_loss = 0.0
+    first_step_seconds, timed_from = 0.0, 0
+    synchronize(device)
+    started = time.perf_counter()
+    for i in range(steps):
+        params, opt_state, loss = step(params, opt_state, data.train_images, data.train_labels, batches[i], lr_tensor)
+        running += loss
+        if i == 0 and time_first_step:  # compilation happens here: keep it out of the speed
+            synchronize(device)
+            first_step_seconds = time.perf_counter() - started
+            started, timed_from = time.perf_counter(), 1
+        if (i + 1) % config.log_interval == 0 or i + 1 == steps:
+            since_last = (i + 1) % config.log_interval or config.log_interval
+            summed = running.item()  # the only host sync inside the epoch
+            if not math.isfinite(summed):
+                raise NonFiniteLoss(
+                    f"loss became {summed} in epoch {epoch} by step {i + 1}; "
+                    f"lower --lr (it was {lr:g}); the last good checkpoint is kept"
+                )
+            reporter.logged(epoch, i + 1, (i + 1) * config.batch_size, len(data.train_images), summed / since_last)
+            epoch_loss += summed
+            running.zero_()
+    synchronize(device)
+    timing = {
+        "first_step_seconds": first_step_seconds,
+        "seconds": time.perf_counter() - started,
+        "images": (steps - timed_from) * config.batch_size,
     }
+    return params, opt_state, epoch_loss / steps, timing
 
 
-def evaluation_record(
-    config: TrainConfig, epoch: int, train_loss: float | None, result: Evaluation, lr: float, seconds: float, images: int = 0
-) -> dict:
+def evaluation_record(epoch: int, train_loss: float | None, result: Evaluation, lr: float, seconds: float, images: int) -> dict:
     """One line of --metrics: what the run looked like after `epoch` epochs."""
     return {
         "epoch": epoch,

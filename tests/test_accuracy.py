@@ -1,0 +1,31 @@
+"""The accuracy gate, on real handwriting (like tinygrad's beautiful_mnist CI).
+
+Train on the first 8,000 MNIST test images, evaluate on the last 2,000, through the
+CLI as a user runs it. A regression in the data path, the models, the optimizers or
+the step shows up here as a missed target.
+"""
+
+import json
+
+import pytest
+
+from tests.test_cli import run
+
+GATES = [
+    # model, epochs, minimum test accuracy
+    ("cnn", 3, 0.97),
+    ("mlp", 5, 0.93),
+]
+
+
+@pytest.mark.parametrize("model, epochs, target", GATES)
+def test_recipe_reaches_its_target_on_real_digits(real_split, tmp_path, model, epochs, target):
+    metrics = tmp_path / "metrics.jsonl"
+    result = run("train", "--model", model, "--epochs", epochs, "--data-dir", real_split, "--no-download",
+                 "--device", "cpu", "--no-compile", "--log-interval", 1000, "--metrics", metrics)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert records[0]["test_accuracy"] < 0.3  # the untrained network guesses
+    final = records[-1]
+    assert final["total"] == 2000 and final["epoch"] == epochs
+    assert final["test_accuracy"] >= target, f"{model}: {final['test_accuracy']:.4f} < {target}"

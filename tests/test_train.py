@@ -1,0 +1,123 @@
+"""The training loop's pieces: batching, evaluation, the compiled step, fit()."""
+
+import torch
+import torch.nn.functional as F
+
+from tinymnist import models
+from tinymnist.config import recipe_config
+from tinymnist.data import MNIST
+from tinymnist.train import epoch_batches, evaluate, fit, initial_state, make_optimizer, make_step, scale_images
+
+
+class Silent:
+    """A reporter that keeps what it is told instead of printing it."""
+
+    def __init__(self):
+        self.records, self.logged_steps = [], []
+
+    def epoch_started(self, epoch, steps, lr):
+        pass
+
+    def logged(self, epoch, step, images_seen, n_train, loss):
+        self.logged_steps.append((epoch, step))
+
+    def evaluated(self, record):
+        self.records.append(record)
+
+    def epoch_ended(self, state):
+        pass
+
+
+def random_mnist(n_train: int, n_test: int, seed: int = 0) -> MNIST:
+    g = torch.Generator().manual_seed(seed)
+    images = lambda n: torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)  # noqa: E731
+    labels = lambda n: torch.randint(0, 10, (n,), generator=g)  # noqa: E731
+    return MNIST(images(n_train), labels(n_train), images(n_test), labels(n_test))
+
+
+def test_epoch_batches_cover_every_image_once_with_a_fixed_shape():
+    torch.manual_seed(0)
+    batches = epoch_batches(1000, 64, torch.device("cpu"))
+    assert batches.shape == (16, 64)  # ceil(1000 / 64) steps, all full
+    first_pass = batches.flatten()[:1000]
+    assert torch.equal(first_pass.sort().values, torch.arange(1000))  # each image exactly once
+    top_up = batches.flatten()[1000:]
+    assert len(top_up.unique()) == 24  # 24 distinct extra images fill the last step
+    assert int(top_up.max()) < 1000
+
+
+def test_epoch_batches_are_seeded_and_differ_between_epochs():
+    torch.manual_seed(5)
+    a1, a2 = epoch_batches(300, 30, torch.device("cpu")), epoch_batches(300, 30, torch.device("cpu"))
+    torch.manual_seed(5)
+    b1 = epoch_batches(300, 30, torch.device("cpu"))
+    assert torch.equal(a1, b1)
+    assert not torch.equal(a1, a2)
+
+
+def test_scale_images_follows_the_recipe():
+    pixels = torch.tensor([[0, 255], [51, 102]], dtype=torch.uint8).expand(3, 2, 2)  # (3, 2, 2)
+    x = scale_images(pixels, mean=0.5, std=0.5)
+    assert x.shape == (3, 1, 2, 2) and x.dtype == torch.float32
+    torch.testing.assert_close(x[0, 0], torch.tensor([[-1.0, 1.0], [-0.6, -0.2]]))
+
+
+def test_evaluate_is_exact_for_any_chunk_size():
+    data = random_mnist(10, 250)
+    config = recipe_config("cnn", test_batch_size=64)  # 250 = 3 chunks of 64 + 58
+    params = models.init_params("cnn", 3)
+    result = evaluate(config, params, data.test_images, data.test_labels)
+    x = scale_images(data.test_images, config.recipe.mean, config.recipe.std)
+    out = models.apply("cnn", params, x)  # (250, 10): the whole set in one go, as the oracle
+    assert result.total == 250
+    assert result.correct == int((out.argmax(1) == data.test_labels).sum())
+    assert abs(result.loss - F.nll_loss(out, data.test_labels).item()) < 1e-5
+    whole = evaluate(recipe_config("cnn", test_batch_size=1000), params, data.test_images, data.test_labels)
+    assert whole.correct == result.correct
+
+
+def test_eager_step_matches_a_torch_optim_step():
+    """One step of ours equals nn.Module + loss.backward() + torch.optim.Adam on the same batch."""
+    data = random_mnist(64, 1)
+    config = recipe_config("mlp")
+    optimizer = make_optimizer(config)
+    params = models.init_params("mlp", 0)
+    step = make_step(config, optimizer, compile=False)
+    lr = torch.tensor(config.lr)
+    new_params, _, loss = step(params, optimizer.init(params), data.train_images, data.train_labels, torch.arange(64), lr)
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    net.load_state_dict({k.replace("fc1", "1").replace("fc2", "3"): v for k, v in params.items()})
+    reference = torch.optim.Adam(net.parameters(), lr=config.lr, foreach=False)
+    ref_loss = F.cross_entropy(net(scale_images(data.train_images, 0.5, 0.5)), data.train_labels)
+    ref_loss.backward()
+    reference.step()
+    torch.testing.assert_close(loss, ref_loss.detach())
+    torch.testing.assert_close(new_params["fc1.weight"], net[1].weight.detach())
+    torch.testing.assert_close(new_params["fc2.bias"], net[3].bias.detach())
+
+
+def test_fit_logs_at_the_interval_and_evaluates_every_epoch():
+    data = random_mnist(100, 50)
+    config = recipe_config("mlp", batch_size=16, epochs=2, log_interval=3, compile=False)  # 7 steps an epoch
+    reporter = Silent()
+    fit(config, data, torch.device("cpu"), reporter, initial_state(config, make_optimizer(config), torch.device("cpu")))
+    assert reporter.logged_steps == [(1, 3), (1, 6), (1, 7), (2, 3), (2, 6), (2, 7)]
+    assert [r["epoch"] for r in reporter.records] == [0, 1, 2]  # the untrained network first
+    assert reporter.records[0]["train_loss"] is None and reporter.records[2]["train_loss"] > 0
+
+
+def test_compiled_step_never_recompiles_and_agrees_with_eager():
+    """mlp3's batch of 15 makes every other batch row a misaligned view, and the lr changes
+    every epoch: neither may recompile. Compiled and eager runs end with the same params."""
+    data = random_mnist(150, 30)  # 10 steps of 15 an epoch
+    device = torch.device("cpu")
+    finals = {}
+    for compile in (False, True):
+        config = recipe_config("mlp3", epochs=3, gamma=0.5, compile=compile)
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            totals = fit(config, data, device, Silent(), initial_state(config, make_optimizer(config), device))
+        finals[compile] = totals["state"].params
+    for name in finals[False]:
+        torch.testing.assert_close(finals[True][name], finals[False][name], rtol=1e-4, atol=1e-5)
