@@ -38,7 +38,9 @@ def real_split(real_mnist, tmp_path_factory) -> Path:
 
     images = read_idx(real_mnist / T10K_IMAGES)  # (10000, 28, 28) uint8
     labels = read_idx(real_mnist / T10K_LABELS)  # (10000,) uint8
-    return write_split(tmp_path_factory.mktemp("real_split"), (images[:8000], labels[:8000]), (images[8000:], labels[8000:]))
+    return write_split(
+        tmp_path_factory.mktemp("real_split"), (images[:8000], labels[:8000]), (images[8000:], labels[8000:])
+    )
 
 
 @pytest.fixture(scope="session")

@@ -55,8 +55,9 @@ def test_metrics_agree_with_the_printed_lines_and_eval_reproduces_them(tiny_spli
     printed = TEST_LINE.findall(result.stdout)
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert len(printed) == len(records) == 3  # untrained, epoch 1, epoch 2
-    for (loss, correct, total, percent), record in zip(printed, records):
+    for (loss, correct, total, percent), record in zip(printed, records, strict=True):
         assert float(loss) == pytest.approx(record["test_loss"], abs=5e-5)
+        assert int(percent) == round(100 * record["test_accuracy"])
         assert (int(correct), int(total)) == (record["correct"], record["total"])
         assert record["test_accuracy"] == record["correct"] / record["total"]
         assert set(record) >= {"epoch", "train_loss", "lr", "seconds", "images_per_second"}
@@ -65,7 +66,11 @@ def test_metrics_agree_with_the_printed_lines_and_eval_reproduces_them(tiny_spli
     evaluated = run("eval", ckpt, "--json", "--data-dir", tiny_split, "--no-download", "--device", "cpu")
     assert evaluated.exit_code == 0, evaluated.output
     again = json.loads(evaluated.stdout)
-    assert (again["correct"], again["test_loss"], again["epoch"]) == (records[-1]["correct"], records[-1]["test_loss"], 2)
+    assert (again["correct"], again["test_loss"], again["epoch"]) == (
+        records[-1]["correct"],
+        records[-1]["test_loss"],
+        2,
+    )
 
 
 def assert_same_tree(a, b):

@@ -84,7 +84,9 @@ def test_eager_step_matches_a_torch_optim_step():
     params = models.init_params("mlp", 0)
     step = make_step(config, optimizer, compile=False)
     lr = torch.tensor(config.lr)
-    new_params, _, loss = step(params, optimizer.init(params), data.train_images, data.train_labels, torch.arange(64), lr)
+    new_params, _, loss = step(
+        params, optimizer.init(params), data.train_images, data.train_labels, torch.arange(64), lr
+    )
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
     net.load_state_dict({k.replace("fc1", "1").replace("fc2", "3"): v for k, v in params.items()})

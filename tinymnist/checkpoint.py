@@ -32,7 +32,9 @@ def check_writable(path: Path) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise TinyMnistError(f"--save-model {path}: cannot write in {folder} ({e.strerror}); choose another path") from None
+        raise TinyMnistError(
+            f"--save-model {path}: cannot write in {folder} ({e.strerror}); choose another path"
+        ) from None
 
 
 def save(path: Path, config: dict, state: TrainState) -> None:
@@ -86,7 +88,9 @@ def _check_params(path: Path, model: str | None, params: dict) -> None:
     expected = {k: tuple(v.shape) for k, v in models.init_params(model, 0, "meta").items()}
     found = {k: tuple(v.shape) for k, v in params.items()}
     if found != expected:
-        raise TinyMnistError(f"checkpoint {path}: parameters do not match model {model!r} (the file is damaged or from another version)")
+        raise TinyMnistError(
+            f"checkpoint {path}: parameters do not match model {model!r} (the file is damaged or from another version)"
+        )
 
 
 def _to_cpu(tree):

@@ -11,7 +11,6 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 import typer
@@ -25,7 +24,9 @@ from tinymnist.errors import TinyMnistError
 from tinymnist.report import LineReporter, MetricsFile, ProgressReporter, test_line
 from tinymnist.train import TrainState, evaluate, fit, initial_state, make_optimizer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.split("\n")[0]
+)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -51,26 +52,38 @@ DataDir = typer.Option(None, "--data-dir", help="Folder of the MNIST files [defa
 @app.command()
 @user_errors
 def train(
-    model: Optional[str] = typer.Option(None, help="mlp, mlp3, cnn or lenet [default: cnn, or the --resume checkpoint's]."),
-    optimizer: Optional[str] = typer.Option(None, help="sgd, adam, adamw, adadelta or rmsprop [default: the model's recipe]."),
-    batch_size: Optional[int] = typer.Option(None, help="Training images per step [default: the recipe's]."),
-    test_batch_size: Optional[int] = typer.Option(None, help="Images per evaluation chunk [default: the recipe's]."),
-    epochs: Optional[int] = typer.Option(None, help="Total epochs; with --resume, continue up to this one [default: the recipe's]."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate of epoch 1 [default: the recipe's, or torch.optim's for another --optimizer]."),
-    gamma: Optional[float] = typer.Option(None, help="Multiply the learning rate by this after every epoch (StepLR) [default: the recipe's]."),
-    seed: Optional[int] = typer.Option(None, help="Seeds init, shuffling and dropout [default: 1]."),
-    log_interval: Optional[int] = typer.Option(None, help="Steps between log lines [default: 10]."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="One step and one evaluation, to check the setup."),
-    save_model: Optional[Path] = typer.Option(None, help="Write a checkpoint here after every epoch (atomically)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps [default: auto]."),
-    no_accel: bool = typer.Option(False, "--no-accel", help="Same as --device cpu."),
-    compile: Optional[bool] = typer.Option(
-        None, "--compile/--no-compile", help="torch.compile the step [default: on for CUDA, off on CPU, where it measured slower]."
+    model: str | None = typer.Option(
+        None, help="mlp, mlp3, cnn or lenet [default: cnn, or the --resume checkpoint's]."
     ),
-    data_dir: Optional[Path] = DataDir,
+    optimizer: str | None = typer.Option(
+        None, help="sgd, adam, adamw, adadelta or rmsprop [default: the model's recipe]."
+    ),
+    batch_size: int | None = typer.Option(None, help="Training images per step [default: the recipe's]."),
+    test_batch_size: int | None = typer.Option(None, help="Images per evaluation chunk [default: the recipe's]."),
+    epochs: int | None = typer.Option(
+        None, help="Total epochs; with --resume, continue up to this one [default: the recipe's]."
+    ),
+    lr: float | None = typer.Option(
+        None, help="Learning rate of epoch 1 [default: the recipe's, or torch.optim's for another --optimizer]."
+    ),
+    gamma: float | None = typer.Option(
+        None, help="Multiply the learning rate by this after every epoch (StepLR) [default: the recipe's]."
+    ),
+    seed: int | None = typer.Option(None, help="Seeds init, shuffling and dropout [default: 1]."),
+    log_interval: int | None = typer.Option(None, help="Steps between log lines [default: 10]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="One step and one evaluation, to check the setup."),
+    save_model: Path | None = typer.Option(None, help="Write a checkpoint here after every epoch (atomically)."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps [default: auto]."),
+    no_accel: bool = typer.Option(False, "--no-accel", help="Same as --device cpu."),
+    compile: bool | None = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="torch.compile the step [default: on for CUDA, off on CPU, where it measured slower].",
+    ),
+    data_dir: Path | None = DataDir,
     no_download: bool = typer.Option(False, "--no-download", help="Fail instead of downloading missing MNIST files."),
-    metrics: Optional[Path] = typer.Option(None, help="Append one JSON object per evaluation to this JSON Lines file."),
-    resume: Optional[Path] = typer.Option(None, help="Continue from this checkpoint (--epochs is the total)."),
+    metrics: Path | None = typer.Option(None, help="Append one JSON object per evaluation to this JSON Lines file."),
+    resume: Path | None = typer.Option(None, help="Continue from this checkpoint (--epochs is the total)."),
 ):
     """Train a seed network on MNIST, with the tutorial's recipe as defaults."""
     flags = dict(
@@ -85,7 +98,9 @@ def train(
         saved_config, saved = checkpoint.load(resume, torch.device("cpu"))
         for flag, name in (("--model", model), ("--optimizer", optimizer)):
             if name is not None and name != saved_config[flag[2:]]:
-                raise TinyMnistError(f"{flag} {name} does not match checkpoint {resume} ({saved_config[flag[2:]]}); leave it out")
+                raise TinyMnistError(
+                    f"{flag} {name} does not match checkpoint {resume} ({saved_config[flag[2:]]}); leave it out"
+                )
         config = TrainConfig(**{**saved_config, **{k: v for k, v in flags.items() if v is not None}})
     else:
         if model is not None and model not in RECIPES:
@@ -163,7 +178,8 @@ def run_training(config: TrainConfig, mnist: data.MNIST, device: torch.device, s
     print(
         f"Final test accuracy: {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "
         f"after {totals['state'].epoch} epochs on {device}; training {totals['train_seconds']:.1f} s "
-        f"(+ {totals['compile_seconds']:.1f} s first step/compile), {totals['images_per_second']:,.0f} images/s"
+        f"(+ {totals['compile_seconds']:.1f} s {'compiling' if totals['compiled'] else 'first step'}), "
+        f"{totals['images_per_second']:,.0f} images/s"
     )
 
 
@@ -173,7 +189,7 @@ def eval_command(
     checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT", help="A file written by train --save-model."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of the log line."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
     no_download: bool = typer.Option(False, "--no-download", help="Fail instead of downloading missing MNIST files."),
 ):
     """Evaluate a checkpoint on the MNIST test set."""
@@ -215,7 +231,7 @@ def info():
 
 @app.command()
 @user_errors
-def download(data_dir: Optional[Path] = DataDir):
+def download(data_dir: Path | None = DataDir):
     """Fetch the four MNIST files (mirrors, md5-checked) into the data folder."""
     folder = data.resolve_data_dir(data_dir)
     data.download(folder)

@@ -82,7 +82,9 @@ def recipe_config(model: str, optimizer: str | None = None, **overrides) -> Trai
     """The config for `model` with its seed recipe as defaults; None overrides are ignored."""
     recipe = RECIPES[model]
     optimizer = optimizer or recipe.optimizer
-    lr = recipe.lr if optimizer == recipe.optimizer else DEFAULT_LR.get(optimizer, recipe.lr)  # validate() names a bad one
+    lr = (
+        recipe.lr if optimizer == recipe.optimizer else DEFAULT_LR.get(optimizer, recipe.lr)
+    )  # validate() names a bad one
     defaults = dict(
         model=model,
         optimizer=optimizer,
@@ -115,7 +117,5 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.model not in RECIPES:
         raise TinyMnistError(f"--model {config.model!r} is unknown; choose one of {', '.join(RECIPES)}")
     if config.optimizer not in DEFAULT_LR:
-        raise TinyMnistError(
-            f"--optimizer {config.optimizer!r} is unknown; choose one of {', '.join(DEFAULT_LR)}"
-        )
+        raise TinyMnistError(f"--optimizer {config.optimizer!r} is unknown; choose one of {', '.join(DEFAULT_LR)}")
     return config

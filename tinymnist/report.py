@@ -36,7 +36,11 @@ class LineReporter:
 
     def logged(self, epoch: int, step: int, images_seen: int, n_train: int, loss: float) -> None:
         seen = min(images_seen, n_train)
-        print(f"Train Epoch: {epoch} [{seen}/{n_train} ({100 * step / self.steps:.0f}%)]\tLoss: {loss:.6f}", file=self.out, flush=True)
+        print(
+            f"Train Epoch: {epoch} [{seen}/{n_train} ({100 * step / self.steps:.0f}%)]\tLoss: {loss:.6f}",
+            file=self.out,
+            flush=True,
+        )
 
     def evaluated(self, record: dict) -> None:
         print(f"\n{test_line(record)}\n", file=self.out, flush=True)

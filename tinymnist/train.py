@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +177,9 @@ def fit(config: TrainConfig, data: MNIST, device: torch.device, reporter: Report
     for epoch in range(state.epoch + 1, config.epochs + 1):
         lr = optim.step_lr(config.lr, epoch - 1, step_size=1, gamma=config.gamma)
         first_epoch = totals["images"] == 0 and totals["compile_seconds"] == 0.0
-        params, opt_state, train_loss, timing = train_epoch(config, step, state, data, device, epoch, lr, reporter, first_epoch)
+        params, opt_state, train_loss, timing = train_epoch(
+            config, step, state, data, device, epoch, lr, reporter, first_epoch
+        )
         totals["compile_seconds"] += timing["first_step_seconds"]
         totals["train_seconds"] += timing["seconds"]
         totals["images"] += timing["images"]
@@ -187,7 +190,12 @@ def fit(config: TrainConfig, data: MNIST, device: torch.device, reporter: Report
         if config.dry_run:
             break
     seconds = totals["train_seconds"]
-    return {**totals, "images_per_second": totals["images"] / seconds if seconds else 0.0, "state": state}
+    return {
+        **totals,
+        "images_per_second": totals["images"] / seconds if seconds else 0.0,
+        "compiled": compile,
+        "state": state,
+    }
 
 
 def train_epoch(config, step, state, data, device, epoch, lr, reporter, time_first_step: bool):
@@ -233,7 +241,9 @@ def train_epoch(config, step, state, data, device, epoch, lr, reporter, time_fir
     return params, opt_state, epoch_loss / steps, timing
 
 
-def evaluation_record(epoch: int, train_loss: float | None, result: Evaluation, lr: float, seconds: float, images: int) -> dict:
+def evaluation_record(
+    epoch: int, train_loss: float | None, result: Evaluation, lr: float, seconds: float, images: int
+) -> dict:
     """One line of --metrics: what the run looked like after `epoch` epochs."""
     return {
         "epoch": epoch,
