@@ -33,7 +33,7 @@ def scale_images(images_u8: torch.Tensor, mean: float, std: float) -> torch.Tens
     return (x - mean) / std
 
 
-def loss_and_logits(model: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def recipe_loss(model: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The recipe's loss: NLL where the network ends in log_softmax, else cross-entropy."""
     return F.nll_loss if models.OUTPUTS_LOG_PROBS[model] else F.cross_entropy
 
@@ -47,7 +47,7 @@ def make_step(config: TrainConfig, optimizer: optim.Optimizer, compile: bool) ->
     every StepLR change would recompile it.
     """
     model, recipe = config.model, config.recipe
-    loss_fn = loss_and_logits(model)
+    loss_fn = recipe_loss(model)
 
     def batch_loss(params: Params, images_u8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = scale_images(images_u8, recipe.mean, recipe.std)  # (B, 1, 28, 28)
@@ -98,7 +98,7 @@ def evaluate(config: TrainConfig, params: Params, images: torch.Tensor, labels: 
     then read once: no per-chunk averaging, so the result is exact for any chunk size.
     """
     recipe = config.recipe
-    loss_fn = loss_and_logits(config.model)
+    loss_fn = recipe_loss(config.model)
     loss_sum = torch.zeros((), device=images.device, dtype=torch.float64)
     correct = torch.zeros((), device=images.device, dtype=torch.int64)
     for start in range(0, len(images), config.test_batch_size):
@@ -111,7 +111,7 @@ def evaluate(config: TrainConfig, params: Params, images: torch.Tensor, labels: 
     return Evaluation(loss_sum.item() / total, int(correct.item()), total)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainState:
     """What a checkpoint holds: the run's data after `epoch` completed epochs."""
 
@@ -174,11 +174,12 @@ def fit(config: TrainConfig, data: MNIST, device: torch.device, reporter: Report
         untrained = evaluate(config, state.params, data.test_images, data.test_labels)
         reporter.evaluated(evaluation_record(0, None, untrained, config.lr, 0.0, 0))
 
-    for epoch in range(state.epoch + 1, config.epochs + 1):
+    first_epoch = state.epoch + 1
+    for epoch in range(first_epoch, config.epochs + 1):
         lr = optim.step_lr(config.lr, epoch - 1, step_size=1, gamma=config.gamma)
-        first_epoch = totals["images"] == 0 and totals["compile_seconds"] == 0.0
+        time_first_step = epoch == first_epoch  # the step compiles on its first call
         params, opt_state, train_loss, timing = train_epoch(
-            config, step, state, data, device, epoch, lr, reporter, first_epoch
+            config, step, state, data, device, epoch, lr, reporter, time_first_step
         )
         totals["compile_seconds"] += timing["first_step_seconds"]
         totals["train_seconds"] += timing["seconds"]
