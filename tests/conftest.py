@@ -4,6 +4,13 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI runs the same examples every time (a red CI must be reproducible); locally,
+# hypothesis keeps exploring new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # ../shared/mnist beside the checkout holds the real t10k files (md5-verified);
 # TINYMNIST_TEST_MNIST points elsewhere. On a user's machine neither may exist.
