@@ -147,6 +147,10 @@ def test_corrupt_and_mismatched_checkpoints_are_user_errors(tiny_split, tmp_path
     torch.save(payload, tmp_path / "wrong_shape.pt")
     assert_user_error(run(*train_args(tiny_split, "--resume", tmp_path / "wrong_shape.pt")), "do not match")
 
+    del payload["rng"]
+    torch.save(payload, tmp_path / "no_rng.pt")
+    assert_user_error(run(*train_args(tiny_split, "--resume", tmp_path / "no_rng.pt")), "lacks rng")
+
 
 def test_non_finite_loss_stops_naming_the_epoch_and_keeps_the_last_good_checkpoint(tiny_split, tmp_path):
     ckpt = tmp_path / "mlp.pt"

@@ -89,7 +89,7 @@ def oracle_state(net: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_oracle(name: str, params: dict[str, torch.Tensor]) -> nn.Module:
     net = ORACLES[name]()
-    keys = {ours: theirs for ours, theirs in zip(oracle_state(net), net.state_dict())}
+    keys = {ours: theirs for ours, theirs in zip(oracle_state(net), net.state_dict(), strict=True)}
     net.load_state_dict({keys[k]: v for k, v in params.items()})
     return net
 
@@ -136,7 +136,11 @@ def test_init_params_on_other_devices():
 
 
 def test_unknown_model_names_the_valid_ones():
-    for call in (lambda: models.init_params("resnet", 0), lambda: models.apply("resnet", {}, images(1)), lambda: models.trace("resnet")):
+    for call in (
+        lambda: models.init_params("resnet", 0),
+        lambda: models.apply("resnet", {}, images(1)),
+        lambda: models.trace("resnet"),
+    ):
         with pytest.raises(TinyMnistError, match="mlp, mlp3, cnn, lenet"):
             call()
 
@@ -197,7 +201,9 @@ def test_dropout_rates_are_a_quarter_and_a_half():
     both, second_only = units[:, :5], units[:, 5:]
     kept_value = (1 / (1 - 0.25)) * (1 / (1 - 0.5))
     assert torch.all(torch.isclose(both, torch.tensor(0.0), atol=1e-4) | torch.isclose(both, torch.tensor(kept_value)))
-    assert torch.all(torch.isclose(second_only, torch.tensor(0.0), atol=1e-4) | torch.isclose(second_only, torch.tensor(2.0)))
+    assert torch.all(
+        torch.isclose(second_only, torch.tensor(0.0), atol=1e-4) | torch.isclose(second_only, torch.tensor(2.0))
+    )
     assert (both > 1).float().mean().item() == pytest.approx(0.75 * 0.5, abs=0.05)
     assert (second_only > 1).float().mean().item() == pytest.approx(0.5, abs=0.05)
 
@@ -242,11 +248,11 @@ def test_trace_matches_the_shapes_torch_observes(name):
     inputs = [shapes.MNIST_IMAGE] + [row.shape for row in rows[:-1]]
     expected = [
         (as_module[type(layer)], shape_in, row)
-        for layer, shape_in, row in zip(models.ARCHITECTURES[name], inputs, rows)
+        for layer, shape_in, row in zip(models.ARCHITECTURES[name], inputs, rows, strict=True)
         if as_module.get(type(layer)) in oracle_kinds
     ]
     assert len(seen) == len(expected)
-    for (module, shape_in, shape_out), (kind, row_in, row) in zip(seen, expected):
+    for (module, shape_in, shape_out), (kind, row_in, row) in zip(seen, expected, strict=True):
         assert isinstance(module, kind)
         assert (tuple(shape_in), tuple(shape_out)) == (row_in, row.shape), row.layer
         assert row.params == sum(p.numel() for p in module.parameters()), row.layer

@@ -52,11 +52,23 @@ HYPERPARAMETERS = {
     # alpha >= 0.5: centered RMSprop subtracts E[g]^2 from E[g^2], and with a small
     # alpha the two nearly cancel, leaving rounding noise in both implementations.
     "rmsprop": st.fixed_dictionaries(
-        {"alpha": st.floats(0.5, 0.999), "eps": eps, "weight_decay": weight_decay, "momentum": momentum, "centered": st.booleans()}
+        {
+            "alpha": st.floats(0.5, 0.999),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "centered": st.booleans(),
+        }
     ),
 }
 # The base learning rates each optimizer is used with: large enough to move weights.
-LR_RANGE = {"sgd": (1e-3, 0.5), "adam": (1e-4, 0.1), "adamw": (1e-4, 0.1), "adadelta": (0.1, 2.0), "rmsprop": (1e-4, 1e-2)}
+LR_RANGE = {
+    "sgd": (1e-3, 0.5),
+    "adam": (1e-4, 0.1),
+    "adamw": (1e-4, 0.1),
+    "adadelta": (0.1, 2.0),
+    "rmsprop": (1e-4, 1e-2),
+}
 
 
 def random_params(gen: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -142,7 +154,10 @@ FULLY_LOADED = {
     "adam": ({"weight_decay": 0.01}, {"step", "exp_avg", "exp_avg_sq"}),
     "adamw": ({}, {"step", "exp_avg", "exp_avg_sq"}),
     "adadelta": ({"weight_decay": 0.01}, {"step", "square_avg", "acc_delta"}),
-    "rmsprop": ({"momentum": 0.9, "centered": True, "weight_decay": 0.01}, {"step", "square_avg", "grad_avg", "momentum_buffer"}),
+    "rmsprop": (
+        {"momentum": 0.9, "centered": True, "weight_decay": 0.01},
+        {"step", "square_avg", "grad_avg", "momentum_buffer"},
+    ),
 }
 
 
@@ -253,7 +268,12 @@ def test_invalid_hyperparameters_are_rejected_like_torch(name, hyper, named):
 
 @pytest.mark.parametrize(
     "name, hyper",
-    [("adadelta", {"rho": 1.0}), ("adadelta", {"rho": 0.0}), ("adam", {"betas": (0.0, 0.0)}), ("rmsprop", {"alpha": 2.0})],
+    [
+        ("adadelta", {"rho": 1.0}),
+        ("adadelta", {"rho": 0.0}),
+        ("adam", {"betas": (0.0, 0.0)}),
+        ("rmsprop", {"alpha": 2.0}),
+    ],
 )
 def test_edge_values_torch_accepts_are_accepted(name, hyper):
     TORCH_OPTIMIZERS[name]([torch.zeros(1)], **hyper)

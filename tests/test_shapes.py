@@ -41,7 +41,10 @@ def pool_or_error(size, kernel, stride, padding, dilation, ceil_mode):
 def test_conv2d_out_is_the_shape_torch_produces(height, width, kernel, stride, padding, dilation):
     x = torch.zeros(1, 1, height, width)  # (1, 1, H, W): one tiny image
     weight = torch.zeros(1, 1, kernel, kernel)  # (out, in, k, k)
-    ours = (conv_or_error(height, kernel, stride, padding, dilation), conv_or_error(width, kernel, stride, padding, dilation))
+    ours = (
+        conv_or_error(height, kernel, stride, padding, dilation),
+        conv_or_error(width, kernel, stride, padding, dilation),
+    )
     if None in ours:
         with pytest.raises(RuntimeError):
             F.conv2d(x, weight, stride=stride, padding=padding, dilation=dilation)
@@ -99,7 +102,12 @@ def test_impossible_layers_raise_a_user_facing_value_error(call):
 
 
 def test_trace_rows_chain_and_count_parameters():
-    layers = (shapes.Conv2d("c", 4, kernel=3, padding=1), shapes.MaxPool2d("p", 2), shapes.Flatten(), shapes.Linear("l", 3))
+    layers = (
+        shapes.Conv2d("c", 4, kernel=3, padding=1),
+        shapes.MaxPool2d("p", 2),
+        shapes.Flatten(),
+        shapes.Linear("l", 3),
+    )
     rows = shapes.trace_layers(layers, input_shape=(2, 8, 8))
     assert [row.shape for row in rows] == [(4, 8, 8), (4, 4, 4), (64,), (3,)]
     assert [row.params for row in rows] == [4 * 2 * 3 * 3 + 4, 0, 0, 64 * 3 + 3]
@@ -112,10 +120,3 @@ def test_trace_rejects_a_network_that_does_not_fit():
         shapes.trace_layers((shapes.Linear("fc", 10),))
     with pytest.raises(ShapeError, match="does not fit"):
         shapes.trace_layers((shapes.Conv2d("conv", 8, kernel=5),), input_shape=(1, 4, 4))
-
-
-def test_format_trace_lists_every_layer_and_the_total():
-    rows = shapes.trace_layers((shapes.Flatten(), shapes.Linear("fc1", 10)))
-    text = shapes.format_trace(rows)
-    assert "1 * 28 * 28 = 784" in text and "fc1" in text and "7,850" in text
-    assert text.splitlines()[-1].split() == ["total", "7,850"]

@@ -8,6 +8,7 @@ Ctrl-C mid-write leaves the previous checkpoint intact, never a truncated one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tinymnist import models
+from tinymnist.config import TrainConfig
 from tinymnist.errors import TinyMnistError
 from tinymnist.train import TrainState
 
@@ -70,8 +72,13 @@ def load(path: Path, device: torch.device) -> tuple[dict, TrainState]:
         raise TinyMnistError(f"checkpoint {path}: not a readable tinymnist checkpoint ({reason[:120]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise TinyMnistError(f"checkpoint {path}: not a tinymnist checkpoint (expected format {FORMAT})")
+    missing = {"config", "epoch", "params", "opt_state", "rng"} - payload.keys()
+    if missing:
+        raise TinyMnistError(f"checkpoint {path}: damaged, it lacks {', '.join(sorted(missing))}")
     config = payload["config"]
-    _check_params(path, config.get("model"), payload["params"])
+    if not isinstance(config, dict) or set(config) != {f.name for f in dataclasses.fields(TrainConfig)}:
+        raise TinyMnistError(f"checkpoint {path}: its config does not match this version of tinymnist")
+    _check_params(path, config["model"], payload["params"])
     state = TrainState(payload["params"], payload["opt_state"], int(payload["epoch"]), payload["rng"])
     return config, to_device(state, device)
 

@@ -111,9 +111,8 @@ def train(
     if config.save_model:
         checkpoint.check_writable(Path(config.save_model))
     mnist = load_data(Path(config.data_dir), dev, config.download)
-    optimizer_fns = make_optimizer(config)
     if saved is None:
-        state = initial_state(config, optimizer_fns, dev)
+        state = initial_state(config, make_optimizer(config), dev)
     else:
         state = checkpoint.to_device(saved, dev)
     run_training(config, mnist, dev, state)

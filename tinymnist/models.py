@@ -94,7 +94,7 @@ class Network(nn.Module):
         self.layers = layers
         rows = shapes.trace_layers(layers)
         inputs = [shapes.MNIST_IMAGE] + [row.shape for row in rows[:-1]]  # a layer sees the output before it
-        for layer, shape_in in zip(layers, inputs):
+        for layer, shape_in in zip(layers, inputs, strict=True):
             if isinstance(layer, Conv2d):  # shape_in: (C, H, W)
                 conv = nn.Conv2d(shape_in[0], layer.out_channels, layer.kernel, layer.stride, layer.padding,
                                  device="meta")  # fmt: skip

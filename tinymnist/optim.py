@@ -76,7 +76,9 @@ def _bias_correction(beta: float, step: Tensor) -> Tensor:
     return -torch.expm1(step * log_beta)
 
 
-def sgd(*, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> Optimizer:
+def sgd(
+    *, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
+) -> Optimizer:
     """Stochastic gradient descent with optional (Nesterov) momentum, as torch.optim.SGD.
 
     State: {"step"}, plus {"momentum_buffer": {name: Tensor}} when momentum != 0.
@@ -180,7 +182,11 @@ def adadelta(*, rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0) 
     _require(0.0 <= weight_decay, f"adadelta: weight_decay must be >= 0, got {weight_decay}")
 
     def init(params: Params) -> State:
-        return {"step": _step_zero(params), "square_avg": _zeros_like_each(params), "acc_delta": _zeros_like_each(params)}
+        return {
+            "step": _step_zero(params),
+            "square_avg": _zeros_like_each(params),
+            "acc_delta": _zeros_like_each(params),
+        }
 
     def update(grads: Params, state: State, params: Params, lr: Tensor) -> tuple[Params, State]:
         new_params, square_avg, acc_delta = {}, {}, {}

@@ -221,12 +221,3 @@ def trace_layers(layers: tuple[Layer, ...], input_shape: Shape = MNIST_IMAGE) ->
         rows.append(row)
         shape = row.shape
     return rows
-
-
-def format_trace(rows: list[TraceRow], input_shape: Shape = MNIST_IMAGE) -> str:
-    """The trace as plain text: one line per layer and a parameter total."""
-    lines = [f"{'input':<12} {input_shape}"]
-    for row in rows:
-        lines.append(f"{row.layer:<12} {row.shape!s:<16} {row.params:>10,}  {row.arithmetic}".rstrip())
-    lines.append(f"{'total':<12} {'':<16} {sum(row.params for row in rows):>10,}")
-    return "\n".join(lines)
