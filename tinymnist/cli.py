@@ -237,5 +237,46 @@ def download(data_dir: Path | None = DataDir):
     print(f"MNIST files are in {folder}")
 
 
+@app.command()
+@user_errors
+def bench(
+    model_list: str = typer.Option("mlp,mlp3,cnn,lenet", "--models", help="Comma-separated models to time."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    data_dir: Path | None = DataDir,
+    window_images: int = typer.Option(4096, help="Images per timed window (rounded to whole batches)."),
+    repeats: int = typer.Option(5, help="Timed windows per loop; the median counts."),
+    warmup: int = typer.Option(3, help="Untimed steps after the first (compiling) one."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="Also time the compiled step."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the raw results to this JSON file."),
+):
+    """Images/s of the tutorials' DataLoader loop against tinymnist's step (BENCHMARKS.md)."""
+    from tinymnist.bench import run_bench  # imports torch.utils.data and pillow only here
+
+    names = [m.strip() for m in model_list.split(",") if m.strip()]
+    for name in names:
+        models.check_model(name)
+    if window_images < 1 or repeats < 1 or warmup < 0:
+        raise TinyMnistError("--window-images and --repeats must be positive, --warmup at least 0")
+    report = run_bench(names, resolve_device(device), data.resolve_data_dir(data_dir), window_images, repeats,
+                       warmup, compile)  # fmt: skip
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    table = Table(title=f"{report['machine']}, torch {report['torch']}; data: {report['data']}")
+    for column in ("model", "batch", "ref img/s", "eager img/s", "compiled img/s",
+                   "eager/ref", "compiled/ref", "compile s", "peak MB"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in report["results"]:
+        compiled = r.get("compiled")
+        table.add_row(
+            r["model"], str(r["batch_size"]),
+            f"{r['reference']['images_per_second']:,.0f}", f"{r['eager']['images_per_second']:,.0f}",
+            f"{compiled['images_per_second']:,.0f}" if compiled else "-",
+            f"{r['eager_vs_reference']:.2f}x", f"{r['compiled_vs_reference']:.2f}x" if compiled else "-",
+            f"{compiled['first_step_seconds']:.1f}" if compiled else "-",
+            f"{max(v['peak_memory_mb'] for v in r.values() if isinstance(v, dict)):,.0f}",
+        )  # fmt: skip
+    Console().print(table)
+
+
 def main() -> None:
     app()

@@ -1,0 +1,60 @@
+"""`tinymnist bench` runs briefly and reports every field; its baseline computes what ours does."""
+
+import json
+
+import pytest
+import torch
+
+from tests.test_cli import run
+from tinymnist import models
+from tinymnist.config import recipe_config
+from tinymnist.train import make_optimizer, make_step
+
+pytest.importorskip("PIL", reason="the reference loop needs pillow (pip install 'tinymnist[bench]')")
+
+from tinymnist.reference import reference_loop  # noqa: E402
+
+
+def test_bench_reports_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", "--models", "mlp", "--device", "cpu", "--window-images", 128, "--repeats", 2,
+                 "--warmup", 1, "--no-compile", "--data-dir", tmp_path / "none", "--json", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["data"].startswith("random uint8") and report["torch"] == torch.__version__
+    (row,) = report["results"]
+    assert row["model"] == "mlp" and row["batch_size"] == 64 and "compiled" not in row
+    for loop in ("reference", "eager"):
+        timing = row[loop]
+        assert timing["images_per_second"] > 0 and timing["peak_memory_mb"] > 0
+        assert timing["first_step_seconds"] > 0 and timing["warmup_seconds"] >= 0
+    ratio = row["eager"]["images_per_second"] / row["reference"]["images_per_second"]
+    assert row["eager_vs_reference"] == pytest.approx(ratio)
+    assert f"{row['eager_vs_reference']:.2f}x" in result.stdout  # the table shows the ratio
+
+
+def test_bench_rejects_an_unknown_model():
+    result = run("bench", "--models", "mlp,vgg")
+    assert result.exit_code == 2 and "vgg" in result.stderr
+
+
+@pytest.mark.parametrize("model", ["mlp", "lenet"])
+def test_reference_loop_trains_like_our_step(model):
+    """Same params, same batch: the tutorials' loop and our step give the same loss and update.
+    The batch is the whole (tiny) dataset, so the DataLoader's shuffle cannot change it."""
+    g = torch.Generator().manual_seed(0)
+    config = recipe_config(model, batch_size=32)
+    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8, generator=g)  # (32, 28, 28)
+    labels = torch.randint(0, 10, (32,), generator=g)  # (32,)
+    params = models.init_params(model, 0)
+    net, ref_loss = next(reference_loop(config, params, images, labels, torch.device("cpu")))
+
+    optimizer = make_optimizer(config)
+    step = make_step(config, optimizer, compile=False)
+    new_params, _, loss = step(
+        params, optimizer.init(params), images, labels, torch.arange(32), torch.tensor(config.lr)
+    )
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, value in net.state_dict().items():
+        # Adam's first step moves every weight by about lr (1e-3); summation order differs by ~1e-6 of that.
+        torch.testing.assert_close(new_params[name], value, rtol=1e-5, atol=1e-5)
