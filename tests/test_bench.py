@@ -12,7 +12,7 @@ from tinymnist.train import make_optimizer, make_step
 
 pytest.importorskip("PIL", reason="the reference loop needs pillow (pip install 'tinymnist[bench]')")
 
-from tinymnist.reference import reference_loop  # noqa: E402
+from tinymnist.reference import reference_loop
 
 
 def test_bench_reports_every_field(tmp_path):

@@ -1,4 +1,4 @@
-"""Where a run's progress goes: pytorch/examples log lines, a rich progress bar, a metrics file.
+"""Where a run's progress goes: log lines or a progress bar, --metrics, --save-model.
 
 Piped or redirected output gets the exact lines pytorch/examples prints, so scripts
 that parse them keep working; a terminal gets a progress bar with loss and speed.
@@ -13,6 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tinymnist import checkpoint
+from tinymnist.config import TrainConfig
 from tinymnist.train import TrainState
 
 
@@ -99,3 +101,38 @@ class MetricsFile:
 
     def close(self) -> None:
         self.file.close()
+
+
+class RunObserver:
+    """Fans the loop's events out to the display, --metrics and --save-model."""
+
+    def __init__(self, config: TrainConfig, display, state: TrainState):
+        self.config, self.display = config, display
+        self.metrics = config.metrics and MetricsFile(Path(config.metrics), append=bool(config.resume))
+        self.last_good = state  # the latest epoch boundary: what Ctrl-C saves
+        self.records: list[dict] = []
+
+    def epoch_started(self, epoch, steps, lr):
+        self.display.epoch_started(epoch, steps, lr)
+
+    def logged(self, *args):
+        self.display.logged(*args)
+
+    def evaluated(self, record):
+        self.records.append(record)
+        self.display.evaluated(record)
+        if self.metrics:
+            self.metrics.write(record)
+
+    def epoch_ended(self, state: TrainState):
+        self.last_good = state
+        self.save(state)
+
+    def save(self, state: TrainState):
+        if self.config.save_model:
+            checkpoint.save(Path(self.config.save_model), self.config.to_dict(), state)
+
+    def close(self):
+        self.display.close()
+        if self.metrics:
+            self.metrics.close()
