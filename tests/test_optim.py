@@ -18,14 +18,8 @@ from hypothesis import strategies as st
 
 from tinymnist import optim
 from tinymnist.errors import TinyMnistError
+from tinymnist.reference import TORCH_OPTIMIZERS  # the oracle: our name -> torch.optim class
 
-TORCH_OPTIMIZERS = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "adadelta": torch.optim.Adadelta,
-    "rmsprop": torch.optim.RMSprop,
-}
 STEPS = 25
 EXAMPLES = settings(max_examples=30, deadline=None)
 
