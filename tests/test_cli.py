@@ -82,14 +82,16 @@ def assert_same_tree(a, b):
         assert torch.equal(a, b), "not bit-identical"
 
 
-def test_resume_is_bit_exact(tiny_split, tmp_path):
+@pytest.mark.parametrize("compile", ["--no-compile", "--compile"])
+def test_resume_is_bit_exact(tiny_split, tmp_path, compile):
     """4 epochs in one run == 2 epochs, then --resume up to 4: params, optimizer state, RNG state.
-    cnn, so dropout and shuffling both draw from the generator that the checkpoint saves."""
-    common = ("--model", "cnn", "--batch-size", 50, "--log-interval", 100)
+    cnn, so dropout and shuffling both draw from the generator that the checkpoint saves;
+    compiled too, where inductor draws its dropout seeds from that same generator."""
+    common = ("--model", "cnn", "--batch-size", 50, "--log-interval", 100, compile)
     straight, first, resumed = tmp_path / "straight.pt", tmp_path / "first.pt", tmp_path / "resumed.pt"
     assert run(*train_args(tiny_split, *common, "--epochs", 4, "--save-model", straight)).exit_code == 0
     assert run(*train_args(tiny_split, *common, "--epochs", 2, "--save-model", first)).exit_code == 0
-    result = run(*train_args(tiny_split, "--resume", first, "--epochs", 4, "--save-model", resumed))
+    result = run(*train_args(tiny_split, "--resume", first, "--epochs", 4, "--save-model", resumed, compile))
     assert result.exit_code == 0, result.output
     assert "Train Epoch: 3" in result.stdout and "Train Epoch: 2" not in result.stdout
     _, a = checkpoint.load(straight, torch.device("cpu"))
