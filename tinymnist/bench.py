@@ -39,9 +39,11 @@ def bench_data(data_dir, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 
 
 def our_steps(config, images, labels, device, compile: bool) -> Iterator:
-    """Yield after each step of tinymnist's loop, forever, over on-device shuffled batches."""
+    """Yield after each step of tinymnist's loop, forever, over on-device shuffled batches.
+
+    Compiled on CUDA means what `train` runs there: the compiled step as a CUDA graph."""
     state = initial_state(config, make_optimizer(config), device)
-    step = make_step(config, make_optimizer(config), compile)
+    step = make_step(config, make_optimizer(config), compile, cuda_graph=compile and device.type == "cuda")
     lr = torch.tensor(config.lr, device=device)
     params, opt_state = state.params, state.opt_state
     while True:

@@ -80,6 +80,9 @@ def train(
         "--compile/--no-compile",
         help="torch.compile the step [default: on for CUDA and CPU, where it measured faster; off on MPS].",
     ),
+    cuda_graphs: bool | None = typer.Option(
+        None, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay each step as one CUDA graph [default: on]."
+    ),
     data_dir: Path | None = DataDir,
     no_download: bool = typer.Option(False, "--no-download", help="Fail instead of downloading missing MNIST files."),
     metrics: Path | None = typer.Option(None, help="Append one JSON object per evaluation to this JSON Lines file."),
@@ -88,7 +91,7 @@ def train(
     """Train a seed network on MNIST, with the tutorial's recipe as defaults."""
     flags = dict(
         batch_size=batch_size, test_batch_size=test_batch_size, epochs=epochs, lr=lr, gamma=gamma, seed=seed,
-        log_interval=log_interval, dry_run=dry_run or None, compile=compile,
+        log_interval=log_interval, dry_run=dry_run or None, compile=compile, cuda_graphs=cuda_graphs,
         device="cpu" if no_accel else device, data_dir=str(data.resolve_data_dir(data_dir)),
         download=not no_download, save_model=save_model and str(save_model),
         metrics=metrics and str(metrics), resume=resume and str(resume),

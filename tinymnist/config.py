@@ -63,6 +63,7 @@ class TrainConfig:
     dry_run: bool = False  # one step and one evaluation, to check the setup
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     compile: bool | None = None  # None: the faster choice for the device kind
+    cuda_graphs: bool = True  # on CUDA, replay each step as one CUDA graph (graphs.py)
     data_dir: str = "data"
     download: bool = True  # fetch missing MNIST files before training
     save_model: str | None = None  # checkpoint path, rewritten at every epoch end

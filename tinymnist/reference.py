@@ -55,8 +55,11 @@ class TutorialMNIST(Dataset):
 def reference_loop(config: TrainConfig, params: dict, images, labels, device: torch.device):
     """Yield after each tutorial-style training step, forever: (nn.Module, loss)."""
     recipe = config.recipe
+    # The cnn tutorial's settings: on an accelerator, one persistent worker process
+    # prepares batches into pinned memory while the device trains; on the CPU, no worker.
+    accel = {"num_workers": 1, "persistent_workers": True, "pin_memory": True} if device.type != "cpu" else {}
     loader = DataLoader(TutorialMNIST(images, labels, recipe.mean, recipe.std), batch_size=config.batch_size,
-                        shuffle=True, drop_last=True)  # fmt: skip
+                        shuffle=True, drop_last=True, **accel)  # fmt: skip
     net = copy.deepcopy(models.TEMPLATES[config.model]).to_empty(device=device)  # a stateful module
     net.load_state_dict(params)
     optimizer = TORCH_OPTIMIZERS[config.optimizer](net.parameters(), lr=config.lr)

@@ -16,7 +16,7 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from tinymnist import models, optim
+from tinymnist import graphs, models, optim
 from tinymnist.config import TrainConfig
 from tinymnist.data import MNIST
 from tinymnist.devices import synchronize
@@ -38,7 +38,7 @@ def recipe_loss(model: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tens
     return F.nll_loss if models.OUTPUTS_LOG_PROBS[model] else F.cross_entropy
 
 
-def make_step(config: TrainConfig, optimizer: optim.Optimizer, compile: bool) -> Step:
+def make_step(config: TrainConfig, optimizer: optim.Optimizer, compile: bool, cuda_graph: bool = False) -> Step:
     """Build `step(params, opt_state, images, labels, batch_idx, lr) -> (params, opt_state, loss)`.
 
     The batch gather `images[batch_idx]` happens inside the step so that, compiled,
@@ -61,6 +61,8 @@ def make_step(config: TrainConfig, optimizer: optim.Optimizer, compile: bool) ->
         params, opt_state = optimizer.update(grads, opt_state, params, lr)
         return params, opt_state, loss
 
+    if cuda_graph:  # CUDA: the same step, replayed as one graph (graphs.py)
+        return graphs.GraphedStep(step, compile)
     # dynamic=False: every call has the same shapes, and a second model compiled in the
     # same process (tinymnist bench) must not turn its sizes symbolic.
     return torch.compile(step, fullgraph=True, dynamic=False) if compile else step
@@ -168,7 +170,8 @@ def fit(config: TrainConfig, data: MNIST, device: torch.device, reporter: Report
     """
     optimizer = make_optimizer(config)
     compile = config.compile if config.compile is not None else default_compile(device)
-    step = make_step(config, optimizer, compile)
+    cuda_graph = device.type == "cuda" and config.cuda_graphs
+    step = make_step(config, optimizer, compile, cuda_graph)
     restore_rng(state.rng, device)
     totals = {"compile_seconds": 0.0, "train_seconds": 0.0, "images": 0}
 
@@ -188,6 +191,8 @@ def fit(config: TrainConfig, data: MNIST, device: torch.device, reporter: Report
         totals["images"] += timing["images"]
         result = evaluate(config, params, data.test_images, data.test_labels)
         reporter.evaluated(evaluation_record(epoch, train_loss, result, lr, timing["seconds"], timing["images"]))
+        if cuda_graph:  # the graph's buffers change with its next step: keep this epoch's values
+            params, opt_state = graphs.clone_tree(params), graphs.clone_tree(opt_state)
         state = TrainState(params, opt_state, epoch, capture_rng(device))
         reporter.epoch_ended(state)
         if config.dry_run:
@@ -197,6 +202,7 @@ def fit(config: TrainConfig, data: MNIST, device: torch.device, reporter: Report
         **totals,
         "images_per_second": totals["images"] / seconds if seconds else 0.0,
         "compiled": compile,
+        "cuda_graph": cuda_graph,
         "state": state,
     }
 

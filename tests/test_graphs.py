@@ -1,0 +1,118 @@
+"""graphs.py: the in-place step (any device) and the CUDA-graph replay (CUDA only)."""
+
+import pytest
+import torch
+
+from tests.test_train import Silent, random_mnist
+from tinymnist import graphs, models
+from tinymnist.config import recipe_config
+from tinymnist.train import fit, initial_state, make_optimizer, make_step
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def run_steps(step, params, opt_state, data, batches, lr, keep=graphs.clone_tree):
+    """Call `step` once per batch row; return clones of the final params and state."""
+    for batch_idx in batches:
+        params, opt_state, loss = step(params, opt_state, data.train_images, data.train_labels, batch_idx, lr)
+    return keep(params), keep(opt_state), loss.clone()
+
+
+def assert_trees_close(a: dict, b: dict, **tolerance):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_trees_close(a[k], b[k], **tolerance)
+        else:
+            torch.testing.assert_close(a[k], b[k], **tolerance)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_in_place_step_writes_what_the_pure_step_returns(compile):
+    """lenet has no dropout, so both steps see identical arithmetic from identical inputs."""
+    data = random_mnist(96, 1)
+    config = recipe_config("lenet", batch_size=32)
+    optimizer = make_optimizer(config)
+    params = models.init_params("lenet", 0)
+    opt_state = optimizer.init(params)
+    batch_idx, lr = torch.arange(32), torch.tensor(0.01)
+    pure = make_step(config, optimizer, compile)
+    expected_params, expected_state, expected_loss = pure(
+        params, opt_state, data.train_images, data.train_labels, batch_idx, lr
+    )
+
+    update = graphs.in_place(make_step(config, optimizer, compile=False))
+    if compile:
+        update = torch.compile(update, fullgraph=True, dynamic=False)
+    buffers = graphs.clone_tree(params), graphs.clone_tree(opt_state)
+    addresses = [p.data_ptr() for p in buffers[0].values()]
+    loss = update(*buffers, data.train_images, data.train_labels, batch_idx, lr)
+    assert [p.data_ptr() for p in buffers[0].values()] == addresses  # written in place
+    assert_trees_close(buffers[0], expected_params)
+    assert_trees_close(buffers[1], expected_state)
+    torch.testing.assert_close(loss, expected_loss)
+    assert not torch.equal(buffers[0]["conv1.weight"], params["conv1.weight"])  # the step did change them
+
+
+@needs_cuda
+@pytest.mark.parametrize(("model", "compile"), [("cnn", False), ("mlp", True), ("lenet", True)])
+def test_graphed_step_trains_like_the_plain_step(model, compile):
+    """Five replays of the recorded step land where five ordinary steps land.
+
+    cnn runs eager both ways: its dropout masks come from the same CUDA generator
+    offsets with or without a graph (compiled code draws its masks differently)."""
+    device = torch.device("cuda")
+    data = random_mnist(320, 1)
+    data = type(data)(*(t.to(device) for t in data))
+    config = recipe_config(model, batch_size=64)
+    optimizer = make_optimizer(config)
+    batches = torch.randperm(320, device=device).view(5, 64)  # (5, 64)
+    lr = torch.tensor(config.lr, device=device)
+    finals = {}
+    for graphed in (False, True):
+        state = initial_state(config, optimizer, device)  # also reseeds the CUDA generator
+        step = make_step(config, optimizer, compile, cuda_graph=graphed)
+        finals[graphed] = run_steps(step, state.params, state.opt_state, data, batches, lr)
+    assert_trees_close(finals[True][0], finals[False][0], rtol=1e-4, atol=1e-5)
+    assert_trees_close(finals[True][1], finals[False][1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(finals[True][2], finals[False][2], rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_graphed_step_leaves_the_callers_tensors_alone_and_refuses_other_data():
+    device = torch.device("cuda")
+    data = random_mnist(128, 1)
+    data = type(data)(*(t.to(device) for t in data))
+    config = recipe_config("mlp")
+    optimizer = make_optimizer(config)
+    state = initial_state(config, optimizer, device)
+    before = graphs.clone_tree(state.params)
+    step = make_step(config, optimizer, compile=False, cuda_graph=True)
+    lr = torch.tensor(config.lr, device=device)
+    params, _, _ = step(state.params, state.opt_state, data.train_images, data.train_labels, torch.arange(64, device=device), lr)  # fmt: skip
+    assert_trees_close(state.params, before, rtol=0, atol=0)  # the recording worked on copies
+    assert not torch.equal(params["fc1.weight"], before["fc1.weight"])
+    with pytest.raises(ValueError, match="recorded with"):
+        step(params, state.opt_state, data.train_images.clone(), data.train_labels, torch.arange(64, device=device), lr)  # fmt: skip
+
+
+@needs_cuda
+def test_fit_on_cuda_keeps_each_epochs_state_apart():
+    """Each epoch's TrainState is a snapshot, not the graph's buffers that the next epoch overwrites."""
+    device = torch.device("cuda")
+    data = random_mnist(256, 64)
+    data = type(data)(*(t.to(device) for t in data))
+
+    class KeepStates(Silent):
+        states: list
+
+        def epoch_ended(self, state):
+            self.states = [*getattr(self, "states", []), (state, graphs.clone_tree(state.params))]
+
+    config = recipe_config("cnn", epochs=2)
+    reporter = KeepStates()
+    totals = fit(config, data, device, reporter, initial_state(config, make_optimizer(config), device))
+    assert totals["cuda_graph"] and totals["compiled"]
+    (first, first_copy), (second, _) = reporter.states
+    assert_trees_close(first.params, first_copy, rtol=0, atol=0)  # epoch 2 did not write into epoch 1's state
+    assert not torch.equal(first.params["fc1.weight"], second.params["fc1.weight"])
