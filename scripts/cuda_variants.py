@@ -75,7 +75,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     device = torch.device("cuda")
-    images, labels, source = bench_data(Path("/nonexistent"), device)  # random 60,000 images: speed does not need digits
+    images, labels, source = bench_data(
+        Path("/nonexistent"), device
+    )  # random 60,000 images: speed does not need digits
     results = []
     for name in args.variants:
         try:
@@ -95,7 +97,9 @@ def main() -> None:
             json.dump(report, f, indent=2)
     print(f"\n{report['machine']}, torch {report['torch']}: cnn recipe, 938 steps of 64")
     for r in results:
-        print(f"{r['variant']:45s}", f"{r['median_epoch_seconds']:.3f} s/epoch" if "error" not in r else r["error"][:200])
+        print(
+            f"{r['variant']:45s}", f"{r['median_epoch_seconds']:.3f} s/epoch" if "error" not in r else r["error"][:200]
+        )
 
 
 if __name__ == "__main__":

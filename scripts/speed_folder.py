@@ -20,8 +20,10 @@ TRAIN_SIZE = 60_000
 def main(source: Path, target: Path) -> None:
     g = torch.Generator().manual_seed(0)
     target.mkdir(parents=True, exist_ok=True)
-    write_idx(target / "train-images-idx3-ubyte.gz", torch.randint(0, 256, (TRAIN_SIZE, 28, 28), dtype=torch.uint8, generator=g))  # fmt: skip
-    write_idx(target / "train-labels-idx1-ubyte.gz", torch.randint(0, 10, (TRAIN_SIZE,), dtype=torch.uint8, generator=g))  # fmt: skip
+    images = torch.randint(0, 256, (TRAIN_SIZE, 28, 28), dtype=torch.uint8, generator=g)  # (60000, 28, 28)
+    labels = torch.randint(0, 10, (TRAIN_SIZE,), dtype=torch.uint8, generator=g)  # (60000,)
+    write_idx(target / "train-images-idx3-ubyte.gz", images)
+    write_idx(target / "train-labels-idx1-ubyte.gz", labels)
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         write_idx(target / name, read_idx(source / name))
     print(f"{target}: {TRAIN_SIZE} random training images, the real 10,000 test images")

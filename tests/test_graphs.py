@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.test_train import Silent, random_mnist
+from tests.test_train import Silent, assert_trees_close, random_mnist
 from tinymnist import graphs, models
 from tinymnist.config import recipe_config
 from tinymnist.train import fit, initial_state, make_optimizer, make_step
@@ -16,15 +16,6 @@ def run_steps(step, params, opt_state, data, batches, lr, keep=graphs.clone_tree
     for batch_idx in batches:
         params, opt_state, loss = step(params, opt_state, data.train_images, data.train_labels, batch_idx, lr)
     return keep(params), keep(opt_state), loss.clone()
-
-
-def assert_trees_close(a: dict, b: dict, **tolerance):
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], dict):
-            assert_trees_close(a[k], b[k], **tolerance)
-        else:
-            torch.testing.assert_close(a[k], b[k], **tolerance)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
@@ -88,12 +79,12 @@ def test_graphed_step_leaves_the_callers_tensors_alone_and_refuses_other_data():
     state = initial_state(config, optimizer, device)
     before = graphs.clone_tree(state.params)
     step = make_step(config, optimizer, compile=False, cuda_graph=True)
-    lr = torch.tensor(config.lr, device=device)
-    params, _, _ = step(state.params, state.opt_state, data.train_images, data.train_labels, torch.arange(64, device=device), lr)  # fmt: skip
+    batch_idx, lr = torch.arange(64, device=device), torch.tensor(config.lr, device=device)
+    params, _, _ = step(state.params, state.opt_state, data.train_images, data.train_labels, batch_idx, lr)
     assert_trees_close(state.params, before, rtol=0, atol=0)  # the recording worked on copies
     assert not torch.equal(params["fc1.weight"], before["fc1.weight"])
     with pytest.raises(ValueError, match="recorded with"):
-        step(params, state.opt_state, data.train_images.clone(), data.train_labels, torch.arange(64, device=device), lr)  # fmt: skip
+        step(params, state.opt_state, data.train_images.clone(), data.train_labels, batch_idx, lr)
 
 
 @needs_cuda

@@ -1,5 +1,6 @@
 """The training loop's pieces: batching, evaluation, the compiled step, fit()."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +27,16 @@ class Silent:
 
     def epoch_ended(self, state):
         pass
+
+
+def assert_trees_close(a: dict, b: dict, **tolerance):
+    """Params or optimizer state: same keys, close tensors, at any nesting."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_trees_close(a[k], b[k], **tolerance)
+        else:
+            torch.testing.assert_close(a[k], b[k], **tolerance)
 
 
 def random_mnist(n_train: int, n_test: int, seed: int = 0) -> MNIST:
@@ -123,3 +134,22 @@ def test_compiled_step_never_recompiles_and_agrees_with_eager():
         finals[compile] = totals["state"].params
     for name in finals[False]:
         torch.testing.assert_close(finals[True][name], finals[False][name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("model", "batch_size", "micro_batch"), [("mlp3", 15, 4), ("lenet", 64, 16)])
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_micro_batches_give_the_whole_batch_gradient(model, batch_size, micro_batch, compile):
+    """Chunks of 4 (4+4+4+3 for 15 images) or 16, weighted by their share: the same step as one pass.
+    Plain SGD, whose update is linear in the gradient: Adam's first step is about
+    lr * sign(grad) and would amplify float rounding in near-zero gradients."""
+    data = random_mnist(batch_size, 1)
+    config = recipe_config(model, "sgd", batch_size=batch_size, lr=0.1)
+    optimizer = make_optimizer(config)
+    params = models.init_params(model, 0)
+    args = (data.train_images, data.train_labels, torch.randperm(batch_size), torch.tensor(config.lr))
+    whole = make_step(config, optimizer, compile=False)(params, optimizer.init(params), *args)
+    chunked = make_step(config, optimizer, compile, micro_batch=micro_batch)(params, optimizer.init(params), *args)
+    assert_trees_close(chunked[0], whole[0], rtol=1e-5, atol=1e-6)
+    assert_trees_close(chunked[1], whole[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked[2], whole[2])
+    assert not torch.equal(chunked[0][next(iter(params))], params[next(iter(params))])

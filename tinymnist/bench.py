@@ -22,7 +22,7 @@ from tinymnist import data, models
 from tinymnist.config import recipe_config
 from tinymnist.devices import synchronize
 from tinymnist.reference import reference_loop
-from tinymnist.train import epoch_batches, initial_state, make_optimizer, make_step
+from tinymnist.train import default_micro_batch, epoch_batches, initial_state, make_optimizer, make_step
 
 MNIST_TRAIN_SIZE = 60_000
 
@@ -41,9 +41,11 @@ def bench_data(data_dir, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 def our_steps(config, images, labels, device, compile: bool) -> Iterator:
     """Yield after each step of tinymnist's loop, forever, over on-device shuffled batches.
 
-    Compiled on CUDA means what `train` runs there: the compiled step as a CUDA graph."""
+    The step is the one `train` runs by default: on CUDA, compiled means compiled and
+    replayed as a CUDA graph; on the CPU, large batches are split into micro-batches."""
     state = initial_state(config, make_optimizer(config), device)
-    step = make_step(config, make_optimizer(config), compile, cuda_graph=compile and device.type == "cuda")
+    cuda_graph = compile and device.type == "cuda"
+    step = make_step(config, make_optimizer(config), compile, cuda_graph, default_micro_batch(device))
     lr = torch.tensor(config.lr, device=device)
     params, opt_state = state.params, state.opt_state
     while True:

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from tinymnist import checkpoint, data, models
 from tinymnist.config import RECIPES, TrainConfig, recipe_config, validate
-from tinymnist.devices import accelerator_report, resolve_device
+from tinymnist.devices import accelerator_report, resolve_device, use_tf32_matmuls
 from tinymnist.errors import TinyMnistError
 from tinymnist.report import LineReporter, ProgressReporter, RunObserver, test_line
 from tinymnist.train import TrainState, evaluate, fit, initial_state, make_optimizer
@@ -80,6 +80,9 @@ def train(
         "--compile/--no-compile",
         help="torch.compile the step [default: on for CUDA and CPU, where it measured faster; off on MPS].",
     ),
+    micro_batch: int | None = typer.Option(
+        None, help="Compute each step's gradient in chunks of this many images; 0: whole batch [default: 256 on CPU]."
+    ),
     cuda_graphs: bool | None = typer.Option(
         None, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay each step as one CUDA graph [default: on]."
     ),
@@ -91,7 +94,8 @@ def train(
     """Train a seed network on MNIST, with the tutorial's recipe as defaults."""
     flags = dict(
         batch_size=batch_size, test_batch_size=test_batch_size, epochs=epochs, lr=lr, gamma=gamma, seed=seed,
-        log_interval=log_interval, dry_run=dry_run or None, compile=compile, cuda_graphs=cuda_graphs,
+        log_interval=log_interval, dry_run=dry_run or None, compile=compile, micro_batch=micro_batch,
+        cuda_graphs=cuda_graphs,
         device="cpu" if no_accel else device, data_dir=str(data.resolve_data_dir(data_dir)),
         download=not no_download, save_model=save_model and str(save_model),
         metrics=metrics and str(metrics), resume=resume and str(resume),
@@ -111,6 +115,7 @@ def train(
         config = recipe_config(model or "cnn", optimizer, **flags)
     config = validate(config)
     dev = resolve_device(config.device)
+    use_tf32_matmuls(dev)
     if config.save_model:
         checkpoint.check_writable(Path(config.save_model))
     mnist = load_data(Path(config.data_dir), dev, config.download)
@@ -161,6 +166,7 @@ def eval_command(
 ):
     """Evaluate a checkpoint on the MNIST test set."""
     dev = resolve_device(device)
+    use_tf32_matmuls(dev)  # as train evaluated it
     saved_config, state = checkpoint.load(checkpoint_path, dev)
     config = TrainConfig(**saved_config)
     mnist = load_data(data.resolve_data_dir(data_dir), dev, not no_download)
@@ -225,8 +231,9 @@ def bench(
         models.check_model(name)
     if window_images < 1 or repeats < 1 or warmup < 0:
         raise TinyMnistError("--window-images and --repeats must be positive, --warmup at least 0")
-    report = run_bench(names, resolve_device(device), data.resolve_data_dir(data_dir), window_images, repeats,
-                       warmup, compile)  # fmt: skip
+    dev = resolve_device(device)
+    use_tf32_matmuls(dev)  # for all three loops alike
+    report = run_bench(names, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup, compile)
     if json_path:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
     table = Table(title=f"{report['machine']}, torch {report['torch']}; data: {report['data']}")
@@ -243,7 +250,8 @@ def bench(
             f"{compiled['first_step_seconds']:.1f}" if compiled else "-",
             f"{max(v['peak_memory_mb'] for v in r.values() if isinstance(v, dict)):,.0f}",
         )  # fmt: skip
-    Console().print(table)
+    console = Console()
+    (console if console.is_terminal else Console(width=120)).print(table)  # a log file gets every digit
 
 
 def main() -> None:

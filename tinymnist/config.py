@@ -63,6 +63,7 @@ class TrainConfig:
     dry_run: bool = False  # one step and one evaluation, to check the setup
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     compile: bool | None = None  # None: the faster choice for the device kind
+    micro_batch: int | None = None  # images per gradient chunk; 0: whole batch; None: the device's default
     cuda_graphs: bool = True  # on CUDA, replay each step as one CUDA graph (graphs.py)
     data_dir: str = "data"
     download: bool = True  # fetch missing MNIST files before training
@@ -113,6 +114,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     for flag, value in positive.items():
         if not value > 0:  # also catches NaN
             raise TinyMnistError(f"{flag} must be positive, got {value}")
+    if config.micro_batch is not None and config.micro_batch < 0:
+        raise TinyMnistError(f"--micro-batch must be 0 (whole batch) or positive, got {config.micro_batch}")
     if not config.gamma > 0:
         raise TinyMnistError(f"--gamma must be positive, got {config.gamma}")
     if config.model not in RECIPES:

@@ -38,34 +38,64 @@ def recipe_loss(model: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tens
     return F.nll_loss if models.OUTPUTS_LOG_PROBS[model] else F.cross_entropy
 
 
-def make_step(config: TrainConfig, optimizer: optim.Optimizer, compile: bool, cuda_graph: bool = False) -> Step:
+def make_step(
+    config: TrainConfig, optimizer: optim.Optimizer, compile: bool, cuda_graph: bool = False, micro_batch: int = 0
+) -> Step:
     """Build `step(params, opt_state, images, labels, batch_idx, lr) -> (params, opt_state, loss)`.
 
     The batch gather `images[batch_idx]` happens inside the step so that, compiled,
     it fuses with the uint8 -> float scaling and no float copy of a batch is made.
     `lr` is a 0-d tensor: a Python float would be baked into the compiled graph and
-    every StepLR change would recompile it.
+    every StepLR change would recompile it. A `micro_batch` smaller than the batch
+    computes the gradient in chunks of that many images (see accumulated_step).
     """
     model, recipe = config.model, config.recipe
     loss_fn = recipe_loss(model)
 
-    def batch_loss(params: Params, images_u8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def batch_loss(params: Params, images_u8: torch.Tensor, labels: torch.Tensor, share: float) -> torch.Tensor:
         x = scale_images(images_u8, recipe.mean, recipe.std)  # (B, 1, 28, 28)
         out = models.apply(model, params, x, train=True)  # (B, 10)
-        return loss_fn(out, labels)
+        return loss_fn(out, labels) * share  # share: these images' fraction of the batch
 
     grad_and_loss = torch.func.grad_and_value(batch_loss)
 
+    def gradient(params, images, labels, batch_idx, share=1.0):
+        return grad_and_loss(params, images[batch_idx], labels[batch_idx], share)
+
     def step(params, opt_state, images, labels, batch_idx, lr):
-        grads, loss = grad_and_loss(params, images[batch_idx], labels[batch_idx])
+        grads, loss = gradient(params, images, labels, batch_idx)
         params, opt_state = optimizer.update(grads, opt_state, params, lr)
         return params, opt_state, loss
 
-    if cuda_graph:  # CUDA: the same step, replayed as one graph (graphs.py)
-        return graphs.GraphedStep(step, compile)
     # dynamic=False: every call has the same shapes, and a second model compiled in the
     # same process (tinymnist bench) must not turn its sizes symbolic.
-    return torch.compile(step, fullgraph=True, dynamic=False) if compile else step
+    compiled = lambda fn: torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn  # noqa: E731
+
+    if 0 < micro_batch < config.batch_size:
+        gradient, update = compiled(gradient), compiled(optimizer.update)
+
+        def accumulated_step(params, opt_state, images, labels, batch_idx, lr):
+            """The batch's gradient as the sum of its chunks' gradients, each chunk's mean
+            loss weighted by its share of the batch: the same gradient as one pass, but
+            each chunk's activations fit in a CPU's cache (lenet's batch of 8192 does not)."""
+            grads, loss = None, 0.0
+            for chunk in batch_idx.split(micro_batch):  # (micro_batch,) each, the last maybe shorter
+                chunk_grads, chunk_loss = gradient(params, images, labels, chunk, len(chunk) / len(batch_idx))
+                grads = chunk_grads if grads is None else {k: grads[k] + g for k, g in chunk_grads.items()}
+                loss = loss + chunk_loss
+            params, opt_state = update(grads, opt_state, params, lr)
+            return params, opt_state, loss
+
+        return graphs.GraphedStep(accumulated_step, compile=False) if cuda_graph else accumulated_step
+    if cuda_graph:  # CUDA: the same step, replayed as one graph (graphs.py)
+        return graphs.GraphedStep(step, compile)
+    return compiled(step)
+
+
+def default_micro_batch(device: torch.device) -> int:
+    """0 (the whole batch at once) but on the CPU, where `tinymnist bench` measured
+    lenet's 8192-image step about twice as fast in chunks of 256 (BENCHMARKS.md)."""
+    return 256 if device.type == "cpu" else 0
 
 
 def epoch_batches(n_images: int, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -171,7 +201,8 @@ def fit(config: TrainConfig, data: MNIST, device: torch.device, reporter: Report
     optimizer = make_optimizer(config)
     compile = config.compile if config.compile is not None else default_compile(device)
     cuda_graph = device.type == "cuda" and config.cuda_graphs
-    step = make_step(config, optimizer, compile, cuda_graph)
+    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device)
+    step = make_step(config, optimizer, compile, cuda_graph, micro_batch)
     restore_rng(state.rng, device)
     totals = {"compile_seconds": 0.0, "train_seconds": 0.0, "images": 0}
 
