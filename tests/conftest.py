@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
 
 # CI runs the same examples every time (a red CI must be reproducible); locally,
@@ -11,6 +12,18 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True)
+def restore_tf32_setting():
+    """`train`, `eval` and `bench` turn TF32 matmuls on for CUDA, process-wide. Tests run
+    the CLI in-process, so restore the setting: a later CUDA test that compares two ways
+    of computing a step must see float32 arithmetic, not TF32 rounding. (On an H200, the
+    graphed cnn test failed after the CLI test had left TF32 on.)"""
+    before = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
 
 # ../shared/mnist beside the checkout holds the real t10k files (md5-verified);
 # TINYMNIST_TEST_MNIST points elsewhere. On a user's machine neither may exist.
@@ -53,8 +66,6 @@ def real_split(real_mnist, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_split(tmp_path_factory) -> Path:
     """A small synthetic data folder (600 train, 200 test images) for tests that need no real digits."""
-    import torch
-
     g = torch.Generator().manual_seed(0)
     make = lambda n: (  # noqa: E731
         torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g),

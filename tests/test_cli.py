@@ -205,3 +205,13 @@ def test_cuda_dry_run_compiled(tiny_split):
     result = run("train", "--data-dir", tiny_split, "--no-download", "--device", "cuda", "--compile", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "on cuda" in result.stdout
+
+
+def test_tf32_matmuls_are_switched_on_for_cuda_only():
+    from tinymnist.devices import use_tf32_matmuls
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # conftest restores the setting afterwards
+    use_tf32_matmuls(torch.device("cpu"))
+    assert not torch.backends.cuda.matmul.allow_tf32
+    use_tf32_matmuls(torch.device("cuda"))
+    assert torch.backends.cuda.matmul.allow_tf32
