@@ -115,14 +115,16 @@ def test_matches_torch_optim(name, dtype):
     # float64 shows the arithmetic is torch.optim's to 1e-6 relative. In float32 the
     # roundings differ (torch does p - lr * g in one kernel, `add_(g, alpha=-lr)`, we in
     # two), and where cancellation leaves a weight near zero, a few ulps of the operands
-    # show: up to 2e-6 measured. So float32 uses torch.testing's default atol, 1e-5.
-    atol = 1e-12 if dtype == torch.float64 else 1e-5
+    # show: up to 2e-6 measured. So float32 uses torch.testing's default atol, 1e-5, and
+    # rtol 1e-5: Adam with beta2 = 0 and eps = 1e-10 steps by about lr * sign(grad), which
+    # turns rounding in a tiny gradient into 6e-6 relative on a weight of 27 (seed 0).
+    atol, rtol = (1e-12, 1e-6) if dtype == torch.float64 else (1e-5, 1e-5)
 
     @EXAMPLES
     @given(hyper=HYPERPARAMETERS[name], base_lr=st.floats(*LR_RANGE[name]), seed=st.integers(0, 2**31))
     def check(hyper, base_lr, seed):
         for ours, theirs in run_both(name, hyper, base_lr, seed, dtype):
-            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=atol)
+            torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol)
 
     check()
 
