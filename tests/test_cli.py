@@ -111,6 +111,7 @@ def test_resume_is_bit_exact(tiny_split, tmp_path, compile):
         (["--test-batch-size", "-5"], ["--test-batch-size"]),
         (["--epochs", "0"], ["--epochs"]),
         (["--lr", "-0.1"], ["--lr"]),
+        (["--micro-batch", "-1"], ["--micro-batch", "0 (whole batch) or positive"]),
         (["--lr", "nan"], ["--lr"]),
         (["--device", "tpu"], ["--device"]),
         (["--save-model", "/nonexistent-folder/model.pt"], ["--save-model", "does not exist"]),

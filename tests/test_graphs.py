@@ -11,11 +11,11 @@ from tinymnist.train import fit, initial_state, make_optimizer, make_step
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def run_steps(step, params, opt_state, data, batches, lr, keep=graphs.clone_tree):
+def run_steps(step, params, opt_state, data, batches, lr):
     """Call `step` once per batch row; return clones of the final params and state."""
     for batch_idx in batches:
         params, opt_state, loss = step(params, opt_state, data.train_images, data.train_labels, batch_idx, lr)
-    return keep(params), keep(opt_state), loss.clone()
+    return graphs.clone_tree(params), graphs.clone_tree(opt_state), loss.clone()
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
