@@ -216,3 +216,23 @@ def test_tf32_matmuls_are_switched_on_for_cuda_only():
     assert not torch.backends.cuda.matmul.allow_tf32
     use_tf32_matmuls(torch.device("cuda"))
     assert torch.backends.cuda.matmul.allow_tf32
+
+
+def test_checkpoints_from_before_micro_batches_and_cuda_graphs_still_load(tiny_split, tmp_path):
+    """Checkpoints written before --micro-batch and --cuda-graphs existed lack those config keys."""
+    ckpt = tmp_path / "old.pt"
+    assert run(*train_args(tiny_split, "--model", "mlp", "--epochs", "1", "--save-model", ckpt)).exit_code == 0
+    payload = torch.load(ckpt, weights_only=True)
+    for key in ("micro_batch", "cuda_graphs"):
+        del payload["config"][key]
+    torch.save(payload, ckpt)
+    evaluated = run("eval", ckpt, "--data-dir", tiny_split, "--no-download", "--device", "cpu", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["epoch"] == 1
+    resumed = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", "2"))
+    assert resumed.exit_code == 0, resumed.output
+    assert "after 2 epochs" in resumed.stdout
+
+    payload["config"]["colour"] = "blue"  # a key no version had is still refused
+    torch.save(payload, ckpt)
+    assert_user_error(run("eval", ckpt, "--data-dir", tiny_split, "--no-download"), "does not match this version")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.test_train import Silent, assert_trees_close, random_mnist
+from tests.test_train import Silent, random_mnist
 from tinymnist import graphs, models
 from tinymnist.config import recipe_config
 from tinymnist.train import fit, initial_state, make_optimizer, make_step
@@ -39,8 +39,8 @@ def test_in_place_step_writes_what_the_pure_step_returns(compile):
     addresses = [p.data_ptr() for p in buffers[0].values()]
     loss = update(*buffers, data.train_images, data.train_labels, batch_idx, lr)
     assert [p.data_ptr() for p in buffers[0].values()] == addresses  # written in place
-    assert_trees_close(buffers[0], expected_params)
-    assert_trees_close(buffers[1], expected_state)
+    torch.testing.assert_close(buffers[0], expected_params)
+    torch.testing.assert_close(buffers[1], expected_state)
     torch.testing.assert_close(loss, expected_loss)
     assert not torch.equal(buffers[0]["conv1.weight"], params["conv1.weight"])  # the step did change them
 
@@ -64,8 +64,8 @@ def test_graphed_step_trains_like_the_plain_step(model, compile):
         state = initial_state(config, optimizer, device)  # also reseeds the CUDA generator
         step = make_step(config, optimizer, compile, cuda_graph=graphed)
         finals[graphed] = run_steps(step, state.params, state.opt_state, data, batches, lr)
-    assert_trees_close(finals[True][0], finals[False][0], rtol=1e-4, atol=1e-5)
-    assert_trees_close(finals[True][1], finals[False][1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(finals[True][0], finals[False][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(finals[True][1], finals[False][1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(finals[True][2], finals[False][2], rtol=1e-4, atol=1e-5)
 
 
@@ -81,7 +81,7 @@ def test_graphed_step_leaves_the_callers_tensors_alone_and_refuses_other_data():
     step = make_step(config, optimizer, compile=False, cuda_graph=True)
     batch_idx, lr = torch.arange(64, device=device), torch.tensor(config.lr, device=device)
     params, _, _ = step(state.params, state.opt_state, data.train_images, data.train_labels, batch_idx, lr)
-    assert_trees_close(state.params, before, rtol=0, atol=0)  # the recording worked on copies
+    torch.testing.assert_close(state.params, before, rtol=0, atol=0)  # the recording worked on copies
     assert not torch.equal(params["fc1.weight"], before["fc1.weight"])
     with pytest.raises(ValueError, match="recorded with"):
         step(params, state.opt_state, data.train_images.clone(), data.train_labels, batch_idx, lr)
@@ -105,5 +105,5 @@ def test_fit_on_cuda_keeps_each_epochs_state_apart():
     totals = fit(config, data, device, reporter, initial_state(config, make_optimizer(config), device))
     assert totals["cuda_graph"] and totals["compiled"]
     (first, first_copy), (second, _) = reporter.states
-    assert_trees_close(first.params, first_copy, rtol=0, atol=0)  # epoch 2 did not write into epoch 1's state
+    torch.testing.assert_close(first.params, first_copy, rtol=0, atol=0)  # epoch 2 did not write into epoch 1's state
     assert not torch.equal(first.params["fc1.weight"], second.params["fc1.weight"])

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinymnist import optim
+from tinymnist import graphs, optim
 from tinymnist.errors import TinyMnistError
 from tinymnist.reference import TORCH_OPTIMIZERS  # the oracle: our name -> torch.optim class
 
@@ -210,10 +210,6 @@ def test_state_survives_a_weights_only_checkpoint(name):
     torch.testing.assert_close(opt.update(grads, loaded, params, lr), opt.update(grads, state, params, lr))
 
 
-def clone_tree(tree):
-    return {k: clone_tree(v) if isinstance(v, dict) else v.clone() for k, v in tree.items()}
-
-
 @pytest.mark.parametrize("name", list(FULLY_LOADED))
 def test_update_never_modifies_its_inputs(name):
     hyper, _ = FULLY_LOADED[name]
@@ -223,7 +219,7 @@ def test_update_never_modifies_its_inputs(name):
     state = opt.init(params)
     for _ in range(3):  # the first update and later ones take different paths (SGD's buffer)
         grads, lr = random_like(params, gen), torch.tensor(0.01)
-        before = clone_tree({"grads": grads, "state": state, "params": params, "lr": {"lr": lr}})
+        before = graphs.clone_tree({"grads": grads, "state": state, "params": params, "lr": {"lr": lr}})
         new_params, new_state = opt.update(grads, state, params, lr)
         after = {"grads": grads, "state": state, "params": params, "lr": {"lr": lr}}
         torch.testing.assert_close(after, before, rtol=0, atol=0)

@@ -29,16 +29,6 @@ class Silent:
         pass
 
 
-def assert_trees_close(a: dict, b: dict, **tolerance):
-    """Params or optimizer state: same keys, close tensors, at any nesting."""
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], dict):
-            assert_trees_close(a[k], b[k], **tolerance)
-        else:
-            torch.testing.assert_close(a[k], b[k], **tolerance)
-
-
 def random_mnist(n_train: int, n_test: int, seed: int = 0) -> MNIST:
     g = torch.Generator().manual_seed(seed)
     images = lambda n: torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)  # noqa: E731
@@ -149,7 +139,7 @@ def test_micro_batches_give_the_whole_batch_gradient(model, batch_size, micro_ba
     args = (data.train_images, data.train_labels, torch.randperm(batch_size), torch.tensor(config.lr))
     whole = make_step(config, optimizer, compile=False)(params, optimizer.init(params), *args)
     chunked = make_step(config, optimizer, compile, micro_batch=micro_batch)(params, optimizer.init(params), *args)
-    assert_trees_close(chunked[0], whole[0], rtol=1e-5, atol=1e-6)
-    assert_trees_close(chunked[1], whole[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked[2], whole[2])
     assert not torch.equal(chunked[0][next(iter(params))], params[next(iter(params))])

@@ -9,6 +9,7 @@ timed over several windows of steps; the median window gives images/s. Ratios ar
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import resource
 import statistics
@@ -22,7 +23,7 @@ from tinymnist import data, models
 from tinymnist.config import recipe_config
 from tinymnist.devices import synchronize
 from tinymnist.reference import reference_loop
-from tinymnist.train import default_micro_batch, epoch_batches, initial_state, make_optimizer, make_step
+from tinymnist.train import device_step, epoch_batches, initial_state, make_optimizer
 
 MNIST_TRAIN_SIZE = 60_000
 
@@ -44,8 +45,8 @@ def our_steps(config, images, labels, device, compile: bool) -> Iterator:
     The step is the one `train` runs by default: on CUDA, compiled means compiled and
     replayed as a CUDA graph; on the CPU, large batches are split into micro-batches."""
     state = initial_state(config, make_optimizer(config), device)
-    cuda_graph = compile and device.type == "cuda"
-    step = make_step(config, make_optimizer(config), compile, cuda_graph, default_micro_batch(device))
+    config = dataclasses.replace(config, cuda_graphs=compile)  # (b) eager is the plain eager step
+    step = device_step(config, make_optimizer(config), device, compile)
     lr = torch.tensor(config.lr, device=device)
     params, opt_state = state.params, state.opt_state
     while True:

@@ -21,6 +21,9 @@ from tinymnist.errors import TinyMnistError
 from tinymnist.train import TrainState
 
 FORMAT = "tinymnist-checkpoint-v1"
+# TrainConfig fields added after the first checkpoints were written: a checkpoint
+# without them loads, and they take their defaults.
+ADDED_FIELDS = {"micro_batch", "cuda_graphs"}
 
 
 def check_writable(path: Path) -> None:
@@ -76,7 +79,8 @@ def load(path: Path, device: torch.device) -> tuple[dict, TrainState]:
     if missing:
         raise TinyMnistError(f"checkpoint {path}: damaged, it lacks {', '.join(sorted(missing))}")
     config = payload["config"]
-    if not isinstance(config, dict) or set(config) != {f.name for f in dataclasses.fields(TrainConfig)}:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(config, dict) or not fields - ADDED_FIELDS <= set(config) <= fields:
         raise TinyMnistError(f"checkpoint {path}: its config does not match this version of tinymnist")
     _check_params(path, config["model"], payload["params"])
     state = TrainState(payload["params"], payload["opt_state"], int(payload["epoch"]), payload["rng"])

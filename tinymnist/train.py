@@ -67,12 +67,13 @@ def make_step(
         params, opt_state = optimizer.update(grads, opt_state, params, lr)
         return params, opt_state, loss
 
-    # dynamic=False: every call has the same shapes, and a second model compiled in the
-    # same process (tinymnist bench) must not turn its sizes symbolic.
-    compiled = lambda fn: torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn  # noqa: E731
+    def compiled(fn):
+        # dynamic=False: every call has the same shapes, and a second model compiled in the
+        # same process (tinymnist bench) must not turn its sizes symbolic.
+        return torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
 
     if 0 < micro_batch < config.batch_size:
-        gradient, update = compiled(gradient), compiled(optimizer.update)
+        chunk_gradient, update = compiled(gradient), compiled(optimizer.update)
 
         def accumulated_step(params, opt_state, images, labels, batch_idx, lr):
             """The batch's gradient as the sum of its chunks' gradients, each chunk's mean
@@ -80,7 +81,7 @@ def make_step(
             each chunk's activations fit in a CPU's cache (lenet's batch of 8192 does not)."""
             grads, loss = None, 0.0
             for chunk in batch_idx.split(micro_batch):  # (micro_batch,) each, the last maybe shorter
-                chunk_grads, chunk_loss = gradient(params, images, labels, chunk, len(chunk) / len(batch_idx))
+                chunk_grads, chunk_loss = chunk_gradient(params, images, labels, chunk, len(chunk) / len(batch_idx))
                 grads = chunk_grads if grads is None else {k: grads[k] + g for k, g in chunk_grads.items()}
                 loss = loss + chunk_loss
             params, opt_state = update(grads, opt_state, params, lr)
@@ -90,6 +91,14 @@ def make_step(
     if cuda_graph:  # CUDA: the same step, replayed as one graph (graphs.py)
         return graphs.GraphedStep(step, compile)
     return compiled(step)
+
+
+def device_step(config: TrainConfig, optimizer: optim.Optimizer, device: torch.device, compile: bool) -> Step:
+    """The step `train` runs on `device`: a CUDA graph on CUDA (unless --no-cuda-graphs),
+    micro-batches as --micro-batch says or as suits the device."""
+    cuda_graph = device.type == "cuda" and config.cuda_graphs
+    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device)
+    return make_step(config, optimizer, compile, cuda_graph, micro_batch)
 
 
 def default_micro_batch(device: torch.device) -> int:
@@ -200,9 +209,8 @@ def fit(config: TrainConfig, data: MNIST, device: torch.device, reporter: Report
     """
     optimizer = make_optimizer(config)
     compile = config.compile if config.compile is not None else default_compile(device)
-    cuda_graph = device.type == "cuda" and config.cuda_graphs
-    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device)
-    step = make_step(config, optimizer, compile, cuda_graph, micro_batch)
+    step = device_step(config, optimizer, device, compile)
+    cuda_graph = isinstance(step, graphs.GraphedStep)
     restore_rng(state.rng, device)
     totals = {"compile_seconds": 0.0, "train_seconds": 0.0, "images": 0}
 
