@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check in one call of the device tool (a lent GPU's time is short): machine
-# facts, the CUDA tests, `tinymnist bench --device cuda`, the cnn recipe timed on a
-# 60,000-image epoch and trained on real digits; with VARIANTS=1, also the variants
-# behind the GPU defaults (scripts/cuda_variants.py).
+# facts, the CUDA tests, each model's recipe trained on full MNIST, and
+# `tinymnist bench --device cuda`; with VARIANTS=1, also the variants behind the GPU
+# defaults (scripts/cuda_variants.py).
 # Usage, from the repository root on a CUDA machine: bash scripts/gpu_session.sh MNIST_DIR OUT_DIR
-# MNIST_DIR holds the real t10k files; everything lands in OUT_DIR. No step stops the others.
+# MNIST_DIR holds all four MNIST files (scripts/train_images_from_pickle.py makes such a
+# folder where they cannot be downloaded); everything lands in OUT_DIR. No step stops the others.
 set -u
 mnist=$1 out=$2
 mkdir -p "$out"
@@ -17,10 +18,9 @@ step() {  # step NAME SECONDS COMMAND...: run one check under a time limit, log 
     echo "exit $? after $SECONDS s"; tail -n 6 "$out/$name.txt"
 }
 step machine 60 bash -c "nvidia-smi; $py -m tinymnist info; $py -m pip list 2>/dev/null | grep -iE '^(torch|triton|typer|rich|numpy|pillow|hypothesis|pytest) '"
-$py scripts/speed_folder.py "$mnist" /tmp/speed60k > /dev/null
-$py scripts/t10k_split.py "$mnist" /tmp/split > /dev/null
-step train-cnn-60k 150 $py -m tinymnist train --model cnn --device cuda --data-dir /tmp/speed60k --no-download
-step train-cnn-split 90 $py -m tinymnist train --model cnn --device cuda --data-dir /tmp/split --no-download --log-interval 100
-step bench 200 $py -m tinymnist bench --device cuda --window-images 16384 --json "$out/cuda.json"
 step tests 180 $py -m pytest -q -p no:cacheprovider -k "cuda or graph" tests
+for model in cnn mlp mlp3 lenet; do
+    step "train-$model" 90 $py -m tinymnist train --model "$model" --device cuda --data-dir "$mnist" --no-download --log-interval 200
+done
+step bench 200 $py -m tinymnist bench --device cuda --window-images 16384 --json "$out/cuda.json"
 [ -n "${VARIANTS:-}" ] && step variants 240 $py scripts/cuda_variants.py --json "$out/cuda_variants.json"
