@@ -236,3 +236,25 @@ def test_checkpoints_from_before_micro_batches_and_cuda_graphs_still_load(tiny_s
     payload["config"]["colour"] = "blue"  # a key no version had is still refused
     torch.save(payload, ckpt)
     assert_user_error(run("eval", ckpt, "--data-dir", tiny_split, "--no-download"), "does not match this version")
+
+
+@pytest.fixture
+def no_cpp_compiler(monkeypatch):
+    """A machine where none of the C++ compilers torch.compile looks for is installed."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
+
+
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(tiny_split, no_cpp_compiler):
+    args = ["train", "--data-dir", tiny_split, "--no-download", "--device", "cpu", "--compile", "--dry-run"]
+    assert_user_error(run(*args), "--compile", "no-such-c++-compiler", "--no-compile")
+    bench = run("bench", "--models", "mlp", "--device", "cpu", "--window-images", 64, "--repeats", 1)
+    assert_user_error(bench, "--compile", "--no-compile")
+
+
+def test_without_a_cpp_compiler_the_default_step_runs_eager(tiny_split, no_cpp_compiler):
+    result = run("train", "--data-dir", tiny_split, "--no-download", "--device", "cpu", "--model", "mlp", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "no C++ compiler" in result.stderr
+    assert "s first step)" in result.stdout  # not "s compiling)"

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from tinymnist import checkpoint, data, models
 from tinymnist.config import RECIPES, TrainConfig, recipe_config, validate
-from tinymnist.devices import accelerator_report, resolve_device, use_tf32_matmuls
+from tinymnist.devices import accelerator_report, check_compilable, cpu_compiler, resolve_device, use_tf32_matmuls
 from tinymnist.errors import TinyMnistError
 from tinymnist.report import LineReporter, ProgressReporter, RunObserver, test_line
 from tinymnist.train import TrainState, evaluate, fit, initial_state, make_optimizer
@@ -116,6 +116,10 @@ def train(
     config = validate(config)
     dev = resolve_device(config.device)
     use_tf32_matmuls(dev)
+    if config.compile:
+        check_compilable(dev)
+    elif config.compile is None and dev.type == "cpu" and cpu_compiler() is None:
+        print("tinymnist: no C++ compiler here, so the step runs eager; install g++ to compile it", file=sys.stderr)
     if config.save_model:
         checkpoint.check_writable(Path(config.save_model))
     mnist = load_data(Path(config.data_dir), dev, config.download)
@@ -233,6 +237,8 @@ def bench(
         raise TinyMnistError("--window-images and --repeats must be positive, --warmup at least 0")
     dev = resolve_device(device)
     use_tf32_matmuls(dev)  # for all three loops alike
+    if compile:
+        check_compilable(dev)
     report = run_bench(names, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup, compile)
     if json_path:
         json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+
 import torch
+import torch._inductor.config as inductor_config
 
 from tinymnist.errors import TinyMnistError
 
@@ -36,6 +39,26 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise TinyMnistError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile would build CPU kernels with, if one is installed.
+
+    Inductor tries the names in its config (`$CXX` at import, else g++; clang++ on
+    macOS) and fails with a long traceback on the first step when none runs.
+    """
+    candidates = [name for name in inductor_config.cpp.cxx if name]  # None: a conda download we never ask for
+    return next((name for name in candidates if shutil.which(name)), None)
+
+
+def check_compilable(device: torch.device) -> None:
+    """Raise the one-line error for compiling on a CPU that has no C++ compiler."""
+    if device.type == "cpu" and cpu_compiler() is None:
+        names = " or ".join(name for name in inductor_config.cpp.cxx if name)
+        raise TinyMnistError(
+            f"--compile on the CPU needs a C++ compiler ({names}) and none is installed; "
+            "install one (e.g. apt install g++) or pass --no-compile"
+        )
 
 
 def use_tf32_matmuls(device: torch.device) -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tinymnist import graphs, models, optim
 from tinymnist.config import TrainConfig
 from tinymnist.data import MNIST
-from tinymnist.devices import synchronize
+from tinymnist.devices import cpu_compiler, synchronize
 from tinymnist.errors import TinyMnistError
 
 Params = dict[str, torch.Tensor]
@@ -307,7 +307,7 @@ def evaluation_record(
 
 
 def default_compile(device: torch.device) -> bool:
-    """Compile on CUDA and on the CPU, where `tinymnist bench` measured the compiled step
-    faster than eager for all four models (BENCHMARKS.md); MPS support in torch.compile
-    is young and unmeasured here, so MPS stays eager."""
-    return device.type in ("cuda", "cpu")
+    """Compile on CUDA, and on the CPU where a C++ compiler is installed: `tinymnist bench`
+    measured the compiled step faster than eager there (BENCHMARKS.md). MPS support in
+    torch.compile is young and unmeasured here, so MPS stays eager."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_compiler() is not None)
