@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from tinymnist import models, shapes
@@ -282,3 +284,49 @@ def test_compiled_train_step_has_no_graph_break():
     assert {k: v.shape for k, v in grads.items()} == {k: v.shape for k, v in params.items()}
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
     torch.testing.assert_close(out, models.apply("cnn", params, x), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kernel=st.sampled_from([2, 3]),
+    sizes=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4)),
+    levels=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_first_max_pool2d_equals_max_pool2d_in_values_and_gradient(kernel, sizes, levels, seed):
+    """Few distinct values, so windows with tied maxima are common: the gradient must
+    still go to the very input F.max_pool2d sends it to."""
+    n, channels, rows, cols = sizes
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, levels, (n, channels, rows * kernel, cols * kernel), generator=generator).float()
+    upstream = torch.randn(n, channels, rows, cols, generator=generator)  # (N, C, H', W')
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    pooled, expected = models.first_max_pool2d(ours, kernel), F.max_pool2d(theirs, kernel)
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=0)
+    (pooled * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0)
+
+
+def test_compiled_lenet_pools_like_max_pool2d(monkeypatch):
+    """Compiled on the CPU, models.max_pool2d takes the first_max_pool2d route: lenet's
+    gradient must still be the eager one, on ReLU outputs full of tied zeros."""
+    routed = []
+
+    def first_max_pool2d(x, kernel):
+        routed.append(kernel)
+        return models_first_max_pool2d(x, kernel)
+
+    models_first_max_pool2d = models.first_max_pool2d
+    monkeypatch.setattr(models, "first_max_pool2d", first_max_pool2d)
+    params = models.init_params("lenet", seed=0)
+    x = torch.rand(8, 1, 28, 28).round()  # (8, 1, 28, 28) of 0s and 1s: many tied maxima
+
+    def loss(params):
+        return models.apply("lenet", params, x).logsumexp(dim=1).sum()
+
+    eager = torch.func.grad(loss)(params)
+    assert routed == []  # eager runs F.max_pool2d
+    compiled = torch.compile(torch.func.grad(loss), fullgraph=True)(params)
+    assert routed == [2, 2]  # both of lenet's pools, traced once
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

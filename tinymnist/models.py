@@ -113,7 +113,7 @@ class Network(nn.Module):
         if isinstance(layer, ReLU):
             return F.relu(x)
         if isinstance(layer, MaxPool2d):
-            return F.max_pool2d(x, layer.kernel, layer.stride)  # (B, C, H, W) -> (B, C, H', W')
+            return max_pool2d(x, layer.kernel, layer.stride)  # (B, C, H, W) -> (B, C, H', W')
         if isinstance(layer, Dropout):
             return F.dropout(x, layer.p, training=train)
         if isinstance(layer, Flatten):
@@ -121,6 +121,37 @@ class Network(nn.Module):
         if isinstance(layer, LogSoftmax):
             return F.log_softmax(x, dim=1)  # over the classes of each example
         raise TypeError(f"no forward rule for layer {layer!r}")
+
+
+def max_pool2d(x: torch.Tensor, kernel: int, stride: int | None = None) -> torch.Tensor:
+    """F.max_pool2d; compiled for the CPU, the same numbers by a route that compiles well.
+
+    torch.compile turns F.max_pool2d's backward into a scalar C++ loop on the CPU that
+    cost lenet's step about a tenth of its time (BENCHMARKS.md). `first_max_pool2d`
+    gives the same values and sends each gradient to the same input, and compiles to
+    plain elementwise code. Eager, F.max_pool2d's own kernels are the faster ones.
+    """
+    _, _, height, width = x.shape
+    tiles = stride in (None, kernel) and height % kernel == 0 and width % kernel == 0
+    if tiles and x.device.type == "cpu" and torch.compiler.is_compiling():
+        return first_max_pool2d(x, kernel)
+    return F.max_pool2d(x, kernel, stride)
+
+
+def first_max_pool2d(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool over non-overlapping kernel x kernel windows that tile x exactly.
+
+    Like F.max_pool2d, where a window's maximum occurs more than once (all-zero ReLU
+    outputs, often), the first in row-major order is the one picked, and the one whose
+    input gets the gradient.
+    """
+    n, channels, height, width = x.shape
+    rows, cols = height // kernel, width // kernel
+    windows = x.view(n, channels, rows, kernel, cols, kernel).transpose(3, 4)  # (N, C, H', W', k, k)
+    windows = windows.reshape(n, channels, rows, cols, kernel * kernel)  # (N, C, H', W', k*k), row-major
+    first_max = windows.argmax(dim=-1, keepdim=True)  # (N, C, H', W', 1): the first maximum's position
+    picked = torch.arange(kernel * kernel, device=x.device) == first_max  # (N, C, H', W', k*k), one True each
+    return torch.where(picked, windows, 0).sum(dim=-1)  # (N, C, H', W'); the gradient flows to `picked` only
 
 
 # Built once, here: building a module inside a compiled function breaks its graph.
