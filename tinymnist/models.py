@@ -126,10 +126,10 @@ class Network(nn.Module):
 def max_pool2d(x: torch.Tensor, kernel: int, stride: int | None = None) -> torch.Tensor:
     """F.max_pool2d; compiled for the CPU, the same numbers by a route that compiles well.
 
-    torch.compile turns F.max_pool2d's backward into a scalar C++ loop on the CPU that
-    cost lenet's step about a tenth of its time (BENCHMARKS.md). `first_max_pool2d`
-    gives the same values and sends each gradient to the same input, and compiles to
-    plain elementwise code. Eager, F.max_pool2d's own kernels are the faster ones.
+    torch.compile turns F.max_pool2d's backward into scalar C++ loops on the CPU, about
+    a third of lenet's compiled step. `first_max_pool2d` gives the same values, sends
+    each gradient to the same input and compiles to elementwise code: lenet's step took
+    10-26% less time (BENCHMARKS.md). Eager, F.max_pool2d's own kernels are faster.
     """
     _, _, height, width = x.shape
     tiles = stride in (None, kernel) and height % kernel == 0 and width % kernel == 0
