@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests.markers import needs_cpp_compiler
 from tests.test_train import Silent, random_mnist
 from tinymnist import graphs, models
 from tinymnist.config import recipe_config
@@ -18,7 +19,7 @@ def run_steps(step, params, opt_state, data, batches, lr):
     return graphs.clone_tree(params), graphs.clone_tree(opt_state), loss.clone()
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_cpp_compiler)], ids=["eager", "compiled"])
 def test_in_place_step_writes_what_the_pure_step_returns(compile):
     """lenet has no dropout, so both steps see identical arithmetic from identical inputs."""
     data = random_mnist(96, 1)

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from tests.markers import needs_cpp_compiler
 from tinymnist import models, shapes
 from tinymnist.errors import TinyMnistError
 
@@ -269,6 +270,7 @@ def test_the_flatten_sizes_are_derived():
     assert models.TEMPLATES["lenet"].fc1.in_features == 400
 
 
+@needs_cpp_compiler
 def test_compiled_train_step_has_no_graph_break():
     """What train.py compiles: grad of a dropout loss through apply, as one graph (fullgraph=True)."""
     params, x, y = models.init_params("cnn", 0), images(8), torch.arange(8)
@@ -308,25 +310,34 @@ def test_first_max_pool2d_equals_max_pool2d_in_values_and_gradient(kernel, sizes
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0)
 
 
-def test_compiled_lenet_pools_like_max_pool2d(monkeypatch):
-    """Compiled on the CPU, models.max_pool2d takes the first_max_pool2d route: lenet's
-    gradient must still be the eager one, on ReLU outputs full of tied zeros."""
+@needs_cpp_compiler
+def test_compiled_max_pool2d_routes_values_and_gradients_like_max_pool2d(monkeypatch):
+    """Compiled for the CPU, models.max_pool2d takes the first_max_pool2d route where the
+    windows tile the input, and F.max_pool2d's elsewhere; either way the values and the
+    input each gradient reaches are F.max_pool2d's, on inputs full of tied maxima."""
     routed = []
 
     def first_max_pool2d(x, kernel):
-        routed.append(kernel)
+        routed.append(tuple(x.shape))
         return models_first_max_pool2d(x, kernel)
 
     models_first_max_pool2d = models.first_max_pool2d
     monkeypatch.setattr(models, "first_max_pool2d", first_max_pool2d)
-    params = models.init_params("lenet", seed=0)
-    x = torch.rand(8, 1, 28, 28).round()  # (8, 1, 28, 28) of 0s and 1s: many tied maxima
-
-    def loss(params):
-        return models.apply("lenet", params, x).logsumexp(dim=1).sum()
-
-    eager = torch.func.grad(loss)(params)
-    assert routed == []  # eager runs F.max_pool2d
-    compiled = torch.compile(torch.func.grad(loss), fullgraph=True)(params)
-    assert routed == [2, 2]  # both of lenet's pools, traced once
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    for shape, kernel, stride, takes_route in [
+        ((4, 3, 8, 6), 2, None, True),
+        ((2, 2, 9, 9), 3, 3, True),
+        ((2, 2, 7, 6), 2, None, False),  # 7 rows: the last is dropped, as F.max_pool2d does
+        ((2, 2, 8, 8), 3, 2, False),  # overlapping windows
+    ]:
+        routed.clear()
+        x = torch.randint(0, 3, shape, generator=generator).float()  # (N, C, H, W) of 0, 1, 2: ties everywhere
+        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        pooled = torch.compile(models.max_pool2d, fullgraph=True, dynamic=False)(ours, kernel, stride)
+        expected = F.max_pool2d(theirs, kernel, stride)
+        assert bool(routed) == takes_route, shape
+        torch.testing.assert_close(pooled, expected, rtol=0, atol=0)
+        upstream = torch.randn(expected.shape, generator=generator)  # (N, C, H', W')
+        (pooled * upstream).sum().backward()
+        (expected * upstream).sum().backward()
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0)

@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.markers import needs_cpp_compiler
 from tinymnist import graphs, optim
 from tinymnist.errors import TinyMnistError
 from tinymnist.reference import TORCH_OPTIMIZERS  # the oracle: our name -> torch.optim class
@@ -297,6 +298,7 @@ def test_step_lr_rejects_a_zero_step_size():
         optim.step_lr(1.0, 3, 0, 0.7)
 
 
+@needs_cpp_compiler
 @pytest.mark.parametrize("name", list(FULLY_LOADED))
 def test_compiled_update_matches_eager_and_never_recompiles(name):
     torch._dynamo.reset()

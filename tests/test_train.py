@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.markers import needs_cpp_compiler
 from tinymnist import models
 from tinymnist.config import recipe_config
 from tinymnist.data import MNIST
@@ -110,6 +111,7 @@ def test_fit_logs_at_the_interval_and_evaluates_every_epoch():
     assert reporter.records[0]["train_loss"] is None and reporter.records[2]["train_loss"] > 0
 
 
+@needs_cpp_compiler
 def test_compiled_step_never_recompiles_and_agrees_with_eager():
     """mlp3's batch of 15 makes every other batch row a misaligned view, and the lr changes
     every epoch: neither may recompile. Compiled and eager runs end with the same params."""
@@ -127,7 +129,7 @@ def test_compiled_step_never_recompiles_and_agrees_with_eager():
 
 
 @pytest.mark.parametrize(("model", "batch_size", "micro_batch"), [("mlp3", 15, 4), ("lenet", 64, 16)])
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_cpp_compiler)], ids=["eager", "compiled"])
 def test_micro_batches_give_the_whole_batch_gradient(model, batch_size, micro_batch, compile):
     """Chunks of 4 (4+4+4+3 for 15 images) or 16, weighted by their share: the same step as one pass.
     Plain SGD, whose update is linear in the gradient: Adam's first step is about

@@ -78,7 +78,7 @@ def train(
     compile: bool | None = typer.Option(
         None,
         "--compile/--no-compile",
-        help="torch.compile the step [default: on for CUDA and CPU, where it measured faster; off on MPS].",
+        help="torch.compile the step [default: on for CUDA and for a CPU with a C++ compiler; off on MPS].",
     ),
     micro_batch: int | None = typer.Option(
         None, help="Compute each step's gradient in chunks of this many images; 0: whole batch [default: 256 on CPU]."
@@ -119,7 +119,7 @@ def train(
     if config.compile:
         check_compilable(dev)
     elif config.compile is None and dev.type == "cpu" and cpu_compiler() is None:
-        print("tinymnist: no C++ compiler here, so the step runs eager; install g++ to compile it", file=sys.stderr)
+        print("tinymnist: no C++ compiler here, so the step runs eager; install one to compile it", file=sys.stderr)
     if config.save_model:
         checkpoint.check_writable(Path(config.save_model))
     mnist = load_data(Path(config.data_dir), dev, config.download)

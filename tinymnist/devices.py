@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-
 import torch
-import torch._inductor.config as inductor_config
 
 from tinymnist.errors import TinyMnistError
 
@@ -42,22 +39,26 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_compiler() -> str | None:
-    """The C++ compiler torch.compile would build CPU kernels with, if one is installed.
+    """The C++ compiler torch.compile builds CPU kernels with, or None where it finds none.
 
-    Inductor tries the names in its config (`$CXX` at import, else g++; clang++ on
-    macOS) and fails with a long traceback on the first step when none runs.
+    Asked of inductor itself ($CXX, else g++; clang++ on macOS), which otherwise fails
+    with a long traceback on the first compiled step. Imported here, not at the top:
+    inductor takes most of a second to import, and `tinymnist info` never needs it.
     """
-    candidates = [name for name in inductor_config.cpp.cxx if name]  # None: a conda download we never ask for
-    return next((name for name in candidates if shutil.which(name)), None)
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        return cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return None
 
 
 def check_compilable(device: torch.device) -> None:
     """Raise the one-line error for compiling on a CPU that has no C++ compiler."""
     if device.type == "cpu" and cpu_compiler() is None:
-        names = " or ".join(name for name in inductor_config.cpp.cxx if name)
         raise TinyMnistError(
-            f"--compile on the CPU needs a C++ compiler ({names}) and none is installed; "
-            "install one (e.g. apt install g++) or pass --no-compile"
+            "torch.compile on the CPU needs a C++ compiler ($CXX, g++ or clang++) and finds none; "
+            "install one or pass --no-compile"
         )
 
 

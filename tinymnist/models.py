@@ -129,10 +129,11 @@ def max_pool2d(x: torch.Tensor, kernel: int, stride: int | None = None) -> torch
     torch.compile turns F.max_pool2d's backward into scalar C++ loops on the CPU, about
     a third of lenet's compiled step. `first_max_pool2d` gives the same values, sends
     each gradient to the same input and compiles to elementwise code: lenet's step took
-    10-26% less time (BENCHMARKS.md). Eager, F.max_pool2d's own kernels are faster.
+    9-26% less time (BENCHMARKS.md). Eager, F.max_pool2d's own kernels are faster.
+    (`is_compiling` is true under any torch.compile backend and torch.export too.)
     """
-    _, _, height, width = x.shape
-    tiles = stride in (None, kernel) and height % kernel == 0 and width % kernel == 0
+    height, width = x.shape[-2:]
+    tiles = x.dim() == 4 and stride in (None, kernel) and height % kernel == 0 and width % kernel == 0
     if tiles and x.device.type == "cpu" and torch.compiler.is_compiling():
         return first_max_pool2d(x, kernel)
     return F.max_pool2d(x, kernel, stride)
@@ -143,7 +144,9 @@ def first_max_pool2d(x: torch.Tensor, kernel: int) -> torch.Tensor:
 
     Like F.max_pool2d, where a window's maximum occurs more than once (all-zero ReLU
     outputs, often), the first in row-major order is the one picked, and the one whose
-    input gets the gradient.
+    input gets the gradient. Two differences no training run meets: a window whose
+    maximum is -0.0 pools to +0.0, and of several NaNs the first gets the gradient
+    (F.max_pool2d: the last).
     """
     n, channels, height, width = x.shape
     rows, cols = height // kernel, width // kernel
