@@ -240,11 +240,15 @@ def test_checkpoints_from_before_micro_batches_and_cuda_graphs_still_load(tiny_s
 
 
 @pytest.fixture
-def no_cpp_compiler(monkeypatch):
-    """A machine where none of the C++ compilers torch.compile looks for is installed."""
+def no_cpp_compiler():
+    """A machine where none of the C++ compilers torch.compile looks for is installed.
+
+    inductor's own `config.patch` restores the option on exit; monkeypatch would delete
+    it (inductor's config module has no real attributes) and break every later compile."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-c++-compiler")}):
+        yield
 
 
 def test_compile_without_a_cpp_compiler_is_a_one_line_error(tiny_split, no_cpp_compiler):
