@@ -1,0 +1,26 @@
+"""The `tinymnist` console script (and `python -m tinymnist`): signals first, then torch.
+
+Importing torch and the CLI takes seconds. A Ctrl-C in those seconds would end in a
+traceback from deep inside torch, so the signal handlers go in first and the heavy
+imports happen inside `main`, where an interrupt becomes one line and exit 130 (143
+for SIGTERM). This file and `tinymnist/__init__.py` must stay free of heavy imports.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tinymnist import interrupts
+
+
+def main() -> None:
+    interrupts.install()
+    try:
+        from tinymnist.cli import main as cli_main  # imports torch
+
+        cli_main()
+    except KeyboardInterrupt as e:  # during the imports: each command reports its own
+        by = " by SIGTERM" if isinstance(e, interrupts.Terminated) else ""
+        print(f"tinymnist: interrupted{by}", file=sys.stderr)
+        sys.exit(interrupts.exit_code(e))
+
