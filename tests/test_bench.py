@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from tests.test_cli import run
-from tinymnist import models
+from tests.helpers import run
+from tinymnist import models, optim
 from tinymnist.config import recipe_config
-from tinymnist.train import make_optimizer, make_step
+from tinymnist.train import make_gradient, make_step
 
 pytest.importorskip("PIL", reason="the reference loop needs pillow (pip install 'tinymnist[bench]')")
 
@@ -49,8 +49,8 @@ def test_reference_loop_trains_like_our_step(model):
     params = models.init_params(model, 0)
     net, ref_loss = next(reference_loop(config, params, images, labels, torch.device("cpu")))
 
-    optimizer = make_optimizer(config)
-    step = make_step(config, optimizer, compile=False)
+    optimizer = optim.OPTIMIZERS[config.optimizer]()
+    step = make_step(make_gradient(config), optimizer)
     new_params, _, loss = step(
         params, optimizer.init(params), images, labels, torch.arange(32), torch.tensor(config.lr)
     )

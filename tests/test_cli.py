@@ -9,34 +9,12 @@ import sys
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from tests.markers import needs_cpp_compiler
+from tests.helpers import assert_user_error, needs_cpp_compiler, needs_cuda, run, train_args
 from tinymnist import checkpoint
-from tinymnist.cli import app
 
 TEST_LINE = re.compile(r"Test set: Average loss: (\d+\.\d{4}), Accuracy: (\d+)/(\d+) \((\d+)%\)")
 TRAIN_LINE = re.compile(r"Train Epoch: (\d+) \[(\d+)/(\d+) \((\d+)%\)\]\tLoss: (\d+\.\d{6})")
-
-
-def run(*args):
-    """Run the CLI in-process; output is not a terminal, so it prints pytorch/examples lines."""
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def train_args(data_dir, *extra):
-    return ["train", "--data-dir", data_dir, "--no-download", "--device", "cpu", "--no-compile", *extra]
-
-
-def assert_user_error(result, *fragments):
-    """Exit 2, one line on stderr naming the problem, no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tinymnist: error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert "Traceback" not in result.output
-    assert isinstance(result.exception, SystemExit)
 
 
 def test_dry_run_does_one_step_and_one_evaluation(tiny_split, tmp_path):
@@ -47,6 +25,13 @@ def test_dry_run_does_one_step_and_one_evaluation(tiny_split, tmp_path):
     assert len(TEST_LINE.findall(result.stdout)) == 1
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1]
+
+
+def test_dry_run_saves_no_checkpoint(tiny_split, tmp_path):
+    """One step is not a completed epoch: a checkpoint of it would claim what never happened."""
+    ckpt = tmp_path / "m.pt"
+    assert run(*train_args(tiny_split, "--model", "mlp", "--dry-run", "--save-model", ckpt)).exit_code == 0
+    assert not ckpt.exists()
 
 
 def test_metrics_agree_with_the_printed_lines_and_eval_reproduces_them(tiny_split, tmp_path):
@@ -140,20 +125,20 @@ def test_corrupt_and_mismatched_checkpoints_are_user_errors(tiny_split, tmp_path
     assert_user_error(run("eval", garbage, "--data-dir", tiny_split, "--no-download"), "garbage.pt")
 
     good = tmp_path / "mlp.pt"
-    assert run(*train_args(tiny_split, "--model", "mlp", "--dry-run", "--save-model", good)).exit_code == 0
+    assert run(*train_args(tiny_split, "--model", "mlp", "--epochs", 1, "--save-model", good)).exit_code == 0
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:-100])
     assert_user_error(run(*train_args(tiny_split, "--resume", truncated)), "truncated.pt")
-    assert_user_error(run(*train_args(tiny_split, "--resume", good, "--model", "cnn")), "--model cnn", "mlp")
+    assert_user_error(run(*train_args(tiny_split, "--resume", good, "--model", "cnn", "--epochs", 2)), "--model cnn", "mlp")
 
     payload = torch.load(good, weights_only=True)
     payload["params"]["fc1.weight"] = torch.zeros(3, 3)
     torch.save(payload, tmp_path / "wrong_shape.pt")
-    assert_user_error(run(*train_args(tiny_split, "--resume", tmp_path / "wrong_shape.pt")), "do not match")
+    assert_user_error(run(*train_args(tiny_split, "--resume", tmp_path / "wrong_shape.pt", "--epochs", 2)), "do not match")
 
     del payload["rng"]
     torch.save(payload, tmp_path / "no_rng.pt")
-    assert_user_error(run(*train_args(tiny_split, "--resume", tmp_path / "no_rng.pt")), "lacks rng")
+    assert_user_error(run(*train_args(tiny_split, "--resume", tmp_path / "no_rng.pt", "--epochs", 2)), "lacks rng")
 
 
 def test_non_finite_loss_stops_naming_the_epoch_and_keeps_the_last_good_checkpoint(tiny_split, tmp_path):
@@ -162,8 +147,13 @@ def test_non_finite_loss_stops_naming_the_epoch_and_keeps_the_last_good_checkpoi
     args = ("--model", "mlp", "--optimizer", "sgd", "--lr", "0.01", "--gamma", "1e30", "--epochs", 3)
     result = run(*train_args(tiny_split, *args, "--save-model", ckpt))
     assert_user_error(result, "epoch 2", "lower --lr")
+    assert "epoch 1 is kept" in result.stderr
     _, state = checkpoint.load(ckpt, torch.device("cpu"))
     assert state.epoch == 1 and all(torch.isfinite(p).all() for p in state.params.values())
+
+    unsaved = run(*train_args(tiny_split, *args))  # no --save-model: no claim that something is kept
+    assert_user_error(unsaved, "epoch 2")
+    assert "kept" not in unsaved.stderr
 
 
 def test_ctrl_c_saves_the_last_epoch_and_exits_130(tiny_split, tmp_path):
@@ -202,7 +192,7 @@ def test_python_dash_m_and_help_mention_the_compile_default():
     assert "--compile" in result.stdout and "--save-model" in result.stdout
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 def test_cuda_dry_run_compiled(tiny_split):
     result = run("train", "--data-dir", tiny_split, "--no-download", "--device", "cuda", "--compile", "--dry-run")
     assert result.exit_code == 0, result.output
@@ -210,7 +200,7 @@ def test_cuda_dry_run_compiled(tiny_split):
 
 
 def test_tf32_matmuls_are_switched_on_for_cuda_only():
-    from tinymnist.devices import use_tf32_matmuls
+    from tinymnist.transforms import use_tf32_matmuls
 
     torch.backends.cuda.matmul.allow_tf32 = False  # conftest restores the setting afterwards
     use_tf32_matmuls(torch.device("cpu"))
@@ -230,7 +220,7 @@ def test_checkpoints_from_before_micro_batches_and_cuda_graphs_still_load(tiny_s
     evaluated = run("eval", ckpt, "--data-dir", tiny_split, "--no-download", "--device", "cpu", "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["epoch"] == 1
-    resumed = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", "2"))
+    resumed = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", "2", "--save-model", ckpt))
     assert resumed.exit_code == 0, resumed.output
     assert "after 2 epochs" in resumed.stdout
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from tests.markers import needs_cpp_compiler
+from tests.helpers import needs_cpp_compiler
 from tinymnist import models, shapes
 from tinymnist.errors import TinyMnistError
 

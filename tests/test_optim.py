@@ -16,8 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.markers import needs_cpp_compiler
-from tinymnist import graphs, optim
+from tests.helpers import needs_cpp_compiler
+from tinymnist import optim, trees
 from tinymnist.errors import TinyMnistError
 from tinymnist.reference import TORCH_OPTIMIZERS  # the oracle: our name -> torch.optim class
 
@@ -220,7 +220,7 @@ def test_update_never_modifies_its_inputs(name):
     state = opt.init(params)
     for _ in range(3):  # the first update and later ones take different paths (SGD's buffer)
         grads, lr = random_like(params, gen), torch.tensor(0.01)
-        before = graphs.clone_tree({"grads": grads, "state": state, "params": params, "lr": {"lr": lr}})
+        before = trees.tree_map(torch.clone, {"grads": grads, "state": state, "params": params, "lr": {"lr": lr}})
         new_params, new_state = opt.update(grads, state, params, lr)
         after = {"grads": grads, "state": state, "params": params, "lr": {"lr": lr}}
         torch.testing.assert_close(after, before, rtol=0, atol=0)

@@ -4,42 +4,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.markers import needs_cpp_compiler
-from tinymnist import models
+from tests.helpers import Silent, needs_cpp_compiler, random_mnist
+from tinymnist import models, optim
 from tinymnist.config import recipe_config
-from tinymnist.data import MNIST
-from tinymnist.train import epoch_batches, evaluate, fit, initial_state, make_optimizer, make_step, scale_images
+from tinymnist.train import epoch_batches, evaluate, fit, initial_state, make_gradient, make_step, scale_images
+from tinymnist.transforms import compiled, micro_batched
+
+CPU = torch.device("cpu")
 
 
-class Silent:
-    """A reporter that keeps what it is told instead of printing it."""
-
-    def __init__(self):
-        self.records, self.logged_steps = [], []
-
-    def epoch_started(self, epoch, steps, lr):
-        pass
-
-    def logged(self, epoch, step, images_seen, n_train, loss):
-        self.logged_steps.append((epoch, step))
-
-    def evaluated(self, record):
-        self.records.append(record)
-
-    def epoch_ended(self, state):
-        pass
+def optimizer_of(config):
+    return optim.OPTIMIZERS[config.optimizer]()
 
 
-def random_mnist(n_train: int, n_test: int, seed: int = 0) -> MNIST:
-    g = torch.Generator().manual_seed(seed)
-    images = lambda n: torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)  # noqa: E731
-    labels = lambda n: torch.randint(0, 10, (n,), generator=g)  # noqa: E731
-    return MNIST(images(n_train), labels(n_train), images(n_test), labels(n_test))
+def plain_step(config, optimizer):
+    return make_step(make_gradient(config), optimizer)
 
 
 def test_epoch_batches_cover_every_image_once_with_a_fixed_shape():
-    torch.manual_seed(0)
-    batches = epoch_batches(1000, 64, torch.device("cpu"))
+    batches = epoch_batches(1000, 64, torch.Generator().manual_seed(0), CPU)
     assert batches.shape == (16, 64)  # ceil(1000 / 64) steps, all full
     first_pass = batches.flatten()[:1000]
     assert torch.equal(first_pass.sort().values, torch.arange(1000))  # each image exactly once
@@ -49,12 +32,19 @@ def test_epoch_batches_cover_every_image_once_with_a_fixed_shape():
 
 
 def test_epoch_batches_are_seeded_and_differ_between_epochs():
-    torch.manual_seed(5)
-    a1, a2 = epoch_batches(300, 30, torch.device("cpu")), epoch_batches(300, 30, torch.device("cpu"))
-    torch.manual_seed(5)
-    b1 = epoch_batches(300, 30, torch.device("cpu"))
+    shuffle = torch.Generator().manual_seed(5)
+    a1, a2 = epoch_batches(300, 30, shuffle, CPU), epoch_batches(300, 30, shuffle, CPU)
+    b1 = epoch_batches(300, 30, torch.Generator().manual_seed(5), CPU)
     assert torch.equal(a1, b1)
     assert not torch.equal(a1, a2)
+
+
+def test_epoch_batches_leave_the_global_generator_alone():
+    """Shuffling has its own generator, so dropout's stream does not depend on the data order."""
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    epoch_batches(300, 32, torch.Generator().manual_seed(0), CPU)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_scale_images_follows_the_recipe():
@@ -82,9 +72,9 @@ def test_eager_step_matches_a_torch_optim_step():
     """One step of ours equals nn.Module + loss.backward() + torch.optim.Adam on the same batch."""
     data = random_mnist(64, 1)
     config = recipe_config("mlp")
-    optimizer = make_optimizer(config)
+    optimizer = optimizer_of(config)
     params = models.init_params("mlp", 0)
-    step = make_step(config, optimizer, compile=False)
+    step = plain_step(config, optimizer)
     lr = torch.tensor(config.lr)
     new_params, _, loss = step(
         params, optimizer.init(params), data.train_images, data.train_labels, torch.arange(64), lr
@@ -104,11 +94,16 @@ def test_eager_step_matches_a_torch_optim_step():
 def test_fit_logs_at_the_interval_and_evaluates_every_epoch():
     data = random_mnist(100, 50)
     config = recipe_config("mlp", batch_size=16, epochs=2, log_interval=3, compile=False)  # 7 steps an epoch
-    reporter = Silent()
-    fit(config, data, torch.device("cpu"), reporter, initial_state(config, make_optimizer(config), torch.device("cpu")))
+    reporter, ended = Silent(), []
+    optimizer = optimizer_of(config)
+    result = fit(config, data, initial_state(config, optimizer, CPU), plain_step(config, optimizer), reporter,
+                 on_epoch_end=ended.append)  # fmt: skip
     assert reporter.logged_steps == [(1, 3), (1, 6), (1, 7), (2, 3), (2, 6), (2, 7)]
+    assert reporter.compiling == [True, False]  # the first step of a run is the one that compiles
     assert [r["epoch"] for r in reporter.records] == [0, 1, 2]  # the untrained network first
     assert reporter.records[0]["train_loss"] is None and reporter.records[2]["train_loss"] > 0
+    assert result.records == reporter.records and result.state.epoch == 2
+    assert [s.epoch for s in ended] == [1, 2] and ended[-1] is result.state
 
 
 @needs_cpp_compiler
@@ -116,14 +111,15 @@ def test_compiled_step_never_recompiles_and_agrees_with_eager():
     """mlp3's batch of 15 makes every other batch row a misaligned view, and the lr changes
     every epoch: neither may recompile. Compiled and eager runs end with the same params."""
     data = random_mnist(150, 30)  # 10 steps of 15 an epoch
-    device = torch.device("cpu")
     finals = {}
     for compile in (False, True):
-        config = recipe_config("mlp3", epochs=3, gamma=0.5, compile=compile)
+        config = recipe_config("mlp3", epochs=3, gamma=0.5)
+        optimizer = optimizer_of(config)
+        step = compiled(plain_step(config, optimizer)) if compile else plain_step(config, optimizer)
         torch._dynamo.reset()
         with torch._dynamo.config.patch(error_on_recompile=True):
-            totals = fit(config, data, device, Silent(), initial_state(config, make_optimizer(config), device))
-        finals[compile] = totals["state"].params
+            result = fit(config, data, initial_state(config, optimizer, CPU), step, Silent())
+        finals[compile] = result.state.params
     for name in finals[False]:
         torch.testing.assert_close(finals[True][name], finals[False][name], rtol=1e-4, atol=1e-5)
 
@@ -136,11 +132,12 @@ def test_micro_batches_give_the_whole_batch_gradient(model, batch_size, micro_ba
     lr * sign(grad) and would amplify float rounding in near-zero gradients."""
     data = random_mnist(batch_size, 1)
     config = recipe_config(model, "sgd", batch_size=batch_size, lr=0.1)
-    optimizer = make_optimizer(config)
+    optimizer = optimizer_of(config)
     params = models.init_params(model, 0)
     args = (data.train_images, data.train_labels, torch.randperm(batch_size), torch.tensor(config.lr))
-    whole = make_step(config, optimizer, compile=False)(params, optimizer.init(params), *args)
-    chunked = make_step(config, optimizer, compile, micro_batch=micro_batch)(params, optimizer.init(params), *args)
+    whole = plain_step(config, optimizer)(params, optimizer.init(params), *args)
+    gradient = compiled(make_gradient(config)) if compile else make_gradient(config)
+    chunked = make_step(micro_batched(gradient, micro_batch), optimizer)(params, optimizer.init(params), *args)
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked[1], whole[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked[2], whole[2])

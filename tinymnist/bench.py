@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
-from tinymnist import data, models
+from tinymnist import data, models, optim
 from tinymnist.config import recipe_config
 from tinymnist.devices import synchronize
 from tinymnist.reference import reference_loop
-from tinymnist.train import device_step, epoch_batches, initial_state, make_optimizer
+from tinymnist.train import epoch_batches, initial_state
+from tinymnist.transforms import device_step
 
 MNIST_TRAIN_SIZE = 60_000
 
@@ -44,13 +49,15 @@ def our_steps(config, images, labels, device, compile: bool) -> Iterator:
 
     The step is the one `train` runs by default: on CUDA, compiled means compiled and
     replayed as a CUDA graph; on the CPU, large batches are split into micro-batches."""
-    state = initial_state(config, make_optimizer(config), device)
-    config = dataclasses.replace(config, cuda_graphs=compile)  # (b) eager is the plain eager step
-    step = device_step(config, make_optimizer(config), device, compile)
+    optimizer = optim.OPTIMIZERS[config.optimizer]()
+    state = initial_state(config, optimizer, device)
+    config = dataclasses.replace(config, compile=compile, cuda_graphs=compile)  # (b) eager is the plain eager step
+    step = device_step(config, optimizer, device)
     lr = torch.tensor(config.lr, device=device)
     params, opt_state = state.params, state.opt_state
+    shuffle = torch.Generator().manual_seed(config.seed)
     while True:
-        for batch_idx in epoch_batches(len(images), config.batch_size, device):  # (B,) each
+        for batch_idx in epoch_batches(len(images), config.batch_size, shuffle, device):  # (B,) each
             params, opt_state, loss = step(params, opt_state, images, labels, batch_idx, lr)
             yield params, loss
 
@@ -139,3 +146,25 @@ def run_bench(models_to_run, device, data_dir, window_images=4096, repeats=5, wa
             bench_model(m, images, labels, device, window_images, repeats, warmup, compile, log) for m in models_to_run
         ],
     }
+
+
+def print_report(report: dict, json_path: Path | None) -> None:
+    """The results as a table (every digit when the output is a log file); the raw dict as JSON."""
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    table = Table(title=f"{report['machine']}, torch {report['torch']}; data: {report['data']}")
+    for column in ("model", "batch", "ref img/s", "eager img/s", "compiled img/s",
+                   "eager/ref", "compiled/ref", "compile s", "peak MB"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in report["results"]:
+        compiled = r.get("compiled")
+        table.add_row(
+            r["model"], str(r["batch_size"]),
+            f"{r['reference']['images_per_second']:,.0f}", f"{r['eager']['images_per_second']:,.0f}",
+            f"{compiled['images_per_second']:,.0f}" if compiled else "-",
+            f"{r['eager_vs_reference']:.2f}x", f"{r['compiled_vs_reference']:.2f}x" if compiled else "-",
+            f"{compiled['first_step_seconds']:.1f}" if compiled else "-",
+            f"{max(v['peak_memory_mb'] for v in r.values() if isinstance(v, dict)):,.0f}",
+        )  # fmt: skip
+    console = Console()
+    (console if console.is_terminal else Console(width=120)).print(table)  # a log file gets every digit

@@ -1,7 +1,8 @@
-"""The seed recipes and the one frozen config a training run is described by.
+"""The tutorials' recipes and the one frozen config a training run is described by.
 
-Each model carries the recipe of the tutorial it comes from (../shared/DESIGN.md,
-"The seed recipes"); every CLI flag overrides one field of `TrainConfig`, 1:1.
+Each model carries the recipe of the tutorial it comes from (README.md, "The
+recipes"); every CLI flag overrides one field of `TrainConfig`, 1:1. `validate` is
+the one place that checks a config: for the CLI, for a checkpoint's stored config.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Recipe:
-    """A seed tutorial's hyperparameters: the defaults of `tinymnist train --model NAME`."""
+    """A tutorial's hyperparameters: the defaults of `tinymnist train --model NAME`."""
 
     optimizer: str
     lr: float
@@ -22,17 +23,17 @@ class Recipe:
     epochs: int
     mean: float  # input scaling: x = (pixel / 255 - mean) / std
     std: float
-    source: str  # the seed tutorial (../shared/seeds/) the numbers come from
+    tutorial: str  # where the numbers come from
 
 
 RECIPES: dict[str, Recipe] = {
     # torchvision's Normalize((0.5,), (0.5,)) maps 0..1 to -1..1.
-    "mlp": Recipe("adam", 1e-3, 1.0, 64, 1000, 5, 0.5, 0.5, "000_c34cd4da58a30877.txt"),
+    "mlp": Recipe("adam", 1e-3, 1.0, 64, 1000, 5, 0.5, 0.5, "a PyTorch beginner's tutorial"),
     # ToTensor() alone: pixels in 0..1.
-    "mlp3": Recipe("adam", 1e-3, 1.0, 15, 1000, 2, 0.0, 1.0, "002_ea36810c15c201e9.txt"),
+    "mlp3": Recipe("adam", 1e-3, 1.0, 15, 1000, 2, 0.0, 1.0, "a \"zero to neural net\" tutorial"),
     # pytorch/examples mnist: MNIST's own pixel mean and standard deviation.
-    "cnn": Recipe("adadelta", 1.0, 0.7, 64, 1000, 14, 0.1307, 0.3081, "001_9c5f021c5c96d2c2.txt"),
-    "lenet": Recipe("rmsprop", 1e-3, 1.0, 8192, 8192, 50, 0.0, 1.0, "003_eace7280a9d12c4c.txt"),
+    "cnn": Recipe("adadelta", 1.0, 0.7, 64, 1000, 14, 0.1307, 0.3081, "pytorch/examples mnist/main.py"),
+    "lenet": Recipe("rmsprop", 1e-3, 1.0, 8192, 8192, 50, 0.0, 1.0, "a LeNet tutorial"),
 }
 
 # The learning rate an optimizer gets when --optimizer overrides the recipe's and
@@ -58,13 +59,13 @@ class TrainConfig:
     batch_size: int = 64  # training images per step; fixed, so the step compiles once
     test_batch_size: int = 1000  # images per evaluation chunk
     epochs: int = 14  # total epochs; a resumed run continues up to this number
-    seed: int = 1  # seeds parameter init, shuffling and dropout
+    seed: int = 1  # seeds parameter init, shuffling and dropout; 0 <= seed < 2**63
     log_interval: int = 10  # steps between log lines (and the only host syncs)
     dry_run: bool = False  # one step and one evaluation, to check the setup
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     compile: bool | None = None  # None: the faster choice for the device kind
     micro_batch: int | None = None  # images per gradient chunk; 0: whole batch; None: the device's default
-    cuda_graphs: bool = True  # on CUDA, replay each step as one CUDA graph (graphs.py)
+    cuda_graphs: bool = True  # on CUDA, replay each step as one CUDA graph (cuda_graph.py)
     data_dir: str = "data"
     download: bool = True  # fetch missing MNIST files before training
     save_model: str | None = None  # checkpoint path, rewritten at every epoch end
@@ -81,7 +82,7 @@ class TrainConfig:
 
 
 def recipe_config(model: str, optimizer: str | None = None, **overrides) -> TrainConfig:
-    """The config for `model` with its seed recipe as defaults; None overrides are ignored."""
+    """The config for `model` with its recipe as defaults; None overrides are ignored."""
     recipe = RECIPES[model]
     optimizer = optimizer or recipe.optimizer
     lr = (
@@ -100,26 +101,41 @@ def recipe_config(model: str, optimizer: str | None = None, **overrides) -> Trai
     return TrainConfig(**defaults)
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer; vmapped runs add to it
+
+
 def validate(config: TrainConfig) -> TrainConfig:
     """Raise a one-line TinyMnistError naming the flag for any value training cannot use."""
     from tinymnist.errors import TinyMnistError
 
-    positive = {
-        "--batch-size": config.batch_size,
-        "--test-batch-size": config.test_batch_size,
-        "--epochs": config.epochs,
-        "--lr": config.lr,
-        "--log-interval": config.log_interval,
-    }
-    for flag, value in positive.items():
-        if not value > 0:  # also catches NaN
-            raise TinyMnistError(f"{flag} must be positive, got {value}")
-    if config.micro_batch is not None and config.micro_batch < 0:
-        raise TinyMnistError(f"--micro-batch must be 0 (whole batch) or positive, got {config.micro_batch}")
-    if not config.gamma > 0:
-        raise TinyMnistError(f"--gamma must be positive, got {config.gamma}")
     if config.model not in RECIPES:
         raise TinyMnistError(f"--model {config.model!r} is unknown; choose one of {', '.join(RECIPES)}")
     if config.optimizer not in DEFAULT_LR:
         raise TinyMnistError(f"--optimizer {config.optimizer!r} is unknown; choose one of {', '.join(DEFAULT_LR)}")
+    numbers = {"--batch-size": config.batch_size, "--test-batch-size": config.test_batch_size,
+               "--epochs": config.epochs, "--log-interval": config.log_interval, "--seed": config.seed}  # fmt: skip
+    for flag, value in numbers.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TinyMnistError(f"{flag} must be a whole number, got {value!r}")
+    for flag, value in {"--lr": config.lr, "--gamma": config.gamma}.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TinyMnistError(f"{flag} must be a number, got {value!r}")
+    positive = {k: numbers[k] for k in ("--batch-size", "--test-batch-size", "--epochs", "--log-interval")}
+    for flag, value in {**positive, "--lr": config.lr, "--gamma": config.gamma}.items():
+        if not value > 0 or value == float("inf"):  # also catches NaN
+            raise TinyMnistError(f"{flag} must be positive and finite, got {value}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise TinyMnistError(f"--seed must be between 0 and 2**63-1, got {config.seed}")
+    if config.micro_batch is not None and (not isinstance(config.micro_batch, int) or config.micro_batch < 0):
+        raise TinyMnistError(f"--micro-batch must be 0 (whole batch) or positive, got {config.micro_batch}")
     return config
+
+
+def check_batch_fits(config: TrainConfig, n_train: int) -> None:
+    """A batch larger than the training set has no epoch to shuffle into: say so before training."""
+    from tinymnist.errors import TinyMnistError
+
+    if config.batch_size > n_train:
+        raise TinyMnistError(
+            f"--batch-size {config.batch_size} is more than the {n_train} training images; use at most {n_train}"
+        )

@@ -62,13 +62,6 @@ def check_compilable(device: torch.device) -> None:
         )
 
 
-def use_tf32_matmuls(device: torch.device) -> None:
-    """On CUDA, let float32 matrix products use TF32 tensor cores, as cuDNN's convolutions
-    already do by default: the cnn epoch measured 9% faster on an H200 (BENCHMARKS.md)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so that wall-clock timings measure finished work."""
     if device.type == "cuda":

@@ -1,4 +1,4 @@
-"""The loop the seed tutorials run, kept only as the benchmark's baseline.
+"""The loop the tutorials run, kept only as the benchmark's baseline.
 
 This is what `torchvision.datasets.MNIST` + `DataLoader` + an `nn.Module` +
 `torch.optim` + `loss.backward()` do per step, rebuilt without torchvision: every
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tinymnist import models
 from tinymnist.config import TrainConfig
 from tinymnist.errors import TinyMnistError
-from tinymnist.train import recipe_loss
+from tinymnist.train import loss_function
 
 TORCH_OPTIMIZERS = {
     "sgd": torch.optim.SGD,
@@ -63,7 +63,7 @@ def reference_loop(config: TrainConfig, params: dict, images, labels, device: to
     net = copy.deepcopy(models.TEMPLATES[config.model]).to_empty(device=device)  # a stateful module
     net.load_state_dict(params)
     optimizer = TORCH_OPTIMIZERS[config.optimizer](net.parameters(), lr=config.lr)
-    loss_fn = recipe_loss(config.model)
+    loss_fn = loss_function(config.model)
     while True:
         for x, y in loader:
             x, y = x.to(device), y.to(device)

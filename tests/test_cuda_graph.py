@@ -1,22 +1,29 @@
-"""graphs.py: the in-place step (any device) and the CUDA-graph replay (CUDA only)."""
+"""cuda_graph.py: the in-place step (any device) and the CUDA-graph replay (CUDA only)."""
 
 import pytest
 import torch
 
-from tests.markers import needs_cpp_compiler
-from tests.test_train import Silent, random_mnist
-from tinymnist import graphs, models
+from tests.helpers import Silent, needs_cpp_compiler, needs_cuda, random_mnist
+from tinymnist import cuda_graph, models, optim
 from tinymnist.config import recipe_config
-from tinymnist.train import fit, initial_state, make_optimizer, make_step
+from tinymnist.train import fit, initial_state, make_gradient, make_step
+from tinymnist.transforms import compiled, device_step
+from tinymnist.trees import tree_map
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def optimizer_of(config):
+    return optim.OPTIMIZERS[config.optimizer]()
+
+
+def clone(tree):
+    return tree_map(torch.clone, tree)
 
 
 def run_steps(step, params, opt_state, data, batches, lr):
     """Call `step` once per batch row; return clones of the final params and state."""
     for batch_idx in batches:
         params, opt_state, loss = step(params, opt_state, data.train_images, data.train_labels, batch_idx, lr)
-    return graphs.clone_tree(params), graphs.clone_tree(opt_state), loss.clone()
+    return clone(params), clone(opt_state), loss.clone()
 
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_cpp_compiler)], ids=["eager", "compiled"])
@@ -24,19 +31,19 @@ def test_in_place_step_writes_what_the_pure_step_returns(compile):
     """lenet has no dropout, so both steps see identical arithmetic from identical inputs."""
     data = random_mnist(96, 1)
     config = recipe_config("lenet", batch_size=32)
-    optimizer = make_optimizer(config)
+    optimizer = optimizer_of(config)
     params = models.init_params("lenet", 0)
     opt_state = optimizer.init(params)
     batch_idx, lr = torch.arange(32), torch.tensor(0.01)
-    pure = make_step(config, optimizer, compile)
-    expected_params, expected_state, expected_loss = pure(
+    pure = make_step(make_gradient(config), optimizer)
+    expected_params, expected_state, expected_loss = (compiled(pure) if compile else pure)(
         params, opt_state, data.train_images, data.train_labels, batch_idx, lr
     )
 
-    update = graphs.in_place(make_step(config, optimizer, compile=False))
+    update = cuda_graph.in_place(pure)
     if compile:
-        update = torch.compile(update, fullgraph=True, dynamic=False)
-    buffers = graphs.clone_tree(params), graphs.clone_tree(opt_state)
+        update = compiled(update)
+    buffers = clone(params), clone(opt_state)
     addresses = [p.data_ptr() for p in buffers[0].values()]
     loss = update(*buffers, data.train_images, data.train_labels, batch_idx, lr)
     assert [p.data_ptr() for p in buffers[0].values()] == addresses  # written in place
@@ -54,16 +61,15 @@ def test_graphed_step_trains_like_the_plain_step(model, compile):
     cnn runs eager both ways: its dropout masks come from the same CUDA generator
     offsets with or without a graph (compiled code draws its masks differently)."""
     device = torch.device("cuda")
-    data = random_mnist(320, 1)
-    data = type(data)(*(t.to(device) for t in data))
-    config = recipe_config(model, batch_size=64)
-    optimizer = make_optimizer(config)
+    data = random_mnist(320, 1, device=device)
+    config = recipe_config(model, batch_size=64, compile=compile)
+    optimizer = optimizer_of(config)
     batches = torch.randperm(320, device=device).view(5, 64)  # (5, 64)
     lr = torch.tensor(config.lr, device=device)
     finals = {}
     for graphed in (False, True):
         state = initial_state(config, optimizer, device)  # also reseeds the CUDA generator
-        step = make_step(config, optimizer, compile, cuda_graph=graphed)
+        step = device_step(config.__class__(**{**config.to_dict(), "cuda_graphs": graphed}), optimizer, device)
         finals[graphed] = run_steps(step, state.params, state.opt_state, data, batches, lr)
     torch.testing.assert_close(finals[True][0], finals[False][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(finals[True][1], finals[False][1], rtol=1e-4, atol=1e-5)
@@ -73,13 +79,13 @@ def test_graphed_step_trains_like_the_plain_step(model, compile):
 @needs_cuda
 def test_graphed_step_leaves_the_callers_tensors_alone_and_refuses_other_data():
     device = torch.device("cuda")
-    data = random_mnist(128, 1)
-    data = type(data)(*(t.to(device) for t in data))
-    config = recipe_config("mlp")
-    optimizer = make_optimizer(config)
+    data = random_mnist(128, 1, device=device)
+    config = recipe_config("mlp", compile=False)
+    optimizer = optimizer_of(config)
     state = initial_state(config, optimizer, device)
-    before = graphs.clone_tree(state.params)
-    step = make_step(config, optimizer, compile=False, cuda_graph=True)
+    before = clone(state.params)
+    step = device_step(config, optimizer, device)
+    assert isinstance(step, cuda_graph.GraphedStep)
     batch_idx, lr = torch.arange(64, device=device), torch.tensor(config.lr, device=device)
     params, _, _ = step(state.params, state.opt_state, data.train_images, data.train_labels, batch_idx, lr)
     torch.testing.assert_close(state.params, before, rtol=0, atol=0)  # the recording worked on copies
@@ -92,19 +98,14 @@ def test_graphed_step_leaves_the_callers_tensors_alone_and_refuses_other_data():
 def test_fit_on_cuda_keeps_each_epochs_state_apart():
     """Each epoch's TrainState is a snapshot, not the graph's buffers that the next epoch overwrites."""
     device = torch.device("cuda")
-    data = random_mnist(256, 64)
-    data = type(data)(*(t.to(device) for t in data))
-
-    class KeepStates(Silent):
-        states: list
-
-        def epoch_ended(self, state):
-            self.states = [*getattr(self, "states", []), (state, graphs.clone_tree(state.params))]
-
+    data = random_mnist(256, 64, device=device)
+    states = []
     config = recipe_config("cnn", epochs=2)
-    reporter = KeepStates()
-    totals = fit(config, data, device, reporter, initial_state(config, make_optimizer(config), device))
-    assert totals["cuda_graph"] and totals["compiled"]
-    (first, first_copy), (second, _) = reporter.states
+    optimizer = optimizer_of(config)
+    step = device_step(config, optimizer, device)
+    assert isinstance(step, cuda_graph.GraphedStep)
+    fit(config, data, initial_state(config, optimizer, device), step, Silent(),
+        on_epoch_end=lambda state: states.append((state, clone(state.params))))  # fmt: skip
+    (first, first_copy), (second, _) = states
     torch.testing.assert_close(first.params, first_copy, rtol=0, atol=0)  # epoch 2 did not write into epoch 1's state
     assert not torch.equal(first.params["fc1.weight"], second.params["fc1.weight"])

@@ -1,4 +1,4 @@
-"""CUDA only: replay the training step as one CUDA graph instead of launching its kernels.
+"""A transform, CUDA only: replay the training step as one CUDA graph instead of launching its kernels.
 
 A cnn step at batch 64 is a few dozen small kernels; on a fast GPU each finishes before
 the CPU has launched the next, so the epoch is bound by launches, not arithmetic. A
@@ -17,22 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-Tree = dict  # a nested dict of tensors: params or optimizer state
+from tinymnist.trees import copy_into, tree_map
 
 WARMUP_STEPS = 3  # run before recording, on scratch copies: compiles, autotunes, allocates workspaces
-
-
-def clone_tree(tree: Tree) -> Tree:
-    return {k: clone_tree(v) if isinstance(v, dict) else v.clone() for k, v in tree.items()}
-
-
-def copy_tree_(target: Tree, source: Tree) -> None:
-    """Write `source`'s values into `target`'s tensors, which keep their addresses."""
-    for k, v in source.items():
-        if isinstance(v, dict):
-            copy_tree_(target[k], v)
-        else:
-            target[k].copy_(v)
 
 
 def in_place(step: Callable) -> Callable:
@@ -41,8 +28,8 @@ def in_place(step: Callable) -> Callable:
 
     def step_in_place(params, opt_state, images, labels, batch_idx, lr):
         new_params, new_state, loss = step(params, opt_state, images, labels, batch_idx, lr)
-        copy_tree_(params, new_params)
-        copy_tree_(opt_state, new_state)
+        copy_into(params, new_params)
+        copy_into(opt_state, new_state)
         return loss
 
     return step_in_place
@@ -52,10 +39,12 @@ class GraphedStep:
     """A drop-in for the compiled step on CUDA: same arguments, same results, one launch.
 
     The first call records the graph. What it returns are the graph's own buffers,
-    valid until the next call overwrites them: keep a copy (clone_tree) of anything
-    that must outlive a step, as `fit` does at each epoch's end. Passing other params
+    valid until the next call overwrites them (`returns_buffers`): keep a copy of
+    anything that must outlive a step, as `fit` does at each epoch's end. Passing other params
     or state than the ones last returned (a resumed checkpoint, say) copies them in.
     """
+
+    returns_buffers = True
 
     def __init__(self, step: Callable, compile: bool):
         update = in_place(step)
@@ -68,9 +57,9 @@ class GraphedStep:
         if images.data_ptr() != self.images.data_ptr() or labels.data_ptr() != self.labels.data_ptr():
             raise ValueError("a GraphedStep trains on the images and labels it was recorded with")
         if params is not self.params:
-            copy_tree_(self.params, params)
+            copy_into(self.params, params)
         if opt_state is not self.opt_state:
-            copy_tree_(self.opt_state, opt_state)
+            copy_into(self.opt_state, opt_state)
         self.batch_idx.copy_(batch_idx)  # (B,)
         self.lr.copy_(lr)
         self.graph.replay()
@@ -79,11 +68,11 @@ class GraphedStep:
     def _record(self, params, opt_state, images, labels, batch_idx, lr) -> None:
         device = images.device
         self.images, self.labels = images, labels  # the dataset, held once: its address is fixed
-        self.params, self.opt_state = clone_tree(params), clone_tree(opt_state)
+        self.params, self.opt_state = tree_map(torch.clone, params), tree_map(torch.clone, opt_state)
         self.batch_idx, self.lr = batch_idx.clone(), lr.clone()
         # Warm-up draws dropout masks; the run's random stream must not notice it.
         rng = torch.cuda.get_rng_state(device)
-        scratch_params, scratch_state = clone_tree(params), clone_tree(opt_state)
+        scratch_params, scratch_state = tree_map(torch.clone, params), tree_map(torch.clone, opt_state)
         side = torch.cuda.Stream(device)  # PyTorch's rule: warm up on a side stream before capture
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):

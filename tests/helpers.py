@@ -1,0 +1,61 @@
+"""What the test modules share: running the CLI, a silent reporter, random data, skip markers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tinymnist.cli import app
+from tinymnist.data import MNIST
+from tinymnist.devices import cpu_compiler
+
+# torch.compile on the CPU builds C++; without a compiler tinymnist trains eager (test_cli.py)
+# and the tests of the compiled step have nothing to run.
+needs_cpp_compiler = pytest.mark.skipif(cpu_compiler() is None, reason="torch.compile on the CPU needs a C++ compiler")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def run(*args):
+    """Run the CLI in-process; output is not a terminal, so it prints pytorch/examples lines."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def train_args(data_dir, *extra) -> list:
+    """`tinymnist train` on a test data folder, on the CPU, eager (no compile time)."""
+    return ["train", "--data-dir", data_dir, "--no-download", "--device", "cpu", "--no-compile", *extra]
+
+
+def assert_user_error(result, *fragments):
+    """Exit 2, one line on stderr naming the problem, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tinymnist: error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+class Silent:
+    """A reporter that keeps what it is told instead of printing it."""
+
+    def __init__(self):
+        self.records, self.logged_steps, self.compiling = [], [], []
+
+    def epoch_started(self, epoch, steps, lr, compiling):
+        self.compiling.append(compiling)
+
+    def logged(self, epoch, step, images_seen, n_train, loss):
+        self.logged_steps.append((epoch, step))
+
+    def evaluated(self, record):
+        self.records.append(record)
+
+
+def random_mnist(n_train: int, n_test: int, seed: int = 0, device="cpu") -> MNIST:
+    """Random uint8 images and labels in MNIST's shapes: for tests that need no real digits."""
+    g = torch.Generator().manual_seed(seed)
+    images = lambda n: torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)  # noqa: E731
+    labels = lambda n: torch.randint(0, 10, (n,), generator=g)  # noqa: E731
+    return MNIST(*(t.to(device) for t in (images(n_train), labels(n_train), images(n_test), labels(n_test))))

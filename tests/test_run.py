@@ -1,0 +1,113 @@
+"""What `tinymnist train` checks before training and what a resumed run may touch (run.py)."""
+
+import json
+
+import pytest
+import torch
+
+from typer.testing import CliRunner
+
+from tests.helpers import assert_user_error, run, train_args
+from tinymnist import checkpoint
+from tinymnist.cli import app
+
+
+@pytest.fixture
+def finished(tiny_split, tmp_path):
+    """A checkpoint of a 1-epoch mlp run, saved at runs/mlp.pt with metrics beside it."""
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    ckpt, metrics = folder / "mlp.pt", folder / "mlp.jsonl"
+    result = run(*train_args(tiny_split, "--model", "mlp", "--epochs", 1, "--save-model", ckpt, "--metrics", metrics))
+    assert result.exit_code == 0, result.output
+    return ckpt, metrics
+
+
+@pytest.mark.parametrize("epochs", [[], ["--epochs", "1"]])
+def test_resuming_a_finished_checkpoint_says_so_in_one_line_and_exits_0(tiny_split, finished, epochs):
+    ckpt, _ = finished
+    before = ckpt.read_bytes()
+    result = run(*train_args(tiny_split, "--resume", ckpt, *epochs))
+    assert result.exit_code == 0, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert "completed 1 epochs of --epochs 1" in line and "--epochs 2" in line
+    assert "Traceback" not in result.output and ckpt.read_bytes() == before
+
+
+def test_a_resumed_run_writes_only_where_its_own_command_says(tiny_split, finished):
+    """The checkpoint names the path it was saved to and its metrics file: neither is written again."""
+    ckpt, metrics = finished
+    checkpoint_bytes, metrics_text = ckpt.read_bytes(), metrics.read_text()
+    result = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2))
+    assert result.exit_code == 0, result.output
+    assert "after 2 epochs" in result.stdout
+    assert ckpt.read_bytes() == checkpoint_bytes and metrics.read_text() == metrics_text
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["mlp.jsonl", "mlp.pt"]
+
+
+def test_a_resumed_run_appends_to_metrics_and_a_new_run_starts_them_afresh(tiny_split, finished, tmp_path):
+    ckpt, metrics = finished
+    assert len(metrics.read_text().splitlines()) == 2  # untrained, epoch 1
+    resumed = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--metrics", metrics))
+    assert resumed.exit_code == 0, resumed.output
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1, 2]
+    fresh = run(*train_args(tiny_split, "--model", "mlp", "--epochs", 1, "--metrics", metrics))
+    assert fresh.exit_code == 0, fresh.output
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1]
+
+
+def test_resume_takes_what_was_trained_from_the_checkpoint(tiny_split, finished, tmp_path):
+    ckpt, _ = finished
+    again = tmp_path / "again.pt"
+    result = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--save-model", again))
+    assert result.exit_code == 0, result.output
+    config, state = checkpoint.load(again, torch.device("cpu"))
+    assert (config["model"], config["optimizer"], state.epoch) == ("mlp", "adam", 2)
+    assert config["save_model"] == str(again) and config["resume"] == str(ckpt)
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--seed", str(2**64)], ["--seed", "2**63-1"]),
+        (["--seed", "-1"], ["--seed"]),
+        (["--batch-size", "100000"], ["--batch-size 100000", "600 training images"]),
+        (["--gamma", "inf"], ["--gamma"]),
+        (["--no-accel", "--device", "cuda"], ["--no-accel", "--device cuda"]),
+    ],
+)
+def test_numbers_training_cannot_use_are_one_line_errors(tiny_split, extra, fragments):
+    assert_user_error(run(*train_args(tiny_split, "--model", "mlp", *extra)), *fragments)
+
+
+def test_no_accel_alone_and_with_device_cpu_train_on_the_cpu(tiny_split):
+    for extra in (["--no-accel"], ["--no-accel", "--device", "cpu"]):
+        result = run("train", "--data-dir", tiny_split, "--no-download", "--no-compile", "--model", "mlp",
+                     "--dry-run", *extra)  # fmt: skip
+        assert result.exit_code == 0 and "on cpu" in result.stdout, result.output
+
+
+def test_bench_with_no_models_is_a_user_error():
+    assert_user_error(run("bench", "--models", " , "), "--models")
+
+
+def test_eval_json_is_strict_json_for_nan_weights(tiny_split, finished, tmp_path):
+    ckpt, _ = finished
+    payload = torch.load(ckpt, weights_only=True)
+    payload["params"] = {k: torch.full_like(v, float("nan")) for k, v in payload["params"].items()}
+    torch.save(payload, tmp_path / "nan.pt")
+    result = run("eval", tmp_path / "nan.pt", "--json", "--data-dir", tiny_split, "--no-download", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert record["test_loss"] is None and record["total"] == 200
+
+
+def test_help_shows_every_default_and_the_version_prints():
+    wide = CliRunner().invoke(app, ["train", "-h"], env={"COLUMNS": "300"})  # one line per option
+    options = [line for line in wide.stdout.splitlines() if line.startswith("│ --") and "--help" not in line]
+    assert len(options) > 15
+    for line in options:
+        assert "[default: " in line, line
+    assert "(cnn, or the checkpoint's)" in wide.stdout
+    version = run("--version")
+    assert version.exit_code == 0 and version.stdout.startswith("tinymnist ")

@@ -1,0 +1,117 @@
+"""`tinymnist train` around the loop: everything checked first, then fit, checkpoints, the last line.
+
+The order matters, because a run must never fail after an hour for a reason it could
+have found in a second, nor lose what it has done:
+
+1. the config (flags, or a checkpoint's config plus flags) is validated;
+2. the device, the compiler, and every output path are checked, and the output files
+   are locked, so a second run on the same files refuses instead of interleaving;
+3. the data is loaded and the batch size checked against it;
+4. fit trains; each completed epoch is checkpointed (atomically, never a partial
+   epoch) by `on_epoch_end`; Ctrl-C or SIGTERM ends the run keeping that checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from tinymnist import checkpoint, data, optim, transforms
+from tinymnist.config import TrainConfig, check_batch_fits, validate
+from tinymnist.devices import check_compilable, cpu_compiler, resolve_device
+from tinymnist.errors import TinyMnistError
+from tinymnist.report import LineReporter, MetricsFile, ProgressReporter, Reporters
+from tinymnist.train import FitResult, NonFiniteLoss, TrainState, fit, initial_state
+
+# What a resumed run takes from its checkpoint: what was trained. Where and how to run
+# it (device, data, compile, output files) comes from the command that resumes it, so a
+# resumed run writes only where its own command says.
+TRAINED_FIELDS = ("model", "optimizer", "lr", "gamma", "batch_size", "test_batch_size", "epochs", "seed",
+                  "log_interval")  # fmt: skip
+
+
+class Finished(Exception):
+    """A resumed checkpoint that already holds every epoch asked for: nothing to train."""
+
+
+def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
+    """The checkpoint's trained fields, overridden by the flags given now; its state on the CPU."""
+    saved_config, state = checkpoint.load(path, torch.device("cpu"))
+    for flag in ("model", "optimizer"):
+        if flags.get(flag) is not None and flags[flag] != saved_config[flag]:
+            raise TinyMnistError(f"--{flag} {flags[flag]} does not match checkpoint {path} "
+                                 f"({saved_config[flag]}); leave it out")  # fmt: skip
+    trained = {k: saved_config[k] for k in TRAINED_FIELDS}
+    config = TrainConfig(**{**trained, **{k: v for k, v in flags.items() if v is not None}})
+    if state.epoch >= config.epochs:
+        raise Finished(f"checkpoint {path} has completed {state.epoch} epochs of --epochs {config.epochs}; "
+                       f"nothing to train (pass --epochs {state.epoch + 1} or more to continue)")  # fmt: skip
+    return config, state
+
+
+def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
+    """Run `tinymnist train` for a validated config; print the final line; return the result."""
+    config = validate(config)
+    device = resolve_device(config.device)
+    transforms.use_tf32_matmuls(device)
+    if config.compile:
+        check_compilable(device)
+    elif config.compile is None and device.type == "cpu" and cpu_compiler() is None:
+        print("tinymnist: no C++ compiler here, so the step runs eager; install one to compile it", file=sys.stderr)
+    outputs = {flag: Path(p) for flag, p in (("--save-model", config.save_model), ("--metrics", config.metrics)) if p}
+    for flag, path in outputs.items():
+        checkpoint.check_writable(path)  # TODO(integrator): per-flag checks
+    mnist = load_data(Path(config.data_dir), device, config.download)
+    check_batch_fits(config, len(mnist.train_images))
+    optimizer = optim.OPTIMIZERS[config.optimizer]()
+    state = initial_state(config, optimizer, device) if resumed is None else checkpoint.to_device(resumed, device)
+    step = transforms.device_step(config, optimizer, device)
+
+    saved: list[int] = []  # epochs this run has checkpointed
+
+    def save(state: TrainState) -> None:
+        if config.save_model:
+            checkpoint.save(Path(config.save_model), config.to_dict(), state)
+            saved.append(state.epoch)
+
+    console = Console()
+    display = ProgressReporter(console) if console.is_terminal else LineReporter()
+    metrics = MetricsFile(outputs["--metrics"], append=resumed is not None) if "--metrics" in outputs else None
+    reporter = Reporters(display, *([metrics] if metrics else []))
+    with contextlib.closing(reporter):
+        try:
+            result = fit(config, mnist, state, step, reporter, on_epoch_end=save)
+        except NonFiniteLoss as e:
+            raise TinyMnistError(f"{e}{kept(config, saved)}") from None
+        except KeyboardInterrupt:
+            reporter.close()
+            print(f"tinymnist: interrupted{kept(config, saved) or '; no epoch completed, nothing saved'}",
+                  file=sys.stderr)  # fmt: skip
+            raise
+    compiled = transforms.use_compile(config, device)
+    last = result.records[-1]
+    print(
+        f"Final test accuracy: {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "
+        f"after {result.state.epoch} epochs on {device}; training {result.train_seconds:.1f} s "
+        f"(+ {result.first_step_seconds:.1f} s {'compiling' if compiled else 'first step'}), "
+        f"{result.images_per_second:,.0f} images/s"
+    )
+    return result
+
+
+def kept(config: TrainConfig, saved: list[int]) -> str:
+    """What survives a stopped run, said truthfully."""
+    if saved:
+        return f"; the checkpoint of epoch {saved[-1]} is kept in {config.save_model}"
+    return ""
+
+
+def load_data(data_dir: Path, device: torch.device, download: bool) -> data.MNIST:
+    """The four MNIST files, downloaded first where missing (unless --no-download)."""
+    if download and data.missing_files(data_dir):
+        data.download(data_dir)
+    return data.load_mnist(data_dir, device)
