@@ -1,9 +1,8 @@
 """Downloading through real HTTP: mirrors on 127.0.0.1 that the tests script to fail.
 
-Each `Mirror` is a ThreadingHTTPServer on a free port. A test says, per file, what the
-mirror answers to successive requests (`serve`, `status`, `cut_off`, ...); the last
-answer repeats. The files served are the real t10k files when they are here (their md5
-is the published one), else small synthetic IDX files.
+Each `Mirror` (tests/mirror.py) is a ThreadingHTTPServer on a free port. The files served
+are the real t10k files when they are here (their md5 is the published one), else small
+synthetic IDX files.
 """
 
 import errno
@@ -12,9 +11,6 @@ import hashlib
 import os
 import re
 import socket
-import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,97 +19,14 @@ import torch
 
 from tinymnist.data import DEFAULT_MIRRORS, FILES, DownloadError, download, load_mnist
 from tinymnist.errors import TinyMnistError
+from tinymnist.fetch import Patience
 from tinymnist.idx import read_idx, write_idx
 
+from tests.mirror import Mirror, cut_off, gzip_if_accepted, serve, stall, status
+
 T10K_IMAGES, T10K_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
-Answer = Callable[[BaseHTTPRequestHandler], None]
-FAST = {"attempts": 2, "backoff": 0.0, "timeout": 5.0, "progress": False}  # download() kwargs
-
-
-def serve(body: bytes) -> Answer:
-    def answer(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
-
-    return answer
-
-
-def status(code: int) -> Answer:
-    def answer(handler):
-        handler.send_response(code)
-        handler.send_header("Content-Length", "0")
-        handler.end_headers()
-
-    return answer
-
-
-def cut_off(body: bytes) -> Answer:
-    """Promise the whole body in Content-Length, send half of it, hang up."""
-
-    def answer(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body[: len(body) // 2])
-        handler.wfile.flush()
-        handler.connection.shutdown(socket.SHUT_RDWR)
-
-    return answer
-
-
-def gzip_if_accepted(body: bytes) -> Answer:
-    """Compress on the fly for clients that accept gzip, as many web servers do."""
-
-    def answer(handler):
-        if "gzip" not in handler.headers.get("Accept-Encoding", ""):
-            return serve(body)(handler)
-        compressed = gzip.compress(body)
-        handler.send_response(200)
-        handler.send_header("Content-Encoding", "gzip")
-        handler.send_header("Content-Length", str(len(compressed)))
-        handler.end_headers()
-        handler.wfile.write(compressed)
-
-    return answer
-
-
-def stall(seconds: float) -> Answer:
-    def answer(handler):
-        threading.Event().wait(seconds)  # longer than the client's timeout
-
-    return answer
-
-
-class Mirror:
-    """A scripted HTTP mirror: `answers[name]` lists its replies to successive requests."""
-
-    def __init__(self):
-        self.answers: dict[str, list[Answer]] = {}
-        self.requested: list[str] = []
-        mirror = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                name = self.path.rsplit("/", 1)[-1]
-                mirror.requested.append(name)
-                replies = mirror.answers.get(name, [status(404)])
-                (replies.pop(0) if len(replies) > 1 else replies[0])(self)
-
-            def log_message(self, *args):  # keep pytest's output clean
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/mnist/"
-        # A short poll interval: shutdown() waits for the serving loop's next look at its flag.
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
+PATIENT = Patience(connect_timeout=5.0, read_timeout=5.0, attempts=2, backoff=0.0)  # no sleeps between tries
+FAST = {"patience": PATIENT, "progress": False}  # download() kwargs
 
 
 @pytest.fixture
@@ -272,7 +185,7 @@ def test_persistent_5xx_moves_to_the_next_mirror(mirrors, t10k, tmp_path):
     failing.answers = {T10K_LABELS: [status(503)]}
     good.answers = {T10K_LABELS: [serve(t10k[T10K_LABELS])]}
     download(tmp_path, mirrors=[failing.url, good.url], md5s=md5_of(labels_only(t10k)), **FAST)
-    assert failing.requested == [T10K_LABELS] * FAST["attempts"]
+    assert failing.requested == [T10K_LABELS] * PATIENT.attempts
     assert good.requested == [T10K_LABELS]
     assert entries(tmp_path) == [T10K_LABELS]
 
@@ -292,7 +205,7 @@ def test_retries_back_off_exponentially(mirrors, t10k, tmp_path, monkeypatch):
     monkeypatch.setattr("tinymnist.fetch.time.sleep", pauses.append)
     (mirror,) = mirrors(1)
     mirror.answers = {T10K_LABELS: [status(500)]}
-    slow = FAST | {"attempts": 4, "backoff": 0.5}
+    slow = FAST | {"patience": Patience(attempts=4, backoff=0.5)}
     with pytest.raises(DownloadError, match=r"HTTP 500 \(4 tries\)"):
         download(tmp_path, mirrors=[mirror.url], md5s=md5_of(labels_only(t10k)), **slow)
     assert pauses == [0.5, 1.0, 2.0]
@@ -320,7 +233,7 @@ def test_cut_off_body_is_retried(mirrors, t10k, tmp_path):
 def test_timeout_is_retried(mirrors, t10k, tmp_path):
     (mirror,) = mirrors(1)
     mirror.answers = {T10K_LABELS: [stall(2.0), serve(t10k[T10K_LABELS])]}
-    download(tmp_path, mirrors=[mirror.url], md5s=md5_of(labels_only(t10k)), **FAST | {"timeout": 0.2})
+    download(tmp_path, mirrors=[mirror.url], md5s=md5_of(labels_only(t10k)), **FAST | {"patience": Patience(read_timeout=0.2, attempts=2, backoff=0.0)})
     assert mirror.requested == [T10K_LABELS, T10K_LABELS]
     assert (tmp_path / T10K_LABELS).read_bytes() == t10k[T10K_LABELS]
 
@@ -372,7 +285,7 @@ def test_full_disk_is_a_project_error(mirrors, t10k, tmp_path, monkeypatch):
     def full_disk(path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("tinymnist.fetch.atomic_writer", full_disk)
+    monkeypatch.setattr("tinymnist.fetch.atomic_write", full_disk)
     expected = f"cannot write into the data folder {tmp_path}: No space left on device"
     with pytest.raises(DownloadError, match=re.escape(expected)):
         download(tmp_path, mirrors=[mirror.url], md5s=md5_of(labels_only(t10k)), **FAST)
@@ -399,7 +312,8 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(mirrors, t10k, tmp_path, 
     md5s = md5_of(labels_only(t10k))
 
     download(tmp_path / "quiet", mirrors=[mirror.url], md5s=md5s, **FAST | {"progress": None})
-    assert capsys.readouterr() == ("", "")  # pytest's stderr is not a terminal
+    quiet = capsys.readouterr()  # pytest's stderr is not a terminal: no bar, only what was fetched
+    assert quiet == ("", f"downloading {mirror.url}{T10K_LABELS}\n")
 
     download(tmp_path / "shown", mirrors=[mirror.url], md5s=md5s, **FAST | {"progress": True})
     shown = capsys.readouterr()
