@@ -1,90 +1,88 @@
-"""Checkpoints: params, optimizer state, epoch, RNG states and config, atomically.
+"""Checkpoints: params, optimizer state, epoch, RNG states and config, saved atomically.
 
 A checkpoint is plain data (tensor dicts, numbers, strings), saved with torch.save
-and loaded with `weights_only=True`, so loading one can never run code.
-It is written to a temporary file beside the target and renamed over it: a crash or
-Ctrl-C mid-write leaves the previous checkpoint intact, never a truncated one.
+and loaded with `weights_only=True`, so loading one can never run code. Saving goes
+through files.atomic_write (a temp file beside the target, renamed over it) under
+interrupts.shielded(): a full disk, `ulimit -f`, a crash or a Ctrl-C mid-write leaves
+the previous checkpoint intact and no temp file. Loading checks the whole structure
+against what this version of tinymnist would have written (checkpoint_format.py), so a
+damaged or foreign file is one line naming it, never a traceback from deep in torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import tempfile
+import errno
+import io
 from pathlib import Path
 
 import torch
 
-from tinymnist import models
-from tinymnist.config import TrainConfig
+from tinymnist import files, interrupts, outputs
+from tinymnist.checkpoint_format import FORMAT, Damaged, brief, check_payload
 from tinymnist.errors import TinyMnistError
 from tinymnist.train import TrainState
 
-FORMAT = "tinymnist-checkpoint-v1"
-# TrainConfig fields added after the first checkpoints were written: a checkpoint
-# without them loads, and they take their defaults.
-ADDED_FIELDS = {"micro_batch", "cuda_graphs"}
-
-
-def check_writable(path: Path) -> None:
-    """Fail before training, not after an hour of it, when --save-model cannot be written."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise TinyMnistError(f"--save-model {path}: is a folder; give a file path such as {path / 'cnn.pt'}")
-    if not folder.is_dir():
-        raise TinyMnistError(f"--save-model {path}: folder {folder} does not exist; create it first")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise TinyMnistError(
-            f"--save-model {path}: cannot write in {folder} ({e.strerror}); choose another path"
-        ) from None
+# What to do about a save that failed, by the error the OS gave; anything else: another path.
+SAVE_ADVICE = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space (disk quota)",
+    errno.EFBIG: "raise the file size limit (ulimit -f)",
+    errno.ENAMETOOLONG: "choose a shorter name",
+}
 
 
 def save(path: Path, config: dict, state: TrainState) -> None:
-    """Write the checkpoint to `path` atomically (temp file in the same folder + rename)."""
+    """Write the checkpoint to `path` atomically; Ctrl-C or SIGTERM waits until it is done.
+
+    A write that fails raises TinyMnistError saying which checkpoint `path` still holds.
+    """
     payload = {
         "format": FORMAT,
         "config": config,
         "epoch": state.epoch,
-        "params": {k: v.detach().cpu() for k, v in state.params.items()},
-        "opt_state": _to_cpu(state.opt_state),
-        "rng": {k: v.cpu() for k, v in state.rng.items()},
+        "params": _to_device(state.params, "cpu"),
+        "opt_state": _to_device(state.opt_state, "cpu"),
+        "rng": _to_device(state.rng, "cpu"),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)  # in memory first: a failing write is then a plain OSError
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        with interrupts.shielded(), files.atomic_write(path) as file:
+            file.write(buffer.getbuffer())
+    except OSError as e:
+        advice = SAVE_ADVICE.get(e.errno, "choose another path")
+        raise TinyMnistError(
+            f"checkpoint {path}: saving epoch {state.epoch} failed ({e.strerror or e}); {_previous(path)}; {advice}"
+        ) from None
+
+
+def _previous(path: Path) -> str:
+    """What `path` holds after a failed save (a peek at its epoch: mmap reads no tensor data)."""
+    try:
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    except FileNotFoundError:
+        return "there is no previous checkpoint, so none is kept"
+    except Exception:  # not a checkpoint of ours: it is still left as it was
+        return "the file already there is left as it was"
+    return f"the previous checkpoint (epoch {epoch}) is kept" if type(epoch) is int else "the previous file is kept"
 
 
 def load(path: Path, device: torch.device) -> tuple[dict, TrainState]:
-    """Read a checkpoint back as (config dict, TrainState on `device`), validated."""
+    """Read a checkpoint back as (config dict, TrainState on `device`), validated whole."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise TinyMnistError(f"checkpoint {path}: no such file") from None
+    except OSError as e:
+        raise TinyMnistError(f"checkpoint {path}: cannot read it ({e.strerror or brief(str(e))})") from None
     except Exception as e:  # unpickling errors come in many types; all mean "not a checkpoint"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TinyMnistError(f"checkpoint {path}: not a readable tinymnist checkpoint ({reason[:120]})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise TinyMnistError(f"checkpoint {path}: not a tinymnist checkpoint (expected format {FORMAT})")
-    missing = {"config", "epoch", "params", "opt_state", "rng"} - payload.keys()
-    if missing:
-        raise TinyMnistError(f"checkpoint {path}: damaged, it lacks {', '.join(sorted(missing))}")
-    config = payload["config"]
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    if not isinstance(config, dict) or not fields - ADDED_FIELDS <= set(config) <= fields:
-        raise TinyMnistError(f"checkpoint {path}: its config does not match this version of tinymnist")
-    _check_params(path, config["model"], payload["params"])
-    state = TrainState(payload["params"], payload["opt_state"], int(payload["epoch"]), payload["rng"])
-    return config, to_device(state, device)
+        reason = brief(str(e)) or type(e).__name__
+        raise TinyMnistError(f"checkpoint {path}: not a readable tinymnist checkpoint ({reason})") from None
+    try:
+        config, params, opt_state, epoch, rng = check_payload(payload, torch.device(device))
+    except Damaged as e:
+        raise TinyMnistError(f"checkpoint {path}: {e}") from None
+    return config, to_device(TrainState(params, opt_state, epoch, rng), device)
 
 
 def to_device(state: TrainState, device: torch.device) -> TrainState:
@@ -92,25 +90,12 @@ def to_device(state: TrainState, device: torch.device) -> TrainState:
     return TrainState(_to_device(state.params, device), _to_device(state.opt_state, device), state.epoch, state.rng)
 
 
-def _check_params(path: Path, model: str | None, params: dict) -> None:
-    """The saved tensors must be exactly the model's parameters, name for name, shape for shape."""
-    if model not in models.MODEL_NAMES:
-        raise TinyMnistError(f"checkpoint {path}: unknown model {model!r}")
-    expected = {k: tuple(v.shape) for k, v in models.init_params(model, 0, "meta").items()}
-    found = {k: tuple(v.shape) for k, v in params.items()}
-    if found != expected:
-        raise TinyMnistError(
-            f"checkpoint {path}: parameters do not match model {model!r} (the file is damaged or from another version)"
-        )
+def check_writable(path: Path, flag: str = "--save-model") -> None:
+    """Until run.py calls outputs.check_output_path itself (it checks --metrics too)."""
+    outputs.check_output_path(path, flag)
 
 
-def _to_cpu(tree):
-    if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
-    return tree.detach().cpu()
-
-
-def _to_device(tree, device: torch.device):
+def _to_device(tree, device):
     if isinstance(tree, dict):
         return {k: _to_device(v, device) for k, v in tree.items()}
-    return tree.to(device)
+    return tree.detach().to(device)
