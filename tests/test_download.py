@@ -148,6 +148,24 @@ def test_broken_gz_already_present_is_fetched_again(mirrors, t10k, tmp_path, kee
     assert (tmp_path / T10K_LABELS).read_bytes() == t10k[T10K_LABELS]
 
 
+def test_a_present_file_claiming_more_than_mnist_has_is_fetched_again(mirrors, t10k, tmp_path):
+    (mirror,) = mirrors(1)
+    mirror.answers = {T10K_LABELS: [serve(t10k[T10K_LABELS])]}
+    (tmp_path / T10K_LABELS).write_bytes(gzip.compress(b"\0\0\x08\x01" + (80_000).to_bytes(4, "big")))
+    download(tmp_path, mirrors=[mirror.url], md5s=md5_of(labels_only(t10k)), **FAST)
+    assert mirror.requested == [T10K_LABELS]
+    assert (tmp_path / T10K_LABELS).read_bytes() == t10k[T10K_LABELS]
+
+
+def test_leftovers_of_a_present_file_are_removed_too(mirrors, t10k, tmp_path):
+    (mirror,) = mirrors(1)
+    (tmp_path / T10K_LABELS).write_bytes(t10k[T10K_LABELS])
+    (tmp_path / f".{T10K_LABELS}.tinymnist-0123abcd.part").write_bytes(b"killed mid-way")
+    download(tmp_path, mirrors=[mirror.url], md5s=md5_of(labels_only(t10k)), **FAST)
+    assert mirror.requested == []
+    assert entries(tmp_path) == [T10K_LABELS]
+
+
 def test_a_server_that_compresses_on_the_fly_is_not_asked_to(mirrors, t10k, tmp_path):
     (mirror,) = mirrors(1)
     mirror.answers = {T10K_LABELS: [gzip_if_accepted(t10k[T10K_LABELS])]}

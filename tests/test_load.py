@@ -1,6 +1,9 @@
 """Loading: small train/test splits written with write_idx under the canonical names."""
 
 import re
+import struct
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import pytest
@@ -9,14 +12,19 @@ import torch
 from tinymnist.data import (
     FILES,
     MNIST,
+    TEST_FILES,
+    DownloadError,
     MissingDataError,
     load_mnist,
+    load_test_split,
     missing_data_message,
     missing_files,
     resolve_data_dir,
 )
 from tinymnist.errors import TinyMnistError
 from tinymnist.idx import write_idx
+
+from tests.mirror import Mirror
 
 TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = FILES  # the canonical .gz names
 
@@ -172,3 +180,56 @@ def test_real_t10k_loads_as_both_splits(real_mnist, tmp_path):
     mnist = load_mnist(tmp_path)
     assert mnist.train_images.shape == (10000, 28, 28)
     assert torch.bincount(mnist.test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+# ---- the test split alone: what `eval` needs ----------------------------------------------
+
+
+def test_the_test_split_needs_only_the_two_test_files(tmp_path):
+    images, labels = write_examples(tmp_path, TEST_IMAGES, TEST_LABELS, 16, seed=1)
+    test_images, test_labels = load_test_split(tmp_path, "meta")  # "meta": moved to the device, no storage
+    assert test_images.shape == (16, 28, 28) and test_images.device.type == "meta"
+    assert torch.equal(load_test_split(tmp_path)[0], images) and torch.equal(load_test_split(tmp_path)[1], labels.long())
+    with pytest.raises(MissingDataError, match="train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz"):
+        load_mnist(tmp_path)
+
+
+def test_missing_test_files_name_only_those(tmp_path):
+    write_examples(tmp_path, TRAIN_IMAGES, TRAIN_LABELS, 8, seed=0)
+    with pytest.raises(MissingDataError) as caught:
+        load_test_split(tmp_path)
+    assert str(caught.value) == missing_data_message(tmp_path, list(TEST_FILES))
+
+
+def test_download_for_the_test_split_asks_for_the_test_files_only(tmp_path, monkeypatch):
+    mirror = Mirror()  # answers 404 to everything
+    monkeypatch.setenv("TINYMNIST_MIRRORS", mirror.url)
+    try:
+        with pytest.raises(DownloadError) as caught:
+            load_test_split(tmp_path / "data", download=True)
+    finally:
+        mirror.stop()
+    assert sorted(mirror.requested) == sorted(TEST_FILES)
+    assert TRAIN_IMAGES not in str(caught.value)
+
+
+# ---- headers first: a file that claims too much is refused before it is read ---------------
+
+
+def test_a_header_claiming_more_than_mnist_has_is_refused_unread(small_mnist):
+    folder, _ = small_mnist
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: gzip framing
+    with open(folder / TEST_IMAGES, "wb") as file:  # 80,000 zero images: 63 MB that pack into 61 KB
+        file.write(packer.compress(b"\x00\x00\x08\x03" + struct.pack(">3I", 80_000, 28, 28)))
+        for _ in range(80):
+            file.write(packer.compress(bytes(784_000)))
+        file.write(packer.flush())
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(TinyMnistError, match=re.escape(f"{TEST_IMAGES}: header says 80000 images, more than MNIST's 10000")):
+            load_test_split(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # far below the 63 MB it would unpack to

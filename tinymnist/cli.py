@@ -170,10 +170,25 @@ def info():
 
 @app.command()
 @user_errors
-def download(data_dir: Path | None = DataDir):
-    """Fetch the four MNIST files (mirrors, md5-checked) into the data folder."""
+def download(
+    data_dir: Path | None = DataDir,
+    source: Path | None = typer.Option(
+        None, "--from", show_default="download from the mirrors",
+        help="Build the files from a copy you have instead: mnist.pkl.gz, Keras's mnist.npz, "
+        "or a folder of IDX files (torchvision's MNIST/raw); each must have MNIST's md5.",
+    ),
+):
+    """Fetch the four MNIST files (mirrors, md5-checked) into the data folder, or build them --from a copy."""
+    from tinymnist import sources  # only this command reads other formats
+
     folder = data.resolve_data_dir(data_dir)
-    data.download(folder)
+    if source is None:
+        data.download(folder)
+    else:
+        for name in sources.build_from(source, folder):
+            print(f"{folder / name}: rebuilt from {source}, the md5 of its contents is MNIST's")
+        if missing := data.missing_files(folder):
+            raise data.MissingDataError(data.missing_data_message(folder, missing))
     print(f"MNIST files are in {folder}")
 
 
