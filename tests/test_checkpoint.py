@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import needs_cuda
 from tests.tmpfs import tmpfs
 from tinymnist import checkpoint, files, models, optim
 from tinymnist.checkpoint_format import ADDED_FIELDS, ENTRIES, brief
@@ -91,6 +92,22 @@ def test_nan_weights_are_data_and_load(tmp_path):
     checkpoint.save(tmp_path / "nan.pt", config_dict(), state)
     _, loaded = checkpoint.load(tmp_path / "nan.pt", CPU)
     assert math.isnan(loaded.params["fc1.weight"][0, 0])
+
+
+@needs_cuda
+def test_a_cuda_checkpoint_loads_onto_the_gpu_and_its_generator_state_is_checked_there(tmp_path):
+    state = make_state()
+    state.rng["cuda"] = torch.cuda.get_rng_state()
+    checkpoint.save(tmp_path / "cuda.pt", config_dict(), state)
+    _, loaded = checkpoint.load(tmp_path / "cuda.pt", torch.device("cuda"))
+    assert loaded.params["fc1.weight"].is_cuda and loaded.opt_state["step"].is_cuda
+    assert torch.equal(loaded.rng["cuda"], state.rng["cuda"])
+
+    state.rng["cuda"] = torch.zeros(3, dtype=torch.uint8)  # a CUDA generator state is 16 bytes
+    checkpoint.save(tmp_path / "bad.pt", config_dict(), state)
+    with pytest.raises(TinyMnistError, match="its cuda generator state is invalid"):
+        checkpoint.load(tmp_path / "bad.pt", torch.device("cuda"))
+    checkpoint.load(tmp_path / "bad.pt", CPU)  # eval on the CPU never restores it
 
 
 # ---- every part is checked: one mutation at a time --------------------------------------------

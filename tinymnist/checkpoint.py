@@ -70,7 +70,8 @@ def _previous(path: Path) -> str:
 def load(path: Path, device: torch.device) -> tuple[dict, TrainState]:
     """Read a checkpoint back as (config dict, TrainState on `device`), validated whole."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.sparse.check_sparse_tensor_invariants():  # a forged sparse tensor fails here, whole
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise TinyMnistError(f"checkpoint {path}: no such file") from None
     except OSError as e:
