@@ -142,3 +142,25 @@ def test_micro_batches_give_the_whole_batch_gradient(model, batch_size, micro_ba
     torch.testing.assert_close(chunked[1], whole[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked[2], whole[2])
     assert not torch.equal(chunked[0][next(iter(params))], params[next(iter(params))])
+
+
+def test_the_public_api_snippet_trains(tiny_split):
+    """The dozen lines in tinymnist's docstring (and the README) run as written."""
+    import tinymnist
+
+    snippet = [line[4:] for line in tinymnist.__doc__.splitlines() if line.startswith("    ")]
+    code = "\n".join(snippet).replace('"data"', repr(str(tiny_split))).replace("tm.compiled(", "(")  # eager: fast
+    printed = []
+    exec(code, {"print": printed.append})
+    (accuracy,) = printed
+    assert 0.0 <= accuracy <= 1.0
+    assert "import tinymnist as tm" in code and "tm.fit(" in code
+
+
+def test_importing_the_package_imports_no_torch():
+    """The API is imported on first use: `tinymnist --help` and Ctrl-C at start-up stay quick."""
+    import subprocess
+    import sys
+
+    code = "import sys, tinymnist; assert 'torch' not in sys.modules; tinymnist.fit; assert 'torch' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
