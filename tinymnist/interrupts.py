@@ -47,7 +47,7 @@ class _Handler:
     def __init__(self) -> None:
         self.shield_depth = 0  # nested shielded() blocks now running
         self.pending: int | None = None  # a signal that arrived while shielded
-        self.raised: int | None = None  # the signal that ended the run, once raised
+        self.raised: int | None = None  # the first signal, once acted on: the run is ending
 
     def __call__(self, signum: int, frame) -> None:
         if self.raised is not None:
@@ -63,10 +63,9 @@ class _Handler:
         self.shield_depth -= 1
         if self.shield_depth or self.pending is None:
             return
-        signum, self.pending = self.pending, None
+        self.raised, self.pending = self.pending, None  # the run is ending: later signals are ignored
         if not leaving_by_exception:  # else that exception already ends the run, its own way
-            self.raised = signum
-            raise _exception(signum)
+            raise _exception(self.raised)
 
 
 def _installed() -> _Handler | None:
@@ -84,12 +83,6 @@ def install() -> None:
         handler = _Handler()
         for signum in SIGNALS:
             signal.signal(signum, handler)
-
-
-def received() -> int | None:
-    """The signal that ended this run, if one has (None without `install()`)."""
-    handler = _installed()
-    return handler.raised if handler else None
 
 
 @contextlib.contextmanager
@@ -116,5 +109,6 @@ def shielded() -> Iterator[None]:
     finally:
         if previous is not None:
             for signum, old in previous.items():
-                signal.signal(signum, old)
+                if old is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(signum, old)
         handler.unshield(leaving_by_exception)
