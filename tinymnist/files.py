@@ -67,7 +67,7 @@ def remove_leftovers(path: str | os.PathLike) -> list[Path]:
             with open(leftover, "rb") as file:
                 fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its writer lives
                 leftover.unlink()  # while locked, so a writer that just created it can tell (below)
-        except (BlockingIOError, FileNotFoundError):  # being written now, or another run got it first
+        except OSError:  # being written now, gone already, or on a file system without locks: keep
             continue
         removed.append(leftover)
     return removed
@@ -86,7 +86,10 @@ def _create_locked_temp(path: Path) -> tuple[BinaryIO, Path]:
     while True:
         temp = path.with_name(f".{path.name}.tinymnist-{secrets.token_hex(TOKEN_BYTES)}.part")
         file = open(temp, "xb")  # noqa: SIM115 (the caller closes it)
-        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): nobody can take it either
+            return file, temp
         # Between open and flock another run's remove_leftovers may have taken it for a dead
         # writer's file and unlinked it; then its link count is 0 and we start over.
         if os.fstat(file.fileno()).st_nlink > 0:
