@@ -1,5 +1,5 @@
 """`python -m tinymnist` is the same as the `tinymnist` console script."""
 
-from tinymnist.cli import main
+from tinymnist.entry import main
 
 main()

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from tinymnist import files, interrupts, outputs
+from tinymnist import files, interrupts
 from tinymnist.checkpoint_format import FORMAT, Damaged, brief, check_payload
 from tinymnist.errors import TinyMnistError
 from tinymnist.train import TrainState
+from tinymnist.trees import tree_map
 
 # What to do about a save that failed, by the error the OS gave; anything else: another path.
 SAVE_ADVICE = {
@@ -40,9 +41,9 @@ def save(path: Path, config: dict, state: TrainState) -> None:
         "format": FORMAT,
         "config": config,
         "epoch": state.epoch,
-        "params": _to_device(state.params, "cpu"),
-        "opt_state": _to_device(state.opt_state, "cpu"),
-        "rng": _to_device(state.rng, "cpu"),
+        "params": tree_map(on_cpu, state.params),
+        "opt_state": tree_map(on_cpu, state.opt_state),
+        "rng": tree_map(on_cpu, state.rng),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)  # in memory first: a failing write is then a plain OSError
@@ -88,15 +89,9 @@ def load(path: Path, device: torch.device) -> tuple[dict, TrainState]:
 
 def to_device(state: TrainState, device: torch.device) -> TrainState:
     """The same state with params and optimizer state on `device` (RNG states stay on the CPU)."""
-    return TrainState(_to_device(state.params, device), _to_device(state.opt_state, device), state.epoch, state.rng)
+    moved = lambda t: t.detach().to(device)  # noqa: E731
+    return TrainState(tree_map(moved, state.params), tree_map(moved, state.opt_state), state.epoch, state.rng)
 
 
-def check_writable(path: Path, flag: str = "--save-model") -> None:
-    """Until run.py calls outputs.check_output_path itself (it checks --metrics too)."""
-    outputs.check_output_path(path, flag)
-
-
-def _to_device(tree, device):
-    if isinstance(tree, dict):
-        return {k: _to_device(v, device) for k, v in tree.items()}
-    return tree.detach().to(device)
+def on_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().cpu()

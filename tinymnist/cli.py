@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tinymnist import __version__, checkpoint, data, models, run
+from tinymnist import __version__, checkpoint, data, distributed, interrupts, models, run
 from tinymnist.config import RECIPES, TrainConfig, recipe_config
 from tinymnist.devices import accelerator_report, check_compilable, resolve_device
 from tinymnist.errors import TinyMnistError
@@ -32,7 +32,8 @@ MODELS = ", ".join(RECIPES)
 
 
 def user_errors(command):
-    """Turn a TinyMnistError into one stderr line and exit status 2, without a traceback."""
+    """Turn a TinyMnistError into one stderr line and exit status 2, an interrupt into 130 (Ctrl-C) or
+    143 (SIGTERM), without a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -41,6 +42,8 @@ def user_errors(command):
         except TinyMnistError as e:
             print(f"tinymnist: error: {e}", file=sys.stderr)
             raise typer.Exit(EXIT_USAGE) from None
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: what was saved is already said
+            raise typer.Exit(interrupts.exit_code(stop)) from None
 
     return wrapper
 
@@ -120,7 +123,7 @@ def train(
         if model is not None and model not in RECIPES:
             raise TinyMnistError(f"--model {model!r} is unknown; choose one of {MODELS}")
         config, state = recipe_config(model or "cnn", **{k: v for k, v in flags.items() if k != "model"}), None
-    run.train(config, state)
+    distributed.launch(run.train, config, state)  # under torchrun: one of N processes; else run.train
 
 
 @app.command("eval")
@@ -137,8 +140,8 @@ def eval_command(
     use_tf32_matmuls(dev)  # as train evaluated it
     saved_config, state = checkpoint.load(checkpoint_path, dev)
     config = TrainConfig(**saved_config)
-    mnist = run.load_data(data.resolve_data_dir(data_dir), dev, not no_download)
-    result = evaluate(config, state.params, mnist.test_images, mnist.test_labels)
+    images, labels = data.load_test_split(data.resolve_data_dir(data_dir), dev, download=not no_download)
+    result = evaluate(config, state.params, images, labels)
     record = {"model": config.model, "epoch": state.epoch, "test_loss": result.loss, "test_accuracy": result.accuracy,
               "correct": result.correct, "total": result.total}  # fmt: skip
     print(json_line(record) if json_output else test_line(record))

@@ -14,13 +14,14 @@ have found in a second, nor lose what it has done:
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from tinymnist import checkpoint, data, optim, transforms
+from tinymnist import checkpoint, data, distributed, interrupts, optim, outputs, transforms
 from tinymnist.config import TrainConfig, check_batch_fits, validate
 from tinymnist.devices import check_compilable, cpu_compiler, resolve_device
 from tinymnist.errors import TinyMnistError
@@ -53,8 +54,9 @@ def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
     return config, state
 
 
-def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
-    """Run `tinymnist train` for a validated config; print the final line; return the result."""
+def train(config: TrainConfig, resumed: TrainState | None = None,
+          cluster: distributed.Cluster | None = None) -> FitResult:  # fmt: skip
+    """Run `tinymnist train` for a config: check everything, lock the outputs, train, print the last line."""
     config = validate(config)
     device = resolve_device(config.device)
     transforms.use_tf32_matmuls(device)
@@ -62,36 +64,21 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
         check_compilable(device)
     elif config.compile is None and device.type == "cpu" and cpu_compiler() is None:
         print("tinymnist: no C++ compiler here, so the step runs eager; install one to compile it", file=sys.stderr)
-    outputs = {flag: Path(p) for flag, p in (("--save-model", config.save_model), ("--metrics", config.metrics)) if p}
-    for flag, path in outputs.items():
-        checkpoint.check_writable(path)  # TODO(integrator): per-flag checks
-    mnist = load_data(Path(config.data_dir), device, config.download)
-    check_batch_fits(config, len(mnist.train_images))
-    optimizer = optim.OPTIMIZERS[config.optimizer]()
-    state = initial_state(config, optimizer, device) if resumed is None else checkpoint.to_device(resumed, device)
-    step = transforms.device_step(config, optimizer, device)
-
-    saved: list[int] = []  # epochs this run has checkpointed
-
-    def save(state: TrainState) -> None:
-        if config.save_model:
-            checkpoint.save(Path(config.save_model), config.to_dict(), state)
-            saved.append(state.epoch)
-
-    console = Console()
-    display = ProgressReporter(console) if console.is_terminal else LineReporter()
-    metrics = MetricsFile(outputs["--metrics"], append=resumed is not None) if "--metrics" in outputs else None
-    reporter = Reporters(display, *([metrics] if metrics else []))
-    with contextlib.closing(reporter):
-        try:
-            result = fit(config, mnist, state, step, reporter, on_epoch_end=save)
-        except NonFiniteLoss as e:
-            raise TinyMnistError(f"{e}{kept(config, saved)}") from None
-        except KeyboardInterrupt:
-            reporter.close()
-            print(f"tinymnist: interrupted{kept(config, saved) or '; no epoch completed, nothing saved'}",
-                  file=sys.stderr)  # fmt: skip
-            raise
+    paths = {"--save-model": config.save_model, "--metrics": config.metrics}
+    paths = {flag: Path(p) for flag, p in paths.items() if p}
+    for flag, path in paths.items():
+        outputs.check_output_path(path, flag)
+    with outputs.exclusive(paths):  # a second run on these files refuses; a dead run's temp files go
+        mnist = load_data(Path(config.data_dir), device, config.download)
+        check_batch_fits(config, len(mnist.train_images))
+        optimizer = optim.OPTIMIZERS[config.optimizer]()
+        state = initial_state(config, optimizer, device) if resumed is None else checkpoint.to_device(resumed, device)
+        data_parallel = None
+        if cluster is not None:  # one of torchrun's processes (distributed.launch)
+            state = distributed.own_dropout(state, config.seed, cluster, device)
+            data_parallel = functools.partial(distributed.all_reduced, cluster=cluster)
+        step = transforms.device_step(config, optimizer, device, data_parallel)
+        result = train_and_save(config, mnist, state, step, paths.get("--metrics"), append=resumed is not None)
     compiled = transforms.use_compile(config, device)
     last = result.records[-1]
     print(
@@ -103,6 +90,34 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
     return result
 
 
+def train_and_save(config: TrainConfig, mnist: data.MNIST, state: TrainState, step, metrics_path: Path | None,
+                   append: bool) -> FitResult:  # fmt: skip
+    """fit, with each completed epoch checkpointed and a stop (NaN, Ctrl-C, SIGTERM) said truthfully."""
+    saved: list[int] = []  # epochs this run has checkpointed
+
+    def save(state: TrainState) -> None:
+        if config.save_model:
+            with interrupts.shielded():  # a signal now waits until the file and `saved` agree
+                checkpoint.save(Path(config.save_model), config.to_dict(), state)
+                saved.append(state.epoch)
+
+    console = Console()
+    display = ProgressReporter(console) if console.is_terminal else LineReporter()
+    metrics = [MetricsFile(metrics_path, append)] if metrics_path else []
+    reporter = Reporters(display, *metrics)
+    with contextlib.closing(reporter):
+        try:
+            return fit(config, mnist, state, step, reporter, on_epoch_end=save)
+        except NonFiniteLoss as e:
+            raise TinyMnistError(f"{e}{kept(config, saved)}") from None
+        except KeyboardInterrupt as stop:
+            reporter.close()
+            by = " by SIGTERM" if isinstance(stop, interrupts.Terminated) else ""
+            print(f"tinymnist: interrupted{by}{kept(config, saved) or '; no epoch completed, nothing saved'}",
+                  file=sys.stderr)  # fmt: skip
+            raise
+
+
 def kept(config: TrainConfig, saved: list[int]) -> str:
     """What survives a stopped run, said truthfully."""
     if saved:
@@ -112,6 +127,4 @@ def kept(config: TrainConfig, saved: list[int]) -> str:
 
 def load_data(data_dir: Path, device: torch.device, download: bool) -> data.MNIST:
     """The four MNIST files, downloaded first where missing (unless --no-download)."""
-    if download and data.missing_files(data_dir):
-        data.download(data_dir)
-    return data.load_mnist(data_dir, device)
+    return data.load_mnist(data_dir, device, download=download)

@@ -174,7 +174,10 @@ def restore_rng(rng: dict, device) -> torch.Generator:
     if torch.device(device).type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], device)
     shuffle = torch.Generator()
-    shuffle.set_state(rng["shuffle"])
+    if "shuffle" in rng:
+        shuffle.set_state(rng["shuffle"])
+    else:  # a checkpoint from before shuffling had its own generator: seed one from the global one
+        shuffle.manual_seed(int(torch.randint(2**62, ())))
     return shuffle
 
 
