@@ -1,0 +1,203 @@
+"""Data parallelism across `torchrun` processes: the gradient all-reduce as a transform.
+
+DDP wraps a stateful nn.Module and does not compose with torch.func, so tinymnist
+does what DDP does by hand, in the open: every process holds the same parameters and
+draws the same permutation (same seed), computes the gradient of its 1/N slice of
+each global batch, and one all-reduce averages the gradients (and the loss) before
+the pure optimizer update. Every process then takes the same update, and the
+parameters stay identical without ever being sent.
+
+    all_reduced(gradient, cluster)   gradient of this rank's slice, averaged over ranks
+
+The all-reduce is a *functional* collective (torch.distributed._functional_collectives,
+the API torch.compile traces; torch 2.x has no public successor yet): it returns a new
+tensor instead of mutating one, so the step stays pure and can stay one compiled graph.
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them `from_env` returns None and `tinymnist train` runs today's single-process path untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as functional
+
+from tinymnist.config import TrainConfig
+from tinymnist.devices import resolve_device
+from tinymnist.errors import TinyMnistError
+from tinymnist.train import Gradient, TrainState
+
+# How long a collective waits for a peer before failing. A killed peer usually fails the
+# others at once (its sockets close); this bounds the case where a peer hangs instead.
+# A step or an evaluation of the largest network takes seconds, far below it.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """This process's place among torchrun's processes."""
+
+    rank: int  # 0 .. world_size - 1, across all machines
+    world_size: int
+    local_rank: int  # on this machine: which GPU is ours
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0 is the run's one voice: it prints, writes --metrics and --save-model."""
+        return self.rank == 0
+
+
+def from_env(env=os.environ) -> Cluster | None:
+    """torchrun's place for this process (it sets all three), or None without torchrun."""
+    if not all(name in env for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK")):
+        return None
+    return Cluster(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
+
+
+def process_device(cluster: Cluster | None, device: torch.device) -> torch.device:
+    """One GPU per local rank (cuda:LOCAL_RANK); the CPU and MPS as they are."""
+    if cluster is not None and device.type == "cuda":
+        return torch.device("cuda", cluster.local_rank)
+    return device
+
+
+def join(cluster: Cluster, device: torch.device) -> None:
+    """Join torchrun's process group: NCCL between GPUs, gloo between CPUs."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if backend == "nccl" else None)
+    except (RuntimeError, ValueError) as e:  # a rendezvous that never completes, a bad address
+        raise TinyMnistError(f"rank {cluster.rank} of {cluster.world_size}: could not join the other processes "
+                             f"({one_line(e)})") from None  # fmt: skip
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_batch_divides(batch_size: int, cluster: Cluster) -> None:
+    if batch_size % cluster.world_size:
+        raise TinyMnistError(f"--batch-size {batch_size} is the global batch and must divide evenly among the "
+                             f"{cluster.world_size} processes; pass a multiple of {cluster.world_size}")  # fmt: skip
+
+
+def launch(train: Callable, config: TrainConfig, resumed: TrainState | None):
+    """`tinymnist train` as one of torchrun's processes; without torchrun, `train` as it is.
+
+    `train` is run.train (passed in: run.py imports this file). Every process trains
+    the same way; only rank 0 speaks: the others get no output files, their log lines
+    go nowhere, and their errors still reach stderr.
+    """
+    cluster = from_env()
+    if cluster is None:
+        return train(config, resumed)
+    device = process_device(cluster, resolve_device(config.device))
+    check_batch_divides(config.batch_size, cluster)
+    # CUDA graphs replay kernels recorded once; an NCCL collective inside one is untested here.
+    config = replace(config, device=str(device), cuda_graphs=False)
+    if not cluster.leader:
+        config = replace(config, save_model=None, metrics=None)
+    join(cluster, device)
+    with contextlib.ExitStack() as stack:
+        stack.callback(leave)
+        if not cluster.leader:
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        stack.enter_context(peer_failures(cluster, kept=lambda: saved_epoch(config.save_model)))
+        return train(config, resumed, cluster)
+
+
+def saved_epoch(path: str | None) -> str:
+    """What --save-model holds now, read back (mmap: no tensor data is read)."""
+    if path is None:
+        return ""
+    try:
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    except Exception:  # no file yet, or not a checkpoint: nothing of this run is kept there
+        return ""
+    return f"; the checkpoint of epoch {epoch} is kept in {path}"
+
+
+# ---- the transform ----------------------------------------------------------------------
+
+
+def all_reduced(gradient: Gradient, cluster: Cluster) -> Gradient:
+    """The global batch's gradient, each process computing only its 1/N slice of it.
+
+    Each slice's mean-loss gradient, averaged over N equal slices, is the mean-loss
+    gradient of the whole batch. The gradients and the loss travel as one flat tensor:
+    one collective per step instead of one per parameter.
+    """
+    rank, world_size = cluster.rank, cluster.world_size
+    group = dist.group.WORLD
+
+    def reduced_gradient(params, images, labels, batch_idx):
+        share = len(batch_idx) // world_size  # check_batch_divides made this exact
+        mine = batch_idx[rank * share : (rank + 1) * share]  # (B/N,)
+        grads, loss = gradient(params, images, labels, mine)
+        flat = torch.cat([g.reshape(-1) for g in grads.values()] + [loss.reshape(1)])  # (P + 1,)
+        summed = functional.all_reduce(flat, "sum", group)  # (P + 1,), the same on every rank
+        mean = summed / world_size
+        pieces = mean[:-1].split([g.numel() for g in grads.values()])
+        return {k: p.view_as(g) for (k, g), p in zip(grads.items(), pieces)}, mean[-1]
+
+    return reduced_gradient
+
+
+# ---- randomness -------------------------------------------------------------------------
+
+
+def own_dropout(state: TrainState, seed: int, cluster: Cluster, device: torch.device) -> TrainState:
+    """The state with this rank's own dropout generator; parameters and shuffling untouched.
+
+    Rank 0 keeps the run's generator (so its masks are a single process's, and its
+    checkpoint resumes like one). Rank r > 0 draws from seed + r + N * epoch: distinct
+    from every other rank and from its own earlier epochs, the same on every rerun.
+    """
+    if cluster.leader:
+        return state
+    dropout_seed = seed + cluster.rank + cluster.world_size * state.epoch
+    rng = {**state.rng, "cpu": torch.Generator().manual_seed(dropout_seed).get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.Generator(device).manual_seed(dropout_seed).get_state()
+    return TrainState(state.params, state.opt_state, state.epoch, rng)
+
+
+# ---- faults -----------------------------------------------------------------------------
+
+
+# Words in the messages of gloo's and NCCL's failed collectives (the transport raises a
+# plain RuntimeError): any other error is a bug in this process and keeps its traceback.
+COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|c10d|connection|timed out|timeout", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def peer_failures(cluster: Cluster, kept: Callable[[], str] = str):
+    """A collective that failed (a peer died, or hung past COLLECTIVE_TIMEOUT) as one line,
+    ending with `kept()`: what this run has saved.
+
+    Gloo and NCCL name the peer's address, not its rank; with two processes the
+    peer is the other rank, with more it is one of them."""
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as e:
+        if not isinstance(e, dist.DistError) and not COLLECTIVE_FAILURE.search(str(e)):
+            raise
+        peer = f"rank {1 - cluster.rank}" if cluster.world_size == 2 else "another rank"
+        raise TinyMnistError(f"rank {cluster.rank} of {cluster.world_size}: lost {peer}, which stopped or did not "
+                             f"answer within {COLLECTIVE_TIMEOUT.seconds} s ({one_line(e)}){kept()}") from None  # fmt: skip
+
+
+def one_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an error message, cut at a word boundary."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + " ..."
