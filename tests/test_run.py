@@ -111,3 +111,62 @@ def test_help_shows_every_default_and_the_version_prints():
     assert "(cnn, or the checkpoint's)" in wide.stdout
     version = run("--version")
     assert version.exit_code == 0 and version.stdout.startswith("tinymnist ")
+
+
+def start_training(data_dir, *extra):
+    """A real `python -m tinymnist train` process (signals and exit codes need one), cnn in batches of 8."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "tinymnist", *map(str, train_args(data_dir, "--model", "cnn")),
+               "--batch-size", "8", "--log-interval", "1", "--epochs", "50", *map(str, extra)]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(process, prefix: str) -> None:
+    for line in process.stdout:
+        if line.startswith(prefix):
+            return
+    pytest.fail(f"the run ended before printing {prefix!r}: {process.stderr.read()}")
+
+
+def test_sigterm_exits_143_keeping_the_last_completed_epoch(tiny_split, tmp_path):
+    import signal
+
+    ckpt = tmp_path / "cnn.pt"
+    process = start_training(tiny_split, "--save-model", ckpt)
+    wait_for(process, "Train Epoch: 2")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1].startswith("tinymnist: interrupted by SIGTERM; the checkpoint of epoch 1")
+    assert "Traceback" not in stderr
+    assert checkpoint.load(ckpt, torch.device("cpu"))[1].epoch == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.pt"]  # no temp or lock file left
+
+
+def test_ctrl_c_in_the_first_epoch_leaves_an_earlier_checkpoint_alone(tiny_split, finished):
+    """A new run on a path that holds trained work writes nothing before its first epoch completes."""
+    import signal
+
+    ckpt, _ = finished
+    before = ckpt.read_bytes()
+    process = start_training(tiny_split, "--save-model", ckpt)
+    wait_for(process, "Train Epoch: 1")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "no epoch completed, nothing saved" in stderr and "Traceback" not in stderr
+    assert ckpt.read_bytes() == before
+
+
+def test_a_second_run_on_the_same_files_refuses_in_one_line(tiny_split, tmp_path):
+    ckpt, metrics = tmp_path / "same.pt", tmp_path / "same.jsonl"
+    first = start_training(tiny_split, "--save-model", ckpt, "--metrics", metrics)
+    try:
+        wait_for(first, "Train Epoch: 1")
+        second = run(*train_args(tiny_split, "--model", "mlp", "--save-model", ckpt, "--metrics", metrics))
+        assert_user_error(second, str(ckpt), "in use by another tinymnist run", f"pid {first.pid}")
+    finally:
+        first.kill()
+        first.communicate()
