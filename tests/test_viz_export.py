@@ -1,0 +1,177 @@
+"""`tinymnist export`: the tutorials' own nn.Modules load the state_dict strictly and agree with `eval`.
+
+The oracle is each seed tutorial's module, written here as the tutorial writes it.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.viz_helpers import assert_user_error, run_tinymnist, run_viz, train_checkpoint
+from tinymnist import models
+from tinymnist.config import RECIPES
+from tinymnist.idx import read_idx
+from tinymnist.viz.export import tutorial_state_dict
+
+
+class SimpleNN(nn.Module):  # seed 000
+    def __init__(self):
+        super(SimpleNN, self).__init__()  # noqa: UP008  (the tutorial's own words)
+        self.fc1 = nn.Linear(28 * 28, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = x.view(-1, 28 * 28)
+        x = self.fc1(x)
+        x = torch.relu(x)
+        x = self.fc2(x)
+        return x
+
+
+class Mlp3Net(torch.nn.Module):  # seed 002's Net; its caller flattens: net.forward(x.view(-1, 28*28))
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(28 * 28, 64)
+        self.fc2 = torch.nn.Linear(64, 64)
+        self.fc3 = torch.nn.Linear(64, 64)
+        self.fc4 = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.relu(self.fc1(x))
+        x = torch.nn.functional.relu(self.fc2(x))
+        x = torch.nn.functional.relu(self.fc3(x))
+        x = torch.nn.functional.log_softmax(self.fc4(x), dim=1)
+        return x
+
+
+class Net(nn.Module):  # seed 001: pytorch/examples mnist/main.py
+    def __init__(self):
+        super(Net, self).__init__()  # noqa: UP008  (the tutorial's own words)
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = F.relu(x)
+        x = self.conv2(x)
+        x = F.relu(x)
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = self.fc1(x)
+        x = F.relu(x)
+        x = self.dropout2(x)
+        x = self.fc2(x)
+        output = F.log_softmax(x, dim=1)
+        return output
+
+
+class LeNet(nn.Module):  # seed 003
+    def __init__(self):
+        super(LeNet, self).__init__()  # noqa: UP008  (the tutorial's own words)
+        self.conv1 = nn.Sequential(nn.Conv2d(1, 6, 5, 1, 2), nn.ReLU(), nn.MaxPool2d(kernel_size=2, stride=2))
+        self.conv2 = nn.Sequential(nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2, 2))
+        self.fc1 = nn.Sequential(nn.Linear(16 * 5 * 5, 120), nn.ReLU())
+        self.fc2 = nn.Sequential(nn.Linear(120, 84), nn.ReLU())
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = self.conv2(x)
+        x = x.view(x.size(0), -1)
+        x = self.fc1(x)
+        x = self.fc2(x)
+        output = self.fc3(x)
+        return output
+
+
+TUTORIAL = {"mlp": SimpleNN, "mlp3": Mlp3Net, "cnn": Net, "lenet": LeNet}
+
+
+def tutorial_forward(model_name: str, module: nn.Module, images_u8: torch.Tensor) -> torch.Tensor:
+    """What the tutorial does: ToTensor (pixels / 255), Normalize(mean, std), its own flattening."""
+    recipe = RECIPES[model_name]
+    x = (images_u8.unsqueeze(1).float() / 255 - recipe.mean) / recipe.std  # (B, 1, 28, 28)
+    if model_name == "mlp3":
+        x = x.view(-1, 28 * 28)
+    return module(x)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_name", list(TUTORIAL))
+def test_the_tutorial_module_loads_strictly_and_computes_what_apply_computes(model_name):
+    params = models.init_params(model_name, seed=3)
+    module = TUTORIAL[model_name]().eval()
+    module.load_state_dict(tutorial_state_dict(model_name, params), strict=True)
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    recipe = RECIPES[model_name]
+    ours = models.apply(model_name, params, (images.unsqueeze(1).float() / 255 - recipe.mean) / recipe.std)
+    torch.testing.assert_close(tutorial_forward(model_name, module, images), ours, rtol=0, atol=0)
+
+
+def load_exported(path):
+    if path.suffix == ".safetensors":
+        safetensors_torch = pytest.importorskip("safetensors.torch")
+        return safetensors_torch.load_file(str(path))
+    return torch.load(path, weights_only=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_name", list(TUTORIAL))
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_an_export_reproduces_evals_correct_count_exactly(tiny_split, tmp_path, model_name, suffix):
+    checkpoint = train_checkpoint(tiny_split, tmp_path / "run.pt", model_name, "--epochs", "1", "--batch-size", "32")
+    result = run_viz("export", checkpoint, "-o", tmp_path / f"model{suffix}")
+    assert result.exit_code == 0, result.output
+    module = TUTORIAL[model_name]().eval()
+    module.load_state_dict(load_exported(tmp_path / f"model{suffix}"), strict=True)
+
+    images = read_idx(tiny_split / "t10k-images-idx3-ubyte.gz")  # (200, 28, 28) uint8
+    labels = read_idx(tiny_split / "t10k-labels-idx1-ubyte.gz").long()
+    batch = RECIPES[model_name].test_batch_size  # as the tutorial's test loader batches
+    correct = sum(
+        int((tutorial_forward(model_name, module, images[i : i + batch]).argmax(dim=1) == labels[i : i + batch]).sum())
+        for i in range(0, len(images), batch)
+    )
+    evaluated = run_tinymnist(
+        "eval", checkpoint, "--json", "--data-dir", tiny_split, "--no-download", "--device", "cpu"
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    assert correct == json.loads(evaluated.stdout.strip().splitlines()[-1])["correct"]
+
+
+def test_safetensors_metadata_names_the_model_and_its_input_scaling(tiny_split, tmp_path):
+    safe_open = pytest.importorskip("safetensors").safe_open
+    checkpoint = train_checkpoint(tiny_split, tmp_path / "cnn.pt", "cnn", "--epochs", "1")
+    assert run_viz("export", checkpoint, "-o", tmp_path / "cnn.safetensors").exit_code == 0
+    with safe_open(str(tmp_path / "cnn.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"model": "cnn", "mean": "0.1307", "std": "0.3081"}
+
+
+def test_a_wrong_suffix_or_a_missing_checkpoint_is_a_one_line_error(tiny_split, tmp_path):
+    checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
+    assert_user_error(run_viz("export", checkpoint, "-o", tmp_path / "model.npz"), "model.npz", ".safetensors")
+    assert_user_error(run_viz("export", tmp_path / "absent.pt", "-o", tmp_path / "m.pt"), "absent.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
+
+
+def test_a_failed_write_keeps_the_previous_export_and_leaves_no_temp_file(tiny_split, tmp_path, monkeypatch):
+    checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"the previous export")
+
+    def save_half_then_fail(obj, f):
+        f.write(b"half a state_dict")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    assert_user_error(run_viz("export", checkpoint, "-o", target), "model.pt", "No space left on device")
+    assert target.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt", "model.pt"]

@@ -1,0 +1,115 @@
+"""The picture commands: `tinymnist plot`, `predict` and `export`.
+
+`register(app)` adds them to the main typer app. Like every tinymnist command, a
+mistake the user can fix ends in one stderr line and exit status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+
+from tinymnist import checkpoint, data
+from tinymnist.devices import resolve_device
+from tinymnist.errors import TinyMnistError
+from tinymnist.viz import predict as run
+from tinymnist.viz.curves import write_curves_png
+from tinymnist.viz.digits import plain_digits, terminal_digits, write_digits_png
+from tinymnist.viz.export import export_state_dict
+from tinymnist.viz.runs import read_runs
+from tinymnist.viz.textplot import numbers_table, text_plot
+
+
+def register(app: typer.Typer) -> None:
+    """Add plot, predict and export to `app`, each wrapped like every tinymnist command."""
+    from tinymnist.cli import user_errors  # here, not above: cli.py imports this module to call register
+
+    app.command("plot")(user_errors(plot))
+    app.command("predict")(user_errors(predict))
+    app.command("export")(user_errors(export))
+
+
+def plot(
+    metrics: list[Path] = typer.Argument(..., metavar="METRICS.jsonl...", help="Files written by train --metrics."),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="Write a PNG here; without it, draw in the terminal.", show_default=True
+    ),
+):
+    """Loss and accuracy per epoch, one line per run: in the terminal, or as a PNG with -o."""
+    runs = read_runs(metrics)
+    if output is not None:
+        write_curves_png(runs, output)
+        print(f"wrote {output}")
+        return
+    console = Console()
+    if console.is_terminal:
+        console.print(text_plot(runs, console.width))
+    else:  # a pipe or a log: the numbers, which grep and diff can use
+        print(numbers_table(runs))
+
+
+def predict(
+    checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT", help="A file written by train --save-model."),
+    count: int = typer.Option(16, "--count", help="How many test digits to show.", show_default=True),
+    wrong: bool = typer.Option(
+        False, "--wrong", help="Only misclassified test digits, the most confident first.", show_default=True
+    ),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="Write the digits as a PNG grid instead of drawing them.", show_default=True
+    ),
+    image: list[Path] | None = typer.Option(
+        None, "--image", help="Your own PNG/JPEG of a digit, instead of test digits; repeat for more."
+    ),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Folder of the MNIST test files; default: $TINYMNIST_DATA, else ./data."
+    ),
+    no_download: bool = typer.Option(False, "--no-download", help="Fail instead of downloading missing test files."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps.", show_default=True),
+):
+    """Digits with the checkpoint's prediction and probability: test digits, or --image files."""
+    if count < 1:
+        raise TinyMnistError(f"--count {count}: must be at least 1")
+    if image and wrong:
+        raise TinyMnistError("--wrong picks misclassified test digits; your --image files have no true label")
+    dev = resolve_device(device)
+    config, state = checkpoint.load(checkpoint_path, dev)
+    model = config["model"]
+    if image:
+        results = run.predict_images(model, state.params, image, dev)
+        for digit, top in results:
+            alternatives = ", ".join(f"{d} {100 * p:.1f}%" for d, p in top)
+            print(f"{digit.name}: {digit.predicted} ({100 * digit.probability:.1f}%); top {len(top)}: {alternatives}")
+        digits = [digit for digit, _ in results]  # as the network saw them: 28x28, centred
+    else:
+        images, labels = data.load_test_split(data.resolve_data_dir(data_dir), dev, download=not no_download)
+        probs = run.probabilities(model, state.params, images)  # (N, 10)
+        wrong_count = int((probs.argmax(dim=1) != labels).sum())
+        digits = run.test_digits(probs, images, labels, run.pick(probs, labels, count, wrong))
+        what = f"the {len(digits)} most confident mistakes" if wrong else f"the first {len(digits)} test digits"
+        print(f"{model} after {state.epoch} epochs: {wrong_count} of {len(labels)} test digits wrong; {what}:")
+        if not digits:
+            return
+    if output is not None:
+        write_digits_png(digits, output)
+        print(f"wrote {output}")
+        return
+    console = Console()
+    if console.is_terminal:
+        console.print(terminal_digits(digits, console.width))
+    else:
+        console.print(plain_digits(digits, console.width))
+
+
+def export(
+    checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT", help="A file written by train --save-model."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="model.pt, model.pth or model.safetensors; the suffix picks the format."
+    ),
+):
+    """A plain state_dict that the tutorial's own nn.Module loads with strict=True."""
+    config, state = checkpoint.load(checkpoint_path, torch.device("cpu"))
+    export_state_dict(config["model"], state.params, output)
+    print(f"wrote {output}: the {config['model']} state_dict after {state.epoch} epochs, for the tutorial's nn.Module")

@@ -1,0 +1,56 @@
+"""`tinymnist export CHECKPOINT -o model.pt`: the weights as the tutorial's own nn.Module loads them.
+
+A checkpoint's params already carry the tutorials' parameter names (`conv1.weight`,
+`fc1.bias`, ...), with one exception: the LeNet tutorial wraps each layer with its
+activation (and pool) in an `nn.Sequential`, so its state_dict says `conv1.0.weight`
+where ours says `conv1.weight`. `TUTORIAL_MODULE_NAMES` holds those renames; the
+result loads with `load_state_dict(..., strict=True)` and computes exactly what
+`tinymnist eval` computes.
+
+    model.pt, model.pth    torch.save(state_dict); read it back with torch.load(path, weights_only=True)
+    model.safetensors      safetensors: no pickle, readable from other languages; the metadata
+                           holds the model name and its input scaling (mean, std)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tinymnist.config import RECIPES
+from tinymnist.errors import TinyMnistError
+from tinymnist.viz.atomic import atomic_output
+from tinymnist.viz.extras import require
+
+# tinymnist module name -> the tutorial's, where they differ (seed 003's nn.Sequential blocks).
+TUTORIAL_MODULE_NAMES = {"lenet": {"conv1": "conv1.0", "conv2": "conv2.0", "fc1": "fc1.0", "fc2": "fc2.0"}}
+SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+def tutorial_state_dict(model: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The params under the tutorial module's state_dict names, on the CPU, contiguous."""
+    renames = TUTORIAL_MODULE_NAMES.get(model, {})
+    state = {}
+    for name, tensor in params.items():
+        module, _, kind = name.rpartition(".")  # "conv1", "weight"
+        state[f"{renames.get(module, module)}.{kind}"] = tensor.detach().cpu().contiguous()
+    return state
+
+
+def export_state_dict(model: str, params: dict[str, torch.Tensor], path: Path) -> None:
+    """Write the tutorial-named state_dict to `path` atomically, in the format its suffix names."""
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise TinyMnistError(f"-o {path}: name the file .pt, .pth or .safetensors; the suffix picks the format")
+    state = tutorial_state_dict(model, params)
+    if path.suffix.lower() == ".safetensors":
+        safetensors_torch = require("safetensors.torch", "export to .safetensors")
+        recipe = RECIPES[model]
+        metadata = {"model": model, "mean": repr(recipe.mean), "std": repr(recipe.std)}  # safetensors wants strings
+        payload = safetensors_torch.save(state, metadata=metadata)
+        with atomic_output(path) as f:
+            f.write(payload)
+    else:
+        with atomic_output(path) as f:
+            torch.save(state, f)

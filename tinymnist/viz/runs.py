@@ -1,0 +1,139 @@
+"""Read `--metrics` files (JSON Lines) into curves: one per run, per quantity, per epoch.
+
+Each line is one evaluation: {"epoch", "train_loss", "test_loss", "test_accuracy",
+"correct", "total", "lr", ...}; epoch 0 is the untrained network (train_loss null).
+A multi-model run adds "seed" and "lr" to every line, and an `"ensemble": true` line
+per evaluation. A file becomes:
+
+    single run            one Run, the values themselves
+    multi-model run       one Run per learning rate: the mean over its seeds, with the
+                          min and max as a band (a band across learning rates would mix
+                          different experiments), plus one Run for the ensemble
+
+Accuracy is plotted as an error rate on a log axis, labelled as accuracy: 98% and 99%
+are 2% and 1% error, a factor of 2 apart, as far apart as 80% and 90%, so the last
+epochs stay readable in the same picture as the untrained 10%. A zoomed linear axis
+could not show epoch 0 and the plateau at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinymnist.errors import TinyMnistError
+
+QUANTITIES = ("train_loss", "test_loss", "test_accuracy")
+TITLES = {"train_loss": "train loss", "test_loss": "test loss", "test_accuracy": "test accuracy"}
+# Accuracy ticks on the log error axis, as accuracies (error = 1 - accuracy).
+MNIST_TEST_IMAGES = 10_000  # the test set size, for a file that does not record its own
+ACCURACY_TICKS = (0.1, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
+
+
+@dataclass(frozen=True)
+class Series:
+    """One quantity of one run: a value per epoch; low/high the band over models (or None)."""
+
+    epochs: tuple[int, ...]
+    values: tuple[float, ...]
+    low: tuple[float, ...] | None = None
+    high: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str  # the file's name, plus "lr=…", "(N seeds)" or "ensemble"
+    series: dict[str, Series]  # quantity (QUANTITIES) -> its values; a quantity never logged is absent
+    models: int = 1  # how many models the values are the mean of
+    total: int | None = None  # test images per evaluation: the smallest error it can measure
+    ensemble: bool = False  # the models' averaged probabilities, not one model
+
+
+def error_rate(accuracy: float, total: int | None) -> float:
+    """1 - accuracy, kept above 0 for the log axis: a perfect score shows as half an error."""
+    return max(1.0 - accuracy, 0.5 / (total or MNIST_TEST_IMAGES))
+
+
+def read_runs(paths: list[Path]) -> list[Run]:
+    """Every run in the given metrics files, in the order given."""
+    runs: list[Run] = []
+    for path in paths:
+        runs.extend(runs_of_file(path, read_records(path)))
+    return runs
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON objects of a metrics file, each checked for the keys a plot needs."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise TinyMnistError(f"metrics file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinyMnistError(f"metrics file {path}: cannot be read ({e})") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TinyMnistError(
+                f"metrics file {path}, line {number}: not JSON ({e.msg}); is it a --metrics file?"
+            ) from None
+        missing = {"epoch", "test_loss", "test_accuracy"} - set(record) if isinstance(record, dict) else {"epoch"}
+        if missing:
+            raise TinyMnistError(f"metrics file {path}, line {number}: lacks {', '.join(sorted(missing))}")
+        records.append(record)
+    if not records:
+        raise TinyMnistError(f"metrics file {path}: holds no evaluations; train with --metrics {path} first")
+    return records
+
+
+def runs_of_file(path: Path, records: list[dict]) -> list[Run]:
+    """Group one file's records into runs (see the module docstring)."""
+    name = Path(path).name
+    total = next((r["total"] for r in records if isinstance(r.get("total"), int)), None)
+    models = [r for r in records if not r.get("ensemble")]
+    ensemble = [r for r in records if r.get("ensemble")]
+    if not any("seed" in r for r in models):
+        runs = [Run(name, summarize([models]), total=total)]
+    else:
+        by_lr: dict = defaultdict(lambda: defaultdict(list))  # lr -> seed -> records
+        for r in models:
+            by_lr[r.get("lr")][r.get("seed")].append(r)
+        runs = []
+        for lr, by_seed in by_lr.items():
+            lr_label = f" lr={lr:g}" if len(by_lr) > 1 and isinstance(lr, (int, float)) else ""
+            label = f"{name}{lr_label} ({len(by_seed)} seeds)"
+            runs.append(Run(label, summarize(list(by_seed.values())), len(by_seed), total))
+    if ensemble:
+        runs.append(Run(f"{name} ensemble", summarize([ensemble]), total=total, ensemble=True))
+    return runs
+
+
+def summarize(models: list[list[dict]]) -> dict[str, Series]:
+    """The per-epoch mean of each quantity over the models, with min and max when there are several.
+
+    A resumed run appends to its file, so an epoch may appear twice: the last line counts.
+    """
+    per_model = [{r["epoch"]: r for r in records} for records in models]  # the last line per epoch wins
+    out = {}
+    for quantity in QUANTITIES:
+        epochs, values, low, high = [], [], [], []
+        for epoch in sorted(set().union(*per_model)):
+            found = [m[epoch][quantity] for m in per_model if epoch in m]
+            found = [v for v in found if isinstance(v, (int, float)) and math.isfinite(v)]
+            if found:
+                epochs.append(int(epoch))
+                values.append(sum(found) / len(found))
+                low.append(min(found))
+                high.append(max(found))
+        if epochs:
+            band = len(models) > 1
+            out[quantity] = Series(
+                tuple(epochs), tuple(values), tuple(low) if band else None, tuple(high) if band else None
+            )
+    return out
