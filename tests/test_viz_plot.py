@@ -75,6 +75,10 @@ def test_a_multi_model_file_gives_mean_and_band_per_learning_rate_and_the_ensemb
         ("", "holds no evaluations"),
         ("{not json\n", "line 1: not JSON"),
         ('{"epoch": 0}\n', "lacks test_accuracy, test_loss"),
+        (
+            '\n{"epoch": "1", "test_loss": 0.1, "test_accuracy": 0.9}\n',
+            "line 2: epoch, test_loss or test_accuracy is not",
+        ),
     ],
 )
 def test_a_bad_metrics_file_is_a_one_line_error(tmp_path, content, fragment):

@@ -15,10 +15,11 @@ from rich.console import Console
 from tinymnist import checkpoint, data
 from tinymnist.devices import resolve_device
 from tinymnist.errors import TinyMnistError
-from tinymnist.viz import predict as run
+from tinymnist.transforms import use_tf32_matmuls
 from tinymnist.viz.curves import write_curves_png
 from tinymnist.viz.digits import plain_digits, terminal_digits, write_digits_png
 from tinymnist.viz.export import export_state_dict
+from tinymnist.viz.predict import labelled_digits, pick, predict_images, probabilities
 from tinymnist.viz.runs import read_runs
 from tinymnist.viz.textplot import numbers_table, text_plot
 
@@ -61,10 +62,10 @@ def predict(
         None, "-o", "--output", help="Write the digits as a PNG grid instead of drawing them.", show_default=True
     ),
     image: list[Path] | None = typer.Option(
-        None, "--image", help="Your own PNG/JPEG of a digit, instead of test digits; repeat for more."
+        None, "--image", metavar="FILE", help="Your own PNG/JPEG of a digit, instead of test digits; repeat for more."
     ),
     data_dir: Path | None = typer.Option(
-        None, "--data-dir", help="Folder of the MNIST test files; default: $TINYMNIST_DATA, else ./data."
+        None, "--data-dir", help="Folder of the MNIST test files.", show_default="$TINYMNIST_DATA or ./data"
     ),
     no_download: bool = typer.Option(False, "--no-download", help="Fail instead of downloading missing test files."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps.", show_default=True),
@@ -75,19 +76,20 @@ def predict(
     if image and wrong:
         raise TinyMnistError("--wrong picks misclassified test digits; your --image files have no true label")
     dev = resolve_device(device)
+    use_tf32_matmuls(dev)  # as train and eval compute, so the mistakes are the ones eval counts
     config, state = checkpoint.load(checkpoint_path, dev)
     model = config["model"]
     if image:
-        results = run.predict_images(model, state.params, image, dev)
+        results = predict_images(model, state.params, image, dev)
         for digit, top in results:
             alternatives = ", ".join(f"{d} {100 * p:.1f}%" for d, p in top)
             print(f"{digit.name}: {digit.predicted} ({100 * digit.probability:.1f}%); top {len(top)}: {alternatives}")
         digits = [digit for digit, _ in results]  # as the network saw them: 28x28, centred
     else:
         images, labels = data.load_test_split(data.resolve_data_dir(data_dir), dev, download=not no_download)
-        probs = run.probabilities(model, state.params, images)  # (N, 10)
+        probs = probabilities(model, state.params, images)  # (N, 10)
         wrong_count = int((probs.argmax(dim=1) != labels).sum())
-        digits = run.test_digits(probs, images, labels, run.pick(probs, labels, count, wrong))
+        digits = labelled_digits(probs, images, labels, pick(probs, labels, count, wrong))
         what = f"the {len(digits)} most confident mistakes" if wrong else f"the first {len(digits)} test digits"
         print(f"{model} after {state.epoch} epochs: {wrong_count} of {len(labels)} test digits wrong; {what}:")
         if not digits:

@@ -16,7 +16,7 @@ from tinymnist.config import RECIPES
 from tinymnist.viz.digits import Digit
 from tinymnist.viz.preprocess import mnist_digit, read_grey
 
-CHUNK = 1000  # images per forward pass: the recipes' test batch, a few MB of activations
+CHUNK = 1000  # images per forward pass, the recipes' test batch: cnn's largest activation is then 147 MB
 TOP = 3  # alternatives printed for an image of your own
 
 
@@ -51,7 +51,10 @@ def pick(probs: torch.Tensor, labels: torch.Tensor, count: int, wrong_only: bool
     return wrong[order][:count]
 
 
-def test_digits(probs: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> list[Digit]:
+def labelled_digits(
+    probs: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+) -> list[Digit]:
+    """The test digits at `indices`, each with its prediction, probability and true label."""
     confidence, predicted = probs.max(dim=1)
     return [
         Digit(images[i].cpu(), f"#{i}", int(predicted[i]), float(confidence[i]), int(labels[i]))

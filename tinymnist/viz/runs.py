@@ -86,6 +86,11 @@ def read_records(path: Path) -> list[dict]:
         missing = {"epoch", "test_loss", "test_accuracy"} - set(record) if isinstance(record, dict) else {"epoch"}
         if missing:
             raise TinyMnistError(f"metrics file {path}, line {number}: lacks {', '.join(sorted(missing))}")
+        numbers = (record["test_loss"], record["test_accuracy"])
+        if not isinstance(record["epoch"], int) or not all(isinstance(v, (int, float)) for v in numbers):
+            raise TinyMnistError(
+                f"metrics file {path}, line {number}: epoch, test_loss or test_accuracy is not a number"
+            )
         records.append(record)
     if not records:
         raise TinyMnistError(f"metrics file {path}: holds no evaluations; train with --metrics {path} first")
@@ -107,7 +112,7 @@ def runs_of_file(path: Path, records: list[dict]) -> list[Run]:
         runs = []
         for lr, by_seed in by_lr.items():
             lr_label = f" lr={lr:g}" if len(by_lr) > 1 and isinstance(lr, (int, float)) else ""
-            label = f"{name}{lr_label} ({len(by_seed)} seeds)"
+            label = f"{name}{lr_label} ({len(by_seed)} seed{'s' if len(by_seed) > 1 else ''})"
             runs.append(Run(label, summarize(list(by_seed.values())), len(by_seed), total))
     if ensemble:
         runs.append(Run(f"{name} ensemble", summarize([ensemble]), total=total, ensemble=True))
