@@ -16,8 +16,14 @@ from tinymnist.errors import TinyMnistError
 
 INSTALL = "pip install 'tinymnist[viz]'"
 
-# The distribution that provides each module (they differ for pillow).
-PACKAGE_OF = {"matplotlib": "matplotlib", "PIL": "pillow", "safetensors": "safetensors", "torch": "tensorboard"}
+# The package to install for each module we import (pillow's is PIL; torch's TensorBoard
+# writer is part of torch but needs the tensorboard package).
+PACKAGE_OF = {
+    "matplotlib": "matplotlib",
+    "PIL": "pillow",
+    "safetensors": "safetensors",
+    "torch.utils.tensorboard": "tensorboard",
+}
 
 
 def require(module: str, purpose: str) -> ModuleType:
@@ -28,5 +34,5 @@ def require(module: str, purpose: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:  # torch.utils.tensorboard raises it too when tensorboard is missing
-        package = PACKAGE_OF.get(module.split(".")[0], module)
+        package = next((p for m, p in PACKAGE_OF.items() if module == m or module.startswith(m + ".")), module)
         raise TinyMnistError(f"{purpose} needs {package}, which is not installed; run {INSTALL}") from None
