@@ -26,14 +26,14 @@ import typing
 import torch
 
 from tinymnist import models, optim
-from tinymnist.config import TrainConfig, validate
+from tinymnist.config import TrainConfig, model_grid, validate
 from tinymnist.errors import TinyMnistError
 
 FORMAT = "tinymnist-checkpoint-v1"
 ENTRIES = ("format", "config", "epoch", "params", "opt_state", "rng")
 # TrainConfig fields added after the first checkpoints were written: a checkpoint
 # without them loads, and they take their defaults.
-ADDED_FIELDS = {"micro_batch", "cuda_graphs"}
+ADDED_FIELDS = {"micro_batch", "cuda_graphs", "seeds", "lrs"}
 # Generator states a checkpoint may hold, and whether it must: the global CPU generator
 # (dropout), the run's shuffling generator (added later), the CUDA generator of a CUDA run.
 RNG_STATES = {"cpu": True, "shuffle": False, "cuda": False}
@@ -57,13 +57,24 @@ def check_payload(payload, device: torch.device) -> tuple[dict, dict, dict, int,
     epoch = payload["epoch"]
     if type(epoch) is not int or epoch < 0:
         raise Damaged(f"its epoch is {brief(repr(epoch))}, not a whole number >= 0; {UNFIT}")
-    expected = expected_params(config["model"])
+    # N models (ensemble.py) stack every tensor along a leading dim N, the shuffling state too.
+    n = len(model_grid(TrainConfig(**config)))
+    one_model = expected_params(config["model"])
+    expected = expected_params(config["model"], n if n > 1 else None)
     params = _match(payload["params"], expected, f"params do not match model {config['model']!r}")
     opt_state = _match(
-        payload["opt_state"], expected_opt_state(config["optimizer"], expected),
+        payload["opt_state"], _stacked(expected_opt_state(config["optimizer"], one_model), n),
         f"the optimizer state does not match {config['optimizer']}",
     )  # fmt: skip
-    return config, params, opt_state, epoch, check_rng(payload["rng"], device)
+    return config, params, opt_state, epoch, check_rng(payload["rng"], device, n)
+
+
+def _stacked(tree, n: int):
+    """A meta tree with a leading dim N on every leaf; unchanged for one model."""
+    if n == 1:
+        return tree
+    return {k: _stacked(v, n) if isinstance(v, dict) else torch.empty((n, *v.shape), dtype=v.dtype, device="meta")
+            for k, v in tree.items()}  # fmt: skip
 
 
 def expected_params(model: str, n_models: int | None = None) -> dict[str, torch.Tensor]:
@@ -97,23 +108,29 @@ def check_config(config) -> dict:
         raise Damaged(f"its stored config is invalid: {e}") from None
 
 
-def check_rng(rng, device: torch.device) -> dict:
-    """RNG_STATES, each a byte tensor that a fresh generator of its kind accepts."""
+def check_rng(rng, device: torch.device, n_models: int = 1) -> dict:
+    """RNG_STATES, each a byte tensor that a fresh generator of its kind accepts; with N
+    models, "shuffle" is (N, bytes): one state per model."""
     if not isinstance(rng, dict):
         raise Damaged(f"its rng is {_a(rng)}, not a dict; {UNFIT}")
-    _same_keys("its rng", rng, [k for k, required in RNG_STATES.items() if required], optional=RNG_STATES)
+    required = [k for k, needed in RNG_STATES.items() if needed or (k == "shuffle" and n_models > 1)]
+    _same_keys("its rng", rng, required, optional=RNG_STATES)
     checked = {}
     for name, state in rng.items():
         where = f"its {name} generator state"
-        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
-            raise Damaged(f"{where} is not a 1-d uint8 tensor; {UNFIT}")
+        rows = n_models if name == "shuffle" and n_models > 1 else None
+        if (not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != (1 if rows is None else 2)
+                or (rows is not None and len(state) != rows)):  # fmt: skip
+            shape = "a 1-d uint8 tensor" if rows is None else f"a uint8 tensor of {rows} rows, one per model"
+            raise Damaged(f"{where} is not {shape}; {UNFIT}")
         _check_dense(state, where)
         generator = _fresh_generator(name, device)
         if generator is not None:  # a CUDA state is only checked where it will be restored
-            try:
-                generator.set_state(state)
-            except RuntimeError as e:
-                raise Damaged(f"{where} is invalid ({brief(str(e))}); {UNFIT}") from None
+            for one in [state] if rows is None else state:
+                try:
+                    generator.set_state(one.clone())  # a row as a view crashed torch 2.13
+                except RuntimeError as e:
+                    raise Damaged(f"{where} is invalid ({brief(str(e))}); {UNFIT}") from None
         checked[name] = state.clone()
     return checked
 

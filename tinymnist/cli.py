@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tinymnist import __version__, checkpoint, data, distributed, interrupts, models, run
-from tinymnist.config import RECIPES, TrainConfig, recipe_config
+from tinymnist.config import RECIPES, TrainConfig, model_grid, parse_lrs, recipe_config
 from tinymnist.devices import accelerator_report, check_compilable, resolve_device
 from tinymnist.errors import TinyMnistError
 from tinymnist.report import json_line, test_line
@@ -77,8 +77,11 @@ def train(
     test_batch_size: int | None = typer.Option(None, help="Images per evaluation chunk.", show_default="the recipe's"),
     epochs: int | None = typer.Option(None, help="Total epochs; with --resume, continue up to this one.",
                                       show_default="the recipe's, or the checkpoint's"),
-    lr: float | None = typer.Option(None, help="Learning rate of epoch 1.",
-                                    show_default="the recipe's; torch.optim's for another --optimizer"),
+    lr: str | None = typer.Option(None, help="Learning rate of epoch 1; a comma-separated list (0.5,1,2) trains "
+                                  "one model per rate, all at once.",
+                                  show_default="the recipe's; torch.optim's for another --optimizer"),
+    seeds: int | None = typer.Option(None, help="Train this many models at once, seeded --seed, --seed+1, ... "
+                                     "(with an --lr list: per rate).", show_default="1"),
     gamma: float | None = typer.Option(None, help="Multiply the learning rate by this after every epoch (StepLR).",
                                        show_default="the recipe's"),
     seed: int | None = typer.Option(None, help="Seeds init, shuffling and dropout.", show_default="1"),
@@ -108,7 +111,8 @@ def train(
         raise TinyMnistError(f"--no-accel means --device cpu, but --device {device} was given; pass only one")
     flags = dict(
         model=model, optimizer=optimizer, batch_size=batch_size, test_batch_size=test_batch_size, epochs=epochs,
-        lr=lr, gamma=gamma, seed=seed, log_interval=log_interval, dry_run=dry_run or None, compile=compile,
+        **lr_flags(lr), seeds=seeds, gamma=gamma, seed=seed, log_interval=log_interval, dry_run=dry_run or None,
+        compile=compile,
         micro_batch=micro_batch, cuda_graphs=cuda_graphs, device="cpu" if no_accel else device or "auto",
         data_dir=str(data.resolve_data_dir(data_dir)), download=not no_download,
         save_model=save_model and str(save_model), metrics=metrics and str(metrics), resume=resume and str(resume),
@@ -126,6 +130,14 @@ def train(
     distributed.launch(run.train, config, state)  # under torchrun: one of N processes; else run.train
 
 
+def lr_flags(text: str | None) -> dict:
+    """--lr as config fields: one rate is `lr` (a single run), a list is `lrs` too (one model per rate)."""
+    if text is None:
+        return {"lr": None}
+    rates = parse_lrs(text)
+    return {"lr": rates[0]} if len(rates) == 1 else {"lr": rates[0], "lrs": rates}
+
+
 @app.command("eval")
 @user_errors
 def eval_command(
@@ -141,6 +153,11 @@ def eval_command(
     saved_config, state = checkpoint.load(checkpoint_path, dev)
     config = TrainConfig(**saved_config)
     images, labels = data.load_test_split(data.resolve_data_dir(data_dir), dev, download=not no_download)
+    if len(model_grid(config)) > 1:  # a checkpoint of N models (--seeds, --lr list): each, then the ensemble
+        from tinymnist.ensemble_run import eval_lines
+
+        print("\n".join(eval_lines(config, state, images, labels, json_output)))
+        return
     result = evaluate(config, state.params, images, labels)
     record = {"model": config.model, "epoch": state.epoch, "test_loss": result.loss, "test_accuracy": result.accuracy,
               "correct": result.correct, "total": result.total}  # fmt: skip

@@ -71,6 +71,9 @@ class TrainConfig:
     save_model: str | None = None  # checkpoint path, rewritten at every epoch end
     metrics: str | None = None  # JSON Lines path, one object per evaluation
     resume: str | None = None  # checkpoint to continue from
+    # N models at once (ensemble.py): seeds seed .. seed+seeds-1, for each rate in lrs.
+    seeds: int = 1  # consecutive seeds, one model each
+    lrs: list[float] | None = None  # a learning-rate sweep, one model per rate and seed; None: just lr
 
     @property
     def recipe(self) -> Recipe:
@@ -128,7 +131,48 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise TinyMnistError(f"--seed must be between 0 and 2**63-1, got {config.seed}")
     if config.micro_batch is not None and (not isinstance(config.micro_batch, int) or config.micro_batch < 0):
         raise TinyMnistError(f"--micro-batch must be 0 (whole batch) or positive, got {config.micro_batch}")
+    validate_models(config)
     return config
+
+
+def validate_models(config: TrainConfig) -> None:
+    """--seeds and a --lr list: at least one model, seeds in range, every rate usable and distinct."""
+    from tinymnist.errors import TinyMnistError
+
+    if not isinstance(config.seeds, int) or isinstance(config.seeds, bool) or config.seeds < 1:
+        raise TinyMnistError(f"--seeds must be a whole number of models, 1 or more, got {config.seeds!r}")
+    if config.seed + config.seeds - 1 > MAX_SEED:
+        raise TinyMnistError(f"--seed {config.seed} with --seeds {config.seeds} runs past 2**63-1; lower either")
+    if config.lrs is not None:
+        if not isinstance(config.lrs, list) or not config.lrs:
+            raise TinyMnistError(f"--lr must list at least one learning rate, got {config.lrs!r}")
+        for lr in config.lrs:
+            if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf"):
+                raise TinyMnistError(f"--lr: every learning rate must be positive and finite, got {lr!r}")
+        if len(set(config.lrs)) != len(config.lrs):
+            raise TinyMnistError(f"--lr lists a learning rate twice ({config.lrs}); give each once")
+
+
+def model_grid(config: TrainConfig) -> list[tuple[float, int]]:
+    """Every (lr, seed) pair the config trains, one model each, rate-major; one pair for a single run."""
+    return [(lr, seed) for lr in config.lrs or [config.lr] for seed in range(config.seed, config.seed + config.seeds)]
+
+
+def parse_lrs(text: str) -> list[float]:
+    """`--lr 0.5,1,2` as [0.5, 1.0, 2.0], or a one-line error naming the bad item."""
+    from tinymnist.errors import TinyMnistError
+
+    rates = []
+    for item in text.split(","):
+        try:
+            rate = float(item)
+        except ValueError:
+            what = "an empty item" if not item.strip() else f"{item.strip()!r}, not a number"
+            raise TinyMnistError(f"--lr {text}: {what}; give learning rates like --lr 0.5,1,2") from None
+        if not 0 < rate < float("inf"):  # also NaN
+            raise TinyMnistError(f"--lr {text}: {item.strip()} is not a positive, finite learning rate")
+        rates.append(rate)
+    return rates
 
 
 def check_batch_fits(config: TrainConfig, n_train: int) -> None:

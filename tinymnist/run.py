@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 
 from tinymnist import checkpoint, data, distributed, interrupts, optim, outputs, transforms
-from tinymnist.config import TrainConfig, check_batch_fits, validate
+from tinymnist.config import TrainConfig, check_batch_fits, model_grid, validate
 from tinymnist.devices import check_compilable, cpu_compiler, resolve_device
 from tinymnist.errors import TinyMnistError
 from tinymnist.report import LineReporter, MetricsFile, ProgressReporter, Reporters
@@ -32,7 +32,7 @@ from tinymnist.train import FitResult, NonFiniteLoss, TrainState, fit, initial_s
 # it (device, data, compile, output files) comes from the command that resumes it, so a
 # resumed run writes only where its own command says.
 TRAINED_FIELDS = ("model", "optimizer", "lr", "gamma", "batch_size", "test_batch_size", "epochs", "seed",
-                  "log_interval")  # fmt: skip
+                  "log_interval", "seeds", "lrs")  # fmt: skip
 
 
 class Finished(Exception):
@@ -48,6 +48,9 @@ def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
                                  f"({saved_config[flag]}); leave it out")  # fmt: skip
     trained = {k: saved_config[k] for k in TRAINED_FIELDS}
     config = TrainConfig(**{**trained, **{k: v for k, v in flags.items() if v is not None}})
+    grid, saved_grid = model_grid(config), model_grid(TrainConfig(**trained))
+    if max(len(grid), len(saved_grid)) > 1 and grid != saved_grid:  # N models: the stacked state fixes which
+        raise TinyMnistError(f"--seed/--seeds/--lr do not match the models of checkpoint {path}; leave them out")
     if state.epoch >= config.epochs:
         raise Finished(f"checkpoint {path} has completed {state.epoch} epochs of --epochs {config.epochs}; "
                        f"nothing to train (pass --epochs {state.epoch + 1} or more to continue)")  # fmt: skip
@@ -72,6 +75,12 @@ def train(config: TrainConfig, resumed: TrainState | None = None,
         mnist = load_data(Path(config.data_dir), device, config.download)
         check_batch_fits(config, len(mnist.train_images))
         optimizer = optim.OPTIMIZERS[config.optimizer]()
+        if len(model_grid(config)) > 1:  # N models in one vmapped step: --seeds, --lr a,b (ensemble_run.py)
+            from tinymnist.ensemble_run import train_many
+
+            if cluster is not None:
+                raise TinyMnistError("--seeds and --lr lists train on one device; run them without torchrun")
+            return train_many(config, mnist, optimizer, device, resumed, paths.get("--metrics"))
         state = initial_state(config, optimizer, device) if resumed is None else checkpoint.to_device(resumed, device)
         data_parallel = None
         if cluster is not None:  # one of torchrun's processes (distributed.launch)

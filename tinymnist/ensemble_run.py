@@ -1,0 +1,78 @@
+"""`tinymnist train --seeds N` / `--lr a,b,c` around ensemble_fit.fit_many, and `eval` of its checkpoints.
+
+run.train does every check a single run does (config, device, output paths and their
+locks, data, batch size), then hands an N-model config here: the memory estimate is
+checked, the N models are stacked and trained in one vmapped step, each completed
+epoch is checkpointed with all N, and a stop keeps the last checkpoint as run.py says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from tinymnist import checkpoint, interrupts, optim, run
+from tinymnist.config import TrainConfig
+from tinymnist.data import MNIST
+from tinymnist.ensemble import ensemble_step, evaluate_many, initial_state, members
+from tinymnist.ensemble_fit import evaluation_records, fit_many
+from tinymnist.ensemble_memory import check_memory
+from tinymnist.ensemble_report import EnsembleDisplay, final_line, model_test_line
+from tinymnist.errors import TinyMnistError
+from tinymnist.report import LineReporter, MetricsFile, ProgressReporter, Reporters, json_line
+from tinymnist.train import FitResult, NonFiniteLoss, TrainState
+from tinymnist.transforms import use_compile
+
+
+def train_many(config: TrainConfig, mnist: MNIST, optimizer: optim.Optimizer, device: torch.device,
+               resumed: TrainState | None, metrics_path: Path | None) -> FitResult:  # fmt: skip
+    """Train the config's N models at once; print the final line; return fit_many's result."""
+    n = len(members(config))
+    check_memory(config, optimizer, device, n)
+    state = initial_state(config, optimizer, device) if resumed is None else checkpoint.to_device(resumed, device)
+    step = ensemble_step(config, optimizer, device)
+    saved: list[int] = []  # epochs this run has checkpointed
+
+    def save(state: TrainState) -> None:
+        if config.save_model:
+            with interrupts.shielded():  # a signal now waits until the file and `saved` agree
+                checkpoint.save(Path(config.save_model), config.to_dict(), state)
+                saved.append(state.epoch)
+
+    console = Console()
+    display = EnsembleDisplay(ProgressReporter(console) if console.is_terminal else LineReporter())
+    metrics = [MetricsFile(metrics_path, append=resumed is not None)] if metrics_path else []
+    reporter = Reporters(display, *metrics)
+    with contextlib.closing(reporter):
+        try:
+            result = fit_many(config, mnist, state, step, reporter, on_epoch_end=save)
+        except NonFiniteLoss as e:
+            raise TinyMnistError(f"{e}{run.kept(config, saved)}") from None
+        except KeyboardInterrupt as stop:
+            reporter.close()
+            by = " by SIGTERM" if isinstance(stop, interrupts.Terminated) else ""
+            print(f"tinymnist: interrupted{by}{run.kept(config, saved) or '; no epoch completed, nothing saved'}",
+                  file=sys.stderr)  # fmt: skip
+            raise
+    print(final_line(result.records[-1], result.state.epoch, device, result.train_seconds, result.first_step_seconds,
+                     use_compile(config, device), result.images_per_second))  # fmt: skip
+    return result
+
+
+def eval_lines(config: TrainConfig, state: TrainState, images: torch.Tensor, labels: torch.Tensor,
+               json_output: bool) -> list[str]:  # fmt: skip
+    """`tinymnist eval` of an N-model checkpoint: each model's test line, then the ensemble's."""
+    runs = members(config)
+    evaluation = evaluate_many(config, state.params, images, labels)
+    records = evaluation_records(runs, state.epoch, [None] * len(runs), evaluation, [run.lr for run in runs], 0.0, 0)
+    lines = []
+    for record in records:
+        record = {"model": config.model, "epoch": state.epoch,
+                  **{k: record[k] for k in ("test_loss", "test_accuracy", "correct", "total")},
+                  **{k: record[k] for k in ("seed", "initial_lr", "ensemble", "models") if k in record}}  # fmt: skip
+        lines.append(json_line(record) if json_output else model_test_line(record))
+    return lines
