@@ -63,3 +63,24 @@ def test_the_png_has_its_size_and_is_not_blank(tmp_path):
     write_confusion_png(example_matrix(), tmp_path / "confusion.png")
     open_png(tmp_path / "confusion.png", (700, 600))
     assert no_temp_files(tmp_path)
+
+
+def test_eval_confusion_counts_what_eval_counts(tiny_split, tmp_path):
+    """Through the CLI: the diagonal is eval's correct count, the rows are the test labels."""
+    import json
+
+    from tests.helpers import assert_user_error, run, train_args
+    from tinymnist.data import load_test_split
+
+    ckpt = tmp_path / "mlp.pt"
+    assert run(*train_args(tiny_split, "--model", "mlp", "--epochs", 1, "--save-model", ckpt)).exit_code == 0
+    result = run("eval", ckpt, "--confusion", "--json", "--data-dir", tiny_split, "--no-download", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    matrix = torch.tensor(record["confusion_matrix"])  # (10, 10)
+    assert int(matrix.diagonal().sum()) == record["correct"]
+    _, labels = load_test_split(tiny_split)
+    assert matrix.sum(dim=1).tolist() == torch.bincount(labels, minlength=10).tolist()
+    table = run("eval", ckpt, "--confusion", "--data-dir", tiny_split, "--no-download", "--device", "cpu")
+    assert "confusion matrix" in table.stdout and "Test set:" in table.stdout
+    assert_user_error(run("eval", ckpt, "-o", tmp_path / "c.png", "--data-dir", tiny_split), "--confusion")

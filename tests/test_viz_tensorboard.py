@@ -55,3 +55,27 @@ def test_a_file_where_the_folder_should_be_is_a_one_line_error(tmp_path):
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(TinyMnistError, match=r"--tensorboard .*taken: cannot write there"):
         TensorBoardReporter(tmp_path / "taken")
+
+
+def test_train_with_tensorboard_writes_what_metrics_writes(tiny_split, tmp_path):
+    """Through the CLI: the folder that --tensorboard names holds each evaluation's test accuracy."""
+    import json
+
+    from tests.helpers import run, train_args
+
+    metrics, board = tmp_path / "m.jsonl", tmp_path / "board" / "mlp"
+    result = run(*train_args(tiny_split, "--model", "mlp", "--epochs", 2, "--metrics", metrics, "--tensorboard", board))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    found = scalars(board)
+    assert found["test/accuracy"] == ([0, 1, 2], [r["test_accuracy"] for r in records])
+    assert found["lr"][0] == [0, 1, 2]
+
+
+def test_tensorboard_onto_a_file_is_refused_before_training(tiny_split, tmp_path):
+    from tests.helpers import assert_user_error, run, train_args
+
+    (tmp_path / "taken").write_text("not a folder")
+    result = run(*train_args(tiny_split, "--model", "mlp", "--tensorboard", tmp_path / "taken" / "run"))
+    assert_user_error(result, "--tensorboard", "is a file, not a folder")
+    assert "Train Epoch" not in result.stdout

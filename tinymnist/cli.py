@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tinymnist import __version__, checkpoint, data, distributed, interrupts, models, run
+from tinymnist import __version__, checkpoint, data, distributed, interrupts, models, outputs, run
 from tinymnist.config import RECIPES, TrainConfig, model_grid, parse_lrs, recipe_config
 from tinymnist.devices import accelerator_report, check_compilable, resolve_device
 from tinymnist.errors import TinyMnistError
@@ -103,6 +103,8 @@ def train(
     no_download: bool = NoDownload,
     metrics: Path | None = typer.Option(None, help="Write one JSON object per evaluation to this JSON Lines file: "
                                         "a new run starts it afresh, a resumed run appends.", show_default="none"),
+    tensorboard: Path | None = typer.Option(None, help="Also write TensorBoard scalars into this folder "
+                                            "(needs the viz extra).", show_default="none"),
     resume: Path | None = typer.Option(None, help="Continue from this checkpoint (--epochs is the total); "
                                        "it is only read: save with --save-model.", show_default="a new run"),
 ):  # fmt: skip
@@ -116,6 +118,7 @@ def train(
         micro_batch=micro_batch, cuda_graphs=cuda_graphs, device="cpu" if no_accel else device or "auto",
         data_dir=str(data.resolve_data_dir(data_dir)), download=not no_download,
         save_model=save_model and str(save_model), metrics=metrics and str(metrics), resume=resume and str(resume),
+        tensorboard=tensorboard and str(tensorboard),
     )  # fmt: skip
     if resume:
         try:
@@ -143,17 +146,27 @@ def lr_flags(text: str | None) -> dict:
 def eval_command(
     checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT", help="A file written by train --save-model."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of the log line."),
+    confusion: bool = typer.Option(False, "--confusion", help="Also the 10x10 confusion matrix and each digit's "
+                                   "accuracy (a table; with --json, two more keys).", show_default="off"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="With --confusion: also draw it into this PNG "
+                                       "(needs the viz extra).", show_default="none"),
     device: str = Device,
     data_dir: Path | None = DataDir,
     no_download: bool = NoDownload,
-):
+):  # fmt: skip
     """Evaluate a checkpoint on the MNIST test set."""
+    if output is not None:
+        if not confusion:
+            raise TinyMnistError("-o draws the confusion matrix: pass --confusion too")
+        outputs.check_output_path(output, "-o")
     dev = resolve_device(device)
     use_tf32_matmuls(dev)  # as train evaluated it
     saved_config, state = checkpoint.load(checkpoint_path, dev)
     config = TrainConfig(**saved_config)
     images, labels = data.load_test_split(data.resolve_data_dir(data_dir), dev, download=not no_download)
     if len(model_grid(config)) > 1:  # a checkpoint of N models (--seeds, --lr list): each, then the ensemble
+        if confusion:
+            raise TinyMnistError(f"--confusion is for one model; {checkpoint_path} holds {len(model_grid(config))}")
         from tinymnist.ensemble_run import eval_lines
 
         print("\n".join(eval_lines(config, state, images, labels, json_output)))
@@ -161,7 +174,18 @@ def eval_command(
     result = evaluate(config, state.params, images, labels)
     record = {"model": config.model, "epoch": state.epoch, "test_loss": result.loss, "test_accuracy": result.accuracy,
               "correct": result.correct, "total": result.total}  # fmt: skip
+    matrix = None
+    if confusion:
+        from tinymnist.viz import confusion as viz_confusion
+        from tinymnist.viz.predict import probabilities
+
+        matrix = viz_confusion.confusion_matrix(probabilities(config.model, state.params, images).argmax(1), labels)
+        record |= viz_confusion.confusion_dict(matrix) if json_output else {}
     print(json_line(record) if json_output else test_line(record))
+    if matrix is not None and not json_output:
+        Console().print(viz_confusion.confusion_table(matrix))
+    if matrix is not None and output is not None:
+        viz_confusion.write_confusion_png(matrix, output)
 
 
 @app.command("shapes")
@@ -223,6 +247,8 @@ def bench(
     warmup: int = typer.Option(3, help="Untimed steps after the first (compiling) one."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="Also time the compiled step."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the raw results to this JSON file."),
+    seeds: str | None = typer.Option(None, "--seeds", help="Model counts, comma-separated (1,4,16): time N models "
+                                     "in one vmapped step against N single runs instead.", show_default="off"),
 ):
     """Images/s of the tutorials' DataLoader loop against tinymnist's step (BENCHMARKS.md)."""
     from tinymnist.bench import print_report, run_bench  # imports torch.utils.data and pillow only here
@@ -238,8 +264,26 @@ def bench(
     use_tf32_matmuls(dev)  # for all three loops alike
     if compile:
         check_compilable(dev)
+    if seeds is not None:  # N models per step (ensemble_bench.py)
+        from tinymnist.ensemble_bench import print_seeds_report, run_seeds_bench
+
+        counts = parse_counts(seeds)
+        report = run_seeds_bench(names, counts, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup,
+                                 compile)  # fmt: skip
+        return print_seeds_report(report, json_path)
     report = run_bench(names, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup, compile)
     print_report(report, json_path)
+
+
+def parse_counts(text: str) -> list[int]:
+    """bench --seeds 1,4,16 as [1, 4, 16], or a one-line error."""
+    try:
+        counts = [int(item) for item in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise TinyMnistError(f"--seeds {text}: give model counts of 1 or more, comma-separated, like --seeds 1,4,16")
+    return counts
 
 
 from tinymnist.viz.commands import register  # noqa: E402  (plot, predict, export; issue 14)

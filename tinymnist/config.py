@@ -71,6 +71,7 @@ class TrainConfig:
     save_model: str | None = None  # checkpoint path, rewritten at every epoch end
     metrics: str | None = None  # JSON Lines path, one object per evaluation
     resume: str | None = None  # checkpoint to continue from
+    tensorboard: str | None = None  # folder for TensorBoard event files (the viz extra)
     # N models at once (ensemble.py): seeds seed .. seed+seeds-1, for each rate in lrs.
     seeds: int = 1  # consecutive seeds, one model each
     lrs: list[float] | None = None  # a learning-rate sweep, one model per rate and seed; None: just lr

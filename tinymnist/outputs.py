@@ -60,6 +60,20 @@ def check_output_path(path: Path, flag: str) -> None:
         raise _cannot_write(path, flag, e) from None
 
 
+def check_output_folder(path: Path, flag: str) -> None:
+    """Raise a one-line TinyMnistError naming `flag` if a run could not create files in folder `path`
+    (it may not exist yet: the nearest folder that does must then be writable)."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: nothing can be created through it
+            raise TinyMnistError(f"{flag} {existing} is a broken symbolic link; give a folder path")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TinyMnistError(f"{flag} {path}: {existing} is a file, not a folder; choose a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TinyMnistError(f"{flag} {path}: folder {existing} is not writable; choose another folder")
+
+
 def _cannot_write(path: Path, flag: str, error: OSError) -> TinyMnistError:
     if error.errno == errno.ENAMETOOLONG:
         return TinyMnistError(

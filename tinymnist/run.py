@@ -71,6 +71,11 @@ def train(config: TrainConfig, resumed: TrainState | None = None,
     paths = {flag: Path(p) for flag, p in paths.items() if p}
     for flag, path in paths.items():
         outputs.check_output_path(path, flag)
+    if config.tensorboard:
+        from tinymnist.viz.extras import require
+
+        require("torch.utils.tensorboard", "--tensorboard")  # a missing extra is found now, not after loading
+        outputs.check_output_folder(Path(config.tensorboard), "--tensorboard")
     with outputs.exclusive(paths):  # a second run on these files refuses; a dead run's temp files go
         mnist = load_data(Path(config.data_dir), device, config.download)
         check_batch_fits(config, len(mnist.train_images))
@@ -113,6 +118,10 @@ def train_and_save(config: TrainConfig, mnist: data.MNIST, state: TrainState, st
     console = Console()
     display = ProgressReporter(console) if console.is_terminal else LineReporter()
     metrics = [MetricsFile(metrics_path, append)] if metrics_path else []
+    if config.tensorboard:
+        from tinymnist.viz.tensorboard_log import TensorBoardReporter
+
+        metrics.append(TensorBoardReporter(Path(config.tensorboard)))
     reporter = Reporters(display, *metrics)
     with contextlib.closing(reporter):
         try:

@@ -34,6 +34,9 @@ class TensorBoardReporter:
                 f"--tensorboard {log_dir}: cannot write there ({e.strerror or e}); choose another folder"
             ) from None
 
+    def epoch_started(self, *args, **kwargs) -> None:
+        pass
+
     def logged(self, epoch: int, step: int, images_seen: int, n_train: int, loss: float) -> None:
         """images_seen counts from the start of `epoch` (1-based); each epoch spans n_train
         on the axis (an epoch that drops its ragged last batch trains on a few fewer)."""
