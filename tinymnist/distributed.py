@@ -13,7 +13,8 @@ The all-reduce is a *functional* collective (torch.distributed._functional_colle
 the API torch.compile traces; torch 2.x has no public successor yet): it returns a new
 tensor instead of mutating one, so the step stays pure and can stay one compiled graph.
 
-torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them `from_env` returns None and `tinymnist train` runs today's single-process path untouched.
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them `from_env` returns None
+and `tinymnist train` runs today's single-process path untouched.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from tinymnist.train import Gradient, TrainState
 
 # How long a collective waits for a peer before failing. A killed peer usually fails the
 # others at once (its sockets close); this bounds the case where a peer hangs instead.
-# A step or an evaluation of the largest network takes seconds, far below it.
+# What one rank may run ahead of the others by: the leader's checkpoint save, or one
+# rank compiling the step slower than another (all compile the same graph at once).
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 
 
@@ -58,7 +60,7 @@ def from_env(env=os.environ) -> Cluster | None:
     """torchrun's place for this process (it sets all three), or None without torchrun."""
     if not all(name in env for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK")):
         return None
-    return Cluster(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
+    return Cluster(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
 
 
 def process_device(cluster: Cluster | None, device: torch.device) -> torch.device:
@@ -198,6 +200,6 @@ def peer_failures(cluster: Cluster, kept: Callable[[], str] = str):
 
 
 def one_line(e: BaseException, limit: int = 160) -> str:
-    """The first line of an error message, cut at a word boundary."""
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    """The first line of an error message, without gloo's [source:line] prefix, cut at a word boundary."""
+    first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
     return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + " ..."

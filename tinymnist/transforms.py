@@ -15,6 +15,8 @@ under torch.func.vmap, an all-reduce across processes) live beside this file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from tinymnist import optim
@@ -58,19 +60,23 @@ def micro_batched(gradient: Gradient, micro_batch: int) -> Gradient:
     return chunked_gradient
 
 
-def device_step(config: TrainConfig, optimizer: optim.Optimizer, device: torch.device) -> Step:
+def device_step(config: TrainConfig, optimizer: optim.Optimizer, device: torch.device,
+                data_parallel: Callable[[Gradient], Gradient] | None = None) -> Step:  # fmt: skip
     """The step `tinymnist train` runs on `device`: compiled where that is faster, in
-    micro-batches where the batch is large for a CPU, replayed as a CUDA graph on CUDA."""
+    micro-batches where the batch is large for a CPU, replayed as a CUDA graph on CUDA.
+    `data_parallel` (distributed.all_reduced under torchrun) wraps the gradient last:
+    this process's slice of the batch is what gets micro-batched."""
+    parallel = data_parallel or (lambda gradient: gradient)
     compile = use_compile(config, device)
     micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device)
     gradient = make_gradient(config)
     if 0 < micro_batch < config.batch_size:  # compile the pieces; the chunk loop runs in Python
         if compile:
             gradient, optimizer = compiled(gradient), optim.Optimizer(optimizer.init, compiled(optimizer.update))
-        step = make_step(micro_batched(gradient, micro_batch), optimizer)
+        step = make_step(parallel(micro_batched(gradient, micro_batch)), optimizer)
         compile = False
     else:
-        step = make_step(gradient, optimizer)
+        step = make_step(parallel(gradient), optimizer)
     if device.type == "cuda" and config.cuda_graphs:
         return GraphedStep(step, compile)
     return compiled(step) if compile else step
