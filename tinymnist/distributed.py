@@ -97,8 +97,8 @@ def launch(train: Callable, config: TrainConfig, resumed: TrainState | None):
     """`tinymnist train` as one of torchrun's processes; without torchrun, `train` as it is.
 
     `train` is run.train (passed in: run.py imports this file). Every process trains
-    the same way; only rank 0 speaks: the others get no output files, their log lines
-    go nowhere, and their errors still reach stderr.
+    the same way; only rank 0 speaks: the others get no output files (--save-model,
+    --metrics, --tensorboard), their log lines go nowhere, their errors still reach stderr.
     """
     cluster = from_env()
     if cluster is None:
@@ -108,7 +108,7 @@ def launch(train: Callable, config: TrainConfig, resumed: TrainState | None):
     # CUDA graphs replay kernels recorded once; an NCCL collective inside one is untested here.
     config = replace(config, device=str(device), cuda_graphs=False)
     if not cluster.leader:
-        config = replace(config, save_model=None, metrics=None)
+        config = replace(config, save_model=None, metrics=None, tensorboard=None)
     join(cluster, device)
     with contextlib.ExitStack() as stack:
         stack.callback(leave)
