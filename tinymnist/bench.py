@@ -23,8 +23,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tinymnist import data, models, optim
-from tinymnist.config import recipe_config
+from tinymnist import data, models
+from tinymnist.config import make_optimizer, recipe_config
 from tinymnist.devices import synchronize
 from tinymnist.reference import reference_loop
 from tinymnist.train import epoch_batches, initial_state
@@ -49,7 +49,7 @@ def our_steps(config, images, labels, device, compile: bool) -> Iterator:
 
     The step is the one `train` runs by default: on CUDA, compiled means compiled and
     replayed as a CUDA graph; on the CPU, large batches are split into micro-batches."""
-    optimizer = optim.OPTIMIZERS[config.optimizer]()
+    optimizer = make_optimizer(config)
     state = initial_state(config, optimizer, device)
     config = dataclasses.replace(config, compile=compile, cuda_graphs=compile)  # (b) eager is the plain eager step
     step = device_step(config, optimizer, device)

@@ -33,7 +33,8 @@ FORMAT = "tinymnist-checkpoint-v1"
 ENTRIES = ("format", "config", "epoch", "params", "opt_state", "rng")
 # TrainConfig fields added after the first checkpoints were written: a checkpoint
 # without them loads, and they take their defaults.
-ADDED_FIELDS = {"micro_batch", "cuda_graphs", "seeds", "lrs", "tensorboard"}
+ADDED_FIELDS = {"micro_batch", "cuda_graphs", "seeds", "lrs", "tensorboard", "schedule", "label_smoothing",
+                "target_accuracy", "eval_every"}  # fmt: skip
 # Generator states a checkpoint may hold, and whether it must: the global CPU generator
 # (dropout), the run's shuffling generator (added later), the CUDA generator of a CUDA run.
 RNG_STATES = {"cpu": True, "shuffle": False, "cuda": False}

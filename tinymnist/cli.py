@@ -84,6 +84,15 @@ def train(
                                      "(with an --lr list: per rate).", show_default="1"),
     gamma: float | None = typer.Option(None, help="Multiply the learning rate by this after every epoch (StepLR).",
                                        show_default="the recipe's"),
+    schedule: str | None = typer.Option(None, help="step: StepLR by --gamma each epoch; one-cycle: OneCycleLR "
+                                        "rising to --lr and falling over the whole run.", show_default="the recipe's"),
+    label_smoothing: float | None = typer.Option(None, help="Label smoothing of the training loss (0 to <1).",
+                                                 show_default="the recipe's"),
+    target_accuracy: float | None = typer.Option(None, help="Stop at the first evaluation at or above this test "
+                                                 "accuracy (0.99 = 99%) and report the time to reach it.",
+                                                 show_default="none: train every epoch"),
+    eval_every: int | None = typer.Option(None, help="Also evaluate every this many steps (cheap: the test set is "
+                                          "on the device).", show_default="once per epoch"),
     seed: int | None = typer.Option(None, help="Seeds init, shuffling and dropout.", show_default="1"),
     log_interval: int | None = typer.Option(None, help="Steps between log lines.", show_default="10"),
     dry_run: bool = typer.Option(False, "--dry-run", help="One step and one evaluation, to check the setup; saves nothing.",
@@ -113,7 +122,8 @@ def train(
         raise TinyMnistError(f"--no-accel means --device cpu, but --device {device} was given; pass only one")
     flags = dict(
         model=model, optimizer=optimizer, batch_size=batch_size, test_batch_size=test_batch_size, epochs=epochs,
-        **lr_flags(lr), seeds=seeds, gamma=gamma, seed=seed, log_interval=log_interval, dry_run=dry_run or None,
+        **lr_flags(lr), seeds=seeds, gamma=gamma, schedule=schedule, label_smoothing=label_smoothing,
+        target_accuracy=target_accuracy, eval_every=eval_every, seed=seed, log_interval=log_interval, dry_run=dry_run or None,
         compile=compile,
         micro_batch=micro_batch, cuda_graphs=cuda_graphs, device="cpu" if no_accel else device or "auto",
         data_dir=str(data.resolve_data_dir(data_dir)), download=not no_download,
@@ -247,6 +257,9 @@ def bench(
     warmup: int = typer.Option(3, help="Untimed steps after the first (compiling) one."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="Also time the compiled step."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the raw results to this JSON file."),
+    time_to_accuracy: float | None = typer.Option(None, "--time-to-accuracy", help="Instead: seconds of training "
+                                                  "until this test accuracy (0.99) for fast, cnn and the tutorials' cnn "
+                                                  "loop, on the real MNIST files.", show_default="off"),
     seeds: str | None = typer.Option(None, "--seeds", help="Model counts, comma-separated (1,4,16): time N models "
                                      "in one vmapped step against N single runs instead.", show_default="off"),
 ):
@@ -264,6 +277,14 @@ def bench(
     use_tf32_matmuls(dev)  # for all three loops alike
     if compile:
         check_compilable(dev)
+    if time_to_accuracy is not None:
+        from tinymnist.time_to_accuracy import print_time_to_accuracy, run_time_to_accuracy
+
+        if not 0 < time_to_accuracy <= 1:
+            raise TinyMnistError(f"--time-to-accuracy is a fraction (0.99 for 99%), got {time_to_accuracy}")
+        mnist = data.load_mnist(data.resolve_data_dir(data_dir), dev)  # real digits: random ones never reach it
+        rows = run_time_to_accuracy(mnist, dev, time_to_accuracy, compile, log=lambda m: print(m, file=sys.stderr))
+        return print_time_to_accuracy(rows, time_to_accuracy, dev, json_path)
     if seeds is not None:  # N models per step (ensemble_bench.py)
         from tinymnist.ensemble_bench import print_seeds_report, run_seeds_bench
 

@@ -63,6 +63,7 @@ def reference_loop(config: TrainConfig, params: dict, images, labels, device: to
     net = copy.deepcopy(models.TEMPLATES[config.model]).to_empty(device=device)  # a stateful module
     net.load_state_dict(params)
     optimizer = TORCH_OPTIMIZERS[config.optimizer](net.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=config.gamma)
     loss_fn = loss_function(config.model)
     while True:
         for x, y in loader:
@@ -72,3 +73,4 @@ def reference_loop(config: TrainConfig, params: dict, images, labels, device: to
             loss.backward()
             optimizer.step()
             yield net, loss
+        scheduler.step()  # once per epoch, as pytorch/examples does

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from tinymnist import checkpoint, data, distributed, interrupts, optim, outputs, transforms
-from tinymnist.config import TrainConfig, check_batch_fits, model_grid, validate
+from tinymnist import checkpoint, data, distributed, interrupts, outputs, transforms
+from tinymnist.config import TrainConfig, check_batch_fits, make_optimizer, model_grid, validate
 from tinymnist.devices import check_compilable, cpu_compiler, resolve_device
 from tinymnist.errors import TinyMnistError
 from tinymnist.report import LineReporter, MetricsFile, ProgressReporter, Reporters
@@ -31,8 +31,8 @@ from tinymnist.train import FitResult, NonFiniteLoss, TrainState, fit, initial_s
 # What a resumed run takes from its checkpoint: what was trained. Where and how to run
 # it (device, data, compile, output files) comes from the command that resumes it, so a
 # resumed run writes only where its own command says.
-TRAINED_FIELDS = ("model", "optimizer", "lr", "gamma", "batch_size", "test_batch_size", "epochs", "seed",
-                  "log_interval", "seeds", "lrs")  # fmt: skip
+TRAINED_FIELDS = ("model", "optimizer", "lr", "gamma", "schedule", "label_smoothing", "batch_size",
+                  "test_batch_size", "epochs", "seed", "log_interval", "seeds", "lrs")  # fmt: skip
 
 
 class Finished(Exception):
@@ -79,7 +79,7 @@ def train(config: TrainConfig, resumed: TrainState | None = None,
     with outputs.exclusive(paths):  # a second run on these files refuses; a dead run's temp files go
         mnist = load_data(Path(config.data_dir), device, config.download)
         check_batch_fits(config, len(mnist.train_images))
-        optimizer = optim.OPTIMIZERS[config.optimizer]()
+        optimizer = make_optimizer(config)
         if len(model_grid(config)) > 1:  # N models in one vmapped step: --seeds, --lr a,b (ensemble_run.py)
             from tinymnist.ensemble_run import train_many
 
@@ -94,14 +94,27 @@ def train(config: TrainConfig, resumed: TrainState | None = None,
         step = transforms.device_step(config, optimizer, device, data_parallel)
         result = train_and_save(config, mnist, state, step, paths.get("--metrics"), append=resumed is not None)
     compiled = transforms.use_compile(config, device)
+    compile_note = f"(+ {result.first_step_seconds:.1f} s {'compiling' if compiled else 'first step'})"
+    if config.target_accuracy is not None:
+        print(target_line(config.target_accuracy, result, compile_note))
     last = result.records[-1]
     print(
         f"Final test accuracy: {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "
-        f"after {result.state.epoch} epochs on {device}; training {result.train_seconds:.1f} s "
-        f"(+ {result.first_step_seconds:.1f} s {'compiling' if compiled else 'first step'}), "
-        f"{result.images_per_second:,.0f} images/s"
+        f"after {last['epoch']:g} epochs on {device}; training {result.train_seconds:.1f} s "
+        f"{compile_note}, {result.images_per_second:,.0f} images/s"
     )
     return result
+
+
+def target_line(target: float, result: FitResult, compile_note: str) -> str:
+    """--target-accuracy: when it was reached (training time, images), or that it was not."""
+    hit = result.reached
+    if hit is None:
+        best = max(r["test_accuracy"] for r in result.records)
+        return f"Target {100 * target:.2f}% not reached: best {100 * best:.2f}% in {result.state.epoch} epochs"
+    return (f"Reached {100 * hit['test_accuracy']:.2f}% (target {100 * target:.2f}%) at epoch {hit['epoch']:g}: "
+            f"{hit['train_seconds_total']:.2f} s of training {compile_note}, "
+            f"{hit['images_total']:,} images")  # fmt: skip
 
 
 def train_and_save(config: TrainConfig, mnist: data.MNIST, state: TrainState, step, metrics_path: Path | None,

@@ -20,6 +20,7 @@ optimizers), then transforms.py.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from tinymnist import models, optim
+from tinymnist import models, optim, schedules
 from tinymnist.config import TrainConfig
 from tinymnist.data import MNIST
 from tinymnist.devices import synchronize
@@ -55,9 +56,19 @@ def loss_function(model: str) -> Callable[..., torch.Tensor]:
     return F.nll_loss if models.OUTPUTS_LOG_PROBS[model] else F.cross_entropy
 
 
+def training_loss(config: TrainConfig) -> Callable[..., torch.Tensor]:
+    """The loss the step minimises: the recipe's, with --label-smoothing where it is set.
+
+    Smoothing goes through F.cross_entropy for either kind of network: on log-probabilities
+    its log_softmax changes nothing (they already are normalised), so it is NLL there."""
+    if config.label_smoothing:
+        return functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
+    return loss_function(config.model)
+
+
 def make_gradient(config: TrainConfig) -> Gradient:
     """`gradient(params, images, labels, batch_idx) -> (grads, loss)` of the batch's mean loss."""
-    model, recipe, loss_fn = config.model, config.recipe, loss_function(config.model)
+    model, recipe, loss_fn = config.model, config.recipe, training_loss(config)
 
     def batch_loss(params: Params, images_u8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = scale_images(images_u8, recipe.mean, recipe.std)  # (B, 1, 28, 28)
@@ -105,6 +116,10 @@ def epoch_batches(n_images: int, batch_size: int, generator: torch.Generator, de
 def epoch_lrs(config: TrainConfig, epoch: int, steps: int) -> list[float]:
     """The learning rate of each step of `epoch` (from 1). The loop sends them to the device
     as one (steps,) tensor and hands the step `lrs[i]`, a 0-d view: no copy per step."""
+    if config.schedule == "one-cycle":  # up to lr and down again over the whole run, step by step
+        first = (epoch - 1) * steps
+        return [schedules.one_cycle(i, total_steps=config.epochs * steps, max_lr=config.lr)
+                for i in range(first, first + steps)]  # fmt: skip
     return [optim.step_lr(config.lr, epoch - 1, step_size=1, gamma=config.gamma)] * steps
 
 
@@ -203,6 +218,7 @@ class FitResult:
     first_step_seconds: float = 0.0  # the first step compiles (when compiled): timed apart
     train_seconds: float = 0.0
     images: int = 0  # images trained on in train_seconds
+    reached: dict | None = None  # with --target-accuracy: the first record at or above it
 
     @property
     def images_per_second(self) -> float:
@@ -217,7 +233,9 @@ def fit(
     reporter: Reporter | None = None,
     on_epoch_end: Callable[[TrainState], None] | None = None,
 ) -> FitResult:
-    """Train from `state` up to config.epochs, evaluating after every epoch.
+    """Train from `state` up to config.epochs, evaluating after every epoch (and every
+    config.eval_every steps); with config.target_accuracy, stop at the first evaluation
+    that reaches it.
 
     `step` is make_step's function or a transform of it (transforms.py). `on_epoch_end`
     gets each completed epoch's state: the caller saves checkpoints there.
@@ -226,12 +244,18 @@ def fit(
     shuffle = restore_rng(state.rng, device)
     result = FitResult(state)
 
-    def evaluated(epoch, train_loss, params, lr, seconds, images):
+    def evaluated(epoch, train_loss, params, lr, seconds, images) -> bool:
+        """Evaluate and report; True when the target accuracy is reached."""
         record = evaluation_record(epoch, train_loss, evaluate(config, params, data.test_images, data.test_labels),
                                    lr, seconds, images)  # fmt: skip
+        if config.target_accuracy is not None:  # time to accuracy: the run's totals so far
+            record |= {"train_seconds_total": result.train_seconds + seconds, "images_total": result.images + images}
         result.records.append(record)
         if reporter:
             reporter.evaluated(record)
+        if config.target_accuracy is not None and record["test_accuracy"] >= config.target_accuracy:
+            result.reached = result.reached or record
+        return result.reached is not None
 
     if state.epoch == 0 and not config.dry_run:  # the untrained network, as the tutorials show
         evaluated(0, None, state.params, config.lr, 0.0, 0)
@@ -239,12 +263,20 @@ def fit(
         first = epoch == state.epoch + 1  # the step compiles on its first call
         batches = epoch_batches(len(data.train_images), config.batch_size, shuffle, device)  # (steps, B)
         lrs = epoch_lrs(config, epoch, len(batches))
+
+        def probe(done, params, seconds, images):  # every eval_every steps within the epoch
+            return evaluated(round(epoch - 1 + done / len(batches), 4), None, params, lrs[done - 1], seconds, images)
+
         params, opt_state, train_loss, timing = train_epoch(config, step, result.state, data, epoch, batches, lrs,
-                                                            reporter, first)  # fmt: skip
+                                                            reporter, first, probe)  # fmt: skip
         result.first_step_seconds += timing.first_step_seconds
+        if timing.stopped:  # the target was reached inside this epoch: not a completed epoch
+            result.train_seconds += timing.seconds
+            result.images += timing.images
+            break
+        reached = evaluated(epoch, train_loss, params, lrs[0], timing.seconds, timing.images)
         result.train_seconds += timing.seconds
         result.images += timing.images
-        evaluated(epoch, train_loss, params, lrs[0], timing.seconds, timing.images)
         if getattr(step, "returns_buffers", False):  # a CUDA graph overwrites them next step: keep copies
             params, opt_state = tree_map(torch.clone, params), tree_map(torch.clone, opt_state)
         result.state = TrainState(params, opt_state, epoch, capture_rng(shuffle, device))
@@ -252,20 +284,25 @@ def fit(
             break
         if on_epoch_end:
             on_epoch_end(result.state)
+        if reached:
+            break
     return result
 
 
 class EpochTiming(NamedTuple):
     first_step_seconds: float
-    seconds: float  # the rest of the epoch
+    seconds: float  # the rest of the epoch, evaluations left out
     images: int  # trained on in `seconds`
+    stopped: bool = False  # a mid-epoch evaluation reached the target
 
 
-def train_epoch(config, step, state, data, epoch, batches, lrs, reporter, time_first_step: bool):
+def train_epoch(config, step, state, data, epoch, batches, lrs, reporter, time_first_step: bool, probe=None):
     """One pass over the shuffled training set: (params, opt_state, mean loss, EpochTiming).
 
     The host reads the device only every log_interval steps (the running loss): no
-    per-step .item(), so the CPU can queue steps ahead of a GPU.
+    per-step .item(), so the CPU can queue steps ahead of a GPU. Every config.eval_every
+    steps, `probe(steps done, params, seconds, images)` evaluates, off the clock; it
+    returns True to stop the epoch there.
     """
     params, opt_state, device = state.params, state.opt_state, data.train_images.device
     steps = 1 if config.dry_run else len(batches)
@@ -292,6 +329,13 @@ def train_epoch(config, step, state, data, epoch, batches, lrs, reporter, time_f
                 reporter.logged(epoch, i + 1, (i + 1) * config.batch_size, len(data.train_images), summed / since_last)
             epoch_loss += summed
             running.zero_()
+        if probe and config.eval_every and (i + 1) % config.eval_every == 0 and i + 1 < steps:
+            synchronize(device)
+            paused = time.perf_counter()
+            trained = EpochTiming(first_step_seconds, paused - started, (i + 1 - timed_from) * config.batch_size)
+            if probe(i + 1, params, trained.seconds, trained.images):
+                return params, opt_state, epoch_loss / (i + 1), trained._replace(stopped=True)
+            started += time.perf_counter() - paused  # the evaluation is not training time
     synchronize(device)
     timing = EpochTiming(first_step_seconds, time.perf_counter() - started, (steps - timed_from) * config.batch_size)
     return params, opt_state, epoch_loss / steps, timing
