@@ -1,0 +1,221 @@
+"""How far is each recipe's CPU step from its floor? Both timed in one process.
+
+    python scripts/cpu_floor.py [--models mlp,cnn] [--rounds 7] [--json PATH] [--profile]
+
+The step is the one `tinymnist train` runs on the CPU (transforms.device_step,
+compiled; batches over 256 images in micro-batches), at the recipe's batch size.
+
+The floor is the work no implementation of that step can skip, timed with torch's own
+CPU kernels (oneDNN / MKL) on random tensors of the step's shapes:
+- the matrix products of every conv and linear layer: forward, the weight gradient and,
+  but for the first layer (whose input, the image, needs no gradient), the input
+  gradient. Linear: three matmuls; conv: F.conv2d and torch.nn.grad's conv2d_weight and
+  conv2d_input. At the whole batch, or in the step's micro-batches where it splits the
+  batch, whichever is faster. Biases, ReLU, pooling, dropout and the loss are left out:
+  elementwise work a perfect step would fold into the products.
+- the optimizer's memory traffic: every parameter, its gradient and its optimizer state
+  read, parameter and state written (Adam: 7 arrays), timed as torch.add over arrays of
+  the parameter count (2 read, 1 written) and scaled to that many arrays.
+
+Each round times a window of steps, then each product and the traffic, so load from
+other tenants hits both; the medians over rounds are reported, and step/floor is the
+median of each round's ratio. FLOPs count a multiply-add as 2. `--profile` then
+prints where the compiled step's time goes, op by op. BENCHMARKS.md quotes the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from floor_products import optimizer_arrays, product_calls, product_layers, step_flops  # scripts/, beside this file
+
+from tinymnist import models, transforms
+from tinymnist.config import RECIPES, make_optimizer, recipe_config
+
+CPU = torch.device("cpu")
+N_IMAGES = 60_000  # MNIST's training set: the step gathers its batch from all of it
+PRODUCT_SECONDS, WINDOW_SECONDS = 0.01, 0.25  # the least time one measurement spans, per product / per step window
+
+
+class Timed:
+    """A call repeated often enough per measurement that the clock's resolution does not matter."""
+
+    def __init__(self, fn, weight: float = 1):
+        self.fn, self.weight = fn, weight  # weight: how many such calls the step's work amounts to
+        for _ in range(3):
+            fn()
+        started = time.perf_counter()
+        fn()
+        self.calls = max(1, math.ceil(PRODUCT_SECONDS / (time.perf_counter() - started)))
+
+    def microseconds(self) -> float:
+        started = time.perf_counter()
+        for _ in range(self.calls):
+            self.fn()
+        return (time.perf_counter() - started) / self.calls * 1e6 * self.weight
+
+
+def floor_parts(model: str, batch: int, micro_batch: int) -> dict[str, dict[str, Timed]]:
+    """The floor's measurements by way of batching ("whole", "micro"), plus "optimizer"."""
+    ways = {"whole": {batch: 1}}
+    if 0 < micro_batch < batch:  # the step's chunks: torch.split's sizes, counted
+        ways["micro"] = collections.Counter(len(c) for c in torch.arange(batch).split(micro_batch))
+    parts = {way: {f"{p.layer.name}.{name}" + (f"@{size}" if way == "micro" else ""): Timed(fn, count)
+                   for size, count in sizes.items() for p in product_layers(model)
+                   for name, fn in product_calls(p, size).items()}
+             for way, sizes in ways.items()}  # fmt: skip
+    n_params = sum(row.params for row in models.trace(model))
+    a, b, out = torch.randn(n_params), torch.randn(n_params), torch.empty(n_params)  # (P,) each
+    arrays = optimizer_arrays(model)  # torch.add moves 3 arrays: scale its time to the update's
+    parts["optimizer"] = {"traffic": Timed(lambda: torch.add(a, b, out=out), weight=arrays / 3)}
+    return parts
+
+
+def compiled_steps(model: str):
+    """Yield after each step `tinymnist train` runs on the CPU for `model`, forever."""
+    config = recipe_config(model, compile=True)
+    optimizer = make_optimizer(config)
+    step = transforms.device_step(config, optimizer, CPU)
+    params = models.init_params(model, config.seed)
+    opt_state, lr = optimizer.init(params), torch.tensor(config.lr)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (N_IMAGES, 28, 28), dtype=torch.uint8, generator=g)  # (N, 28, 28)
+    labels = torch.randint(0, 10, (N_IMAGES,), generator=g)  # (N,)
+    batches = torch.randint(0, N_IMAGES, (16, config.batch_size), generator=g)  # (16, B) index rows
+    for batch_idx in itertools.cycle(batches):
+        params, opt_state, _ = step(params, opt_state, images, labels, batch_idx, lr)
+        yield
+
+
+def measure(model: str, rounds: int) -> dict:
+    """Rounds of (a window of steps, each floor measurement); medians, and step/floor per round."""
+    batch, micro_batch = RECIPES[model].batch_size, transforms.default_micro_batch(CPU)
+    steps = compiled_steps(model)
+    started = time.perf_counter()
+    next(steps)  # the compile
+    compile_seconds = time.perf_counter() - started
+    for _ in itertools.islice(steps, 3):
+        pass
+    started = time.perf_counter()
+    next(steps)
+    window = max(2, math.ceil(WINDOW_SECONDS / (time.perf_counter() - started)))
+    parts = floor_parts(model, batch, micro_batch)
+    samples = collections.defaultdict(list)  # "step", each way's total, "way/product": microseconds per round
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in itertools.islice(steps, window):
+            pass
+        samples["step"].append((time.perf_counter() - started) / window * 1e6)
+        for way, timed in parts.items():
+            times = {name: t.microseconds() for name, t in timed.items()}
+            samples[way].append(sum(times.values()))
+            for name, us in times.items():
+                samples[f"{way}/{name}"].append(us)
+    ways = [way for way in parts if way != "optimizer"]
+    products = [min(per_way) for per_way in zip(*(samples[way] for way in ways))]  # the faster batching
+    floors = [p + o for p, o in zip(products, samples["optimizer"], strict=True)]
+    median = {key: statistics.median(values) for key, values in samples.items()}
+    return {
+        "model": model, "batch": batch, "micro_batch": micro_batch if "micro" in parts else None,
+        "faster_way": min(ways, key=median.get), "optimizer": RECIPES[model].optimizer,
+        "optimizer_arrays": optimizer_arrays(model), "params": sum(row.params for row in models.trace(model)),
+        "flops": step_flops(model, batch), "compile_seconds": compile_seconds,
+        "window_steps": window, "step_us": median["step"], "products_us": statistics.median(products),
+        "optimizer_us": median["optimizer"], "floor_us": statistics.median(floors),
+        "step_over_floor": statistics.median(s / f for s, f in zip(samples["step"], floors, strict=True)),
+        "medians_us": median, "samples_us": dict(samples),
+    }  # fmt: skip
+
+
+def print_result(r: dict) -> None:
+    gflops = r["flops"] / r["products_us"] / 1e3
+    print(f"{r['model']:6} {r['batch']:6} {r['step_us']:10.0f} {r['products_us']:12.0f} {r['faster_way']:>6} "
+          f"{gflops:8.1f} {r['optimizer_us']:10.0f} {r['floor_us']:10.0f} {r['step_over_floor']:9.2f}x", flush=True)
+
+
+def print_breakdown(r: dict) -> None:
+    """Each product's median, in the faster batching, and the traffic."""
+    prefix = r["faster_way"] + "/"
+    parts = [(key[len(prefix):], us) for key, us in r["medians_us"].items() if key.startswith(prefix)]
+    parts.append((f"optimizer traffic ({r['optimizer_arrays']} arrays of {r['params']:,} floats)",
+                  r["medians_us"]["optimizer/traffic"]))  # fmt: skip
+    print(f"  {r['model']}: " + ", ".join(f"{name} {us:.0f}" for name, us in parts) + " us")
+
+
+def print_profile(model: str, steps_profiled: int) -> None:
+    """Self time per compiled step of each op and generated kernel, largest first."""
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    inductor_config.cpp.enable_kernel_profile = True  # name each generated C++ kernel in the profile
+    torch._dynamo.reset()  # so that the step compiles again, with the kernels named
+    steps = compiled_steps(model)
+    for _ in itertools.islice(steps, 10):  # compile (with kernel names) and warm up
+        pass
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        for _ in itertools.islice(steps, steps_profiled):
+            pass
+    events = sorted(profiled.key_averages(), key=lambda event: -event.self_cpu_time_total)
+    print(f"{model}: profile of {steps_profiled} compiled steps (self time per step; the profiler adds some):")
+    for event in events[:10]:
+        print(f"  {event.self_cpu_time_total / steps_profiled:10.1f} us  {event.key[:90]}")
+
+
+def machine() -> dict:
+    return {"threads": torch.get_num_threads(), "cpu capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "data": "random uint8 images"}  # fmt: skip
+
+
+def write_json(path: Path, results: dict) -> None:
+    """All or nothing: written beside `path`, renamed over it once complete."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(json.dumps(results, indent=1))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.error = lambda message: sys.exit(f"cpu_floor: error: {message}")  # one line, no usage block
+    parser.add_argument("--models", default=",".join(RECIPES), help="comma-separated recipes")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved measurements per recipe")
+    parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument("--profile", action="store_true", help="then profile each recipe's compiled step")
+    args = parser.parse_args()
+    chosen = args.models.split(",")
+    if unknown := [m for m in chosen if m not in RECIPES]:
+        parser.error(f"--models: {', '.join(unknown)} unknown; choose from {', '.join(RECIPES)}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.json and not args.json.parent.is_dir():
+        parser.error(f"--json {args.json}: folder {args.json.parent} does not exist; create it first")
+    print(f"{', '.join(f'{k} {v}' for k, v in machine().items())}; medians of {args.rounds} interleaved rounds")
+    print(f"{'model':6} {'batch':>6} {'step us':>10} {'products us':>12} {'way':>6} {'GFLOP/s':>8} "
+          f"{'optim. us':>10} {'floor us':>10} {'step/floor':>10}")  # fmt: skip
+    results = []
+    for model in chosen:
+        results.append(measure(model, args.rounds))
+        print_result(results[-1])
+    for r in results:
+        print_breakdown(r)
+    if args.json:
+        write_json(args.json, {"machine": machine(), "rounds": args.rounds, "recipes": results})
+    if args.profile:
+        for model in chosen:
+            print_profile(model, steps_profiled=max(2, results[chosen.index(model)]["window_steps"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""What a training step must compute, whatever runs it: each layer's products, their
+FLOPs, and the arrays the optimizer's update must touch. scripts/cpu_floor.py times them.
+
+A conv or linear layer's step does three products of the same multiply-add count: the
+forward one, the weight gradient and the input gradient, but for the network's first
+layer, whose input (the image) needs no gradient. Shapes come from models.trace, so
+they are the shapes that run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from tinymnist import models, shapes
+from tinymnist.config import make_optimizer, recipe_config
+
+
+@dataclass(frozen=True)
+class ProductLayer:
+    """A conv or linear layer, with one example's input and output shapes."""
+
+    layer: shapes.Conv2d | shapes.Linear
+    shape_in: shapes.Shape  # (C, H, W) or (F,)
+    shape_out: shapes.Shape
+    first: bool  # its input is the image: no input gradient
+
+    def macs(self) -> int:
+        """Multiply-adds per example of the forward product; each gradient product has as many."""
+        if isinstance(self.layer, shapes.Linear):
+            return self.shape_in[0] * self.shape_out[0]  # in x out weights, each used once
+        channels_out, height, width = self.shape_out  # each output value: a k x k x C_in dot product
+        return channels_out * height * width * self.shape_in[0] * self.layer.kernel**2
+
+    def products(self) -> tuple[str, ...]:
+        return ("forward", "weight_grad") if self.first else ("forward", "weight_grad", "input_grad")
+
+
+def product_layers(model: str) -> list[ProductLayer]:
+    """The network's conv and linear layers, in order, with their traced shapes."""
+    layers, rows = models.ARCHITECTURES[model], models.trace(model)
+    inputs = [shapes.MNIST_IMAGE] + [row.shape for row in rows[:-1]]  # a layer sees the output before it
+    found = [(layer, shape_in, row.shape) for layer, shape_in, row in zip(layers, inputs, rows, strict=True)
+             if isinstance(layer, (shapes.Conv2d, shapes.Linear))]  # fmt: skip
+    return [ProductLayer(*layer, first=i == 0) for i, layer in enumerate(found)]
+
+
+def step_flops(model: str, batch: int) -> int:
+    """FLOPs of the floor's products for one step of `batch` images."""
+    return sum(2 * batch * p.macs() * len(p.products()) for p in product_layers(model))
+
+
+def product_calls(p: ProductLayer, batch: int) -> dict[str, Callable[[], torch.Tensor]]:
+    """Each of the layer's products on random tensors of its shapes, ready to call."""
+    x, grad_out = torch.randn(batch, *p.shape_in), torch.randn(batch, *p.shape_out)  # (B, C, H, W) or (B, F)
+    if isinstance(p.layer, shapes.Linear):
+        weight = torch.randn(p.shape_out[0], p.shape_in[0])  # (out, in), as nn.Linear keeps it
+        calls = {"forward": lambda: x @ weight.t(),  # (B, out)
+                 "weight_grad": lambda: grad_out.t() @ x,  # (out, in)
+                 "input_grad": lambda: grad_out @ weight}  # (B, in)  # fmt: skip
+    else:
+        conv = p.layer
+        weight = torch.randn(conv.out_channels, p.shape_in[0], conv.kernel, conv.kernel)  # (C_out, C_in, k, k)
+        stride, padding = conv.stride, conv.padding
+        calls = {"forward": lambda: F.conv2d(x, weight, None, stride, padding),  # (B, C_out, H', W')
+                 "weight_grad": lambda: conv2d_weight(x, weight.shape, grad_out, stride, padding),  # like weight
+                 "input_grad": lambda: conv2d_input(x.shape, weight, grad_out, stride, padding)}  # like x  # fmt: skip
+    return {name: calls[name] for name in p.products()}
+
+
+def optimizer_arrays(model: str) -> int:
+    """Arrays of the parameters' size an update must touch: the gradient read; the parameters
+    and each per-parameter state read and written."""
+    params = models.init_params(model, 0)
+    state = make_optimizer(recipe_config(model)).init(params)
+    per_param = sum(isinstance(value, dict) and value.keys() == params.keys() for value in state.values())
+    return 1 + 2 * (1 + per_param)
