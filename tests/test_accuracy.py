@@ -12,9 +12,10 @@ import pytest
 from tests.helpers import run
 
 GATES = [
-    # model, epochs, minimum test accuracy
-    ("cnn", 3, 0.97),
+    # model, epochs, minimum test accuracy (eager on the CPU, as measured on this split)
+    ("cnn", 1, 0.96),  # 97.35% after its first epoch; 3 epochs cost 3x the time for no more signal
     ("mlp", 10, 0.93),  # 5 epochs (the recipe) reach 93.4% here: 10 keep a margin
+    ("fast", 2, 0.97),  # its recipe's 2 epochs: 98.35% here (99.3-99.5% on full MNIST)
 ]
 
 
