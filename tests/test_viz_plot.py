@@ -167,3 +167,26 @@ def test_an_unwritable_output_is_a_one_line_error_and_writes_nothing(tmp_path):
 def test_read_runs_raises_for_a_record_that_is_not_an_object(tmp_path):
     with pytest.raises(TinyMnistError, match="line 2: lacks epoch"):
         read_runs([write_metrics(tmp_path / "m.jsonl", [record(0, 0.1, 2.3, None), [1, 2]])])
+
+
+def test_a_real_multi_model_run_plots_grouped_by_each_models_lr(tiny_split, tmp_path):
+    """What `train --seeds 2 --lr a,b` writes: "lr" is each epoch's scheduled rate (StepLR
+    moves it), the model is named by seed and initial_lr, the ensemble has no train loss."""
+    from tests.helpers import run, train_args
+
+    metrics = tmp_path / "sweep.jsonl"
+    trained = run(*train_args(tiny_split, "--model", "mlp", "--seeds", 2, "--lr", "0.001,0.002", "--gamma", 0.5,
+                              "--epochs", 2, "--metrics", metrics))  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    runs = read_runs([metrics])
+    assert [r.label for r in runs] == ["sweep.jsonl lr=0.001 (2 seeds)", "sweep.jsonl lr=0.002 (2 seeds)",
+                                       "sweep.jsonl ensemble"]  # fmt: skip
+    assert runs[0].series["test_accuracy"].epochs == (0, 1, 2) and "train_loss" not in runs[2].series
+    assert run_viz("plot", metrics, "-o", tmp_path / "sweep.png").exit_code == 0
+
+
+def test_fractional_epochs_from_eval_every_are_plotted(tmp_path):
+    path = tmp_path / "m.jsonl"
+    write_metrics(path, [record(0, 0.1, 2.3, None), record(0.5, 0.9, 0.4, None), record(1, 0.95, 0.2, 0.3)])
+    (run,) = read_runs([path])
+    assert run.series["test_accuracy"].epochs == (0, 0.5, 1)

@@ -87,7 +87,8 @@ def read_records(path: Path) -> list[dict]:
         if missing:
             raise TinyMnistError(f"metrics file {path}, line {number}: lacks {', '.join(sorted(missing))}")
         numbers = (record["test_loss"], record["test_accuracy"])
-        if not isinstance(record["epoch"], int) or not all(isinstance(v, (int, float)) for v in numbers):
+        epoch_is_number = isinstance(record["epoch"], (int, float)) and not isinstance(record["epoch"], bool)
+        if not epoch_is_number or not all(isinstance(v, (int, float)) for v in numbers):
             raise TinyMnistError(
                 f"metrics file {path}, line {number}: epoch, test_loss or test_accuracy is not a number"
             )
@@ -106,9 +107,9 @@ def runs_of_file(path: Path, records: list[dict]) -> list[Run]:
     if not any("seed" in r for r in models):
         runs = [Run(name, summarize([models]), total=total)]
     else:
-        by_lr: dict = defaultdict(lambda: defaultdict(list))  # lr -> seed -> records
-        for r in models:
-            by_lr[r.get("lr")][r.get("seed")].append(r)
+        by_lr: dict = defaultdict(lambda: defaultdict(list))  # the model's --lr -> seed -> records
+        for r in models:  # "lr" is the epoch's scheduled rate; "initial_lr" names the model
+            by_lr[r.get("initial_lr", r.get("lr"))][r.get("seed")].append(r)
         runs = []
         for lr, by_seed in by_lr.items():
             lr_label = f" lr={lr:g}" if len(by_lr) > 1 and isinstance(lr, (int, float)) else ""
@@ -129,10 +130,10 @@ def summarize(models: list[list[dict]]) -> dict[str, Series]:
     for quantity in QUANTITIES:
         epochs, values, low, high = [], [], [], []
         for epoch in sorted(set().union(*per_model)):
-            found = [m[epoch][quantity] for m in per_model if epoch in m]
+            found = [m[epoch].get(quantity) for m in per_model if epoch in m]  # ensembles have no train loss
             found = [v for v in found if isinstance(v, (int, float)) and math.isfinite(v)]
             if found:
-                epochs.append(int(epoch))
+                epochs.append(epoch)  # fractional with --eval-every
                 values.append(sum(found) / len(found))
                 low.append(min(found))
                 high.append(max(found))
