@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from tests.helpers import needs_cpp_compiler
-from tinymnist import models, shapes
+from tinymnist import cpu_pool, models, shapes
 from tinymnist.errors import TinyMnistError
 
 
@@ -318,7 +318,7 @@ def test_first_max_pool2d_equals_max_pool2d_in_values_and_gradient(kernel, sizes
     x = torch.randint(0, levels, (n, channels, rows * kernel, cols * kernel), generator=generator).float()
     upstream = torch.randn(n, channels, rows, cols, generator=generator)  # (N, C, H', W')
     ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-    pooled, expected = models.first_max_pool2d(ours, kernel), F.max_pool2d(theirs, kernel)
+    pooled, expected = cpu_pool.first_max_pool2d(ours, kernel), F.max_pool2d(theirs, kernel)
     torch.testing.assert_close(pooled, expected, rtol=0, atol=0)
     (pooled * upstream).sum().backward()
     (expected * upstream).sum().backward()
@@ -327,7 +327,7 @@ def test_first_max_pool2d_equals_max_pool2d_in_values_and_gradient(kernel, sizes
 
 @needs_cpp_compiler
 def test_compiled_max_pool2d_routes_values_and_gradients_like_max_pool2d(monkeypatch):
-    """Compiled for the CPU, models.max_pool2d takes the first_max_pool2d route where the
+    """Compiled for the CPU, cpu_pool.max_pool2d takes the first_max_pool2d route where the
     windows tile the input, and F.max_pool2d's elsewhere; either way the values and the
     input each gradient reaches are F.max_pool2d's, on inputs full of tied maxima."""
     routed = []
@@ -336,8 +336,8 @@ def test_compiled_max_pool2d_routes_values_and_gradients_like_max_pool2d(monkeyp
         routed.append(tuple(x.shape))
         return models_first_max_pool2d(x, kernel)
 
-    models_first_max_pool2d = models.first_max_pool2d
-    monkeypatch.setattr(models, "first_max_pool2d", first_max_pool2d)
+    models_first_max_pool2d = cpu_pool.first_max_pool2d
+    monkeypatch.setattr(cpu_pool, "first_max_pool2d", first_max_pool2d)
     generator = torch.Generator().manual_seed(0)
     for shape, kernel, stride, takes_route in [
         ((4, 3, 8, 6), 2, None, True),
@@ -348,7 +348,7 @@ def test_compiled_max_pool2d_routes_values_and_gradients_like_max_pool2d(monkeyp
         routed.clear()
         x = torch.randint(0, 3, shape, generator=generator).float()  # (N, C, H, W) of 0, 1, 2: ties everywhere
         ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-        pooled = torch.compile(models.max_pool2d, fullgraph=True, dynamic=False)(ours, kernel, stride)
+        pooled = torch.compile(cpu_pool.max_pool2d, fullgraph=True, dynamic=False)(ours, kernel, stride)
         expected = F.max_pool2d(theirs, kernel, stride)
         assert bool(routed) == takes_route, shape
         torch.testing.assert_close(pooled, expected, rtol=0, atol=0)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinymnist import shapes
+from tinymnist.cpu_pool import max_pool2d
 from tinymnist.errors import TinyMnistError
 from tinymnist.shapes import (
     Conv2d,
@@ -124,7 +125,7 @@ class Network(nn.Module):
         if isinstance(layer, ReLU):
             return F.relu(x)
         if isinstance(layer, MaxPool2d):
-            return max_pool2d(x, layer.kernel, layer.stride)  # (B, C, H, W) -> (B, C, H', W')
+            return max_pool2d(x, layer.kernel, layer.stride)  # (B, C, H, W) -> (B, C, H', W'), cpu_pool.py
         if isinstance(layer, Dropout):
             return F.dropout(x, layer.p, training=train)
         if isinstance(layer, Flatten):
@@ -132,40 +133,6 @@ class Network(nn.Module):
         if isinstance(layer, LogSoftmax):
             return F.log_softmax(x, dim=1)  # over the classes of each example
         raise TypeError(f"no forward rule for layer {layer!r}")
-
-
-def max_pool2d(x: torch.Tensor, kernel: int, stride: int | None = None) -> torch.Tensor:
-    """F.max_pool2d; compiled for the CPU, the same numbers by a route that compiles well.
-
-    torch.compile turns F.max_pool2d's backward into scalar C++ loops on the CPU, about
-    a third of lenet's compiled step. `first_max_pool2d` gives the same values, sends
-    each gradient to the same input and compiles to elementwise code: lenet's step took
-    9-26% less time (BENCHMARKS.md). Eager, F.max_pool2d's own kernels are faster.
-    (`is_compiling` is true under any torch.compile backend and torch.export too.)
-    """
-    height, width = x.shape[-2:]
-    tiles = x.dim() == 4 and stride in (None, kernel) and height % kernel == 0 and width % kernel == 0
-    if tiles and x.device.type == "cpu" and torch.compiler.is_compiling():
-        return first_max_pool2d(x, kernel)
-    return F.max_pool2d(x, kernel, stride)
-
-
-def first_max_pool2d(x: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Max-pool over non-overlapping kernel x kernel windows that tile x exactly.
-
-    Like F.max_pool2d, where a window's maximum occurs more than once (all-zero ReLU
-    outputs, often), the first in row-major order is the one picked, and the one whose
-    input gets the gradient. Two differences no training run meets: a window whose
-    maximum is -0.0 pools to +0.0, and of several NaNs the first gets the gradient
-    (F.max_pool2d: the last).
-    """
-    n, channels, height, width = x.shape
-    rows, cols = height // kernel, width // kernel
-    windows = x.view(n, channels, rows, kernel, cols, kernel).transpose(3, 4)  # (N, C, H', W', k, k)
-    windows = windows.reshape(n, channels, rows, cols, kernel * kernel)  # (N, C, H', W', k*k), row-major
-    first_max = windows.argmax(dim=-1, keepdim=True)  # (N, C, H', W', 1): the first maximum's position
-    picked = torch.arange(kernel * kernel, device=x.device) == first_max  # (N, C, H', W', k*k), one True each
-    return torch.where(picked, windows, 0).sum(dim=-1)  # (N, C, H', W'); the gradient flows to `picked` only
 
 
 # Built once, here: building a module inside a compiled function breaks its graph.
