@@ -95,7 +95,8 @@ def train(
                                           "on the device).", show_default="once per epoch"),
     seed: int | None = typer.Option(None, help="Seeds init, shuffling and dropout.", show_default="1"),
     log_interval: int | None = typer.Option(None, help="Steps between log lines.", show_default="10"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="One step and one evaluation, to check the setup; saves nothing.",
+    dry_run: bool = typer.Option(False, "--dry-run", help="One step and one evaluation, to check the setup; "
+                                 "saves nothing.",
                                  show_default="off"),
     save_model: Path | None = typer.Option(None, help="Write a checkpoint here after every epoch (atomically).",
                                            show_default="none: nothing is saved"),
@@ -123,7 +124,8 @@ def train(
     flags = dict(
         model=model, optimizer=optimizer, batch_size=batch_size, test_batch_size=test_batch_size, epochs=epochs,
         **lr_flags(lr), seeds=seeds, gamma=gamma, schedule=schedule, label_smoothing=label_smoothing,
-        target_accuracy=target_accuracy, eval_every=eval_every, seed=seed, log_interval=log_interval, dry_run=dry_run or None,
+        target_accuracy=target_accuracy, eval_every=eval_every, seed=seed, log_interval=log_interval,
+        dry_run=dry_run or None,
         compile=compile,
         micro_batch=micro_batch, cuda_graphs=cuda_graphs, device="cpu" if no_accel else device or "auto",
         data_dir=str(data.resolve_data_dir(data_dir)), download=not no_download,
@@ -137,8 +139,6 @@ def train(
             print(f"tinymnist: {done}", file=sys.stderr)
             return
     else:
-        if model is not None and model not in RECIPES:
-            raise TinyMnistError(f"--model {model!r} is unknown; choose one of {MODELS}")
         config, state = recipe_config(model or "cnn", **{k: v for k, v in flags.items() if k != "model"}), None
     distributed.launch(run.train, config, state)  # under torchrun: one of N processes; else run.train
 
@@ -257,9 +257,9 @@ def bench(
     warmup: int = typer.Option(3, help="Untimed steps after the first (compiling) one."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="Also time the compiled step."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the raw results to this JSON file."),
-    time_to_accuracy: float | None = typer.Option(None, "--time-to-accuracy", help="Instead: seconds of training "
-                                                  "until this test accuracy (0.99) for fast, cnn and the tutorials' cnn "
-                                                  "loop, on the real MNIST files.", show_default="off"),
+    time_to_accuracy: float | None = typer.Option(
+        None, "--time-to-accuracy", show_default="off", help="Instead: seconds of training until this test accuracy "
+        "(0.99) for fast, cnn and the tutorials' cnn loop, on the real MNIST files."),
     seeds: str | None = typer.Option(None, "--seeds", help="Model counts, comma-separated (1,4,16): time N models "
                                      "in one vmapped step against N single runs instead.", show_default="off"),
 ):

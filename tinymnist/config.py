@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from tinymnist import models, optim
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -46,18 +48,6 @@ RECIPES: dict[str, Recipe] = {
 }
 
 SCHEDULES = ("step", "one-cycle")
-
-# The learning rate an optimizer gets when --optimizer overrides the recipe's and
-# --lr is not given: torch.optim's own defaults (a recipe's lr belongs to its optimizer:
-# Adadelta's 1.0 would blow up SGD).
-DEFAULT_LR: dict[str, float] = {
-    "sgd": 1e-3,
-    "adam": 1e-3,
-    "adamw": 1e-3,
-    "adadelta": 1.0,
-    "rmsprop": 1e-2,
-}
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -102,10 +92,11 @@ class TrainConfig:
 
 def recipe_config(model: str, optimizer: str | None = None, **overrides) -> TrainConfig:
     """The config for `model` with its recipe as defaults; None overrides are ignored."""
+    models.check_model(model)
     recipe = RECIPES[model]
     optimizer = optimizer or recipe.optimizer
     lr = (
-        recipe.lr if optimizer == recipe.optimizer else DEFAULT_LR.get(optimizer, recipe.lr)
+        recipe.lr if optimizer == recipe.optimizer else optim.DEFAULT_LR.get(optimizer, recipe.lr)
     )  # validate() names a bad one
     defaults = dict(
         model=model,
@@ -124,8 +115,6 @@ def recipe_config(model: str, optimizer: str | None = None, **overrides) -> Trai
 
 def make_optimizer(config: TrainConfig):
     """The config's optimizer, with the recipe's hyperparameters when it is the recipe's own."""
-    from tinymnist import optim
-
     own = config.optimizer == config.recipe.optimizer and config.recipe.betas is not None
     return optim.OPTIMIZERS[config.optimizer](**({"betas": config.recipe.betas} if own else {}))
 
@@ -137,10 +126,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     """Raise a one-line TinyMnistError naming the flag for any value training cannot use."""
     from tinymnist.errors import TinyMnistError
 
-    if config.model not in RECIPES:
-        raise TinyMnistError(f"--model {config.model!r} is unknown; choose one of {', '.join(RECIPES)}")
-    if config.optimizer not in DEFAULT_LR:
-        raise TinyMnistError(f"--optimizer {config.optimizer!r} is unknown; choose one of {', '.join(DEFAULT_LR)}")
+    models.check_model(config.model)
+    if config.optimizer not in optim.OPTIMIZERS:
+        known = ", ".join(optim.OPTIMIZERS)
+        raise TinyMnistError(f"--optimizer {config.optimizer!r} is unknown; choose one of {known}")
     numbers = {"--batch-size": config.batch_size, "--test-batch-size": config.test_batch_size,
                "--epochs": config.epochs, "--log-interval": config.log_interval, "--seed": config.seed}  # fmt: skip
     for flag, value in numbers.items():

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from tinymnist import shapes
 from tinymnist.errors import TinyMnistError
 from tinymnist.fetch import Patience, fetch_files
 from tinymnist.files import remove_leftovers
@@ -58,7 +59,6 @@ MIRRORS_ENV = "TINYMNIST_MIRRORS"
 DATA_DIR_ENV = "TINYMNIST_DATA"
 DEFAULT_DATA_DIR = Path("data")
 IMAGE_SIZE = 28  # MNIST digits are 28x28 pixels
-NUM_CLASSES = 10  # the digits 0..9
 
 
 class MissingDataError(TinyMnistError):
@@ -205,11 +205,11 @@ def _load_split(data_dir: Path, prefix: str, device: torch.device | str) -> tupl
             labels = labels_file.read()  # (N,) integers
     except IdxError as e:
         raise IdxError(f"{e}; delete it and run `tinymnist download` to fetch it again") from None
-    out_of_range = (labels < 0) | (labels >= NUM_CLASSES)  # (N,) bool
+    out_of_range = (labels < 0) | (labels >= shapes.NUM_CLASSES)  # (N,) bool
     if out_of_range.any():
         index = int(out_of_range.nonzero()[0])
         label = int(labels[index])
-        raise TinyMnistError(f"{labels_path}: label {label} at index {index} is outside 0..{NUM_CLASSES - 1}")
+        raise TinyMnistError(f"{labels_path}: label {label} at index {index} is outside 0..{shapes.NUM_CLASSES - 1}")
     # Labels become int64 because that is what cross_entropy and nll_loss index with.
     return images.to(device), labels.to(device=device, dtype=torch.int64)
 

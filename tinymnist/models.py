@@ -38,7 +38,7 @@ from tinymnist.shapes import (
 
 Params = dict[str, torch.Tensor]
 
-NUM_CLASSES = 10  # the digits 0-9
+NUM_CLASSES = shapes.NUM_CLASSES
 
 ARCHITECTURES = {
     # seed 000, SimpleNN: 784-128-10, logits for cross-entropy.
@@ -141,10 +141,10 @@ class Network(nn.Module):
 TEMPLATES = {name: Network(layers) for name, layers in ARCHITECTURES.items()}
 
 
-def check_model(name: str) -> None:
-    """Raise the user-facing error for a model name that is not one of MODEL_NAMES."""
+def check_model(name: str, flag: str = "--model") -> None:
+    """The one check of a model name: a one-line error naming `flag` unless it is one of MODEL_NAMES."""
     if name not in ARCHITECTURES:
-        raise TinyMnistError(f"unknown model {name!r}; the models are {', '.join(MODEL_NAMES)}")
+        raise TinyMnistError(f"{flag} {name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}")
 
 
 def trace(name: str) -> list[shapes.TraceRow]:

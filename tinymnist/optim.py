@@ -262,6 +262,18 @@ OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
 }  # fmt: skip
 
 
+# The learning rate an optimizer gets when --optimizer overrides the recipe's and
+# --lr is not given: torch.optim's own defaults (a recipe's lr belongs to its optimizer:
+# Adadelta's 1.0 would blow up SGD).
+DEFAULT_LR: dict[str, float] = {
+    "sgd": 1e-3,
+    "adam": 1e-3,
+    "adamw": 1e-3,
+    "adadelta": 1.0,
+    "rmsprop": 1e-2,
+}
+
+
 def step_lr(base_lr: float, epoch: int, step_size: int, gamma: float) -> float:
     """The learning rate of `epoch` (counted from 0) under torch's StepLR schedule.
 

@@ -26,6 +26,7 @@ from tinymnist.errors import TinyMnistError
 Shape = tuple[int, ...]  # one example's shape, batch dimension left out: (C, H, W) or (F,)
 
 MNIST_IMAGE: Shape = (1, 28, 28)  # one grey channel, 28x28 pixels (the IDX files' dims)
+NUM_CLASSES = 10  # the digits 0-9: the size of every network's output
 
 
 class ShapeError(TinyMnistError, ValueError):

@@ -96,7 +96,8 @@ def print_time_to_accuracy(rows: list[dict], target: float, device: torch.device
         report = {"target": target, "device": str(device), "machine": machine_description(device),
                   "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": rows}  # fmt: skip
         json_path.write_text(json.dumps(report, indent=2) + "\n")
-    table = Table(title=f"time to {100 * target:g}% test accuracy, {machine_description(device)}, torch {torch.__version__}")
+    machine = f"{machine_description(device)}, torch {torch.__version__}"
+    table = Table(title=f"time to {100 * target:g}% test accuracy, {machine}")
     for column in ("loop", "seconds", "images", "epochs", "best accuracy", "vs reference", "first step s"):
         table.add_column(column, justify="left" if column == "loop" else "right")
     for r in rows:

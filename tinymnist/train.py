@@ -257,16 +257,17 @@ def fit(
             result.reached = result.reached or record
         return result.reached is not None
 
+    def probe_for(epoch, steps, lrs):  # evaluates every eval_every steps within an epoch
+        return lambda done, params, seconds, images: evaluated(round(epoch - 1 + done / steps, 4), None, params,
+                                                               lrs[done - 1], seconds, images)  # fmt: skip
+
     if state.epoch == 0 and not config.dry_run:  # the untrained network, as the tutorials show
         evaluated(0, None, state.params, config.lr, 0.0, 0)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         first = epoch == state.epoch + 1  # the step compiles on its first call
         batches = epoch_batches(len(data.train_images), config.batch_size, shuffle, device)  # (steps, B)
         lrs = epoch_lrs(config, epoch, len(batches))
-
-        def probe(done, params, seconds, images):  # every eval_every steps within the epoch
-            return evaluated(round(epoch - 1 + done / len(batches), 4), None, params, lrs[done - 1], seconds, images)
-
+        probe = probe_for(epoch, len(batches), lrs)
         params, opt_state, train_loss, timing = train_epoch(config, step, result.state, data, epoch, batches, lrs,
                                                             reporter, first, probe)  # fmt: skip
         result.first_step_seconds += timing.first_step_seconds
@@ -314,7 +315,8 @@ def train_epoch(config, step, state, data, epoch, batches, lrs, reporter, time_f
     synchronize(device)
     started = time.perf_counter()
     for i in range(steps):
-        params, opt_state, loss = step(params, opt_state, data.train_images, data.train_labels, batches[i], lr_tensor[i])
+        params, opt_state, loss = step(params, opt_state, data.train_images, data.train_labels, batches[i],
+                                       lr_tensor[i])  # fmt: skip
         running += loss
         if i == 0 and time_first_step:  # compilation happens here: keep it out of the speed
             synchronize(device)
