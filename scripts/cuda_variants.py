@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from tinymnist.bench import bench_data
-from tinymnist.config import recipe_config
-from tinymnist.train import epoch_batches, initial_state, make_optimizer, make_step
+from tinymnist.config import make_optimizer, recipe_config
+from tinymnist.cuda_graph import GraphedStep
+from tinymnist.train import epoch_batches, initial_state, make_gradient, make_step
+from tinymnist.transforms import compiled
 
 VARIANTS = {  # name: (compile, cuda_graph, tf32 matmuls, host sync every N steps or 0)
     "eager": (False, False, False, 0),
@@ -38,8 +40,10 @@ def time_epochs(name, images, labels, device, epochs: int) -> dict:
     config = recipe_config("cnn")
     optimizer = make_optimizer(config)
     state = initial_state(config, optimizer, device)
-    step = make_step(config, optimizer, compile, cuda_graph)
+    step = make_step(make_gradient(config), optimizer)
+    step = GraphedStep(step, compile) if cuda_graph else compiled(step) if compile else step
     params, opt_state = state.params, state.opt_state
+    shuffle = torch.Generator().manual_seed(config.seed)
     lr = torch.tensor(config.lr, device=device)
     started = time.perf_counter()
     params, opt_state, loss = step(params, opt_state, images, labels, torch.arange(64, device=device), lr)
@@ -47,7 +51,7 @@ def time_epochs(name, images, labels, device, epochs: int) -> dict:
     first_step = time.perf_counter() - started
     seconds = []
     for _ in range(epochs):
-        batches = epoch_batches(len(images), config.batch_size, device)  # (938, 64)
+        batches = epoch_batches(len(images), config.batch_size, shuffle, device)  # (938, 64)
         running = torch.zeros((), device=device)
         torch.cuda.synchronize(device)
         started = time.perf_counter()
