@@ -65,6 +65,39 @@ def test_a_signal_while_importing_torch_exits_cleanly(signum, code, line):
     assert (returncode, err) == (code, line)
 
 
+# A child whose CLI import swallows the Ctrl-C that lands in it, as torch's C extension
+# does when the signal arrives while it imports numpy (it clears any error of that
+# import, KeyboardInterrupt included). The child signals itself, so nothing depends on
+# timing; the stand-in CLI says so if the run goes on.
+SWALLOWING_CLI_IMPORT = """
+    import importlib.util, os, signal, sys
+
+    class SwallowingImport:
+        def find_spec(self, name, path=None, target=None):
+            return importlib.util.spec_from_loader(name, self) if name == "tinymnist.cli" else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the next bytecode
+                signal.sigtimedwait([], 0)
+            except BaseException:  # the C extension's PyErr_Clear
+                pass
+            module.main = lambda: print("the run went on")
+
+    sys.meta_path.insert(0, SwallowingImport())
+    from tinymnist.entry import main
+    main()
+"""
+
+
+def test_a_ctrl_c_that_an_import_swallows_still_ends_the_run():
+    """Once a signal has raised, later ones are ignored: a swallowed one would leave a run nothing stops."""
+    assert finish(start(SWALLOWING_CLI_IMPORT)) == (130, "", "tinymnist: interrupted\n")
+
+
 def test_the_console_script_module_does_not_import_torch():
     """Everything imported before `main` installs the handlers is outside their reach."""
     child = start("import sys, tinymnist.entry; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")

@@ -18,6 +18,7 @@ def main() -> None:
     try:
         from tinymnist.cli import main as cli_main  # imports torch
 
+        interrupts.raise_if_swallowed()  # a Ctrl-C that torch's import caught still ends the run
         cli_main()
     except KeyboardInterrupt as e:  # during the imports: each command reports its own
         by = " by SIGTERM" if isinstance(e, interrupts.Terminated) else ""

@@ -85,6 +85,18 @@ def install() -> None:
             signal.signal(signum, handler)
 
 
+def raise_if_swallowed() -> None:
+    """Raise again a signal whose exception code outside ours caught and dropped.
+
+    torch's C extension imports numpy and clears any error that import raises, a
+    KeyboardInterrupt included: a Ctrl-C landing there would vanish, and as later signals
+    are ignored once one has been raised, the run could then no longer be stopped.
+    """
+    handler = _installed()
+    if handler is not None and handler.raised is not None:
+        raise _exception(handler.raised)
+
+
 @contextlib.contextmanager
 def shielded() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back until the block ends (blocks nest).
