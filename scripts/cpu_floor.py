@@ -1,6 +1,6 @@
 """How far is each recipe's CPU step from its floor? Both timed in one process.
 
-    python scripts/cpu_floor.py [--models mlp,cnn] [--rounds 7] [--json PATH] [--profile]
+    python scripts/cpu_floor.py [--models mlp,cnn] [--rounds 7] [--threads N [--cpu-time]] [--json PATH] [--profile]
 
 The step is the one `tinymnist train` runs on the CPU (transforms.device_step,
 compiled; batches over 256 images in micro-batches), at the recipe's batch size.
@@ -21,6 +21,10 @@ Each round times a window of steps, then each product and the traffic, so load f
 other tenants hits both; the medians over rounds are reported, and step/floor is the
 median of each round's ratio. FLOPs count a multiply-add as 2. `--profile` then
 prints where the compiled step's time goes, op by op. BENCHMARKS.md quotes the output.
+With more threads than idle cores, every parallel region waits for a descheduled thread
+(ops of microseconds took 25 ms on a busy 2-core host): measure on a quiet machine, or
+with `--threads 1 --cpu-time`, which times by the process's CPU time rather than the
+wall clock: what each part costs in core time, whatever else the machine runs.
 """
 
 from __future__ import annotations
@@ -37,48 +41,14 @@ import time
 from pathlib import Path
 
 import torch
-from floor_products import optimizer_arrays, product_calls, product_layers, step_flops  # scripts/, beside this file
+from floor_products import floor_parts, optimizer_arrays, step_flops  # scripts/, beside this file
 
 from tinymnist import models, transforms
 from tinymnist.config import RECIPES, make_optimizer, recipe_config
 
 CPU = torch.device("cpu")
 N_IMAGES = 60_000  # MNIST's training set: the step gathers its batch from all of it
-PRODUCT_SECONDS, WINDOW_SECONDS = 0.01, 0.25  # the least time one measurement spans, per product / per step window
-
-
-class Timed:
-    """A call repeated often enough per measurement that the clock's resolution does not matter."""
-
-    def __init__(self, fn, weight: float = 1):
-        self.fn, self.weight = fn, weight  # weight: how many such calls the step's work amounts to
-        for _ in range(3):
-            fn()
-        started = time.perf_counter()
-        fn()
-        self.calls = max(1, math.ceil(PRODUCT_SECONDS / (time.perf_counter() - started)))
-
-    def microseconds(self) -> float:
-        started = time.perf_counter()
-        for _ in range(self.calls):
-            self.fn()
-        return (time.perf_counter() - started) / self.calls * 1e6 * self.weight
-
-
-def floor_parts(model: str, batch: int, micro_batch: int) -> dict[str, dict[str, Timed]]:
-    """The floor's measurements by way of batching ("whole", "micro"), plus "optimizer"."""
-    ways = {"whole": {batch: 1}}
-    if 0 < micro_batch < batch:  # the step's chunks: torch.split's sizes, counted
-        ways["micro"] = collections.Counter(len(c) for c in torch.arange(batch).split(micro_batch))
-    parts = {way: {f"{p.layer.name}.{name}" + (f"@{size}" if way == "micro" else ""): Timed(fn, count)
-                   for size, count in sizes.items() for p in product_layers(model)
-                   for name, fn in product_calls(p, size).items()}
-             for way, sizes in ways.items()}  # fmt: skip
-    n_params = sum(row.params for row in models.trace(model))
-    a, b, out = torch.randn(n_params), torch.randn(n_params), torch.empty(n_params)  # (P,) each
-    arrays = optimizer_arrays(model)  # torch.add moves 3 arrays: scale its time to the update's
-    parts["optimizer"] = {"traffic": Timed(lambda: torch.add(a, b, out=out), weight=arrays / 3)}
-    return parts
+WINDOW_SECONDS = 0.25  # the least time one window of steps spans
 
 
 def compiled_steps(model: str):
@@ -97,7 +67,7 @@ def compiled_steps(model: str):
         yield
 
 
-def measure(model: str, rounds: int) -> dict:
+def measure(model: str, rounds: int, clock=time.perf_counter) -> dict:
     """Rounds of (a window of steps, each floor measurement); medians, and step/floor per round."""
     batch, micro_batch = RECIPES[model].batch_size, transforms.default_micro_batch(CPU)
     steps = compiled_steps(model)
@@ -106,16 +76,16 @@ def measure(model: str, rounds: int) -> dict:
     compile_seconds = time.perf_counter() - started
     for _ in itertools.islice(steps, 3):
         pass
-    started = time.perf_counter()
+    started = clock()
     next(steps)
-    window = max(2, math.ceil(WINDOW_SECONDS / (time.perf_counter() - started)))
-    parts = floor_parts(model, batch, micro_batch)
+    window = max(2, math.ceil(WINDOW_SECONDS / max(clock() - started, 1e-9)))
+    parts = floor_parts(model, batch, micro_batch, clock)
     samples = collections.defaultdict(list)  # "step", each way's total, "way/product": microseconds per round
     for _ in range(rounds):
-        started = time.perf_counter()
+        started = clock()
         for _ in itertools.islice(steps, window):
             pass
-        samples["step"].append((time.perf_counter() - started) / window * 1e6)
+        samples["step"].append((clock() - started) / window * 1e6)
         for way, timed in parts.items():
             times = {name: t.microseconds() for name, t in timed.items()}
             samples[way].append(sum(times.values()))
@@ -171,9 +141,10 @@ def print_profile(model: str, steps_profiled: int) -> None:
         print(f"  {event.self_cpu_time_total / steps_profiled:10.1f} us  {event.key[:90]}")
 
 
-def machine() -> dict:
+def machine(cpu_time: bool) -> dict:
     return {"threads": torch.get_num_threads(), "cpu capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "data": "random uint8 images"}  # fmt: skip
+            "torch": torch.__version__, "data": "random uint8 images",
+            "clock": "process CPU time" if cpu_time else "wall"}  # fmt: skip
 
 
 def write_json(path: Path, results: dict) -> None:
@@ -186,35 +157,49 @@ def write_json(path: Path, results: dict) -> None:
         partial.unlink(missing_ok=True)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.error = lambda message: sys.exit(f"cpu_floor: error: {message}")  # one line, no usage block
     parser.add_argument("--models", default=",".join(RECIPES), help="comma-separated recipes")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved measurements per recipe")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads; default: torch's own (one per core)")
+    parser.add_argument("--cpu-time", action="store_true", help="with --threads 1: time by the process's CPU time")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--profile", action="store_true", help="then profile each recipe's compiled step")
     args = parser.parse_args()
-    chosen = args.models.split(",")
-    if unknown := [m for m in chosen if m not in RECIPES]:
+    args.models = args.models.split(",")
+    if unknown := [m for m in args.models if m not in RECIPES]:
         parser.error(f"--models: {', '.join(unknown)} unknown; choose from {', '.join(RECIPES)}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.cpu_time and args.threads != 1:
+        parser.error("--cpu-time needs --threads 1 (a second thread's CPU time counts its waits too)")
     if args.json and not args.json.parent.is_dir():
         parser.error(f"--json {args.json}: folder {args.json.parent} does not exist; create it first")
-    print(f"{', '.join(f'{k} {v}' for k, v in machine().items())}; medians of {args.rounds} interleaved rounds")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    print(", ".join(f"{k} {v}" for k, v in machine(args.cpu_time).items()) + f"; medians of {args.rounds} rounds")
     print(f"{'model':6} {'batch':>6} {'step us':>10} {'products us':>12} {'way':>6} {'GFLOP/s':>8} "
           f"{'optim. us':>10} {'floor us':>10} {'step/floor':>10}")  # fmt: skip
     results = []
-    for model in chosen:
-        results.append(measure(model, args.rounds))
+    for model in args.models:
+        results.append(measure(model, args.rounds, clock))
         print_result(results[-1])
     for r in results:
         print_breakdown(r)
     if args.json:
-        write_json(args.json, {"machine": machine(), "rounds": args.rounds, "recipes": results})
+        write_json(args.json, {"machine": machine(args.cpu_time), "rounds": args.rounds, "recipes": results})
     if args.profile:
-        for model in chosen:
-            print_profile(model, steps_profiled=max(2, results[chosen.index(model)]["window_steps"]))
+        for r in results:
+            print_profile(r["model"], steps_profiled=max(2, r["window_steps"]))
 
 
 if __name__ == "__main__":

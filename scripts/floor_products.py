@@ -1,5 +1,6 @@
 """What a training step must compute, whatever runs it: each layer's products, their
-FLOPs, and the arrays the optimizer's update must touch. scripts/cpu_floor.py times them.
+FLOPs, and the arrays the optimizer's update must touch; and `floor_parts`, all of it
+as calls ready to time. scripts/cpu_floor.py times them against the step.
 
 A conv or linear layer's step does three products of the same multiply-add count: the
 forward one, the weight gradient and the input gradient, but for the network's first
@@ -9,6 +10,9 @@ they are the shapes that run.
 
 from __future__ import annotations
 
+import collections
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +22,8 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from tinymnist import models, shapes
 from tinymnist.config import make_optimizer, recipe_config
+
+PRODUCT_SECONDS = 0.01  # the least time one measurement of a call spans: far above the clock's resolution
 
 
 @dataclass(frozen=True)
@@ -79,3 +85,37 @@ def optimizer_arrays(model: str) -> int:
     state = make_optimizer(recipe_config(model)).init(params)
     per_param = sum(isinstance(value, dict) and value.keys() == params.keys() for value in state.values())
     return 1 + 2 * (1 + per_param)
+
+
+class Timed:
+    """A call repeated often enough per measurement that the clock's resolution does not matter."""
+
+    def __init__(self, fn, weight: float = 1, clock=time.perf_counter):
+        self.fn, self.weight, self.clock = fn, weight, clock  # weight: how many such calls the step's work is
+        for _ in range(3):
+            fn()
+        started = clock()
+        fn()
+        self.calls = max(1, math.ceil(PRODUCT_SECONDS / max(clock() - started, 1e-9)))
+
+    def microseconds(self) -> float:
+        started = self.clock()
+        for _ in range(self.calls):
+            self.fn()
+        return (self.clock() - started) / self.calls * 1e6 * self.weight
+
+
+def floor_parts(model: str, batch: int, micro_batch: int, clock=time.perf_counter) -> dict[str, dict[str, Timed]]:
+    """The floor's measurements by way of batching ("whole", "micro"), plus "optimizer"."""
+    ways = {"whole": {batch: 1}}
+    if 0 < micro_batch < batch:  # the step's chunks: torch.split's sizes, counted
+        ways["micro"] = collections.Counter(len(c) for c in torch.arange(batch).split(micro_batch))
+    parts = {way: {f"{p.layer.name}.{name}" + (f"@{size}" if way == "micro" else ""): Timed(fn, count, clock)
+                   for size, count in sizes.items() for p in product_layers(model)
+                   for name, fn in product_calls(p, size).items()}
+             for way, sizes in ways.items()}  # fmt: skip
+    n_params = sum(row.params for row in models.trace(model))
+    a, b, out = torch.randn(n_params), torch.randn(n_params), torch.empty(n_params)  # (P,) each
+    arrays = optimizer_arrays(model)  # torch.add moves 3 arrays: scale its time to the update's
+    parts["optimizer"] = {"traffic": Timed(lambda: torch.add(a, b, out=out), arrays / 3, clock)}
+    return parts

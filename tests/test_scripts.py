@@ -47,14 +47,13 @@ def test_missing_test_files_are_one_line_and_write_nothing(tmp_path):
 
 
 @pytest.fixture
-def floor(monkeypatch):
-    """scripts/cpu_floor.py and floor_products.py as modules (the script imports its sibling by name)."""
+def products(monkeypatch):
+    """scripts/floor_products.py, what scripts/cpu_floor.py times, as a module."""
     monkeypatch.syspath_prepend(str(SCRIPTS))
-    return importlib.import_module("cpu_floor"), importlib.import_module("floor_products")
+    return importlib.import_module("floor_products")
 
 
-def test_fast_products_counted_by_hand(floor):
-    _, products = floor
+def test_fast_products_counted_by_hand(products):
     layers = {p.layer.name: p for p in products.product_layers("fast")}
     by_hand = {
         "conv1": 24 * 24 * 24 * 1 * 5 * 5,  # 24 maps of 24x24, each value 1 channel x 5x5
@@ -70,8 +69,7 @@ def test_fast_products_counted_by_hand(floor):
 
 
 @pytest.mark.parametrize("model", models.MODEL_NAMES)
-def test_forward_flops_match_torch_flop_counter(floor, model):
-    _, products = floor
+def test_forward_flops_match_torch_flop_counter(products, model):
     batch = 3
     params = models.init_params(model, 0)
     with FlopCounterMode(display=False) as counter:
@@ -80,11 +78,10 @@ def test_forward_flops_match_torch_flop_counter(floor, model):
 
 
 @pytest.mark.parametrize("model", ["mlp", "mlp3"])
-def test_step_flops_match_torch_flop_counter_on_autograd(floor, model):
+def test_step_flops_match_torch_flop_counter_on_autograd(products, model):
     """Forward and backward of the linear networks, as autograd runs them: no input gradient
-    for the first layer. (For a conv, the counter charges the input gradient for every input
-    position, padding included; the floor counts the multiply-adds the forward one has.)"""
-    _, products = floor
+    for the first layer. (The counter charges a conv's input gradient per input position rather
+    than per output position; the floor counts as many multiply-adds as the forward product.)"""
     batch = 5
     params = {k: v.requires_grad_() for k, v in models.init_params(model, 0).items()}
     with FlopCounterMode(display=False) as counter:
@@ -93,8 +90,7 @@ def test_step_flops_match_torch_flop_counter_on_autograd(floor, model):
 
 
 @pytest.mark.parametrize("model", models.MODEL_NAMES)
-def test_each_product_has_the_shape_autograd_gives(floor, model):
-    _, products = floor
+def test_each_product_has_the_shape_autograd_gives(products, model):
     template = dict(models.TEMPLATES[model].named_children())
     for p in products.product_layers(model):
         out = {name: call().shape for name, call in products.product_calls(p, batch=2).items()}
@@ -103,17 +99,15 @@ def test_each_product_has_the_shape_autograd_gives(floor, model):
         assert out.get("input_grad", (2, *p.shape_in)) == (2, *p.shape_in)
 
 
-def test_optimizer_arrays_by_hand(floor):
-    _, products = floor
+def test_optimizer_arrays_by_hand(products):
     # read the gradient; read and write the parameters and each state tensor of the same size
     assert products.optimizer_arrays("mlp") == 1 + 2 * 3  # adam: exp_avg, exp_avg_sq
     assert products.optimizer_arrays("cnn") == 1 + 2 * 3  # adadelta: square_avg, acc_delta
     assert products.optimizer_arrays("lenet") == 1 + 2 * 2  # rmsprop: square_avg
 
 
-def test_floor_parts_time_the_step_micro_batches(floor):
-    cpu_floor, _ = floor
-    parts = cpu_floor.floor_parts("lenet", batch=20, micro_batch=8)  # chunks of 8, 8 and 4
+def test_floor_parts_time_the_step_micro_batches(products):
+    parts = products.floor_parts("lenet", batch=20, micro_batch=8)  # chunks of 8, 8 and 4
     assert list(parts) == ["whole", "micro", "optimizer"]
     assert "conv1.input_grad" not in parts["whole"] and parts["whole"]["fc3.input_grad"].weight == 1
     assert parts["micro"]["conv2.weight_grad@8"].weight == 2 and parts["micro"]["conv2.weight_grad@4"].weight == 1
@@ -122,7 +116,8 @@ def test_floor_parts_time_the_step_micro_batches(floor):
 
 
 def test_cpu_floor_refuses_bad_flags_in_one_line(tmp_path):
-    for flags in (["--models", "mlp,resnet"], ["--json", str(tmp_path / "missing" / "floor.json")]):
+    missing_folder = str(tmp_path / "missing" / "floor.json")
+    for flags in (["--models", "mlp,resnet"], ["--cpu-time"], ["--json", missing_folder], ["--rounds", "x"]):
         result = subprocess.run([sys.executable, SCRIPTS / "cpu_floor.py", *flags], capture_output=True, text=True,
                                 timeout=300)  # fmt: skip
         assert result.returncode == 1 and result.stdout == ""
