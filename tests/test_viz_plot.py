@@ -79,12 +79,17 @@ def test_a_multi_model_file_gives_mean_and_band_per_learning_rate_and_the_ensemb
             '\n{"epoch": "1", "test_loss": 0.1, "test_accuracy": 0.9}\n',
             "line 2: epoch, test_loss or test_accuracy is not",
         ),
+        ('{"epoch": NaN, "test_loss": 0.1, "test_accuracy": 0.9}\n', "line 1: epoch nan or test_accuracy 0.9"),
+        ('{"epoch": 1e308, "test_loss": 0.1, "test_accuracy": 0.9}\n', "is out of range"),
+        ('{"epoch": -1, "test_loss": 0.1, "test_accuracy": 0.9}\n', "is out of range"),
+        ('{"epoch": 1, "test_loss": 0.1, "test_accuracy": 5}\n', "test_accuracy 5 is out of range"),
     ],
 )
 def test_a_bad_metrics_file_is_a_one_line_error(tmp_path, content, fragment):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
     assert_user_error(run_viz("plot", path), str(path), fragment)
+    assert_user_error(run_viz("plot", path, "-o", tmp_path / "c.png"), str(path), fragment)
     assert_user_error(run_viz("plot", tmp_path / "absent.jsonl"), "absent.jsonl", "no such file")
 
 

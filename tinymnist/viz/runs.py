@@ -29,6 +29,7 @@ from tinymnist.errors import TinyMnistError
 QUANTITIES = ("train_loss", "test_loss", "test_accuracy")
 TITLES = {"train_loss": "train loss", "test_loss": "test loss", "test_accuracy": "test accuracy"}
 # Accuracy ticks on the log error axis, as accuracies (error = 1 - accuracy).
+EXACT_FLOAT_INTEGERS = 2**53  # beyond it a float64 epoch + 1 == epoch: no epoch axis can be drawn
 MNIST_TEST_IMAGES = 10_000  # the test set size, for a file that does not record its own
 ACCURACY_TICKS = (0.1, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
 
@@ -91,6 +92,11 @@ def read_records(path: Path) -> list[dict]:
         if not epoch_is_number or not all(isinstance(v, (int, float)) for v in numbers):
             raise TinyMnistError(
                 f"metrics file {path}, line {number}: epoch, test_loss or test_accuracy is not a number"
+            )
+        if not 0 <= record["epoch"] < EXACT_FLOAT_INTEGERS or not 0 <= record["test_accuracy"] <= 1:
+            raise TinyMnistError(
+                f"metrics file {path}, line {number}: epoch {record['epoch']} or test_accuracy "
+                f"{record['test_accuracy']} is out of range (epochs count from 0, accuracy is 0 to 1)"
             )
         records.append(record)
     if not records:
