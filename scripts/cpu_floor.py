@@ -22,9 +22,10 @@ other tenants hits both; the medians over rounds are reported, and step/floor is
 median of each round's ratio. FLOPs count a multiply-add as 2. `--profile` then
 prints where the compiled step's time goes, op by op. BENCHMARKS.md quotes the output.
 With more threads than idle cores, every parallel region waits for a descheduled thread
-(ops of microseconds took 25 ms on a busy 2-core host): measure on a quiet machine, or
-with `--threads 1 --cpu-time`, which times by the process's CPU time rather than the
-wall clock: what each part costs in core time, whatever else the machine runs.
+(ops of 100 us took 25 ms on a busy 2-core host): measure on a quiet machine, or with
+`--threads 1 --cpu-time`, which times by the process's CPU time rather than the wall
+clock, so time the process spent descheduled does not count (caches and memory
+bandwidth are still shared with whatever else runs).
 """
 
 from __future__ import annotations
