@@ -178,3 +178,70 @@ def test_the_all_reduce_compiles_into_the_one_step_graph(tiny_split):
     assert logged_losses(outs[0][0]) == pytest.approx(logged_losses(single.stdout), rel=1e-5)
     assert len(logged_losses(single.stdout)) == 10
     assert "s compiling)" in outs[0][0]  # --compile (after train_args' --no-compile) took effect
+
+
+# ---- sweeps: the models split over the processes (distributed_sweep.py) -----------------
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    """Records as equal runs write them: the wall-clock fields differ from run to run."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in records]
+
+
+def test_a_sweep_over_two_processes_is_the_one_process_sweep(tiny_split, tmp_path):
+    """--seeds 3 over 2 processes (shares of 2 and 1 models): the same records as one process,
+    epoch by epoch, and checkpoints that cross: epoch 1 by the processes and epoch 2 by one
+    process, and the other way round, end in the same N models."""
+    sweep, m = ("--seeds", 3), tmp_path
+    ranks = start_ranks(tiny_split, *sweep, "--epochs", 1, "--metrics", m / "two_first.jsonl",
+                        "--save-model", m / "two1.pt")  # fmt: skip
+    outs = [rank.communicate(timeout=600) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outs
+    (leader_out, _), (follower_out, follower_err) = outs
+    assert follower_out == "" and follower_err == ""  # one voice: rank 0's
+    assert leader_out.count("Final test accuracy over 3 models") == 1
+    then = one_process(tiny_split, *sweep, "--epochs", 2, "--resume", m / "two1.pt", "--metrics", m / "two_first.jsonl",
+                       "--save-model", m / "two1_one2.pt")  # fmt: skip
+    assert then.returncode == 0, then.stderr
+
+    first = one_process(tiny_split, *sweep, "--epochs", 1, "--metrics", m / "one_first.jsonl",
+                        "--save-model", m / "one1.pt")  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    ranks = start_ranks(tiny_split, *sweep, "--epochs", 2, "--resume", m / "one1.pt", "--metrics",
+                        m / "one_first.jsonl", "--save-model", m / "one1_two2.pt")  # fmt: skip
+    outs = [rank.communicate(timeout=600) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outs
+
+    two_first, one_first = metrics(m / "two_first.jsonl"), metrics(m / "one_first.jsonl")
+    assert [(r["epoch"], r.get("seed")) for r in two_first] == [(e, s) for e in (0, 1, 2) for s in (1, 2, 3, None)]
+    for two, one in zip(without_timings(two_first), without_timings(one_first)):
+        # the ensemble's probabilities are summed over the processes first: its loss may differ in the last bits
+        assert two.pop("test_loss") == pytest.approx(one.pop("test_loss"), rel=1e-6)
+        assert two == one  # accuracies, counts, train losses, rates: each model's, exactly
+    _, expected = checkpoint.load(m / "two1_one2.pt", torch.device("cpu"))
+    _, crossed = checkpoint.load(m / "one1_two2.pt", torch.device("cpu"))
+    torch.testing.assert_close(crossed.params, expected.params, rtol=0, atol=0)
+    torch.testing.assert_close(crossed.opt_state, expected.opt_state, rtol=0, atol=0)
+    assert torch.equal(crossed.rng["shuffle"], expected.rng["shuffle"])  # (3, L): every model's data order
+
+    evaluated = run("eval", m / "one1_two2.pt", "--json", "--device", "cpu", "--data-dir", tiny_split, "--no-download")
+    assert evaluated.exit_code == 0, evaluated.output
+    lines = [json.loads(line) for line in evaluated.stdout.splitlines()]
+    assert [(line["correct"], line.get("seed")) for line in lines] == [(r["correct"], r.get("seed"))
+                                                                       for r in one_first[-4:]]  # fmt: skip
+
+
+def test_more_processes_than_models_is_one_line(tiny_split, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    result = run(*cli_args(tiny_split, "--seeds", 2, "--lr", "0.001,0.002"))
+    assert_user_error(result, "5 processes for 4 models", "at most 4 processes")
+
+
+@pytest.mark.parametrize(("n_models", "world_size"), [(1, 1), (2, 2), (3, 2), (7, 3), (8, 3), (8, 4)])
+def test_the_shares_cover_every_model_once_as_evenly_as_can_be(n_models, world_size):
+    rows = [distributed.share(n_models, distributed.Cluster(r, world_size, r)) for r in range(world_size)]
+    assert [i for part in rows for i in range(n_models)[part]] == list(range(n_models))  # contiguous, in rank order
+    sizes = [len(range(n_models)[part]) for part in rows]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)

@@ -13,6 +13,9 @@ The all-reduce is a *functional* collective (torch.distributed._functional_colle
 the API torch.compile traces; torch 2.x has no public successor yet): it returns a new
 tensor instead of mutating one, so the step stays pure and can stay one compiled graph.
 
+With --seeds or a --lr list the processes split the models instead (distributed_sweep.py):
+`share` gives each rank whole models, and no gradient travels.
+
 torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them `from_env` returns None
 and `tinymnist train` runs today's single-process path untouched.
 """
@@ -30,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as functional
 
-from tinymnist.config import TrainConfig
+from tinymnist.config import TrainConfig, model_grid
 from tinymnist.devices import resolve_device
 from tinymnist.errors import TinyMnistError
 from tinymnist.train import Gradient, TrainState
@@ -40,6 +43,10 @@ from tinymnist.train import Gradient, TrainState
 # What one rank may run ahead of the others by: the leader's checkpoint save, or one
 # rank compiling the step slower than another (all compile the same graph at once).
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+# A sweep's ranks meet once per evaluation, and a rank whose share holds one model more
+# may keep the others waiting for much of an epoch: they wait as long as torch waits by
+# default. A killed peer still fails them at once; only a hung one takes this long.
+SWEEP_TIMEOUT = dist.default_pg_timeout
 
 
 @dataclass(frozen=True)
@@ -70,13 +77,13 @@ def process_device(cluster: Cluster | None, device: torch.device) -> torch.devic
     return device
 
 
-def join(cluster: Cluster, device: torch.device) -> None:
+def join(cluster: Cluster, device: torch.device, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> None:
     """Join torchrun's process group: NCCL between GPUs, gloo between CPUs."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
     except (RuntimeError, ValueError) as e:  # a rendezvous that never completes, a bad address
         raise TinyMnistError(f"rank {cluster.rank} of {cluster.world_size}: could not join the other processes "
                              f"({one_line(e)})") from None  # fmt: skip
@@ -93,6 +100,17 @@ def check_batch_divides(batch_size: int, cluster: Cluster) -> None:
                              f"{cluster.world_size} processes; pass a multiple of {cluster.world_size}")  # fmt: skip
 
 
+def share(n_models: int, cluster: Cluster) -> slice:
+    """This rank's models of a sweep: a contiguous share; where N does not divide, the first ranks take one more."""
+    if n_models < cluster.world_size:
+        raise TinyMnistError(f"{cluster.world_size} processes for {n_models} models (--seeds/--lr): each "
+                             f"process trains whole models; start at most {n_models} processes "
+                             f"or train more models")  # fmt: skip
+    base, extra = divmod(n_models, cluster.world_size)
+    start = cluster.rank * base + min(cluster.rank, extra)
+    return slice(start, start + base + (cluster.rank < extra))
+
+
 def launch(train: Callable, config: TrainConfig, resumed: TrainState | None):
     """`tinymnist train` as one of torchrun's processes; without torchrun, `train` as it is.
 
@@ -104,17 +122,24 @@ def launch(train: Callable, config: TrainConfig, resumed: TrainState | None):
     if cluster is None:
         return train(config, resumed)
     device = process_device(cluster, resolve_device(config.device))
-    check_batch_divides(config.batch_size, cluster)
-    # CUDA graphs replay kernels recorded once; an NCCL collective inside one is untested here.
-    config = replace(config, device=str(device), cuda_graphs=False)
+    n_models = len(model_grid(config))
+    sweep = n_models > 1  # whole models per process, each on the whole batch
+    if sweep:
+        share(n_models, cluster)  # more processes than models: one line now, before any joins
+    else:
+        check_batch_divides(config.batch_size, cluster)
+    # CUDA graphs replay kernels recorded once; an NCCL collective inside one is untested
+    # here. A sweep's step has none: it replays as in one process.
+    config = replace(config, device=str(device), cuda_graphs=config.cuda_graphs and sweep)
     if not cluster.leader:
         config = replace(config, save_model=None, metrics=None, tensorboard=None)
-    join(cluster, device)
+    timeout = SWEEP_TIMEOUT if sweep else COLLECTIVE_TIMEOUT
+    join(cluster, device, timeout)
     with contextlib.ExitStack() as stack:
         stack.callback(leave)
         if not cluster.leader:
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-        stack.enter_context(peer_failures(cluster, kept=lambda: saved_epoch(config.save_model)))
+        stack.enter_context(peer_failures(cluster, timeout, kept=lambda: saved_epoch(config.save_model)))
         return train(config, resumed, cluster)
 
 
@@ -183,8 +208,9 @@ COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|c10d|connection|timed out|timeout", 
 
 
 @contextlib.contextmanager
-def peer_failures(cluster: Cluster, kept: Callable[[], str] = str):
-    """A collective that failed (a peer died, or hung past COLLECTIVE_TIMEOUT) as one line,
+def peer_failures(cluster: Cluster, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT,
+                  kept: Callable[[], str] = str):  # fmt: skip
+    """A collective that failed (a peer died, or hung past `timeout`) as one line,
     ending with `kept()`: what this run has saved.
 
     Gloo and NCCL name the peer's address, not its rank; with two processes the
@@ -195,8 +221,9 @@ def peer_failures(cluster: Cluster, kept: Callable[[], str] = str):
         if not isinstance(e, dist.DistError) and not COLLECTIVE_FAILURE.search(str(e)):
             raise
         peer = f"rank {1 - cluster.rank}" if cluster.world_size == 2 else "another rank"
-        raise TinyMnistError(f"rank {cluster.rank} of {cluster.world_size}: lost {peer}, which stopped or did not "
-                             f"answer within {COLLECTIVE_TIMEOUT.seconds} s ({one_line(e)}){kept()}") from None  # fmt: skip
+        raise TinyMnistError(f"rank {cluster.rank} of {cluster.world_size}: lost {peer}, which stopped or did "
+                             f"not answer within {timeout.total_seconds():g} s "
+                             f"({one_line(e)}){kept()}") from None  # fmt: skip
 
 
 def one_line(e: BaseException, limit: int = 160) -> str:

@@ -72,11 +72,12 @@ def ensemble_step(config: TrainConfig, optimizer: optim.Optimizer, device: torch
 # ---- the state ----------------------------------------------------------------------------
 
 
-def initial_state(config: TrainConfig, optimizer: optim.Optimizer, device) -> TrainState:
-    """Epoch 0 of every model: train.initial_state's params and shuffling generator per seed.
-    The global generator (dropout, shared by the N models' different masks) is seeded
-    with the first seed, as a single run with that seed seeds it."""
-    runs = members(config)
+def initial_state(config: TrainConfig, optimizer: optim.Optimizer, device,
+                  runs: list[TrainConfig] | None = None) -> TrainState:  # fmt: skip
+    """Epoch 0 of every model (or of `runs`, a torchrun process's share of them): train.initial_state's
+    params and shuffling generator per seed. The global generator (dropout, shared by the N
+    models' different masks) is seeded with the first seed, as a single run with that seed seeds it."""
+    runs = members(config) if runs is None else runs
     params = stack([models.init_params(run.model, run.seed, device) for run in runs])
     torch.manual_seed(config.seed)
     shuffles = [torch.Generator().manual_seed(run.seed) for run in runs]
@@ -111,6 +112,7 @@ def init_opt_state(optimizer: optim.Optimizer, stacked_params: Tree) -> Tree:
 class EnsembleEvaluation(NamedTuple):
     models: list[Evaluation]  # each model's, in stacking order
     ensemble: Evaluation  # the prediction of the N models' averaged probabilities
+    probabilities: torch.Tensor  # (T, 10) the N models' probabilities of each test image, summed
 
 
 @torch.inference_mode()
@@ -123,8 +125,7 @@ def evaluate_many(config: TrainConfig, params: Tree, images: torch.Tensor, label
     forward = torch.func.vmap(lambda p, x: models.apply(model, p, x), in_dims=(0, None))
     loss_sums = torch.zeros(n, device=images.device, dtype=torch.float64)
     correct = torch.zeros(n, device=images.device, dtype=torch.int64)
-    ensemble_loss = torch.zeros((), device=images.device, dtype=torch.float64)
-    ensemble_correct = torch.zeros((), device=images.device, dtype=torch.int64)
+    probabilities = []
     for start in range(0, len(images), config.test_batch_size):
         x = scale_images(images[start : start + config.test_batch_size], recipe.mean, recipe.std)  # (C, 1, 28, 28)
         y = labels[start : start + config.test_batch_size]  # (C,)
@@ -133,9 +134,17 @@ def evaluate_many(config: TrainConfig, params: Tree, images: torch.Tensor, label
         losses = F.nll_loss(log_probs.flatten(0, 1), y.repeat(n), reduction="none")  # (N*C,), model-major
         loss_sums += losses.view(n, -1).sum(dim=1)
         correct += (out.argmax(dim=-1) == y).sum(dim=1)
-        averaged = log_probs.exp().mean(dim=0)  # (C, 10): the ensemble's probabilities
-        ensemble_loss += F.nll_loss(averaged.log(), y, reduction="sum")
-        ensemble_correct += (averaged.argmax(dim=1) == y).sum()
+        probabilities.append(log_probs.exp().sum(dim=0))  # (C, 10)
+    summed = torch.cat(probabilities)  # (T, 10)
     total = len(images)
     each = [Evaluation(loss / total, int(c), total) for loss, c in zip(loss_sums.tolist(), correct.tolist())]
-    return EnsembleEvaluation(each, Evaluation(ensemble_loss.item() / total, int(ensemble_correct.item()), total))
+    return EnsembleEvaluation(each, ensemble_evaluation(summed, n, labels), summed)
+
+
+def ensemble_evaluation(summed_probabilities: torch.Tensor, n: int, labels: torch.Tensor) -> Evaluation:
+    """The ensemble's test result from its n models' probabilities summed, (T, 10): the
+    prediction of their average. Apart so that sums from several processes can be added first."""
+    averaged = summed_probabilities.double() / n  # (T, 10)
+    loss = F.nll_loss(averaged.log(), labels, reduction="sum").item()
+    correct = int((averaged.argmax(dim=1) == labels).sum())
+    return Evaluation(loss / len(labels), correct, len(labels))

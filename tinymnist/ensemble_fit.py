@@ -22,7 +22,11 @@ from tinymnist.devices import synchronize
 from tinymnist.ensemble import EnsembleEvaluation, capture_rngs, evaluate_many, members, restore_rngs
 from tinymnist.train import (EpochTiming, FitResult, NonFiniteLoss, Reporter, Step, TrainState, epoch_batches,
                              epoch_lrs, evaluation_record)  # fmt: skip
-from tinymnist.trees import tree_map
+from tinymnist.trees import Tree, tree_map
+
+# An evaluation's records from (epoch, each model's train loss, stacked params, each model's lr,
+# seconds, images): one per model and the ensemble's, as --metrics writes them.
+Records = Callable[[int, list, Tree, list, float, int], list[dict]]
 
 
 def fit_many(
@@ -32,16 +36,24 @@ def fit_many(
     step: Step,
     reporter: Reporter | None = None,
     on_epoch_end: Callable[[TrainState], None] | None = None,
+    runs: list[TrainConfig] | None = None,
+    records: Records | None = None,
 ) -> FitResult:
-    """train.fit over the stacked state of the config's N models; `step` is ensemble_step's."""
+    """train.fit over the stacked state of the config's N models; `step` is ensemble_step's.
+
+    A torchrun process trains a share of the models (distributed_sweep.py): `runs` are its
+    models, `records` its evaluation, which reports every process's models on rank 0."""
     device = data.train_images.device
-    runs = members(config)
+    runs = members(config) if runs is None else runs
     shuffles = restore_rngs(state.rng, device)
     result = FitResult(state)
 
-    def evaluated(epoch, train_losses, params, lrs, seconds, images):
+    def own_records(epoch, train_losses, params, lrs, seconds, images):
         evaluation = evaluate_many(config, params, data.test_images, data.test_labels)
-        for record in evaluation_records(runs, epoch, train_losses, evaluation, lrs, seconds, images):
+        return evaluation_records(runs, epoch, train_losses, evaluation, lrs, seconds, images)
+
+    def evaluated(*evaluation):
+        for record in (records or own_records)(*evaluation):
             result.records.append(record)
             if reporter:
                 reporter.evaluated(record)
@@ -53,8 +65,8 @@ def fit_many(
         batches = torch.stack([epoch_batches(len(data.train_images), config.batch_size, shuffle, device)
                                for shuffle in shuffles], dim=1)  # (steps, N, B)  # fmt: skip
         lrs = [list(rates) for rates in zip(*(epoch_lrs(run, epoch, len(batches)) for run in runs))]  # steps x N
-        params, opt_state, train_losses, timing = train_epoch_many(config, step, result.state, data, epoch, batches,
-                                                                   lrs, reporter, first)  # fmt: skip
+        params, opt_state, train_losses, timing = train_epoch_many(config, runs, step, result.state, data, epoch,
+                                                                   batches, lrs, reporter, first)  # fmt: skip
         result.first_step_seconds += timing.first_step_seconds
         result.train_seconds += timing.seconds
         result.images += timing.images
@@ -69,7 +81,7 @@ def fit_many(
     return result
 
 
-def train_epoch_many(config, step, state, data, epoch, batches, lrs, reporter, time_first_step: bool):
+def train_epoch_many(config, runs, step, state, data, epoch, batches, lrs, reporter, time_first_step: bool):
     """train.train_epoch for N models: (params, opt_state, each model's mean loss, EpochTiming).
     The log lines show the loss averaged over the models; images count every model's."""
     params, opt_state, device = state.params, state.opt_state, data.train_images.device
@@ -89,7 +101,7 @@ def train_epoch_many(config, step, state, data, epoch, batches, lrs, reporter, t
             first_step_seconds, started, timed_from = time.perf_counter() - started, time.perf_counter(), 1
         if (i + 1) % config.log_interval == 0 or i + 1 == steps:
             summed = running.tolist()  # the only host sync inside the epoch
-            check_finite(summed, config, epoch, i, lrs[i])
+            check_finite(summed, runs, epoch, i, lrs[i])
             if reporter:
                 since_last = (i + 1) % config.log_interval or config.log_interval
                 reporter.logged(epoch, i + 1, (i + 1) * config.batch_size, len(data.train_images),
@@ -101,9 +113,9 @@ def train_epoch_many(config, step, state, data, epoch, batches, lrs, reporter, t
     return params, opt_state, [loss / steps for loss in epoch_losses], timing
 
 
-def check_finite(summed: list[float], config: TrainConfig, epoch: int, i: int, lrs: list[float]) -> None:
+def check_finite(summed: list[float], runs: list[TrainConfig], epoch: int, i: int, lrs: list[float]) -> None:
     """NonFiniteLoss naming the first model whose loss is NaN or infinite."""
-    for run, loss, lr in zip(members(config), summed, lrs):
+    for run, loss, lr in zip(runs, summed, lrs):
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"the loss of the model with seed {run.seed}, --lr {run.lr:g} became {loss} in "
                                 f"epoch {epoch} by step {i + 1}; lower its --lr (it was {lr:g})")  # fmt: skip

@@ -4,6 +4,7 @@ run.train does every check a single run does (config, device, output paths and t
 locks, data, batch size), then hands an N-model config here: the memory estimate is
 checked, the N models are stacked and trained in one vmapped step, each completed
 epoch is checkpointed with all N, and a stop keeps the last checkpoint as run.py says.
+Under torchrun each process trains its share of the N models (distributed_sweep.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from tinymnist import checkpoint, interrupts, optim, run
+from tinymnist import checkpoint, distributed, interrupts, optim, run
 from tinymnist.config import TrainConfig
 from tinymnist.data import MNIST
+from tinymnist.distributed_sweep import Sweep
 from tinymnist.ensemble import ensemble_step, evaluate_many, initial_state, members
 from tinymnist.ensemble_fit import evaluation_records, fit_many
 from tinymnist.ensemble_memory import check_memory
@@ -29,15 +31,23 @@ from tinymnist.transforms import use_compile
 
 
 def train_many(config: TrainConfig, mnist: MNIST, optimizer: optim.Optimizer, device: torch.device,
-               resumed: TrainState | None, metrics_path: Path | None) -> FitResult:  # fmt: skip
-    """Train the config's N models at once; print the final line; return fit_many's result."""
-    n = len(members(config))
-    check_memory(config, optimizer, device, n)
-    state = initial_state(config, optimizer, device) if resumed is None else checkpoint.to_device(resumed, device)
+               resumed: TrainState | None, metrics_path: Path | None,
+               cluster: distributed.Cluster | None = None) -> FitResult:  # fmt: skip
+    """Train the config's N models at once (under torchrun: this process's share of them);
+    print the final line; return fit_many's result (on ranks other than 0: of the share, no records)."""
+    sweep = None if cluster is None else Sweep(config, cluster, mnist)
+    runs = members(config) if sweep is None else sweep.runs
+    check_memory(config, optimizer, device, len(runs))
+    if sweep is not None:
+        state = sweep.start(optimizer, device, resumed)
+    else:
+        state = initial_state(config, optimizer, device) if resumed is None else checkpoint.to_device(resumed, device)
     step = ensemble_step(config, optimizer, device)
     saved: list[int] = []  # epochs this run has checkpointed
 
     def save(state: TrainState) -> None:
+        if sweep is not None:  # every rank sends its share; rank 0 saves all N
+            state = sweep.gathered(state)
         if config.save_model:
             with interrupts.shielded():  # a signal now waits until the file and `saved` agree
                 checkpoint.save(Path(config.save_model), config.to_dict(), state)
@@ -49,7 +59,8 @@ def train_many(config: TrainConfig, mnist: MNIST, optimizer: optim.Optimizer, de
     reporter = Reporters(display, *metrics)
     with contextlib.closing(reporter):
         try:
-            result = fit_many(config, mnist, state, step, reporter, on_epoch_end=save)
+            records = None if sweep is None else sweep.records  # rank 0 reports every process's models
+            result = fit_many(config, mnist, state, step, reporter, save, runs=runs, records=records)
         except NonFiniteLoss as e:
             raise TinyMnistError(f"{e}{run.kept(config, saved)}") from None
         except KeyboardInterrupt as stop:
@@ -58,6 +69,10 @@ def train_many(config: TrainConfig, mnist: MNIST, optimizer: optim.Optimizer, de
             print(f"tinymnist: interrupted{by}{run.kept(config, saved) or '; no epoch completed, nothing saved'}",
                   file=sys.stderr)  # fmt: skip
             raise
+    if sweep is not None:  # the speed of the whole sweep: every share's images in the slowest share's time
+        if not cluster.leader:
+            return result
+        result.train_seconds, result.images = sweep.train_seconds, sweep.images
     print(final_line(result.records[-1], result.state.epoch, device, result.train_seconds, result.first_step_seconds,
                      use_compile(config, device), result.images_per_second))  # fmt: skip
     return result

@@ -83,9 +83,7 @@ def train(config: TrainConfig, resumed: TrainState | None = None,
         if len(model_grid(config)) > 1:  # N models in one vmapped step: --seeds, --lr a,b (ensemble_run.py)
             from tinymnist.ensemble_run import train_many
 
-            if cluster is not None:
-                raise TinyMnistError("--seeds and --lr lists train on one device; run them without torchrun")
-            return train_many(config, mnist, optimizer, device, resumed, paths.get("--metrics"))
+            return train_many(config, mnist, optimizer, device, resumed, paths.get("--metrics"), cluster)
         state = initial_state(config, optimizer, device) if resumed is None else checkpoint.to_device(resumed, device)
         data_parallel = None
         if cluster is not None:  # one of torchrun's processes (distributed.launch)
