@@ -11,6 +11,7 @@ from tinymnist.data import load_test_split
 from tinymnist.idx import read_idx
 from tinymnist.viz.digits import Digit, plain_digits, terminal_digits
 from tinymnist.viz.predict import pick, probabilities
+from tinymnist.errors import TinyMnistError
 from tinymnist.viz.preprocess import mnist_digit
 
 Image = pytest.importorskip("PIL.Image")
@@ -197,3 +198,14 @@ def test_read_grey_keeps_the_grey_levels(tmp_path):
     grey = np.arange(0, 256, dtype=np.uint8).reshape(16, 16)
     Image.fromarray(grey).save(tmp_path / "ramp.png")
     torch.testing.assert_close(read_grey(tmp_path / "ramp.png"), torch.from_numpy(grey).float() / 255)
+
+
+def test_an_image_too_large_for_pillow_is_a_one_line_error(tmp_path, monkeypatch):
+    """Pillow refuses to unpack more than twice MAX_IMAGE_PIXELS (a 20000x20000 PNG is 440 kB): one line, not
+    its DecompressionBombError traceback. The limit is lowered here so the test needs no huge file."""
+    from tinymnist.viz.preprocess import read_grey
+
+    Image.new("L", (50, 50), 255).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 2,500 pixels is now more than twice the limit
+    with pytest.raises(TinyMnistError, match=r"--image .*huge.png: too large to read safely .*scale it down"):
+        read_grey(tmp_path / "huge.png")

@@ -45,6 +45,8 @@ def read_grey(path: Path) -> torch.Tensor:
             image.load()
     except FileNotFoundError:
         raise TinyMnistError(f"--image {path}: no such file") from None
+    except image_module.DecompressionBombError as e:  # pillow refuses to unpack it: too many pixels
+        raise TinyMnistError(f"--image {path}: too large to read safely ({e}); scale it down") from None
     except (image_module.UnidentifiedImageError, OSError, ValueError) as e:
         raise TinyMnistError(f"--image {path}: not an image pillow can read ({e}); give a PNG or JPEG") from None
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
