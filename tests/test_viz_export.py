@@ -175,3 +175,12 @@ def test_a_failed_write_keeps_the_previous_export_and_leaves_no_temp_file(tiny_s
     assert_user_error(run_viz("export", checkpoint, "-o", target), "model.pt", "No space left on device")
     assert target.read_bytes() == b"the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt", "model.pt"]
+
+
+def test_a_checkpoint_of_several_models_is_refused_by_export_and_predict(tiny_split, tmp_path):
+    """--seeds stacks N models (leading dim N): no tutorial nn.Module loads that, so nothing is written."""
+    checkpoint = train_checkpoint(tiny_split, tmp_path / "seeds.pt", "mlp", "--epochs", "1", "--seeds", "2")
+    assert_user_error(run_viz("export", checkpoint, "-o", tmp_path / "m.pt"), "seeds.pt holds 2", "--seeds")
+    assert_user_error(run_viz("predict", checkpoint, "--data-dir", tiny_split, "--device", "cpu"), "seeds.pt holds 2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seeds.pt"]
+

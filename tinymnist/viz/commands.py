@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from tinymnist import checkpoint, data
+from tinymnist.config import TrainConfig, model_grid
 from tinymnist.devices import resolve_device
 from tinymnist.errors import TinyMnistError
 from tinymnist.transforms import use_tf32_matmuls
@@ -78,6 +79,7 @@ def predict(
     dev = resolve_device(device)
     use_tf32_matmuls(dev)  # as train and eval compute, so the mistakes are the ones eval counts
     config, state = checkpoint.load(checkpoint_path, dev)
+    one_model(config, checkpoint_path, "predict")
     model = config["model"]
     if image:
         results = predict_images(model, state.params, image, dev)
@@ -113,5 +115,13 @@ def export(
 ):
     """A plain state_dict that the tutorial's own nn.Module loads with strict=True."""
     config, state = checkpoint.load(checkpoint_path, torch.device("cpu"))
+    one_model(config, checkpoint_path, "export")
     export_state_dict(config["model"], state.params, output)
     print(f"wrote {output}: the {config['model']} state_dict after {state.epoch} epochs, for the tutorial's nn.Module")
+
+
+def one_model(config: dict, path: Path, command: str) -> None:
+    """predict and export take one network; a --seeds/--lr-list checkpoint stacks N of them (leading dim N)."""
+    if (count := len(model_grid(TrainConfig(**config)))) > 1:
+        raise TinyMnistError(f"{command} takes a checkpoint of one model; {path} holds {count} (--seeds/--lr list): "
+                             "train the one you want alone (--seed S --lr L) and save that")
