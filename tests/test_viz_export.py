@@ -184,3 +184,11 @@ def test_a_checkpoint_of_several_models_is_refused_by_export_and_predict(tiny_sp
     assert_user_error(run_viz("predict", checkpoint, "--data-dir", tiny_split, "--device", "cpu"), "seeds.pt holds 2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seeds.pt"]
 
+
+def test_an_output_that_is_a_symlink_is_refused_and_its_target_kept(tiny_split, tmp_path):
+    """As train refuses --save-model onto a symlink: replacing the link would surprise, writing through it harm."""
+    checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
+    (tmp_path / "link.pt").symlink_to("mlp.pt")
+    before = checkpoint.read_bytes()
+    assert_user_error(run_viz("export", checkpoint, "-o", tmp_path / "link.pt"), "link.pt is a symbolic link")
+    assert (tmp_path / "link.pt").is_symlink() and checkpoint.read_bytes() == before

@@ -2,7 +2,8 @@
 
 files.atomic_write does the work (a temp file beside the target, renamed over it once
 complete, deleted on any error); this adds the one-line message naming the flag when
-the path cannot be written: a folder that does not exist, no permission, a full disk.
+the path cannot be written: a folder that does not exist, no permission, a full disk;
+and, as for train's outputs (outputs.check_output_path), a symlink or a device is refused, not replaced.
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ from typing import BinaryIO
 
 from tinymnist.errors import TinyMnistError
 from tinymnist.files import atomic_write
+from tinymnist.outputs import check_output_path
 
 
 @contextlib.contextmanager
 def atomic_output(path: Path, flag: str = "-o") -> Iterator[BinaryIO]:
     """A binary file whose content replaces `path` if the block succeeds; else `path` is untouched."""
     path = Path(path)
-    if path.is_dir():
-        raise TinyMnistError(f"{flag} {path}: is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise TinyMnistError(f"{flag} {path}: folder {path.parent} does not exist; create it first")
+    check_output_path(path, flag)  # a folder, a symlink, a device, a missing folder: refused as train refuses them
     try:
         with atomic_write(path) as f:
             yield f
