@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import run
+from tests.helpers import assert_user_error, run
 from tinymnist import models, optim
 from tinymnist.config import recipe_config
 from tinymnist.train import make_gradient, make_step
@@ -36,6 +36,15 @@ def test_bench_reports_every_field(tmp_path):
 def test_bench_rejects_an_unknown_model():
     result = run("bench", "--models", "mlp,vgg")
     assert result.exit_code == 2 and "vgg" in result.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--seeds", "1"], ["--time-to-accuracy", "0.5"]])
+def test_bench_checks_its_json_path_before_timing_anything(tmp_path, extra):
+    """A folder given as --json was an IsADirectoryError traceback after the whole run."""
+    result = run("bench", "--models", "mlp", "--device", "cpu", "--no-compile", "--data-dir", tmp_path / "none",
+                 "--json", tmp_path, *extra)  # fmt: skip
+    assert_user_error(result, f"--json {tmp_path} is a folder")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("model", ["mlp", "lenet"])
