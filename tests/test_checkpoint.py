@@ -277,7 +277,10 @@ def test_unreadable_files_are_one_line_and_torch_is_never_cut_mid_word(tmp_path)
             torch.load(tmp_path / name, weights_only=True)
         first_line = str(torch_error.value).strip().splitlines()[0]
         quoted = message.split("checkpoint (", 1)[1].removesuffix(")")
-        assert quoted == first_line or (quoted.endswith(" …") and first_line.startswith(quoted[:-2] + " "))
+        if "Weights only load failed" in first_line:  # torch's advice (weights_only=False) is not passed on
+            assert quoted == "it is not a torch.save file of tensors, numbers and strings"
+        else:
+            assert quoted == first_line or (quoted.endswith(" …") and first_line.startswith(quoted[:-2] + " "))
 
 
 def test_brief_cuts_long_messages_at_a_word_boundary():

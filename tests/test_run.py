@@ -30,7 +30,7 @@ def test_resuming_a_finished_checkpoint_says_so_in_one_line_and_exits_0(tiny_spl
     result = run(*train_args(tiny_split, "--resume", ckpt, *epochs))
     assert result.exit_code == 0, result.output
     (line,) = result.stderr.strip().splitlines()
-    assert "completed 1 epochs of --epochs 1" in line and "--epochs 2" in line
+    assert "completed 1 of --epochs 1" in line and "--epochs 2" in line
     assert "Traceback" not in result.output and ckpt.read_bytes() == before
 
 
@@ -170,3 +170,26 @@ def test_a_second_run_on_the_same_files_refuses_in_one_line(tiny_split, tmp_path
     finally:
         first.kill()
         first.communicate()
+
+
+def test_a_named_pipe_or_a_folder_as_checkpoint_is_refused_not_waited_on(tiny_split, tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.pt")
+    assert_user_error(run("eval", tmp_path / "pipe.pt", "--data-dir", tiny_split), "pipe.pt", "not a file")
+    assert_user_error(run(*train_args(tiny_split, "--resume", tmp_path)), "is a folder")
+
+
+def test_damaged_checkpoints_are_named_in_words_not_torchs_advice(tiny_split, tmp_path):
+    text, pickled = tmp_path / "notes.pt", tmp_path / "object.pt"
+    text.write_text("101 dalmatians")
+    torch.save({"format": object}, pickled)  # a class reference: weights_only refuses it
+    for path in (text, pickled):
+        refused = run("eval", path, "--data-dir", tiny_split)
+        assert_user_error(refused, path.name, "not a torch.save file of tensors, numbers and strings")
+        assert "weights_only" not in refused.stderr
+
+
+def test_resume_checks_the_flags_given_now_before_anything_else(tiny_split, finished):
+    ckpt, _ = finished
+    assert_user_error(run(*train_args(tiny_split, "--resume", ckpt, "--epochs", "-3")), "--epochs")

@@ -70,6 +70,7 @@ def _previous(path: Path) -> str:
 
 def load(path: Path, device: torch.device) -> tuple[dict, TrainState]:
     """Read a checkpoint back as (config dict, TrainState on `device`), validated whole."""
+    files.check_readable(path, "checkpoint")
     try:
         with torch.sparse.check_sparse_tensor_invariants():  # a forged sparse tensor fails here, whole
             payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -78,13 +79,20 @@ def load(path: Path, device: torch.device) -> tuple[dict, TrainState]:
     except OSError as e:
         raise TinyMnistError(f"checkpoint {path}: cannot read it ({e.strerror or brief(str(e))})") from None
     except Exception as e:  # unpickling errors come in many types; all mean "not a checkpoint"
-        reason = brief(str(e)) or type(e).__name__
-        raise TinyMnistError(f"checkpoint {path}: not a readable tinymnist checkpoint ({reason})") from None
+        raise TinyMnistError(f"checkpoint {path}: not a readable tinymnist checkpoint ({_why(e)})") from None
     try:
         config, params, opt_state, epoch, rng = check_payload(payload, torch.device(device))
     except Damaged as e:
         raise TinyMnistError(f"checkpoint {path}: {e}") from None
     return config, to_device(TrainState(params, opt_state, epoch, rng), device)
+
+
+def _why(error: Exception) -> str:
+    """torch.load's complaint in words that fit a checkpoint of ours. Its weights_only refusal
+    advises loading with weights_only=False, which would run the file's code: not quoted."""
+    if "Weights only load failed" in str(error) or isinstance(error, KeyError):  # KeyError: no torch.save records
+        return "it is not a torch.save file of tensors, numbers and strings"
+    return brief(str(error)) or type(error).__name__
 
 
 def to_device(state: TrainState, device: torch.device) -> TrainState:

@@ -1,4 +1,4 @@
-"""The `tinymnist` command: train, eval, shapes, info, download, bench.
+"""The `tinymnist` command: train, eval, plot, predict, export, shapes, info, download, bench.
 
 Flags map 1:1 onto `TrainConfig` fields and keep pytorch/examples' names. A flag
 left out takes the model's recipe (config.RECIPES). Every mistake a user can fix

@@ -95,3 +95,22 @@ def _create_locked_temp(path: Path) -> tuple[BinaryIO, Path]:
         if os.fstat(file.fileno()).st_nlink > 0:
             return file, temp
         file.close()
+
+
+def check_readable(path: str | os.PathLike, what: str) -> None:
+    """Raise a one-line TinyMnistError unless `path` is a regular file (or missing: the
+    caller says that). A named pipe or a device would block a reader forever or feed it
+    without end."""
+    import stat
+
+    from tinymnist.errors import TinyMnistError
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise TinyMnistError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a pipe, socket or device"
+        raise TinyMnistError(f"{what} {path}: is {kind}, not a file; give the path of a file")

@@ -51,8 +51,9 @@ def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
     grid, saved_grid = model_grid(config), model_grid(TrainConfig(**trained))
     if max(len(grid), len(saved_grid)) > 1 and grid != saved_grid:  # N models: the stacked state fixes which
         raise TinyMnistError(f"--seed/--seeds/--lr do not match the models of checkpoint {path}; leave them out")
+    validate(config)  # a flag given now (--epochs -3) is checked before it is compared
     if state.epoch >= config.epochs:
-        raise Finished(f"checkpoint {path} has completed {state.epoch} epochs of --epochs {config.epochs}; "
+        raise Finished(f"checkpoint {path} has completed {state.epoch} of --epochs {config.epochs}; "
                        f"nothing to train (pass --epochs {state.epoch + 1} or more to continue)")  # fmt: skip
     return config, state
 
@@ -98,7 +99,8 @@ def train(config: TrainConfig, resumed: TrainState | None = None,
     last = result.records[-1]
     print(
         f"Final test accuracy: {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "
-        f"after {last['epoch']:g} epochs on {device}; training {result.train_seconds:.1f} s "
+        f"after {last['epoch']:g} epoch{'' if last['epoch'] == 1 else 's'} on {device}; "
+        f"training {result.train_seconds:.1f} s "
         f"{compile_note}, {result.images_per_second:,.0f} images/s"
     )
     return result

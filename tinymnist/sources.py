@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinymnist import files
 from tinymnist.data import FILES, RAW_MD5, check_header, find_file
 from tinymnist.errors import TinyMnistError
 from tinymnist.idx import idx_md5, open_idx, write_idx
@@ -60,6 +61,7 @@ def build_from(source: Path, data_dir: Path) -> list[str]:
 def _read_source(source: Path) -> dict[str, torch.Tensor]:
     if source.is_dir():
         return _from_folder(source)
+    files.check_readable(source, "--from")
     try:
         with open(source, "rb") as file:
             start = file.read(2)

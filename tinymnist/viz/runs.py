@@ -24,6 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinymnist import files
 from tinymnist.errors import TinyMnistError
 
 QUANTITIES = ("train_loss", "test_loss", "test_accuracy")
@@ -68,6 +69,7 @@ def read_runs(paths: list[Path]) -> list[Run]:
 
 def read_records(path: Path) -> list[dict]:
     """The JSON objects of a metrics file, each checked for the keys a plot needs."""
+    files.check_readable(path, "metrics file")
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
