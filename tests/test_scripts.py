@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tinymnist.data import load_mnist
 from tinymnist import models
+from tinymnist.data import load_mnist
 from tinymnist.idx import write_idx
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
