@@ -129,12 +129,16 @@ def test_corrupt_and_mismatched_checkpoints_are_user_errors(tiny_split, tmp_path
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:-100])
     assert_user_error(run(*train_args(tiny_split, "--resume", truncated)), "truncated.pt")
-    assert_user_error(run(*train_args(tiny_split, "--resume", good, "--model", "cnn", "--epochs", 2)), "--model cnn", "mlp")
+    assert_user_error(
+        run(*train_args(tiny_split, "--resume", good, "--model", "cnn", "--epochs", 2)), "--model cnn", "mlp"
+    )
 
     payload = torch.load(good, weights_only=True)
     payload["params"]["fc1.weight"] = torch.zeros(3, 3)
     torch.save(payload, tmp_path / "wrong_shape.pt")
-    assert_user_error(run(*train_args(tiny_split, "--resume", tmp_path / "wrong_shape.pt", "--epochs", 2)), "do not match")
+    assert_user_error(
+        run(*train_args(tiny_split, "--resume", tmp_path / "wrong_shape.pt", "--epochs", 2)), "do not match"
+    )
 
     del payload["rng"]
     torch.save(payload, tmp_path / "no_rng.pt")

@@ -61,10 +61,20 @@ def start_ranks(data_dir, *extra, world_size: int = 2) -> list[subprocess.Popen]
     """The processes torchrun would start, each with its RANK, WORLD_SIZE, LOCAL_RANK."""
     port = free_port()
     return [
-        subprocess.Popen([sys.executable, "-m", "tinymnist", *cli_args(data_dir, *extra)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**quiet_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-m", "tinymnist", *cli_args(data_dir, *extra)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **quiet_env(),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+        )  # fmt: skip
         for rank in range(world_size)
     ]
 

@@ -17,12 +17,11 @@ import pytest
 import requests
 import torch
 
+from tests.mirror import Mirror, cut_off, gzip_if_accepted, serve, stall, status
 from tinymnist.data import DEFAULT_MIRRORS, FILES, DownloadError, download, load_mnist
 from tinymnist.errors import TinyMnistError
 from tinymnist.fetch import Patience
 from tinymnist.idx import read_idx, write_idx
-
-from tests.mirror import Mirror, cut_off, gzip_if_accepted, serve, stall, status
 
 T10K_IMAGES, T10K_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 PATIENT = Patience(connect_timeout=5.0, read_timeout=5.0, attempts=2, backoff=0.0)  # no sleeps between tries
@@ -251,7 +250,12 @@ def test_cut_off_body_is_retried(mirrors, t10k, tmp_path):
 def test_timeout_is_retried(mirrors, t10k, tmp_path):
     (mirror,) = mirrors(1)
     mirror.answers = {T10K_LABELS: [stall(2.0), serve(t10k[T10K_LABELS])]}
-    download(tmp_path, mirrors=[mirror.url], md5s=md5_of(labels_only(t10k)), **FAST | {"patience": Patience(read_timeout=0.2, attempts=2, backoff=0.0)})
+    download(
+        tmp_path,
+        mirrors=[mirror.url],
+        md5s=md5_of(labels_only(t10k)),
+        **FAST | {"patience": Patience(read_timeout=0.2, attempts=2, backoff=0.0)},
+    )
     assert mirror.requested == [T10K_LABELS, T10K_LABELS]
     assert (tmp_path / T10K_LABELS).read_bytes() == t10k[T10K_LABELS]
 

@@ -8,10 +8,19 @@ import torch
 from tests.helpers import Silent, assert_user_error, needs_cpp_compiler, random_mnist, run, train_args
 from tinymnist import checkpoint, models, optim
 from tinymnist.config import recipe_config
-from tinymnist.errors import TinyMnistError
-from tinymnist.ensemble import (ensemble_step, evaluate_many, init_opt_state, initial_state, members, restore_rngs,
-                                stack, unstack, vmapped)  # fmt: skip
+from tinymnist.ensemble import (
+    ensemble_step,
+    evaluate_many,
+    init_opt_state,
+    initial_state,
+    members,
+    restore_rngs,
+    stack,  # fmt: skip
+    unstack,
+    vmapped,
+)
 from tinymnist.ensemble_fit import fit_many
+from tinymnist.errors import TinyMnistError
 from tinymnist.train import epoch_batches, evaluate, make_gradient, make_step
 from tinymnist.train import initial_state as single_initial_state
 from tinymnist.transforms import compiled
@@ -142,8 +151,14 @@ def test_the_vmapped_step_compiles_once_and_not_again_for_new_rates():
                                 torch.full((4,), 1e-3))  # fmt: skip
     with torch._dynamo.config.patch(error_on_recompile=True):
         for scale in (0.5, 0.25):  # a schedule's new rates, new batches: no second graph
-            params, opt_state, losses = step(params, opt_state, data.train_images, data.train_labels,
-                                             batch_idx.roll(1, 1), torch.tensor([1e-3, 2e-3, 3e-3, 4e-3]) * scale)
+            params, opt_state, losses = step(
+                params,
+                opt_state,
+                data.train_images,
+                data.train_labels,
+                batch_idx.roll(1, 1),
+                torch.tensor([1e-3, 2e-3, 3e-3, 4e-3]) * scale,
+            )
     assert losses.shape == (4,) and torch.isfinite(losses).all()
 
 
@@ -162,7 +177,9 @@ def test_an_n_model_run_matches_each_single_run(tiny_split, tmp_path):
     """Each model's final accuracy is its single run's (within 0.3 points); --metrics and eval say the same."""
     common = ("--model", "mlp", "--epochs", 2, "--batch-size", 50, "--seed", 3)
     metrics = tmp_path / "m.jsonl"
-    result = run(*train_args(tiny_split, *common, "--seeds", 2, "--metrics", metrics, "--save-model", tmp_path / "n.pt"))
+    result = run(
+        *train_args(tiny_split, *common, "--seeds", 2, "--metrics", metrics, "--save-model", tmp_path / "n.pt")
+    )
     assert result.exit_code == 0, result.output
     assert "Final test accuracy over 2 models" in result.output and "ensemble" in result.output
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -170,7 +187,9 @@ def test_an_n_model_run_matches_each_single_run(tiny_split, tmp_path):
     final = {r["seed"]: r["test_accuracy"] for r in records[-3:-1]}
     assert records[-1]["ensemble"] is True and records[-1]["models"] == 2
     for seed in (3, 4):
-        single = run(*train_args(tiny_split, *[a if a != 3 else seed for a in common], "--metrics", tmp_path / "s.jsonl"))
+        single = run(
+            *train_args(tiny_split, *[a if a != 3 else seed for a in common], "--metrics", tmp_path / "s.jsonl")
+        )
         assert single.exit_code == 0, single.output
         last = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[-1])
         assert abs(last["test_accuracy"] - final[seed]) <= 0.003

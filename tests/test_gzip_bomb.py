@@ -12,7 +12,6 @@ import pytest
 
 from tinymnist.idx import IdxError, open_idx, read_idx
 
-
 BOMB_TAIL = 64 << 20  # 64 MiB of zeros after the header: 64 KiB gzipped
 
 
@@ -65,7 +64,9 @@ def test_memory_follows_the_bytes_not_the_header_claim(tmp_path):
     bomb = gzip_bomb(tmp_path / "bomb.gz", b"\x00\x00\x08\x03" + struct.pack(">3I", 2**32 - 1, 28, 28))
 
     def read():
-        with pytest.raises(IdxError, match=re.escape(f"bomb.gz: payload is {BOMB_TAIL} bytes, header says 4294967295x28x28")):
+        with pytest.raises(
+            IdxError, match=re.escape(f"bomb.gz: payload is {BOMB_TAIL} bytes, header says 4294967295x28x28")
+        ):
             read_idx(bomb)
 
     assert peak_memory_of(read) < 2 * BOMB_TAIL

@@ -321,4 +321,3 @@ def test_flipped_gzip_byte_raises_idx_error_or_nothing(tmp_path, tensor, data):
 def test_missing_file_is_a_project_error(tmp_path):
     with pytest.raises(IdxError, match=re.escape("absent.gz: cannot read")):
         read_idx(tmp_path / "absent.gz")
-

@@ -4,7 +4,6 @@ The process tests synchronise on what the child prints and on a signal wakeup pi
 never on sleeps, so they cannot pass or fail by timing.
 """
 
-import os
 import signal
 import subprocess
 import sys

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.mirror import Mirror
 from tinymnist.data import (
     FILES,
     MNIST,
@@ -23,8 +24,6 @@ from tinymnist.data import (
 )
 from tinymnist.errors import TinyMnistError
 from tinymnist.idx import write_idx
-
-from tests.mirror import Mirror
 
 TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = FILES  # the canonical .gz names
 
@@ -189,7 +188,9 @@ def test_the_test_split_needs_only_the_two_test_files(tmp_path):
     images, labels = write_examples(tmp_path, TEST_IMAGES, TEST_LABELS, 16, seed=1)
     test_images, test_labels = load_test_split(tmp_path, "meta")  # "meta": moved to the device, no storage
     assert test_images.shape == (16, 28, 28) and test_images.device.type == "meta"
-    assert torch.equal(load_test_split(tmp_path)[0], images) and torch.equal(load_test_split(tmp_path)[1], labels.long())
+    assert torch.equal(load_test_split(tmp_path)[0], images) and torch.equal(
+        load_test_split(tmp_path)[1], labels.long()
+    )
     with pytest.raises(MissingDataError, match="train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz"):
         load_mnist(tmp_path)
 
@@ -227,7 +228,9 @@ def test_a_header_claiming_more_than_mnist_has_is_refused_unread(small_mnist):
 
     tracemalloc.start()
     try:
-        with pytest.raises(TinyMnistError, match=re.escape(f"{TEST_IMAGES}: header says 80000 images, more than MNIST's 10000")):
+        with pytest.raises(
+            TinyMnistError, match=re.escape(f"{TEST_IMAGES}: header says 80000 images, more than MNIST's 10000")
+        ):
             load_test_split(folder)
         peak = tracemalloc.get_traced_memory()[1]
     finally:

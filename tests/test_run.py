@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from typer.testing import CliRunner
 
 from tests.helpers import assert_user_error, run, train_args

@@ -10,7 +10,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from tests.markers import needs_cpp_compiler
+from tests.helpers import needs_cpp_compiler
 from tinymnist import optim
 from tinymnist.errors import TinyMnistError
 from tinymnist.schedules import one_cycle, schedule_lrs
@@ -65,8 +65,8 @@ def test_one_cycle_defaults_are_torchs_and_shape_the_cycle():
     assert lrs[peak] == max_lr
     assert lrs[0] == pytest.approx(max_lr / 25, rel=1e-12)  # div_factor 25 (cos rounds it)
     assert lrs[-1] == pytest.approx(max_lr / 25 / 1e4, rel=1e-6)  # final_div_factor 1e4
-    assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))  # climbs, then only falls
-    assert all(a > b for a, b in zip(lrs[peak:-1], lrs[peak + 1 :]))
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1], strict=True))  # climbs, then only falls
+    assert all(a > b for a, b in zip(lrs[peak:-1], lrs[peak + 1 :], strict=True))
 
 
 def test_a_one_step_warm_up_fails_in_torch_too_and_is_refused_in_one_line():

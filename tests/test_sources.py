@@ -176,7 +176,10 @@ def test_a_pickle_in_another_layout_is_one_line(tmp_path, payload, message):
     [
         ({"x_train": np.zeros((2, 28, 28), np.uint8)}, "lacks y_train, x_test, y_test"),
         ({k: np.zeros((2, 28, 28)) for k in ("x_train", "y_train", "x_test", "y_test")}, "x_train is float64"),
-        ({k: np.zeros((2, 4), np.uint8) for k in ("x_train", "y_train", "x_test", "y_test")}, "x_train is uint8 (2, 4)"),
+        (
+            {k: np.zeros((2, 4), np.uint8) for k in ("x_train", "y_train", "x_test", "y_test")},
+            "x_train is uint8 (2, 4)",
+        ),
     ],
     ids=["missing-keys", "float", "shape"],
 )

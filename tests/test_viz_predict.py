@@ -8,10 +8,10 @@ from rich.console import Console
 from tests.viz_helpers import assert_user_error, open_png, run_viz, train_checkpoint
 from tinymnist import models
 from tinymnist.data import load_test_split
+from tinymnist.errors import TinyMnistError
 from tinymnist.idx import read_idx
 from tinymnist.viz.digits import Digit, plain_digits, terminal_digits
 from tinymnist.viz.predict import pick, probabilities
-from tinymnist.errors import TinyMnistError
 from tinymnist.viz.preprocess import mnist_digit
 
 Image = pytest.importorskip("PIL.Image")

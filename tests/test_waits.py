@@ -12,11 +12,10 @@ import sys
 import pytest
 import torch
 
+from tests.mirror import Mirror, serve, stall, status, trickle
 from tinymnist.data import DownloadError, download
 from tinymnist.fetch import Patience
 from tinymnist.idx import write_idx
-
-from tests.mirror import Mirror, serve, stall, status, trickle
 
 LABELS = "t10k-labels-idx1-ubyte.gz"
 

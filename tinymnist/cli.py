@@ -63,8 +63,12 @@ def main_options(
 
 DataDir = typer.Option(None, "--data-dir", help="Folder of the MNIST files.", show_default="$TINYMNIST_DATA or ./data")
 Device = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps.")
-NoDownload = typer.Option(False, "--no-download", help="Fail instead of downloading missing MNIST files.",
-                          show_default="off: download what is missing")
+NoDownload = typer.Option(
+    False,
+    "--no-download",
+    help="Fail instead of downloading missing MNIST files.",
+    show_default="off: download what is missing",
+)
 
 
 @app.command()
@@ -227,7 +231,9 @@ def info():
 def download(
     data_dir: Path | None = DataDir,
     source: Path | None = typer.Option(
-        None, "--from", show_default="download from the mirrors",
+        None,
+        "--from",
+        show_default="download from the mirrors",
         help="Build the files from a copy you have instead: mnist.pkl.gz, Keras's mnist.npz, "
         "or a folder of IDX files (torchvision's MNIST/raw); each must have MNIST's md5.",
     ),
@@ -258,10 +264,18 @@ def bench(
     compile: bool = typer.Option(True, "--compile/--no-compile", help="Also time the compiled step."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the raw results to this JSON file."),
     time_to_accuracy: float | None = typer.Option(
-        None, "--time-to-accuracy", show_default="off", help="Instead: seconds of training until this test accuracy "
-        "(0.99) for fast, cnn and the tutorials' cnn loop, on the real MNIST files."),
-    seeds: str | None = typer.Option(None, "--seeds", help="Model counts, comma-separated (1,4,16): time N models "
-                                     "in one vmapped step against N single runs instead.", show_default="off"),
+        None,
+        "--time-to-accuracy",
+        show_default="off",
+        help="Instead: seconds of training until this test accuracy "
+        "(0.99) for fast, cnn and the tutorials' cnn loop, on the real MNIST files.",
+    ),
+    seeds: str | None = typer.Option(
+        None,
+        "--seeds",
+        help="Model counts, comma-separated (1,4,16): time N models in one vmapped step against N single runs instead.",
+        show_default="off",
+    ),
 ):
     """Images/s of the tutorials' DataLoader loop against tinymnist's step (BENCHMARKS.md)."""
     from tinymnist.bench import print_report, run_bench  # imports torch.utils.data and pillow only here

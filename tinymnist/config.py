@@ -35,7 +35,7 @@ RECIPES: dict[str, Recipe] = {
     # torchvision's Normalize((0.5,), (0.5,)) maps 0..1 to -1..1.
     "mlp": Recipe("adam", 1e-3, 1.0, 64, 1000, 5, 0.5, 0.5, "a PyTorch beginner's tutorial"),
     # ToTensor() alone: pixels in 0..1.
-    "mlp3": Recipe("adam", 1e-3, 1.0, 15, 1000, 2, 0.0, 1.0, "a \"zero to neural net\" tutorial"),
+    "mlp3": Recipe("adam", 1e-3, 1.0, 15, 1000, 2, 0.0, 1.0, 'a "zero to neural net" tutorial'),
     # pytorch/examples mnist: MNIST's own pixel mean and standard deviation.
     "cnn": Recipe("adadelta", 1.0, 0.7, 64, 1000, 14, 0.1307, 0.3081, "pytorch/examples mnist/main.py"),
     "lenet": Recipe("rmsprop", 1e-3, 1.0, 8192, 8192, 50, 0.0, 1.0, "a LeNet tutorial"),
@@ -43,11 +43,24 @@ RECIPES: dict[str, Recipe] = {
     # label smoothing CIFAR-10 speedruns use and a second epoch of the one-cycle schedule
     # (README.md, "Time to 99%", has what each measured). One 10,000-image evaluation chunk:
     # on a GPU an evaluation is then one pass.
-    "fast": Recipe("adam", 0.01, 1.0, 256, 10000, 2, 0.1307, 0.3081, "tuomaso/train_mnist_fast, tuned here",
-                   schedule="one-cycle", label_smoothing=0.1, betas=(0.7, 0.9)),
+    "fast": Recipe(
+        "adam",
+        0.01,
+        1.0,
+        256,
+        10000,
+        2,
+        0.1307,
+        0.3081,
+        "tuomaso/train_mnist_fast, tuned here",
+        schedule="one-cycle",
+        label_smoothing=0.1,
+        betas=(0.7, 0.9),
+    ),
 }
 
 SCHEDULES = ("step", "one-cycle")
+
 
 @dataclass(frozen=True)
 class TrainConfig:

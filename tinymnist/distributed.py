@@ -175,7 +175,7 @@ def all_reduced(gradient: Gradient, cluster: Cluster) -> Gradient:
         summed = functional.all_reduce(flat, "sum", group)  # (P + 1,), the same on every rank
         mean = summed / world_size
         pieces = mean[:-1].split([g.numel() for g in grads.values()])
-        return {k: p.view_as(g) for (k, g), p in zip(grads.items(), pieces)}, mean[-1]
+        return {k: p.view_as(g) for (k, g), p in zip(grads.items(), pieces, strict=True)}, mean[-1]
 
     return reduced_gradient
 

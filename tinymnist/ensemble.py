@@ -27,7 +27,16 @@ import torch.nn.functional as F
 from tinymnist import models, optim
 from tinymnist.config import TrainConfig, model_grid
 from tinymnist.cuda_graph import GraphedStep
-from tinymnist.train import Evaluation, Step, TrainState, capture_rng, make_gradient, make_step, restore_rng, scale_images
+from tinymnist.train import (
+    Evaluation,
+    Step,
+    TrainState,
+    capture_rng,
+    make_gradient,
+    make_step,
+    restore_rng,
+    scale_images,
+)
 from tinymnist.transforms import compiled, use_compile
 from tinymnist.trees import Tree, tree_map
 
@@ -95,7 +104,7 @@ def restore_rngs(rng: dict, device) -> list[torch.Generator]:
     """Set the global generators as they were; return each model's shuffling generator."""
     restore_rng({**rng, "shuffle": rng["shuffle"][0]}, device)
     shuffles = [torch.Generator() for _ in rng["shuffle"]]
-    for generator, state in zip(shuffles, rng["shuffle"]):
+    for generator, state in zip(shuffles, rng["shuffle"], strict=True):
         generator.set_state(state.clone())  # a row of its own: set_state on a view crashed torch 2.13
     return shuffles
 
@@ -137,7 +146,9 @@ def evaluate_many(config: TrainConfig, params: Tree, images: torch.Tensor, label
         probabilities.append(log_probs.exp().sum(dim=0))  # (C, 10)
     summed = torch.cat(probabilities)  # (T, 10)
     total = len(images)
-    each = [Evaluation(loss / total, int(c), total) for loss, c in zip(loss_sums.tolist(), correct.tolist())]
+    each = [
+        Evaluation(loss / total, int(c), total) for loss, c in zip(loss_sums.tolist(), correct.tolist(), strict=True)
+    ]
     return EnsembleEvaluation(each, ensemble_evaluation(summed, n, labels), summed)
 
 

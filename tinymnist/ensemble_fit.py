@@ -20,8 +20,17 @@ from tinymnist.config import TrainConfig
 from tinymnist.data import MNIST
 from tinymnist.devices import synchronize
 from tinymnist.ensemble import EnsembleEvaluation, capture_rngs, evaluate_many, members, restore_rngs
-from tinymnist.train import (EpochTiming, FitResult, NonFiniteLoss, Reporter, Step, TrainState, epoch_batches,
-                             epoch_lrs, evaluation_record)  # fmt: skip
+from tinymnist.train import (
+    EpochTiming,
+    FitResult,
+    NonFiniteLoss,
+    Reporter,
+    Step,
+    TrainState,
+    epoch_batches,
+    epoch_lrs,  # fmt: skip
+    evaluation_record,
+)
 from tinymnist.trees import Tree, tree_map
 
 # An evaluation's records from (epoch, each model's train loss, stacked params, each model's lr,
@@ -64,7 +73,9 @@ def fit_many(
         first = epoch == state.epoch + 1  # the step compiles on its first call
         batches = torch.stack([epoch_batches(len(data.train_images), config.batch_size, shuffle, device)
                                for shuffle in shuffles], dim=1)  # (steps, N, B)  # fmt: skip
-        lrs = [list(rates) for rates in zip(*(epoch_lrs(run, epoch, len(batches)) for run in runs))]  # steps x N
+        lrs = [
+            list(rates) for rates in zip(*(epoch_lrs(run, epoch, len(batches)) for run in runs), strict=True)
+        ]  # steps x N
         params, opt_state, train_losses, timing = train_epoch_many(config, runs, step, result.state, data, epoch,
                                                                    batches, lrs, reporter, first)  # fmt: skip
         result.first_step_seconds += timing.first_step_seconds
@@ -94,7 +105,9 @@ def train_epoch_many(config, runs, step, state, data, epoch, batches, lrs, repor
     synchronize(device)
     started = time.perf_counter()
     for i in range(steps):
-        params, opt_state, loss = step(params, opt_state, data.train_images, data.train_labels, batches[i], lr_tensor[i])
+        params, opt_state, loss = step(
+            params, opt_state, data.train_images, data.train_labels, batches[i], lr_tensor[i]
+        )
         running += loss  # (N,)
         if i == 0 and time_first_step:  # compilation happens here: keep it out of the speed
             synchronize(device)
@@ -106,16 +119,18 @@ def train_epoch_many(config, runs, step, state, data, epoch, batches, lrs, repor
                 since_last = (i + 1) % config.log_interval or config.log_interval
                 reporter.logged(epoch, i + 1, (i + 1) * config.batch_size, len(data.train_images),
                                 sum(summed) / n / since_last)  # fmt: skip
-            epoch_losses = [total + s for total, s in zip(epoch_losses, summed)]
+            epoch_losses = [total + s for total, s in zip(epoch_losses, summed, strict=True)]
             running.zero_()
     synchronize(device)
-    timing = EpochTiming(first_step_seconds, time.perf_counter() - started, (steps - timed_from) * config.batch_size * n)
+    timing = EpochTiming(
+        first_step_seconds, time.perf_counter() - started, (steps - timed_from) * config.batch_size * n
+    )
     return params, opt_state, [loss / steps for loss in epoch_losses], timing
 
 
 def check_finite(summed: list[float], runs: list[TrainConfig], epoch: int, i: int, lrs: list[float]) -> None:
     """NonFiniteLoss naming the first model whose loss is NaN or infinite."""
-    for run, loss, lr in zip(runs, summed, lrs):
+    for run, loss, lr in zip(runs, summed, lrs, strict=True):
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"the loss of the model with seed {run.seed}, --lr {run.lr:g} became {loss} in "
                                 f"epoch {epoch} by step {i + 1}; lower its --lr (it was {lr:g})")  # fmt: skip
@@ -127,7 +142,7 @@ def evaluation_records(runs, epoch, train_losses, evaluation: EnsembleEvaluation
     records = [
         {**evaluation_record(epoch, loss, result, lr, seconds, per_model_images), "seed": run.seed,
          "initial_lr": run.lr}
-        for run, loss, result, lr in zip(runs, train_losses, evaluation.models, lrs)
+        for run, loss, result, lr in zip(runs, train_losses, evaluation.models, lrs, strict=True)
     ]  # fmt: skip
     accuracies = [r["test_accuracy"] for r in records]
     ensemble = evaluation_record(epoch, None, evaluation.ensemble, lrs[0], seconds, images)

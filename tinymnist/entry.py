@@ -24,4 +24,3 @@ def main() -> None:
         by = " by SIGTERM" if isinstance(e, interrupts.Terminated) else ""
         print(f"tinymnist: interrupted{by}", file=sys.stderr)
         sys.exit(interrupts.exit_code(e))
-

@@ -85,7 +85,7 @@ def _create_locked_temp(path: Path) -> tuple[BinaryIO, Path]:
     """A new temp file for `path`, opened and locked before anyone else can delete it for a leftover."""
     while True:
         temp = path.with_name(f".{path.name}.tinymnist-{secrets.token_hex(TOKEN_BYTES)}.part")
-        file = open(temp, "xb")  # noqa: SIM115 (the caller closes it)
+        file = open(temp, "xb")
         try:
             fcntl.flock(file, fcntl.LOCK_EX)
         except OSError:  # a file system without locks (some network mounts): nobody can take it either

@@ -83,7 +83,7 @@ def open_idx(path: str | os.PathLike) -> Iterator[IdxReader]:
     """Open an IDX file and read only its header, checked: `.header`, then `.read()` the payload."""
     path = Path(path)
     try:
-        raw = open(path, "rb")  # noqa: SIM115 (closed below)
+        raw = open(path, "rb")
     except OSError as e:
         raise IdxError(f"{path}: cannot read ({e.strerror or e})") from None
     with raw, _gunzipped(path, raw) as stream:

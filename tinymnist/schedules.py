@@ -81,7 +81,13 @@ _ANNEAL: dict[str, Callable[[float, float, float], float]] = {"cos": _anneal_cos
 
 
 def _check_one_cycle(
-    step: int, total_steps: int, max_lr: float, pct_start: float, div_factor: float, final_div_factor: float, anneal: str
+    step: int,
+    total_steps: int,
+    max_lr: float,
+    pct_start: float,
+    div_factor: float,
+    final_div_factor: float,
+    anneal: str,
 ) -> None:
     """One-line errors for what OneCycleLR rejects, and for the steps no run trains."""
     if not (isinstance(total_steps, int) and total_steps >= 1):

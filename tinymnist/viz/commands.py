@@ -123,5 +123,7 @@ def export(
 def one_model(config: dict, path: Path, command: str) -> None:
     """predict and export take one network; a --seeds/--lr-list checkpoint stacks N of them (leading dim N)."""
     if (count := len(model_grid(TrainConfig(**config)))) > 1:
-        raise TinyMnistError(f"{command} takes a checkpoint of one model; {path} holds {count} (--seeds/--lr list): "
-                             "train the one you want alone (--seed S --lr L) and save that")
+        raise TinyMnistError(
+            f"{command} takes a checkpoint of one model; {path} holds {count} (--seeds/--lr list): "
+            "train the one you want alone (--seed S --lr L) and save that"
+        )
