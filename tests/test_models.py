@@ -15,89 +15,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from tests.helpers import needs_cpp_compiler
+from tests.tutorials import TUTORIALS, tutorial_input
 from tinymnist import cpu_pool, models, shapes
 from tinymnist.errors import TinyMnistError
 
-
-class SimpleNN(nn.Module):  # seed 000
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(28 * 28, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = x.view(-1, 28 * 28)
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-class Mlp3Net(nn.Module):  # seed 002; the tutorial flattens before calling forward
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(28 * 28, 64)
-        self.fc2 = nn.Linear(64, 64)
-        self.fc3 = nn.Linear(64, 64)
-        self.fc4 = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = x.view(-1, 28 * 28)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        x = F.relu(self.fc3(x))
-        return F.log_softmax(self.fc4(x), dim=1)
-
-
-class ExamplesNet(nn.Module):  # seed 001: pytorch/examples mnist/main.py
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, 1)
-        self.conv2 = nn.Conv2d(32, 64, 3, 1)
-        self.dropout1 = nn.Dropout(0.25)
-        self.dropout2 = nn.Dropout(0.5)
-        self.fc1 = nn.Linear(9216, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        x = F.max_pool2d(x, 2)
-        x = self.dropout1(x)
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = self.dropout2(x)
-        return F.log_softmax(self.fc2(x), dim=1)
-
-
-class LeNet(nn.Module):  # seed 003; its nn.Sequential blocks name the weights conv1.0.weight, ...
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv2d(1, 6, 5, 1, 2), nn.ReLU(), nn.MaxPool2d(kernel_size=2, stride=2))
-        self.conv2 = nn.Sequential(nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2, 2))
-        self.fc1 = nn.Sequential(nn.Linear(16 * 5 * 5, 120), nn.ReLU())
-        self.fc2 = nn.Sequential(nn.Linear(120, 84), nn.ReLU())
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = self.conv2(self.conv1(x))
-        x = x.view(x.size(0), -1)
-        return self.fc3(self.fc2(self.fc1(x)))
-
-
-class TrainMnistFastNet(nn.Module):  # tuomaso/train_mnist_fast, 8_Final; logits: its log_softmax left out
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 24, 5, 1)
-        self.conv2 = nn.Conv2d(24, 32, 3, 1)
-        self.fc1 = nn.Linear(800, 256)
-        self.fc2 = nn.Linear(256, 10)
-
-    def forward(self, x):
-        x = F.relu(F.max_pool2d(self.conv1(x), 2))
-        x = F.relu(F.max_pool2d(self.conv2(x), 2))
-        x = torch.flatten(x, 1)
-        return self.fc2(F.relu(self.fc1(x)))
-
-
-ORACLES = {"mlp": SimpleNN, "mlp3": Mlp3Net, "cnn": ExamplesNet, "lenet": LeNet, "fast": TrainMnistFastNet}
+ORACLES = TUTORIALS
 
 
 def oracle_state(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -169,7 +91,7 @@ def test_apply_equals_the_tutorial_forward(name):
     x = images(5)
     ours = models.apply(name, params, x)
     assert ours.shape == (5, models.NUM_CLASSES)
-    torch.testing.assert_close(ours, load_oracle(name, params).eval()(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, load_oracle(name, params).eval()(tutorial_input(name, x)), rtol=1e-5, atol=1e-6)
     if models.OUTPUTS_LOG_PROBS[name]:  # log-probabilities: their exponentials sum to 1
         torch.testing.assert_close(ours.exp().sum(dim=1), torch.ones(5))
 
@@ -258,7 +180,7 @@ def test_trace_matches_the_shapes_torch_observes(name):
     for module in net.modules():
         if isinstance(module, hooked):
             module.register_forward_hook(lambda m, args, out: seen.append((m, args[0].shape[1:], out.shape[1:])))
-    net.eval()(images(2))
+    net.eval()(tutorial_input(name, images(2)))
 
     as_module = {shapes.Conv2d: nn.Conv2d, shapes.Linear: nn.Linear, shapes.MaxPool2d: nn.MaxPool2d}
     oracle_kinds = {type(m) for m, _, _ in seen}  # pytorch/examples pools with F.max_pool2d: no hook

@@ -7,108 +7,21 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from tests.viz_helpers import assert_user_error, run_tinymnist, run_viz, train_checkpoint
+from tests.helpers import assert_user_error, run
+from tests.tutorials import TUTORIALS, tutorial_forward
+from tests.viz_helpers import run_viz, train_checkpoint
 from tinymnist import models
 from tinymnist.config import RECIPES
 from tinymnist.idx import read_idx
 from tinymnist.viz.export import tutorial_state_dict
 
 
-class SimpleNN(nn.Module):  # seed 000
-    def __init__(self):
-        super(SimpleNN, self).__init__()  # noqa: UP008  (the tutorial's own words)
-        self.fc1 = nn.Linear(28 * 28, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = x.view(-1, 28 * 28)
-        x = self.fc1(x)
-        x = torch.relu(x)
-        x = self.fc2(x)
-        return x
-
-
-class Mlp3Net(torch.nn.Module):  # seed 002's Net; its caller flattens: net.forward(x.view(-1, 28*28))
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(28 * 28, 64)
-        self.fc2 = torch.nn.Linear(64, 64)
-        self.fc3 = torch.nn.Linear(64, 64)
-        self.fc4 = torch.nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = torch.nn.functional.relu(self.fc1(x))
-        x = torch.nn.functional.relu(self.fc2(x))
-        x = torch.nn.functional.relu(self.fc3(x))
-        x = torch.nn.functional.log_softmax(self.fc4(x), dim=1)
-        return x
-
-
-class Net(nn.Module):  # seed 001: pytorch/examples mnist/main.py
-    def __init__(self):
-        super(Net, self).__init__()  # noqa: UP008  (the tutorial's own words)
-        self.conv1 = nn.Conv2d(1, 32, 3, 1)
-        self.conv2 = nn.Conv2d(32, 64, 3, 1)
-        self.dropout1 = nn.Dropout(0.25)
-        self.dropout2 = nn.Dropout(0.5)
-        self.fc1 = nn.Linear(9216, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = self.conv1(x)
-        x = F.relu(x)
-        x = self.conv2(x)
-        x = F.relu(x)
-        x = F.max_pool2d(x, 2)
-        x = self.dropout1(x)
-        x = torch.flatten(x, 1)
-        x = self.fc1(x)
-        x = F.relu(x)
-        x = self.dropout2(x)
-        x = self.fc2(x)
-        output = F.log_softmax(x, dim=1)
-        return output
-
-
-class LeNet(nn.Module):  # seed 003
-    def __init__(self):
-        super(LeNet, self).__init__()  # noqa: UP008  (the tutorial's own words)
-        self.conv1 = nn.Sequential(nn.Conv2d(1, 6, 5, 1, 2), nn.ReLU(), nn.MaxPool2d(kernel_size=2, stride=2))
-        self.conv2 = nn.Sequential(nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2, 2))
-        self.fc1 = nn.Sequential(nn.Linear(16 * 5 * 5, 120), nn.ReLU())
-        self.fc2 = nn.Sequential(nn.Linear(120, 84), nn.ReLU())
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = self.conv1(x)
-        x = self.conv2(x)
-        x = x.view(x.size(0), -1)
-        x = self.fc1(x)
-        x = self.fc2(x)
-        output = self.fc3(x)
-        return output
-
-
-TUTORIAL = {"mlp": SimpleNN, "mlp3": Mlp3Net, "cnn": Net, "lenet": LeNet}
-
-
-def tutorial_forward(model_name: str, module: nn.Module, images_u8: torch.Tensor) -> torch.Tensor:
-    """What the tutorial does: ToTensor (pixels / 255), Normalize(mean, std), its own flattening."""
-    recipe = RECIPES[model_name]
-    x = (images_u8.unsqueeze(1).float() / 255 - recipe.mean) / recipe.std  # (B, 1, 28, 28)
-    if model_name == "mlp3":
-        x = x.view(-1, 28 * 28)
-    return module(x)
-
-
 @torch.no_grad()
-@pytest.mark.parametrize("model_name", list(TUTORIAL))
+@pytest.mark.parametrize("model_name", list(TUTORIALS))
 def test_the_tutorial_module_loads_strictly_and_computes_what_apply_computes(model_name):
     params = models.init_params(model_name, seed=3)
-    module = TUTORIAL[model_name]().eval()
+    module = TUTORIALS[model_name]().eval()
     module.load_state_dict(tutorial_state_dict(model_name, params), strict=True)
     images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     recipe = RECIPES[model_name]
@@ -124,13 +37,13 @@ def load_exported(path):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("model_name", list(TUTORIAL))
+@pytest.mark.parametrize("model_name", list(TUTORIALS))
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_an_export_reproduces_evals_correct_count_exactly(tiny_split, tmp_path, model_name, suffix):
     checkpoint = train_checkpoint(tiny_split, tmp_path / "run.pt", model_name, "--epochs", "1", "--batch-size", "32")
     result = run_viz("export", checkpoint, "-o", tmp_path / f"model{suffix}")
     assert result.exit_code == 0, result.output
-    module = TUTORIAL[model_name]().eval()
+    module = TUTORIALS[model_name]().eval()
     module.load_state_dict(load_exported(tmp_path / f"model{suffix}"), strict=True)
 
     images = read_idx(tiny_split / "t10k-images-idx3-ubyte.gz")  # (200, 28, 28) uint8
@@ -140,7 +53,7 @@ def test_an_export_reproduces_evals_correct_count_exactly(tiny_split, tmp_path, 
         int((tutorial_forward(model_name, module, images[i : i + batch]).argmax(dim=1) == labels[i : i + batch]).sum())
         for i in range(0, len(images), batch)
     )
-    evaluated = run_tinymnist(
+    evaluated = run(
         "eval", checkpoint, "--json", "--data-dir", tiny_split, "--no-download", "--device", "cpu"
     )
     assert evaluated.exit_code == 0, evaluated.output

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from tests.viz_helpers import assert_user_error, run_viz, train_checkpoint
+from tests.helpers import assert_user_error
+from tests.viz_helpers import run_viz, train_checkpoint
 from tinymnist.errors import TinyMnistError
 from tinymnist.viz.confusion import write_confusion_png
 

@@ -5,7 +5,8 @@ import json
 import pytest
 from rich.console import Console
 
-from tests.viz_helpers import assert_user_error, no_temp_files, open_png, run_viz
+from tests.helpers import assert_user_error
+from tests.viz_helpers import no_temp_files, open_png, run_viz
 from tinymnist.errors import TinyMnistError
 from tinymnist.viz import textplot
 from tinymnist.viz.runs import read_runs

@@ -5,7 +5,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from tests.viz_helpers import assert_user_error, open_png, run_viz, train_checkpoint
+from tests.helpers import assert_user_error
+from tests.viz_helpers import open_png, run_viz, train_checkpoint
 from tinymnist import models
 from tinymnist.data import load_test_split
 from tinymnist.errors import TinyMnistError

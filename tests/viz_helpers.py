@@ -8,6 +8,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from tests.helpers import run
 from tinymnist.viz.commands import register
 
 
@@ -23,31 +24,14 @@ def run_viz(*args):
     return CliRunner().invoke(viz_app(), [str(a) for a in args])
 
 
-def run_tinymnist(*args):
-    """Run the main `tinymnist` CLI (train, eval) in-process."""
-    from tinymnist.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def train_checkpoint(data_dir: Path, path: Path, model: str, *extra) -> Path:
     """`tinymnist train` on the CPU, eager, saving the checkpoint to `path`."""
-    result = run_tinymnist(
+    result = run(
         "train", "--model", model, "--data-dir", data_dir, "--no-download", "--device", "cpu", "--no-compile",
         "--save-model", path, *extra,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     return path
-
-
-def assert_user_error(result, *fragments):
-    """Exit 2, one line on stderr naming the problem, no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tinymnist: error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def open_png(path: Path, size: tuple[int, int]):
