@@ -14,8 +14,8 @@ the learning rate would compile it again.
 
 What makes the step fast or wide (torch.compile, micro-batches, CUDA graphs, vmap
 over N models, an all-reduce across processes) are transforms of this same
-function, in transforms.py. Read next: models.py (the networks), optim.py (the
-optimizers), then transforms.py.
+function: transforms.py for speed, ensemble.py and distributed.py for width. Read
+next: models.py (the networks), optim.py (the optimizers), then transforms.py.
 """
 
 from __future__ import annotations
