@@ -96,6 +96,20 @@ def test_apply_equals_the_tutorial_forward(name):
         torch.testing.assert_close(ours.exp().sum(dim=1), torch.ones(5))
 
 
+def test_fast_pools_after_relu_with_train_mnist_fasts_gradients():
+    """train_mnist_fast pools before each ReLU, ours after (faster compiled on the CPU):
+    max and ReLU commute, and so do their gradients, ties and all-negative windows too."""
+    params, x = models.init_params("fast", 0), images(16) - 0.5  # (16, 1, 28, 28): many windows <= 0
+    labels = torch.arange(16) % models.NUM_CLASSES
+    ours = torch.func.grad(lambda p: F.cross_entropy(models.apply("fast", p, x), labels))(params)
+    oracle = load_oracle("fast", params)
+    F.cross_entropy(oracle(x), labels).backward()
+    theirs = {key: p.grad for key, p in oracle.named_parameters()}  # conv1.weight, ...: our names
+    assert theirs.keys() == params.keys()
+    for key in params:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_loss_kinds_follow_the_tutorials(name):
     """A network ends in log_softmax exactly where the tutorial's module does: its outputs'
