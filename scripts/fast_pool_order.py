@@ -79,7 +79,9 @@ def main() -> None:
         for run in runs.values():
             started = time.perf_counter()
             for i in range(done, done + args.window):
-                params, state, _ = run["step"](*run["state"], data.train_images, data.train_labels, batches[i % steps_per_epoch], lr)
+                params, state, _ = run["step"](
+                    *run["state"], data.train_images, data.train_labels, batches[i % steps_per_epoch], lr
+                )
                 run["state"] = (params, state)
             if round_:
                 run["times"].append((time.perf_counter() - started) / args.window)

@@ -41,11 +41,15 @@ def main() -> None:
     print(f"| mode | candidate | seeds | epochs | mean ± std | min | max | steps to {target:.2%} (per seed) |")
     print("|---|---|---|---|---|---|---|---|")
     for (mode, name), runs in groups.items():
-        accs = [100 * r["final_accuracy"] for r in runs]
+        reached = ", ".join(str(steps_to(r, target)) for r in runs)
+        epochs = runs[0]["candidate"]["epochs"]
+        accs = [100 * r["final_accuracy"] for r in runs if "final_accuracy" in r]  # not of runs stopped at the target
+        if not accs:
+            print(f"| {mode} | {name} | {len(runs)} | stopped at the target | | | | {reached} |")
+            continue
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        reached = [steps_to(r, target) for r in runs]
-        print(f"| {mode} | {name} | {len(runs)} | {runs[0]['candidate']['epochs']} | {statistics.mean(accs):.2f} ± "
-              f"{spread:.2f} | {min(accs):.2f} | {max(accs):.2f} | {', '.join(map(str, reached))} |")  # fmt: skip
+        print(f"| {mode} | {name} | {len(runs)} | {epochs} | {statistics.mean(accs):.2f} ± {spread:.2f} | "
+              f"{min(accs):.2f} | {max(accs):.2f} | {reached} |")  # fmt: skip
     print("\n| candidate | steps/epoch | s/epoch (best window) | s/epoch (median) | CPU s/epoch | s to target, mean |")
     print("|---|---|---|---|---|---|")
     for name, t in timing.items():

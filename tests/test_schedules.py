@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import pytest
@@ -65,14 +66,14 @@ def test_one_cycle_defaults_are_torchs_and_shape_the_cycle():
     assert lrs[peak] == max_lr
     assert lrs[0] == pytest.approx(max_lr / 25, rel=1e-12)  # div_factor 25 (cos rounds it)
     assert lrs[-1] == pytest.approx(max_lr / 25 / 1e4, rel=1e-6)  # final_div_factor 1e4
-    assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1], strict=True))  # climbs, then only falls
-    assert all(a > b for a, b in zip(lrs[peak:-1], lrs[peak + 1 :], strict=True))
+    assert all(a < b for a, b in itertools.pairwise(lrs[: peak + 1]))  # climbs, then only falls
+    assert all(a > b for a, b in itertools.pairwise(lrs[peak:]))
 
 
 def test_a_one_step_warm_up_fails_in_torch_too_and_is_refused_in_one_line():
     with pytest.raises(ZeroDivisionError):
         torch_one_cycle_lrs(10, max_lr=1.0, pct_start=0.1)
-    with pytest.raises(TinyMnistError, match="pct_start 0.1 of 10 steps") as error:
+    with pytest.raises(TinyMnistError, match=r"pct_start 0\.1 of 10 steps") as error:
         one_cycle(0, total_steps=10, max_lr=1.0, pct_start=0.1)
     assert "\n" not in str(error.value)
 
