@@ -93,7 +93,7 @@ def measure(model: str, rounds: int, clock=time.perf_counter) -> dict:
             for name, us in times.items():
                 samples[f"{way}/{name}"].append(us)
     ways = [way for way in parts if way != "optimizer"]
-    products = [min(per_way) for per_way in zip(*(samples[way] for way in ways))]  # the faster batching
+    products = [min(per_way) for per_way in zip(*(samples[way] for way in ways), strict=True)]  # the faster batching
     floors = [p + o for p, o in zip(products, samples["optimizer"], strict=True)]
     median = {key: statistics.median(values) for key, values in samples.items()}
     return {
@@ -110,14 +110,17 @@ def measure(model: str, rounds: int, clock=time.perf_counter) -> dict:
 
 def print_result(r: dict) -> None:
     gflops = r["flops"] / r["products_us"] / 1e3
-    print(f"{r['model']:6} {r['batch']:6} {r['step_us']:10.0f} {r['products_us']:12.0f} {r['faster_way']:>6} "
-          f"{gflops:8.1f} {r['optimizer_us']:10.0f} {r['floor_us']:10.0f} {r['step_over_floor']:9.2f}x", flush=True)
+    print(
+        f"{r['model']:6} {r['batch']:6} {r['step_us']:10.0f} {r['products_us']:12.0f} {r['faster_way']:>6} "
+        f"{gflops:8.1f} {r['optimizer_us']:10.0f} {r['floor_us']:10.0f} {r['step_over_floor']:9.2f}x",
+        flush=True,
+    )
 
 
 def print_breakdown(r: dict) -> None:
     """Each product's median, in the faster batching, and the traffic."""
     prefix = r["faster_way"] + "/"
-    parts = [(key[len(prefix):], us) for key, us in r["medians_us"].items() if key.startswith(prefix)]
+    parts = [(key[len(prefix) :], us) for key, us in r["medians_us"].items() if key.startswith(prefix)]
     parts.append((f"optimizer traffic ({r['optimizer_arrays']} arrays of {r['params']:,} floats)",
                   r["medians_us"]["optimizer/traffic"]))  # fmt: skip
     print(f"  {r['model']}: " + ", ".join(f"{name} {us:.0f}" for name, us in parts) + " us")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from tinymnist import models, optim
 from tinymnist.data import load_mnist
-from tinymnist.schedules import one_cycle, schedule_lrs
+from tinymnist.schedules import one_cycle, schedule_lrs, step_lr
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "fast-recipe"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel mean and std of MNIST's training set (pytorch/examples)
@@ -80,7 +80,7 @@ CANDIDATES = {
 def lr_schedule(c: Candidate, steps_per_epoch: int):
     total = c.epochs * steps_per_epoch
     if c.schedule == "step":
-        return lambda step: optim.step_lr(c.lr, step // steps_per_epoch, step_size=1, gamma=c.gamma)
+        return lambda step: step_lr(c.lr, step // steps_per_epoch, step_size=1, gamma=c.gamma)
     anneal = {"one_cycle": "cos", "one_cycle_linear": "linear"}[c.schedule]
     return functools.partial(
         one_cycle, total_steps=total, max_lr=c.lr, pct_start=c.pct_start,

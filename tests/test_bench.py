@@ -33,6 +33,12 @@ def test_bench_reports_every_field(tmp_path):
     assert f"{row['eager_vs_reference']:.2f}x" in result.stdout  # the table shows the ratio
 
 
+@pytest.mark.parametrize("flag", [["--models", "mlp"], ["--seeds", "1,4"], ["--repeats", "3"], ["--warmup", "0"],
+                                  ["--window-images", "512"]])  # fmt: skip
+def test_time_to_accuracy_refuses_the_flags_it_would_ignore(flag):
+    assert_user_error(run("bench", "--time-to-accuracy", "0.99", *flag), flag[0], "does not apply")
+
+
 def test_bench_rejects_an_unknown_model():
     result = run("bench", "--models", "mlp,vgg")
     assert result.exit_code == 2 and "vgg" in result.stderr
@@ -41,8 +47,8 @@ def test_bench_rejects_an_unknown_model():
 @pytest.mark.parametrize("extra", [[], ["--seeds", "1"], ["--time-to-accuracy", "0.5"]])
 def test_bench_checks_its_json_path_before_timing_anything(tmp_path, extra):
     """A folder given as --json was an IsADirectoryError traceback after the whole run."""
-    result = run("bench", "--models", "mlp", "--device", "cpu", "--no-compile", "--data-dir", tmp_path / "none",
-                 "--json", tmp_path, *extra)  # fmt: skip
+    result = run("bench", "--device", "cpu", "--no-compile", "--data-dir", tmp_path / "none", "--json", tmp_path,
+                 *extra)  # fmt: skip
     assert_user_error(result, f"--json {tmp_path} is a folder")
     assert list(tmp_path.iterdir()) == []
 

@@ -74,7 +74,7 @@ def start_ranks(data_dir, *extra, world_size: int = 2) -> list[subprocess.Popen]
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
             },
-        )  # fmt: skip
+        )
         for rank in range(world_size)
     ]
 
@@ -224,7 +224,7 @@ def test_a_sweep_over_two_processes_is_the_one_process_sweep(tiny_split, tmp_pat
 
     two_first, one_first = metrics(m / "two_first.jsonl"), metrics(m / "one_first.jsonl")
     assert [(r["epoch"], r.get("seed")) for r in two_first] == [(e, s) for e in (0, 1, 2) for s in (1, 2, 3, None)]
-    for two, one in zip(without_timings(two_first), without_timings(one_first)):
+    for two, one in zip(without_timings(two_first), without_timings(one_first), strict=True):
         # the ensemble's probabilities are summed over the processes first: its loss may differ in the last bits
         assert two.pop("test_loss") == pytest.approx(one.pop("test_loss"), rel=1e-6)
         assert two == one  # accuracies, counts, train losses, rates: each model's, exactly

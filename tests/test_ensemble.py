@@ -71,11 +71,11 @@ def test_each_model_starts_and_shuffles_as_its_single_run():
     optimizer = optim.OPTIMIZERS["adam"]()
     state = initial_state(config, optimizer, CPU)
     shuffles = restore_rngs(state.rng, CPU)
-    assert [(run.lr, run.seed) for run in members(config)] == [(1e-3, 7), (1e-3, 8), (3e-3, 7), (3e-3, 8)]
-    for i, run in enumerate(members(config)):
-        single = single_initial_state(run, optimizer, CPU)
+    assert [(m.lr, m.seed) for m in members(config)] == [(1e-3, 7), (1e-3, 8), (3e-3, 7), (3e-3, 8)]
+    for i, member in enumerate(members(config)):
+        single = single_initial_state(member, optimizer, CPU)
         torch.testing.assert_close(unstack(state.params, i), single.params, rtol=0, atol=0)
-        own = torch.Generator().manual_seed(run.seed)
+        own = torch.Generator().manual_seed(member.seed)
         for _ in range(2):  # two epochs' orders
             assert torch.equal(epoch_batches(500, 64, shuffles[i], CPU), epoch_batches(500, 64, own, CPU))
 
@@ -98,7 +98,7 @@ def test_evaluate_many_matches_evaluate_and_averages_probabilities():
     data = random_mnist(1, 150)
     singles = [models.init_params("mlp", s) for s in range(N)]
     result = evaluate_many(config, stack(singles), data.test_images, data.test_labels)
-    for params, got in zip(singles, result.models):
+    for params, got in zip(singles, result.models, strict=True):
         want = evaluate(config, params, data.test_images, data.test_labels)
         assert got.correct == want.correct and abs(got.loss - want.loss) < 1e-5
     from tinymnist.train import scale_images
@@ -168,6 +168,9 @@ def test_the_vmapped_step_compiles_once_and_not_again_for_new_rates():
     (["--lr", "1,-2"], "-2 is not a positive"),
     (["--lr", "1,x"], "'x', not a number"),
     (["--lr", "1,1"], "twice"),
+    (["--seeds", "2", "--target-accuracy", "0.5"], "--target-accuracy is for a single run, not for 2 models"),
+    (["--seeds", "2", "--eval-every", "5"], "--eval-every is for a single run"),
+    (["--lr", "1,2", "--seeds", "2", "--micro-batch", "8"], "--micro-batch is for a single run, not for 4 models"),
 ])  # fmt: skip
 def test_bad_seeds_and_lr_lists_are_one_line_errors(tiny_split, flags, fragment):
     assert_user_error(run(*train_args(tiny_split, "--model", "mlp", *flags)), fragment)

@@ -281,23 +281,6 @@ def test_nan_hyperparameters_are_rejected():
         optim.adam(eps=float("nan"))
 
 
-@settings(max_examples=40, deadline=None)
-@given(base_lr=st.floats(1e-4, 10.0), step_size=st.integers(1, 10), gamma=st.floats(0.05, 1.0))
-def test_step_lr_matches_torch_steplr(base_lr, step_size, gamma):
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
-    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
-    for epoch in range(30):
-        # StepLR multiplies as it goes; ours raises gamma to a power: equal to rounding.
-        assert optim.step_lr(base_lr, epoch, step_size, gamma) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
-        opt.step()
-        schedule.step()
-
-
-def test_step_lr_rejects_a_zero_step_size():
-    with pytest.raises(TinyMnistError, match="step_size"):
-        optim.step_lr(1.0, 3, 0, 0.7)
-
-
 @needs_cpp_compiler
 @pytest.mark.parametrize("name", list(FULLY_LOADED))
 def test_compiled_update_matches_eager_and_never_recompiles(name):

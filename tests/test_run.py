@@ -189,6 +189,29 @@ def test_damaged_checkpoints_are_named_in_words_not_torchs_advice(tiny_split, tm
         assert "weights_only" not in refused.stderr
 
 
+def test_resume_refuses_flags_that_would_rewrite_what_was_trained(tiny_split, finished, tmp_path):
+    """Its weights came from seed 1; a one-cycle schedule's every rate depends on its total steps."""
+    ckpt, _ = finished
+    before = ckpt.read_bytes()
+    refused = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--seed", 5))
+    assert_user_error(refused, "--seed/--seeds/--lr do not match", str(ckpt))
+    cycle = tmp_path / "cycle.pt"
+    one_cycle = ("--model", "mlp", "--schedule", "one-cycle")
+    assert run(*train_args(tiny_split, *one_cycle, "--epochs", 1, "--save-model", cycle)).exit_code == 0
+    stretched = run(*train_args(tiny_split, "--resume", cycle, "--epochs", 2))
+    assert_user_error(stretched, "--epochs 2", "one-cycle schedule over 1 epochs", "leave --epochs out")
+    done = run(*train_args(tiny_split, "--resume", cycle))
+    assert done.exit_code == 0 and "its one-cycle has ended" in done.stderr
+    assert ckpt.read_bytes() == before
+
+
+def test_gamma_with_a_one_cycle_schedule_is_refused(tiny_split):
+    """--gamma scales StepLR; one-cycle (the fast recipe's) has none to scale."""
+    assert_user_error(run(*train_args(tiny_split, "--model", "fast", "--gamma", 0.5)), "--gamma 0.5", "one-cycle")
+    mlp = run(*train_args(tiny_split, "--model", "mlp", "--schedule", "one-cycle", "--gamma", 0.5))
+    assert_user_error(mlp, "--schedule step")
+
+
 def test_resume_checks_the_flags_given_now_before_anything_else(tiny_split, finished):
     ckpt, _ = finished
     assert_user_error(run(*train_args(tiny_split, "--resume", ckpt, "--epochs", "-3")), "--epochs")

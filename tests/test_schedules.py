@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tests.helpers import needs_cpp_compiler
 from tinymnist import optim
 from tinymnist.errors import TinyMnistError
-from tinymnist.schedules import one_cycle, schedule_lrs
+from tinymnist.schedules import one_cycle, schedule_lrs, step_lr
 
 
 def torch_one_cycle_lrs(total_steps: int, **kwargs) -> list[float]:
@@ -147,3 +147,20 @@ def test_a_compiled_step_takes_every_rate_of_an_epoch_without_recompiling():
         eager = sgd_step(eager, grad, lrs[step])
     torch.testing.assert_close(weight, eager)
     assert not torch.equal(weight, torch.ones(4))
+
+
+@settings(max_examples=40, deadline=None)
+@given(base_lr=st.floats(1e-4, 10.0), step_size=st.integers(1, 10), gamma=st.floats(0.05, 1.0))
+def test_step_lr_matches_torch_steplr(base_lr, step_size, gamma):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
+    for epoch in range(30):
+        # StepLR multiplies as it goes; ours raises gamma to a power: equal to rounding.
+        assert step_lr(base_lr, epoch, step_size, gamma) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step()
+        schedule.step()
+
+
+def test_step_lr_rejects_a_zero_step_size():
+    with pytest.raises(TinyMnistError, match="step_size"):
+        step_lr(1.0, 3, 0, 0.7)

@@ -148,7 +148,8 @@ def test_a_pickle_that_names_other_code_is_refused(tmp_path):
     source = write_pickle(tmp_path / "mnist.pkl.gz", Payload())
     result = cli("--from", source, "--data-dir", tmp_path / "data")
     assert result.returncode == 2
-    assert result.stderr == f"tinymnist: error: --from {source}: refusing builtins.print: only NumPy arrays are expected; nothing written\n"  # fmt: skip
+    assert result.stderr == (f"tinymnist: error: --from {source}: refusing builtins.print: "
+                             "only NumPy arrays are expected; nothing written\n")  # fmt: skip
     assert "ran code from the pickle" not in result.stdout
     assert not (tmp_path / "data").exists()
 

@@ -84,3 +84,6 @@ def test_eval_confusion_counts_what_eval_counts(tiny_split, tmp_path):
     table = run("eval", ckpt, "--confusion", "--data-dir", tiny_split, "--no-download", "--device", "cpu")
     assert "confusion matrix" in table.stdout and "Test set:" in table.stdout
     assert_user_error(run("eval", ckpt, "-o", tmp_path / "c.png", "--data-dir", tiny_split), "--confusion")
+    jpeg = tmp_path / "c.jpg"
+    assert_user_error(run("eval", ckpt, "--confusion", "-o", jpeg, "--data-dir", tiny_split), "c.jpg", ".png")
+    assert not jpeg.exists()

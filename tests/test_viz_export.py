@@ -53,9 +53,7 @@ def test_an_export_reproduces_evals_correct_count_exactly(tiny_split, tmp_path, 
         int((tutorial_forward(model_name, module, images[i : i + batch]).argmax(dim=1) == labels[i : i + batch]).sum())
         for i in range(0, len(images), batch)
     )
-    evaluated = run(
-        "eval", checkpoint, "--json", "--data-dir", tiny_split, "--no-download", "--device", "cpu"
-    )
+    evaluated = run("eval", checkpoint, "--json", "--data-dir", tiny_split, "--no-download", "--device", "cpu")
     assert evaluated.exit_code == 0, evaluated.output
     assert correct == json.loads(evaluated.stdout.strip().splitlines()[-1])["correct"]
 

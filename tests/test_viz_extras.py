@@ -72,7 +72,7 @@ def test_tensorboard_reporter_without_tensorboard_names_the_install(tmp_path, mo
 
     uninstall(monkeypatch, "tensorboard", "torch.utils.tensorboard")
     with pytest.raises(TinyMnistError) as raised:
-        TensorBoardReporter(tmp_path / "tb")
+        TensorBoardReporter(tmp_path / "tb", 600)
     assert str(raised.value) == f"--tensorboard needs tensorboard, which is not installed; run {INSTALL}"
 
 

@@ -167,6 +167,7 @@ def test_an_unwritable_output_is_a_one_line_error_and_writes_nothing(tmp_path):
     path = write_metrics(tmp_path / "a.jsonl", curve(0.98))
     assert_user_error(run_viz("plot", path, "-o", tmp_path / "no" / "such" / "c.png"), "does not exist")
     assert_user_error(run_viz("plot", path, "-o", tmp_path), "is a folder")
+    assert_user_error(run_viz("plot", path, "-o", tmp_path / "c.jpg"), "-o", "c.jpg", "name the file .png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
 
 

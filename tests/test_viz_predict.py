@@ -180,6 +180,7 @@ def test_a_transparent_png_is_read_as_ink_on_white(tmp_path):
         (None, ["--image", "{tmp}/absent.png"], ["absent.png", "no such file"]),
         ("blank", ["--image", "{tmp}/blank.png", "--wrong"], ["--wrong"]),
         (None, ["--data-dir", "{tmp}", "--no-download"], ["t10k-images-idx3-ubyte.gz", "tinymnist download"]),
+        (None, ["-o", "{tmp}/digits.jpg"], ["-o", "digits.jpg", "name the file .png"]),
     ],
 )
 def test_user_mistakes_are_one_line_errors(tiny_split, tmp_path, setup, args, fragments):

@@ -18,7 +18,7 @@ The library in a dozen lines:
     result = tm.fit(config, data, state, step)
     print(result.records[-1]["test_accuracy"])
 
-Names are imported on first use, so `tinymnist --help` does not wait for torch.
+Names are imported on first use, so `import tinymnist` stays light until one is used.
 """
 
 import importlib

@@ -120,6 +120,14 @@ def bench_model(model: str, images, labels, device, window_images: int, repeats:
     return result
 
 
+def write_json(path: Path, report: dict) -> None:
+    """--json, whole or not at all: a full disk after minutes of timing leaves no half a file."""
+    from tinymnist.outputs import atomic_output
+
+    with atomic_output(path, "--json") as f:
+        f.write((json.dumps(report, indent=2) + "\n").encode())
+
+
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -151,7 +159,7 @@ def run_bench(models_to_run, device, data_dir, window_images=4096, repeats=5, wa
 def print_report(report: dict, json_path: Path | None) -> None:
     """The results as a table (every digit when the output is a log file); the raw dict as JSON."""
     if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(json_path, report)
     table = Table(title=f"{report['machine']}, torch {report['torch']}; data: {report['data']}")
     for column in ("model", "batch", "ref img/s", "eager img/s", "compiled img/s",
                    "eager/ref", "compiled/ref", "compile s", "peak MB"):  # fmt: skip

@@ -120,18 +120,19 @@ def check_rng(rng, device: torch.device, n_models: int = 1) -> dict:
     for name, state in rng.items():
         where = f"its {name} generator state"
         rows = n_models if name == "shuffle" and n_models > 1 else None
-        if (not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != (1 if rows is None else 2)
+        dims = 1 if rows is None else 2
+        if (not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != dims
                 or (rows is not None and len(state) != rows)):  # fmt: skip
             shape = "a 1-d uint8 tensor" if rows is None else f"a uint8 tensor of {rows} rows, one per model"
             raise Damaged(f"{where} is not {shape}; {UNFIT}")
         _check_dense(state, where)
         generator = _fresh_generator(name, device)
         if generator is not None:  # a CUDA state is only checked where it will be restored
-            for one in [state] if rows is None else state:
-                try:
+            try:
+                for one in [state] if rows is None else state:
                     generator.set_state(one.clone())  # a row as a view crashed torch 2.13
-                except RuntimeError as e:
-                    raise Damaged(f"{where} is invalid ({brief(str(e))}); {UNFIT}") from None
+            except RuntimeError as e:
+                raise Damaged(f"{where} is invalid ({brief(str(e))}); {UNFIT}") from None
         checked[name] = state.clone()
     return checked
 

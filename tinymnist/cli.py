@@ -81,8 +81,8 @@ def train(
     test_batch_size: int | None = typer.Option(None, help="Images per evaluation chunk.", show_default="the recipe's"),
     epochs: int | None = typer.Option(None, help="Total epochs; with --resume, continue up to this one.",
                                       show_default="the recipe's, or the checkpoint's"),
-    lr: str | None = typer.Option(None, help="Learning rate of epoch 1; a comma-separated list (0.5,1,2) trains "
-                                  "one model per rate, all at once.",
+    lr: str | None = typer.Option(None, help="Learning rate of epoch 1 (one-cycle: the peak); a comma-separated "
+                                  "list (0.5,1,2) trains one model per rate, all at once.",
                                   show_default="the recipe's; torch.optim's for another --optimizer"),
     seeds: int | None = typer.Option(None, help="Train this many models at once, seeded --seed, --seed+1, ... "
                                      "(with an --lr list: per rate).", show_default="1"),
@@ -100,7 +100,7 @@ def train(
     seed: int | None = typer.Option(None, help="Seeds init, shuffling and dropout.", show_default="1"),
     log_interval: int | None = typer.Option(None, help="Steps between log lines.", show_default="10"),
     dry_run: bool = typer.Option(False, "--dry-run", help="One step and one evaluation, to check the setup; "
-                                 "saves nothing.",
+                                 "saves no checkpoint (--metrics and --tensorboard record the evaluation).",
                                  show_default="off"),
     save_model: Path | None = typer.Option(None, help="Write a checkpoint here after every epoch (atomically).",
                                            show_default="none: nothing is saved"),
@@ -144,6 +144,9 @@ def train(
             return
     else:
         config, state = recipe_config(model or "cnn", **{k: v for k, v in flags.items() if k != "model"}), None
+    if gamma is not None and config.schedule == "one-cycle":
+        raise TinyMnistError(f"--gamma {gamma} scales the step schedule; this run's is one-cycle (--schedule), "
+                             f"which has no gamma: leave --gamma out or pass --schedule step")  # fmt: skip
     distributed.launch(run.train, config, state)  # under torchrun: one of N processes; else run.train
 
 
@@ -172,7 +175,7 @@ def eval_command(
     if output is not None:
         if not confusion:
             raise TinyMnistError("-o draws the confusion matrix: pass --confusion too")
-        outputs.check_output_path(output, "-o")
+        outputs.check_png_output(output)
     dev = resolve_device(device)
     use_tf32_matmuls(dev)  # as train evaluated it
     saved_config, state = checkpoint.load(checkpoint_path, dev)
@@ -255,12 +258,16 @@ def download(
 @app.command()
 @user_errors
 def bench(
-    model_list: str = typer.Option("mlp,mlp3,cnn,lenet", "--models", help="Comma-separated models to time."),
+    model_list: str | None = typer.Option(
+        None, "--models", help="Comma-separated models to time.", show_default="mlp,mlp3,cnn,lenet"
+    ),
     device: str = Device,
     data_dir: Path | None = DataDir,
-    window_images: int = typer.Option(4096, help="Images per timed window (rounded to whole batches)."),
-    repeats: int = typer.Option(5, help="Timed windows per loop; the median counts."),
-    warmup: int = typer.Option(3, help="Untimed steps after the first (compiling) one."),
+    window_images: int | None = typer.Option(
+        None, help="Images per timed window (rounded to whole batches).", show_default="4096"
+    ),
+    repeats: int | None = typer.Option(None, help="Timed windows per loop; the median counts.", show_default="5"),
+    warmup: int | None = typer.Option(None, help="Untimed steps after the first (compiling) one.", show_default="3"),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="Also time the compiled step."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the raw results to this JSON file."),
     time_to_accuracy: float | None = typer.Option(
@@ -280,6 +287,15 @@ def bench(
     """Images/s of the tutorials' DataLoader loop against tinymnist's step (BENCHMARKS.md)."""
     from tinymnist.bench import print_report, run_bench  # imports torch.utils.data and pillow only here
 
+    timing = {"--models": model_list, "--seeds": seeds, "--window-images": window_images, "--repeats": repeats,
+              "--warmup": warmup}  # fmt: skip
+    if time_to_accuracy is not None and (given := [flag for flag, value in timing.items() if value is not None]):
+        raise TinyMnistError(f"{given[0]} does not apply to --time-to-accuracy (fast, cnn and the tutorials' cnn "
+                             f"loop, each run to the target); leave one of them out")  # fmt: skip
+    model_list = "mlp,mlp3,cnn,lenet" if model_list is None else model_list
+    window_images = 4096 if window_images is None else window_images
+    repeats = 5 if repeats is None else repeats
+    warmup = 3 if warmup is None else warmup
     names = [m.strip() for m in model_list.split(",") if m.strip()]
     if not names:
         raise TinyMnistError(f"--models names no model; give some of {MODELS}, comma-separated")

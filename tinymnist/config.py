@@ -68,7 +68,7 @@ class TrainConfig:
 
     model: str = "cnn"
     optimizer: str = "adadelta"
-    lr: float = 1.0  # learning rate at epoch 1
+    lr: float = 1.0  # learning rate of epoch 1 (StepLR), or the peak of a one-cycle schedule
     gamma: float = 0.7  # multiply lr by gamma after every epoch (StepLR, step_size 1)
     schedule: str = "step"  # "step" (StepLR by gamma) or "one-cycle" (OneCycleLR, peak lr)
     label_smoothing: float = 0.0  # of the training loss; 0: plain cross-entropy / NLL
@@ -189,6 +189,13 @@ def validate_models(config: TrainConfig) -> None:
                 raise TinyMnistError(f"--lr: every learning rate must be positive and finite, got {lr!r}")
         if len(set(config.lrs)) != len(config.lrs):
             raise TinyMnistError(f"--lr lists a learning rate twice ({config.lrs}); give each once")
+    if len(model_grid(config)) > 1:  # the vmapped loop (ensemble_fit.py) has no probe and no micro-batches
+        one_model = {"--target-accuracy": config.target_accuracy, "--eval-every": config.eval_every,
+                     "--micro-batch": config.micro_batch}  # fmt: skip
+        for flag, value in one_model.items():
+            if value is not None:
+                raise TinyMnistError(f"{flag} is for a single run, not for {len(model_grid(config))} models "
+                                     f"(--seeds, an --lr list); leave it out or train one model")  # fmt: skip
 
 
 def model_grid(config: TrainConfig) -> list[tuple[float, int]]:

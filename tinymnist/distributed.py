@@ -140,7 +140,11 @@ def launch(train: Callable, config: TrainConfig, resumed: TrainState | None):
         if not cluster.leader:
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
         stack.enter_context(peer_failures(cluster, timeout, kept=lambda: saved_epoch(config.save_model)))
-        return train(config, resumed, cluster)
+        result = train(config, resumed, cluster)
+        # Every rank past its last collective before any tears gloo down: a peer that
+        # leaves first can abort one still sending (std::terminate in gloo's threads).
+        dist.barrier()
+        return result
 
 
 def saved_epoch(path: str | None) -> str:

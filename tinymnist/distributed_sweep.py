@@ -2,7 +2,8 @@
 
 `torchrun --nproc-per-node 2 -m tinymnist train --seeds 8` trains models 0-3 in rank 0
 and models 4-7 in rank 1, each share in one vmapped step (ensemble.py) on the rank's own
-device, exactly as one process would train them. The models are independent, so no
+device, as one process would train them (exactly so for networks without dropout: each
+rank draws its own dropout masks). The models are independent, so no
 gradient travels; the processes meet only where one process would look at all N models:
 
     each evaluation   every model's test result, and the share's summed test probabilities

@@ -13,7 +13,6 @@ another train at the single step's rate, so "time vs N singles" is
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tinymnist.bench import bench_data, machine_description, our_steps, time_loop
+from tinymnist.bench import bench_data, machine_description, our_steps, time_loop, write_json
 from tinymnist.config import make_optimizer, recipe_config
 from tinymnist.ensemble import ensemble_step, initial_state, members
 from tinymnist.train import epoch_batches
@@ -79,7 +78,7 @@ def run_seeds_bench(models_to_run, counts, device, data_dir, window_images=4096,
 
 def print_seeds_report(report: dict, json_path: Path | None) -> None:
     if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(json_path, report)
     table = Table(title=f"{report['machine']}, torch {report['torch']}; data: {report['data']}")
     for column in ("model", "batch", "N", "img/s (all N)", "single img/s", "time vs N singles", "compile s"):
         table.add_column(column, justify="left" if column == "model" else "right")

@@ -123,7 +123,7 @@ def train_epoch_many(config, runs, step, state, data, epoch, batches, lrs, repor
             running.zero_()
     synchronize(device)
     timing = EpochTiming(
-        first_step_seconds, time.perf_counter() - started, (steps - timed_from) * config.batch_size * n
+        first_step_seconds, time.perf_counter() - started, (steps - timed_from) * config.batch_size * n, steps
     )
     return params, opt_state, [loss / steps for loss in epoch_losses], timing
 

@@ -30,7 +30,7 @@ def final_line(ensemble: dict, epochs: int, device, train_seconds: float, first_
         f"± {100 * ensemble['std_accuracy']:.2f} (min {100 * ensemble['min_accuracy']:.2f}%, "
         f"max {100 * ensemble['max_accuracy']:.2f}% with seed {ensemble['best_seed']}, lr {ensemble['best_lr']:g}); "
         f"ensemble {100 * ensemble['test_accuracy']:.2f}% ({ensemble['correct']}/{ensemble['total']}) "
-        f"after {epochs} epochs on {device}; training {train_seconds:.1f} s "
+        f"after {epochs} epoch{'' if epochs == 1 else 's'} on {device}; training {train_seconds:.1f} s "
         f"(+ {first_step_seconds:.1f} s {'compiling' if compiled else 'first step'}), "
         f"{images_per_second:,.0f} images/s over all models"
     )

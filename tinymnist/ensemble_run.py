@@ -9,14 +9,12 @@ Under torchrun each process trains its share of the N models (distributed_sweep.
 
 from __future__ import annotations
 
-import contextlib
-import sys
+import functools
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
-from tinymnist import checkpoint, distributed, interrupts, optim, run
+from tinymnist import checkpoint, distributed, optim, run
 from tinymnist.config import TrainConfig
 from tinymnist.data import MNIST
 from tinymnist.distributed_sweep import Sweep
@@ -24,9 +22,8 @@ from tinymnist.ensemble import ensemble_step, evaluate_many, initial_state, memb
 from tinymnist.ensemble_fit import evaluation_records, fit_many
 from tinymnist.ensemble_memory import check_memory
 from tinymnist.ensemble_report import EnsembleDisplay, final_line, model_test_line
-from tinymnist.errors import TinyMnistError
-from tinymnist.report import LineReporter, MetricsFile, ProgressReporter, Reporters, json_line
-from tinymnist.train import FitResult, NonFiniteLoss, TrainState
+from tinymnist.report import json_line
+from tinymnist.train import FitResult, TrainState
 from tinymnist.transforms import use_compile
 
 
@@ -43,32 +40,11 @@ def train_many(config: TrainConfig, mnist: MNIST, optimizer: optim.Optimizer, de
     else:
         state = initial_state(config, optimizer, device) if resumed is None else checkpoint.to_device(resumed, device)
     step = ensemble_step(config, optimizer, device)
-    saved: list[int] = []  # epochs this run has checkpointed
-
-    def save(state: TrainState) -> None:
-        if sweep is not None:  # every rank sends its share; rank 0 saves all N
-            state = sweep.gathered(state)
-        if config.save_model:
-            with interrupts.shielded():  # a signal now waits until the file and `saved` agree
-                checkpoint.save(Path(config.save_model), config.to_dict(), state)
-                saved.append(state.epoch)
-
-    console = Console()
-    display = EnsembleDisplay(ProgressReporter(console) if console.is_terminal else LineReporter())
-    metrics = [MetricsFile(metrics_path, append=resumed is not None)] if metrics_path else []
-    reporter = Reporters(display, *metrics)
-    with contextlib.closing(reporter):
-        try:
-            records = None if sweep is None else sweep.records  # rank 0 reports every process's models
-            result = fit_many(config, mnist, state, step, reporter, save, runs=runs, records=records)
-        except NonFiniteLoss as e:
-            raise TinyMnistError(f"{e}{run.kept(config, saved)}") from None
-        except KeyboardInterrupt as stop:
-            reporter.close()
-            by = " by SIGTERM" if isinstance(stop, interrupts.Terminated) else ""
-            print(f"tinymnist: interrupted{by}{run.kept(config, saved) or '; no epoch completed, nothing saved'}",
-                  file=sys.stderr)  # fmt: skip
-            raise
+    records = None if sweep is None else sweep.records  # rank 0 reports every process's models
+    fit = functools.partial(fit_many, runs=runs, records=records)
+    gathered = None if sweep is None else sweep.gathered
+    result = run.train_and_save(config, mnist, state, step, metrics_path, append=resumed is not None, fit_function=fit,
+                                display=EnsembleDisplay, gathered=gathered)  # fmt: skip
     if sweep is not None:  # the speed of the whole sweep: every share's images in the slowest share's time
         if not cluster.leader:
             return result
@@ -83,7 +59,7 @@ def eval_lines(config: TrainConfig, state: TrainState, images: torch.Tensor, lab
     """`tinymnist eval` of an N-model checkpoint: each model's test line, then the ensemble's."""
     runs = members(config)
     evaluation = evaluate_many(config, state.params, images, labels)
-    records = evaluation_records(runs, state.epoch, [None] * len(runs), evaluation, [run.lr for run in runs], 0.0, 0)
+    records = evaluation_records(runs, state.epoch, [None] * len(runs), evaluation, [m.lr for m in runs], 0.0, 0)
     lines = []
     for record in records:
         record = {"model": config.model, "epoch": state.epoch,

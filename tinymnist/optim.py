@@ -272,13 +272,3 @@ DEFAULT_LR: dict[str, float] = {
     "adadelta": 1.0,
     "rmsprop": 1e-2,
 }
-
-
-def step_lr(base_lr: float, epoch: int, step_size: int, gamma: float) -> float:
-    """The learning rate of `epoch` (counted from 0) under torch's StepLR schedule.
-
-    The rate is multiplied by `gamma` once every `step_size` epochs. It is a Python
-    float: the training loop turns it into a 0-d tensor once per epoch.
-    """
-    _require(step_size >= 1, f"step_lr: step_size must be >= 1, got {step_size}")
-    return base_lr * gamma ** (epoch // step_size)

@@ -1,4 +1,5 @@
-"""The files a run writes (--save-model, --metrics): checked before training, one run each.
+"""The files the tool writes (--save-model, --metrics, pictures, --json): checked before
+the work, one run each, written whole or not at all.
 
 A run that trains for an hour and then cannot write its checkpoint has lost the hour,
 so `check_output_path` refuses, before anything starts, every path that cannot work:
@@ -25,6 +26,7 @@ import os
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from tinymnist import files
 from tinymnist.errors import TinyMnistError
@@ -181,3 +183,23 @@ def _holder(fd: int) -> str:
     """' (pid N)' as the holder wrote it; empty if it has not written it yet."""
     text = os.pread(fd, 32, 0).decode(errors="replace").strip()
     return f" (pid {text})" if text.isdigit() else ""
+
+
+def check_png_output(path: Path, flag: str = "-o") -> None:
+    """Before any work: a .png name (every picture is written as PNG) at a path train would accept."""
+    check_output_path(Path(path), flag)
+    if Path(path).suffix.lower() != ".png":
+        raise TinyMnistError(f"{flag} {path}: the picture is written as PNG; name the file .png")
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, flag: str = "-o") -> Iterator[BinaryIO]:
+    """A binary file whose content replaces `path` if the block succeeds; else `path` is
+    untouched (files.atomic_write), and a write that fails is one line naming the flag."""
+    path = Path(path)
+    check_output_path(path, flag)  # a folder, a symlink, a device, a missing folder: refused as train refuses them
+    try:
+        with files.atomic_write(path) as f:
+            yield f
+    except OSError as e:
+        raise TinyMnistError(f"{flag} {path}: cannot be written ({e.strerror or e}); nothing was written") from None

@@ -75,8 +75,12 @@ class ProgressReporter:
         self.progress.update(self.task, completed=step, status=f"loss {loss:.4f}  {speed:,.0f} img/s")
 
     def evaluated(self, record: dict) -> None:
-        self.close()
-        self.console.print(test_line(record) + f"  lr {record['lr']:g}")
+        line = test_line(record) + f"  lr {record['lr']:g}"
+        if self.progress is not None and not self.progress.finished:  # mid-epoch (--eval-every): above the bar
+            self.progress.console.print(line)
+        else:
+            self.close()
+            self.console.print(line)
 
     def close(self) -> None:
         if self.progress is not None:

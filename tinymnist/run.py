@@ -49,12 +49,18 @@ def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
     trained = {k: saved_config[k] for k in TRAINED_FIELDS}
     config = TrainConfig(**{**trained, **{k: v for k, v in flags.items() if v is not None}})
     grid, saved_grid = model_grid(config), model_grid(TrainConfig(**trained))
-    if max(len(grid), len(saved_grid)) > 1 and grid != saved_grid:  # N models: the stacked state fixes which
+    other_seeds = (config.seed, config.seeds) != (trained["seed"], trained["seeds"])  # its weights came from those
+    if other_seeds or (max(len(grid), len(saved_grid)) > 1 and grid != saved_grid):  # N models: stacked in that order
         raise TinyMnistError(f"--seed/--seeds/--lr do not match the models of checkpoint {path}; leave them out")
     validate(config)  # a flag given now (--epochs -3) is checked before it is compared
+    one_cycle = config.schedule == trained["schedule"] == "one-cycle"
+    if one_cycle and config.epochs != trained["epochs"]:  # every step's rate depends on the run's total steps
+        raise TinyMnistError(f"--epochs {config.epochs}: checkpoint {path} follows a one-cycle schedule over "
+                             f"{trained['epochs']} epochs, which cannot be stretched; leave --epochs out")  # fmt: skip
     if state.epoch >= config.epochs:
+        more = f"pass --epochs {state.epoch + 1} or more to continue" if not one_cycle else "its one-cycle has ended"
         raise Finished(f"checkpoint {path} has completed {state.epoch} of --epochs {config.epochs}; "
-                       f"nothing to train (pass --epochs {state.epoch + 1} or more to continue)")  # fmt: skip
+                       f"nothing to train ({more})")  # fmt: skip
     return config, state
 
 
@@ -78,7 +84,7 @@ def train(config: TrainConfig, resumed: TrainState | None = None,
         require("torch.utils.tensorboard", "--tensorboard")  # a missing extra is found now, not after loading
         outputs.check_output_folder(Path(config.tensorboard), "--tensorboard")
     with outputs.exclusive(paths):  # a second run on these files refuses; a dead run's temp files go
-        mnist = load_data(Path(config.data_dir), device, config.download)
+        mnist = data.load_mnist(Path(config.data_dir), device, download=config.download)  # downloads what is missing
         check_batch_fits(config, len(mnist.train_images))
         optimizer = make_optimizer(config)
         if len(model_grid(config)) > 1:  # N models in one vmapped step: --seeds, --lr a,b (ensemble_run.py)
@@ -96,6 +102,9 @@ def train(config: TrainConfig, resumed: TrainState | None = None,
     compile_note = f"(+ {result.first_step_seconds:.1f} s {'compiling' if compiled else 'first step'})"
     if config.target_accuracy is not None:
         print(target_line(config.target_accuracy, result, compile_note))
+        saved = saved_at_target(config, result, resumed) if result.reached and config.save_model else None
+        if saved:
+            print(saved)
     last = result.records[-1]
     print(
         f"Final test accuracy: {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "
@@ -104,6 +113,19 @@ def train(config: TrainConfig, resumed: TrainState | None = None,
         f"{compile_note}, {result.images_per_second:,.0f} images/s"
     )
     return result
+
+
+def saved_at_target(config: TrainConfig, result: FitResult, resumed: TrainState | None) -> str | None:
+    """Checkpoints hold whole epochs (a resumed run starts at an epoch's data order), so a
+    target reached inside an epoch is not what --save-model holds: say what it does hold."""
+    reached, completed = result.reached["epoch"], result.state.epoch
+    trained_now = completed > (resumed.epoch if resumed else 0)
+    if reached == completed and trained_now:
+        return None  # the checkpoint is the network that reached the target
+    where = f"the target was reached at epoch {reached:g}"
+    if trained_now:
+        return f"{where}; {config.save_model} holds epoch {completed}, the last completed one"
+    return f"{where}; no epoch completed, so nothing was saved to {config.save_model}"
 
 
 def target_line(target: float, result: FitResult, compile_note: str) -> str:
@@ -118,27 +140,34 @@ def target_line(target: float, result: FitResult, compile_note: str) -> str:
 
 
 def train_and_save(config: TrainConfig, mnist: data.MNIST, state: TrainState, step, metrics_path: Path | None,
-                   append: bool) -> FitResult:  # fmt: skip
-    """fit, with each completed epoch checkpointed and a stop (NaN, Ctrl-C, SIGTERM) said truthfully."""
+                   append: bool, fit_function=fit, display=None, gathered=None) -> FitResult:  # fmt: skip
+    """fit, with each completed epoch checkpointed and a stop (NaN, Ctrl-C, SIGTERM) said truthfully.
+
+    An N-model run (ensemble_run.py) passes its own `fit_function`, a `display` around the log
+    lines, and under torchrun `gathered`, which brings every process's models to rank 0."""
     saved: list[int] = []  # epochs this run has checkpointed
 
     def save(state: TrainState) -> None:
+        if gathered:  # every rank sends its share; rank 0 saves all N
+            state = gathered(state)
         if config.save_model:
             with interrupts.shielded():  # a signal now waits until the file and `saved` agree
                 checkpoint.save(Path(config.save_model), config.to_dict(), state)
                 saved.append(state.epoch)
 
     console = Console()
-    display = ProgressReporter(console) if console.is_terminal else LineReporter()
-    metrics = [MetricsFile(metrics_path, append)] if metrics_path else []
+    lines = ProgressReporter(console) if console.is_terminal else LineReporter()
+    reporters = [display(lines) if display else lines]
+    if metrics_path:
+        reporters.append(MetricsFile(metrics_path, append))
     if config.tensorboard:
-        from tinymnist.viz.tensorboard_log import TensorBoardReporter
+        from tinymnist.viz.tensorboard_log import tensorboard_reporter
 
-        metrics.append(TensorBoardReporter(Path(config.tensorboard)))
-    reporter = Reporters(display, *metrics)
+        reporters.append(tensorboard_reporter(config, len(mnist.train_images)))
+    reporter = Reporters(*reporters)
     with contextlib.closing(reporter):
         try:
-            return fit(config, mnist, state, step, reporter, on_epoch_end=save)
+            return fit_function(config, mnist, state, step, reporter, on_epoch_end=save)
         except NonFiniteLoss as e:
             raise TinyMnistError(f"{e}{kept(config, saved)}") from None
         except KeyboardInterrupt as stop:
@@ -154,8 +183,3 @@ def kept(config: TrainConfig, saved: list[int]) -> str:
     if saved:
         return f"; the checkpoint of epoch {saved[-1]} is kept in {config.save_model}"
     return ""
-
-
-def load_data(data_dir: Path, device: torch.device, download: bool) -> data.MNIST:
-    """The four MNIST files, downloaded first where missing (unless --no-download)."""
-    return data.load_mnist(data_dir, device, download=download)

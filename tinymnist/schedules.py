@@ -12,7 +12,8 @@ for a whole epoch at once and hands the compiled step one 0-d tensor per step:
 A 0-d tensor, not a Python float: torch.compile bakes a float into the graph, so a
 rate that changes every step would recompile the step every step.
 
-`step_lr`, the per-epoch StepLR of the seed recipes, lives in optim.py.
+`step_lr`, the seed recipes' StepLR, is a function of the epoch: every step of an
+epoch uses the same rate.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ import torch
 from tinymnist.errors import TinyMnistError
 
 Schedule = Callable[[int], float]  # step number (from 0) -> learning rate
+
+
+def step_lr(base_lr: float, epoch: int, step_size: int, gamma: float) -> float:
+    """The learning rate of `epoch` (counted from 0) under torch's StepLR schedule:
+    multiplied by `gamma` once every `step_size` epochs."""
+    if step_size < 1:
+        raise TinyMnistError(f"step_lr: step_size must be >= 1, got {step_size}")
+    return base_lr * gamma ** (epoch // step_size)
 
 
 def one_cycle(

@@ -85,17 +85,16 @@ def run_time_to_accuracy(mnist: MNIST, device: torch.device, target: float, comp
 
 def print_time_to_accuracy(rows: list[dict], target: float, device: torch.device, json_path) -> None:
     """The rows as a table (every digit when the output is a log file); the raw rows as JSON."""
-    import json
 
     from rich.console import Console
     from rich.table import Table
 
-    from tinymnist.bench import machine_description
+    from tinymnist.bench import machine_description, write_json
 
     if json_path:
         report = {"target": target, "device": str(device), "machine": machine_description(device),
                   "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": rows}  # fmt: skip
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(json_path, report)
     machine = f"{machine_description(device)}, torch {torch.__version__}"
     table = Table(title=f"time to {100 * target:g}% test accuracy, {machine}")
     for column in ("loop", "seconds", "images", "epochs", "best accuracy", "vs reference", "first step s"):

@@ -120,7 +120,7 @@ def epoch_lrs(config: TrainConfig, epoch: int, steps: int) -> list[float]:
         first = (epoch - 1) * steps
         return [schedules.one_cycle(i, total_steps=config.epochs * steps, max_lr=config.lr)
                 for i in range(first, first + steps)]  # fmt: skip
-    return [optim.step_lr(config.lr, epoch - 1, step_size=1, gamma=config.gamma)] * steps
+    return [schedules.step_lr(config.lr, epoch - 1, step_size=1, gamma=config.gamma)] * steps
 
 
 # ---- evaluation -------------------------------------------------------------------------
@@ -218,6 +218,7 @@ class FitResult:
     first_step_seconds: float = 0.0  # the first step compiles (when compiled): timed apart
     train_seconds: float = 0.0
     images: int = 0  # images trained on in train_seconds
+    steps: int = 0  # optimizer steps of this run, the first one included
     reached: dict | None = None  # with --target-accuracy: the first record at or above it
 
     @property
@@ -244,12 +245,14 @@ def fit(
     shuffle = restore_rng(state.rng, device)
     result = FitResult(state)
 
-    def evaluated(epoch, train_loss, params, lr, seconds, images) -> bool:
-        """Evaluate and report; True when the target accuracy is reached."""
+    def evaluated(epoch, train_loss, params, lr, seconds, images, steps) -> bool:
+        """Evaluate and report; True when the target accuracy is reached. `seconds`,
+        `images` and `steps` are the current epoch's so far."""
         record = evaluation_record(epoch, train_loss, evaluate(config, params, data.test_images, data.test_labels),
                                    lr, seconds, images)  # fmt: skip
-        if config.target_accuracy is not None:  # time to accuracy: the run's totals so far
-            record |= {"train_seconds_total": result.train_seconds + seconds, "images_total": result.images + images}
+        if config.target_accuracy is not None:  # time to accuracy: the run's totals so far (the compile apart)
+            record |= {"train_seconds_total": result.train_seconds + seconds,
+                       "images_total": (result.steps + steps) * config.batch_size}  # fmt: skip
         result.records.append(record)
         if reporter:
             reporter.evaluated(record)
@@ -259,10 +262,11 @@ def fit(
 
     def probe_for(epoch, steps, lrs):  # evaluates every eval_every steps within an epoch
         return lambda done, params, seconds, images: evaluated(round(epoch - 1 + done / steps, 4), None, params,
-                                                               lrs[done - 1], seconds, images)  # fmt: skip
+                                                               lrs[done - 1], seconds, images, done)  # fmt: skip
 
     if state.epoch == 0 and not config.dry_run:  # the untrained network, as the tutorials show
-        evaluated(0, None, state.params, config.lr, 0.0, 0)
+        if evaluated(0, None, state.params, config.lr, 0.0, 0, 0):  # a target so low that no training is needed
+            return result
     for epoch in range(state.epoch + 1, config.epochs + 1):
         first = epoch == state.epoch + 1  # the step compiles on its first call
         batches = epoch_batches(len(data.train_images), config.batch_size, shuffle, device)  # (steps, B)
@@ -274,10 +278,12 @@ def fit(
         if timing.stopped:  # the target was reached inside this epoch: not a completed epoch
             result.train_seconds += timing.seconds
             result.images += timing.images
+            result.steps += timing.steps
             break
-        reached = evaluated(epoch, train_loss, params, lrs[0], timing.seconds, timing.images)
+        reached = evaluated(epoch, train_loss, params, lrs[0], timing.seconds, timing.images, timing.steps)
         result.train_seconds += timing.seconds
         result.images += timing.images
+        result.steps += timing.steps
         if getattr(step, "returns_buffers", False):  # a CUDA graph overwrites them next step: keep copies
             params, opt_state = tree_map(torch.clone, params), tree_map(torch.clone, opt_state)
         result.state = TrainState(params, opt_state, epoch, capture_rng(shuffle, device))
@@ -294,6 +300,7 @@ class EpochTiming(NamedTuple):
     first_step_seconds: float
     seconds: float  # the rest of the epoch, evaluations left out
     images: int  # trained on in `seconds`
+    steps: int  # taken in the epoch, the first one included
     stopped: bool = False  # a mid-epoch evaluation reached the target
 
 
@@ -334,12 +341,13 @@ def train_epoch(config, step, state, data, epoch, batches, lrs, reporter, time_f
         if probe and config.eval_every and (i + 1) % config.eval_every == 0 and i + 1 < steps:
             synchronize(device)
             paused = time.perf_counter()
-            trained = EpochTiming(first_step_seconds, paused - started, (i + 1 - timed_from) * config.batch_size)
+            trained = EpochTiming(first_step_seconds, paused - started, (i + 1 - timed_from) * config.batch_size, i + 1)
             if probe(i + 1, params, trained.seconds, trained.images):
                 return params, opt_state, epoch_loss / (i + 1), trained._replace(stopped=True)
             started += time.perf_counter() - paused  # the evaluation is not training time
     synchronize(device)
-    timing = EpochTiming(first_step_seconds, time.perf_counter() - started, (steps - timed_from) * config.batch_size)
+    timing = EpochTiming(first_step_seconds, time.perf_counter() - started, (steps - timed_from) * config.batch_size,
+                         steps)  # fmt: skip
     return params, opt_state, epoch_loss / steps, timing
 
 

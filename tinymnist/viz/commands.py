@@ -16,6 +16,7 @@ from tinymnist import checkpoint, data
 from tinymnist.config import TrainConfig, model_grid
 from tinymnist.devices import resolve_device
 from tinymnist.errors import TinyMnistError
+from tinymnist.outputs import check_png_output
 from tinymnist.transforms import use_tf32_matmuls
 from tinymnist.viz.curves import write_curves_png
 from tinymnist.viz.digits import plain_digits, terminal_digits, write_digits_png
@@ -41,6 +42,8 @@ def plot(
     ),
 ):
     """Loss and accuracy per epoch, one line per run: in the terminal, or as a PNG with -o."""
+    if output is not None:
+        check_png_output(output)
     runs = read_runs(metrics)
     if output is not None:
         write_curves_png(runs, output)
@@ -76,6 +79,8 @@ def predict(
         raise TinyMnistError(f"--count {count}: must be at least 1")
     if image and wrong:
         raise TinyMnistError("--wrong picks misclassified test digits; your --image files have no true label")
+    if output is not None:
+        check_png_output(output)
     dev = resolve_device(device)
     use_tf32_matmuls(dev)  # as train and eval compute, so the mistakes are the ones eval counts
     config, state = checkpoint.load(checkpoint_path, dev)

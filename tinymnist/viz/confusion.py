@@ -14,7 +14,7 @@ import torch
 from rich.table import Table
 
 from tinymnist.models import NUM_CLASSES
-from tinymnist.viz.atomic import atomic_output
+from tinymnist.outputs import atomic_output
 from tinymnist.viz.extras import require
 
 FIGURE_INCHES = (7, 6)

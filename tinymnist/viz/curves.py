@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tinymnist.viz.atomic import atomic_output
+from tinymnist.outputs import atomic_output
 from tinymnist.viz.extras import require
 from tinymnist.viz.runs import ACCURACY_TICKS, QUANTITIES, TITLES, Run, error_rate
 

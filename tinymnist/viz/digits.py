@@ -18,7 +18,7 @@ from rich.console import Group
 from rich.style import Style
 from rich.text import Text
 
-from tinymnist.viz.atomic import atomic_output
+from tinymnist.outputs import atomic_output
 from tinymnist.viz.extras import require
 
 UPPER_HALF_BLOCK = "▀"

@@ -20,7 +20,7 @@ import torch
 
 from tinymnist.config import RECIPES
 from tinymnist.errors import TinyMnistError
-from tinymnist.viz.atomic import atomic_output
+from tinymnist.outputs import atomic_output
 from tinymnist.viz.extras import require
 
 # tinymnist module name -> the tutorial's, where they differ (seed 003's nn.Sequential blocks).
