@@ -27,11 +27,12 @@ from tinymnist.train import (
     Reporter,
     Step,
     TrainState,
+    completed,
     epoch_batches,
     epoch_lrs,  # fmt: skip
     evaluation_record,
 )
-from tinymnist.trees import Tree, tree_map
+from tinymnist.trees import Tree
 
 # An evaluation's records from (epoch, each model's train loss, stacked params, each model's lr,
 # seconds, images): one per model and the ensemble's, as --metrics writes them.
@@ -82,9 +83,7 @@ def fit_many(
         result.train_seconds += timing.seconds
         result.images += timing.images
         evaluated(epoch, train_losses, params, lrs[0], timing.seconds, timing.images)
-        if getattr(step, "returns_buffers", False):  # a CUDA graph overwrites them next step: keep copies
-            params, opt_state = tree_map(torch.clone, params), tree_map(torch.clone, opt_state)
-        result.state = TrainState(params, opt_state, epoch, capture_rngs(shuffles, device))
+        result.state = completed(step, params, opt_state, epoch, capture_rngs(shuffles, device))
         if config.dry_run:
             break
         if on_epoch_end:

@@ -284,9 +284,7 @@ def fit(
         result.train_seconds += timing.seconds
         result.images += timing.images
         result.steps += timing.steps
-        if getattr(step, "returns_buffers", False):  # a CUDA graph overwrites them next step: keep copies
-            params, opt_state = tree_map(torch.clone, params), tree_map(torch.clone, opt_state)
-        result.state = TrainState(params, opt_state, epoch, capture_rng(shuffle, device))
+        result.state = completed(step, params, opt_state, epoch, capture_rng(shuffle, device))
         if config.dry_run:
             break
         if on_epoch_end:
@@ -294,6 +292,14 @@ def fit(
         if reached:
             break
     return result
+
+
+def completed(step, params: Params, opt_state: Tree, epoch: int, rng: dict) -> TrainState:
+    """The state after `epoch`, to keep: copies where `step` is a CUDA graph, which
+    overwrites its output buffers on its next replay."""
+    if getattr(step, "returns_buffers", False):
+        params, opt_state = tree_map(torch.clone, params), tree_map(torch.clone, opt_state)
+    return TrainState(params, opt_state, epoch, rng)
 
 
 class EpochTiming(NamedTuple):
