@@ -19,8 +19,21 @@ def main() -> None:
         from tinymnist.cli import main as cli_main  # imports torch
 
         interrupts.raise_if_swallowed()  # a Ctrl-C that torch's import caught still ends the run
-        cli_main()
+        try:
+            cli_main()
+        except SystemExit as done:
+            exit_if_torchrun(done.code)
+            raise
+        exit_if_torchrun(0)
     except KeyboardInterrupt as e:  # during the imports: each command reports its own
         by = " by SIGTERM" if isinstance(e, interrupts.Terminated) else ""
         print(f"tinymnist: interrupted{by}", file=sys.stderr)
         sys.exit(interrupts.exit_code(e))
+
+
+def exit_if_torchrun(code) -> None:
+    """Under torchrun, leave without the interpreter's finalization (distributed.exit_now)."""
+    from tinymnist import distributed
+
+    if distributed.from_env() is not None:
+        distributed.exit_now(code)
