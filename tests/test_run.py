@@ -199,10 +199,34 @@ def test_resume_refuses_flags_that_would_rewrite_what_was_trained(tiny_split, fi
     one_cycle = ("--model", "mlp", "--schedule", "one-cycle")
     assert run(*train_args(tiny_split, *one_cycle, "--epochs", 1, "--save-model", cycle)).exit_code == 0
     stretched = run(*train_args(tiny_split, "--resume", cycle, "--epochs", 2))
-    assert_user_error(stretched, "--epochs 2", "one-cycle schedule over 1 epochs", "leave --epochs out")
+    assert_user_error(stretched, "--epochs 2", "one-cycle schedule over 1 epoch(s)", "leave --epochs out")
     done = run(*train_args(tiny_split, "--resume", cycle))
     assert done.exit_code == 0 and "its one-cycle has ended" in done.stderr
     assert ckpt.read_bytes() == before
+
+
+def test_resume_refuses_one_rate_for_many_models_and_metrics_onto_the_checkpoint(tiny_split, finished, tmp_path):
+    """A single --lr on an N-model checkpoint was ignored; --metrics onto the resumed file appended JSON to it."""
+    sweep = tmp_path / "sweep.pt"
+    trained = run(*train_args(tiny_split, "--model", "mlp", "--epochs", 1, "--seeds", 2, "--save-model", sweep))
+    assert trained.exit_code == 0, trained.output
+    assert_user_error(run(*train_args(tiny_split, "--resume", sweep, "--epochs", 2, "--lr", 0.01)), "--lr do not match")
+    ckpt, _ = finished
+    before = ckpt.read_bytes()
+    onto = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--metrics", ckpt))
+    assert_user_error(onto, f"--metrics {ckpt} is the checkpoint being resumed")
+    assert ckpt.read_bytes() == before
+
+
+def test_a_tensorboard_folder_that_fails_leaves_the_metrics_file_as_it_was(tiny_split, tmp_path):
+    """The TensorBoard writers are made before --metrics is started afresh: a failure there truncated it."""
+    metrics, board = tmp_path / "m.jsonl", tmp_path / "board"
+    metrics.write_text('{"epoch": 0}\n')
+    board.mkdir()
+    (board / "ensemble").write_text("a file where a run's folder goes")
+    result = run(*train_args(tiny_split, "--model", "mlp", "--seeds", 2, "--metrics", metrics, "--tensorboard", board))
+    assert_user_error(result, "--tensorboard", "ensemble")
+    assert metrics.read_text() == '{"epoch": 0}\n'
 
 
 def test_gamma_with_a_one_cycle_schedule_is_refused(tiny_split):

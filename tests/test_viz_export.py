@@ -103,3 +103,18 @@ def test_an_output_that_is_a_symlink_is_refused_and_its_target_kept(tiny_split, 
     before = checkpoint.read_bytes()
     assert_user_error(run_viz("export", checkpoint, "-o", tmp_path / "link.pt"), "link.pt is a symbolic link")
     assert (tmp_path / "link.pt").is_symlink() and checkpoint.read_bytes() == before
+
+
+def test_export_never_replaces_a_checkpoint_nor_a_file_a_run_holds(tiny_split, tmp_path):
+    """`export a.pt -o a.pt` destroyed the checkpoint; so did exporting over one a training was saving."""
+    from tinymnist import outputs
+
+    checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
+    other = train_checkpoint(tiny_split, tmp_path / "other.pt", "mlp", "--epochs", "1")
+    kept = {path: path.read_bytes() for path in (checkpoint, other)}
+    for target in (checkpoint, other):
+        assert_user_error(run_viz("export", checkpoint, "-o", target), f"-o {target}", "is a tinymnist checkpoint")
+    held = tmp_path / "held.pt"
+    with outputs.exclusive({"--save-model": held}):  # as a training saving there holds it
+        assert_user_error(run_viz("export", checkpoint, "-o", held), "held.pt")
+    assert {path: path.read_bytes() for path in kept} == kept and not held.exists()

@@ -1,5 +1,7 @@
 """`tinymnist predict`: probabilities, which digits are shown, how they are drawn, your own images."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -181,6 +183,7 @@ def test_a_transparent_png_is_read_as_ink_on_white(tmp_path):
         ("blank", ["--image", "{tmp}/blank.png", "--wrong"], ["--wrong"]),
         (None, ["--data-dir", "{tmp}", "--no-download"], ["t10k-images-idx3-ubyte.gz", "tinymnist download"]),
         (None, ["-o", "{tmp}/digits.jpg"], ["-o", "digits.jpg", "name the file .png"]),
+        ("fifo", ["--image", "{tmp}/pipe.png"], ["--image", "pipe.png", "a pipe"]),  # was a wait forever
     ],
 )
 def test_user_mistakes_are_one_line_errors(tiny_split, tmp_path, setup, args, fragments):
@@ -189,6 +192,8 @@ def test_user_mistakes_are_one_line_errors(tiny_split, tmp_path, setup, args, fr
         Image.new("RGB", (50, 50), (255, 255, 255)).save(tmp_path / "blank.png")
     if setup == "text":
         (tmp_path / "notes.png").write_text("not a picture")
+    if setup == "fifo":
+        os.mkfifo(tmp_path / "pipe.png")
     args = [a.format(tmp=tmp_path) for a in args]
     assert_user_error(run_viz("predict", checkpoint, "--device", "cpu", *args), *fragments)
 

@@ -103,3 +103,12 @@ def to_device(state: TrainState, device: torch.device) -> TrainState:
 
 def on_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().cpu()
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a tinymnist checkpoint (its format tag; no tensor data is read)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch file, unreadable: not one
+        return False
+    return isinstance(payload, dict) and payload.get("format") == FORMAT

@@ -275,7 +275,7 @@ def bench(
         "--time-to-accuracy",
         show_default="off",
         help="Instead: seconds of training until this test accuracy "
-        "(0.99) for fast, cnn and the tutorials' cnn loop, on the real MNIST files.",
+        "(0.99) for fast, cnn and the tutorials' cnn loop, on the real MNIST files (the timing options do not apply).",
     ),
     seeds: str | None = typer.Option(
         None,

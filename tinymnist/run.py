@@ -50,13 +50,15 @@ def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
     config = TrainConfig(**{**trained, **{k: v for k, v in flags.items() if v is not None}})
     grid, saved_grid = model_grid(config), model_grid(TrainConfig(**trained))
     other_seeds = (config.seed, config.seeds) != (trained["seed"], trained["seeds"])  # its weights came from those
-    if other_seeds or (max(len(grid), len(saved_grid)) > 1 and grid != saved_grid):  # N models: stacked in that order
+    one_rate_for_many = flags.get("lr") is not None and len(saved_grid) > 1  # each model keeps its own rate
+    other_models = max(len(grid), len(saved_grid)) > 1 and grid != saved_grid  # N models: stacked in that order
+    if other_seeds or one_rate_for_many or other_models:
         raise TinyMnistError(f"--seed/--seeds/--lr do not match the models of checkpoint {path}; leave them out")
     validate(config)  # a flag given now (--epochs -3) is checked before it is compared
     one_cycle = config.schedule == trained["schedule"] == "one-cycle"
     if one_cycle and config.epochs != trained["epochs"]:  # every step's rate depends on the run's total steps
         raise TinyMnistError(f"--epochs {config.epochs}: checkpoint {path} follows a one-cycle schedule over "
-                             f"{trained['epochs']} epochs, which cannot be stretched; leave --epochs out")  # fmt: skip
+                             f"{trained['epochs']} epoch(s), which it cannot stretch; leave --epochs out")  # fmt: skip
     if state.epoch >= config.epochs:
         more = f"pass --epochs {state.epoch + 1} or more to continue" if not one_cycle else "its one-cycle has ended"
         raise Finished(f"checkpoint {path} has completed {state.epoch} of --epochs {config.epochs}; "
@@ -78,6 +80,8 @@ def train(config: TrainConfig, resumed: TrainState | None = None,
     paths = {flag: Path(p) for flag, p in paths.items() if p}
     for flag, path in paths.items():
         outputs.check_output_path(path, flag)
+        if config.resume and flag != "--save-model" and path.resolve() == Path(config.resume).resolve():
+            raise TinyMnistError(f"{flag} {path} is the checkpoint being resumed; name another file")
     if config.tensorboard:
         from tinymnist.viz.extras import require
 
@@ -158,12 +162,12 @@ def train_and_save(config: TrainConfig, mnist: data.MNIST, state: TrainState, st
     console = Console()
     lines = ProgressReporter(console) if console.is_terminal else LineReporter()
     reporters = [display(lines) if display else lines]
-    if metrics_path:
-        reporters.append(MetricsFile(metrics_path, append))
-    if config.tensorboard:
+    if config.tensorboard:  # before --metrics, whose file a new run starts afresh: a folder that fails loses nothing
         from tinymnist.viz.tensorboard_log import tensorboard_reporter
 
         reporters.append(tensorboard_reporter(config, len(mnist.train_images)))
+    if metrics_path:
+        reporters.append(MetricsFile(metrics_path, append))
     reporter = Reporters(*reporters)
     with contextlib.closing(reporter):
         try:
@@ -173,8 +177,8 @@ def train_and_save(config: TrainConfig, mnist: data.MNIST, state: TrainState, st
         except KeyboardInterrupt as stop:
             reporter.close()
             by = " by SIGTERM" if isinstance(stop, interrupts.Terminated) else ""
-            print(f"tinymnist: interrupted{by}{kept(config, saved) or '; no epoch completed, nothing saved'}",
-                  file=sys.stderr)  # fmt: skip
+            nothing = "; no epoch completed, nothing saved" if config.save_model else "; no --save-model, nothing saved"
+            print(f"tinymnist: interrupted{by}{kept(config, saved) or nothing}", file=sys.stderr)
             raise
 
 

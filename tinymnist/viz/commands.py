@@ -12,7 +12,7 @@ import torch
 import typer
 from rich.console import Console
 
-from tinymnist import checkpoint, data
+from tinymnist import checkpoint, data, outputs
 from tinymnist.config import TrainConfig, model_grid
 from tinymnist.devices import resolve_device
 from tinymnist.errors import TinyMnistError
@@ -121,7 +121,11 @@ def export(
     """A plain state_dict that the tutorial's own nn.Module loads with strict=True."""
     config, state = checkpoint.load(checkpoint_path, torch.device("cpu"))
     one_model(config, checkpoint_path, "export")
-    export_state_dict(config["model"], state.params, output)
+    outputs.check_output_path(output, "-o")  # a symlink, a folder, a device: refused as for every output
+    if output.exists() and checkpoint.is_checkpoint(output):  # the checkpoint itself, or another run's
+        raise TinyMnistError(f"-o {output} is a tinymnist checkpoint, which export would replace; name another file")
+    with outputs.exclusive({"-o": output}):  # a run saving to that file refuses it, and vice versa
+        export_state_dict(config["model"], state.params, output)
     print(f"wrote {output}: the {config['model']} state_dict after {state.epoch} epochs, for the tutorial's nn.Module")
 
 

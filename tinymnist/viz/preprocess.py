@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tinymnist.errors import TinyMnistError
+from tinymnist.files import check_readable
 from tinymnist.viz.extras import require
 
 IMAGE_SIZE = 28  # MNIST's images
@@ -40,6 +41,7 @@ INK_THRESHOLD = 0.2
 def read_grey(path: Path) -> torch.Tensor:
     """The image at `path` as grey levels (H, W) in 0..1; a transparent background counts as white."""
     image_module = require("PIL.Image", "predict --image")
+    check_readable(path, "--image")  # a named pipe would block the read forever
     try:
         with image_module.open(path) as image:
             image.load()
