@@ -105,10 +105,11 @@ def on_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().cpu()
 
 
-def is_checkpoint(path: Path) -> bool:
-    """Whether `path` holds a tinymnist checkpoint (its format tag; no tensor data is read)."""
+def peek(path: str | Path) -> dict | None:
+    """The entries of the tinymnist checkpoint at `path`, unchecked and memory-mapped (no
+    tensor data is read); None when there is none: no file, not a torch file, another format."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a torch file, unreadable: not one
-        return False
-    return isinstance(payload, dict) and payload.get("format") == FORMAT
+    except Exception:  # missing, unreadable, not a torch file: not a checkpoint
+        return None
+    return payload if isinstance(payload, dict) and payload.get("format") == FORMAT else None

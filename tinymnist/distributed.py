@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as functional
 
+from tinymnist import checkpoint
 from tinymnist.config import TrainConfig, model_grid
 from tinymnist.devices import resolve_device
 from tinymnist.errors import TinyMnistError
@@ -165,13 +166,10 @@ def launch(train: Callable, config: TrainConfig, resumed: TrainState | None):
 
 def saved_epoch(path: str | None) -> str:
     """What --save-model holds now, read back (mmap: no tensor data is read)."""
-    if path is None:
+    saved = None if path is None else checkpoint.peek(path)
+    if saved is None:  # no file yet, or not a checkpoint: nothing of this run is kept there
         return ""
-    try:
-        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-    except Exception:  # no file yet, or not a checkpoint: nothing of this run is kept there
-        return ""
-    return f"; the checkpoint of epoch {epoch} is kept in {path}"
+    return f"; the checkpoint of epoch {saved['epoch']} is kept in {path}"
 
 
 # ---- the transform ----------------------------------------------------------------------

@@ -16,7 +16,6 @@ from tinymnist import checkpoint, data, outputs
 from tinymnist.config import TrainConfig, model_grid
 from tinymnist.devices import resolve_device
 from tinymnist.errors import TinyMnistError
-from tinymnist.outputs import check_png_output
 from tinymnist.transforms import use_tf32_matmuls
 from tinymnist.viz.curves import write_curves_png
 from tinymnist.viz.digits import plain_digits, terminal_digits, write_digits_png
@@ -43,7 +42,7 @@ def plot(
 ):
     """Loss and accuracy per epoch, one line per run: in the terminal, or as a PNG with -o."""
     if output is not None:
-        check_png_output(output)
+        outputs.check_png_output(output)
     runs = read_runs(metrics)
     if output is not None:
         write_curves_png(runs, output)
@@ -80,7 +79,7 @@ def predict(
     if image and wrong:
         raise TinyMnistError("--wrong picks misclassified test digits; your --image files have no true label")
     if output is not None:
-        check_png_output(output)
+        outputs.check_png_output(output)
     dev = resolve_device(device)
     use_tf32_matmuls(dev)  # as train and eval compute, so the mistakes are the ones eval counts
     config, state = checkpoint.load(checkpoint_path, dev)
@@ -122,7 +121,7 @@ def export(
     config, state = checkpoint.load(checkpoint_path, torch.device("cpu"))
     one_model(config, checkpoint_path, "export")
     outputs.check_output_path(output, "-o")  # a symlink, a folder, a device: refused as for every output
-    if output.exists() and checkpoint.is_checkpoint(output):  # the checkpoint itself, or another run's
+    if checkpoint.peek(output) is not None:  # the checkpoint itself, or another run's
         raise TinyMnistError(f"-o {output} is a tinymnist checkpoint, which export would replace; name another file")
     with outputs.exclusive({"-o": output}):  # a run saving to that file refuses it, and vice versa
         export_state_dict(config["model"], state.params, output)
