@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `tinymnist bench` of an earlier commit against this checkout, in alternating rounds on
 # the same machine and data, so a busy machine slows both alike.
-#   bash scripts/bench_before_after.sh BEFORE_COMMIT OUT_DIR [DATA_DIR] [ROUNDS] [-- bench options]
+#   bash research/bench_before_after.sh BEFORE_COMMIT OUT_DIR [DATA_DIR] [ROUNDS] [-- bench options]
 # Writes OUT_DIR/{before,after}-ROUND.{json,txt} and a summary of the compiled step's
 # images/s (median over rounds) in OUT_DIR/summary.txt.
 set -euo pipefail

@@ -1,9 +1,9 @@
 """Search for the `fast` recipe, confirm it over seeds, and time it against the cnn recipe.
 
-    python scripts/fast_recipe.py screen NAME... --seeds 1 2 3 --data DIR
-    python scripts/fast_recipe.py confirm fast --seeds 1 2 3 4 5 6 7 8 9 10 --eval-every 47 --data DIR
-    python scripts/fast_recipe.py confirm cnn --seeds 1 2 3 --eval-every 94 --stop-at 0.99 --data DIR
-    python scripts/fast_recipe.py time fast cnn --rounds 10 --window 40 --data DIR
+    python research/fast_recipe.py screen NAME... --seeds 1 2 3 --data DIR
+    python research/fast_recipe.py confirm fast --seeds 1 2 3 4 5 6 7 8 9 10 --eval-every 47 --data DIR
+    python research/fast_recipe.py confirm cnn --seeds 1 2 3 --eval-every 94 --stop-at 0.99 --data DIR
+    python research/fast_recipe.py time fast cnn --rounds 10 --window 40 --data DIR
 
 DIR holds full MNIST (all four files). Every run trains from scratch with its own small
 loop, built from the package's pure parts (models.init_params/apply, optim.adam,
@@ -13,7 +13,7 @@ test set is evaluated after every epoch and every --eval-every steps, off the cl
 the candidate, the seed, and every evaluation with the training seconds (wall and CPU;
 the first step, which compiles, apart) and the steps and images up to it. `time`
 alternates windows of each candidate's compiled step and appends its seconds per step
-to time.jsonl. scripts/fast_recipe_summary.py makes the tables. The candidates are
+to time.jsonl. research/fast_recipe_summary.py makes the tables. The candidates are
 CANDIDATES below; issue 15 asks for >= 99.1% mean over 10 seeds, each >= 99.0%, in at
 most 2 epochs, no test-time augmentation, no test data in training.
 """

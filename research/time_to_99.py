@@ -1,6 +1,6 @@
 """Time to a test accuracy over several seeds, in one process: one compiled step, fresh states.
 
-    python scripts/time_to_99.py --model fast --seeds 1-10 --target 0.99 --data-dir DIR --device cuda
+    python research/time_to_99.py --model fast --seeds 1-10 --target 0.99 --data-dir DIR --device cuda
 
 Each seed starts from `initial_state` (its own parameters and data order) and runs `fit`
 with --target-accuracy; the step is built once, so only the first seed pays the compile.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12 on a CUDA machine, in one short call: an N-model cnn run (vmap + compile + one
 # CUDA graph replay per step), then `bench --seeds` for cnn (N = 1, 16 against single runs).
-# Usage, from the repository root: bash scripts/ensemble_gpu.sh MNIST_DIR OUT_DIR
+# Usage, from the repository root: bash research/ensemble_gpu.sh MNIST_DIR OUT_DIR
 set -u
 mnist=$1 out=$2
 mkdir -p "$out"

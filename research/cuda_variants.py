@@ -4,7 +4,7 @@ This is the measurement behind BENCHMARKS.md's GPU choices (CUDA graphs, compile
 TF32, host syncs for logging); `tinymnist bench` compares against the tutorials'
 loop. Run on a CUDA machine from the repository root:
 
-    python scripts/cuda_variants.py --json bench_results/cuda_variants.json
+    python research/cuda_variants.py --json results/bench/cuda_variants.json
 """
 
 from __future__ import annotations

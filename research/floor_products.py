@@ -1,6 +1,6 @@
 """What a training step must compute, whatever runs it: each layer's products, their
 FLOPs, and the arrays the optimizer's update must touch; and `floor_parts`, all of it
-as calls ready to time. scripts/cpu_floor.py times them against the step.
+as calls ready to time. research/cpu_floor.py times them against the step.
 
 A conv or linear layer's step does three products of the same multiply-add count: the
 forward one, the weight gradient and the input gradient, but for the network's first

@@ -3,7 +3,7 @@
 # important first: machine facts, the CUDA tests, the fast recipe over 10 seeds (accuracy
 # after its 2 epochs, and time to 99%), the cnn recipe's epoch, bench --time-to-accuracy,
 # and the cnn recipe over 8 seeds in one vmapped run.
-# Usage, from the repository root on a CUDA machine: bash scripts/gpu_session.sh MNIST_DIR OUT_DIR
+# Usage, from the repository root on a CUDA machine: bash research/gpu_session.sh MNIST_DIR OUT_DIR
 # MNIST_DIR holds all four MNIST files (`tinymnist download --from` makes such a folder
 # where they cannot be downloaded); everything lands in OUT_DIR. No step stops the others.
 set -u
@@ -24,7 +24,7 @@ step() {  # step NAME SECONDS COMMAND...: run one check under a time limit, log 
 step machine 30 bash -c "nvidia-smi -L; $tm info; git log -1 --format=%H 2>/dev/null"
 step tests 80 $py -m pytest -q -x -p no:cacheprovider tests/test_cuda_graph.py tests/test_cli.py -k "cuda or graph"
 step fast-seeds 60 $tm train --model fast --seeds 10 $cuda --log-interval 100000 --metrics "$out/fast-seeds.jsonl"
-step fast-time-to-99 70 $py scripts/time_to_99.py --model fast --seeds 1-10 --target 0.99 --data-dir "$mnist" --device cuda
+step fast-time-to-99 70 $py research/time_to_99.py --model fast --seeds 1-10 --target 0.99 --data-dir "$mnist" --device cuda
 step cnn-epochs 60 $tm train --model cnn --epochs 3 $cuda --log-interval 100000 --metrics "$out/cnn-epochs.jsonl"
 step bench-time-to-99 80 $tm bench --time-to-accuracy 0.99 $cuda --json "$out/time-to-99.json"
 step cnn-seeds 90 $tm train --model cnn --seeds 8 $cuda --log-interval 100000 --metrics "$out/cnn-seeds.jsonl"

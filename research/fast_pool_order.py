@@ -1,6 +1,6 @@
 """Pool then ReLU (train_mnist_fast's order) or ReLU then pool (ours): the compiled CPU step.
 
-    python scripts/fast_pool_order.py --data DIR [--rounds 12] > results/fast-recipe/pool-order.txt
+    python research/fast_pool_order.py --data DIR [--rounds 12] > results/fast-recipe/pool-order.txt
 
 Both orders compute the same values and gradients (tests/test_models.py checks it), so
 the `fast` network may use either; this times the `fast` recipe's step with each, in

@@ -1,6 +1,6 @@
 """How far is each recipe's CPU step from its floor? Both timed in one process.
 
-    python scripts/cpu_floor.py [--models mlp,cnn] [--rounds 7] [--threads N [--cpu-time]] [--json PATH] [--profile]
+    python research/cpu_floor.py [--models mlp,cnn] [--rounds 7] [--threads N [--cpu-time]] [--json PATH] [--profile]
 
 The step is the one `tinymnist train` runs on the CPU (transforms.device_step,
 compiled; batches over 256 images in micro-batches), at the recipe's batch size.
@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-from floor_products import floor_parts, optimizer_arrays, step_flops  # scripts/, beside this file
+from floor_products import floor_parts, optimizer_arrays, step_flops  # research/, beside this file
 
 from tinymnist import models, transforms
 from tinymnist.config import RECIPES, make_optimizer, recipe_config

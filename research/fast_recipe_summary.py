@@ -1,6 +1,6 @@
-"""Summarise results/fast-recipe/*.jsonl (written by scripts/fast_recipe.py) as tables.
+"""Summarise results/fast-recipe/*.jsonl (written by research/fast_recipe.py) as tables.
 
-    python scripts/fast_recipe_summary.py [--target 0.99] > results/fast-recipe/summary.md
+    python research/fast_recipe_summary.py [--target 0.99] > results/fast-recipe/summary.md
 
 Per candidate and mode: final test accuracy over seeds (mean ± std, min, max) and the
 training steps to the first evaluation at or above the target (`screen` runs evaluate at
