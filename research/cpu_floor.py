@@ -2,7 +2,7 @@
 
     python research/cpu_floor.py [--models mlp,cnn] [--rounds 7] [--threads N [--cpu-time]] [--json PATH] [--profile]
 
-The step is the one `tinymnist train` runs on the CPU (transforms.device_step,
+The step is the one `tinymnist train` runs on the CPU (speed.device_step,
 compiled; batches over 256 images in micro-batches), at the recipe's batch size.
 
 The floor is the work no implementation of that step can skip, timed with torch's own
@@ -44,8 +44,9 @@ from pathlib import Path
 import torch
 from floor_products import floor_parts, optimizer_arrays, step_flops  # research/, beside this file
 
-from tinymnist import models, transforms
-from tinymnist.config import RECIPES, make_optimizer, recipe_config
+from tinymnist.algorithm import networks
+from tinymnist.algorithm.config import RECIPES, make_optimizer, recipe_config
+from tinymnist.transforms import speed
 
 CPU = torch.device("cpu")
 N_IMAGES = 60_000  # MNIST's training set: the step gathers its batch from all of it
@@ -56,8 +57,8 @@ def compiled_steps(model: str):
     """Yield after each step `tinymnist train` runs on the CPU for `model`, forever."""
     config = recipe_config(model, compile=True)
     optimizer = make_optimizer(config)
-    step = transforms.device_step(config, optimizer, CPU)
-    params = models.init_params(model, config.seed)
+    step = speed.device_step(config, optimizer, CPU)
+    params = networks.init_params(model, config.seed)
     opt_state, lr = optimizer.init(params), torch.tensor(config.lr)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (N_IMAGES, 28, 28), dtype=torch.uint8, generator=g)  # (N, 28, 28)
@@ -70,7 +71,7 @@ def compiled_steps(model: str):
 
 def measure(model: str, rounds: int, clock=time.perf_counter) -> dict:
     """Rounds of (a window of steps, each floor measurement); medians, and step/floor per round."""
-    batch, micro_batch = RECIPES[model].batch_size, transforms.default_micro_batch(CPU)
+    batch, micro_batch = RECIPES[model].batch_size, speed.default_micro_batch(CPU)
     steps = compiled_steps(model)
     started = time.perf_counter()
     next(steps)  # the compile
@@ -99,7 +100,7 @@ def measure(model: str, rounds: int, clock=time.perf_counter) -> dict:
     return {
         "model": model, "batch": batch, "micro_batch": micro_batch if "micro" in parts else None,
         "faster_way": min(ways, key=median.get), "optimizer": RECIPES[model].optimizer,
-        "optimizer_arrays": optimizer_arrays(model), "params": sum(row.params for row in models.trace(model)),
+        "optimizer_arrays": optimizer_arrays(model), "params": sum(row.params for row in networks.trace(model)),
         "flops": step_flops(model, batch), "compile_seconds": compile_seconds,
         "window_steps": window, "step_us": median["step"], "products_us": statistics.median(products),
         "optimizer_us": median["optimizer"], "floor_us": statistics.median(floors),

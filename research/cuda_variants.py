@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from tinymnist.bench import bench_data
-from tinymnist.config import make_optimizer, recipe_config
-from tinymnist.cuda_graph import GraphedStep
-from tinymnist.train import epoch_batches, initial_state, make_gradient, make_step
-from tinymnist.transforms import compiled
+from tinymnist.algorithm.config import make_optimizer, recipe_config
+from tinymnist.algorithm.train import epoch_batches, initial_state, make_gradient, make_step
+from tinymnist.tool.bench import bench_data
+from tinymnist.transforms.cuda_graph import GraphedStep
+from tinymnist.transforms.speed import compiled
 
 VARIANTS = {  # name: (compile, cuda_graph, tf32 matmuls, host sync every N steps or 0)
     "eager": (False, False, False, 0),

@@ -19,9 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tinymnist import models, optim
+from tinymnist.algorithm import networks, optim
+from tinymnist.algorithm.shapes import Conv2d, MaxPool2d, ReLU
 from tinymnist.data import load_mnist
-from tinymnist.shapes import Conv2d, MaxPool2d, ReLU
 
 BATCH, LABEL_SMOOTHING, MNIST_MEAN, MNIST_STD = 256, 0.1, 0.1307, 0.3081  # the fast recipe's
 
@@ -59,11 +59,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     data = load_mnist(args.data, torch.device("cpu"))
-    ours = models.ARCHITECTURES["fast"]
+    ours = networks.ARCHITECTURES["fast"]
     variants = {
-        "pool then ReLU, compiled": (models.Network(pool_first(ours)), True),
-        "ReLU then pool, compiled": (models.Network(ours), True),
-        "ReLU then pool, eager": (models.Network(ours), False),
+        "pool then ReLU, compiled": (networks.Network(pool_first(ours)), True),
+        "ReLU then pool, compiled": (networks.Network(ours), True),
+        "ReLU then pool, eager": (networks.Network(ours), False),
     }
     lr, steps_per_epoch = torch.tensor(1e-3), len(data.train_images) // BATCH
     epoch_steps = math.ceil(len(data.train_images) / BATCH)  # the last batch topped up, as training does
@@ -72,7 +72,7 @@ def main() -> None:
     runs = {}
     for name, (template, compile) in variants.items():
         step, adam = make_step(template, compile)
-        params = models.init_params("fast", 0)
+        params = networks.init_params("fast", 0)
         runs[name] = {"step": step, "state": (params, adam.init(params)), "times": []}
     done = 0
     for round_ in range(args.rounds + 1):  # round 0 compiles and warms up

@@ -6,7 +6,7 @@
     python research/fast_recipe.py time fast cnn --rounds 10 --window 40 --data DIR
 
 DIR holds full MNIST (all four files). Every run trains from scratch with its own small
-loop, built from the package's pure parts (models.init_params/apply, optim.adam,
+loop, built from the package's pure parts (networks.init_params/apply, optim.adam,
 schedules.one_cycle) and torch.func.grad_and_value, compiled with torch.compile. The
 test set is evaluated after every epoch and every --eval-every steps, off the clock.
 `screen` and `confirm` append one JSON line per run to results/fast-recipe/MODE.jsonl:
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tinymnist import models, optim
+from tinymnist.algorithm import networks, optim
+from tinymnist.algorithm.schedules import one_cycle, schedule_lrs, step_lr
 from tinymnist.data import load_mnist
-from tinymnist.schedules import one_cycle, schedule_lrs, step_lr
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "fast-recipe"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel mean and std of MNIST's training set (pytorch/examples)
@@ -99,10 +99,10 @@ def make_step(c: Candidate):
         optimizer = optim.adam(betas=c.betas)
     else:
         optimizer = optim.OPTIMIZERS[c.optimizer]()
-    log_probs = models.OUTPUTS_LOG_PROBS[c.model]
+    log_probs = networks.OUTPUTS_LOG_PROBS[c.model]
 
     def loss(params, x_u8, y):
-        out = models.apply(c.model, params, scale(x_u8), train=True)  # (B, 10)
+        out = networks.apply(c.model, params, scale(x_u8), train=True)  # (B, 10)
         if log_probs:
             return F.nll_loss(out, y)
         return F.cross_entropy(out, y, label_smoothing=c.label_smoothing)
@@ -121,7 +121,7 @@ def make_step(c: Candidate):
 def accuracy(model: str, params, images, labels, chunk: int = 2000) -> float:
     correct = 0
     for start in range(0, len(images), chunk):
-        logits = models.apply(model, params, scale(images[start : start + chunk]))  # (chunk, 10)
+        logits = networks.apply(model, params, scale(images[start : start + chunk]))  # (chunk, 10)
         correct += (logits.argmax(1) == labels[start : start + chunk]).sum().item()
     return correct / len(images)
 
@@ -140,7 +140,7 @@ def run(c: Candidate, seed: int, data, compiled, eval_every: int | None, stop_at
     optimizer, step = compiled
     torch.manual_seed(seed)  # dropout (cnn), from the global generator as train.py does
     generator = torch.Generator().manual_seed(seed)
-    params = models.init_params(c.model, seed)
+    params = networks.init_params(c.model, seed)
     opt_state = optimizer.init(params)
     n = len(data.train_images)
     steps_per_epoch = math.ceil(n / c.batch_size)
@@ -184,7 +184,7 @@ def time_steps(names: list[str], data, rounds: int, window: int) -> None:
     for name in names:
         c = CANDIDATES[name]
         optimizer, step = make_step(c)
-        params = models.init_params(c.model, 0)
+        params = networks.init_params(c.model, 0)
         batches = epoch_batches(len(data.train_images), c.batch_size, torch.Generator().manual_seed(0))
         runs[name] = {"c": c, "step": step, "state": (params, optimizer.init(params)), "batches": batches, "done": 0,
                       "wall": [], "cpu": []}  # fmt: skip

@@ -4,7 +4,7 @@ as calls ready to time. research/cpu_floor.py times them against the step.
 
 A conv or linear layer's step does three products of the same multiply-add count: the
 forward one, the weight gradient and the input gradient, but for the network's first
-layer, whose input (the image) needs no gradient. Shapes come from models.trace, so
+layer, whose input (the image) needs no gradient. Shapes come from networks.trace, so
 they are the shapes that run.
 """
 
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from tinymnist import models, shapes
-from tinymnist.config import make_optimizer, recipe_config
+from tinymnist.algorithm import networks, shapes
+from tinymnist.algorithm.config import make_optimizer, recipe_config
 
 PRODUCT_SECONDS = 0.01  # the least time one measurement of a call spans: far above the clock's resolution
 
@@ -48,7 +48,7 @@ class ProductLayer:
 
 def product_layers(model: str) -> list[ProductLayer]:
     """The network's conv and linear layers, in order, with their traced shapes."""
-    layers, rows = models.ARCHITECTURES[model], models.trace(model)
+    layers, rows = networks.ARCHITECTURES[model], networks.trace(model)
     inputs = [shapes.MNIST_IMAGE] + [row.shape for row in rows[:-1]]  # a layer sees the output before it
     found = [(layer, shape_in, row.shape) for layer, shape_in, row in zip(layers, inputs, rows, strict=True)
              if isinstance(layer, (shapes.Conv2d, shapes.Linear))]  # fmt: skip
@@ -81,7 +81,7 @@ def product_calls(p: ProductLayer, batch: int) -> dict[str, Callable[[], torch.T
 def optimizer_arrays(model: str) -> int:
     """Arrays of the parameters' size an update must touch: the gradient read; the parameters
     and each per-parameter state read and written."""
-    params = models.init_params(model, 0)
+    params = networks.init_params(model, 0)
     state = make_optimizer(recipe_config(model)).init(params)
     per_param = sum(isinstance(value, dict) and value.keys() == params.keys() for value in state.values())
     return 1 + 2 * (1 + per_param)
@@ -114,7 +114,7 @@ def floor_parts(model: str, batch: int, micro_batch: int, clock=time.perf_counte
                    for size, count in sizes.items() for p in product_layers(model)
                    for name, fn in product_calls(p, size).items()}
              for way, sizes in ways.items()}  # fmt: skip
-    n_params = sum(row.params for row in models.trace(model))
+    n_params = sum(row.params for row in networks.trace(model))
     a, b, out = torch.randn(n_params), torch.randn(n_params), torch.empty(n_params)  # (P,) each
     arrays = optimizer_arrays(model)  # torch.add moves 3 arrays: scale its time to the update's
     parts["optimizer"] = {"traffic": Timed(lambda: torch.add(a, b, out=out), arrays / 3, clock)}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tinymnist import models
+from tinymnist.algorithm import networks
 
 RESEARCH = Path(__file__).resolve().parent
 
@@ -42,12 +42,12 @@ def test_fast_products_counted_by_hand(products):
     assert products.step_flops("fast", 256) == expected == 1_734_082_560
 
 
-@pytest.mark.parametrize("model", models.MODEL_NAMES)
+@pytest.mark.parametrize("model", networks.MODEL_NAMES)
 def test_forward_flops_match_torch_flop_counter(products, model):
     batch = 3
-    params = models.init_params(model, 0)
+    params = networks.init_params(model, 0)
     with FlopCounterMode(display=False) as counter:
-        models.apply(model, params, torch.zeros(batch, 1, 28, 28))
+        networks.apply(model, params, torch.zeros(batch, 1, 28, 28))
     assert counter.get_total_flops() == sum(2 * batch * p.macs() for p in products.product_layers(model))
 
 
@@ -57,15 +57,15 @@ def test_step_flops_match_torch_flop_counter_on_autograd(products, model):
     for the first layer. (The counter charges a conv's input gradient per input position rather
     than per output position; the floor counts as many multiply-adds as the forward product.)"""
     batch = 5
-    params = {k: v.requires_grad_() for k, v in models.init_params(model, 0).items()}
+    params = {k: v.requires_grad_() for k, v in networks.init_params(model, 0).items()}
     with FlopCounterMode(display=False) as counter:
-        models.apply(model, params, torch.zeros(batch, 1, 28, 28)).sum().backward()
+        networks.apply(model, params, torch.zeros(batch, 1, 28, 28)).sum().backward()
     assert counter.get_total_flops() == products.step_flops(model, batch)
 
 
-@pytest.mark.parametrize("model", models.MODEL_NAMES)
+@pytest.mark.parametrize("model", networks.MODEL_NAMES)
 def test_each_product_has_the_shape_autograd_gives(products, model):
-    template = dict(models.TEMPLATES[model].named_children())
+    template = dict(networks.TEMPLATES[model].named_children())
     for p in products.product_layers(model):
         out = {name: call().shape for name, call in products.product_calls(p, batch=2).items()}
         assert out["forward"] == (2, *p.shape_out)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from tinymnist import data, transforms
-from tinymnist.config import make_optimizer, recipe_config
-from tinymnist.devices import resolve_device
-from tinymnist.train import fit, initial_state
+from tinymnist import data
+from tinymnist.algorithm.config import make_optimizer, recipe_config
+from tinymnist.algorithm.train import TestSet, Training, fit, initial_state
+from tinymnist.tool.devices import resolve_device
+from tinymnist.transforms import speed
 
 
 def main() -> None:
@@ -33,18 +34,19 @@ def main() -> None:
     args = parser.parse_args()
     first, last = map(int, args.seeds.split("-"))
     device = resolve_device(args.device)
-    transforms.use_tf32_matmuls(device)
+    speed.use_tf32_matmuls(device)
     mnist = data.load_mnist(args.data_dir, device)
     base = recipe_config(args.model, device=str(device), target_accuracy=args.target, eval_every=args.eval_every,
                          log_interval=10**9)  # fmt: skip
     optimizer = make_optimizer(base)
-    step = transforms.device_step(base, optimizer, device)  # compiled once, reused by every seed
+    step = speed.device_step(base, optimizer, device)  # compiled once, reused by every seed
     rows = []
     for seed in range(first, last + 1):
         config = recipe_config(args.model, device=str(device), target_accuracy=args.target,
                                eval_every=args.eval_every, log_interval=10**9, seed=seed)  # fmt: skip
-        result = fit(config, mnist, initial_state(config, optimizer, device), step)
-        hit = result.reached or {}
+        training = Training(config, [config], step, TestSet(config, [config], mnist))
+        result = fit(training, mnist, initial_state(config, optimizer, device))
+        hit = result.reached[0] or {}
         row = {"model": args.model, "seed": seed, "target": args.target, "reached": bool(hit),
                "seconds": hit.get("train_seconds_total"), "images": hit.get("images_total"),
                "epochs": hit.get("epoch"), "accuracy": hit.get("test_accuracy"),

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from tinymnist.data import load_test_split
+from tinymnist.data.idx import write_idx
 from tinymnist.errors import TinyMnistError
-from tinymnist.idx import write_idx
 
 TEST_SIZE = 2000  # the last 2,000 of the 10,000 t10k images; the ones before them train
 

@@ -42,7 +42,7 @@ def real_mnist() -> Path:
 
 def write_split(folder: Path, train: tuple, test: tuple) -> Path:
     """Write (images, labels) pairs under the four canonical MNIST names, as `load_mnist` reads them."""
-    from tinymnist.idx import write_idx
+    from tinymnist.data.idx import write_idx
 
     folder.mkdir(parents=True, exist_ok=True)
     for prefix, (images, labels) in (("train", train), ("t10k", test)):
@@ -54,7 +54,7 @@ def write_split(folder: Path, train: tuple, test: tuple) -> Path:
 @pytest.fixture(scope="session")
 def real_split(real_mnist, tmp_path_factory) -> Path:
     """Real handwriting as a data folder: the first 8,000 t10k images train, the last 2,000 test."""
-    from tinymnist.idx import read_idx
+    from tinymnist.data.idx import read_idx
 
     images = read_idx(real_mnist / T10K_IMAGES)  # (10000, 28, 28) uint8
     labels = read_idx(real_mnist / T10K_LABELS)  # (10000,) uint8

@@ -6,9 +6,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tinymnist.cli import app
+from tinymnist.algorithm.config import model_configs
+from tinymnist.algorithm.train import TestSet, Training, evaluate_one, fit
 from tinymnist.data import MNIST
-from tinymnist.devices import cpu_compiler
+from tinymnist.tool.cli import app
+from tinymnist.transforms.speed import cpu_compiler
+from tinymnist.transforms.vmap import evaluate_many
 
 # torch.compile on the CPU builds C++; without a compiler tinymnist trains eager (test_cli.py)
 # and the tests of the compiled step have nothing to run.
@@ -59,3 +62,10 @@ def random_mnist(n_train: int, n_test: int, seed: int = 0, device="cpu") -> MNIS
     images = lambda n: torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)  # noqa: E731
     labels = lambda n: torch.randint(0, 10, (n,), generator=g)  # noqa: E731
     return MNIST(*(t.to(device) for t in (images(n_train), labels(n_train), images(n_test), labels(n_test))))
+
+
+def fit_run(config, data, state, step, reporter=None, on_epoch_end=None):
+    """train.fit as `tinymnist train` calls it for `config`: its models, the step, the test set."""
+    models = model_configs(config)
+    evaluate = TestSet(config, models, data, evaluate_many if config.n_models > 1 else evaluate_one)
+    return fit(Training(config, models, step, evaluate, reporter, on_epoch_end), data, state)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from tests.helpers import assert_user_error, run
-from tinymnist import models, optim
-from tinymnist.config import recipe_config
-from tinymnist.train import make_gradient, make_step
+from tinymnist.algorithm import networks, optim
+from tinymnist.algorithm.config import recipe_config
+from tinymnist.algorithm.train import make_gradient, make_step
 
 pytest.importorskip("PIL", reason="the reference loop needs pillow (pip install 'tinymnist[bench]')")
 
-from tinymnist.reference import reference_loop
+from tinymnist.tool.reference import reference_loop
 
 
 def test_bench_reports_every_field(tmp_path):
@@ -33,10 +33,29 @@ def test_bench_reports_every_field(tmp_path):
     assert f"{row['eager_vs_reference']:.2f}x" in result.stdout  # the table shows the ratio
 
 
-@pytest.mark.parametrize("flag", [["--models", "mlp"], ["--seeds", "1,4"], ["--repeats", "3"], ["--warmup", "0"],
-                                  ["--window-images", "512"]])  # fmt: skip
+@pytest.mark.parametrize("flag", [["--models", "mlp"], ["--repeats", "3"], ["--warmup", "0"], ["--window-images", "512"]])
 def test_time_to_accuracy_refuses_the_flags_it_would_ignore(flag):
     assert_user_error(run("bench", "--time-to-accuracy", "0.99", *flag), flag[0], "does not apply")
+
+
+def test_time_to_accuracy_takes_one_number_of_models():
+    assert_user_error(run("bench", "--time-to-accuracy", "0.99", "--seeds", "1,4"), "--seeds 1,4", "one number")
+
+
+def test_time_to_accuracy_over_seeds_reports_their_spread(real_split, tmp_path):
+    """--seeds 3: fast and cnn train 3 models each in one run; each row says how many reached the
+    target and the mean, min and max of their times, every one a time the run's records hold."""
+    out = tmp_path / "t.json"
+    result = run("bench", "--time-to-accuracy", "0.5", "--seeds", "3", "--device", "cpu", "--no-compile",
+                 "--data-dir", real_split, "--json", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["loop"], r["models"]) for r in rows] == [("tinymnist fast", 3), ("tinymnist cnn", 3),
+                                                       ("reference cnn", 1)]  # fmt: skip
+    for row in rows[:2]:
+        assert row["reached"] == 3  # 50% is reached well within the recipes' epochs
+        assert row["min_seconds"] <= row["seconds"] <= row["max_seconds"]
+        assert f"{row['reached']}/3" in result.stdout
 
 
 def test_bench_rejects_an_unknown_model():
@@ -61,7 +80,7 @@ def test_reference_loop_trains_like_our_step(model):
     config = recipe_config(model, batch_size=32)
     images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8, generator=g)  # (32, 28, 28)
     labels = torch.randint(0, 10, (32,), generator=g)  # (32,)
-    params = models.init_params(model, 0)
+    params = networks.init_params(model, 0)
     net, ref_loss = next(reference_loop(config, params, images, labels, torch.device("cpu")))
 
     optimizer = optim.OPTIMIZERS[config.optimizer]()
@@ -71,5 +90,6 @@ def test_reference_loop_trains_like_our_step(model):
     )
     torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
     for name, value in net.state_dict().items():
-        # Adam's first step moves every weight by about lr (1e-3); summation order differs by ~1e-6 of that.
-        torch.testing.assert_close(new_params[name], value, rtol=1e-5, atol=1e-5)
+        # Adam's first step moves every weight by about lr (1e-3): a gradient near zero, summed in
+        # another order, moves its weight by up to a few 1e-5 more (1.03e-5 was seen in a full run).
+        torch.testing.assert_close(new_params[name], value, rtol=1e-5, atol=5e-5)

@@ -17,18 +17,20 @@ from hypothesis import strategies as st
 
 from tests.helpers import needs_cuda
 from tests.tmpfs import tmpfs
-from tinymnist import checkpoint, files, models, optim
-from tinymnist.checkpoint_format import ADDED_FIELDS, ENTRIES, brief
-from tinymnist.config import recipe_config
+from tinymnist.algorithm import networks, optim
+from tinymnist.algorithm.config import recipe_config
+from tinymnist.algorithm.train import TrainState
+from tinymnist.data import files
 from tinymnist.errors import TinyMnistError
-from tinymnist.train import TrainState
+from tinymnist.tool import checkpoint
+from tinymnist.tool.checkpoint_format import ADDED_FIELDS, ENTRIES, brief
 
 CPU = torch.device("cpu")
 MODEL, OPTIMIZER = "mlp3", "adam"  # the smallest model: ~700 KB with Adam's two buffers
 
 
 def make_state(epoch: int = 1, optimizer: str = OPTIMIZER, seed: int = 0) -> TrainState:
-    params = models.init_params(MODEL, seed)
+    params = networks.init_params(MODEL, seed)
     rng = {"cpu": torch.get_rng_state(), "shuffle": torch.Generator().manual_seed(seed).get_state()}
     return TrainState(params, optim.OPTIMIZERS[optimizer]().init(params), epoch, rng)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.helpers import assert_user_error, needs_cpp_compiler, needs_cuda, run, train_args
-from tinymnist import checkpoint
+from tinymnist.tool import checkpoint
 
 TEST_LINE = re.compile(r"Test set: Average loss: (\d+\.\d{4}), Accuracy: (\d+)/(\d+) \((\d+)%\)")
 TRAIN_LINE = re.compile(r"Train Epoch: (\d+) \[(\d+)/(\d+) \((\d+)%\)\]\tLoss: (\d+\.\d{6})")
@@ -204,7 +204,7 @@ def test_cuda_dry_run_compiled(tiny_split):
 
 
 def test_tf32_matmuls_are_switched_on_for_cuda_only():
-    from tinymnist.transforms import use_tf32_matmuls
+    from tinymnist.transforms.speed import use_tf32_matmuls
 
     torch.backends.cuda.matmul.allow_tf32 = False  # conftest restores the setting afterwards
     use_tf32_matmuls(torch.device("cpu"))

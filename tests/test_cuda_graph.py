@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from tests.helpers import Silent, needs_cpp_compiler, needs_cuda, random_mnist
-from tinymnist import cuda_graph, models, optim
-from tinymnist.config import recipe_config
-from tinymnist.train import fit, initial_state, make_gradient, make_step
-from tinymnist.transforms import compiled, device_step
-from tinymnist.trees import tree_map
+from tests.helpers import Silent, fit_run, needs_cpp_compiler, needs_cuda, random_mnist
+from tinymnist.algorithm import networks, optim
+from tinymnist.algorithm.config import recipe_config
+from tinymnist.algorithm.train import initial_state, make_gradient, make_step
+from tinymnist.algorithm.trees import tree_map
+from tinymnist.transforms import cuda_graph
+from tinymnist.transforms.speed import compiled, device_step
 
 
 def optimizer_of(config):
@@ -32,7 +33,7 @@ def test_in_place_step_writes_what_the_pure_step_returns(compile):
     data = random_mnist(96, 1)
     config = recipe_config("lenet", batch_size=32)
     optimizer = optimizer_of(config)
-    params = models.init_params("lenet", 0)
+    params = networks.init_params("lenet", 0)
     opt_state = optimizer.init(params)
     batch_idx, lr = torch.arange(32), torch.tensor(0.01)
     pure = make_step(make_gradient(config), optimizer)
@@ -104,8 +105,8 @@ def test_fit_on_cuda_keeps_each_epochs_state_apart():
     optimizer = optimizer_of(config)
     step = device_step(config, optimizer, device)
     assert isinstance(step, cuda_graph.GraphedStep)
-    fit(config, data, initial_state(config, optimizer, device), step, Silent(),
-        on_epoch_end=lambda state: states.append((state, clone(state.params))))  # fmt: skip
+    fit_run(config, data, initial_state(config, optimizer, device), step, Silent(),
+            on_epoch_end=lambda state: states.append((state, clone(state.params))))  # fmt: skip
     (first, first_copy), (second, _) = states
     torch.testing.assert_close(first.params, first_copy, rtol=0, atol=0)  # epoch 2 did not write into epoch 1's state
     assert not torch.equal(first.params["fc1.weight"], second.params["fc1.weight"])

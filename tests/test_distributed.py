@@ -23,12 +23,13 @@ import pytest
 import torch
 
 from tests.helpers import assert_user_error, needs_cpp_compiler, run, train_args
-from tinymnist import checkpoint, distributed, files
+from tinymnist.data import files
+from tinymnist.tool import checkpoint, torchrun
 
 MLP = ["--model", "mlp", "--log-interval", "1"]
 # A guard against a hang, not a measured threshold: the survivor must stop within the
 # collective timeout; a test that waits past this has found a hang.
-HANG_GUARD_S = distributed.COLLECTIVE_TIMEOUT.seconds + 60
+HANG_GUARD_S = torchrun.COLLECTIVE_TIMEOUT.seconds + 60
 
 
 def free_port() -> int:
@@ -45,7 +46,7 @@ def quiet_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a 2-core CI machine
 
 
-def torchrun(data_dir, *extra, nproc: int = 2) -> subprocess.CompletedProcess:
+def run_torchrun(data_dir, *extra, nproc: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "tinymnist",
                *cli_args(data_dir, *extra)]  # fmt: skip
@@ -119,14 +120,14 @@ def test_checkpoints_cross_between_torchrun_and_one_process(tiny_split, tmp_path
     where one process training both epochs ends."""
     reference = one_process(tiny_split, "--epochs", 2, "--save-model", tmp_path / "ref.pt")
     assert reference.returncode == 0, reference.stderr
-    first = torchrun(tiny_split, "--epochs", 1, "--save-model", tmp_path / "torchrun1.pt")
+    first = run_torchrun(tiny_split, "--epochs", 1, "--save-model", tmp_path / "torchrun1.pt")
     assert first.returncode == 0, first.stderr
     then = one_process(tiny_split, "--epochs", 2, "--resume", tmp_path / "torchrun1.pt",
                        "--save-model", tmp_path / "torchrun1_one2.pt")  # fmt: skip
     assert then.returncode == 0, then.stderr
     first = one_process(tiny_split, "--epochs", 1, "--save-model", tmp_path / "one1.pt")
     assert first.returncode == 0, first.stderr
-    then = torchrun(tiny_split, "--epochs", 2, "--resume", tmp_path / "one1.pt", "--save-model",
+    then = run_torchrun(tiny_split, "--epochs", 2, "--resume", tmp_path / "one1.pt", "--save-model",
                     tmp_path / "one1_torchrun2.pt")  # fmt: skip
     assert then.returncode == 0, then.stderr
     assert then.stdout.count("Final test accuracy") == 1
@@ -173,8 +174,8 @@ def test_a_batch_the_processes_cannot_share_is_one_line(tiny_split, monkeypatch)
 
 
 def test_without_torchrun_there_is_no_process_group():
-    assert distributed.from_env({}) is None
-    assert distributed.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == distributed.Cluster(3, 4, 1)
+    assert torchrun.from_env({}) is None
+    assert torchrun.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == torchrun.Cluster(3, 4, 1)
 
 
 @needs_cpp_compiler
@@ -251,7 +252,7 @@ def test_more_processes_than_models_is_one_line(tiny_split, monkeypatch):
 
 @pytest.mark.parametrize(("n_models", "world_size"), [(1, 1), (2, 2), (3, 2), (7, 3), (8, 3), (8, 4)])
 def test_the_shares_cover_every_model_once_as_evenly_as_can_be(n_models, world_size):
-    rows = [distributed.share(n_models, distributed.Cluster(r, world_size, r)) for r in range(world_size)]
+    rows = [torchrun.share(n_models, torchrun.Cluster(r, world_size, r)) for r in range(world_size)]
     assert [i for part in rows for i in range(n_models)[part]] == list(range(n_models))  # contiguous, in rank order
     sizes = [len(range(n_models)[part]) for part in rows]
     assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
@@ -261,6 +262,6 @@ def test_the_shares_cover_every_model_once_as_evenly_as_can_be(n_models, world_s
 def test_a_torchrun_process_leaves_with_its_exit_code_and_everything_printed(code, status, stderr):
     """exit_now skips the interpreter's finalization (where gloo's threads aborted a rank),
     so it must flush what was printed itself: piped output is block-buffered."""
-    script = f"from tinymnist import distributed; print('the final line', end=''); distributed.exit_now({code!r})"
+    script = f"from tinymnist.tool import torchrun; print('the final line', end=''); torchrun.exit_now({code!r})"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout, done.stderr) == (status, "the final line", stderr)

@@ -19,9 +19,9 @@ import torch
 
 from tests.mirror import Mirror, cut_off, gzip_if_accepted, serve, stall, status
 from tinymnist.data import DEFAULT_MIRRORS, FILES, DownloadError, download, load_mnist
+from tinymnist.data.fetch import Patience
+from tinymnist.data.idx import read_idx, write_idx
 from tinymnist.errors import TinyMnistError
-from tinymnist.fetch import Patience
-from tinymnist.idx import read_idx, write_idx
 
 T10K_IMAGES, T10K_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 PATIENT = Patience(connect_timeout=5.0, read_timeout=5.0, attempts=2, backoff=0.0)  # no sleeps between tries
@@ -215,7 +215,7 @@ def test_4xx_moves_on_without_retrying(mirrors, t10k, tmp_path, code):
 
 def test_retries_back_off_exponentially(mirrors, t10k, tmp_path, monkeypatch):
     pauses = []
-    monkeypatch.setattr("tinymnist.fetch.time.sleep", pauses.append)
+    monkeypatch.setattr("tinymnist.data.fetch.time.sleep", pauses.append)
     (mirror,) = mirrors(1)
     mirror.answers = {T10K_LABELS: [status(500)]}
     slow = FAST | {"patience": Patience(attempts=4, backoff=0.5)}
@@ -303,7 +303,7 @@ def test_full_disk_is_a_project_error(mirrors, t10k, tmp_path, monkeypatch):
     def full_disk(path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("tinymnist.fetch.atomic_write", full_disk)
+    monkeypatch.setattr("tinymnist.data.fetch.atomic_write", full_disk)
     expected = f"cannot write into the data folder {tmp_path}: No space left on device"
     with pytest.raises(DownloadError, match=re.escape(expected)):
         download(tmp_path, mirrors=[mirror.url], md5s=md5_of(labels_only(t10k)), **FAST)

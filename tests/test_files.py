@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from tinymnist.files import atomic_write, probe_write, remove_leftovers, temp_pattern
+from tinymnist.data.files import atomic_write, probe_write, remove_leftovers, temp_pattern
 
 HOLD_A_WRITE = """
 import sys, time
-from tinymnist.files import atomic_write
+from tinymnist.data.files import atomic_write
 with atomic_write(sys.argv[1]) as file:
     file.write(b"half of it")
     file.flush()

@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from tinymnist.idx import IdxError, open_idx, read_idx
+from tinymnist.data.idx import IdxError, open_idx, read_idx
 
 BOMB_TAIL = 64 << 20  # 64 MiB of zeros after the header: 64 KiB gzipped
 

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tinymnist.data import FILES, RAW_MD5
+from tinymnist.data.idx import IDX_DTYPES, IdxError, idx_md5, read_idx, write_idx
 from tinymnist.errors import TinyMnistError
-from tinymnist.idx import IDX_DTYPES, IdxError, idx_md5, read_idx, write_idx
 
 T10K_IMAGES, T10K_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 # Published t10k digit counts (0..9), e.g. in torchvision's and TensorFlow's dataset docs.

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from tinymnist import interrupts
+from tinymnist.tool import interrupts
 
 
 def start(code: str, *args) -> subprocess.Popen:
@@ -47,7 +47,7 @@ FROZEN_TORCH_IMPORT = """
 
     sys.meta_path.insert(0, FrozenTorchImport())
     sys.argv = ["tinymnist", "info"]
-    from tinymnist.entry import main
+    from tinymnist.tool.entry import main
     main()
 """
 
@@ -73,7 +73,7 @@ SWALLOWING_CLI_IMPORT = """
 
     class SwallowingImport:
         def find_spec(self, name, path=None, target=None):
-            return importlib.util.spec_from_loader(name, self) if name == "tinymnist.cli" else None
+            return importlib.util.spec_from_loader(name, self) if name == "tinymnist.tool.cli" else None
 
         def create_module(self, spec):
             return None
@@ -87,7 +87,7 @@ SWALLOWING_CLI_IMPORT = """
             module.main = lambda: print("the run went on")
 
     sys.meta_path.insert(0, SwallowingImport())
-    from tinymnist.entry import main
+    from tinymnist.tool.entry import main
     main()
 """
 
@@ -99,7 +99,7 @@ def test_a_ctrl_c_that_an_import_swallows_still_ends_the_run():
 
 def test_the_console_script_module_does_not_import_torch():
     """Everything imported before `main` installs the handlers is outside their reach."""
-    child = start("import sys, tinymnist.entry; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    child = start("import sys, tinymnist.tool.entry; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     assert finish(child) == (0, "[]\n", "")
 
 
@@ -107,7 +107,7 @@ def test_the_console_script_module_does_not_import_torch():
 # (the C-level handler writes one byte per signal, so no signal can be missed).
 SHIELDED_SAVE = """
     import os, signal, sys
-    from tinymnist import interrupts
+    from tinymnist.tool import interrupts
 
     interrupts.install()
     wakeups, w = os.pipe()
@@ -149,7 +149,7 @@ def test_signals_during_a_save_wait_for_it_then_end_the_run(tmp_path, signals, c
 # A child whose cleanup after the first Ctrl-C waits for (and must survive) a second.
 CLEANUP_AFTER_INTERRUPT = """
     import os, signal, sys
-    from tinymnist import interrupts
+    from tinymnist.tool import interrupts
 
     interrupts.install()
     wakeups, w = os.pipe()

@@ -12,8 +12,8 @@ import torch
 
 from tests.mirror import Mirror, serve, trickle
 from tinymnist.data import download
-from tinymnist.fetch import Patience
-from tinymnist.idx import write_idx
+from tinymnist.data.fetch import Patience
+from tinymnist.data.idx import write_idx
 
 IMAGES = "train-images-idx3-ubyte.gz"  # the first file `tinymnist download` fetches
 POLL = 0.05  # seconds between looks for the temp file

@@ -22,8 +22,8 @@ from tinymnist.data import (
     missing_files,
     resolve_data_dir,
 )
+from tinymnist.data.idx import write_idx
 from tinymnist.errors import TinyMnistError
-from tinymnist.idx import write_idx
 
 TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = FILES  # the canonical .gz names
 

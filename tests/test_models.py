@@ -1,4 +1,4 @@
-"""models.py against the tutorials' own nn.Module classes, used as oracles.
+"""networks.py against the tutorials' own nn.Module classes, used as oracles.
 
 The classes below are copied from the seed tutorials (seeds/000..003), so their
 state_dicts, their initialisation under torch.manual_seed, their forward passes and
@@ -16,7 +16,7 @@ from torch import nn
 
 from tests.helpers import needs_cpp_compiler
 from tests.tutorials import TUTORIALS, tutorial_input
-from tinymnist import cpu_pool, models, shapes
+from tinymnist.algorithm import cpu_pool, networks, shapes
 from tinymnist.errors import TinyMnistError
 
 ORACLES = TUTORIALS
@@ -42,66 +42,66 @@ def stack(dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([d[key] for d in dicts]) for key in dicts[0]}  # each (K, ...)
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", networks.MODEL_NAMES)
 def test_init_params_is_torchs_default_init_under_the_same_seed(name):
     torch.manual_seed(7)
     expected = oracle_state(ORACLES[name]())
     before = torch.get_rng_state()
-    params = models.init_params(name, 7)
+    params = networks.init_params(name, 7)
     assert torch.equal(torch.get_rng_state(), before), "init_params must not draw from the global generator"
-    assert list(params) == list(expected) == [k for k, _ in models.TEMPLATES[name].named_parameters()]
+    assert list(params) == list(expected) == [k for k, _ in networks.TEMPLATES[name].named_parameters()]
     for key in expected:
         assert torch.equal(params[key], expected[key]), key
 
 
 def test_init_params_bounds_and_seeds():
-    params = models.init_params("cnn", 0)
+    params = networks.init_params("cnn", 0)
     for key, value in params.items():
         fan_in = value.shape[1:].numel() if key.endswith("weight") else params[key.replace("bias", "weight")][0].numel()
         bound = 1 / math.sqrt(fan_in)
         assert value.abs().max() <= bound
         if value.numel() > 1000:  # U(-b, b) has standard deviation b / sqrt(3)
             assert value.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
-    again, other = models.init_params("cnn", 0), models.init_params("cnn", 1)
+    again, other = networks.init_params("cnn", 0), networks.init_params("cnn", 1)
     assert all(torch.equal(params[k], again[k]) for k in params)
     assert not any(torch.equal(params[k], other[k]) for k in params)
 
 
 def test_init_params_on_other_devices():
-    meta = models.init_params("lenet", 0, "meta")
+    meta = networks.init_params("lenet", 0, "meta")
     assert all(v.is_meta for v in meta.values())
     if torch.cuda.is_available():
-        cpu, cuda = models.init_params("lenet", 3), models.init_params("lenet", 3, "cuda")
+        cpu, cuda = networks.init_params("lenet", 3), networks.init_params("lenet", 3, "cuda")
         assert all(torch.equal(cpu[k], cuda[k].cpu()) for k in cpu)
 
 
 def test_unknown_model_names_the_valid_ones():
     for call in (
-        lambda: models.init_params("resnet", 0),
-        lambda: models.apply("resnet", {}, images(1)),
-        lambda: models.trace("resnet"),
+        lambda: networks.init_params("resnet", 0),
+        lambda: networks.apply("resnet", {}, images(1)),
+        lambda: networks.trace("resnet"),
     ):
         with pytest.raises(TinyMnistError, match="mlp, mlp3, cnn, lenet"):
             call()
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", networks.MODEL_NAMES)
 def test_apply_equals_the_tutorial_forward(name):
-    params = models.init_params(name, 0)
+    params = networks.init_params(name, 0)
     x = images(5)
-    ours = models.apply(name, params, x)
-    assert ours.shape == (5, models.NUM_CLASSES)
+    ours = networks.apply(name, params, x)
+    assert ours.shape == (5, networks.NUM_CLASSES)
     torch.testing.assert_close(ours, load_oracle(name, params).eval()(tutorial_input(name, x)), rtol=1e-5, atol=1e-6)
-    if models.OUTPUTS_LOG_PROBS[name]:  # log-probabilities: their exponentials sum to 1
+    if networks.OUTPUTS_LOG_PROBS[name]:  # log-probabilities: their exponentials sum to 1
         torch.testing.assert_close(ours.exp().sum(dim=1), torch.ones(5))
 
 
 def test_fast_pools_after_relu_with_train_mnist_fasts_gradients():
     """train_mnist_fast pools before each ReLU, ours after (faster compiled on the CPU):
     max and ReLU commute, and so do their gradients, ties and all-negative windows too."""
-    params, x = models.init_params("fast", 0), images(16) - 0.5  # (16, 1, 28, 28): many windows <= 0
-    labels = torch.arange(16) % models.NUM_CLASSES
-    ours = torch.func.grad(lambda p: F.cross_entropy(models.apply("fast", p, x), labels))(params)
+    params, x = networks.init_params("fast", 0), images(16) - 0.5  # (16, 1, 28, 28): many windows <= 0
+    labels = torch.arange(16) % networks.NUM_CLASSES
+    ours = torch.func.grad(lambda p: F.cross_entropy(networks.apply("fast", p, x), labels))(params)
     oracle = load_oracle("fast", params)
     F.cross_entropy(oracle(x), labels).backward()
     theirs = {key: p.grad for key, p in oracle.named_parameters()}  # conv1.weight, ...: our names
@@ -110,7 +110,7 @@ def test_fast_pools_after_relu_with_train_mnist_fasts_gradients():
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", networks.MODEL_NAMES)
 def test_loss_kinds_follow_the_tutorials(name):
     """A network ends in log_softmax exactly where the tutorial's module does: its outputs'
     exponentials then sum to 1 for every image (logits almost never do)."""
@@ -118,26 +118,26 @@ def test_loss_kinds_follow_the_tutorials(name):
     with torch.no_grad():
         out = net(tutorial_input(name, images(8) * 10))  # (8, 10)
     ends_in_log_softmax = torch.allclose(out.exp().sum(dim=1), torch.ones(8), atol=1e-5)
-    assert models.OUTPUTS_LOG_PROBS[name] == ends_in_log_softmax
+    assert networks.OUTPUTS_LOG_PROBS[name] == ends_in_log_softmax
 
 
 def test_templates_stay_empty_and_unchanged():
-    params = models.init_params("cnn", 0)
-    models.apply("cnn", params, images(2), train=True)
-    for template in models.TEMPLATES.values():
+    params = networks.init_params("cnn", 0)
+    networks.apply("cnn", params, images(2), train=True)
+    for template in networks.TEMPLATES.values():
         assert all(p.is_meta for p in template.parameters())
         assert not list(template.buffers())
 
 
 def test_train_dropout_is_the_tutorials_dropout():
-    params = models.init_params("cnn", 0)
+    params = networks.init_params("cnn", 0)
     oracle, x = load_oracle("cnn", params).train(), images(4)  # built first: building draws numbers too
     torch.manual_seed(123)
-    ours = models.apply("cnn", params, x, train=True)
+    ours = networks.apply("cnn", params, x, train=True)
     torch.manual_seed(123)
     theirs = oracle(x)  # nn.Dropout(0.25) then nn.Dropout(0.5), from the same generator state
     torch.testing.assert_close(ours, theirs)
-    assert not torch.allclose(ours, models.apply("cnn", params, x))
+    assert not torch.allclose(ours, networks.apply("cnn", params, x))
 
 
 def test_dropout_rates_are_a_quarter_and_a_half():
@@ -148,7 +148,7 @@ def test_dropout_rates_are_a_quarter_and_a_half():
     they see dropout2 only. dropout2 (p=0.5) leaves 0 or value/0.5. fc2 class j < 9
     copies unit j; class 9 is the constant 0 that log_softmax's output is read against.
     """
-    params = {k: torch.zeros_like(v) for k, v in models.init_params("cnn", 0).items()}
+    params = {k: torch.zeros_like(v) for k, v in networks.init_params("cnn", 0).items()}
     params["conv1.bias"] += 1
     params["conv2.bias"] += 1
     for unit in range(5):
@@ -157,7 +157,7 @@ def test_dropout_rates_are_a_quarter_and_a_half():
     for unit in range(9):
         params["fc2.weight"][unit, unit] = 1
     torch.manual_seed(0)
-    out = models.apply("cnn", params, images(400), train=True)  # (400, 10)
+    out = networks.apply("cnn", params, images(400), train=True)  # (400, 10)
     units = out[:, :9] - out[:, 9:]  # logits, recovered from log-probabilities
     both, second_only = units[:, :5], units[:, 5:]
     kept_value = (1 / (1 - 0.25)) * (1 / (1 - 0.5))
@@ -170,29 +170,29 @@ def test_dropout_rates_are_a_quarter_and_a_half():
 
 
 def test_eval_is_deterministic_and_draws_no_randomness():
-    params = models.init_params("cnn", 0)
+    params = networks.init_params("cnn", 0)
     before = torch.get_rng_state()
-    first, second = models.apply("cnn", params, images(3)), models.apply("cnn", params, images(3))
+    first, second = networks.apply("cnn", params, images(3)), networks.apply("cnn", params, images(3))
     assert torch.equal(first, second)
     assert torch.equal(torch.get_rng_state(), before)
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", networks.MODEL_NAMES)
 def test_vmap_over_stacked_params_equals_separate_calls(name):
-    members = [models.init_params(name, seed) for seed in range(3)]
+    members = [networks.init_params(name, seed) for seed in range(3)]
     x = images(4)
-    together = torch.func.vmap(lambda p: models.apply(name, p, x))(stack(members))  # (K, B, 10)
+    together = torch.func.vmap(lambda p: networks.apply(name, p, x))(stack(members))  # (K, B, 10)
     for k, params in enumerate(members):
-        torch.testing.assert_close(together[k], models.apply(name, params, x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(together[k], networks.apply(name, params, x), rtol=1e-4, atol=1e-5)
 
 
 def test_vmap_train_draws_a_different_dropout_mask_per_member():
-    same = stack([models.init_params("cnn", 0)] * 2)
-    out = torch.func.vmap(lambda p: models.apply("cnn", p, images(2), train=True), randomness="different")(same)
-    assert out.shape == (2, 2, models.NUM_CLASSES) and not torch.allclose(out[0], out[1])
+    same = stack([networks.init_params("cnn", 0)] * 2)
+    out = torch.func.vmap(lambda p: networks.apply("cnn", p, images(2), train=True), randomness="different")(same)
+    assert out.shape == (2, 2, networks.NUM_CLASSES) and not torch.allclose(out[0], out[1])
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", networks.MODEL_NAMES)
 def test_trace_matches_the_shapes_torch_observes(name):
     """Forward hooks on the tutorial's own modules record the shapes each layer sees."""
     net = ORACLES[name]()
@@ -205,11 +205,11 @@ def test_trace_matches_the_shapes_torch_observes(name):
 
     as_module = {shapes.Conv2d: nn.Conv2d, shapes.Linear: nn.Linear, shapes.MaxPool2d: nn.MaxPool2d}
     oracle_kinds = {type(m) for m, _, _ in seen}  # pytorch/examples pools with F.max_pool2d: no hook
-    rows = models.trace(name)
+    rows = networks.trace(name)
     inputs = [shapes.MNIST_IMAGE] + [row.shape for row in rows[:-1]]
     expected = [
         (as_module[type(layer)], shape_in, row)
-        for layer, shape_in, row in zip(models.ARCHITECTURES[name], inputs, rows, strict=True)
+        for layer, shape_in, row in zip(networks.ARCHITECTURES[name], inputs, rows, strict=True)
         if as_module.get(type(layer)) in oracle_kinds
     ]
     assert len(seen) == len(expected)
@@ -217,33 +217,33 @@ def test_trace_matches_the_shapes_torch_observes(name):
         assert isinstance(module, kind)
         assert (tuple(shape_in), tuple(shape_out)) == (row_in, row.shape), row.layer
         assert row.params == sum(p.numel() for p in module.parameters()), row.layer
-    assert rows[-1].shape == (models.NUM_CLASSES,)
-    assert sum(row.params for row in rows) == sum(p.numel() for p in models.init_params(name, 0).values())
+    assert rows[-1].shape == (networks.NUM_CLASSES,)
+    assert sum(row.params for row in rows) == sum(p.numel() for p in networks.init_params(name, 0).values())
 
 
 def test_the_flatten_sizes_are_derived():
-    assert next(r for r in models.trace("cnn") if r.layer == "flatten").shape == (9216,)
-    assert next(r for r in models.trace("lenet") if r.layer == "flatten").shape == (400,)
-    assert models.TEMPLATES["cnn"].fc1.in_features == 9216
-    assert models.TEMPLATES["lenet"].fc1.in_features == 400
+    assert next(r for r in networks.trace("cnn") if r.layer == "flatten").shape == (9216,)
+    assert next(r for r in networks.trace("lenet") if r.layer == "flatten").shape == (400,)
+    assert networks.TEMPLATES["cnn"].fc1.in_features == 9216
+    assert networks.TEMPLATES["lenet"].fc1.in_features == 400
 
 
 @needs_cpp_compiler
 def test_compiled_train_step_has_no_graph_break():
     """What train.py compiles: grad of a dropout loss through apply, as one graph (fullgraph=True)."""
-    params, x, y = models.init_params("cnn", 0), images(8), torch.arange(8)
+    params, x, y = networks.init_params("cnn", 0), images(8), torch.arange(8)
 
     def train_loss(params, x, y):
-        return F.nll_loss(models.apply("cnn", params, x, train=True), y)
+        return F.nll_loss(networks.apply("cnn", params, x, train=True), y)
 
     def step(params, x, y):
         grads, value = torch.func.grad_and_value(train_loss)(params, x, y)
-        return grads, value, models.apply("cnn", params, x)
+        return grads, value, networks.apply("cnn", params, x)
 
     grads, loss, out = torch.compile(step, fullgraph=True)(params, x, y)
     assert {k: v.shape for k, v in grads.items()} == {k: v.shape for k, v in params.items()}
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
-    torch.testing.assert_close(out, models.apply("cnn", params, x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, networks.apply("cnn", params, x), rtol=1e-4, atol=1e-5)
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,4 +1,4 @@
-"""tinymnist.optim against torch.optim, the oracle: same settings, same steps, same numbers.
+"""tinymnist.algorithm.optim against torch.optim, the oracle: same settings, same steps, same numbers.
 
 Each test runs our pure update and torch.optim (foreach=False, `p.grad` set by hand)
 side by side over random parameter dicts, random gradients and a learning rate that
@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import needs_cpp_compiler
-from tinymnist import optim, trees
+from tinymnist.algorithm import optim, trees
 from tinymnist.errors import TinyMnistError
-from tinymnist.reference import TORCH_OPTIMIZERS  # the oracle: our name -> torch.optim class
+from tinymnist.tool.reference import TORCH_OPTIMIZERS  # the oracle: our name -> torch.optim class
 
 STEPS = 25
 EXAMPLES = settings(max_examples=30, deadline=None)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.tmpfs import remount_read_only, tmpfs
-from tinymnist import outputs
 from tinymnist.errors import TinyMnistError
+from tinymnist.tool import outputs
 
 FLAG = "--save-model"
 
@@ -104,7 +104,7 @@ def test_a_read_only_file_is_refused(tmp_path):
 HOLDER = """
     import sys
     from pathlib import Path
-    from tinymnist import outputs
+    from tinymnist.tool import outputs
 
     with outputs.exclusive({"--save-model": Path(sys.argv[1]), "--metrics": Path(sys.argv[2])}):
         print("holding", flush=True)
@@ -124,7 +124,7 @@ def start_holder(checkpoint: Path, metrics: Path) -> subprocess.Popen:
 def second_run(outputs_by_flag: dict) -> str:
     """The message a second run, in a process of its own, gets for these outputs."""
     code = (
-        "import sys; from pathlib import Path; from tinymnist import outputs\n"
+        "import sys; from pathlib import Path; from tinymnist.tool import outputs\n"
         "from tinymnist.errors import TinyMnistError\n"
         "try:\n"
         f"    with outputs.exclusive({{k: Path(v) for k, v in {outputs_by_flag!r}.items()}}): pass\n"

@@ -4,7 +4,7 @@ import io
 
 from rich.console import Console
 
-from tinymnist.report import ProgressReporter
+from tinymnist.tool.report import ProgressReporter
 
 
 def record(epoch, correct):

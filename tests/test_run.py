@@ -7,8 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from tests.helpers import assert_user_error, run, train_args
-from tinymnist import checkpoint
-from tinymnist.cli import app
+from tinymnist.tool import checkpoint
+from tinymnist.tool.cli import app
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import needs_cpp_compiler
-from tinymnist import optim
+from tinymnist.algorithm import optim
+from tinymnist.algorithm.schedules import one_cycle, schedule_lrs, step_lr
 from tinymnist.errors import TinyMnistError
-from tinymnist.schedules import one_cycle, schedule_lrs, step_lr
 
 
 def torch_one_cycle_lrs(total_steps: int, **kwargs) -> list[float]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tinymnist.data import load_mnist
-from tinymnist.idx import write_idx
+from tinymnist.data.idx import write_idx
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "t10k_split.py"
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinymnist import shapes
+from tinymnist.algorithm import shapes
+from tinymnist.algorithm.shapes import ShapeError, conv2d_out, pool2d_out
 from tinymnist.errors import TinyMnistError
-from tinymnist.shapes import ShapeError, conv2d_out, pool2d_out
 
 sides = st.integers(1, 12)
 kernels = st.integers(1, 5)

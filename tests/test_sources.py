@@ -19,9 +19,9 @@ import torch
 
 from tinymnist import data
 from tinymnist.data import FILES, RAW_MD5, download
+from tinymnist.data.idx import idx_md5, read_idx, write_idx
+from tinymnist.data.sources import build_from
 from tinymnist.errors import TinyMnistError
-from tinymnist.idx import idx_md5, read_idx, write_idx
-from tinymnist.sources import build_from
 
 TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = FILES
 RNG = np.random.default_rng(0)
@@ -56,7 +56,7 @@ def accept(monkeypatch):
     """accept(arrays): take these fake files as MNIST, by their md5s."""
 
     def take(arrays):
-        monkeypatch.setattr("tinymnist.sources.RAW_MD5", {n: idx_md5(torch.from_numpy(a)) for n, a in arrays.items()})
+        monkeypatch.setattr("tinymnist.data.sources.RAW_MD5", {n: idx_md5(torch.from_numpy(a)) for n, a in arrays.items()})
 
     return take
 

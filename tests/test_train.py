@@ -4,11 +4,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import Silent, needs_cpp_compiler, random_mnist
-from tinymnist import models, optim
-from tinymnist.config import recipe_config
-from tinymnist.train import epoch_batches, evaluate, fit, initial_state, make_gradient, make_step, scale_images
-from tinymnist.transforms import compiled, micro_batched
+from tests.helpers import Silent, fit_run, needs_cpp_compiler, random_mnist
+from tinymnist.algorithm import networks, optim
+from tinymnist.algorithm.config import recipe_config
+from tinymnist.algorithm.train import (
+    epoch_batches,
+    evaluate,
+    initial_state,
+    make_gradient,
+    make_step,
+    scale_images,
+)
+from tinymnist.transforms.speed import compiled, micro_batched
 
 CPU = torch.device("cpu")
 
@@ -57,10 +64,10 @@ def test_scale_images_follows_the_recipe():
 def test_evaluate_is_exact_for_any_chunk_size():
     data = random_mnist(10, 250)
     config = recipe_config("cnn", test_batch_size=64)  # 250 = 3 chunks of 64 + 58
-    params = models.init_params("cnn", 3)
+    params = networks.init_params("cnn", 3)
     result = evaluate(config, params, data.test_images, data.test_labels)
     x = scale_images(data.test_images, config.recipe.mean, config.recipe.std)
-    out = models.apply("cnn", params, x)  # (250, 10): the whole set in one go, as the oracle
+    out = networks.apply("cnn", params, x)  # (250, 10): the whole set in one go, as the oracle
     assert result.total == 250
     assert result.correct == int((out.argmax(1) == data.test_labels).sum())
     assert abs(result.loss - F.nll_loss(out, data.test_labels).item()) < 1e-5
@@ -73,7 +80,7 @@ def test_eager_step_matches_a_torch_optim_step():
     data = random_mnist(64, 1)
     config = recipe_config("mlp")
     optimizer = optimizer_of(config)
-    params = models.init_params("mlp", 0)
+    params = networks.init_params("mlp", 0)
     step = plain_step(config, optimizer)
     lr = torch.tensor(config.lr)
     new_params, _, loss = step(
@@ -96,7 +103,7 @@ def test_fit_logs_at_the_interval_and_evaluates_every_epoch():
     config = recipe_config("mlp", batch_size=16, epochs=2, log_interval=3, compile=False)  # 7 steps an epoch
     reporter, ended = Silent(), []
     optimizer = optimizer_of(config)
-    result = fit(config, data, initial_state(config, optimizer, CPU), plain_step(config, optimizer), reporter,
+    result = fit_run(config, data, initial_state(config, optimizer, CPU), plain_step(config, optimizer), reporter,
                  on_epoch_end=ended.append)  # fmt: skip
     assert reporter.logged_steps == [(1, 3), (1, 6), (1, 7), (2, 3), (2, 6), (2, 7)]
     assert reporter.compiling == [True, False]  # the first step of a run is the one that compiles
@@ -118,7 +125,7 @@ def test_compiled_step_never_recompiles_and_agrees_with_eager():
         step = compiled(plain_step(config, optimizer)) if compile else plain_step(config, optimizer)
         torch._dynamo.reset()
         with torch._dynamo.config.patch(error_on_recompile=True):
-            result = fit(config, data, initial_state(config, optimizer, CPU), step, Silent())
+            result = fit_run(config, data, initial_state(config, optimizer, CPU), step, Silent())
         finals[compile] = result.state.params
     for name in finals[False]:
         torch.testing.assert_close(finals[True][name], finals[False][name], rtol=1e-4, atol=1e-5)
@@ -133,7 +140,7 @@ def test_micro_batches_give_the_whole_batch_gradient(model, batch_size, micro_ba
     data = random_mnist(batch_size, 1)
     config = recipe_config(model, "sgd", batch_size=batch_size, lr=0.1)
     optimizer = optimizer_of(config)
-    params = models.init_params(model, 0)
+    params = networks.init_params(model, 0)
     args = (data.train_images, data.train_labels, torch.randperm(batch_size), torch.tensor(config.lr))
     whole = plain_step(config, optimizer)(params, optimizer.init(params), *args)
     gradient = compiled(make_gradient(config)) if compile else make_gradient(config)

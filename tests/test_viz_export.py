@@ -11,21 +11,21 @@ import torch
 from tests.helpers import assert_user_error, run
 from tests.tutorials import TUTORIALS, tutorial_forward
 from tests.viz_helpers import run_viz, train_checkpoint
-from tinymnist import models
-from tinymnist.config import RECIPES
-from tinymnist.idx import read_idx
+from tinymnist.algorithm import networks
+from tinymnist.algorithm.config import RECIPES
+from tinymnist.data.idx import read_idx
 from tinymnist.viz.export import tutorial_state_dict
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("model_name", list(TUTORIALS))
 def test_the_tutorial_module_loads_strictly_and_computes_what_apply_computes(model_name):
-    params = models.init_params(model_name, seed=3)
+    params = networks.init_params(model_name, seed=3)
     module = TUTORIALS[model_name]().eval()
     module.load_state_dict(tutorial_state_dict(model_name, params), strict=True)
     images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     recipe = RECIPES[model_name]
-    ours = models.apply(model_name, params, (images.unsqueeze(1).float() / 255 - recipe.mean) / recipe.std)
+    ours = networks.apply(model_name, params, (images.unsqueeze(1).float() / 255 - recipe.mean) / recipe.std)
     torch.testing.assert_close(tutorial_forward(model_name, module, images), ours, rtol=0, atol=0)
 
 
@@ -107,7 +107,7 @@ def test_an_output_that_is_a_symlink_is_refused_and_its_target_kept(tiny_split, 
 
 def test_export_never_replaces_a_checkpoint_nor_a_file_a_run_holds(tiny_split, tmp_path):
     """`export a.pt -o a.pt` destroyed the checkpoint; so did exporting over one a training was saving."""
-    from tinymnist import outputs
+    from tinymnist.tool import outputs
 
     checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
     other = train_checkpoint(tiny_split, tmp_path / "other.pt", "mlp", "--epochs", "1")

@@ -68,7 +68,7 @@ def test_export_safetensors_without_safetensors_names_the_install_and_pt_still_w
 
 
 def test_tensorboard_reporter_without_tensorboard_names_the_install(tmp_path, monkeypatch):
-    from tinymnist.viz.tensorboard_log import TensorBoardReporter
+    from tinymnist.tool.tensorboard import TensorBoardReporter
 
     uninstall(monkeypatch, "tensorboard", "torch.utils.tensorboard")
     with pytest.raises(TinyMnistError) as raised:

@@ -9,10 +9,10 @@ from rich.console import Console
 
 from tests.helpers import assert_user_error
 from tests.viz_helpers import open_png, run_viz, train_checkpoint
-from tinymnist import models
+from tinymnist.algorithm import networks
 from tinymnist.data import load_test_split
+from tinymnist.data.idx import read_idx
 from tinymnist.errors import TinyMnistError
-from tinymnist.idx import read_idx
 from tinymnist.viz.digits import Digit, plain_digits, terminal_digits
 from tinymnist.viz.predict import pick, probabilities
 from tinymnist.viz.preprocess import mnist_digit
@@ -29,14 +29,14 @@ def mlp_checkpoint(real_split, tmp_path_factory):
 
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])  # logits, and log-probabilities
 def test_probabilities_are_the_softmax_of_the_network(model_name):
-    params = models.init_params(model_name, seed=0)
+    params = networks.init_params(model_name, seed=0)
     images = torch.randint(0, 256, (1500, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     probs = probabilities(model_name, params, images)  # in chunks of 1000
     scaled = images.unsqueeze(1).float() / 255
-    from tinymnist.config import RECIPES
+    from tinymnist.algorithm.config import RECIPES
 
     recipe = RECIPES[model_name]
-    logits = models.apply(model_name, params, (scaled - recipe.mean) / recipe.std)
+    logits = networks.apply(model_name, params, (scaled - recipe.mean) / recipe.std)
     expected = torch.softmax(logits.double(), dim=1).float()
     torch.testing.assert_close(probs, expected)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(1500))
@@ -100,7 +100,7 @@ def test_wrong_through_the_cli_shows_the_most_confident_mistakes(real_split, mlp
 
 
 def load_for(checkpoint_path, data_dir):
-    from tinymnist import checkpoint
+    from tinymnist.tool import checkpoint
 
     _, state = checkpoint.load(checkpoint_path, torch.device("cpu"))
     images, labels = load_test_split(data_dir, torch.device("cpu"))

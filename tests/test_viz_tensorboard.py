@@ -6,7 +6,7 @@ from tinymnist.data import load_mnist
 from tinymnist.errors import TinyMnistError
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-from tinymnist.viz.tensorboard_log import TensorBoardReporter  # noqa: E402  (after the skip)
+from tinymnist.tool.tensorboard import TensorBoardReporter  # noqa: E402  (after the skip)
 
 
 def scalars(log_dir):

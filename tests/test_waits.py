@@ -14,8 +14,8 @@ import torch
 
 from tests.mirror import Mirror, serve, stall, status, trickle
 from tinymnist.data import DownloadError, download
-from tinymnist.fetch import Patience
-from tinymnist.idx import write_idx
+from tinymnist.data.fetch import Patience
+from tinymnist.data.idx import write_idx
 
 LABELS = "t10k-labels-idx1-ubyte.gz"
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinymnist.config import RECIPES
+from tinymnist.algorithm.config import RECIPES
 
 
 class SimpleNN(nn.Module):  # seed 000

@@ -1,11 +1,12 @@
 """tinymnist: MNIST trained with raw tensors, torch.func and torch.compile.
 
-No torchvision, no DataLoader, no nn.Module holding state. The whole algorithm is
-in train.py; read it first, then models.py and optim.py, then transforms.py (what
-makes the step fast) and ensemble.py / distributed.py (what makes it wide). The rest
-is the tool around it: config.py and run.py (what `train` does around the loop),
-checkpoint.py, report.py, cli.py; and the data's I/O, which a learner can skip:
-data.py, idx.py, fetch.py, sources.py, files.py. README.md has the full table.
+No torchvision, no DataLoader, no nn.Module holding state. The folders are the layers:
+algorithm/ is the whole algorithm (train.py: the step, the data order, evaluation and
+the loop; networks.py, optim.py, schedules.py, shapes.py, config.py: the recipes);
+transforms/ makes the step fast or wide (compile, micro-batches, CUDA graphs, vmap over
+N models, the all-reduce across processes); data/ gets MNIST's files; tool/ is the
+command around the loop (cli.py, run.py, checkpoints, reports, bench); viz/ draws the
+pictures. Read algorithm/train.py first, then networks.py and optim.py, then transforms/.
 
 The library in a dozen lines:
 
@@ -15,7 +16,8 @@ The library in a dozen lines:
     optimizer = tm.optim.adam()
     state = tm.initial_state(config, optimizer, "cpu")
     step = tm.compiled(tm.make_step(tm.make_gradient(config), optimizer))
-    result = tm.fit(config, data, state, step)
+    training = tm.Training(config, [config], step, tm.TestSet(config, [config], data))
+    result = tm.fit(training, data, state)
     print(result.records[-1]["test_accuracy"])
 
 Names are imported on first use, so `import tinymnist` stays light until one is used.
@@ -28,20 +30,22 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _API = {
     "load_mnist": "tinymnist.data",
-    "recipe_config": "tinymnist.config",
-    "TrainConfig": "tinymnist.config",
-    "RECIPES": "tinymnist.config",
-    "init_params": "tinymnist.models",
-    "apply": "tinymnist.models",
-    "make_gradient": "tinymnist.train",
-    "make_step": "tinymnist.train",
-    "initial_state": "tinymnist.train",
-    "fit": "tinymnist.train",
-    "evaluate": "tinymnist.train",
-    "compiled": "tinymnist.transforms",
-    "micro_batched": "tinymnist.transforms",
-    "device_step": "tinymnist.transforms",
-    "optim": "tinymnist.optim",
+    "recipe_config": "tinymnist.algorithm.config",
+    "TrainConfig": "tinymnist.algorithm.config",
+    "RECIPES": "tinymnist.algorithm.config",
+    "init_params": "tinymnist.algorithm.networks",
+    "apply": "tinymnist.algorithm.networks",
+    "make_gradient": "tinymnist.algorithm.train",
+    "make_step": "tinymnist.algorithm.train",
+    "initial_state": "tinymnist.algorithm.train",
+    "fit": "tinymnist.algorithm.train",
+    "Training": "tinymnist.algorithm.train",
+    "TestSet": "tinymnist.algorithm.train",
+    "evaluate": "tinymnist.algorithm.train",
+    "compiled": "tinymnist.transforms.speed",
+    "micro_batched": "tinymnist.transforms.speed",
+    "device_step": "tinymnist.transforms.speed",
+    "optim": "tinymnist.algorithm.optim",
 }
 
 __all__ = ["__version__", *_API]
@@ -51,4 +55,4 @@ def __getattr__(name: str):
     if name not in _API:
         raise AttributeError(f"module 'tinymnist' has no attribute {name!r}")
     module = importlib.import_module(_API[name])
-    return module if module.__name__ == f"tinymnist.{name}" else getattr(module, name)
+    return module if module.__name__.endswith(f".{name}") else getattr(module, name)

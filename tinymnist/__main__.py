@@ -1,5 +1,5 @@
 """`python -m tinymnist` is the same as the `tinymnist` console script."""
 
-from tinymnist.entry import main
+from tinymnist.tool.entry import main
 
 main()

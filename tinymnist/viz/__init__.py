@@ -2,7 +2,7 @@
 
 Nothing here is needed to train; read it after the algorithm. Terminal drawing uses
 rich only; PNGs, reading your own images, TensorBoard and safetensors need the
-optional extra, `pip install 'tinymnist[viz]'` (extras.py).
+optional extra, `pip install 'tinymnist[viz]'` (tool/extras.py).
 
     commands.py         plot, predict, export: the CLI side, register(app)
     runs.py             --metrics files -> curves per run (mean and band for many models)
@@ -12,7 +12,7 @@ optional extra, `pip install 'tinymnist[viz]'` (extras.py).
     preprocess.py       your photo -> a 28x28 digit made the way MNIST's were
     digits.py           digits in the terminal (half blocks), as ASCII, or as a PNG grid
     confusion.py        the 10x10 confusion matrix: table, PNG, JSON
-    tensorboard_log.py  train --tensorboard: a reporter writing event files
     export.py           a plain state_dict for the tutorials' own nn.Modules
-    extras.py, atomic.py   the optional imports; files written whole or not at all
+
+train --tensorboard's reporter is the tool's (tool/tensorboard.py), like the other reports.
 """

@@ -12,11 +12,13 @@ import torch
 import typer
 from rich.console import Console
 
-from tinymnist import checkpoint, data, outputs
-from tinymnist.config import TrainConfig, model_grid
-from tinymnist.devices import resolve_device
+from tinymnist import data
+from tinymnist.algorithm.config import TrainConfig, model_grid
 from tinymnist.errors import TinyMnistError
-from tinymnist.transforms import use_tf32_matmuls
+from tinymnist.tool import checkpoint, outputs
+from tinymnist.tool.devices import resolve_device
+from tinymnist.tool.exits import user_errors
+from tinymnist.transforms.speed import use_tf32_matmuls
 from tinymnist.viz.curves import write_curves_png
 from tinymnist.viz.digits import plain_digits, terminal_digits, write_digits_png
 from tinymnist.viz.export import export_state_dict
@@ -27,8 +29,6 @@ from tinymnist.viz.textplot import numbers_table, text_plot
 
 def register(app: typer.Typer) -> None:
     """Add plot, predict and export to `app`, each wrapped like every tinymnist command."""
-    from tinymnist.cli import user_errors  # here, not above: cli.py imports this module to call register
-
     app.command("plot")(user_errors(plot))
     app.command("predict")(user_errors(predict))
     app.command("export")(user_errors(export))

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from tinymnist.models import NUM_CLASSES
-from tinymnist.outputs import atomic_output
-from tinymnist.viz.extras import require
+from tinymnist.algorithm.networks import NUM_CLASSES
+from tinymnist.tool.extras import require
+from tinymnist.tool.outputs import atomic_output
 
 FIGURE_INCHES = (7, 6)
 DPI = 100  # 700 x 600 pixels

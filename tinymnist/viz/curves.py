@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tinymnist.outputs import atomic_output
-from tinymnist.viz.extras import require
+from tinymnist.tool.extras import require
+from tinymnist.tool.outputs import atomic_output
 from tinymnist.viz.runs import ACCURACY_TICKS, QUANTITIES, TITLES, Run, error_rate
 
 FIGURE_INCHES = (15, 4.8)  # three panels side by side, legend below

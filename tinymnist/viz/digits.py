@@ -18,8 +18,8 @@ from rich.console import Group
 from rich.style import Style
 from rich.text import Text
 
-from tinymnist.outputs import atomic_output
-from tinymnist.viz.extras import require
+from tinymnist.tool.extras import require
+from tinymnist.tool.outputs import atomic_output
 
 UPPER_HALF_BLOCK = "▀"
 ASCII_RAMP = " .:-=+*#%@"  # Paul Bourke's 10-level character ramp, from no ink to full ink

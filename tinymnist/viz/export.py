@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from tinymnist.config import RECIPES
+from tinymnist.algorithm.config import RECIPES
 from tinymnist.errors import TinyMnistError
-from tinymnist.outputs import atomic_output
-from tinymnist.viz.extras import require
+from tinymnist.tool.extras import require
+from tinymnist.tool.outputs import atomic_output
 
 # tinymnist module name -> the tutorial's, where they differ (seed 003's nn.Sequential blocks).
 TUTORIAL_MODULE_NAMES = {"lenet": {"conv1": "conv1.0", "conv2": "conv2.0", "fc1": "fc1.0", "fc2": "fc2.0"}}

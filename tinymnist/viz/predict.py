@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from tinymnist import models
-from tinymnist.config import RECIPES
+from tinymnist.algorithm import networks
+from tinymnist.algorithm.config import RECIPES
 from tinymnist.viz.digits import Digit
 from tinymnist.viz.preprocess import mnist_digit, read_grey
 
@@ -35,7 +35,7 @@ def probabilities(model: str, params: dict, images_u8: torch.Tensor) -> torch.Te
     log-probabilities (a network ending in log_softmax) it gives them back unchanged.
     """
     chunks = [
-        torch.softmax(models.apply(model, params, model_inputs(model, images_u8[start : start + CHUNK])), dim=1)
+        torch.softmax(networks.apply(model, params, model_inputs(model, images_u8[start : start + CHUNK])), dim=1)
         for start in range(0, len(images_u8), CHUNK)
     ]  # each (C, 10)
     return torch.cat(chunks)

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tinymnist.data.files import check_readable
 from tinymnist.errors import TinyMnistError
-from tinymnist.files import check_readable
-from tinymnist.viz.extras import require
+from tinymnist.tool.extras import require
 
 IMAGE_SIZE = 28  # MNIST's images
 DIGIT_BOX = 20  # the box MNIST's digits were normalized into (the longer side)

@@ -24,7 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinymnist import files
+from tinymnist.data import files
 from tinymnist.errors import TinyMnistError
 
 QUANTITIES = ("train_loss", "test_loss", "test_accuracy")

@@ -1,0 +1,201 @@
+"""Fetch files over HTTP from a list of mirrors: retried, md5-verified, renamed into place.
+
+`fetch_files` knows nothing about MNIST: `data.download` decides which files are
+missing and which mirrors to ask, and turns the failures it returns into a message.
+
+Per file, mirrors are tried in order. Failures that may pass (a refused connection, a
+timeout, an HTTP 5xx, a body cut off before its Content-Length) are retried on the same
+mirror with exponential backoff; failures the mirror would repeat (an HTTP 4xx, bytes
+whose md5 is wrong) move on to the next mirror at once. Waiting is bounded three ways
+(`Patience`): a connection must open within seconds, a server may not fall silent for
+long, and each file has a deadline over all its mirrors and tries. Every try, retry and
+change of mirror is one line on stderr, on a terminal or not, so a stalled mirror is
+never a silent wait. The bytes stream into a temp file beside the destination
+(`files.atomic_write`) that is renamed only once the md5 matches, so a failed or
+interrupted download never leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
+
+from tinymnist.data.files import atomic_write
+
+CHUNK_BYTES = 1 << 16  # stream, hash and write in 64 KiB pieces
+# Ask for the bytes as stored. requests accepts gzip by default, and a server that takes
+# the offer sends a Content-Length of the compressed bytes while requests hands us them
+# uncompressed: the two would never agree, and a short body could not be told from a whole one.
+AS_STORED = {"Accept-Encoding": "identity"}
+
+
+@dataclass(frozen=True)
+class Patience:
+    """How long to wait for a mirror, and how often to ask it again."""
+
+    # A reachable host answers a connection in well under a second; 10 s still covers three
+    # lost SYNs (Linux resends after 1, 2 and 4 s, RFC 6298's 1 s initial timeout, doubling).
+    connect_timeout: float = 10.0
+    # Seconds a server may send nothing, before the reply or mid-body: pip's default timeout.
+    read_timeout: float = 15.0
+    attempts: int = 3  # tries per mirror for a failure that may pass
+    backoff: float = 1.0  # seconds before the second try; doubled before each later one
+    # Per file, all mirrors and tries together. MNIST's largest file (9.9 MB) arrives
+    # within it at 33 KB/s, slower than any link one trains networks over; four files on
+    # mirrors that all stall cost 20 minutes at most, announced line by line.
+    deadline: float = 300.0
+
+    def __post_init__(self):
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {self.attempts}")
+
+
+def fetch_files(
+    folder: Path, md5s: Mapping[str, str], mirrors: Sequence[str], *, progress: bool | None, patience: Patience
+) -> dict[str, list[str]]:
+    """Fetch `folder/NAME` from `MIRROR/NAME` for each NAME of `md5s`.
+
+    Returns, for each file no mirror delivered, what every mirror answered
+    (`"URL: HTTP 503 (3 tries)"`); an empty dict when all arrived. Files that arrived stay.
+    progress: a byte-count bar on stderr; None shows it only on a terminal.
+    """
+    failures = {}
+    with requests.Session() as session, _progress_bar(progress) as bar:
+        fetcher = _Fetcher(mirrors, session, bar, patience)
+        for name, md5 in md5s.items():
+            if answers := fetcher.fetch(name, folder / name, md5):
+                failures[name] = answers
+    return failures
+
+
+class _TryAgain(Exception):
+    """A failure that may pass: HTTP 5xx, a refused connection, a timeout, a cut-off body."""
+
+
+class _NextMirror(Exception):
+    """A failure this mirror will repeat (HTTP 4xx, wrong bytes): go to the next one."""
+
+
+class _OutOfTime(Exception):
+    """The file's deadline has passed: no more tries, on any mirror."""
+
+
+@dataclass(frozen=True)
+class _Fetcher:
+    """Fetches files from mirrors in order with one HTTP session, progress bar and patience."""
+
+    mirrors: Sequence[str]
+    session: requests.Session
+    bar: Progress
+    patience: Patience
+
+    def fetch(self, name: str, destination: Path, md5: str) -> list[str]:
+        """Try each mirror in turn: [] once one delivers, else what every mirror answered."""
+        task = self.bar.add_task(name, total=None)
+        give_up_at = time.monotonic() + self.patience.deadline
+        answers = []
+        for number, base in enumerate(self.mirrors, start=1):
+            url = base.rstrip("/") + "/" + name
+            _say(f"downloading {url}")
+            try:
+                self._fetch_with_retries(url, destination, md5, task, give_up_at)
+                return []
+            except _NextMirror as e:
+                answers.append(f"{url}: {e}")
+                _say(f"{url}: {e}; {'next mirror' if number < len(self.mirrors) else 'no mirror left'}")
+            except _OutOfTime as e:
+                answers.append(f"{url}: {e}")
+                _say(f"{url}: {e}; giving up on {name}")
+                break
+        return answers or ["no mirrors to try"]
+
+    def _fetch_with_retries(self, url: str, destination: Path, md5: str, task: TaskID, give_up_at: float) -> None:
+        attempts = self.patience.attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._fetch_once(url, destination, md5, task, give_up_at)
+            except _TryAgain as e:  # noqa: PERF203 (a retry loop: the exception is the point)
+                tries = f"{attempt} {'try' if attempt == 1 else 'tries'}"
+                if attempt == attempts:
+                    raise _NextMirror(f"{e} ({tries})") from None
+                pause = self.patience.backoff * 2 ** (attempt - 1)  # exponential backoff: 1x, 2x, 4x, ...
+                if time.monotonic() + pause >= give_up_at:
+                    raise _OutOfTime(f"{e} ({tries}); the {self.patience.deadline:g} s deadline has passed") from None
+                _say(f"{url}: {e}; try {attempt + 1} of {attempts} in {pause:g} s")
+                time.sleep(pause)
+
+    def _fetch_once(self, url: str, destination: Path, md5: str, task: TaskID, give_up_at: float) -> None:
+        left = give_up_at - time.monotonic()
+        if left <= 0:
+            raise _OutOfTime(f"the {self.patience.deadline:g} s deadline has passed")
+        # No single wait may outlast the deadline: a server that stalls cannot stretch it.
+        connect, read = min(self.patience.connect_timeout, left), min(self.patience.read_timeout, left)
+        try:
+            with self.session.get(url, stream=True, timeout=(connect, read), headers=AS_STORED) as response:
+                if response.status_code >= 500:
+                    raise _TryAgain(f"HTTP {response.status_code}")
+                if response.status_code != 200:
+                    raise _NextMirror(f"HTTP {response.status_code}")
+                self._save_verified(response, destination, md5, task, give_up_at)
+        except requests.ConnectTimeout:
+            raise _TryAgain(f"no connection within {connect:g} s") from None
+        except requests.Timeout:
+            raise _TryAgain(f"no answer within {read:g} s") from None
+        except requests.ConnectionError as e:  # also a read timeout in the middle of the body
+            raise _TryAgain(_reason(e)) from None
+        except requests.RequestException as e:  # a malformed mirror URL, too many redirects, ...
+            raise _NextMirror(_reason(e)) from None
+
+    def _save_verified(
+        self, response: requests.Response, destination: Path, md5: str, task: TaskID, give_up_at: float
+    ) -> None:
+        """Stream the body into a temp file that becomes `destination` only if whole and md5-correct."""
+        length = response.headers.get("Content-Length", "")
+        expected = int(length) if length.isdigit() else None
+        self.bar.reset(task, total=expected)
+        digest, received = hashlib.md5(), 0
+        with atomic_write(destination) as file:  # any exception below deletes the temp file
+            try:
+                for chunk in response.iter_content(CHUNK_BYTES):
+                    file.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    self.bar.advance(task, len(chunk))
+                    if time.monotonic() > give_up_at:  # a trickle that never trips the read timeout
+                        deadline = self.patience.deadline
+                        raise _OutOfTime(f"the {deadline:g} s deadline passed after {received} bytes")
+            except requests.exceptions.ChunkedEncodingError:  # closed before Content-Length bytes
+                pass  # reported just below, with the byte counts
+            if expected is not None and received != expected:
+                raise _TryAgain(f"body cut off after {received} of {expected} bytes")
+            if digest.hexdigest() != md5:
+                raise _NextMirror(f"md5 mismatch (got {digest.hexdigest()}, expected {md5})")
+
+
+def _say(line: str) -> None:
+    """One line on stderr, flushed: seen at once in a terminal, a pipe or a log file alike."""
+    print(line, file=sys.stderr, flush=True)  # above the progress bar while it is live (rich redirects)
+
+
+def _progress_bar(enabled: bool | None) -> Progress:
+    console = Console(stderr=True)  # stdout stays clean for what the command prints
+    show = console.is_terminal if enabled is None else enabled
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    return Progress(*columns, console=console, disable=not show)
+
+
+def _reason(error: requests.RequestException) -> str:
+    """`Connection refused`, not urllib3's three nested reprs."""
+    if "Read timed out" in str(error):
+        return "stopped sending (read timed out)"
+    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error))
+    return match.group(1) if match else f"{type(error).__name__}: {error}"

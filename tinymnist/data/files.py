@@ -1,0 +1,115 @@
+"""Write a file so that readers see the old content or the whole new one, never half of it.
+
+`atomic_write(path)` hands out a hidden temp file beside `path`, named
+
+    .NAME.tinymnist-1a2b3c4d.part
+
+and renames it over `path` once the `with` block has succeeded: os.replace is atomic
+within one file system, and the bytes are fsync'ed first, so the name never points at
+a half-written file. Any exception (Ctrl-C too) deletes the temp file.
+
+Only `kill -9` or a power cut can leave one behind. The writer holds an OS lock
+(flock) on its temp file for as long as it writes, and the OS drops that lock when the
+process dies however it dies. So `remove_leftovers(path)` deletes the temp files of
+`path` that no living writer holds, and nothing else: not another target's, not
+another program's, not those of a second tinymnist still writing. Every
+`atomic_write` calls it first, so the next write of a file cleans up after the last.
+POSIX only (fcntl), like the rest of the project.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from tinymnist.errors import TinyMnistError
+
+TOKEN_BYTES = 4  # 8 hex digits: two writers of one file at once never pick the same name
+
+
+def temp_pattern(path: Path) -> re.Pattern[str]:
+    """The names of `path`'s temp files, and only those: `.NAME.tinymnist-<8 hex>.part`."""
+    return re.compile(rf"\.{re.escape(Path(path).name)}\.tinymnist-[0-9a-f]{{{2 * TOKEN_BYTES}}}\.part")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file for `path`'s new content; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    remove_leftovers(path)
+    file, temp = _create_locked_temp(path)
+    try:
+        with file:  # closing drops the lock: only after the rename
+            yield file
+            file.flush()
+            os.fsync(file.fileno())  # the bytes are on disk before the name points at them
+            os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)  # gone already after a successful rename
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of `path` left by writers that died; return what was deleted."""
+    path = Path(path)
+    pattern = temp_pattern(path)
+    try:
+        names = [name for name in os.listdir(path.parent) if pattern.fullmatch(name)]
+    except OSError:  # no folder yet (or unreadable): nothing of ours can be in it
+        return []
+    removed = []
+    for name in names:
+        leftover = path.with_name(name)
+        try:
+            with open(leftover, "rb") as file:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its writer lives
+                leftover.unlink()  # while locked, so a writer that just created it can tell (below)
+        except OSError:  # being written now, gone already, or on a file system without locks: keep
+            continue
+        removed.append(leftover)
+    return removed
+
+
+def probe_write(path: str | os.PathLike) -> None:
+    """Raise the OSError that `atomic_write(path)` would meet on opening its temp file (no folder,
+    no permission, a name too long for the file system), leaving nothing behind."""
+    file, temp = _create_locked_temp(Path(path))
+    file.close()
+    temp.unlink()
+
+
+def _create_locked_temp(path: Path) -> tuple[BinaryIO, Path]:
+    """A new temp file for `path`, opened and locked before anyone else can delete it for a leftover."""
+    while True:
+        temp = path.with_name(f".{path.name}.tinymnist-{secrets.token_hex(TOKEN_BYTES)}.part")
+        file = open(temp, "xb")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): nobody can take it either
+            return file, temp
+        # Between open and flock another run's remove_leftovers may have taken it for a dead
+        # writer's file and unlinked it; then its link count is 0 and we start over.
+        if os.fstat(file.fileno()).st_nlink > 0:
+            return file, temp
+        file.close()
+
+
+def check_readable(path: str | os.PathLike, what: str) -> None:
+    """Raise a one-line TinyMnistError unless `path` is a regular file (or missing: the
+    caller says that). A named pipe or a device would block a reader forever or feed it
+    without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise TinyMnistError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a pipe, socket or device"
+        raise TinyMnistError(f"{what} {path}: is {kind}, not a file; give the path of a file")

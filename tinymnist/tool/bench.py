@@ -1,0 +1,177 @@
+"""`tinymnist bench`: the tutorials' DataLoader loop against our step, same data, same run.
+
+For each model at its recipe batch size, three ways to train are timed in one
+process on one device: (a) the reference loop of reference.py, (b) our step eager,
+(c) our step compiled. Each is warmed up first (the compile is timed apart), then
+timed over several windows of steps; the median window gives images/s. Ratios are
+(b)/(a) and (c)/(a) from the same run, so a noisy shared machine slows all three alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from tinymnist import data
+from tinymnist.algorithm import networks
+from tinymnist.algorithm.config import make_optimizer, recipe_config
+from tinymnist.algorithm.train import epoch_batches, initial_state, synchronize
+from tinymnist.tool.outputs import atomic_output
+from tinymnist.tool.reference import reference_loop
+from tinymnist.transforms.speed import device_step
+
+MNIST_TRAIN_SIZE = 60_000
+
+
+def bench_data(data_dir, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Real MNIST training images where the files are there, else random ones of the same shape."""
+    if not data.missing_files(data_dir):
+        mnist = data.load_mnist(data_dir, device)
+        return mnist.train_images, mnist.train_labels, f"real MNIST from {data_dir}"
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (MNIST_TRAIN_SIZE, 28, 28), dtype=torch.uint8, generator=g)  # (N, 28, 28)
+    labels = torch.randint(0, 10, (MNIST_TRAIN_SIZE,), generator=g)  # (N,)
+    return images.to(device), labels.to(device), f"random uint8 (MNIST files not found in {data_dir})"
+
+
+def our_steps(config, images, labels, device, compile: bool) -> Iterator:
+    """Yield after each step of tinymnist's loop, forever, over on-device shuffled batches.
+
+    The step is the one `train` runs by default: on CUDA, compiled means compiled and
+    replayed as a CUDA graph; on the CPU, large batches are split into micro-batches."""
+    optimizer = make_optimizer(config)
+    state = initial_state(config, optimizer, device)
+    config = dataclasses.replace(config, compile=compile, cuda_graphs=compile)  # (b) eager is the plain eager step
+    step = device_step(config, optimizer, device)
+    lr = torch.tensor(config.lr, device=device)
+    params, opt_state = state.params, state.opt_state
+    shuffle = torch.Generator().manual_seed(config.seed)
+    while True:
+        for batch_idx in epoch_batches(len(images), config.batch_size, shuffle, device):  # (B,) each
+            params, opt_state, loss = step(params, opt_state, images, labels, batch_idx, lr)
+            yield params, loss
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: most bytes allocated since the last reset. CPU: the process's peak RSS so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def time_loop(steps: Iterator, batch_size: int, device, window_steps: int, repeats: int, warmup: int) -> dict:
+    """First step (compile) and warm-up timed apart; then `repeats` windows, median images/s."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    next(steps)
+    synchronize(device)
+    first_step = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in itertools.islice(steps, warmup):
+        pass
+    synchronize(device)
+    warmup_seconds = time.perf_counter() - started
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in itertools.islice(steps, window_steps):
+            pass
+        synchronize(device)
+        rates.append(window_steps * batch_size / (time.perf_counter() - started))
+    return {
+        "images_per_second": statistics.median(rates),
+        "first_step_seconds": first_step,
+        "warmup_seconds": warmup_seconds,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def bench_model(model: str, images, labels, device, window_images: int, repeats: int, warmup: int,
+                compile: bool, log: Callable[[str], None]) -> dict:  # fmt: skip
+    """Time (a) reference, (b) eager, (c) compiled for one model at its recipe batch size."""
+    config = recipe_config(model)
+    window_steps = max(1, window_images // config.batch_size)
+    params = networks.init_params(model, config.seed, device)
+    loops = {
+        "reference": reference_loop(config, params, images, labels, device),
+        "eager": our_steps(config, images, labels, device, compile=False),
+    }
+    if compile:
+        loops["compiled"] = our_steps(config, images, labels, device, compile=True)
+    result = {"model": model, "batch_size": config.batch_size, "window_steps": window_steps}
+    for name, steps in loops.items():
+        log(f"{model}: timing {name} ({repeats} windows of {window_steps} steps)")
+        result[name] = time_loop(steps, config.batch_size, device, window_steps, repeats, warmup)
+    reference = result["reference"]["images_per_second"]
+    for name in ("eager", "compiled"):
+        if name in result:
+            result[f"{name}_vs_reference"] = result[name]["images_per_second"] / reference
+    return result
+
+
+def write_json(path: Path, report: dict) -> None:
+    """--json, whole or not at all: a full disk after minutes of timing leaves no half a file."""
+    with atomic_output(path, "--json") as f:
+        f.write((json.dumps(report, indent=2) + "\n").encode())
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def run_bench(models_to_run, device, data_dir, window_images=4096, repeats=5, warmup=3, compile=True, log=None) -> dict:
+    """The whole benchmark as one JSON-ready dict."""
+    log = log or (lambda message: print(message, file=sys.stderr))
+    images, labels, source = bench_data(data_dir, device)
+    return {
+        "device": str(device),
+        "machine": machine_description(device),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "data": source,
+        "results": [
+            bench_model(m, images, labels, device, window_images, repeats, warmup, compile, log) for m in models_to_run
+        ],
+    }
+
+
+def print_report(report: dict, json_path: Path | None) -> None:
+    """The results as a table (every digit when the output is a log file); the raw dict as JSON."""
+    if json_path:
+        write_json(json_path, report)
+    table = Table(title=f"{report['machine']}, torch {report['torch']}; data: {report['data']}")
+    for column in ("model", "batch", "ref img/s", "eager img/s", "compiled img/s",
+                   "eager/ref", "compiled/ref", "compile s", "peak MB"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in report["results"]:
+        compiled = r.get("compiled")
+        table.add_row(
+            r["model"], str(r["batch_size"]),
+            f"{r['reference']['images_per_second']:,.0f}", f"{r['eager']['images_per_second']:,.0f}",
+            f"{compiled['images_per_second']:,.0f}" if compiled else "-",
+            f"{r['eager_vs_reference']:.2f}x", f"{r['compiled_vs_reference']:.2f}x" if compiled else "-",
+            f"{compiled['first_step_seconds']:.1f}" if compiled else "-",
+            f"{max(v['peak_memory_mb'] for v in r.values() if isinstance(v, dict)):,.0f}",
+        )  # fmt: skip
+    console = Console()
+    (console if console.is_terminal else Console(width=120)).print(table)  # a log file gets every digit

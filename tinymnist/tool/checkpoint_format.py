@@ -1,0 +1,217 @@
+"""What a checkpoint holds, and the check that a loaded one holds exactly that.
+
+torch.load(weights_only=True) guarantees plain data, not the right data: a float64
+weight, a meta tensor, a list where a tensor belongs, an epoch of True or a stored
+test batch of 0 would each end, later, in a traceback from deep inside eval or
+resume. So every part is compared with what this version of tinymnist writes:
+
+    format     FORMAT
+    config     TrainConfig's fields, each of its annotated type, and config.validate passes
+    epoch      an int >= 0 (not a bool, not a float)
+    params     the model's parameter names, shapes and float32: `expected_params`
+    opt_state  what the optimizer's own `init` builds from those: `expected_opt_state`
+    rng        RNG_STATES, uint8 tensors that a generator accepts
+
+Expected tensors are built on the `meta` device (shapes and dtypes, no memory), so the
+tables grow with the code: stacked params of N models need only `n_models`.
+Non-finite values are data, not damage: NaN weights load, and eval reports a NaN loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+
+import torch
+
+from tinymnist.algorithm import networks, optim
+from tinymnist.algorithm.config import TrainConfig, model_grid, validate
+from tinymnist.errors import TinyMnistError
+
+FORMAT = "tinymnist-checkpoint-v1"
+ENTRIES = ("format", "config", "epoch", "params", "opt_state", "rng")
+# TrainConfig fields added after the first checkpoints were written: a checkpoint
+# without them loads, and they take their defaults.
+ADDED_FIELDS = {"micro_batch", "cuda_graphs", "seeds", "lrs", "tensorboard", "schedule", "label_smoothing",
+                "target_accuracy", "eval_every"}  # fmt: skip
+# Generator states a checkpoint may hold, and whether it must: the global CPU generator
+# (dropout), the run's shuffling generator (added later), the CUDA generator of a CUDA run.
+RNG_STATES = {"cpu": True, "shuffle": False, "cuda": False}
+UNFIT = "the file is damaged or does not match this version of tinymnist"
+
+
+class Damaged(Exception):
+    """What is wrong with a checkpoint's contents, in words that follow its file name."""
+
+
+def check_payload(payload, device: torch.device) -> tuple[dict, dict, dict, int, dict]:
+    """(config with defaults filled in, params, opt_state, epoch, rng), or raise Damaged.
+
+    The tensors come back as contiguous copies in the expected dicts' key order (the
+    compiled step guards on it), so nothing aliases the file or another tensor.
+    """
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise Damaged(f"not a tinymnist checkpoint (expected format {FORMAT})")
+    _same_keys("it", payload, ENTRIES)
+    config = check_config(payload["config"])
+    epoch = payload["epoch"]
+    if type(epoch) is not int or epoch < 0:
+        raise Damaged(f"its epoch is {brief(repr(epoch))}, not a whole number >= 0; {UNFIT}")
+    # N models (transforms/vmap.py) stack every tensor along a leading dim N, the shuffling state too.
+    n = len(model_grid(TrainConfig(**config)))
+    one_model = expected_params(config["model"])
+    expected = expected_params(config["model"], n if n > 1 else None)
+    params = _match(payload["params"], expected, f"params do not match model {config['model']!r}")
+    opt_state = _match(
+        payload["opt_state"], _stacked(expected_opt_state(config["optimizer"], one_model), n),
+        f"the optimizer state does not match {config['optimizer']}",
+    )  # fmt: skip
+    return config, params, opt_state, epoch, check_rng(payload["rng"], device, n)
+
+
+def _stacked(tree, n: int):
+    """A meta tree with a leading dim N on every leaf; unchanged for one model."""
+    if n == 1:
+        return tree
+    return {k: _stacked(v, n) if isinstance(v, dict) else torch.empty((n, *v.shape), dtype=v.dtype, device="meta")
+            for k, v in tree.items()}  # fmt: skip
+
+
+def expected_params(model: str, n_models: int | None = None) -> dict[str, torch.Tensor]:
+    """The model's parameters as meta tensors; with `n_models`, stacked along a leading dim."""
+    params = networks.init_params(model, 0, "meta")
+    if n_models is None:
+        return params
+    return {name: torch.empty((n_models, *p.shape), dtype=p.dtype, device="meta") for name, p in params.items()}
+
+
+def expected_opt_state(optimizer: str, params: dict[str, torch.Tensor]):
+    """The state tree the optimizer's `init` builds for `params` (meta in, meta out)."""
+    return optim.OPTIMIZERS[optimizer]().init(params)
+
+
+def check_config(config) -> dict:
+    """The stored config, every field of the right type and valid, ADDED_FIELDS defaulted."""
+    if not isinstance(config, dict):
+        raise Damaged(f"its config is {_a(config)}, not a dict; {UNFIT}")
+    types_ = typing.get_type_hints(TrainConfig)
+    missing = sorted(set(types_) - ADDED_FIELDS - config.keys())
+    extra = sorted(map(str, config.keys() - types_.keys()))
+    if missing or extra:
+        raise Damaged(f"its config does not match this version of tinymnist ({_listed(missing, extra)})")
+    for name, value in config.items():
+        if not _is_a(value, types_[name]):
+            raise Damaged(f"its config has {name} = {brief(repr(value))}, not {_type_name(types_[name])}; {UNFIT}")
+    try:
+        return dataclasses.asdict(validate(TrainConfig(**config)))
+    except TinyMnistError as e:
+        raise Damaged(f"its stored config is invalid: {e}") from None
+
+
+def check_rng(rng, device: torch.device, n_models: int = 1) -> dict:
+    """RNG_STATES, each a byte tensor that a fresh generator of its kind accepts; with N
+    models, "shuffle" is (N, bytes): one state per model."""
+    if not isinstance(rng, dict):
+        raise Damaged(f"its rng is {_a(rng)}, not a dict; {UNFIT}")
+    required = [k for k, needed in RNG_STATES.items() if needed or (k == "shuffle" and n_models > 1)]
+    _same_keys("its rng", rng, required, optional=RNG_STATES)
+    checked = {}
+    for name, state in rng.items():
+        where = f"its {name} generator state"
+        rows = n_models if name == "shuffle" and n_models > 1 else None
+        dims = 1 if rows is None else 2
+        if (not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != dims
+                or (rows is not None and len(state) != rows)):  # fmt: skip
+            shape = "a 1-d uint8 tensor" if rows is None else f"a uint8 tensor of {rows} rows, one per model"
+            raise Damaged(f"{where} is not {shape}; {UNFIT}")
+        _check_dense(state, where)
+        generator = _fresh_generator(name, device)
+        if generator is not None:  # a CUDA state is only checked where it will be restored
+            try:
+                for one in [state] if rows is None else state:
+                    generator.set_state(one.clone())  # a row as a view crashed torch 2.13
+            except RuntimeError as e:
+                raise Damaged(f"{where} is invalid ({brief(str(e))}); {UNFIT}") from None
+        checked[name] = state.clone()
+    return checked
+
+
+def _fresh_generator(name: str, device: torch.device) -> torch.Generator | None:
+    if name != "cuda":
+        return torch.Generator()
+    return torch.Generator(device) if device.type == "cuda" else None
+
+
+def _match(found, expected, what: str, at: str = ""):
+    """`found` as a tree shaped like `expected` (keys, dtypes, shapes), or raise naming the leaf."""
+    if isinstance(expected, dict):
+        if not isinstance(found, dict):
+            raise Damaged(f"{what}: {at or 'it'} is {_a(found)}, not a dict; {UNFIT}")
+        _same_keys(f"{what}: {at or 'it'}", found, expected)
+        return {k: _match(found[k], v, what, f"{at}/{k}" if at else k) for k, v in expected.items()}
+    if not isinstance(found, torch.Tensor):
+        raise Damaged(f"{what}: {at} is {_a(found)}, not a tensor; {UNFIT}")
+    _check_dense(found, f"{what}: {at}")
+    if found.dtype != expected.dtype:
+        raise Damaged(f"{what}: {at} is {_dtype(found)}, not {_dtype(expected)}; {UNFIT}")
+    if found.shape != expected.shape:
+        raise Damaged(f"{what}: {at} has shape {tuple(found.shape)}, not {tuple(expected.shape)}; {UNFIT}")
+    return found.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _check_dense(tensor: torch.Tensor, where: str) -> None:
+    if tensor.layout != torch.strided or tensor.is_nested:
+        raise Damaged(f"{where} is a {str(tensor.layout).removeprefix('torch.')} tensor, not a dense one; {UNFIT}")
+    if tensor.is_meta:
+        raise Damaged(f"{where} is a meta tensor, which holds no values; {UNFIT}")
+
+
+def _same_keys(where: str, found: dict, required, optional=()) -> None:
+    missing = sorted(set(required) - found.keys())
+    extra = sorted(map(str, found.keys() - set(required) - set(optional)))
+    if missing or extra:
+        raise Damaged(f"{where} {_listed(missing, extra)}; {UNFIT}")
+
+
+def _listed(missing: list, extra: list) -> str:
+    parts = ([f"lacks {', '.join(missing)}"] if missing else []) + ([f"has extra {', '.join(extra)}"] if extra else [])
+    return brief(" and ".join(parts))
+
+
+def _is_a(value, annotation) -> bool:
+    """isinstance against a config annotation; exact, so True is no int and 1 no bool."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_a(value, option) for option in typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        return type(value) is list and all(_is_a(v, item) for v in value)
+    if annotation is float:  # a whole-number learning rate is still a number
+        return type(value) in (float, int)
+    return type(value) is annotation
+
+
+def _a(value) -> str:
+    """'an int', 'a list', 'None': what a value is, in words."""
+    name = type(value).__name__
+    return "None" if value is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "None")
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def brief(text: str, limit: int = 100) -> str:
+    """The first line of `text`, cut at a word boundary with an ellipsis when long (or '')."""
+    stripped = text.strip()
+    line = stripped.splitlines()[0] if stripped else ""
+    if len(line) <= limit:
+        return line
+    head = line[: limit + 1]
+    if " " not in head:
+        return ""  # one unbroken word: better not quoted than cut mid-word
+    return head.rsplit(" ", 1)[0].rstrip(" ,;:") + " …"

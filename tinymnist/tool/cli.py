@@ -1,0 +1,339 @@
+"""The `tinymnist` command: train, eval, plot, predict, export, shapes, info, download, bench.
+
+Flags map 1:1 onto `TrainConfig` fields and keep pytorch/examples' names. A flag
+left out takes the model's recipe (config.RECIPES). Every mistake a user can fix
+ends in one line on stderr and exit status 2 (run.py says what `train` checks).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tinymnist import __version__, data
+from tinymnist.algorithm import networks
+from tinymnist.algorithm.config import RECIPES, TrainConfig, model_configs, parse_lrs, recipe_config
+from tinymnist.algorithm.train import Progress, evaluate_one, evaluation_records
+from tinymnist.data import sources
+from tinymnist.errors import TinyMnistError
+from tinymnist.tool import checkpoint, outputs, run
+from tinymnist.tool.bench import print_report, run_bench
+from tinymnist.tool.devices import accelerator_report, resolve_device
+from tinymnist.tool.ensemble_bench import print_seeds_report, run_seeds_bench
+from tinymnist.tool.exits import user_errors
+from tinymnist.tool.report import json_line, model_test_line
+from tinymnist.tool.time_to_accuracy import print_time_to_accuracy, run_time_to_accuracy
+from tinymnist.transforms.speed import check_compilable, use_tf32_matmuls
+from tinymnist.transforms.vmap import evaluate_many
+from tinymnist.viz import confusion as viz_confusion
+from tinymnist.viz.predict import probabilities
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.split("\n")[0],
+                  context_settings={"help_option_names": ["-h", "--help"]})  # fmt: skip
+
+MODELS = ", ".join(RECIPES)
+
+def show_version(value: bool) -> None:
+    if value:
+        print(f"tinymnist {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True, help="Print the version."),
+):
+    """MNIST trained with raw tensors, torch.func and torch.compile: no torchvision, no DataLoader."""
+
+
+DataDir = typer.Option(None, "--data-dir", help="Folder of the MNIST files.", show_default="$TINYMNIST_DATA or ./data")
+Device = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps.")
+NoDownload = typer.Option(
+    False,
+    "--no-download",
+    help="Fail instead of downloading missing MNIST files.",
+    show_default="off: download what is missing",
+)
+
+
+@app.command()
+@user_errors
+def train(
+    model: str | None = typer.Option(None, help=f"One of {MODELS}.", show_default="cnn, or the checkpoint's"),
+    optimizer: str | None = typer.Option(None, help="sgd, adam, adamw, adadelta or rmsprop.",
+                                         show_default="the recipe's"),
+    batch_size: int | None = typer.Option(None, help="Training images per step.", show_default="the recipe's"),
+    test_batch_size: int | None = typer.Option(None, help="Images per evaluation chunk.", show_default="the recipe's"),
+    epochs: int | None = typer.Option(None, help="Total epochs; with --resume, continue up to this one.",
+                                      show_default="the recipe's, or the checkpoint's"),
+    lr: str | None = typer.Option(None, help="Learning rate of epoch 1 (one-cycle: the peak); a comma-separated "
+                                  "list (0.5,1,2) trains one model per rate, all at once.",
+                                  show_default="the recipe's; torch.optim's for another --optimizer"),
+    seeds: int | None = typer.Option(None, help="Train this many models at once, seeded --seed, --seed+1, ... "
+                                     "(with an --lr list: per rate).", show_default="1"),
+    gamma: float | None = typer.Option(None, help="Multiply the learning rate by this after every epoch (StepLR).",
+                                       show_default="the recipe's"),
+    schedule: str | None = typer.Option(None, help="step: StepLR by --gamma each epoch; one-cycle: OneCycleLR "
+                                        "rising to --lr and falling over the whole run.", show_default="the recipe's"),
+    label_smoothing: float | None = typer.Option(None, help="Label smoothing of the training loss (0 to <1).",
+                                                 show_default="the recipe's"),
+    target_accuracy: float | None = typer.Option(None, help="Stop at the first evaluation at or above this test "
+                                                 "accuracy (0.99 = 99%) and report the time to reach it.",
+                                                 show_default="none: train every epoch"),
+    eval_every: int | None = typer.Option(None, help="Also evaluate every this many steps (cheap: the test set is "
+                                          "on the device).", show_default="once per epoch"),
+    seed: int | None = typer.Option(None, help="Seeds init, shuffling and dropout.", show_default="1"),
+    log_interval: int | None = typer.Option(None, help="Steps between log lines.", show_default="10"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="One step and one evaluation, to check the setup; "
+                                 "saves no checkpoint (--metrics and --tensorboard record the evaluation).",
+                                 show_default="off"),
+    save_model: Path | None = typer.Option(None, help="Write a checkpoint here after every epoch (atomically).",
+                                           show_default="none: nothing is saved"),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps.", show_default="auto"),
+    no_accel: bool = typer.Option(False, "--no-accel", help="Train on the CPU (pytorch/examples' flag).",
+                                  show_default="off"),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the step.",
+                                        show_default="on for CUDA and for a CPU with a C++ compiler, off on MPS"),
+    micro_batch: int | None = typer.Option(None, help="Compute each step's gradient in chunks of this many images; "
+                                           "0: the whole batch at once.", show_default="256 on the CPU, else 0"),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
+                                     help="On CUDA, replay each step as one CUDA graph."),
+    data_dir: Path | None = DataDir,
+    no_download: bool = NoDownload,
+    metrics: Path | None = typer.Option(None, help="Write one JSON object per evaluation to this JSON Lines file: "
+                                        "a new run starts it afresh, a resumed run appends.", show_default="none"),
+    tensorboard: Path | None = typer.Option(None, help="Also write TensorBoard scalars into this folder "
+                                            "(needs the viz extra).", show_default="none"),
+    resume: Path | None = typer.Option(None, help="Continue from this checkpoint (--epochs is the total); "
+                                       "it is only read: save with --save-model.", show_default="a new run"),
+):  # fmt: skip
+    """Train a network on MNIST, with its tutorial's recipe as defaults."""
+    if no_accel and device not in (None, "cpu"):
+        raise TinyMnistError(f"--no-accel means --device cpu, but --device {device} was given; pass only one")
+    flags = dict(
+        model=model, optimizer=optimizer, batch_size=batch_size, test_batch_size=test_batch_size, epochs=epochs,
+        **lr_flags(lr), seeds=seeds, gamma=gamma, schedule=schedule, label_smoothing=label_smoothing,
+        target_accuracy=target_accuracy, eval_every=eval_every, seed=seed, log_interval=log_interval,
+        dry_run=dry_run or None,
+        compile=compile,
+        micro_batch=micro_batch, cuda_graphs=cuda_graphs, device="cpu" if no_accel else device or "auto",
+        data_dir=str(data.resolve_data_dir(data_dir)), download=not no_download,
+        save_model=save_model and str(save_model), metrics=metrics and str(metrics), resume=resume and str(resume),
+        tensorboard=tensorboard and str(tensorboard),
+    )  # fmt: skip
+    if resume:
+        try:
+            config, state = run.resumed_config(resume, flags)
+        except run.Finished as done:
+            print(f"tinymnist: {done}", file=sys.stderr)
+            return
+    else:
+        config, state = recipe_config(model or "cnn", **{k: v for k, v in flags.items() if k != "model"}), None
+    if gamma is not None and config.schedule == "one-cycle":
+        raise TinyMnistError(f"--gamma {gamma} scales the step schedule; this run's is one-cycle (--schedule), "
+                             f"which has no gamma: leave --gamma out or pass --schedule step")  # fmt: skip
+    run.train(config, state)
+
+
+def evaluate_checkpoint(config: TrainConfig, state, images, labels) -> list[dict]:
+    """A checkpoint's test records, as its run's last evaluation made them: one model's; N models' each and the
+    ensemble's."""
+    evaluate = evaluate_many if config.n_models > 1 else evaluate_one
+    models = model_configs(config)
+    progress = Progress(state.epoch, [None] * len(models), [m.lr for m in models], 0.0, 0)
+    return evaluation_records(models, progress, evaluate(config, state.params, images, labels))
+
+
+def eval_record(config: TrainConfig, record: dict, epoch: int) -> dict:
+    """What `tinymnist eval` prints of a record: the model, the epoch, the test result, and who (N models)."""
+    kept = ("test_loss", "test_accuracy", "correct", "total", "seed", "initial_lr", "ensemble", "models")
+    return {"model": config.model, "epoch": epoch, **{k: record[k] for k in kept if k in record}}
+
+
+def lr_flags(text: str | None) -> dict:
+    """--lr as config fields: one rate is `lr` (a single run), a list is `lrs` too (one model per rate)."""
+    if text is None:
+        return {"lr": None}
+    rates = parse_lrs(text)
+    return {"lr": rates[0]} if len(rates) == 1 else {"lr": rates[0], "lrs": rates}
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT", help="A file written by train --save-model."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of the log line."),
+    confusion: bool = typer.Option(False, "--confusion", help="Also the 10x10 confusion matrix and each digit's "
+                                   "accuracy (a table; with --json, two more keys).", show_default="off"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="With --confusion: also draw it into this PNG "
+                                       "(needs the viz extra).", show_default="none"),
+    device: str = Device,
+    data_dir: Path | None = DataDir,
+    no_download: bool = NoDownload,
+):  # fmt: skip
+    """Evaluate a checkpoint on the MNIST test set."""
+    if output is not None:
+        if not confusion:
+            raise TinyMnistError("-o draws the confusion matrix: pass --confusion too")
+        outputs.check_png_output(output)
+    dev = resolve_device(device)
+    use_tf32_matmuls(dev)  # as train evaluated it
+    saved_config, state = checkpoint.load(checkpoint_path, dev)
+    config = TrainConfig(**saved_config)
+    images, labels = data.load_test_split(data.resolve_data_dir(data_dir), dev, download=not no_download)
+    if confusion and config.n_models > 1:
+        raise TinyMnistError(f"--confusion is for one model; {checkpoint_path} holds {config.n_models}")
+    lines = [eval_record(config, record, state.epoch) for record in evaluate_checkpoint(config, state, images, labels)]
+    matrix = None
+    if confusion:
+        matrix = viz_confusion.confusion_matrix(probabilities(config.model, state.params, images).argmax(1), labels)
+        lines[0] |= viz_confusion.confusion_dict(matrix) if json_output else {}
+    print("\n".join(json_line(record) if json_output else model_test_line(record) for record in lines))
+    if matrix is not None and not json_output:
+        Console().print(viz_confusion.confusion_table(matrix))
+    if matrix is not None and output is not None:
+        viz_confusion.write_confusion_png(matrix, output)
+
+
+@app.command("shapes")
+@user_errors
+def shapes_command(model: str = typer.Argument(..., help=f"One of {MODELS}.")):
+    """Trace a network layer by layer: output shapes, the arithmetic, parameter counts."""
+    table = Table(title=f"{model}: input (1, 28, 28)")
+    rows = networks.trace(model)
+    for column in ("layer", "output shape", "arithmetic", "params"):
+        table.add_column(column, justify="right" if column == "params" else "left")
+    for row in rows:
+        table.add_row(row.layer, str(row.shape), row.arithmetic, f"{row.params:,}")
+    table.add_row("total", "", "", f"{sum(r.params for r in rows):,}", style="bold")
+    Console().print(table)
+
+
+@app.command()
+@user_errors
+def info():
+    """torch version and build, accelerators, and a matmul on each of them."""
+    table = Table(show_header=False)
+    for what, value in accelerator_report():
+        table.add_row(what, value)
+    Console().print(table)
+
+
+@app.command()
+@user_errors
+def download(
+    data_dir: Path | None = DataDir,
+    source: Path | None = typer.Option(
+        None,
+        "--from",
+        show_default="download from the mirrors",
+        help="Build the files from a copy you have instead: mnist.pkl.gz, Keras's mnist.npz, "
+        "or a folder of IDX files (torchvision's MNIST/raw); each must have MNIST's md5.",
+    ),
+):
+    """Fetch the four MNIST files (mirrors, md5-checked) into the data folder, or build them --from a copy."""
+    folder = data.resolve_data_dir(data_dir)
+    if source is None:
+        data.download(folder)
+    else:
+        for name in sources.build_from(source, folder):
+            print(f"{folder / name}: rebuilt from {source}, the md5 of its contents is MNIST's")
+        if missing := data.missing_files(folder):
+            raise data.MissingDataError(data.missing_data_message(folder, missing))
+    print(f"MNIST files are in {folder}")
+
+
+@app.command()
+@user_errors
+def bench(
+    model_list: str | None = typer.Option(
+        None, "--models", help="Comma-separated models to time.", show_default="mlp,mlp3,cnn,lenet"
+    ),
+    device: str = Device,
+    data_dir: Path | None = DataDir,
+    window_images: int | None = typer.Option(
+        None, help="Images per timed window (rounded to whole batches).", show_default="4096"
+    ),
+    repeats: int | None = typer.Option(None, help="Timed windows per loop; the median counts.", show_default="5"),
+    warmup: int | None = typer.Option(None, help="Untimed steps after the first (compiling) one.", show_default="3"),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="Also time the compiled step."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the raw results to this JSON file."),
+    time_to_accuracy: float | None = typer.Option(
+        None,
+        "--time-to-accuracy",
+        show_default="off",
+        help="Instead: seconds of training until this test accuracy "
+        "(0.99) for fast, cnn and the tutorials' cnn loop, on the real MNIST files (the timing options do not apply).",
+    ),
+    seeds: str | None = typer.Option(
+        None,
+        "--seeds",
+        help="Model counts, comma-separated (1,4,16): time N models in one vmapped step against N single runs instead.",
+        show_default="off",
+    ),
+):
+    """Images/s of the tutorials' DataLoader loop against tinymnist's step (BENCHMARKS.md)."""
+    timing = {"--models": model_list, "--window-images": window_images, "--repeats": repeats,
+              "--warmup": warmup}  # fmt: skip
+    if time_to_accuracy is not None and (given := [flag for flag, value in timing.items() if value is not None]):
+        raise TinyMnistError(f"{given[0]} does not apply to --time-to-accuracy (fast, cnn and the tutorials' cnn "
+                             f"loop, each run to the target); leave one of them out")  # fmt: skip
+    model_list = "mlp,mlp3,cnn,lenet" if model_list is None else model_list
+    window_images = 4096 if window_images is None else window_images
+    repeats = 5 if repeats is None else repeats
+    warmup = 3 if warmup is None else warmup
+    names = [m.strip() for m in model_list.split(",") if m.strip()]
+    if not names:
+        raise TinyMnistError(f"--models names no model; give some of {MODELS}, comma-separated")
+    for name in names:
+        networks.check_model(name)
+    if window_images < 1 or repeats < 1 or warmup < 0:
+        raise TinyMnistError("--window-images and --repeats must be positive, --warmup at least 0")
+    if json_path is not None:
+        outputs.check_output_path(json_path, "--json")  # before minutes of timing, not after
+    dev = resolve_device(device)
+    use_tf32_matmuls(dev)  # for all three loops alike
+    if compile:
+        check_compilable(dev)
+    if time_to_accuracy is not None:
+        if not 0 < time_to_accuracy <= 1:
+            raise TinyMnistError(f"--time-to-accuracy is a fraction (0.99 for 99%), got {time_to_accuracy}")
+        n = parse_counts(seeds) if seeds is not None else [1]
+        if len(n) != 1:
+            raise TinyMnistError(f"--seeds {seeds}: with --time-to-accuracy give one number of models, like --seeds 10")
+        mnist = data.load_mnist(data.resolve_data_dir(data_dir), dev)  # real digits: random ones never reach it
+        rows = run_time_to_accuracy(mnist, dev, time_to_accuracy, compile, log=lambda m: print(m, file=sys.stderr),
+                                    seeds=n[0])  # fmt: skip
+        return print_time_to_accuracy(rows, time_to_accuracy, dev, json_path)
+    if seeds is not None:  # N models per step against N single runs
+        counts = parse_counts(seeds)
+        report = run_seeds_bench(names, counts, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup,
+                                 compile)  # fmt: skip
+        return print_seeds_report(report, json_path)
+    report = run_bench(names, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup, compile)
+    print_report(report, json_path)
+
+
+def parse_counts(text: str) -> list[int]:
+    """bench --seeds 1,4,16 as [1, 4, 16], or a one-line error."""
+    try:
+        counts = [int(item) for item in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise TinyMnistError(f"--seeds {text}: give model counts of 1 or more, comma-separated, like --seeds 1,4,16")
+    return counts
+
+
+from tinymnist.viz.commands import register  # noqa: E402  (plot, predict, export; issue 14)
+
+register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,39 @@
+"""The `tinymnist` console script (and `python -m tinymnist`): signals first, then torch.
+
+Importing torch and the CLI takes seconds. A Ctrl-C in those seconds would end in a
+traceback from deep inside torch, so the signal handlers go in first and the heavy
+imports happen inside `main`, where an interrupt becomes one line and exit 130 (143
+for SIGTERM). This file and `tinymnist/__init__.py` must stay free of heavy imports.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tinymnist.tool import interrupts
+
+
+def main() -> None:
+    interrupts.install()
+    try:
+        from tinymnist.tool.cli import main as cli_main  # imports torch
+
+        interrupts.raise_if_swallowed()  # a Ctrl-C that torch's import caught still ends the run
+        try:
+            cli_main()
+        except SystemExit as done:
+            exit_if_torchrun(done.code)
+            raise
+        exit_if_torchrun(0)
+    except KeyboardInterrupt as e:  # during the imports: each command reports its own
+        by = " by SIGTERM" if isinstance(e, interrupts.Terminated) else ""
+        print(f"tinymnist: interrupted{by}", file=sys.stderr)
+        sys.exit(interrupts.exit_code(e))
+
+
+def exit_if_torchrun(code) -> None:
+    """Under torchrun, leave without the interpreter's finalization (torchrun.exit_now)."""
+    from tinymnist.tool import torchrun
+
+    if torchrun.from_env() is not None:
+        torchrun.exit_now(code)

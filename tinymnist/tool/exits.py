@@ -1,0 +1,30 @@
+"""How a command ends: a mistake as one line and exit 2, an interrupt as 130 (Ctrl-C) or 143 (SIGTERM)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import typer
+
+from tinymnist.errors import TinyMnistError
+from tinymnist.tool import interrupts
+
+EXIT_USAGE = 2
+
+
+def user_errors(command):
+    """Turn a TinyMnistError into one stderr line and exit status 2, an interrupt into 130 (Ctrl-C) or
+    143 (SIGTERM), without a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TinyMnistError as e:
+            print(f"tinymnist: error: {e}", file=sys.stderr)
+            raise typer.Exit(EXIT_USAGE) from None
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: what was saved is already said
+            raise typer.Exit(interrupts.exit_code(stop)) from None
+
+    return wrapper

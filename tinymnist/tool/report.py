@@ -1,0 +1,203 @@
+"""What a run prints: log lines or a progress bar, the --metrics file, the last lines.
+
+Piped or redirected output gets the exact lines pytorch/examples prints, so scripts
+that parse them keep working; a terminal gets a progress bar with loss and speed.
+Each class here implements train.Reporter; `Reporters` sends every event to several.
+N models print one summary per evaluation: accuracy as mean ± standard deviation
+(n-1) with the range, as papers report MNIST accuracy, and the ensemble's (the
+prediction of the models' averaged probabilities).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+def test_line(record: dict) -> str:
+    """pytorch/examples' evaluation line."""
+    return (
+        f"Test set: Average loss: {record['test_loss']:.4f}, "
+        f"Accuracy: {record['correct']}/{record['total']} ({100 * record['test_accuracy']:.0f}%)"
+    )
+
+
+def summary_line(ensemble: dict) -> str:
+    """One evaluation of N models: 'Test set (8 models): accuracy 97.31% ± 0.12 (97.10-97.52%), ensemble ...'."""
+    return (
+        f"Test set ({ensemble['models']} models): accuracy {100 * ensemble['mean_accuracy']:.2f}% "
+        f"± {100 * ensemble['std_accuracy']:.2f} ({100 * ensemble['min_accuracy']:.2f}-"
+        f"{100 * ensemble['max_accuracy']:.2f}%), ensemble {100 * ensemble['test_accuracy']:.2f}% "
+        f"({ensemble['correct']}/{ensemble['total']})"
+    )
+
+
+def evaluation_line(record: dict) -> str | None:
+    """What an evaluation record prints: a single run's test line, N models' summary (on the
+    ensemble's record), nothing for each of N models' own records."""
+    if record.get("ensemble"):
+        return summary_line(record)
+    return None if "seed" in record else test_line(record)
+
+
+def model_test_line(record: dict) -> str:
+    """`tinymnist eval`'s line for a record: a single model's test line; one model of N, or the ensemble, named."""
+    if "seed" not in record and not record.get("ensemble"):
+        return test_line(record)
+    who = "ensemble" if record.get("ensemble") else f"seed {record['seed']}, lr {record['initial_lr']:g}"
+    return f"{who}: {test_line(record)}"
+
+
+def final_line(result, device, compile_note: str) -> str:
+    """The run's last line: the final accuracy (N models: their spread, the best and the
+    ensemble's), the training time with the compile apart, and the speed over all models."""
+    last, epochs = result.records[-1], result.state.epoch
+    speed = f"training {result.train_seconds:.1f} s {compile_note}, {result.images_per_second:,.0f} images/s"
+    if not last.get("ensemble"):
+        return (
+            f"Final test accuracy: {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "
+            f"after {last['epoch']:g} epoch{'' if last['epoch'] == 1 else 's'} on {device}; {speed}"
+        )
+    return (
+        f"Final test accuracy over {last['models']} models: {100 * last['mean_accuracy']:.2f}% "
+        f"± {100 * last['std_accuracy']:.2f} (min {100 * last['min_accuracy']:.2f}%, "
+        f"max {100 * last['max_accuracy']:.2f}% with seed {last['best_seed']}, lr {last['best_lr']:g}); "
+        f"ensemble {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "
+        f"after {epochs} epoch{'' if epochs == 1 else 's'} on {device}; {speed} over all models"
+    )
+
+
+def target_line(target: float, result, compile_note: str) -> str:
+    """--target-accuracy: when it was reached (training time, images), or that it was not; for
+    N models, when the last of them reached it and how many did."""
+    reached = [r for r in result.reached if r is not None]
+    goal = f"target {100 * target:.2f}%"
+    if not reached:
+        best = max(r["test_accuracy"] for r in result.records if not r.get("ensemble"))
+        return f"Target {100 * target:.2f}% not reached: best {100 * best:.2f}% in {result.state.epoch} epochs"
+    last = max(reached, key=lambda r: r["train_seconds_total"])
+    if len(result.reached) == 1:
+        return (f"Reached {100 * last['test_accuracy']:.2f}% ({goal}) at epoch {last['epoch']:g}: "
+                f"{last['train_seconds_total']:.2f} s of training {compile_note}, "
+                f"{last['images_total']:,} images")  # fmt: skip
+    seconds = [r["train_seconds_total"] for r in reached]
+    return (f"{len(reached)} of {len(result.reached)} models reached the {goal}; the last at epoch {last['epoch']:g}: "
+            f"{max(seconds):.2f} s of training {compile_note}, {last['images_total']:,} images per model "
+            f"(first {min(seconds):.2f} s)")  # fmt: skip
+
+
+def json_line(record: dict) -> str:
+    """`record` as one line of strict JSON: a NaN or infinite number becomes null (JSON has no NaN)."""
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(finite, allow_nan=False)
+
+
+class LineReporter:
+    """The log lines of pytorch/examples mnist/main.py, for logs and pipes."""
+
+    def __init__(self, out=None):
+        self.out = out or sys.stdout
+        self.steps = 1
+
+    def epoch_started(self, epoch: int, steps: int, lr: float, compiling: bool) -> None:
+        self.steps = steps
+
+    def logged(self, epoch: int, step: int, images_seen: int, n_train: int, loss: float) -> None:
+        seen = min(images_seen, n_train)
+        print(f"Train Epoch: {epoch} [{seen}/{n_train} ({100 * step / self.steps:.0f}%)]\tLoss: {loss:.6f}",
+              file=self.out, flush=True)  # fmt: skip
+
+    def evaluated(self, record: dict) -> None:
+        if line := evaluation_line(record):
+            print(f"\n{line}\n", file=self.out, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class ProgressReporter:
+    """A rich progress bar per epoch with the running loss and images/s ("compiling" until
+    the first step is done); each epoch's test line printed under its own bar."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress: Progress | None = None
+
+    def epoch_started(self, epoch: int, steps: int, lr: float, compiling: bool) -> None:
+        self.close()  # the previous epoch's bar stays on screen, finished
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(), console=self.console,
+        )  # fmt: skip
+        self.task = self.progress.add_task("train", total=steps, status="compiling" if compiling else "")
+        self.progress.start()
+
+    def logged(self, epoch: int, step: int, images_seen: int, n_train: int, loss: float) -> None:
+        elapsed = self.progress.tasks[self.task].elapsed or 0.0
+        speed = images_seen / elapsed if elapsed else 0.0
+        self.progress.update(self.task, completed=step, status=f"loss {loss:.4f}  {speed:,.0f} img/s")
+
+    def evaluated(self, record: dict) -> None:
+        line = evaluation_line(record)
+        if line is None:
+            return
+        line += f"  lr {record['lr']:g}" if "lr" in record else ""
+        if self.progress is not None and not self.progress.finished:  # mid-epoch (--eval-every): above the bar
+            self.progress.console.print(line)
+        else:
+            self.close()
+            self.console.print(line)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class MetricsFile:
+    """--metrics: one JSON object per evaluation, flushed as it happens. A new run starts
+    the file afresh; a resumed run appends to it (the earlier epochs are already there)."""
+
+    def __init__(self, path: Path, append: bool):
+        self.file = path.open("a" if append else "w")
+
+    def epoch_started(self, *args, **kwargs) -> None:
+        pass
+
+    def logged(self, *args) -> None:
+        pass
+
+    def evaluated(self, record: dict) -> None:
+        self.file.write(json_line(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Reporters:
+    """Every event to each of several reporters, in order."""
+
+    def __init__(self, *reporters):
+        self.reporters = reporters
+
+    def epoch_started(self, *args, **kwargs) -> None:
+        for r in self.reporters:
+            r.epoch_started(*args, **kwargs)
+
+    def logged(self, *args) -> None:
+        for r in self.reporters:
+            r.logged(*args)
+
+    def evaluated(self, record: dict) -> None:
+        for r in self.reporters:
+            r.evaluated(record)
+
+    def close(self) -> None:
+        for r in self.reporters:
+            r.close()

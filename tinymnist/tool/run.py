@@ -1,0 +1,221 @@
+"""`tinymnist train` around the loop: everything checked first, then fit, checkpoints, the last line.
+
+The order matters, because a run must never fail after an hour for a reason it could
+have found in a second, nor lose what it has done:
+
+1. the config (flags, or a checkpoint's config plus flags) is validated; under torchrun
+   this process joins the others (torchrun.py);
+2. the device, the compiler, and every output path are checked, and the output files
+   are locked, so a second run on the same files refuses instead of interleaving;
+3. the data is loaded, the batch size checked against it, and N models' memory;
+4. fit trains one model or N (the same loop; the step and the evaluation differ); each
+   completed epoch is checkpointed (atomically, never a partial epoch) by
+   `on_epoch_end`; Ctrl-C or SIGTERM ends the run keeping that checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from tinymnist import data
+from tinymnist.algorithm.config import (
+    TrainConfig,
+    check_batch_fits,
+    make_optimizer,
+    model_configs,
+    model_grid,
+    validate,
+)
+from tinymnist.algorithm.train import (
+    FitResult,
+    NonFiniteLoss,
+    TestSet,
+    Training,
+    TrainState,
+    evaluate_one,
+    fit,
+    initial_state,
+)
+from tinymnist.errors import TinyMnistError
+from tinymnist.tool import checkpoint, extras, interrupts, outputs, torchrun
+from tinymnist.tool.devices import resolve_device
+from tinymnist.tool.memory import check_memory
+from tinymnist.tool.report import LineReporter, MetricsFile, ProgressReporter, Reporters, final_line, target_line
+from tinymnist.tool.sweep import Sweep
+from tinymnist.tool.tensorboard import tensorboard_reporter
+from tinymnist.transforms import speed
+from tinymnist.transforms.all_reduce import all_reduced
+from tinymnist.transforms.vmap import evaluate_many
+
+# What a resumed run takes from its checkpoint: what was trained. Where and how to run
+# it (device, data, compile, output files) comes from the command that resumes it, so a
+# resumed run writes only where its own command says.
+TRAINED_FIELDS = ("model", "optimizer", "lr", "gamma", "schedule", "label_smoothing", "batch_size",
+                  "test_batch_size", "epochs", "seed", "log_interval", "seeds", "lrs")  # fmt: skip
+
+
+class Finished(Exception):
+    """A resumed checkpoint that already holds every epoch asked for: nothing to train."""
+
+
+def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
+    """The checkpoint's trained fields, overridden by the flags given now; its state on the CPU."""
+    saved_config, state = checkpoint.load(path, torch.device("cpu"))
+    for flag in ("model", "optimizer"):
+        if flags.get(flag) is not None and flags[flag] != saved_config[flag]:
+            raise TinyMnistError(f"--{flag} {flags[flag]} does not match checkpoint {path} "
+                                 f"({saved_config[flag]}); leave it out")  # fmt: skip
+    trained = {k: saved_config[k] for k in TRAINED_FIELDS}
+    config = TrainConfig(**{**trained, **{k: v for k, v in flags.items() if v is not None}})
+    grid, saved_grid = model_grid(config), model_grid(TrainConfig(**trained))
+    other_seeds = (config.seed, config.seeds) != (trained["seed"], trained["seeds"])  # its weights came from those
+    one_rate_for_many = flags.get("lr") is not None and len(saved_grid) > 1  # each model keeps its own rate
+    other_models = max(len(grid), len(saved_grid)) > 1 and grid != saved_grid  # N models: stacked in that order
+    if other_seeds or one_rate_for_many or other_models:
+        raise TinyMnistError(f"--seed/--seeds/--lr do not match the models of checkpoint {path}; leave them out")
+    validate(config)  # a flag given now (--epochs -3) is checked before it is compared
+    one_cycle = config.schedule == trained["schedule"] == "one-cycle"
+    if one_cycle and config.epochs != trained["epochs"]:  # every step's rate depends on the run's total steps
+        raise TinyMnistError(f"--epochs {config.epochs}: checkpoint {path} follows a one-cycle schedule over "
+                             f"{trained['epochs']} epoch(s), which it cannot stretch; leave --epochs out")  # fmt: skip
+    if state.epoch >= config.epochs:
+        more = f"pass --epochs {state.epoch + 1} or more to continue" if not one_cycle else "its one-cycle has ended"
+        raise Finished(f"checkpoint {path} has completed {state.epoch} of --epochs {config.epochs}; "
+                       f"nothing to train ({more})")  # fmt: skip
+    return config, state
+
+
+def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
+    """Run `tinymnist train` for a config: check everything, lock the outputs, train, print the last line."""
+    config = validate(config)
+    cluster = torchrun.from_env()
+    config = torchrun.this_process(config, cluster)  # under torchrun: its device; only rank 0 writes
+    with torchrun.group(config, cluster):
+        device = resolve_device(config.device)
+        speed.use_tf32_matmuls(device)
+        check_compiler(config, device)
+        paths = check_outputs(config)
+        with outputs.exclusive(paths):  # a second run on these files refuses; a dead run's temp files go
+            mnist = data.load_mnist(Path(config.data_dir), device, download=config.download)  # fetches what is missing
+            check_batch_fits(config, len(mnist.train_images))
+            optimizer = make_optimizer(config)
+            sweep = Sweep(config, cluster, mnist) if cluster and config.n_models > 1 else None
+            models = sweep.models if sweep else model_configs(config)
+            check_memory(config, optimizer, device, len(models))
+            state = start(config, optimizer, device, resumed, cluster, sweep)
+            data_parallel = None
+            if cluster and not sweep:  # one model: each process takes a slice of every batch
+                data_parallel = functools.partial(all_reduced, rank=cluster.rank, world_size=cluster.world_size)
+            step = speed.device_step(config, optimizer, device, data_parallel)
+            evaluate = sweep or TestSet(config, models, mnist, evaluate_many if config.n_models > 1 else evaluate_one)
+            training = Training(config, models, step, evaluate)
+            result = train_and_save(training, mnist, state, paths.get("--metrics"), resumed, sweep)
+        if sweep:  # the speed of the whole sweep: every share's images in the slowest share's time
+            result.train_seconds, result.images = sweep.totals(result.train_seconds, result.images)
+        compiled = speed.use_compile(config, device)
+        compile_note = f"(+ {result.first_step_seconds:.1f} s {'compiling' if compiled else 'first step'})"
+        if config.target_accuracy is not None:
+            print(target_line(config.target_accuracy, result, compile_note))
+            saved = saved_at_target(config, result, resumed) if all(result.reached) and config.save_model else None
+            if saved:
+                print(saved)
+        print(final_line(result, device, compile_note))
+    return result
+
+
+def check_compiler(config: TrainConfig, device: torch.device) -> None:
+    if config.compile:
+        speed.check_compilable(device)
+    elif config.compile is None and device.type == "cpu" and speed.cpu_compiler() is None:
+        print("tinymnist: no C++ compiler here, so the step runs eager; install one to compile it", file=sys.stderr)
+
+
+def check_outputs(config: TrainConfig) -> dict[str, Path]:
+    """Every output path checked before any work; the files to lock, by flag."""
+    paths = {"--save-model": config.save_model, "--metrics": config.metrics}
+    paths = {flag: Path(p) for flag, p in paths.items() if p}
+    for flag, path in paths.items():
+        outputs.check_output_path(path, flag)
+        if config.resume and flag != "--save-model" and path.resolve() == Path(config.resume).resolve():
+            raise TinyMnistError(f"{flag} {path} is the checkpoint being resumed; name another file")
+    if config.tensorboard:
+        extras.require("torch.utils.tensorboard", "--tensorboard")  # a missing extra is found now, not after loading
+        outputs.check_output_folder(Path(config.tensorboard), "--tensorboard")
+    return paths
+
+
+def start(config: TrainConfig, optimizer, device: torch.device, resumed: TrainState | None,
+          cluster: torchrun.Cluster | None, sweep: Sweep | None) -> TrainState:  # fmt: skip
+    """The state training starts from: epoch 0 or the resumed checkpoint, on the device; under
+    torchrun with this process's own dropout masks (and for a sweep, only its share of the models)."""
+    if sweep:
+        return sweep.start(optimizer, device, resumed)
+    state = initial_state(config, optimizer, device) if resumed is None else checkpoint.to_device(resumed, device)
+    return torchrun.own_dropout(state, config.seed, cluster, device) if cluster else state
+
+
+def saved_at_target(config: TrainConfig, result: FitResult, resumed: TrainState | None) -> str | None:
+    """Checkpoints hold whole epochs (a resumed run starts at an epoch's data order), so a
+    target reached inside an epoch is not what --save-model holds: say what it does hold."""
+    reached, completed = max(r["epoch"] for r in result.reached), result.state.epoch
+    trained_now = completed > (resumed.epoch if resumed else 0)
+    if reached == completed and trained_now:
+        return None  # the checkpoint is the network that reached the target
+    where = f"the target was reached at epoch {reached:g}"
+    if trained_now:
+        return f"{where}; {config.save_model} holds epoch {completed}, the last completed one"
+    return f"{where}; no epoch completed, so nothing was saved to {config.save_model}"
+
+
+def train_and_save(training: Training, mnist: data.MNIST, state: TrainState, metrics_path: Path | None,
+                   resumed: TrainState | None, sweep: Sweep | None = None) -> FitResult:  # fmt: skip
+    """fit, with each completed epoch checkpointed and a stop (NaN, Ctrl-C, SIGTERM) said truthfully.
+    Under torchrun, a sweep's every process sends its models to rank 0, which saves all N."""
+    config = training.config
+    save = Saver(config, sweep)
+    console = Console()
+    reporters = [ProgressReporter(console) if console.is_terminal else LineReporter()]
+    if config.tensorboard:  # before --metrics, whose file a new run starts afresh: a folder that fails loses nothing
+        reporters.append(tensorboard_reporter(config, len(mnist.train_images)))
+    if metrics_path:
+        reporters.append(MetricsFile(metrics_path, append=resumed is not None))
+    reporter = Reporters(*reporters)
+    with contextlib.closing(reporter):
+        try:
+            return fit(dataclasses.replace(training, reporter=reporter, on_epoch_end=save), mnist, state)
+        except NonFiniteLoss as e:
+            raise TinyMnistError(f"{e}{save.kept()}") from None
+        except KeyboardInterrupt as stop:
+            reporter.close()
+            by = " by SIGTERM" if isinstance(stop, interrupts.Terminated) else ""
+            nothing = "; no epoch completed, nothing saved" if config.save_model else "; no --save-model, nothing saved"
+            print(f"tinymnist: interrupted{by}{save.kept() or nothing}", file=sys.stderr)
+            raise
+
+
+class Saver:
+    """fit's on_epoch_end: each completed epoch to --save-model, atomically; remembers what it saved."""
+
+    def __init__(self, config: TrainConfig, sweep: Sweep | None):
+        self.config, self.sweep, self.saved = config, sweep, []  # epochs this run has checkpointed
+
+    def __call__(self, state: TrainState) -> None:
+        if self.sweep:  # every rank sends its share; rank 0 saves all N
+            state = self.sweep.gathered(state)
+        if self.config.save_model:
+            with interrupts.shielded():  # a signal now waits until the file and `saved` agree
+                checkpoint.save(Path(self.config.save_model), self.config.to_dict(), state)
+                self.saved.append(state.epoch)
+
+    def kept(self) -> str:
+        """What survives a stopped run, said truthfully."""
+        if self.saved:
+            return f"; the checkpoint of epoch {self.saved[-1]} is kept in {self.config.save_model}"
+        return ""

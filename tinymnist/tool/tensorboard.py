@@ -1,0 +1,98 @@
+"""`train --tensorboard DIR`: the run's scalars as TensorBoard event files.
+
+A reporter like the log lines and the progress bar: the training loop calls
+`logged` every log interval and `evaluated` once per evaluation. `tensorboard
+--logdir DIR` then shows
+
+    train/loss      every log interval
+    test/loss       every evaluation (the first: the untrained network)
+    test/accuracy   the same, as a fraction, like --metrics and the LeNet seed tutorial
+    lr              the learning rate of the evaluation's record
+
+The x axis of every scalar is the images trained on since the run began (an
+evaluation after epoch e sits at e x the training set): runs with different batch
+sizes line up, and evaluations inside an epoch (--eval-every) keep their place,
+which a whole-number step axis of epochs would not.
+A multi-model run (--seeds, an --lr list) gives each model its own folder
+(DIR/seed1_lr0.001, ...), which TensorBoard lists as separate runs, and the ensemble
+one more (DIR/ensemble: its test scalars, and train/mean_loss, the models' mean loss
+that the log lines show).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tinymnist.algorithm.config import TrainConfig, model_grid
+from tinymnist.errors import TinyMnistError
+from tinymnist.tool.extras import require
+
+
+def tensorboard_reporter(config: TrainConfig, n_train: int):
+    """The reporter for `train --tensorboard` on `n_train` training images: one run, or one run per model."""
+    grid = model_grid(config)
+    if len(grid) == 1:
+        return TensorBoardReporter(Path(config.tensorboard), n_train)
+    return ModelsTensorBoard(Path(config.tensorboard), n_train, [model_folder(seed, lr) for lr, seed in grid])
+
+
+def model_folder(seed: int, lr: float) -> str:
+    return f"seed{seed}_lr{lr:g}"
+
+
+class TensorBoardReporter:
+    """Writes scalars into `log_dir` through torch.utils.tensorboard's SummaryWriter."""
+
+    def __init__(self, log_dir: Path, n_train: int):
+        self.n_train = n_train
+        tensorboard = require("torch.utils.tensorboard", "--tensorboard")
+        try:
+            self.writer = tensorboard.SummaryWriter(log_dir=str(log_dir))
+        except OSError as e:  # a file in the way, no permission: before training, not after
+            raise TinyMnistError(
+                f"--tensorboard {log_dir}: cannot write there ({e.strerror or e}); choose another folder"
+            ) from None
+
+    def epoch_started(self, *args, **kwargs) -> None:
+        pass
+
+    def logged(self, epoch: int, step: int, images_seen: int, n_train: int, loss: float) -> None:
+        """images_seen counts from the start of `epoch` (1-based)."""
+        self.writer.add_scalar("train/loss", loss, global_step=(epoch - 1) * n_train + images_seen)
+
+    def evaluated(self, record: dict) -> None:
+        images = round(record["epoch"] * self.n_train)  # "epoch" is fractional inside an epoch
+        self.writer.add_scalar("test/loss", record["test_loss"], global_step=images)
+        self.writer.add_scalar("test/accuracy", record["test_accuracy"], global_step=images)
+        if "lr" in record:  # an ensemble's record has none: it is no one model's
+            self.writer.add_scalar("lr", record["lr"], global_step=images)
+        self.writer.flush()  # one flush per epoch: TensorBoard shows the run as it goes
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class ModelsTensorBoard:
+    """A multi-model run: each model's records in its own folder, the ensemble's in DIR/ensemble."""
+
+    def __init__(self, log_dir: Path, n_train: int, folders: list[str]):
+        # every folder made now: one that cannot be written fails before training
+        self.models = {folder: TensorBoardReporter(log_dir / folder, n_train) for folder in folders}
+        self.ensemble = TensorBoardReporter(log_dir / "ensemble", n_train)
+
+    def epoch_started(self, *args, **kwargs) -> None:
+        pass
+
+    def logged(self, epoch: int, step: int, images_seen: int, n_train: int, loss: float) -> None:
+        """`loss` is the models' mean, as on the log lines; each model's own is in its records."""
+        self.ensemble.writer.add_scalar("train/mean_loss", loss, global_step=(epoch - 1) * n_train + images_seen)
+
+    def evaluated(self, record: dict) -> None:
+        if record.get("ensemble"):
+            self.ensemble.evaluated(record)
+        else:
+            self.models[model_folder(record["seed"], record["initial_lr"])].evaluated(record)
+
+    def close(self) -> None:
+        for reporter in [*self.models.values(), self.ensemble]:
+            reporter.close()

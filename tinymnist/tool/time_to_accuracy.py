@@ -1,0 +1,119 @@
+"""`tinymnist bench --time-to-accuracy A`: training seconds until the test accuracy reaches A.
+
+Three runs on the same data and device, in one process: the `fast` recipe and the
+`cnn` recipe through tinymnist's loop (`fit` with --target-accuracy), and the `cnn`
+recipe through the tutorials' own loop (reference.py: DataLoader, nn.Module,
+torch.optim). All three are evaluated on the whole test set every tenth of an epoch,
+off the clock; the first step (the compile) is timed apart. Ratios come from the
+same run, so a noisy shared machine slows all three alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from tinymnist.algorithm.config import make_optimizer, model_configs, recipe_config
+from tinymnist.algorithm.train import TestSet, Training, evaluate, evaluate_one, fit, initial_state, synchronize
+from tinymnist.data import MNIST
+from tinymnist.tool.bench import machine_description, write_json
+from tinymnist.tool.reference import reference_loop
+from tinymnist.transforms import speed
+from tinymnist.transforms.vmap import evaluate_many
+
+EVALUATIONS_PER_EPOCH = 10
+
+
+def ours(model: str, mnist: MNIST, device: torch.device, target: float, compile: bool, seeds: int = 1) -> dict:
+    """The recipe of `model` through `fit`, `seeds` models at once, stopping when all reach `target`.
+    Each model's time is the run's training clock when it first reached the target."""
+    config = recipe_config(model, device=str(device), compile=compile, target_accuracy=target, log_interval=10**9,
+                           seeds=seeds)  # fmt: skip
+    config = dataclasses.replace(config, eval_every=max(1, len(mnist.train_images) // config.batch_size
+                                                          // EVALUATIONS_PER_EPOCH))  # fmt: skip
+    optimizer, models = make_optimizer(config), model_configs(config)
+    evaluate = TestSet(config, models, mnist, evaluate_many if seeds > 1 else evaluate_one)
+    training = Training(config, models, speed.device_step(config, optimizer, device), evaluate)
+    result = fit(training, mnist, initial_state(config, optimizer, device))
+    hits = [r for r in result.reached if r is not None]
+    seconds = [h["train_seconds_total"] for h in hits]
+    return {"loop": f"tinymnist {model}", "model": model, "models": seeds, "reached": len(hits),
+            "seconds": statistics.fmean(seconds) if hits else None, "min_seconds": min(seconds, default=None),
+            "max_seconds": max(seconds, default=None),
+            "images": round(statistics.fmean(h["images_total"] for h in hits)) if hits else None,
+            "epochs": max(h["epoch"] for h in hits) if len(hits) == seeds else result.records[-1]["epoch"],
+            "best_accuracy": max(r["test_accuracy"] for r in result.records if not r.get("ensemble")),
+            "first_step_seconds": result.first_step_seconds}  # fmt: skip
+
+
+def reference(model: str, mnist: MNIST, device: torch.device, target: float) -> dict:
+    """The tutorials' loop with the recipe of `model`, up to the recipe's epochs or `target`."""
+    config = recipe_config(model)
+    steps_per_epoch = len(mnist.train_images) // config.batch_size  # the DataLoader drops the ragged batch
+    every = max(1, steps_per_epoch // EVALUATIONS_PER_EPOCH)
+    params = initial_state(config, make_optimizer(config), device).params
+    loop = reference_loop(config, params, mnist.train_images, mnist.train_labels, device)
+    seconds, best, first_step = 0.0, 0.0, 0.0
+    for done in range(1, config.epochs * steps_per_epoch + 1):
+        started = time.perf_counter()
+        net, _ = next(loop)
+        synchronize(device)
+        if done == 1:  # DataLoader workers start here
+            first_step = time.perf_counter() - started
+        else:
+            seconds += time.perf_counter() - started
+        if done % every == 0:
+            weights = {k: v.detach() for k, v in net.named_parameters()}
+            accuracy = evaluate(config, weights, mnist.test_images, mnist.test_labels).accuracy
+            best = max(best, accuracy)
+            if accuracy >= target:
+                return {"loop": f"reference {model}", "model": model, "models": 1, "reached": 1, "seconds": seconds,
+                        "images": done * config.batch_size, "epochs": round(done / steps_per_epoch, 4),
+                        "best_accuracy": best, "first_step_seconds": first_step}  # fmt: skip
+    return {"loop": f"reference {model}", "model": model, "models": 1, "reached": 0, "seconds": None, "images": None,
+            "epochs": config.epochs, "best_accuracy": best, "first_step_seconds": first_step}  # fmt: skip
+
+
+def run_time_to_accuracy(mnist: MNIST, device: torch.device, target: float, compile: bool, log,
+                         seeds: int = 1) -> list[dict]:  # fmt: skip
+    """fast and cnn through tinymnist (`seeds` models of each at once), cnn through the tutorials'
+    loop; ratios to the reference."""
+    rows = []
+    for model in ("fast", "cnn"):
+        log(f"time to {100 * target:g}%: {model}" + (f", {seeds} models at once" if seeds > 1 else ""))
+        rows.append(ours(model, mnist, device, target, compile, seeds))
+    log(f"time to {100 * target:g}%: reference cnn")
+    rows.append(reference("cnn", mnist, device, target))
+    baseline = rows[-1]["seconds"]
+    for row in rows:
+        row["speedup_vs_reference"] = baseline / row["seconds"] if baseline and row["seconds"] else None
+    return rows
+
+
+def print_time_to_accuracy(rows: list[dict], target: float, device: torch.device, json_path) -> None:
+    """The rows as a table (every digit when the output is a log file); the raw rows as JSON."""
+
+    if json_path:
+        report = {"target": target, "device": str(device), "machine": machine_description(device),
+                  "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": rows}  # fmt: skip
+        write_json(json_path, report)
+    machine = f"{machine_description(device)}, torch {torch.__version__}"
+    table = Table(title=f"time to {100 * target:g}% test accuracy, {machine}")
+    for column in ("loop", "reached", "seconds", "min-max s", "images", "epochs", "best accuracy", "vs reference",
+                   "first step s"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "loop" else "right")
+    for r in rows:
+        spread = f"{r['min_seconds']:.2f}-{r['max_seconds']:.2f}" if r.get("min_seconds") is not None else "-"
+        table.add_row(r["loop"], f"{r['reached']}/{r['models']}", f"{r['seconds']:.2f}" if r["reached"] else "not reached",
+                      spread,
+                      f"{r['images']:,}" if r["reached"] else "-", f"{r['epochs']:g}",
+                      f"{100 * r['best_accuracy']:.2f}%",
+                      f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-",
+                      f"{r['first_step_seconds']:.1f}")  # fmt: skip
+    console = Console()
+    (console if console.is_terminal else Console(width=120)).print(table)

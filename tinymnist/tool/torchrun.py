@@ -1,0 +1,215 @@
+"""`tinymnist train` under torchrun: joining the processes, who speaks, and failures as one line.
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them `from_env` returns None and
+`tinymnist train` runs in one process. One model: every process trains it on its slice
+of each batch, with the gradient all-reduced (transforms/all_reduce.py). N models
+(--seeds, an --lr list): the processes split the models instead (sweep.py), and no
+gradient travels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from tinymnist.algorithm.config import TrainConfig
+from tinymnist.algorithm.train import TrainState
+from tinymnist.errors import TinyMnistError
+from tinymnist.tool import checkpoint
+from tinymnist.tool.devices import resolve_device
+
+# How long a collective waits for a peer before failing. A killed peer usually fails the
+# others at once (its sockets close); this bounds the case where a peer hangs instead.
+# What one rank may run ahead of the others by: the leader's checkpoint save, or one
+# rank compiling the step slower than another (all compile the same graph at once).
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+# A sweep's ranks meet once per evaluation, and a rank whose share holds one model more
+# may keep the others waiting for much of an epoch: they wait as long as torch waits by
+# default. A killed peer still fails them at once; only a hung one takes this long.
+SWEEP_TIMEOUT = dist.default_pg_timeout
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """This process's place among torchrun's processes."""
+
+    rank: int  # 0 .. world_size - 1, across all machines
+    world_size: int
+    local_rank: int  # on this machine: which GPU is ours
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0 is the run's one voice: it prints, writes --metrics and --save-model."""
+        return self.rank == 0
+
+
+def from_env(env=os.environ) -> Cluster | None:
+    """torchrun's place for this process (it sets all three), or None without torchrun."""
+    if not all(name in env for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK")):
+        return None
+    return Cluster(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
+
+
+def process_device(cluster: Cluster | None, device: torch.device) -> torch.device:
+    """One GPU per local rank (cuda:LOCAL_RANK); the CPU and MPS as they are."""
+    if cluster is not None and device.type == "cuda":
+        return torch.device("cuda", cluster.local_rank)
+    return device
+
+
+def join(cluster: Cluster, device: torch.device, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> None:
+    """Join torchrun's process group: NCCL between GPUs, gloo between CPUs."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
+    except (RuntimeError, ValueError) as e:  # a rendezvous that never completes, a bad address
+        raise TinyMnistError(f"rank {cluster.rank} of {cluster.world_size}: could not join the other processes "
+                             f"({one_line(e)})") from None  # fmt: skip
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def exit_now(code: int | str | None) -> None:
+    """End one of torchrun's processes without the interpreter's finalization.
+
+    Gloo's worker threads can still be releasing the last collective's tensors when the
+    interpreter finalizes; CPython then stops such a thread mid-unwind and the process
+    aborts (SIGABRT, "terminate called without an active exception": about one 2-process
+    run in ten on 2 CPU cores, torch 2.13, a gdb backtrace in thread pt_gloo_runloop).
+    By now every file is closed and every checkpoint is in place, so nothing is lost by
+    skipping finalization: flush what was printed and leave with the same exit code.
+    """
+    if isinstance(code, str):  # as SystemExit would print it
+        print(code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+
+def check_batch_divides(batch_size: int, cluster: Cluster) -> None:
+    if batch_size % cluster.world_size:
+        raise TinyMnistError(f"--batch-size {batch_size} is the global batch and must divide evenly among the "
+                             f"{cluster.world_size} processes; pass a multiple of {cluster.world_size}")  # fmt: skip
+
+
+def share(n_models: int, cluster: Cluster) -> slice:
+    """This rank's models of a sweep: a contiguous share; where N does not divide, the first ranks take one more."""
+    if n_models < cluster.world_size:
+        raise TinyMnistError(f"{cluster.world_size} processes for {n_models} models (--seeds/--lr): each "
+                             f"process trains whole models; start at most {n_models} processes "
+                             f"or train more models")  # fmt: skip
+    base, extra = divmod(n_models, cluster.world_size)
+    start = cluster.rank * base + min(cluster.rank, extra)
+    return slice(start, start + base + (cluster.rank < extra))
+
+
+def this_process(config: TrainConfig, cluster: Cluster | None) -> TrainConfig:
+    """The config as this one of torchrun's processes runs it (unchanged without torchrun):
+    its own device; output files (--save-model, --metrics, --tensorboard) on rank 0 only."""
+    if cluster is None:
+        return config
+    device = process_device(cluster, resolve_device(config.device))
+    sweep = config.n_models > 1  # whole models per process, each on the whole batch
+    if sweep:
+        share(config.n_models, cluster)  # more processes than models: one line now, before any joins
+    else:
+        check_batch_divides(config.batch_size, cluster)
+    # CUDA graphs replay kernels recorded once; an NCCL collective inside one is untested
+    # here. A sweep's step has none: it replays as in one process.
+    config = replace(config, device=str(device), cuda_graphs=config.cuda_graphs and sweep)
+    if not cluster.leader:
+        config = replace(config, save_model=None, metrics=None, tensorboard=None)
+    return config
+
+
+@contextlib.contextmanager
+def group(config: TrainConfig, cluster: Cluster | None) -> Iterator[None]:
+    """Inside torchrun's process group (nothing without torchrun). Every process trains the
+    same way; only rank 0 speaks: the others' log lines go nowhere, their errors still
+    reach stderr. A peer that fails becomes one line; leaving waits for every rank."""
+    if cluster is None:
+        yield
+        return
+    timeout = SWEEP_TIMEOUT if config.n_models > 1 else COLLECTIVE_TIMEOUT
+    join(cluster, torch.device(config.device), timeout)
+    with contextlib.ExitStack() as stack:
+        stack.callback(leave)
+        if not cluster.leader:
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        stack.enter_context(peer_failures(cluster, timeout, kept=functools.partial(saved_epoch, config.save_model)))
+        yield
+        dist.barrier()  # every rank past its last collective before any leaves
+
+
+def saved_epoch(path: str | None) -> str:
+    """What --save-model holds now, read back (mmap: no tensor data is read)."""
+    saved = None if path is None else checkpoint.peek(path)
+    if saved is None:  # no file yet, or not a checkpoint: nothing of this run is kept there
+        return ""
+    return f"; the checkpoint of epoch {saved['epoch']} is kept in {path}"
+
+
+# ---- randomness -------------------------------------------------------------------------
+
+
+def own_dropout(state: TrainState, seed: int, cluster: Cluster, device: torch.device) -> TrainState:
+    """The state with this rank's own dropout generator; parameters and shuffling untouched.
+
+    Rank 0 keeps the run's generator (so its masks are a single process's, and its
+    checkpoint resumes like one). Rank r > 0 draws from seed + r + N * epoch: distinct
+    from every other rank and from its own earlier epochs, the same on every rerun.
+    """
+    if cluster.leader:
+        return state
+    dropout_seed = seed + cluster.rank + cluster.world_size * state.epoch
+    rng = {**state.rng, "cpu": torch.Generator().manual_seed(dropout_seed).get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.Generator(device).manual_seed(dropout_seed).get_state()
+    return TrainState(state.params, state.opt_state, state.epoch, rng)
+
+
+# ---- faults -----------------------------------------------------------------------------
+
+
+# Words in the messages of gloo's and NCCL's failed collectives (the transport raises a
+# plain RuntimeError): any other error is a bug in this process and keeps its traceback.
+COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|c10d|connection|timed out|timeout", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def peer_failures(cluster: Cluster, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT,
+                  kept: Callable[[], str] = str):  # fmt: skip
+    """A collective that failed (a peer died, or hung past `timeout`) as one line,
+    ending with `kept()`: what this run has saved.
+
+    Gloo and NCCL name the peer's address, not its rank; with two processes the
+    peer is the other rank, with more it is one of them."""
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as e:
+        if not isinstance(e, dist.DistError) and not COLLECTIVE_FAILURE.search(str(e)):
+            raise
+        peer = f"rank {1 - cluster.rank}" if cluster.world_size == 2 else "another rank"
+        raise TinyMnistError(f"rank {cluster.rank} of {cluster.world_size}: lost {peer}, which stopped or did "
+                             f"not answer within {timeout.total_seconds():g} s "
+                             f"({one_line(e)}){kept()}") from None  # fmt: skip
+
+
+def one_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an error message, without gloo's [source:line] prefix, cut at a word boundary."""
+    first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
+    return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + " ..."

@@ -1,0 +1,130 @@
+"""What makes the pure step fast: transforms that keep its signature and its result.
+
+algorithm/train.py's step is the algorithm; each function here takes a step (or its gradient)
+and returns one that computes the same thing faster on some device:
+
+    compiled(step)                 torch.compile: one fused graph, compiled once
+    micro_batched(gradient, n)     the batch's gradient as the sum of n-image chunks
+    GraphedStep(step)              CUDA: the step recorded once, replayed with one launch
+                                   (cuda_graph.py)
+
+`device_step` composes them the way `tinymnist train` runs them on a device. What
+each one is worth, measured, is in BENCHMARKS.md. The wide transforms (N models
+under torch.func.vmap, an all-reduce across processes) live beside this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from tinymnist.algorithm import optim
+from tinymnist.algorithm.config import TrainConfig
+from tinymnist.algorithm.train import Gradient, Step, make_gradient, make_step
+from tinymnist.errors import TinyMnistError
+from tinymnist.transforms.cuda_graph import GraphedStep
+from tinymnist.transforms.vmap import vmapped, vmapped_update
+
+# Images per gradient chunk on the CPU, where `tinymnist bench` measured lenet's
+# 8192-image step about twice as fast in chunks of 256 (BENCHMARKS.md).
+CPU_MICRO_BATCH = 256
+
+
+def compiled(fn):
+    """torch.compile as one graph (fullgraph: a graph break is a bug here, not a fallback).
+
+    dynamic=False: every call has the same shapes, and a second model compiled in the
+    same process (tinymnist bench) must not turn its sizes symbolic."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def micro_batched(gradient: Gradient, micro_batch: int) -> Gradient:
+    """The same gradient, computed over chunks of `micro_batch` images and summed.
+
+    Each chunk's mean-loss gradient is weighted by its share of the batch, so the sum
+    is the whole batch's mean-loss gradient; each chunk's activations fit in a CPU's
+    cache (lenet's 8192 images at once do not). The Python loop stays outside any
+    compiled graph: `gradient` itself is what gets compiled, once per chunk shape. The
+    batch is split along its last dim, so N models' (N, B) indices split as one's (B,).
+    """
+
+    def chunked_gradient(params, images, labels, batch_idx):
+        grads, loss = None, 0.0
+        for chunk in batch_idx.split(micro_batch, dim=-1):  # ([N,] micro_batch) each, the last maybe shorter
+            share = chunk.shape[-1] / batch_idx.shape[-1]
+            chunk_grads, chunk_loss = gradient(params, images, labels, chunk)
+            chunk_grads = {k: g * share for k, g in chunk_grads.items()}
+            grads = chunk_grads if grads is None else {k: grads[k] + g for k, g in chunk_grads.items()}
+            loss = loss + chunk_loss * share
+        return grads, loss
+
+    return chunked_gradient
+
+
+def device_step(config: TrainConfig, optimizer: optim.Optimizer, device: torch.device,
+                data_parallel: Callable[[Gradient], Gradient] | None = None) -> Step:  # fmt: skip
+    """The step `tinymnist train` runs on `device`: over N models (vmap) where the config has
+    several, compiled where that is faster, in micro-batches where the batch is large for a
+    CPU, replayed as a CUDA graph on CUDA. `data_parallel` (all_reduce.all_reduced under
+    torchrun) wraps the gradient last: this process's slice of the batch is micro-batched."""
+    gradient, update = make_gradient(config), optimizer.update
+    if config.n_models > 1:
+        gradient, update = vmapped(gradient), vmapped_update(update)
+    compile = use_compile(config, device)
+    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device)
+    if 0 < micro_batch < config.batch_size:  # compile the pieces; the chunk loop runs in Python
+        if compile:
+            gradient, update = compiled(gradient), compiled(update)
+        gradient, compile = micro_batched(gradient, micro_batch), False
+    if data_parallel:
+        gradient = data_parallel(gradient)
+    step = make_step(gradient, optim.Optimizer(optimizer.init, update))
+    if device.type == "cuda" and config.cuda_graphs:
+        return GraphedStep(step, compile)
+    return compiled(step) if compile else step
+
+
+def use_compile(config: TrainConfig, device: torch.device) -> bool:
+    """--compile/--no-compile, else: compile on CUDA, and on the CPU where a C++ compiler is
+    installed (`tinymnist bench` measured the compiled step faster than eager there). MPS
+    support in torch.compile is young and unmeasured here, so MPS stays eager."""
+    if config.compile is not None:
+        return config.compile
+    return device.type == "cuda" or (device.type == "cpu" and cpu_compiler() is not None)
+
+
+def default_micro_batch(device: torch.device) -> int:
+    """0 (the whole batch at once) but on the CPU."""
+    return CPU_MICRO_BATCH if device.type == "cpu" else 0
+
+
+def use_tf32_matmuls(device: torch.device) -> None:
+    """On CUDA, let float32 matrix products use TF32 tensor cores, as cuDNN's convolutions
+    already do by default (the cnn epoch measured faster on an H200, BENCHMARKS.md)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile builds CPU kernels with, or None where it finds none.
+
+    Asked of inductor itself ($CXX, else g++; clang++ on macOS), which otherwise fails
+    with a long traceback on the first compiled step. Imported here, not at the top:
+    inductor takes most of a second to import, and `tinymnist info` never needs it.
+    """
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        return cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return None
+
+
+def check_compilable(device: torch.device) -> None:
+    """Raise the one-line error for compiling on a CPU that has no C++ compiler."""
+    if device.type == "cpu" and cpu_compiler() is None:
+        raise TinyMnistError(
+            "torch.compile on the CPU needs a C++ compiler ($CXX, g++ or clang++) and finds none; "
+            "install one or pass --no-compile"
+        )
