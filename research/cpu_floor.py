@@ -98,15 +98,24 @@ def measure(model: str, rounds: int, clock=time.perf_counter) -> dict:
     floors = [p + o for p, o in zip(products, samples["optimizer"], strict=True)]
     median = {key: statistics.median(values) for key, values in samples.items()}
     return {
-        "model": model, "batch": batch, "micro_batch": micro_batch if "micro" in parts else None,
-        "faster_way": min(ways, key=median.get), "optimizer": RECIPES[model].optimizer,
-        "optimizer_arrays": optimizer_arrays(model), "params": sum(row.params for row in networks.trace(model)),
-        "flops": step_flops(model, batch), "compile_seconds": compile_seconds,
-        "window_steps": window, "step_us": median["step"], "products_us": statistics.median(products),
-        "optimizer_us": median["optimizer"], "floor_us": statistics.median(floors),
+        "model": model,
+        "batch": batch,
+        "micro_batch": micro_batch if "micro" in parts else None,
+        "faster_way": min(ways, key=median.get),
+        "optimizer": RECIPES[model].optimizer,
+        "optimizer_arrays": optimizer_arrays(model),
+        "params": sum(row.params for row in networks.trace(model)),
+        "flops": step_flops(model, batch),
+        "compile_seconds": compile_seconds,
+        "window_steps": window,
+        "step_us": median["step"],
+        "products_us": statistics.median(products),
+        "optimizer_us": median["optimizer"],
+        "floor_us": statistics.median(floors),
         "step_over_floor": statistics.median(s / f for s, f in zip(samples["step"], floors, strict=True)),
-        "medians_us": median, "samples_us": dict(samples),
-    }  # fmt: skip
+        "medians_us": median,
+        "samples_us": dict(samples),
+    }
 
 
 def print_result(r: dict) -> None:
@@ -122,8 +131,12 @@ def print_breakdown(r: dict) -> None:
     """Each product's median, in the faster batching, and the traffic."""
     prefix = r["faster_way"] + "/"
     parts = [(key[len(prefix) :], us) for key, us in r["medians_us"].items() if key.startswith(prefix)]
-    parts.append((f"optimizer traffic ({r['optimizer_arrays']} arrays of {r['params']:,} floats)",
-                  r["medians_us"]["optimizer/traffic"]))  # fmt: skip
+    parts.append(
+        (
+            f"optimizer traffic ({r['optimizer_arrays']} arrays of {r['params']:,} floats)",
+            r["medians_us"]["optimizer/traffic"],
+        )
+    )
     print(f"  {r['model']}: " + ", ".join(f"{name} {us:.0f}" for name, us in parts) + " us")
 
 
@@ -147,9 +160,13 @@ def print_profile(model: str, steps_profiled: int) -> None:
 
 
 def machine(cpu_time: bool) -> dict:
-    return {"threads": torch.get_num_threads(), "cpu capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "data": "random uint8 images",
-            "clock": "process CPU time" if cpu_time else "wall"}  # fmt: skip
+    return {
+        "threads": torch.get_num_threads(),
+        "cpu capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "data": "random uint8 images",
+        "clock": "process CPU time" if cpu_time else "wall",
+    }
 
 
 def write_json(path: Path, results: dict) -> None:
@@ -192,8 +209,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
     print(", ".join(f"{k} {v}" for k, v in machine(args.cpu_time).items()) + f"; medians of {args.rounds} rounds")
-    print(f"{'model':6} {'batch':>6} {'step us':>10} {'products us':>12} {'way':>6} {'GFLOP/s':>8} "
-          f"{'optim. us':>10} {'floor us':>10} {'step/floor':>10}")  # fmt: skip
+    print(
+        f"{'model':6} {'batch':>6} {'step us':>10} {'products us':>12} {'way':>6} {'GFLOP/s':>8} "
+        f"{'optim. us':>10} {'floor us':>10} {'step/floor':>10}"
+    )
     results = []
     for model in args.models:
         results.append(measure(model, args.rounds, clock))

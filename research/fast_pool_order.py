@@ -89,8 +89,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of {args.window} steps")
     for name, run in runs.items():
         best, median = min(run["times"]), statistics.median(run["times"])
-        print(f"{name:26s} ms/step: best {best * 1e3:6.1f}, median {median * 1e3:6.1f};  "
-              f"s/epoch ({epoch_steps} steps): best {best * epoch_steps:5.2f}")  # fmt: skip
+        print(
+            f"{name:26s} ms/step: best {best * 1e3:6.1f}, median {median * 1e3:6.1f};  "
+            f"s/epoch ({epoch_steps} steps): best {best * epoch_steps:5.2f}"
+        )
     print("ms/step, every window:", {name: [round(t * 1e3, 1) for t in run["times"]] for name, run in runs.items()})
 
 

@@ -83,9 +83,14 @@ def lr_schedule(c: Candidate, steps_per_epoch: int):
         return lambda step: step_lr(c.lr, step // steps_per_epoch, step_size=1, gamma=c.gamma)
     anneal = {"one_cycle": "cos", "one_cycle_linear": "linear"}[c.schedule]
     return functools.partial(
-        one_cycle, total_steps=total, max_lr=c.lr, pct_start=c.pct_start,
-        div_factor=c.div_factor, final_div_factor=c.final_div_factor, anneal=anneal,
-    )  # fmt: skip
+        one_cycle,
+        total_steps=total,
+        max_lr=c.lr,
+        pct_start=c.pct_start,
+        div_factor=c.div_factor,
+        final_div_factor=c.final_div_factor,
+        anneal=anneal,
+    )
 
 
 def scale(x_u8: torch.Tensor) -> torch.Tensor:
@@ -162,9 +167,17 @@ def run(c: Candidate, seed: int, data, compiled, eval_every: int | None, stop_at
             done += 1
             if i + 1 == steps_per_epoch or (eval_every and done % eval_every == 0):
                 acc = accuracy(c.model, params, data.test_images, data.test_labels)
-                evals.append({"epoch": epoch + (i + 1) / steps_per_epoch, "step": done, "images": done * c.batch_size,
-                              "train_wall_s": wall, "train_cpu_s": cpu, "test_accuracy": acc,
-                              "loss": loss.item()})  # fmt: skip
+                evals.append(
+                    {
+                        "epoch": epoch + (i + 1) / steps_per_epoch,
+                        "step": done,
+                        "images": done * c.batch_size,
+                        "train_wall_s": wall,
+                        "train_cpu_s": cpu,
+                        "test_accuracy": acc,
+                        "loss": loss.item(),
+                    }
+                )
                 print(
                     f"  {c.model} seed {seed} step {done}: {acc:.4f}  ({wall:.1f} s wall, {cpu:.1f} s cpu)", flush=True
                 )
@@ -186,8 +199,15 @@ def time_steps(names: list[str], data, rounds: int, window: int) -> None:
         optimizer, step = make_step(c)
         params = networks.init_params(c.model, 0)
         batches = epoch_batches(len(data.train_images), c.batch_size, torch.Generator().manual_seed(0))
-        runs[name] = {"c": c, "step": step, "state": (params, optimizer.init(params)), "batches": batches, "done": 0,
-                      "wall": [], "cpu": []}  # fmt: skip
+        runs[name] = {
+            "c": c,
+            "step": step,
+            "state": (params, optimizer.init(params)),
+            "batches": batches,
+            "done": 0,
+            "wall": [],
+            "cpu": [],
+        }
     lr = torch.tensor(1e-3)
     for round_ in range(rounds + 1):  # round 0 compiles and warms up: not recorded
         for r in runs.values():
@@ -201,11 +221,19 @@ def time_steps(names: list[str], data, rounds: int, window: int) -> None:
                 r["cpu"].append((time.process_time() - c0) / window)
     for name, r in runs.items():
         steps = len(r["batches"])
-        record = {"mode": "time", "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                  "window_steps": window, "steps_per_epoch": steps, "wall_s_per_step": r["wall"],
-                  "cpu_s_per_step": r["cpu"], "best_wall_s_per_epoch": min(r["wall"]) * steps,
-                  "median_wall_s_per_epoch": sorted(r["wall"])[len(r["wall"]) // 2] * steps,
-                  "best_cpu_s_per_epoch": min(r["cpu"]) * steps}  # fmt: skip
+        record = {
+            "mode": "time",
+            "name": name,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "window_steps": window,
+            "steps_per_epoch": steps,
+            "wall_s_per_step": r["wall"],
+            "cpu_s_per_step": r["cpu"],
+            "best_wall_s_per_epoch": min(r["wall"]) * steps,
+            "median_wall_s_per_epoch": sorted(r["wall"])[len(r["wall"]) // 2] * steps,
+            "best_cpu_s_per_epoch": min(r["cpu"]) * steps,
+        }
         with open(OUT / "time.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         best, median, cpu = (
@@ -236,8 +264,15 @@ def main() -> None:
         compiled = make_step(c)
         for seed in args.seeds:
             result = run(c, seed, data, compiled, args.eval_every, args.stop_at)
-            record = {"mode": args.mode, "name": name, "seed": seed, "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "candidate": asdict(c), **result}  # fmt: skip
+            record = {
+                "mode": args.mode,
+                "name": name,
+                "seed": seed,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "candidate": asdict(c),
+                **result,
+            }
             with open(OUT / f"{args.mode}.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(

@@ -49,8 +49,10 @@ def main() -> None:
             print(f"| {mode} | {name} | {len(runs)} | stopped at the target | | | | {reached} |")
             continue
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"| {mode} | {name} | {len(runs)} | {epochs} | {statistics.mean(accs):.2f} ± {spread:.2f} | "
-              f"{min(accs):.2f} | {max(accs):.2f} | {reached} |")  # fmt: skip
+        print(
+            f"| {mode} | {name} | {len(runs)} | {epochs} | {statistics.mean(accs):.2f} ± {spread:.2f} | "
+            f"{min(accs):.2f} | {max(accs):.2f} | {reached} |"
+        )
     print_timing(timing, groups, target)
 
 
@@ -62,17 +64,21 @@ def print_timing(timing: dict, groups: dict, target: float) -> None:
     the absolute numbers several-fold, the ratio much less.
     """
     fast_windows = timing["fast"]["wall_s_per_step"]
-    print("\n| candidate | steps/epoch | s/epoch, best window | s/epoch, median | CPU s/epoch, best "
-          f"| step time / fast's | mean steps to {target:.2%} | time to {target:.2%} / fast's |")  # fmt: skip
+    print(
+        "\n| candidate | steps/epoch | s/epoch, best window | s/epoch, median | CPU s/epoch, best "
+        f"| step time / fast's | mean steps to {target:.2%} | time to {target:.2%} / fast's |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     fast_steps = mean_steps_to(groups[("confirm", "fast")], target)
     for name in ("fast", "fast-2ep", "cnn"):
         t = timing[TIMED_AS.get(name, name)]
         ratio = statistics.median(w / f for w, f in zip(t["wall_s_per_step"], fast_windows, strict=True))
         steps = mean_steps_to(groups.get(("confirm", name), []), target)
-        print(f"| {name} | {t['steps_per_epoch']} | {t['best_wall_s_per_epoch']:.2f} | "
-              f"{t['median_wall_s_per_epoch']:.2f} | {t['best_cpu_s_per_epoch']:.2f} | {ratio:.2f} | "
-              f"{steps:.0f} | {steps * ratio / fast_steps:.1f} |")  # fmt: skip
+        print(
+            f"| {name} | {t['steps_per_epoch']} | {t['best_wall_s_per_epoch']:.2f} | "
+            f"{t['median_wall_s_per_epoch']:.2f} | {t['best_cpu_s_per_epoch']:.2f} | {ratio:.2f} | "
+            f"{steps:.0f} | {steps * ratio / fast_steps:.1f} |"
+        )
 
 
 def mean_steps_to(runs: list[dict], target: float) -> float:

@@ -50,8 +50,11 @@ def product_layers(model: str) -> list[ProductLayer]:
     """The network's conv and linear layers, in order, with their traced shapes."""
     layers, rows = networks.ARCHITECTURES[model], networks.trace(model)
     inputs = [shapes.MNIST_IMAGE] + [row.shape for row in rows[:-1]]  # a layer sees the output before it
-    found = [(layer, shape_in, row.shape) for layer, shape_in, row in zip(layers, inputs, rows, strict=True)
-             if isinstance(layer, (shapes.Conv2d, shapes.Linear))]  # fmt: skip
+    found = [
+        (layer, shape_in, row.shape)
+        for layer, shape_in, row in zip(layers, inputs, rows, strict=True)
+        if isinstance(layer, (shapes.Conv2d, shapes.Linear))
+    ]
     return [ProductLayer(*layer, first=i == 0) for i, layer in enumerate(found)]
 
 
@@ -65,16 +68,20 @@ def product_calls(p: ProductLayer, batch: int) -> dict[str, Callable[[], torch.T
     x, grad_out = torch.randn(batch, *p.shape_in), torch.randn(batch, *p.shape_out)  # (B, C, H, W) or (B, F)
     if isinstance(p.layer, shapes.Linear):
         weight = torch.randn(p.shape_out[0], p.shape_in[0])  # (out, in), as nn.Linear keeps it
-        calls = {"forward": lambda: x @ weight.t(),  # (B, out)
-                 "weight_grad": lambda: grad_out.t() @ x,  # (out, in)
-                 "input_grad": lambda: grad_out @ weight}  # (B, in)  # fmt: skip
+        calls = {
+            "forward": lambda: x @ weight.t(),  # (B, out)
+            "weight_grad": lambda: grad_out.t() @ x,  # (out, in)
+            "input_grad": lambda: grad_out @ weight,
+        }  # (B, in)
     else:
         conv = p.layer
         weight = torch.randn(conv.out_channels, p.shape_in[0], conv.kernel, conv.kernel)  # (C_out, C_in, k, k)
         stride, padding = conv.stride, conv.padding
-        calls = {"forward": lambda: F.conv2d(x, weight, None, stride, padding),  # (B, C_out, H', W')
-                 "weight_grad": lambda: conv2d_weight(x, weight.shape, grad_out, stride, padding),  # like weight
-                 "input_grad": lambda: conv2d_input(x.shape, weight, grad_out, stride, padding)}  # like x  # fmt: skip
+        calls = {
+            "forward": lambda: F.conv2d(x, weight, None, stride, padding),  # (B, C_out, H', W')
+            "weight_grad": lambda: conv2d_weight(x, weight.shape, grad_out, stride, padding),  # like weight
+            "input_grad": lambda: conv2d_input(x.shape, weight, grad_out, stride, padding),
+        }  # like x
     return {name: calls[name] for name in p.products()}
 
 
@@ -110,10 +117,15 @@ def floor_parts(model: str, batch: int, micro_batch: int, clock=time.perf_counte
     ways = {"whole": {batch: 1}}
     if 0 < micro_batch < batch:  # the step's chunks: torch.split's sizes, counted
         ways["micro"] = collections.Counter(len(c) for c in torch.arange(batch).split(micro_batch))
-    parts = {way: {f"{p.layer.name}.{name}" + (f"@{size}" if way == "micro" else ""): Timed(fn, count, clock)
-                   for size, count in sizes.items() for p in product_layers(model)
-                   for name, fn in product_calls(p, size).items()}
-             for way, sizes in ways.items()}  # fmt: skip
+    parts = {
+        way: {
+            f"{p.layer.name}.{name}" + (f"@{size}" if way == "micro" else ""): Timed(fn, count, clock)
+            for size, count in sizes.items()
+            for p in product_layers(model)
+            for name, fn in product_calls(p, size).items()
+        }
+        for way, sizes in ways.items()
+    }
     n_params = sum(row.params for row in networks.trace(model))
     a, b, out = torch.randn(n_params), torch.randn(n_params), torch.empty(n_params)  # (P,) each
     arrays = optimizer_arrays(model)  # torch.add moves 3 arrays: scale its time to the update's

@@ -92,8 +92,9 @@ def test_floor_parts_time_the_step_micro_batches(products):
 def test_cpu_floor_refuses_bad_flags_in_one_line(tmp_path):
     missing_folder = str(tmp_path / "missing" / "floor.json")
     for flags in (["--models", "mlp,resnet"], ["--cpu-time"], ["--json", missing_folder], ["--rounds", "x"]):
-        result = subprocess.run([sys.executable, RESEARCH / "cpu_floor.py", *flags], capture_output=True, text=True,
-                                timeout=300)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, RESEARCH / "cpu_floor.py", *flags], capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 1 and result.stdout == ""
         (line,) = result.stderr.splitlines()
         assert line.startswith("cpu_floor: error: ") and flags[0] in line

@@ -36,29 +36,46 @@ def main() -> None:
     device = resolve_device(args.device)
     speed.use_tf32_matmuls(device)
     mnist = data.load_mnist(args.data_dir, device)
-    base = recipe_config(args.model, device=str(device), target_accuracy=args.target, eval_every=args.eval_every,
-                         log_interval=10**9)  # fmt: skip
+    base = recipe_config(
+        args.model, device=str(device), target_accuracy=args.target, eval_every=args.eval_every, log_interval=10**9
+    )
     optimizer = make_optimizer(base)
     step = speed.device_step(base, optimizer, device)  # compiled once, reused by every seed
     rows = []
     for seed in range(first, last + 1):
-        config = recipe_config(args.model, device=str(device), target_accuracy=args.target,
-                               eval_every=args.eval_every, log_interval=10**9, seed=seed)  # fmt: skip
+        config = recipe_config(
+            args.model,
+            device=str(device),
+            target_accuracy=args.target,
+            eval_every=args.eval_every,
+            log_interval=10**9,
+            seed=seed,
+        )
         training = Training(config, [config], step, TestSet(config, [config], mnist))
         result = fit(training, mnist, initial_state(config, optimizer, device))
         hit = result.reached[0] or {}
-        row = {"model": args.model, "seed": seed, "target": args.target, "reached": bool(hit),
-               "seconds": hit.get("train_seconds_total"), "images": hit.get("images_total"),
-               "epochs": hit.get("epoch"), "accuracy": hit.get("test_accuracy"),
-               "first_step_seconds": result.first_step_seconds, "device": str(device),
-               "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__}  # fmt: skip
+        row = {
+            "model": args.model,
+            "seed": seed,
+            "target": args.target,
+            "reached": bool(hit),
+            "seconds": hit.get("train_seconds_total"),
+            "images": hit.get("images_total"),
+            "epochs": hit.get("epoch"),
+            "accuracy": hit.get("test_accuracy"),
+            "first_step_seconds": result.first_step_seconds,
+            "device": str(device),
+            "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     reached = [r["seconds"] for r in rows if r["reached"]]
-    summary = {"reached": f"{len(reached)}/{len(rows)}",
-               "mean_seconds": statistics.mean(reached) if reached else None,
-               "max_seconds": max(reached) if reached else None}  # fmt: skip
+    summary = {
+        "reached": f"{len(reached)}/{len(rows)}",
+        "mean_seconds": statistics.mean(reached) if reached else None,
+        "max_seconds": max(reached) if reached else None,
+    }
     print(json.dumps({"summary": summary}), flush=True)
 
 

@@ -22,8 +22,23 @@ GATES = [
 @pytest.mark.parametrize("model, epochs, target", GATES)
 def test_recipe_reaches_its_target_on_real_digits(real_split, tmp_path, model, epochs, target):
     metrics = tmp_path / "metrics.jsonl"
-    result = run("train", "--model", model, "--epochs", epochs, "--data-dir", real_split, "--no-download",
-                 "--device", "cpu", "--no-compile", "--log-interval", 1000, "--metrics", metrics)  # fmt: skip
+    result = run(
+        "train",
+        "--model",
+        model,
+        "--epochs",
+        epochs,
+        "--data-dir",
+        real_split,
+        "--no-download",
+        "--device",
+        "cpu",
+        "--no-compile",
+        "--log-interval",
+        1000,
+        "--metrics",
+        metrics,
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert records[0]["test_accuracy"] < 0.3  # the untrained network guesses

@@ -17,8 +17,24 @@ from tinymnist.tool.reference import reference_loop
 
 def test_bench_reports_every_field(tmp_path):
     out = tmp_path / "bench.json"
-    result = run("bench", "--models", "mlp", "--device", "cpu", "--window-images", 128, "--repeats", 2,
-                 "--warmup", 1, "--no-compile", "--data-dir", tmp_path / "none", "--json", out)  # fmt: skip
+    result = run(
+        "bench",
+        "--models",
+        "mlp",
+        "--device",
+        "cpu",
+        "--window-images",
+        128,
+        "--repeats",
+        2,
+        "--warmup",
+        1,
+        "--no-compile",
+        "--data-dir",
+        tmp_path / "none",
+        "--json",
+        out,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["data"].startswith("random uint8") and report["torch"] == torch.__version__
@@ -33,7 +49,9 @@ def test_bench_reports_every_field(tmp_path):
     assert f"{row['eager_vs_reference']:.2f}x" in result.stdout  # the table shows the ratio
 
 
-@pytest.mark.parametrize("flag", [["--models", "mlp"], ["--repeats", "3"], ["--warmup", "0"], ["--window-images", "512"]])
+@pytest.mark.parametrize(
+    "flag", [["--models", "mlp"], ["--repeats", "3"], ["--warmup", "0"], ["--window-images", "512"]]
+)
 def test_time_to_accuracy_refuses_the_flags_it_would_ignore(flag):
     assert_user_error(run("bench", "--time-to-accuracy", "0.99", *flag), flag[0], "does not apply")
 
@@ -46,12 +64,27 @@ def test_time_to_accuracy_over_seeds_reports_their_spread(real_split, tmp_path):
     """--seeds 3: fast and cnn train 3 models each in one run; each row says how many reached the
     target and the mean, min and max of their times, every one a time the run's records hold."""
     out = tmp_path / "t.json"
-    result = run("bench", "--time-to-accuracy", "0.5", "--seeds", "3", "--device", "cpu", "--no-compile",
-                 "--data-dir", real_split, "--json", out)  # fmt: skip
+    result = run(
+        "bench",
+        "--time-to-accuracy",
+        "0.5",
+        "--seeds",
+        "3",
+        "--device",
+        "cpu",
+        "--no-compile",
+        "--data-dir",
+        real_split,
+        "--json",
+        out,
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["results"]
-    assert [(r["loop"], r["models"]) for r in rows] == [("tinymnist fast", 3), ("tinymnist cnn", 3),
-                                                       ("reference cnn", 1)]  # fmt: skip
+    assert [(r["loop"], r["models"]) for r in rows] == [
+        ("tinymnist fast", 3),
+        ("tinymnist cnn", 3),
+        ("reference cnn", 1),
+    ]
     for row in rows[:2]:
         assert row["reached"] == 3  # 50% is reached well within the recipes' epochs
         assert row["min_seconds"] <= row["seconds"] <= row["max_seconds"]
@@ -66,8 +99,9 @@ def test_bench_rejects_an_unknown_model():
 @pytest.mark.parametrize("extra", [[], ["--seeds", "1"], ["--time-to-accuracy", "0.5"]])
 def test_bench_checks_its_json_path_before_timing_anything(tmp_path, extra):
     """A folder given as --json was an IsADirectoryError traceback after the whole run."""
-    result = run("bench", "--device", "cpu", "--no-compile", "--data-dir", tmp_path / "none", "--json", tmp_path,
-                 *extra)  # fmt: skip
+    result = run(
+        "bench", "--device", "cpu", "--no-compile", "--data-dir", tmp_path / "none", "--json", tmp_path, *extra
+    )
     assert_user_error(result, f"--json {tmp_path} is a folder")
     assert list(tmp_path.iterdir()) == []
 

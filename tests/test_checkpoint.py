@@ -341,12 +341,16 @@ def test_a_file_size_limit_keeps_the_previous_checkpoint(tmp_path):
     path = write(tmp_path / "run.pt", epoch=1)
     before = path.read_bytes()
     repo = Path(__file__).resolve().parents[1]
-    child = subprocess.run([sys.executable, "-c", textwrap.dedent(SAVE_UNDER_ULIMIT), str(path)],
-                           capture_output=True, text=True, cwd=repo)  # fmt: skip
-    assert (child.returncode, child.stderr) == (1, (
-        f"checkpoint {path}: saving epoch 2 failed (File too large); "
-        "the previous checkpoint (epoch 1) is kept; raise the file size limit (ulimit -f)\n"
-    ))  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SAVE_UNDER_ULIMIT), str(path)], capture_output=True, text=True, cwd=repo
+    )
+    assert (child.returncode, child.stderr) == (
+        1,
+        (
+            f"checkpoint {path}: saving epoch 2 failed (File too large); "
+            "the previous checkpoint (epoch 1) is kept; raise the file size limit (ulimit -f)\n"
+        ),
+    )
     assert os.listdir(tmp_path) == ["run.pt"] and path.read_bytes() == before
 
 

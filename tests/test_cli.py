@@ -162,8 +162,20 @@ def test_non_finite_loss_stops_naming_the_epoch_and_keeps_the_last_good_checkpoi
 
 def test_ctrl_c_saves_the_last_epoch_and_exits_130(tiny_split, tmp_path):
     ckpt = tmp_path / "cnn.pt"
-    command = [sys.executable, "-m", "tinymnist", *map(str, train_args(tiny_split, "--model", "cnn")),
-               "--batch-size", "8", "--log-interval", "1", "--epochs", "50", "--save-model", str(ckpt)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "tinymnist",
+        *map(str, train_args(tiny_split, "--model", "cnn")),
+        "--batch-size",
+        "8",
+        "--log-interval",
+        "1",
+        "--epochs",
+        "50",
+        "--save-model",
+        str(ckpt),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:  # wait until epoch 2 is under way
         if line.startswith("Train Epoch: 2"):

@@ -105,8 +105,14 @@ def test_fit_on_cuda_keeps_each_epochs_state_apart():
     optimizer = optimizer_of(config)
     step = device_step(config, optimizer, device)
     assert isinstance(step, cuda_graph.GraphedStep)
-    fit_run(config, data, initial_state(config, optimizer, device), step, Silent(),
-            on_epoch_end=lambda state: states.append((state, clone(state.params))))  # fmt: skip
+    fit_run(
+        config,
+        data,
+        initial_state(config, optimizer, device),
+        step,
+        Silent(),
+        on_epoch_end=lambda state: states.append((state, clone(state.params))),
+    )
     (first, first_copy), (second, _) = states
     torch.testing.assert_close(first.params, first_copy, rtol=0, atol=0)  # epoch 2 did not write into epoch 1's state
     assert not torch.equal(first.params["fc1.weight"], second.params["fc1.weight"])

@@ -47,9 +47,20 @@ def quiet_env() -> dict:
 
 
 def run_torchrun(data_dir, *extra, nproc: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "tinymnist",
-               *cli_args(data_dir, *extra)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "tinymnist",
+        *cli_args(data_dir, *extra),
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=quiet_env(), timeout=600)
 
 
@@ -89,8 +100,9 @@ def metrics(path: Path) -> list[dict]:
 
 
 def test_two_processes_take_the_single_process_steps(tiny_split, tmp_path):
-    ranks = start_ranks(tiny_split, "--epochs", 2, "--metrics", tmp_path / "two.jsonl",
-                        "--save-model", tmp_path / "two.pt")  # fmt: skip
+    ranks = start_ranks(
+        tiny_split, "--epochs", 2, "--metrics", tmp_path / "two.jsonl", "--save-model", tmp_path / "two.pt"
+    )
     outs = [rank.communicate(timeout=600) for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outs
     single = one_process(tiny_split, "--epochs", 2, "--metrics", tmp_path / "one.jsonl")
@@ -108,8 +120,7 @@ def test_two_processes_take_the_single_process_steps(tiny_split, tmp_path):
     assert abs(two_records[-1]["test_accuracy"] - one_records[-1]["test_accuracy"]) <= 0.002
     assert two_records[-1]["test_loss"] == pytest.approx(one_records[-1]["test_loss"], rel=1e-5)
 
-    evaluated = run("eval", tmp_path / "two.pt", "--json", "--device", "cpu", "--data-dir", tiny_split,
-                    "--no-download")  # fmt: skip
+    evaluated = run("eval", tmp_path / "two.pt", "--json", "--device", "cpu", "--data-dir", tiny_split, "--no-download")
     assert evaluated.exit_code == 0, evaluated.output
     record = json.loads(evaluated.stdout)
     assert (record["epoch"], record["correct"]) == (2, two_records[-1]["correct"])
@@ -122,13 +133,15 @@ def test_checkpoints_cross_between_torchrun_and_one_process(tiny_split, tmp_path
     assert reference.returncode == 0, reference.stderr
     first = run_torchrun(tiny_split, "--epochs", 1, "--save-model", tmp_path / "torchrun1.pt")
     assert first.returncode == 0, first.stderr
-    then = one_process(tiny_split, "--epochs", 2, "--resume", tmp_path / "torchrun1.pt",
-                       "--save-model", tmp_path / "torchrun1_one2.pt")  # fmt: skip
+    then = one_process(
+        tiny_split, "--epochs", 2, "--resume", tmp_path / "torchrun1.pt", "--save-model", tmp_path / "torchrun1_one2.pt"
+    )
     assert then.returncode == 0, then.stderr
     first = one_process(tiny_split, "--epochs", 1, "--save-model", tmp_path / "one1.pt")
     assert first.returncode == 0, first.stderr
-    then = run_torchrun(tiny_split, "--epochs", 2, "--resume", tmp_path / "one1.pt", "--save-model",
-                    tmp_path / "one1_torchrun2.pt")  # fmt: skip
+    then = run_torchrun(
+        tiny_split, "--epochs", 2, "--resume", tmp_path / "one1.pt", "--save-model", tmp_path / "one1_torchrun2.pt"
+    )
     assert then.returncode == 0, then.stderr
     assert then.stdout.count("Final test accuracy") == 1
 
@@ -204,22 +217,44 @@ def test_a_sweep_over_two_processes_is_the_one_process_sweep(tiny_split, tmp_pat
     epoch by epoch, and checkpoints that cross: epoch 1 by the processes and epoch 2 by one
     process, and the other way round, end in the same N models."""
     sweep, m = ("--seeds", 3), tmp_path
-    ranks = start_ranks(tiny_split, *sweep, "--epochs", 1, "--metrics", m / "two_first.jsonl",
-                        "--save-model", m / "two1.pt")  # fmt: skip
+    ranks = start_ranks(
+        tiny_split, *sweep, "--epochs", 1, "--metrics", m / "two_first.jsonl", "--save-model", m / "two1.pt"
+    )
     outs = [rank.communicate(timeout=600) for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outs
     (leader_out, _), (follower_out, follower_err) = outs
     assert follower_out == "" and follower_err == ""  # one voice: rank 0's
     assert leader_out.count("Final test accuracy over 3 models") == 1
-    then = one_process(tiny_split, *sweep, "--epochs", 2, "--resume", m / "two1.pt", "--metrics", m / "two_first.jsonl",
-                       "--save-model", m / "two1_one2.pt")  # fmt: skip
+    then = one_process(
+        tiny_split,
+        *sweep,
+        "--epochs",
+        2,
+        "--resume",
+        m / "two1.pt",
+        "--metrics",
+        m / "two_first.jsonl",
+        "--save-model",
+        m / "two1_one2.pt",
+    )
     assert then.returncode == 0, then.stderr
 
-    first = one_process(tiny_split, *sweep, "--epochs", 1, "--metrics", m / "one_first.jsonl",
-                        "--save-model", m / "one1.pt")  # fmt: skip
+    first = one_process(
+        tiny_split, *sweep, "--epochs", 1, "--metrics", m / "one_first.jsonl", "--save-model", m / "one1.pt"
+    )
     assert first.returncode == 0, first.stderr
-    ranks = start_ranks(tiny_split, *sweep, "--epochs", 2, "--resume", m / "one1.pt", "--metrics",
-                        m / "one_first.jsonl", "--save-model", m / "one1_two2.pt")  # fmt: skip
+    ranks = start_ranks(
+        tiny_split,
+        *sweep,
+        "--epochs",
+        2,
+        "--resume",
+        m / "one1.pt",
+        "--metrics",
+        m / "one_first.jsonl",
+        "--save-model",
+        m / "one1_two2.pt",
+    )
     outs = [rank.communicate(timeout=600) for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outs
 
@@ -238,8 +273,9 @@ def test_a_sweep_over_two_processes_is_the_one_process_sweep(tiny_split, tmp_pat
     evaluated = run("eval", m / "one1_two2.pt", "--json", "--device", "cpu", "--data-dir", tiny_split, "--no-download")
     assert evaluated.exit_code == 0, evaluated.output
     lines = [json.loads(line) for line in evaluated.stdout.splitlines()]
-    assert [(line["correct"], line.get("seed")) for line in lines] == [(r["correct"], r.get("seed"))
-                                                                       for r in one_first[-4:]]  # fmt: skip
+    assert [(line["correct"], line.get("seed")) for line in lines] == [
+        (r["correct"], r.get("seed")) for r in one_first[-4:]
+    ]
 
 
 def test_more_processes_than_models_is_one_line(tiny_split, monkeypatch):

@@ -56,16 +56,22 @@ def test_one_vmapped_step_equals_n_separate_steps(model, optimizer_name):
     batch_idx = torch.randint(0, 200, (N, 32), generator=torch.Generator().manual_seed(0))  # (N, B)
     lrs = torch.tensor([1e-3, 2e-3, 5e-4])  # (N,)
     for _ in range(2):  # the second step sees non-zero optimizer state
-        grads, _ = torch.func.vmap(gradient, in_dims=(0, None, None, 0))(params, data.train_images,
-                                                                         data.train_labels, batch_idx)  # fmt: skip
+        grads, _ = torch.func.vmap(gradient, in_dims=(0, None, None, 0))(
+            params, data.train_images, data.train_labels, batch_idx
+        )
         expected = []
         for i in range(N):
             own_grads, own_loss = gradient(one_model(params, i), data.train_images, data.train_labels, batch_idx[i])
             torch.testing.assert_close(one_model(grads, i), own_grads, rtol=1e-5, atol=1e-6)
-            expected.append((*optimizer.update(one_model(grads, i), one_model(opt_state, i), one_model(params, i), lrs[i]),
-                             own_loss))  # fmt: skip
-        params, opt_state, losses = vmapped_step(gradient, optimizer)(params, opt_state, data.train_images, data.train_labels, batch_idx,
-                                                  lrs)  # fmt: skip
+            expected.append(
+                (
+                    *optimizer.update(one_model(grads, i), one_model(opt_state, i), one_model(params, i), lrs[i]),
+                    own_loss,
+                )
+            )
+        params, opt_state, losses = vmapped_step(gradient, optimizer)(
+            params, opt_state, data.train_images, data.train_labels, batch_idx, lrs
+        )
         for i, (p, s, loss) in enumerate(expected):
             torch.testing.assert_close(one_model(params, i), p, rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(one_model(opt_state, i), s, rtol=1e-5, atol=1e-7)
@@ -94,7 +100,8 @@ def test_dropout_masks_differ_between_models():
     data = random_mnist(8, 1)
     batch_idx = torch.arange(8).expand(N, 8)  # (N, B), the same batch for all
     grads, losses = torch.func.vmap(gradient, in_dims=(0, None, None, 0), randomness="different")(
-        params, data.train_images, data.train_labels, batch_idx)  # fmt: skip
+        params, data.train_images, data.train_labels, batch_idx
+    )
     assert len(set(losses.tolist())) == N
     assert not torch.equal(grads["fc1.weight"][0], grads["fc1.weight"][1])
 
@@ -126,8 +133,11 @@ def test_resume_of_n_models_is_bit_exact(tmp_path):
     config = recipe_config("cnn", seeds=2, lrs=[1.0, 0.5], epochs=2, batch_size=32, compile=False)
     straight = tiny_fit(config, data).state
     path = tmp_path / "n.pt"
-    tiny_fit(recipe_config("cnn", seeds=2, lrs=[1.0, 0.5], epochs=1, batch_size=32, compile=False), data,
-             on_epoch_end=lambda state: checkpoint.save(path, config.to_dict(), state))  # fmt: skip
+    tiny_fit(
+        recipe_config("cnn", seeds=2, lrs=[1.0, 0.5], epochs=1, batch_size=32, compile=False),
+        data,
+        on_epoch_end=lambda state: checkpoint.save(path, config.to_dict(), state),
+    )
     saved_config, saved = checkpoint.load(path, CPU)
     assert saved_config["seeds"] == 2 and saved_config["lrs"] == [1.0, 0.5] and saved.rng["shuffle"].shape[0] == 4
     resumed = tiny_fit(config, data, state=saved).state
@@ -153,8 +163,9 @@ def test_the_vmapped_step_compiles_once_and_not_again_for_new_rates():
     data = random_mnist(64, 1)
     params, opt_state = stacked_start(config, optimizer, range(4))
     batch_idx = torch.randint(0, 64, (4, 16))
-    params, opt_state, _ = step(params, opt_state, data.train_images, data.train_labels, batch_idx,
-                                torch.full((4,), 1e-3))  # fmt: skip
+    params, opt_state, _ = step(
+        params, opt_state, data.train_images, data.train_labels, batch_idx, torch.full((4,), 1e-3)
+    )
     with torch._dynamo.config.patch(error_on_recompile=True):
         for scale in (0.5, 0.25):  # a schedule's new rates, new batches: no second graph
             params, opt_state, losses = step(
@@ -168,13 +179,16 @@ def test_the_vmapped_step_compiles_once_and_not_again_for_new_rates():
     assert losses.shape == (4,) and torch.isfinite(losses).all()
 
 
-@pytest.mark.parametrize(("flags", "fragment"), [
-    (["--seeds", "0"], "--seeds"),
-    (["--lr", "1,,2"], "empty item"),
-    (["--lr", "1,-2"], "-2 is not a positive"),
-    (["--lr", "1,x"], "'x', not a number"),
-    (["--lr", "1,1"], "twice"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--seeds", "0"], "--seeds"),
+        (["--lr", "1,,2"], "empty item"),
+        (["--lr", "1,-2"], "-2 is not a positive"),
+        (["--lr", "1,x"], "'x', not a number"),
+        (["--lr", "1,1"], "twice"),
+    ],
+)
 def test_bad_seeds_and_lr_lists_are_one_line_errors(tiny_split, flags, fragment):
     assert_user_error(run(*train_args(tiny_split, "--model", "mlp", *flags)), fragment)
 

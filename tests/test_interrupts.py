@@ -17,8 +17,10 @@ from tinymnist.tool import interrupts
 def start(code: str, *args) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_line(child: subprocess.Popen, expected: str) -> None:
@@ -52,10 +54,13 @@ FROZEN_TORCH_IMPORT = """
 """
 
 
-@pytest.mark.parametrize(("signum", "code", "line"), [
-    (signal.SIGINT, 130, "tinymnist: interrupted\n"),
-    (signal.SIGTERM, 143, "tinymnist: interrupted by SIGTERM\n"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("signum", "code", "line"),
+    [
+        (signal.SIGINT, 130, "tinymnist: interrupted\n"),
+        (signal.SIGTERM, 143, "tinymnist: interrupted by SIGTERM\n"),
+    ],
+)
 def test_a_signal_while_importing_torch_exits_cleanly(signum, code, line):
     child = start(FROZEN_TORCH_IMPORT)
     wait_for_line(child, "importing torch")
@@ -99,7 +104,9 @@ def test_a_ctrl_c_that_an_import_swallows_still_ends_the_run():
 
 def test_the_console_script_module_does_not_import_torch():
     """Everything imported before `main` installs the handlers is outside their reach."""
-    child = start("import sys, tinymnist.tool.entry; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    child = start(
+        "import sys, tinymnist.tool.entry; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    )
     assert finish(child) == (0, "[]\n", "")
 
 
@@ -128,12 +135,15 @@ SHIELDED_SAVE = """
 """
 
 
-@pytest.mark.parametrize(("signals", "code"), [
-    ([signal.SIGINT], 130),
-    ([signal.SIGINT, signal.SIGINT], 130),  # an impatient second Ctrl-C
-    ([signal.SIGTERM], 143),
-    ([signal.SIGTERM, signal.SIGINT], 143),  # the first signal decides the exit status
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("signals", "code"),
+    [
+        ([signal.SIGINT], 130),
+        ([signal.SIGINT, signal.SIGINT], 130),  # an impatient second Ctrl-C
+        ([signal.SIGTERM], 143),
+        ([signal.SIGTERM, signal.SIGINT], 143),  # the first signal decides the exit status
+    ],
+)
 def test_signals_during_a_save_wait_for_it_then_end_the_run(tmp_path, signals, code):
     target = tmp_path / "checkpoint"
     child = start(SHIELDED_SAVE, target, len(signals))

@@ -34,8 +34,10 @@ def test_the_next_download_removes_what_kill_9_left(tmp_path):
         env = os.environ | {"TINYMNIST_MIRRORS": mirror.url}
         child = subprocess.Popen(
             [sys.executable, "-m", "tinymnist", "download", "--data-dir", data],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             while not any(name.startswith(f".{IMAGES}.tinymnist-") for name in os.listdir(data)):
                 assert child.poll() is None, "the download ended before it could be killed"
@@ -47,8 +49,14 @@ def test_the_next_download_removes_what_kill_9_left(tmp_path):
         assert len(leftovers) == 1 and leftovers[0].startswith(f".{IMAGES}.tinymnist-"), leftovers
 
         mirror.answers = {IMAGES: [serve(body)]}
-        download(data, [IMAGES], mirrors=[mirror.url], md5s={IMAGES: hashlib.md5(body).hexdigest()},
-                 progress=False, patience=Patience(backoff=0))  # fmt: skip
+        download(
+            data,
+            [IMAGES],
+            mirrors=[mirror.url],
+            md5s={IMAGES: hashlib.md5(body).hexdigest()},
+            progress=False,
+            patience=Patience(backoff=0),
+        )
     finally:
         mirror.stop()
 

@@ -1,11 +1,11 @@
 """The folders are the architecture: imports point down the layers, never up, never in a circle.
 
-    algorithm   the step, the networks, optimizers, schedules, the loop   torch, numpy, stdlib
-    data        download, IDX, sources                                    stdlib, requests, rich
-    transforms  compile, micro-batches, CUDA graphs, vmap, all-reduce    + algorithm
-    tool        run, checkpoints, reports, outputs, bench, torchrun      + data, transforms
-    viz         the pictures                                             + tool, but never the CLI
-    tool/cli.py the commands                                             everything
+algorithm   the step, the networks, optimizers, schedules, the loop   torch, numpy, stdlib
+data        download, IDX, sources                                    stdlib, requests, rich
+transforms  compile, micro-batches, CUDA graphs, vmap, all-reduce    + algorithm
+tool        run, checkpoints, reports, outputs, bench, torchrun      + data, transforms
+viz         the pictures                                             + tool, but never the CLI
+tool/cli.py the commands                                             everything
 """
 
 from __future__ import annotations
@@ -51,9 +51,7 @@ def imports(path: Path) -> list[tuple[str, bool]]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [f"{node.module}.{a.name}" for a in node.names]  # a module, or a name in one
-        for name in names:
-            if name.startswith("tinymnist."):
-                found.append((resolve(name), node.col_offset > 0))
+        found += [(resolve(name), node.col_offset > 0) for name in names if name.startswith("tinymnist.")]
     return found
 
 
@@ -111,6 +109,8 @@ def test_no_import_circles():
 
 def test_the_algorithm_loads_neither_requests_rich_nor_typer():
     algorithm = sorted(m for m in MODULES if layer(m) in ("algorithm", "transforms"))
-    code = f"import sys; import {', '.join(algorithm)}; print(sorted({{'requests', 'rich', 'typer'}} & set(sys.modules)))"
+    code = (
+        f"import sys; import {', '.join(algorithm)}; print(sorted({{'requests', 'rich', 'typer'}} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

@@ -115,8 +115,10 @@ HOLDER = """
 def start_holder(checkpoint: Path, metrics: Path) -> subprocess.Popen:
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(HOLDER), str(checkpoint), str(metrics)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline() == "holding\n"
     return holder
 

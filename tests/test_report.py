@@ -8,8 +8,14 @@ from tinymnist.tool.report import ProgressReporter
 
 
 def record(epoch, correct):
-    return {"epoch": epoch, "test_loss": 0.5, "test_accuracy": correct / 100, "correct": correct, "total": 100,
-            "lr": 0.01}  # fmt: skip
+    return {
+        "epoch": epoch,
+        "test_loss": 0.5,
+        "test_accuracy": correct / 100,
+        "correct": correct,
+        "total": 100,
+        "lr": 0.01,
+    }
 
 
 def test_an_evaluation_inside_an_epoch_keeps_the_bar_going_and_prints_every_test_line():

@@ -81,8 +81,9 @@ def test_numbers_training_cannot_use_are_one_line_errors(tiny_split, extra, frag
 
 def test_no_accel_alone_and_with_device_cpu_train_on_the_cpu(tiny_split):
     for extra in (["--no-accel"], ["--no-accel", "--device", "cpu"]):
-        result = run("train", "--data-dir", tiny_split, "--no-download", "--no-compile", "--model", "mlp",
-                     "--dry-run", *extra)  # fmt: skip
+        result = run(
+            "train", "--data-dir", tiny_split, "--no-download", "--no-compile", "--model", "mlp", "--dry-run", *extra
+        )
         assert result.exit_code == 0 and "on cpu" in result.stdout, result.output
 
 
@@ -117,8 +118,19 @@ def start_training(data_dir, *extra):
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "tinymnist", *map(str, train_args(data_dir, "--model", "cnn")),
-               "--batch-size", "8", "--log-interval", "1", "--epochs", "50", *map(str, extra)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "tinymnist",
+        *map(str, train_args(data_dir, "--model", "cnn")),
+        "--batch-size",
+        "8",
+        "--log-interval",
+        "1",
+        "--epochs",
+        "50",
+        *map(str, extra),
+    ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -56,7 +56,9 @@ def accept(monkeypatch):
     """accept(arrays): take these fake files as MNIST, by their md5s."""
 
     def take(arrays):
-        monkeypatch.setattr("tinymnist.data.sources.RAW_MD5", {n: idx_md5(torch.from_numpy(a)) for n, a in arrays.items()})
+        monkeypatch.setattr(
+            "tinymnist.data.sources.RAW_MD5", {n: idx_md5(torch.from_numpy(a)) for n, a in arrays.items()}
+        )
 
     return take
 
@@ -148,8 +150,9 @@ def test_a_pickle_that_names_other_code_is_refused(tmp_path):
     source = write_pickle(tmp_path / "mnist.pkl.gz", Payload())
     result = cli("--from", source, "--data-dir", tmp_path / "data")
     assert result.returncode == 2
-    assert result.stderr == (f"tinymnist: error: --from {source}: refusing builtins.print: "
-                             "only NumPy arrays are expected; nothing written\n")  # fmt: skip
+    assert result.stderr == (
+        f"tinymnist: error: --from {source}: refusing builtins.print: only NumPy arrays are expected; nothing written\n"
+    )
     assert "ran code from the pickle" not in result.stdout
     assert not (tmp_path / "data").exists()
 

@@ -103,8 +103,14 @@ def test_fit_logs_at_the_interval_and_evaluates_every_epoch():
     config = recipe_config("mlp", batch_size=16, epochs=2, log_interval=3, compile=False)  # 7 steps an epoch
     reporter, ended = Silent(), []
     optimizer = optimizer_of(config)
-    result = fit_run(config, data, initial_state(config, optimizer, CPU), plain_step(config, optimizer), reporter,
-                 on_epoch_end=ended.append)  # fmt: skip
+    result = fit_run(
+        config,
+        data,
+        initial_state(config, optimizer, CPU),
+        plain_step(config, optimizer),
+        reporter,
+        on_epoch_end=ended.append,
+    )
     assert reporter.logged_steps == [(1, 3), (1, 6), (1, 7), (2, 3), (2, 6), (2, 7)]
     assert reporter.compiling == [True, False]  # the first step of a run is the one that compiles
     assert [r["epoch"] for r in reporter.records] == [0, 1, 2]  # the untrained network first

@@ -24,8 +24,16 @@ def uninstall(monkeypatch, *packages):
 
 def metrics_file(tmp_path):
     path = tmp_path / "m.jsonl"
-    records = [{"epoch": e, "train_loss": None if e == 0 else 0.5 / e, "test_loss": 1.0 / (e + 1),
-                "test_accuracy": 0.1 + 0.4 * e, "total": 100} for e in range(3)]  # fmt: skip
+    records = [
+        {
+            "epoch": e,
+            "train_loss": None if e == 0 else 0.5 / e,
+            "test_loss": 1.0 / (e + 1),
+            "test_accuracy": 0.1 + 0.4 * e,
+            "total": 100,
+        }
+        for e in range(3)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 

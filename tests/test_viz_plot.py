@@ -14,9 +14,18 @@ from tinymnist.viz.runs import read_runs
 
 def record(epoch, accuracy, test_loss, train_loss, **extra):
     total = 10_000
-    return {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss, "test_accuracy": accuracy,
-            "correct": round(accuracy * total), "total": total, "lr": 1.0, "seconds": 1.0,
-            "images_per_second": 1.0, **extra}  # fmt: skip
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "test_loss": test_loss,
+        "test_accuracy": accuracy,
+        "correct": round(accuracy * total),
+        "total": total,
+        "lr": 1.0,
+        "seconds": 1.0,
+        "images_per_second": 1.0,
+        **extra,
+    }
 
 
 def curve(final_accuracy, epochs=5):
@@ -182,12 +191,30 @@ def test_a_real_multi_model_run_plots_grouped_by_each_models_lr(tiny_split, tmp_
     from tests.helpers import run, train_args
 
     metrics = tmp_path / "sweep.jsonl"
-    trained = run(*train_args(tiny_split, "--model", "mlp", "--seeds", 2, "--lr", "0.001,0.002", "--gamma", 0.5,
-                              "--epochs", 2, "--metrics", metrics))  # fmt: skip
+    trained = run(
+        *train_args(
+            tiny_split,
+            "--model",
+            "mlp",
+            "--seeds",
+            2,
+            "--lr",
+            "0.001,0.002",
+            "--gamma",
+            0.5,
+            "--epochs",
+            2,
+            "--metrics",
+            metrics,
+        )
+    )
     assert trained.exit_code == 0, trained.output
     runs = read_runs([metrics])
-    assert [r.label for r in runs] == ["sweep.jsonl lr=0.001 (2 seeds)", "sweep.jsonl lr=0.002 (2 seeds)",
-                                       "sweep.jsonl ensemble"]  # fmt: skip
+    assert [r.label for r in runs] == [
+        "sweep.jsonl lr=0.001 (2 seeds)",
+        "sweep.jsonl lr=0.002 (2 seeds)",
+        "sweep.jsonl ensemble",
+    ]
     assert runs[0].series["test_accuracy"].epochs == (0, 1, 2) and "train_loss" not in runs[2].series
     assert run_viz("plot", metrics, "-o", tmp_path / "sweep.png").exit_code == 0
 

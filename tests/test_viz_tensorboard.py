@@ -21,9 +21,17 @@ def scalars(log_dir):
 
 
 def record(epoch, train_loss, test_loss, accuracy, lr):
-    return {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss, "test_accuracy": accuracy,
-            "correct": round(accuracy * 2000), "total": 2000, "lr": lr, "seconds": 0.5,
-            "images_per_second": 1e4}  # fmt: skip
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "test_loss": test_loss,
+        "test_accuracy": accuracy,
+        "correct": round(accuracy * 2000),
+        "total": 2000,
+        "lr": lr,
+        "seconds": 0.5,
+        "images_per_second": 1e4,
+    }
 
 
 def test_event_files_hold_every_scalar_at_its_step(tmp_path):
@@ -90,8 +98,12 @@ def test_a_multi_model_run_writes_one_folder_per_model_and_one_for_the_ensemble(
     folders = {"seed1_lr0.001", "seed2_lr0.001", "seed1_lr0.002", "seed2_lr0.002", "ensemble"}
     assert {p.name for p in board.iterdir()} == folders
     for folder in folders:
-        mine = [r for r in records if (folder == "ensemble") == bool(r.get("ensemble"))
-                and (r.get("ensemble") or folder == f"seed{r['seed']}_lr{r['initial_lr']:g}")]  # fmt: skip
+        mine = [
+            r
+            for r in records
+            if (folder == "ensemble") == bool(r.get("ensemble"))
+            and (r.get("ensemble") or folder == f"seed{r['seed']}_lr{r['initial_lr']:g}")
+        ]
         found = scalars(board / folder)
         assert [r["test_accuracy"] for r in mine] == found["test/accuracy"][1], folder
         assert len(found["test/accuracy"][0]) == 2, folder  # epochs 0 and 1

@@ -104,8 +104,11 @@ def test_piped_cli_says_which_mirror_failed_and_names_download_from(start_mirror
     env = os.environ | {"TINYMNIST_MIRRORS": gone.url}
     result = subprocess.run(
         [sys.executable, "-m", "tinymnist", "download", "--data-dir", tmp_path / "data"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):

@@ -27,9 +27,19 @@ def run_viz(*args):
 def train_checkpoint(data_dir: Path, path: Path, model: str, *extra) -> Path:
     """`tinymnist train` on the CPU, eager, saving the checkpoint to `path`."""
     result = run(
-        "train", "--model", model, "--data-dir", data_dir, "--no-download", "--device", "cpu", "--no-compile",
-        "--save-model", path, *extra,
-    )  # fmt: skip
+        "train",
+        "--model",
+        model,
+        "--data-dir",
+        data_dir,
+        "--no-download",
+        "--device",
+        "cpu",
+        "--no-compile",
+        "--save-model",
+        path,
+        *extra,
+    )
     assert result.exit_code == 0, result.output
     return path
 

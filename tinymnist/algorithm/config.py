@@ -147,8 +147,13 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.optimizer not in optim.OPTIMIZERS:
         known = ", ".join(optim.OPTIMIZERS)
         raise TinyMnistError(f"--optimizer {config.optimizer!r} is unknown; choose one of {known}")
-    numbers = {"--batch-size": config.batch_size, "--test-batch-size": config.test_batch_size,
-               "--epochs": config.epochs, "--log-interval": config.log_interval, "--seed": config.seed}  # fmt: skip
+    numbers = {
+        "--batch-size": config.batch_size,
+        "--test-batch-size": config.test_batch_size,
+        "--epochs": config.epochs,
+        "--log-interval": config.log_interval,
+        "--seed": config.seed,
+    }
     for flag, value in numbers.items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise TinyMnistError(f"{flag} must be a whole number, got {value!r}")
@@ -164,10 +169,12 @@ def validate(config: TrainConfig) -> TrainConfig:
     if not 0 <= config.label_smoothing < 1:
         raise TinyMnistError(f"--label-smoothing must be at least 0 and below 1, got {config.label_smoothing}")
     if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
-        raise TinyMnistError(f"--target-accuracy is a fraction above 0 and at most 1 (0.99 for 99%), "
-                             f"got {config.target_accuracy}")  # fmt: skip
-    if config.eval_every is not None and (isinstance(config.eval_every, bool) or not isinstance(config.eval_every, int)
-                                          or config.eval_every < 1):  # fmt: skip
+        raise TinyMnistError(
+            f"--target-accuracy is a fraction above 0 and at most 1 (0.99 for 99%), got {config.target_accuracy}"
+        )
+    if config.eval_every is not None and (
+        isinstance(config.eval_every, bool) or not isinstance(config.eval_every, int) or config.eval_every < 1
+    ):
         raise TinyMnistError(f"--eval-every must be a positive number of steps, got {config.eval_every}")
     if not 0 <= config.seed <= MAX_SEED:
         raise TinyMnistError(f"--seed must be between 0 and 2**63-1, got {config.seed}")

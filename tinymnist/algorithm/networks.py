@@ -44,35 +44,52 @@ ARCHITECTURES = {
     # seed 000, SimpleNN: 784-128-10, logits for cross-entropy.
     "mlp": (
         Flatten(),
-        Linear("fc1", 128), ReLU(),
+        Linear("fc1", 128),
+        ReLU(),
         Linear("fc2", NUM_CLASSES),
     ),
     # seed 002, Net: 784-64-64-64-10, log-probabilities for NLL.
     "mlp3": (
         Flatten(),
-        Linear("fc1", 64), ReLU(),
-        Linear("fc2", 64), ReLU(),
-        Linear("fc3", 64), ReLU(),
-        Linear("fc4", NUM_CLASSES), LogSoftmax(),
+        Linear("fc1", 64),
+        ReLU(),
+        Linear("fc2", 64),
+        ReLU(),
+        Linear("fc3", 64),
+        ReLU(),
+        Linear("fc4", NUM_CLASSES),
+        LogSoftmax(),
     ),
     # seed 001, pytorch/examples mnist/main.py Net: two 3x3 convolutions, a 2x2 max-pool,
     # dropout, and fc1's 9216 inputs traced rather than typed; log-probabilities for NLL.
     "cnn": (
-        Conv2d("conv1", 32, kernel=3), ReLU(),
-        Conv2d("conv2", 64, kernel=3), ReLU(),
-        MaxPool2d("pool", kernel=2), Dropout("dropout1", p=0.25),
+        Conv2d("conv1", 32, kernel=3),
+        ReLU(),
+        Conv2d("conv2", 64, kernel=3),
+        ReLU(),
+        MaxPool2d("pool", kernel=2),
+        Dropout("dropout1", p=0.25),
         Flatten(),
-        Linear("fc1", 128), ReLU(), Dropout("dropout2", p=0.5),
-        Linear("fc2", NUM_CLASSES), LogSoftmax(),
+        Linear("fc1", 128),
+        ReLU(),
+        Dropout("dropout2", p=0.5),
+        Linear("fc2", NUM_CLASSES),
+        LogSoftmax(),
     ),
     # seed 003, LeNet: conv1's padding 2 gives MNIST's 28x28 the 32x32 border LeNet-5 was
     # designed for; fc1's 400 inputs traced rather than typed; logits for cross-entropy.
     "lenet": (
-        Conv2d("conv1", 6, kernel=5, padding=2), ReLU(), MaxPool2d("pool1", kernel=2),
-        Conv2d("conv2", 16, kernel=5), ReLU(), MaxPool2d("pool2", kernel=2),
+        Conv2d("conv1", 6, kernel=5, padding=2),
+        ReLU(),
+        MaxPool2d("pool1", kernel=2),
+        Conv2d("conv2", 16, kernel=5),
+        ReLU(),
+        MaxPool2d("pool2", kernel=2),
         Flatten(),
-        Linear("fc1", 120), ReLU(),
-        Linear("fc2", 84), ReLU(),
+        Linear("fc1", 120),
+        ReLU(),
+        Linear("fc2", 84),
+        ReLU(),
         Linear("fc3", NUM_CLASSES),
     ),
     # tuomaso/train_mnist_fast: built for time to accuracy; fc1's 800 inputs traced rather
@@ -80,13 +97,18 @@ ARCHITECTURES = {
     # same values and gradients (max and ReLU commute) and a faster compiled CPU step
     # with cpu_pool's max-pool (results/fast-recipe/pool-order.txt).
     "fast": (
-        Conv2d("conv1", 24, kernel=5), ReLU(), MaxPool2d("pool1", kernel=2),
-        Conv2d("conv2", 32, kernel=3), ReLU(), MaxPool2d("pool2", kernel=2),
+        Conv2d("conv1", 24, kernel=5),
+        ReLU(),
+        MaxPool2d("pool1", kernel=2),
+        Conv2d("conv2", 32, kernel=3),
+        ReLU(),
+        MaxPool2d("pool2", kernel=2),
         Flatten(),
-        Linear("fc1", 256), ReLU(),
+        Linear("fc1", 256),
+        ReLU(),
         Linear("fc2", NUM_CLASSES),
     ),
-}  # fmt: skip
+}
 
 MODEL_NAMES = tuple(ARCHITECTURES)  # ("mlp", "mlp3", "cnn", "lenet", "fast")
 
@@ -109,8 +131,9 @@ class Network(nn.Module):
         inputs = [shapes.MNIST_IMAGE] + [row.shape for row in rows[:-1]]  # a layer sees the output before it
         for layer, shape_in in zip(layers, inputs, strict=True):
             if isinstance(layer, Conv2d):  # shape_in: (C, H, W)
-                conv = nn.Conv2d(shape_in[0], layer.out_channels, layer.kernel, layer.stride, layer.padding,
-                                 device="meta")  # fmt: skip
+                conv = nn.Conv2d(
+                    shape_in[0], layer.out_channels, layer.kernel, layer.stride, layer.padding, device="meta"
+                )
                 self.add_module(layer.name, conv)
             elif isinstance(layer, Linear):  # shape_in: (F,), for cnn's fc1 (9216,)
                 self.add_module(layer.name, nn.Linear(shape_in[0], layer.out_features, device="meta"))

@@ -258,8 +258,12 @@ def rmsprop(
 
 # --optimizer NAME -> its constructor; every hyperparameter has torch.optim's default.
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
-    "sgd": sgd, "adam": adam, "adamw": adamw, "adadelta": adadelta, "rmsprop": rmsprop,
-}  # fmt: skip
+    "sgd": sgd,
+    "adam": adam,
+    "adamw": adamw,
+    "adadelta": adadelta,
+    "rmsprop": rmsprop,
+}
 
 
 # The learning rate an optimizer gets when --optimizer overrides the recipe's and

@@ -122,8 +122,10 @@ def epoch_lrs(config: TrainConfig, epoch: int, steps: int) -> list[float]:
     as one (steps,) tensor and hands the step `lrs[i]`, a 0-d view: no copy per step."""
     if config.schedule == "one-cycle":  # up to lr and down again over the whole run, step by step
         first = (epoch - 1) * steps
-        return [schedules.one_cycle(i, total_steps=config.epochs * steps, max_lr=config.lr)
-                for i in range(first, first + steps)]  # fmt: skip
+        return [
+            schedules.one_cycle(i, total_steps=config.epochs * steps, max_lr=config.lr)
+            for i in range(first, first + steps)
+        ]
     return [schedules.step_lr(config.lr, epoch - 1, step_size=1, gamma=config.gamma)] * steps
 
 
@@ -182,8 +184,9 @@ class Progress(NamedTuple):
     images: int  # trained on in `seconds`, by all the models together
 
 
-def evaluation_record(epoch: float, train_loss: float | None, result: Evaluation, lr: float, seconds: float,
-                      images: int) -> dict:  # fmt: skip
+def evaluation_record(
+    epoch: float, train_loss: float | None, result: Evaluation, lr: float, seconds: float, images: int
+) -> dict:
     """One line of --metrics: what a model looked like after `epoch` epochs."""
     return {
         "epoch": epoch,
@@ -425,8 +428,9 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
             if reporter:
                 reporter.epoch_started(epoch, last - first if config.dry_run else steps, lrs[0][0], s == first)
         i = done - 1
-        params, opt_state, loss = step(params, opt_state, data.train_images, data.train_labels, batches[i],
-                                       lr_tensor[i])  # fmt: skip
+        params, opt_state, loss = step(
+            params, opt_state, data.train_images, data.train_labels, batches[i], lr_tensor[i]
+        )
         running += loss
         result.steps += 1
         if s == first:  # the step compiles on its first call: keep that out of the speed
@@ -450,8 +454,13 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
             losses = [total / done for total in epoch_losses]
             progress = Progress(epoch, losses, [r[0] for r in lrs], clock.seconds - epoch_start, images)
         else:
-            progress = Progress(round(epoch - 1 + done / steps, 4), [None] * n_models, [r[i] for r in lrs],
-                                clock.seconds - epoch_start, images)  # fmt: skip
+            progress = Progress(
+                round(epoch - 1 + done / steps, 4),
+                [None] * n_models,
+                [r[i] for r in lrs],
+                clock.seconds - epoch_start,
+                images,
+            )
         reached = evaluated(training, result, params, progress, clock)
         if epoch_end:
             result.state = completed(step, params, opt_state, epoch, capture_rng(shuffles, device, stacked))
@@ -492,5 +501,7 @@ def check_finite(models: list[TrainConfig], summed: list[float], epoch: int, ste
             continue
         if len(models) == 1:
             raise NonFiniteLoss(f"loss became {loss} in epoch {epoch} by step {step}; lower --lr (it was {lr:g})")
-        raise NonFiniteLoss(f"the loss of the model with seed {model.seed}, --lr {model.lr:g} became {loss} in "
-                            f"epoch {epoch} by step {step}; lower its --lr (it was {lr:g})")  # fmt: skip
+        raise NonFiniteLoss(
+            f"the loss of the model with seed {model.seed}, --lr {model.lr:g} became {loss} in "
+            f"epoch {epoch} by step {step}; lower its --lr (it was {lr:g})"
+        )

@@ -98,8 +98,17 @@ def time_loop(steps: Iterator, batch_size: int, device, window_steps: int, repea
     }
 
 
-def bench_model(model: str, images, labels, device, window_images: int, repeats: int, warmup: int,
-                compile: bool, log: Callable[[str], None]) -> dict:  # fmt: skip
+def bench_model(
+    model: str,
+    images,
+    labels,
+    device,
+    window_images: int,
+    repeats: int,
+    warmup: int,
+    compile: bool,
+    log: Callable[[str], None],
+) -> dict:
     """Time (a) reference, (b) eager, (c) compiled for one model at its recipe batch size."""
     config = recipe_config(model)
     window_steps = max(1, window_images // config.batch_size)
@@ -160,18 +169,30 @@ def print_report(report: dict, json_path: Path | None) -> None:
     if json_path:
         write_json(json_path, report)
     table = Table(title=f"{report['machine']}, torch {report['torch']}; data: {report['data']}")
-    for column in ("model", "batch", "ref img/s", "eager img/s", "compiled img/s",
-                   "eager/ref", "compiled/ref", "compile s", "peak MB"):  # fmt: skip
+    for column in (
+        "model",
+        "batch",
+        "ref img/s",
+        "eager img/s",
+        "compiled img/s",
+        "eager/ref",
+        "compiled/ref",
+        "compile s",
+        "peak MB",
+    ):
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in report["results"]:
         compiled = r.get("compiled")
         table.add_row(
-            r["model"], str(r["batch_size"]),
-            f"{r['reference']['images_per_second']:,.0f}", f"{r['eager']['images_per_second']:,.0f}",
+            r["model"],
+            str(r["batch_size"]),
+            f"{r['reference']['images_per_second']:,.0f}",
+            f"{r['eager']['images_per_second']:,.0f}",
             f"{compiled['images_per_second']:,.0f}" if compiled else "-",
-            f"{r['eager_vs_reference']:.2f}x", f"{r['compiled_vs_reference']:.2f}x" if compiled else "-",
+            f"{r['eager_vs_reference']:.2f}x",
+            f"{r['compiled_vs_reference']:.2f}x" if compiled else "-",
             f"{compiled['first_step_seconds']:.1f}" if compiled else "-",
             f"{max(v['peak_memory_mb'] for v in r.values() if isinstance(v, dict)):,.0f}",
-        )  # fmt: skip
+        )
     console = Console()
     (console if console.is_terminal else Console(width=120)).print(table)  # a log file gets every digit

@@ -33,8 +33,17 @@ FORMAT = "tinymnist-checkpoint-v1"
 ENTRIES = ("format", "config", "epoch", "params", "opt_state", "rng")
 # TrainConfig fields added after the first checkpoints were written: a checkpoint
 # without them loads, and they take their defaults.
-ADDED_FIELDS = {"micro_batch", "cuda_graphs", "seeds", "lrs", "tensorboard", "schedule", "label_smoothing",
-                "target_accuracy", "eval_every"}  # fmt: skip
+ADDED_FIELDS = {
+    "micro_batch",
+    "cuda_graphs",
+    "seeds",
+    "lrs",
+    "tensorboard",
+    "schedule",
+    "label_smoothing",
+    "target_accuracy",
+    "eval_every",
+}
 # Generator states a checkpoint may hold, and whether it must: the global CPU generator
 # (dropout), the run's shuffling generator (added later), the CUDA generator of a CUDA run.
 RNG_STATES = {"cpu": True, "shuffle": False, "cuda": False}
@@ -64,9 +73,10 @@ def check_payload(payload, device: torch.device) -> tuple[dict, dict, dict, int,
     expected = expected_params(config["model"], n if n > 1 else None)
     params = _match(payload["params"], expected, f"params do not match model {config['model']!r}")
     opt_state = _match(
-        payload["opt_state"], _stacked(expected_opt_state(config["optimizer"], one_model), n),
+        payload["opt_state"],
+        _stacked(expected_opt_state(config["optimizer"], one_model), n),
         f"the optimizer state does not match {config['optimizer']}",
-    )  # fmt: skip
+    )
     return config, params, opt_state, epoch, check_rng(payload["rng"], device, n)
 
 
@@ -74,8 +84,10 @@ def _stacked(tree, n: int):
     """A meta tree with a leading dim N on every leaf; unchanged for one model."""
     if n == 1:
         return tree
-    return {k: _stacked(v, n) if isinstance(v, dict) else torch.empty((n, *v.shape), dtype=v.dtype, device="meta")
-            for k, v in tree.items()}  # fmt: skip
+    return {
+        k: _stacked(v, n) if isinstance(v, dict) else torch.empty((n, *v.shape), dtype=v.dtype, device="meta")
+        for k, v in tree.items()
+    }
 
 
 def expected_params(model: str, n_models: int | None = None) -> dict[str, torch.Tensor]:
@@ -121,8 +133,12 @@ def check_rng(rng, device: torch.device, n_models: int = 1) -> dict:
         where = f"its {name} generator state"
         rows = n_models if name == "shuffle" and n_models > 1 else None
         dims = 1 if rows is None else 2
-        if (not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != dims
-                or (rows is not None and len(state) != rows)):  # fmt: skip
+        if (
+            not isinstance(state, torch.Tensor)
+            or state.dtype != torch.uint8
+            or state.dim() != dims
+            or (rows is not None and len(state) != rows)
+        ):
             shape = "a 1-d uint8 tensor" if rows is None else f"a uint8 tensor of {rows} rows, one per model"
             raise Damaged(f"{where} is not {shape}; {UNFIT}")
         _check_dense(state, where)

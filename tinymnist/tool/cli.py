@@ -33,10 +33,15 @@ from tinymnist.transforms.vmap import evaluate_many
 from tinymnist.viz import confusion as viz_confusion
 from tinymnist.viz.predict import probabilities
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.split("\n")[0],
-                  context_settings={"help_option_names": ["-h", "--help"]})  # fmt: skip
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help=__doc__.split("\n")[0],
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 MODELS = ", ".join(RECIPES)
+
 
 def show_version(value: bool) -> None:
     if value:
@@ -65,67 +70,126 @@ NoDownload = typer.Option(
 @user_errors
 def train(
     model: str | None = typer.Option(None, help=f"One of {MODELS}.", show_default="cnn, or the checkpoint's"),
-    optimizer: str | None = typer.Option(None, help="sgd, adam, adamw, adadelta or rmsprop.",
-                                         show_default="the recipe's"),
+    optimizer: str | None = typer.Option(
+        None, help="sgd, adam, adamw, adadelta or rmsprop.", show_default="the recipe's"
+    ),
     batch_size: int | None = typer.Option(None, help="Training images per step.", show_default="the recipe's"),
     test_batch_size: int | None = typer.Option(None, help="Images per evaluation chunk.", show_default="the recipe's"),
-    epochs: int | None = typer.Option(None, help="Total epochs; with --resume, continue up to this one.",
-                                      show_default="the recipe's, or the checkpoint's"),
-    lr: str | None = typer.Option(None, help="Learning rate of epoch 1 (one-cycle: the peak); a comma-separated "
-                                  "list (0.5,1,2) trains one model per rate, all at once.",
-                                  show_default="the recipe's; torch.optim's for another --optimizer"),
-    seeds: int | None = typer.Option(None, help="Train this many models at once, seeded --seed, --seed+1, ... "
-                                     "(with an --lr list: per rate).", show_default="1"),
-    gamma: float | None = typer.Option(None, help="Multiply the learning rate by this after every epoch (StepLR).",
-                                       show_default="the recipe's"),
-    schedule: str | None = typer.Option(None, help="step: StepLR by --gamma each epoch; one-cycle: OneCycleLR "
-                                        "rising to --lr and falling over the whole run.", show_default="the recipe's"),
-    label_smoothing: float | None = typer.Option(None, help="Label smoothing of the training loss (0 to <1).",
-                                                 show_default="the recipe's"),
-    target_accuracy: float | None = typer.Option(None, help="Stop at the first evaluation at or above this test "
-                                                 "accuracy (0.99 = 99%) and report the time to reach it.",
-                                                 show_default="none: train every epoch"),
-    eval_every: int | None = typer.Option(None, help="Also evaluate every this many steps (cheap: the test set is "
-                                          "on the device).", show_default="once per epoch"),
+    epochs: int | None = typer.Option(
+        None,
+        help="Total epochs; with --resume, continue up to this one.",
+        show_default="the recipe's, or the checkpoint's",
+    ),
+    lr: str | None = typer.Option(
+        None,
+        help="Learning rate of epoch 1 (one-cycle: the peak); a comma-separated "
+        "list (0.5,1,2) trains one model per rate, all at once.",
+        show_default="the recipe's; torch.optim's for another --optimizer",
+    ),
+    seeds: int | None = typer.Option(
+        None,
+        help="Train this many models at once, seeded --seed, --seed+1, ... (with an --lr list: per rate).",
+        show_default="1",
+    ),
+    gamma: float | None = typer.Option(
+        None, help="Multiply the learning rate by this after every epoch (StepLR).", show_default="the recipe's"
+    ),
+    schedule: str | None = typer.Option(
+        None,
+        help="step: StepLR by --gamma each epoch; one-cycle: OneCycleLR rising to --lr and falling over the whole run.",
+        show_default="the recipe's",
+    ),
+    label_smoothing: float | None = typer.Option(
+        None, help="Label smoothing of the training loss (0 to <1).", show_default="the recipe's"
+    ),
+    target_accuracy: float | None = typer.Option(
+        None,
+        help="Stop at the first evaluation at or above this test "
+        "accuracy (0.99 = 99%) and report the time to reach it.",
+        show_default="none: train every epoch",
+    ),
+    eval_every: int | None = typer.Option(
+        None,
+        help="Also evaluate every this many steps (cheap: the test set is on the device).",
+        show_default="once per epoch",
+    ),
     seed: int | None = typer.Option(None, help="Seeds init, shuffling and dropout.", show_default="1"),
     log_interval: int | None = typer.Option(None, help="Steps between log lines.", show_default="10"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="One step and one evaluation, to check the setup; "
-                                 "saves no checkpoint (--metrics and --tensorboard record the evaluation).",
-                                 show_default="off"),
-    save_model: Path | None = typer.Option(None, help="Write a checkpoint here after every epoch (atomically).",
-                                           show_default="none: nothing is saved"),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="One step and one evaluation, to check the setup; "
+        "saves no checkpoint (--metrics and --tensorboard record the evaluation).",
+        show_default="off",
+    ),
+    save_model: Path | None = typer.Option(
+        None, help="Write a checkpoint here after every epoch (atomically).", show_default="none: nothing is saved"
+    ),
     device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps.", show_default="auto"),
-    no_accel: bool = typer.Option(False, "--no-accel", help="Train on the CPU (pytorch/examples' flag).",
-                                  show_default="off"),
-    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the step.",
-                                        show_default="on for CUDA and for a CPU with a C++ compiler, off on MPS"),
-    micro_batch: int | None = typer.Option(None, help="Compute each step's gradient in chunks of this many images; "
-                                           "0: the whole batch at once.", show_default="256 on the CPU, else 0"),
-    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
-                                     help="On CUDA, replay each step as one CUDA graph."),
+    no_accel: bool = typer.Option(
+        False, "--no-accel", help="Train on the CPU (pytorch/examples' flag).", show_default="off"
+    ),
+    compile: bool | None = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="torch.compile the step.",
+        show_default="on for CUDA and for a CPU with a C++ compiler, off on MPS",
+    ),
+    micro_batch: int | None = typer.Option(
+        None,
+        help="Compute each step's gradient in chunks of this many images; 0: the whole batch at once.",
+        show_default="256 on the CPU, else 0",
+    ),
+    cuda_graphs: bool = typer.Option(
+        True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay each step as one CUDA graph."
+    ),
     data_dir: Path | None = DataDir,
     no_download: bool = NoDownload,
-    metrics: Path | None = typer.Option(None, help="Write one JSON object per evaluation to this JSON Lines file: "
-                                        "a new run starts it afresh, a resumed run appends.", show_default="none"),
-    tensorboard: Path | None = typer.Option(None, help="Also write TensorBoard scalars into this folder "
-                                            "(needs the viz extra).", show_default="none"),
-    resume: Path | None = typer.Option(None, help="Continue from this checkpoint (--epochs is the total); "
-                                       "it is only read: save with --save-model.", show_default="a new run"),
-):  # fmt: skip
+    metrics: Path | None = typer.Option(
+        None,
+        help="Write one JSON object per evaluation to this JSON Lines file: "
+        "a new run starts it afresh, a resumed run appends.",
+        show_default="none",
+    ),
+    tensorboard: Path | None = typer.Option(
+        None, help="Also write TensorBoard scalars into this folder (needs the viz extra).", show_default="none"
+    ),
+    resume: Path | None = typer.Option(
+        None,
+        help="Continue from this checkpoint (--epochs is the total); it is only read: save with --save-model.",
+        show_default="a new run",
+    ),
+):
     """Train a network on MNIST, with its tutorial's recipe as defaults."""
     if no_accel and device not in (None, "cpu"):
         raise TinyMnistError(f"--no-accel means --device cpu, but --device {device} was given; pass only one")
     flags = dict(
-        model=model, optimizer=optimizer, batch_size=batch_size, test_batch_size=test_batch_size, epochs=epochs,
-        **lr_flags(lr), seeds=seeds, gamma=gamma, schedule=schedule, label_smoothing=label_smoothing,
-        target_accuracy=target_accuracy, eval_every=eval_every, seed=seed, log_interval=log_interval,
+        model=model,
+        optimizer=optimizer,
+        batch_size=batch_size,
+        test_batch_size=test_batch_size,
+        epochs=epochs,
+        **lr_flags(lr),
+        seeds=seeds,
+        gamma=gamma,
+        schedule=schedule,
+        label_smoothing=label_smoothing,
+        target_accuracy=target_accuracy,
+        eval_every=eval_every,
+        seed=seed,
+        log_interval=log_interval,
         dry_run=dry_run or None,
         compile=compile,
-        micro_batch=micro_batch, cuda_graphs=cuda_graphs, device="cpu" if no_accel else device or "auto",
-        data_dir=str(data.resolve_data_dir(data_dir)), download=not no_download,
-        save_model=save_model and str(save_model), metrics=metrics and str(metrics), resume=resume and str(resume),
+        micro_batch=micro_batch,
+        cuda_graphs=cuda_graphs,
+        device="cpu" if no_accel else device or "auto",
+        data_dir=str(data.resolve_data_dir(data_dir)),
+        download=not no_download,
+        save_model=save_model and str(save_model),
+        metrics=metrics and str(metrics),
+        resume=resume and str(resume),
         tensorboard=tensorboard and str(tensorboard),
-    )  # fmt: skip
+    )
     if resume:
         try:
             config, state = run.resumed_config(resume, flags)
@@ -135,8 +199,10 @@ def train(
     else:
         config, state = recipe_config(model or "cnn", **{k: v for k, v in flags.items() if k != "model"}), None
     if gamma is not None and config.schedule == "one-cycle":
-        raise TinyMnistError(f"--gamma {gamma} scales the step schedule; this run's is one-cycle (--schedule), "
-                             f"which has no gamma: leave --gamma out or pass --schedule step")  # fmt: skip
+        raise TinyMnistError(
+            f"--gamma {gamma} scales the step schedule; this run's is one-cycle (--schedule), "
+            f"which has no gamma: leave --gamma out or pass --schedule step"
+        )
     run.train(config, state)
 
 
@@ -168,14 +234,23 @@ def lr_flags(text: str | None) -> dict:
 def eval_command(
     checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT", help="A file written by train --save-model."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of the log line."),
-    confusion: bool = typer.Option(False, "--confusion", help="Also the 10x10 confusion matrix and each digit's "
-                                   "accuracy (a table; with --json, two more keys).", show_default="off"),
-    output: Path | None = typer.Option(None, "-o", "--output", help="With --confusion: also draw it into this PNG "
-                                       "(needs the viz extra).", show_default="none"),
+    confusion: bool = typer.Option(
+        False,
+        "--confusion",
+        help="Also the 10x10 confusion matrix and each digit's accuracy (a table; with --json, two more keys).",
+        show_default="off",
+    ),
+    output: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="With --confusion: also draw it into this PNG (needs the viz extra).",
+        show_default="none",
+    ),
     device: str = Device,
     data_dir: Path | None = DataDir,
     no_download: bool = NoDownload,
-):  # fmt: skip
+):
     """Evaluate a checkpoint on the MNIST test set."""
     if output is not None:
         if not confusion:
@@ -278,11 +353,12 @@ def bench(
     ),
 ):
     """Images/s of the tutorials' DataLoader loop against tinymnist's step (BENCHMARKS.md)."""
-    timing = {"--models": model_list, "--window-images": window_images, "--repeats": repeats,
-              "--warmup": warmup}  # fmt: skip
+    timing = {"--models": model_list, "--window-images": window_images, "--repeats": repeats, "--warmup": warmup}
     if time_to_accuracy is not None and (given := [flag for flag, value in timing.items() if value is not None]):
-        raise TinyMnistError(f"{given[0]} does not apply to --time-to-accuracy (fast, cnn and the tutorials' cnn "
-                             f"loop, each run to the target); leave one of them out")  # fmt: skip
+        raise TinyMnistError(
+            f"{given[0]} does not apply to --time-to-accuracy (fast, cnn and the tutorials' cnn "
+            f"loop, each run to the target); leave one of them out"
+        )
     model_list = "mlp,mlp3,cnn,lenet" if model_list is None else model_list
     window_images = 4096 if window_images is None else window_images
     repeats = 5 if repeats is None else repeats
@@ -307,13 +383,15 @@ def bench(
         if len(n) != 1:
             raise TinyMnistError(f"--seeds {seeds}: with --time-to-accuracy give one number of models, like --seeds 10")
         mnist = data.load_mnist(data.resolve_data_dir(data_dir), dev)  # real digits: random ones never reach it
-        rows = run_time_to_accuracy(mnist, dev, time_to_accuracy, compile, log=lambda m: print(m, file=sys.stderr),
-                                    seeds=n[0])  # fmt: skip
+        rows = run_time_to_accuracy(
+            mnist, dev, time_to_accuracy, compile, log=lambda m: print(m, file=sys.stderr), seeds=n[0]
+        )
         return print_time_to_accuracy(rows, time_to_accuracy, dev, json_path)
     if seeds is not None:  # N models per step against N single runs
         counts = parse_counts(seeds)
-        report = run_seeds_bench(names, counts, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup,
-                                 compile)  # fmt: skip
+        report = run_seeds_bench(
+            names, counts, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup, compile
+        )
         return print_seeds_report(report, json_path)
     report = run_bench(names, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup, compile)
     print_report(report, json_path)

@@ -45,35 +45,64 @@ def ensemble_steps(config, images, labels, device, n: int, compile: bool) -> Ite
             yield params, loss
 
 
-def bench_counts(model: str, counts: list[int], images, labels, device, window_images: int, repeats: int,
-                 warmup: int, compile: bool, log) -> dict:  # fmt: skip
+def bench_counts(
+    model: str,
+    counts: list[int],
+    images,
+    labels,
+    device,
+    window_images: int,
+    repeats: int,
+    warmup: int,
+    compile: bool,
+    log,
+) -> dict:
     config = recipe_config(model)
     window_steps = max(1, window_images // config.batch_size)
     log(f"{model}: timing the single step ({repeats} windows of {window_steps} steps)")
-    single = time_loop(our_steps(config, images, labels, device, compile), config.batch_size, device, window_steps,
-                       repeats, warmup)  # fmt: skip
-    result = {"model": model, "batch_size": config.batch_size, "window_steps": window_steps, "single": single,
-              "vmapped": {}}  # fmt: skip
+    single = time_loop(
+        our_steps(config, images, labels, device, compile), config.batch_size, device, window_steps, repeats, warmup
+    )
+    result = {
+        "model": model,
+        "batch_size": config.batch_size,
+        "window_steps": window_steps,
+        "single": single,
+        "vmapped": {},
+    }
     for n in counts:
         log(f"{model}: timing {n} models in one vmapped step")
-        timed = time_loop(ensemble_steps(config, images, labels, device, n, compile), config.batch_size * n, device,
-                          window_steps, repeats, warmup)  # fmt: skip
+        timed = time_loop(
+            ensemble_steps(config, images, labels, device, n, compile),
+            config.batch_size * n,
+            device,
+            window_steps,
+            repeats,
+            warmup,
+        )
         timed["time_vs_n_single_runs"] = single["images_per_second"] / timed["images_per_second"]
         result["vmapped"][str(n)] = timed
     return result
 
 
-def run_seeds_bench(models_to_run, counts, device, data_dir, window_images=4096, repeats=5, warmup=3, compile=True,
-                    log=None) -> dict:  # fmt: skip
+def run_seeds_bench(
+    models_to_run, counts, device, data_dir, window_images=4096, repeats=5, warmup=3, compile=True, log=None
+) -> dict:
     """The whole benchmark as one JSON-ready dict."""
     log = log or (lambda message: print(message, file=sys.stderr))
     images, labels, source = bench_data(data_dir, device)
     return {
-        "device": str(device), "machine": machine_description(device), "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"), "data": source, "compile": compile,
-        "results": [bench_counts(m, counts, images, labels, device, window_images, repeats, warmup, compile, log)
-                    for m in models_to_run],
-    }  # fmt: skip
+        "device": str(device),
+        "machine": machine_description(device),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "data": source,
+        "compile": compile,
+        "results": [
+            bench_counts(m, counts, images, labels, device, window_images, repeats, warmup, compile, log)
+            for m in models_to_run
+        ],
+    }
 
 
 def print_seeds_report(report: dict, json_path: Path | None) -> None:
@@ -85,7 +114,14 @@ def print_seeds_report(report: dict, json_path: Path | None) -> None:
     for r in report["results"]:
         single = r["single"]["images_per_second"]
         for n, timed in r["vmapped"].items():
-            table.add_row(r["model"], str(r["batch_size"]), n, f"{timed['images_per_second']:,.0f}", f"{single:,.0f}",
-                          f"{timed['time_vs_n_single_runs']:.2f}x", f"{timed['first_step_seconds']:.1f}")  # fmt: skip
+            table.add_row(
+                r["model"],
+                str(r["batch_size"]),
+                n,
+                f"{timed['images_per_second']:,.0f}",
+                f"{single:,.0f}",
+                f"{timed['time_vs_n_single_runs']:.2f}x",
+                f"{timed['first_step_seconds']:.1f}",
+            )
     console = Console()
     (console if console.is_terminal else Console(width=120)).print(table)

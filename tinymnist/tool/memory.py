@@ -34,8 +34,11 @@ def model_bytes(config: TrainConfig, optimizer: optim.Optimizer) -> int:
     params = networks.init_params(config.model, 0, "meta")  # shapes only, no memory
     image_floats = math.prod(networks.shapes.MNIST_IMAGE)  # the scaled input
     floats_per_image = image_floats + sum(math.prod(row.shape) for row in networks.trace(config.model))
-    training = (PARAM_COPIES * tree_bytes(params) + STATE_COPIES * tree_bytes(optimizer.init(params))
-                + ACTIVATION_COPIES * FLOAT32_BYTES * floats_per_image * config.batch_size)  # fmt: skip
+    training = (
+        PARAM_COPIES * tree_bytes(params)
+        + STATE_COPIES * tree_bytes(optimizer.init(params))
+        + ACTIVATION_COPIES * FLOAT32_BYTES * floats_per_image * config.batch_size
+    )
     evaluation = tree_bytes(params) + FLOAT32_BYTES * floats_per_image * config.test_batch_size
     return max(training, evaluation)
 

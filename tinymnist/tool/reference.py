@@ -58,8 +58,13 @@ def reference_loop(config: TrainConfig, params: dict, images, labels, device: to
     # The cnn tutorial's settings: on an accelerator, one persistent worker process
     # prepares batches into pinned memory while the device trains; on the CPU, no worker.
     accel = {"num_workers": 1, "persistent_workers": True, "pin_memory": True} if device.type != "cpu" else {}
-    loader = DataLoader(TutorialMNIST(images, labels, recipe.mean, recipe.std), batch_size=config.batch_size,
-                        shuffle=True, drop_last=True, **accel)  # fmt: skip
+    loader = DataLoader(
+        TutorialMNIST(images, labels, recipe.mean, recipe.std),
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        **accel,
+    )
     net = copy.deepcopy(networks.TEMPLATES[config.model]).to_empty(device=device)  # a stateful module
     net.load_state_dict(params)
     optimizer = TORCH_OPTIMIZERS[config.optimizer](net.parameters(), lr=config.lr)

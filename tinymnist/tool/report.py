@@ -82,13 +82,17 @@ def target_line(target: float, result, compile_note: str) -> str:
         return f"Target {100 * target:.2f}% not reached: best {100 * best:.2f}% in {result.state.epoch} epochs"
     last = max(reached, key=lambda r: r["train_seconds_total"])
     if len(result.reached) == 1:
-        return (f"Reached {100 * last['test_accuracy']:.2f}% ({goal}) at epoch {last['epoch']:g}: "
-                f"{last['train_seconds_total']:.2f} s of training {compile_note}, "
-                f"{last['images_total']:,} images")  # fmt: skip
+        return (
+            f"Reached {100 * last['test_accuracy']:.2f}% ({goal}) at epoch {last['epoch']:g}: "
+            f"{last['train_seconds_total']:.2f} s of training {compile_note}, "
+            f"{last['images_total']:,} images"
+        )
     seconds = [r["train_seconds_total"] for r in reached]
-    return (f"{len(reached)} of {len(result.reached)} models reached the {goal}; the last at epoch {last['epoch']:g}: "
-            f"{max(seconds):.2f} s of training {compile_note}, {last['images_total']:,} images per model "
-            f"(first {min(seconds):.2f} s)")  # fmt: skip
+    return (
+        f"{len(reached)} of {len(result.reached)} models reached the {goal}; the last at epoch {last['epoch']:g}: "
+        f"{max(seconds):.2f} s of training {compile_note}, {last['images_total']:,} images per model "
+        f"(first {min(seconds):.2f} s)"
+    )
 
 
 def json_line(record: dict) -> str:
@@ -109,8 +113,11 @@ class LineReporter:
 
     def logged(self, epoch: int, step: int, images_seen: int, n_train: int, loss: float) -> None:
         seen = min(images_seen, n_train)
-        print(f"Train Epoch: {epoch} [{seen}/{n_train} ({100 * step / self.steps:.0f}%)]\tLoss: {loss:.6f}",
-              file=self.out, flush=True)  # fmt: skip
+        print(
+            f"Train Epoch: {epoch} [{seen}/{n_train} ({100 * step / self.steps:.0f}%)]\tLoss: {loss:.6f}",
+            file=self.out,
+            flush=True,
+        )
 
     def evaluated(self, record: dict) -> None:
         if line := evaluation_line(record):
@@ -131,9 +138,13 @@ class ProgressReporter:
     def epoch_started(self, epoch: int, steps: int, lr: float, compiling: bool) -> None:
         self.close()  # the previous epoch's bar stays on screen, finished
         self.progress = Progress(
-            TextColumn(f"epoch {epoch}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(), console=self.console,
-        )  # fmt: skip
+            TextColumn(f"epoch {epoch}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
         self.task = self.progress.add_task("train", total=steps, status="compiling" if compiling else "")
         self.progress.start()
 

@@ -57,8 +57,21 @@ from tinymnist.transforms.vmap import evaluate_many
 # What a resumed run takes from its checkpoint: what was trained. Where and how to run
 # it (device, data, compile, output files) comes from the command that resumes it, so a
 # resumed run writes only where its own command says.
-TRAINED_FIELDS = ("model", "optimizer", "lr", "gamma", "schedule", "label_smoothing", "batch_size",
-                  "test_batch_size", "epochs", "seed", "log_interval", "seeds", "lrs")  # fmt: skip
+TRAINED_FIELDS = (
+    "model",
+    "optimizer",
+    "lr",
+    "gamma",
+    "schedule",
+    "label_smoothing",
+    "batch_size",
+    "test_batch_size",
+    "epochs",
+    "seed",
+    "log_interval",
+    "seeds",
+    "lrs",
+)
 
 
 class Finished(Exception):
@@ -70,8 +83,9 @@ def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
     saved_config, state = checkpoint.load(path, torch.device("cpu"))
     for flag in ("model", "optimizer"):
         if flags.get(flag) is not None and flags[flag] != saved_config[flag]:
-            raise TinyMnistError(f"--{flag} {flags[flag]} does not match checkpoint {path} "
-                                 f"({saved_config[flag]}); leave it out")  # fmt: skip
+            raise TinyMnistError(
+                f"--{flag} {flags[flag]} does not match checkpoint {path} ({saved_config[flag]}); leave it out"
+            )
     trained = {k: saved_config[k] for k in TRAINED_FIELDS}
     config = TrainConfig(**{**trained, **{k: v for k, v in flags.items() if v is not None}})
     grid, saved_grid = model_grid(config), model_grid(TrainConfig(**trained))
@@ -83,12 +97,15 @@ def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
     validate(config)  # a flag given now (--epochs -3) is checked before it is compared
     one_cycle = config.schedule == trained["schedule"] == "one-cycle"
     if one_cycle and config.epochs != trained["epochs"]:  # every step's rate depends on the run's total steps
-        raise TinyMnistError(f"--epochs {config.epochs}: checkpoint {path} follows a one-cycle schedule over "
-                             f"{trained['epochs']} epoch(s), which it cannot stretch; leave --epochs out")  # fmt: skip
+        raise TinyMnistError(
+            f"--epochs {config.epochs}: checkpoint {path} follows a one-cycle schedule over "
+            f"{trained['epochs']} epoch(s), which it cannot stretch; leave --epochs out"
+        )
     if state.epoch >= config.epochs:
         more = f"pass --epochs {state.epoch + 1} or more to continue" if not one_cycle else "its one-cycle has ended"
-        raise Finished(f"checkpoint {path} has completed {state.epoch} of --epochs {config.epochs}; "
-                       f"nothing to train ({more})")  # fmt: skip
+        raise Finished(
+            f"checkpoint {path} has completed {state.epoch} of --epochs {config.epochs}; nothing to train ({more})"
+        )
     return config, state
 
 
@@ -151,8 +168,14 @@ def check_outputs(config: TrainConfig) -> dict[str, Path]:
     return paths
 
 
-def start(config: TrainConfig, optimizer, device: torch.device, resumed: TrainState | None,
-          cluster: torchrun.Cluster | None, sweep: Sweep | None) -> TrainState:  # fmt: skip
+def start(
+    config: TrainConfig,
+    optimizer,
+    device: torch.device,
+    resumed: TrainState | None,
+    cluster: torchrun.Cluster | None,
+    sweep: Sweep | None,
+) -> TrainState:
     """The state training starts from: epoch 0 or the resumed checkpoint, on the device; under
     torchrun with this process's own dropout masks (and for a sweep, only its share of the models)."""
     if sweep:
@@ -174,8 +197,14 @@ def saved_at_target(config: TrainConfig, result: FitResult, resumed: TrainState 
     return f"{where}; no epoch completed, so nothing was saved to {config.save_model}"
 
 
-def train_and_save(training: Training, mnist: data.MNIST, state: TrainState, metrics_path: Path | None,
-                   resumed: TrainState | None, sweep: Sweep | None = None) -> FitResult:  # fmt: skip
+def train_and_save(
+    training: Training,
+    mnist: data.MNIST,
+    state: TrainState,
+    metrics_path: Path | None,
+    resumed: TrainState | None,
+    sweep: Sweep | None = None,
+) -> FitResult:
     """fit, with each completed epoch checkpointed and a stop (NaN, Ctrl-C, SIGTERM) said truthfully.
     Under torchrun, a sweep's every process sends its models to rank 0, which saves all N."""
     config = training.config

@@ -87,8 +87,9 @@ class Sweep:
         stacked = lambda *trees: tree_map(lambda *rows: torch.cat(rows), *trees)  # noqa: E731 (leaves (N, ...))
         # Rank 0's dropout generator is the run's (torchrun.own_dropout): it goes in, as in one process.
         rng = {**shares[LEADER].rng, "shuffle": torch.cat([s.rng["shuffle"] for s in shares])}  # (N, L)
-        return TrainState(stacked(*[s.params for s in shares]), stacked(*[s.opt_state for s in shares]), state.epoch,
-                          rng)  # fmt: skip
+        return TrainState(
+            stacked(*[s.params for s in shares]), stacked(*[s.opt_state for s in shares]), state.epoch, rng
+        )
 
 
 def rows_of(state: TrainState, rows: slice) -> TrainState:

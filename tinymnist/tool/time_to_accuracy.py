@@ -32,23 +32,31 @@ EVALUATIONS_PER_EPOCH = 10
 def ours(model: str, mnist: MNIST, device: torch.device, target: float, compile: bool, seeds: int = 1) -> dict:
     """The recipe of `model` through `fit`, `seeds` models at once, stopping when all reach `target`.
     Each model's time is the run's training clock when it first reached the target."""
-    config = recipe_config(model, device=str(device), compile=compile, target_accuracy=target, log_interval=10**9,
-                           seeds=seeds)  # fmt: skip
-    config = dataclasses.replace(config, eval_every=max(1, len(mnist.train_images) // config.batch_size
-                                                          // EVALUATIONS_PER_EPOCH))  # fmt: skip
+    config = recipe_config(
+        model, device=str(device), compile=compile, target_accuracy=target, log_interval=10**9, seeds=seeds
+    )
+    config = dataclasses.replace(
+        config, eval_every=max(1, len(mnist.train_images) // config.batch_size // EVALUATIONS_PER_EPOCH)
+    )
     optimizer, models = make_optimizer(config), model_configs(config)
     evaluate = TestSet(config, models, mnist, evaluate_many if seeds > 1 else evaluate_one)
     training = Training(config, models, speed.device_step(config, optimizer, device), evaluate)
     result = fit(training, mnist, initial_state(config, optimizer, device))
     hits = [r for r in result.reached if r is not None]
     seconds = [h["train_seconds_total"] for h in hits]
-    return {"loop": f"tinymnist {model}", "model": model, "models": seeds, "reached": len(hits),
-            "seconds": statistics.fmean(seconds) if hits else None, "min_seconds": min(seconds, default=None),
-            "max_seconds": max(seconds, default=None),
-            "images": round(statistics.fmean(h["images_total"] for h in hits)) if hits else None,
-            "epochs": max(h["epoch"] for h in hits) if len(hits) == seeds else result.records[-1]["epoch"],
-            "best_accuracy": max(r["test_accuracy"] for r in result.records if not r.get("ensemble")),
-            "first_step_seconds": result.first_step_seconds}  # fmt: skip
+    return {
+        "loop": f"tinymnist {model}",
+        "model": model,
+        "models": seeds,
+        "reached": len(hits),
+        "seconds": statistics.fmean(seconds) if hits else None,
+        "min_seconds": min(seconds, default=None),
+        "max_seconds": max(seconds, default=None),
+        "images": round(statistics.fmean(h["images_total"] for h in hits)) if hits else None,
+        "epochs": max(h["epoch"] for h in hits) if len(hits) == seeds else result.records[-1]["epoch"],
+        "best_accuracy": max(r["test_accuracy"] for r in result.records if not r.get("ensemble")),
+        "first_step_seconds": result.first_step_seconds,
+    }
 
 
 def reference(model: str, mnist: MNIST, device: torch.device, target: float) -> dict:
@@ -72,15 +80,33 @@ def reference(model: str, mnist: MNIST, device: torch.device, target: float) -> 
             accuracy = evaluate(config, weights, mnist.test_images, mnist.test_labels).accuracy
             best = max(best, accuracy)
             if accuracy >= target:
-                return {"loop": f"reference {model}", "model": model, "models": 1, "reached": 1, "seconds": seconds,
-                        "images": done * config.batch_size, "epochs": round(done / steps_per_epoch, 4),
-                        "best_accuracy": best, "first_step_seconds": first_step}  # fmt: skip
-    return {"loop": f"reference {model}", "model": model, "models": 1, "reached": 0, "seconds": None, "images": None,
-            "epochs": config.epochs, "best_accuracy": best, "first_step_seconds": first_step}  # fmt: skip
+                return {
+                    "loop": f"reference {model}",
+                    "model": model,
+                    "models": 1,
+                    "reached": 1,
+                    "seconds": seconds,
+                    "images": done * config.batch_size,
+                    "epochs": round(done / steps_per_epoch, 4),
+                    "best_accuracy": best,
+                    "first_step_seconds": first_step,
+                }
+    return {
+        "loop": f"reference {model}",
+        "model": model,
+        "models": 1,
+        "reached": 0,
+        "seconds": None,
+        "images": None,
+        "epochs": config.epochs,
+        "best_accuracy": best,
+        "first_step_seconds": first_step,
+    }
 
 
-def run_time_to_accuracy(mnist: MNIST, device: torch.device, target: float, compile: bool, log,
-                         seeds: int = 1) -> list[dict]:  # fmt: skip
+def run_time_to_accuracy(
+    mnist: MNIST, device: torch.device, target: float, compile: bool, log, seeds: int = 1
+) -> list[dict]:
     """fast and cnn through tinymnist (`seeds` models of each at once), cnn through the tutorials'
     loop; ratios to the reference."""
     rows = []
@@ -99,21 +125,41 @@ def print_time_to_accuracy(rows: list[dict], target: float, device: torch.device
     """The rows as a table (every digit when the output is a log file); the raw rows as JSON."""
 
     if json_path:
-        report = {"target": target, "device": str(device), "machine": machine_description(device),
-                  "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": rows}  # fmt: skip
+        report = {
+            "target": target,
+            "device": str(device),
+            "machine": machine_description(device),
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+            "results": rows,
+        }
         write_json(json_path, report)
     machine = f"{machine_description(device)}, torch {torch.__version__}"
     table = Table(title=f"time to {100 * target:g}% test accuracy, {machine}")
-    for column in ("loop", "reached", "seconds", "min-max s", "images", "epochs", "best accuracy", "vs reference",
-                   "first step s"):  # fmt: skip
+    for column in (
+        "loop",
+        "reached",
+        "seconds",
+        "min-max s",
+        "images",
+        "epochs",
+        "best accuracy",
+        "vs reference",
+        "first step s",
+    ):
         table.add_column(column, justify="left" if column == "loop" else "right")
     for r in rows:
         spread = f"{r['min_seconds']:.2f}-{r['max_seconds']:.2f}" if r.get("min_seconds") is not None else "-"
-        table.add_row(r["loop"], f"{r['reached']}/{r['models']}", f"{r['seconds']:.2f}" if r["reached"] else "not reached",
-                      spread,
-                      f"{r['images']:,}" if r["reached"] else "-", f"{r['epochs']:g}",
-                      f"{100 * r['best_accuracy']:.2f}%",
-                      f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-",
-                      f"{r['first_step_seconds']:.1f}")  # fmt: skip
+        table.add_row(
+            r["loop"],
+            f"{r['reached']}/{r['models']}",
+            f"{r['seconds']:.2f}" if r["reached"] else "not reached",
+            spread,
+            f"{r['images']:,}" if r["reached"] else "-",
+            f"{r['epochs']:g}",
+            f"{100 * r['best_accuracy']:.2f}%",
+            f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-",
+            f"{r['first_step_seconds']:.1f}",
+        )
     console = Console()
     (console if console.is_terminal else Console(width=120)).print(table)

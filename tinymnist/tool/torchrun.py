@@ -74,8 +74,9 @@ def join(cluster: Cluster, device: torch.device, timeout: datetime.timedelta = C
     try:
         dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
     except (RuntimeError, ValueError) as e:  # a rendezvous that never completes, a bad address
-        raise TinyMnistError(f"rank {cluster.rank} of {cluster.world_size}: could not join the other processes "
-                             f"({one_line(e)})") from None  # fmt: skip
+        raise TinyMnistError(
+            f"rank {cluster.rank} of {cluster.world_size}: could not join the other processes ({one_line(e)})"
+        ) from None
 
 
 def leave() -> None:
@@ -102,16 +103,20 @@ def exit_now(code: int | str | None) -> None:
 
 def check_batch_divides(batch_size: int, cluster: Cluster) -> None:
     if batch_size % cluster.world_size:
-        raise TinyMnistError(f"--batch-size {batch_size} is the global batch and must divide evenly among the "
-                             f"{cluster.world_size} processes; pass a multiple of {cluster.world_size}")  # fmt: skip
+        raise TinyMnistError(
+            f"--batch-size {batch_size} is the global batch and must divide evenly among the "
+            f"{cluster.world_size} processes; pass a multiple of {cluster.world_size}"
+        )
 
 
 def share(n_models: int, cluster: Cluster) -> slice:
     """This rank's models of a sweep: a contiguous share; where N does not divide, the first ranks take one more."""
     if n_models < cluster.world_size:
-        raise TinyMnistError(f"{cluster.world_size} processes for {n_models} models (--seeds/--lr): each "
-                             f"process trains whole models; start at most {n_models} processes "
-                             f"or train more models")  # fmt: skip
+        raise TinyMnistError(
+            f"{cluster.world_size} processes for {n_models} models (--seeds/--lr): each "
+            f"process trains whole models; start at most {n_models} processes "
+            f"or train more models"
+        )
     base, extra = divmod(n_models, cluster.world_size)
     start = cluster.rank * base + min(cluster.rank, extra)
     return slice(start, start + base + (cluster.rank < extra))
@@ -191,8 +196,7 @@ COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|c10d|connection|timed out|timeout", 
 
 
 @contextlib.contextmanager
-def peer_failures(cluster: Cluster, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT,
-                  kept: Callable[[], str] = str):  # fmt: skip
+def peer_failures(cluster: Cluster, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT, kept: Callable[[], str] = str):
     """A collective that failed (a peer died, or hung past `timeout`) as one line,
     ending with `kept()`: what this run has saved.
 
@@ -204,9 +208,11 @@ def peer_failures(cluster: Cluster, timeout: datetime.timedelta = COLLECTIVE_TIM
         if not isinstance(e, dist.DistError) and not COLLECTIVE_FAILURE.search(str(e)):
             raise
         peer = f"rank {1 - cluster.rank}" if cluster.world_size == 2 else "another rank"
-        raise TinyMnistError(f"rank {cluster.rank} of {cluster.world_size}: lost {peer}, which stopped or did "
-                             f"not answer within {timeout.total_seconds():g} s "
-                             f"({one_line(e)}){kept()}") from None  # fmt: skip
+        raise TinyMnistError(
+            f"rank {cluster.rank} of {cluster.world_size}: lost {peer}, which stopped or did "
+            f"not answer within {timeout.total_seconds():g} s "
+            f"({one_line(e)}){kept()}"
+        ) from None
 
 
 def one_line(e: BaseException, limit: int = 160) -> str:

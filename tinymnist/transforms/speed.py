@@ -62,8 +62,12 @@ def micro_batched(gradient: Gradient, micro_batch: int) -> Gradient:
     return chunked_gradient
 
 
-def device_step(config: TrainConfig, optimizer: optim.Optimizer, device: torch.device,
-                data_parallel: Callable[[Gradient], Gradient] | None = None) -> Step:  # fmt: skip
+def device_step(
+    config: TrainConfig,
+    optimizer: optim.Optimizer,
+    device: torch.device,
+    data_parallel: Callable[[Gradient], Gradient] | None = None,
+) -> Step:
     """The step `tinymnist train` runs on `device`: over N models (vmap) where the config has
     several, compiled where that is faster, in micro-batches where the batch is large for a
     CPU, replayed as a CUDA graph on CUDA. `data_parallel` (all_reduce.all_reduced under

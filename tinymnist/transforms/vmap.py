@@ -68,8 +68,7 @@ def evaluate_many(config: TrainConfig, params: Tree, images: torch.Tensor, label
     summed = torch.cat(probabilities)  # (T, 10)
     total = len(images)
     each = [
-        Evaluation(loss / total, int(c), total)
-        for loss, c in zip(loss_sums.tolist(), correct.tolist(), strict=True)
+        Evaluation(loss / total, int(c), total) for loss, c in zip(loss_sums.tolist(), correct.tolist(), strict=True)
     ]
     return Evaluations(each, ensemble_evaluation(summed, n, labels), summed)
 

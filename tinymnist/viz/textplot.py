@@ -65,8 +65,11 @@ def text_plot(runs: list[Run], width: int) -> Group:
     first, last = min(epochs), max(max(epochs), min(epochs) + 1)
     parts: list = []
     for quantity in QUANTITIES:
-        drawn = [(run, run.series[quantity], COLOURS[i % len(COLOURS)]) for i, run in enumerate(runs)
-                 if quantity in run.series]  # fmt: skip
+        drawn = [
+            (run, run.series[quantity], COLOURS[i % len(COLOURS)])
+            for i, run in enumerate(runs)
+            if quantity in run.series
+        ]
         if drawn:
             parts += [Text(TITLES[quantity], style="bold"), *panel(quantity, drawn, first, last, plot_width)]
     legend = [Text.assemble(("━━ ", COLOURS[i % len(COLOURS)]), run.label) for i, run in enumerate(runs)]
@@ -111,8 +114,10 @@ def panel(quantity: str, drawn: list[tuple[Run, Series, str]], first: int, last:
         for (x0, y0), (x1, y1) in zip(points, [*points[1:], points[-1]], strict=True):  # a lone point draws itself
             canvas.line(x0, y0, x1, y1, colour)
     labels = tick_labels(quantity, frame, drawn[0][0].total)
-    lines = [Text(labels.get(i, "").rjust(MARGIN - 1) + ("┤" if i in labels else "│")) + row
-             for i, row in enumerate(canvas.rows())]  # fmt: skip
+    lines = [
+        Text(labels.get(i, "").rjust(MARGIN - 1) + ("┤" if i in labels else "│")) + row
+        for i, row in enumerate(canvas.rows())
+    ]
     axis = Text(" " * (MARGIN - 1) + "└" + "─" * width)
     epoch_labels = f"epoch {first}".ljust(width - len(str(last))) + str(last)
     return [*lines, axis, Text(" " * MARGIN + epoch_labels)]
