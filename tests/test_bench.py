@@ -127,3 +127,18 @@ def test_reference_loop_trains_like_our_step(model):
         # Adam's first step moves every weight by about lr (1e-3): a gradient near zero, summed in
         # another order, moves its weight by up to a few 1e-5 more (1.03e-5 was seen in a full run).
         torch.testing.assert_close(new_params[name], value, rtol=1e-5, atol=5e-5)
+
+
+def test_seeds_bench_times_n_models_in_one_step_against_n_single_runs(tmp_path):
+    """bench --seeds 1,2: the single step, then 1 and 2 models through the N-model (vmapped) step;
+    each ratio is the single step's images/s over the vmapped one's, as the JSON and the table say."""
+    out = tmp_path / "s.json"
+    args = ("--models", "mlp", "--seeds", "1,2", "--device", "cpu", "--no-compile", "--window-images", 128)
+    result = run("bench", *args, "--repeats", 1, "--warmup", 0, "--data-dir", tmp_path / "none", "--json", out)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())["results"]
+    assert list(row["vmapped"]) == ["1", "2"]
+    for timed in row["vmapped"].values():
+        ratio = row["single"]["images_per_second"] / timed["images_per_second"]
+        assert timed["time_vs_n_single_runs"] == pytest.approx(ratio)
+        assert f"{ratio:.2f}x" in result.stdout

@@ -277,12 +277,15 @@ def side_by_side(tensors: list[torch.Tensor], stacked: bool) -> torch.Tensor:
     return torch.stack(tensors, dim=1) if stacked else tensors[0]
 
 
-def initial_state(config: TrainConfig, optimizer: optim.Optimizer, device, models: list | None = None) -> TrainState:
+def initial_state(
+    config: TrainConfig, optimizer: optim.Optimizer, device, models: list | None = None, stacked: bool | None = None
+) -> TrainState:
     """Epoch 0 of each model (or of `models`, a torchrun process's share of them): parameters
     drawn from its seed, fresh optimizer state, its own shuffling generator. The global
-    generator (dropout; N models draw different masks from it) is seeded with the first seed."""
+    generator (dropout; N models draw different masks from it) is seeded with the first seed.
+    `stacked` (default: for N > 1) gives the state its leading model axis."""
     models = model_configs(config) if models is None else models
-    stacked = config.n_models > 1
+    stacked = config.n_models > 1 if stacked is None else stacked
     params = [networks.init_params(m.model, m.seed, device) for m in models]
     torch.manual_seed(config.seed)
     shuffles = [torch.Generator().manual_seed(m.seed) for m in models]

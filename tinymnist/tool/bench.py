@@ -25,8 +25,8 @@ from rich.table import Table
 
 from tinymnist import data
 from tinymnist.algorithm import networks
-from tinymnist.algorithm.config import make_optimizer, recipe_config
-from tinymnist.algorithm.train import epoch_batches, initial_state, synchronize
+from tinymnist.algorithm.config import make_optimizer, model_configs, recipe_config
+from tinymnist.algorithm.train import epoch_batches, initial_state, per_model, side_by_side, synchronize
 from tinymnist.tool.outputs import atomic_output
 from tinymnist.tool.reference import reference_loop
 from tinymnist.transforms.speed import device_step
@@ -45,20 +45,25 @@ def bench_data(data_dir, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     return images.to(device), labels.to(device), f"random uint8 (MNIST files not found in {data_dir})"
 
 
-def our_steps(config, images, labels, device, compile: bool) -> Iterator:
-    """Yield after each step of tinymnist's loop, forever, over on-device shuffled batches.
+def our_steps(config, images, labels, device, compile: bool, stacked: bool | None = None) -> Iterator:
+    """Yield after each step of tinymnist's loop, forever, over on-device shuffled batches:
+    the step `train` runs for the config, one model or N (--seeds), each model on its own
+    batches at its first learning rate. `stacked` forces the N-model step, even for one.
 
-    The step is the one `train` runs by default: on CUDA, compiled means compiled and
-    replayed as a CUDA graph; on the CPU, large batches are split into micro-batches."""
+    On CUDA, compiled means compiled and replayed as a CUDA graph; on the CPU, large
+    batches are split into micro-batches."""
+    stacked = config.n_models > 1 if stacked is None else stacked
     optimizer = make_optimizer(config)
-    state = initial_state(config, optimizer, device)
+    state = initial_state(config, optimizer, device, stacked=stacked)
     config = dataclasses.replace(config, compile=compile, cuda_graphs=compile)  # (b) eager is the plain eager step
-    step = device_step(config, optimizer, device)
-    lr = torch.tensor(config.lr, device=device)
+    step = device_step(config, optimizer, device, stacked=stacked)
+    models = model_configs(config)
+    lr = per_model([torch.tensor(m.lr) for m in models], stacked).to(device)  # ([N],)
+    shuffles = [torch.Generator().manual_seed(m.seed) for m in models]
     params, opt_state = state.params, state.opt_state
-    shuffle = torch.Generator().manual_seed(config.seed)
     while True:
-        for batch_idx in epoch_batches(len(images), config.batch_size, shuffle, device):  # (B,) each
+        orders = [epoch_batches(len(images), config.batch_size, g, device) for g in shuffles]
+        for batch_idx in side_by_side(orders, stacked):  # ([N,] B) each
             params, opt_state, loss = step(params, opt_state, images, labels, batch_idx, lr)
             yield params, loss
 
@@ -196,3 +201,98 @@ def print_report(report: dict, json_path: Path | None) -> None:
         )
     console = Console()
     (console if console.is_terminal else Console(width=120)).print(table)  # a log file gets every digit
+
+
+# ---- bench --seeds 1,4,16: N models in one step against N single runs ----------------------
+# `tinymnist bench --seeds 1,4,16`: N models in one vmapped step against N single runs.
+#
+# For each model at its recipe batch size, one process times today's single-model step
+# (what `train` runs) and then, for each N, the vmapped step of N models (what `train
+# --seeds N` runs), with bench.py's timing: first step (compile) and warm-up apart, then
+# the median of several windows of the same number of steps. N single runs one after
+# another train at the single step's rate, so "time vs N singles" is
+#
+#     (N models' images / vmapped images/s) / (N models' images / single images/s)
+#         = single images/s / vmapped images/s summed over the N models.
+
+
+def bench_counts(
+    model: str,
+    counts: list[int],
+    images,
+    labels,
+    device,
+    window_images: int,
+    repeats: int,
+    warmup: int,
+    compile: bool,
+    log,
+) -> dict:
+    config = recipe_config(model)
+    window_steps = max(1, window_images // config.batch_size)
+    log(f"{model}: timing the single step ({repeats} windows of {window_steps} steps)")
+    single = time_loop(
+        our_steps(config, images, labels, device, compile), config.batch_size, device, window_steps, repeats, warmup
+    )
+    result = {
+        "model": model,
+        "batch_size": config.batch_size,
+        "window_steps": window_steps,
+        "single": single,
+        "vmapped": {},
+    }
+    for n in counts:
+        log(f"{model}: timing {n} models in one vmapped step")
+        timed = time_loop(
+            our_steps(dataclasses.replace(config, seeds=n), images, labels, device, compile, stacked=True),
+            config.batch_size * n,
+            device,
+            window_steps,
+            repeats,
+            warmup,
+        )
+        timed["time_vs_n_single_runs"] = single["images_per_second"] / timed["images_per_second"]
+        result["vmapped"][str(n)] = timed
+    return result
+
+
+def run_seeds_bench(
+    models_to_run, counts, device, data_dir, window_images=4096, repeats=5, warmup=3, compile=True, log=None
+) -> dict:
+    """The whole benchmark as one JSON-ready dict."""
+    log = log or (lambda message: print(message, file=sys.stderr))
+    images, labels, source = bench_data(data_dir, device)
+    return {
+        "device": str(device),
+        "machine": machine_description(device),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "data": source,
+        "compile": compile,
+        "results": [
+            bench_counts(m, counts, images, labels, device, window_images, repeats, warmup, compile, log)
+            for m in models_to_run
+        ],
+    }
+
+
+def print_seeds_report(report: dict, json_path: Path | None) -> None:
+    if json_path:
+        write_json(json_path, report)
+    table = Table(title=f"{report['machine']}, torch {report['torch']}; data: {report['data']}")
+    for column in ("model", "batch", "N", "img/s (all N)", "single img/s", "time vs N singles", "compile s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in report["results"]:
+        single = r["single"]["images_per_second"]
+        for n, timed in r["vmapped"].items():
+            table.add_row(
+                r["model"],
+                str(r["batch_size"]),
+                n,
+                f"{timed['images_per_second']:,.0f}",
+                f"{single:,.0f}",
+                f"{timed['time_vs_n_single_runs']:.2f}x",
+                f"{timed['first_step_seconds']:.1f}",
+            )
+    console = Console()
+    (console if console.is_terminal else Console(width=120)).print(table)

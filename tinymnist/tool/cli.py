@@ -22,9 +22,8 @@ from tinymnist.algorithm.train import Progress, evaluate_one, evaluation_records
 from tinymnist.data import sources
 from tinymnist.errors import TinyMnistError
 from tinymnist.tool import checkpoint, outputs, run
-from tinymnist.tool.bench import print_report, run_bench
+from tinymnist.tool.bench import print_report, print_seeds_report, run_bench, run_seeds_bench
 from tinymnist.tool.devices import accelerator_report, resolve_device
-from tinymnist.tool.ensemble_bench import print_seeds_report, run_seeds_bench
 from tinymnist.tool.exits import user_errors
 from tinymnist.tool.report import json_line, model_test_line
 from tinymnist.tool.time_to_accuracy import print_time_to_accuracy, run_time_to_accuracy

@@ -67,13 +67,15 @@ def device_step(
     optimizer: optim.Optimizer,
     device: torch.device,
     data_parallel: Callable[[Gradient], Gradient] | None = None,
+    stacked: bool | None = None,
 ) -> Step:
     """The step `tinymnist train` runs on `device`: over N models (vmap) where the config has
     several, compiled where that is faster, in micro-batches where the batch is large for a
     CPU, replayed as a CUDA graph on CUDA. `data_parallel` (all_reduce.all_reduced under
-    torchrun) wraps the gradient last: this process's slice of the batch is micro-batched."""
+    torchrun) wraps the gradient last: this process's slice of the batch is micro-batched.
+    `stacked` (default: for N > 1) maps the step over a leading model axis."""
     gradient, update = make_gradient(config), optimizer.update
-    if config.n_models > 1:
+    if config.n_models > 1 if stacked is None else stacked:
         gradient, update = vmapped(gradient), vmapped_update(update)
     compile = use_compile(config, device)
     micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device)
