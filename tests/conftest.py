@@ -26,8 +26,10 @@ def restore_tf32_setting():
 
 
 # TINYMNIST_TEST_MNIST names a folder with the real t10k files (CI sets it); without
-# it, or without the files, the tests that need real handwriting skip.
-REAL_MNIST = Path(os.environ.get("TINYMNIST_TEST_MNIST", "data"))
+# it, or without the files, the tests that need real handwriting skip. Resolved here,
+# once: a relative path (the default "data") would mean another folder to a test that
+# links to it from its tmp_path, or that runs a command in another directory.
+REAL_MNIST = Path(os.environ.get("TINYMNIST_TEST_MNIST") or "data").resolve()
 T10K_IMAGES = "t10k-images-idx3-ubyte.gz"
 T10K_LABELS = "t10k-labels-idx1-ubyte.gz"
 

@@ -70,6 +70,19 @@ def stall(seconds: float) -> Answer:
     return answer
 
 
+def stall_after_headers(seconds: float) -> Answer:
+    """Answer 200 with a Content-Length, then send no byte of the body."""
+
+    def answer(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", "1000")
+        handler.end_headers()
+        handler.wfile.flush()
+        threading.Event().wait(seconds)  # longer than the client's timeout
+
+    return answer
+
+
 class Mirror:
     """A scripted HTTP mirror: `answers[name]` lists its replies to successive requests."""
 

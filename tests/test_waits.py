@@ -10,10 +10,11 @@ import subprocess
 import sys
 
 import pytest
+import requests
 import torch
 
-from tests.mirror import Mirror, serve, stall, status, trickle
-from tinymnist.data import DownloadError, download
+from tests.mirror import Mirror, serve, stall, stall_after_headers, status, trickle
+from tinymnist.data import FILES, DownloadError, download
 from tinymnist.data.fetch import Patience
 from tinymnist.data.idx import write_idx
 
@@ -123,3 +124,92 @@ def test_status_answers_are_unchanged(start_mirror, labels, tmp_path, capsys):
     flaky = start_mirror(status(503), serve(labels))
     download(tmp_path, mirrors=[flaky.url], md5s=md5s(labels), progress=False, patience=Patience(backoff=0))
     assert f"{flaky.url}{LABELS}: HTTP 503; try 2 of 3 in 0 s" in capsys.readouterr().err.splitlines()
+
+
+# ---- a dead mirror is asked for one file, not for each of the four ------------------------
+
+FOUR = {name: name.encode() * 100 for name in FILES}  # MNIST's four names; any bytes do
+FIRST, *OTHERS = FOUR
+QUICK = Patience(connect_timeout=0.1, read_timeout=0.1, attempts=2, backoff=0)
+SILENCES = {"never answers": stall(2.0), "headers, then silence": stall_after_headers(2.0)}
+
+
+def four_md5s() -> dict[str, str]:
+    return {name: hashlib.md5(body).hexdigest() for name, body in FOUR.items()}
+
+
+def serving_four(start_mirror) -> Mirror:
+    mirror = start_mirror()
+    mirror.answers = {name: [serve(body)] for name, body in FOUR.items()}
+    return mirror
+
+
+@pytest.mark.parametrize("silence", SILENCES.values(), ids=SILENCES.keys())
+def test_a_silent_mirror_is_not_asked_again_for_the_other_files(start_mirror, tmp_path, capsys, silence):
+    dead = start_mirror()
+    dead.answers = {name: [silence] for name in FOUR}
+    good = serving_four(start_mirror)
+
+    download(tmp_path, mirrors=[dead.url, good.url], md5s=four_md5s(), progress=False, patience=QUICK)
+
+    assert dead.requested == [FIRST] * QUICK.attempts  # its tries at the first file, then never again
+    assert good.requested == list(FOUR)
+    assert sorted(os.listdir(tmp_path)) == sorted(FOUR)
+    said = capsys.readouterr().err.splitlines()
+    for name in OTHERS:
+        assert f"downloading {dead.url}{name}" not in said
+        skip = [line for line in said if line.startswith(f"{dead.url}{name}: not asked: ")]
+        assert len(skip) == 1 and skip[0].endswith(f"(2 tries) on {FIRST}; next mirror"), said
+
+
+def test_only_a_silent_mirror_fails_every_file_after_one_files_tries(start_mirror, tmp_path):
+    dead = start_mirror()
+    dead.answers = {name: [stall(2.0)] for name in FOUR}
+
+    with pytest.raises(DownloadError) as caught:
+        download(tmp_path, mirrors=[dead.url], md5s=four_md5s(), progress=False, patience=QUICK)
+
+    assert dead.requested == [FIRST] * QUICK.attempts
+    lines = str(caught.value).splitlines()
+    assert f"{FIRST}: {dead.url}{FIRST}: no answer within 0.1 s (2 tries)" in lines
+    for name in OTHERS:
+        assert f"{name}: {dead.url}{name}: not asked: no answer within 0.1 s (2 tries) on {FIRST}" in lines
+    assert "tinymnist download --from" in lines[-1]  # today's closing hint, unchanged
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_mirror_that_never_connects_is_not_asked_again(start_mirror, tmp_path, monkeypatch):
+    # A connect timeout cannot be staged on 127.0.0.1, which answers or refuses at once:
+    # requests raises it for a TEST-NET address (RFC 5737, never routed) instead.
+    unreachable, asked, real_get = "http://192.0.2.1/mnist/", [], requests.Session.get
+
+    def get(session, url, **kwargs):
+        if not url.startswith(unreachable):
+            return real_get(session, url, **kwargs)
+        asked.append(url.removeprefix(unreachable))
+        raise requests.ConnectTimeout("connect timed out")
+
+    monkeypatch.setattr(requests.Session, "get", get)
+    good = serving_four(start_mirror)
+
+    download(tmp_path, mirrors=[unreachable, good.url], md5s=four_md5s(), progress=False, patience=QUICK)
+
+    assert asked == [FIRST] * QUICK.attempts
+    assert good.requested == list(FOUR)
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [[status(503)], [stall(2.0), serve(FOUR[FIRST])]],
+    ids=["answers 503", "silent once, then serves"],
+)
+def test_a_mirror_that_answers_is_asked_for_every_file(start_mirror, tmp_path, answers):
+    # Only a last try that got no answer marks a mirror dead: an HTTP error is an answer,
+    # and a silence that a retry got past is forgiven.
+    flaky = start_mirror()
+    flaky.answers = {FIRST: answers} | {name: [status(503)] for name in OTHERS}
+    good = serving_four(start_mirror)
+
+    download(tmp_path, mirrors=[flaky.url, good.url], md5s=four_md5s(), progress=False, patience=QUICK)
+
+    assert sorted(set(flaky.requested)) == sorted(FOUR)

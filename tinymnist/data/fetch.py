@@ -10,9 +10,12 @@ whose md5 is wrong) move on to the next mirror at once. Waiting is bounded three
 (`Patience`): a connection must open within seconds, a server may not fall silent for
 long, and each file has a deadline over all its mirrors and tries. Every try, retry and
 change of mirror is one line on stderr, on a terminal or not, so a stalled mirror is
-never a silent wait. The bytes stream into a temp file beside the destination
-(`files.atomic_write`) that is renamed only once the md5 matches, so a failed or
-interrupted download never leaves a partial file under the final name.
+never a silent wait. A mirror whose last try at a file got no answer at all (no
+connection, or silence before or during the body) is dead for the rest of the run: the
+other files do not ask it again, so a dead mirror costs one file's tries, not four. The
+bytes stream into a temp file beside the destination (`files.atomic_write`) that is
+renamed only once the md5 matches, so a failed or interrupted download never leaves a
+partial file under the final name.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -51,7 +54,8 @@ class Patience:
     backoff: float = 1.0  # seconds before the second try; doubled before each later one
     # Per file, all mirrors and tries together. MNIST's largest file (9.9 MB) arrives
     # within it at 33 KB/s, slower than any link one trains networks over; four files on
-    # mirrors that all stall cost 20 minutes at most, announced line by line.
+    # mirrors that all trickle cost 20 minutes at most, announced line by line. (A mirror
+    # that falls silent costs far less: its tries for one file, then it is not asked again.)
     deadline: float = 300.0
 
     def __post_init__(self):
@@ -81,8 +85,16 @@ class _TryAgain(Exception):
     """A failure that may pass: HTTP 5xx, a refused connection, a timeout, a cut-off body."""
 
 
+class _NoAnswer(_TryAgain):
+    """A timeout: no connection, or the server fell silent before or during the body."""
+
+
 class _NextMirror(Exception):
     """A failure this mirror will repeat (HTTP 4xx, wrong bytes): go to the next one."""
+
+
+class _Dead(_NextMirror):
+    """The last try got no answer: this mirror is not asked again in this run."""
 
 
 class _OutOfTime(Exception):
@@ -97,6 +109,9 @@ class _Fetcher:
     session: requests.Session
     bar: Progress
     patience: Patience
+    # Mirror -> why it is dead ("no answer within 15 s (3 tries) on NAME"). Asking a dead
+    # mirror again would cost each later file the same tries of silence.
+    dead: dict[str, str] = field(default_factory=dict)
 
     def fetch(self, name: str, destination: Path, md5: str) -> list[str]:
         """Try each mirror in turn: [] once one delivers, else what every mirror answered."""
@@ -105,13 +120,20 @@ class _Fetcher:
         answers = []
         for number, base in enumerate(self.mirrors, start=1):
             url = base.rstrip("/") + "/" + name
+            then = "next mirror" if number < len(self.mirrors) else "no mirror left"
+            if base in self.dead:
+                answers.append(f"{url}: not asked: {self.dead[base]}")
+                _say(f"{url}: not asked: {self.dead[base]}; {then}")
+                continue
             _say(f"downloading {url}")
             try:
                 self._fetch_with_retries(url, destination, md5, task, give_up_at)
                 return []
             except _NextMirror as e:
                 answers.append(f"{url}: {e}")
-                _say(f"{url}: {e}; {'next mirror' if number < len(self.mirrors) else 'no mirror left'}")
+                _say(f"{url}: {e}; {then}")
+                if isinstance(e, _Dead):
+                    self.dead[base] = f"{e} on {name}"
             except _OutOfTime as e:
                 answers.append(f"{url}: {e}")
                 _say(f"{url}: {e}; giving up on {name}")
@@ -125,8 +147,8 @@ class _Fetcher:
                 return self._fetch_once(url, destination, md5, task, give_up_at)
             except _TryAgain as e:  # noqa: PERF203 (a retry loop: the exception is the point)
                 tries = f"{attempt} {'try' if attempt == 1 else 'tries'}"
-                if attempt == attempts:
-                    raise _NextMirror(f"{e} ({tries})") from None
+                if attempt == attempts:  # the last try decides whether the mirror is dead
+                    raise (_Dead if isinstance(e, _NoAnswer) else _NextMirror)(f"{e} ({tries})") from None
                 pause = self.patience.backoff * 2 ** (attempt - 1)  # exponential backoff: 1x, 2x, 4x, ...
                 if time.monotonic() + pause >= give_up_at:
                     raise _OutOfTime(f"{e} ({tries}); the {self.patience.deadline:g} s deadline has passed") from None
@@ -147,11 +169,11 @@ class _Fetcher:
                     raise _NextMirror(f"HTTP {response.status_code}")
                 self._save_verified(response, destination, md5, task, give_up_at)
         except requests.ConnectTimeout:
-            raise _TryAgain(f"no connection within {connect:g} s") from None
+            raise _NoAnswer(f"no connection within {connect:g} s") from None
         except requests.Timeout:
-            raise _TryAgain(f"no answer within {read:g} s") from None
+            raise _NoAnswer(f"no answer within {read:g} s") from None
         except requests.ConnectionError as e:  # also a read timeout in the middle of the body
-            raise _TryAgain(_reason(e)) from None
+            raise (_NoAnswer if _READ_TIMED_OUT in str(e) else _TryAgain)(_reason(e)) from None
         except requests.RequestException as e:  # a malformed mirror URL, too many redirects, ...
             raise _NextMirror(_reason(e)) from None
 
@@ -193,9 +215,14 @@ def _progress_bar(enabled: bool | None) -> Progress:
     return Progress(*columns, console=console, disable=not show)
 
 
+# How urllib3 words a read timeout; requests re-raises one in the middle of a body as a
+# plain ConnectionError, so the words are all that tells it from a refused connection.
+_READ_TIMED_OUT = "Read timed out"
+
+
 def _reason(error: requests.RequestException) -> str:
     """`Connection refused`, not urllib3's three nested reprs."""
-    if "Read timed out" in str(error):
+    if _READ_TIMED_OUT in str(error):
         return "stopped sending (read timed out)"
     match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error))
     return match.group(1) if match else f"{type(error).__name__}: {error}"
