@@ -8,12 +8,12 @@ resume. So every part is compared with what this version of tinymnist writes:
     format     FORMAT
     config     TrainConfig's fields, each of its annotated type, and config.validate passes
     epoch      an int >= 0 (not a bool, not a float)
-    params     the model's parameter names, shapes and float32: `expected_params`
-    opt_state  what the optimizer's own `init` builds from those: `expected_opt_state`
+    params     keys, shapes and dtypes of a freshly initialised state (`fresh_state`)
+    opt_state  the same: what the optimizer's own `init` builds from those params
     rng        RNG_STATES, uint8 tensors that a generator accepts
 
-Expected tensors are built on the `meta` device (shapes and dtypes, no memory), so the
-tables grow with the code: stacked params of N models need only `n_models`.
+The fresh state is built on the `meta` device (shapes and dtypes, no memory), so the
+check follows the code: a new network, optimizer or N stacked models need nothing here.
 Non-finite values are data, not damage: NaN weights load, and eval reports a NaN loss.
 """
 
@@ -25,28 +25,16 @@ import typing
 
 import torch
 
-from tinymnist.algorithm import networks, optim
-from tinymnist.algorithm.config import TrainConfig, model_grid, validate
+from tinymnist.algorithm import networks
+from tinymnist.algorithm.config import TrainConfig, make_optimizer, validate
+from tinymnist.algorithm.train import per_model
 from tinymnist.errors import TinyMnistError
 
 FORMAT = "tinymnist-checkpoint-v1"
 ENTRIES = ("format", "config", "epoch", "params", "opt_state", "rng")
-# TrainConfig fields added after the first checkpoints were written: a checkpoint
-# without them loads, and they take their defaults.
-ADDED_FIELDS = {
-    "micro_batch",
-    "cuda_graphs",
-    "seeds",
-    "lrs",
-    "tensorboard",
-    "schedule",
-    "label_smoothing",
-    "target_accuracy",
-    "eval_every",
-}
-# Generator states a checkpoint may hold, and whether it must: the global CPU generator
-# (dropout), the run's shuffling generator (added later), the CUDA generator of a CUDA run.
-RNG_STATES = {"cpu": True, "shuffle": False, "cuda": False}
+# Generator states a checkpoint holds, and whether it must: the global CPU generator (dropout),
+# each model's shuffling generator, the CUDA generator of a CUDA run.
+RNG_STATES = {"cpu": True, "shuffle": True, "cuda": False}
 UNFIT = "the file is damaged or does not match this version of tinymnist"
 
 
@@ -55,7 +43,7 @@ class Damaged(Exception):
 
 
 def check_payload(payload, device: torch.device) -> tuple[dict, dict, dict, int, dict]:
-    """(config with defaults filled in, params, opt_state, epoch, rng), or raise Damaged.
+    """(config, params, opt_state, epoch, rng), or raise Damaged.
 
     The tensors come back as contiguous copies in the expected dicts' key order (the
     compiled step guards on it), so nothing aliases the file or another tensor.
@@ -67,48 +55,28 @@ def check_payload(payload, device: torch.device) -> tuple[dict, dict, dict, int,
     epoch = payload["epoch"]
     if type(epoch) is not int or epoch < 0:
         raise Damaged(f"its epoch is {brief(repr(epoch))}, not a whole number >= 0; {UNFIT}")
-    # N models (transforms/vmap.py) stack every tensor along a leading dim N, the shuffling state too.
-    n = len(model_grid(TrainConfig(**config)))
-    one_model = expected_params(config["model"])
-    expected = expected_params(config["model"], n if n > 1 else None)
-    params = _match(payload["params"], expected, f"params do not match model {config['model']!r}")
-    opt_state = _match(
-        payload["opt_state"],
-        _stacked(expected_opt_state(config["optimizer"], one_model), n),
-        f"the optimizer state does not match {config['optimizer']}",
-    )
-    return config, params, opt_state, epoch, check_rng(payload["rng"], device, n)
+    fresh = fresh_state(TrainConfig(**config))  # what this version writes for the config, on `meta`
+    params = _match(payload["params"], fresh["params"], f"params do not match model {config['model']!r}")
+    what = f"the optimizer state does not match {config['optimizer']}"
+    opt_state = _match(payload["opt_state"], fresh["opt_state"], what)
+    return config, params, opt_state, epoch, check_rng(payload["rng"], device, TrainConfig(**config).n_models)
 
 
-def _stacked(tree, n: int):
-    """A meta tree with a leading dim N on every leaf; unchanged for one model."""
-    if n == 1:
-        return tree
-    return {
-        k: _stacked(v, n) if isinstance(v, dict) else torch.empty((n, *v.shape), dtype=v.dtype, device="meta")
-        for k, v in tree.items()
-    }
-
-
-def expected_params(model: str, n_models: int | None = None) -> dict[str, torch.Tensor]:
-    """The model's parameters as meta tensors; with `n_models`, stacked along a leading dim."""
-    params = networks.init_params(model, 0, "meta")
-    if n_models is None:
-        return params
-    return {name: torch.empty((n_models, *p.shape), dtype=p.dtype, device="meta") for name, p in params.items()}
-
-
-def expected_opt_state(optimizer: str, params: dict[str, torch.Tensor]):
-    """The state tree the optimizer's `init` builds for `params` (meta in, meta out)."""
-    return optim.OPTIMIZERS[optimizer]().init(params)
+def fresh_state(config: TrainConfig) -> dict:
+    """A freshly initialised state of the config's models, as meta tensors (shapes and dtypes, no
+    memory): the parameters and the optimizer's own `init` of them, stacked for N models."""
+    params = [networks.init_params(config.model, 0, "meta")] * config.n_models
+    opt_state = [make_optimizer(config).init(p) for p in params]
+    stacked = config.n_models > 1
+    return {"params": per_model(params, stacked), "opt_state": per_model(opt_state, stacked)}
 
 
 def check_config(config) -> dict:
-    """The stored config, every field of the right type and valid, ADDED_FIELDS defaulted."""
+    """The stored config: every field of TrainConfig, each of the right type, and valid."""
     if not isinstance(config, dict):
         raise Damaged(f"its config is {_a(config)}, not a dict; {UNFIT}")
     types_ = typing.get_type_hints(TrainConfig)
-    missing = sorted(set(types_) - ADDED_FIELDS - config.keys())
+    missing = sorted(set(types_) - config.keys())
     extra = sorted(map(str, config.keys() - types_.keys()))
     if missing or extra:
         raise Damaged(f"its config does not match this version of tinymnist ({_listed(missing, extra)})")
@@ -126,7 +94,7 @@ def check_rng(rng, device: torch.device, n_models: int = 1) -> dict:
     models, "shuffle" is (N, bytes): one state per model."""
     if not isinstance(rng, dict):
         raise Damaged(f"its rng is {_a(rng)}, not a dict; {UNFIT}")
-    required = [k for k, needed in RNG_STATES.items() if needed or (k == "shuffle" and n_models > 1)]
+    required = [k for k, needed in RNG_STATES.items() if needed]
     _same_keys("its rng", rng, required, optional=RNG_STATES)
     checked = {}
     for name, state in rng.items():
