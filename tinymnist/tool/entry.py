@@ -35,5 +35,5 @@ def exit_if_torchrun(code) -> None:
     """Under torchrun, leave without the interpreter's finalization (torchrun.exit_now)."""
     from tinymnist.tool import torchrun
 
-    if torchrun.from_env() is not None:
+    if torchrun.launched():
         torchrun.exit_now(code)
