@@ -8,19 +8,18 @@ and renames it over `path` once the `with` block has succeeded: os.replace is at
 within one file system, and the bytes are fsync'ed first, so the name never points at
 a half-written file. Any exception (Ctrl-C too) deletes the temp file.
 
-Only `kill -9` or a power cut can leave one behind. The writer holds an OS lock
-(flock) on its temp file for as long as it writes, and the OS drops that lock when the
-process dies however it dies. So `remove_leftovers(path)` deletes the temp files of
-`path` that no living writer holds, and nothing else: not another target's, not
-another program's, not those of a second tinymnist still writing. Every
-`atomic_write` calls it first, so the next write of a file cleans up after the last.
-POSIX only (fcntl), like the rest of the project.
+Only `kill -9` or a power cut can leave one behind. The writer holds an OS lock on its
+temp file for as long as it writes (filelock.lock_descriptor: flock on POSIX, LockFileEx
+on Windows), and the OS drops that lock when the process dies however it dies. So
+`remove_leftovers(path)` deletes the temp files of `path` that no living writer holds,
+and nothing else: not another target's, not another program's, not those of a second
+tinymnist still writing. Every `atomic_write` calls it first, so the next write of a
+file cleans up after the last. Where the OS has no file locks, leftovers are kept.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import secrets
@@ -29,9 +28,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import filelock
+
 from tinymnist.errors import TinyMnistError
 
 TOKEN_BYTES = 4  # 8 hex digits: two writers of one file at once never pick the same name
+WINDOWS = os.name == "nt"  # it renames and deletes no file that is open; POSIX does both
 
 
 def temp_pattern(path: Path) -> re.Pattern[str]:
@@ -46,10 +48,12 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     remove_leftovers(path)
     file, temp = _create_locked_temp(path)
     try:
-        with file:  # closing drops the lock: only after the rename
+        with file:  # closing drops the lock: only after the rename, where the OS allows it
             yield file
             file.flush()
             os.fsync(file.fileno())  # the bytes are on disk before the name points at them
+            if WINDOWS:
+                file.close()  # it renames no open file
             os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)  # gone already after a successful rename
@@ -67,13 +71,23 @@ def remove_leftovers(path: str | os.PathLike) -> list[Path]:
     for name in names:
         leftover = path.with_name(name)
         try:
-            with open(leftover, "rb") as file:
-                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its writer lives
-                leftover.unlink()  # while locked, so a writer that just created it can tell (below)
-        except OSError:  # being written now, gone already, or on a file system without locks: keep
+            if _remove_if_abandoned(leftover):
+                removed.append(leftover)
+        except OSError:  # gone already, or on a file system without locks: keep
             continue
-        removed.append(leftover)
     return removed
+
+
+def _remove_if_abandoned(leftover: Path) -> bool:
+    """Delete `leftover` if no living writer holds its lock; say whether it was deleted."""
+    with open(leftover, "rb") as file:
+        if not filelock.lock_descriptor(file.fileno(), blocking=False):
+            return False  # its writer lives
+        if not WINDOWS:
+            leftover.unlink()  # while locked, so a writer that just created it can tell (below)
+            return True
+    leftover.unlink()  # Windows, once closed: it fails while the writer has the file open
+    return True
 
 
 def probe_write(path: str | os.PathLike) -> None:
@@ -90,10 +104,10 @@ def _create_locked_temp(path: Path) -> tuple[BinaryIO, Path]:
         temp = path.with_name(f".{path.name}.tinymnist-{secrets.token_hex(TOKEN_BYTES)}.part")
         file = open(temp, "xb")
         try:
-            fcntl.flock(file, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks (some network mounts): nobody can take it either
+            filelock.lock_descriptor(file.fileno())  # waits only while a remove_leftovers looks at it
+        except OSError:  # no file locks here (some network mounts): nobody can take it either
             return file, temp
-        # Between open and flock another run's remove_leftovers may have taken it for a dead
+        # Between open and lock another run's remove_leftovers may have taken it for a dead
         # writer's file and unlinked it; then its link count is 0 and we start over.
         if os.fstat(file.fileno()).st_nlink > 0:
             return file, temp

@@ -8,28 +8,38 @@ link: the user meant the file it points at), a missing folder, a path under a fi
 name too long once the temporary file's suffix is added, an unwritable folder or file.
 
 Two runs writing one checkpoint or one metrics file at once would silently overwrite
-each other and interleave their JSON lines. `exclusive` holds an OS lock (flock) per
-output file for the run's lifetime; a second run refuses in one line naming the first
-one's pid. The lock sits on a hidden sidecar, `.NAME.lock`: not on the checkpoint
-itself, whose inode changes with every atomic save (a lock on the old inode guards
-nothing). The OS drops the lock when its process ends, however it ends, so a sidecar
-left by `kill -9` is harmless; a clean exit deletes it. Once a run holds a file, it
-deletes that file's temp files left by writers that died (files.remove_leftovers).
+each other and interleave their JSON lines. `exclusive` holds an OS lock per output file
+for the run's lifetime (filelock.lock_descriptor: flock on POSIX, LockFileEx on Windows);
+a second run refuses in one line naming the first one's pid. The lock sits on a hidden
+sidecar, `.NAME.lock`: not on the checkpoint itself, whose inode changes with every
+atomic save (a lock on the old inode guards nothing). The OS drops the lock when its
+process ends, however it ends, so a sidecar left by `kill -9` is harmless, and the next
+run on that file deletes it; any other exit deletes it at once. Where the file system
+has no locks, the sidecar's existence is the lock. Once a run holds a file, it deletes
+that file's temp files left by writers that died (files.remove_leftovers).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
+import filelock
+
 from tinymnist.data import files
 from tinymnist.errors import TinyMnistError
+
+# What to do when a lock file cannot be written, by the error the OS gave; anything else: another folder.
+LOCK_ADVICE = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space (disk quota)",
+    errno.EFBIG: "raise the file size limit (ulimit -f)",
+}
 
 
 def check_output_path(path: Path, flag: str) -> None:
@@ -88,6 +98,8 @@ def _cannot_write(path: Path, flag: str, error: OSError) -> TinyMnistError:
 
 
 def _name_max(folder: Path) -> str:
+    if not hasattr(os, "pathconf"):  # POSIX only
+        return ""
     try:
         name_max = os.pathconf(folder, "PC_NAME_MAX")
     except OSError:
@@ -140,33 +152,78 @@ def _lock(path: Path, flag: str) -> Iterator[None]:
     sidecar = lock_path(path)
     fd = _acquire(sidecar, path, flag)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())  # for the message a second run prints
+        _write_pid(fd, sidecar, path, flag)
         yield
     finally:
-        sidecar.unlink(missing_ok=True)  # while still locked: see _acquire
-        os.close(fd)
+        _release(fd, sidecar)
 
 
 def _acquire(sidecar: Path, path: Path, flag: str) -> int:
     """Open and lock `sidecar`, or raise naming the run that holds it."""
     while True:
+        opened = _open(sidecar, path, flag)
+        if opened is None:  # its holder deleted it between our two tries to open it
+            continue
+        fd, created = opened
         try:
-            fd = os.open(sidecar, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise TinyMnistError(f"{flag} {path}: cannot create the lock file {sidecar} ({e.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            locked, has_locks = filelock.lock_descriptor(fd, blocking=False), True
+        except OSError:  # no file locks here (some network mounts): the sidecar's existence is the lock
+            locked, has_locks = created, False
+        if not locked:
             holder = _holder(fd)
             os.close(fd)
+            stale = "" if has_locks else f" (no file locks here: if that run has ended, delete {sidecar})"
             raise TinyMnistError(
-                f"{flag} {path} is in use by another tinymnist run{holder}; wait for it or choose another path"
-            ) from None
+                f"{flag} {path} is in use by another tinymnist run{holder}; wait for it or choose another path{stale}"
+            )
         # The run that held the lock deletes the sidecar before letting go of it; if that
-        # happened between our open and flock, we locked a deleted file: start over.
+        # happened between our open and lock, we locked a deleted file: start over.
         if _same_file(fd, sidecar):
             return fd
+        os.close(fd)
+
+
+def _open(sidecar: Path, path: Path, flag: str) -> tuple[int, bool] | None:
+    """(descriptor, whether this call created the file), or None if it vanished meanwhile."""
+    try:
+        return os.open(sidecar, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise _cannot_lock(sidecar, path, flag, e) from None
+    try:
+        return os.open(sidecar, os.O_RDWR), False
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise _cannot_lock(sidecar, path, flag, e) from None
+
+
+def _write_pid(fd: int, sidecar: Path, path: Path, flag: str) -> None:
+    """Write this run's pid for the message a second run prints. It starts after byte 0:
+    Windows locks that byte, and no other process may read a locked byte."""
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"\n{os.getpid()}\n".encode())
+    except OSError as e:  # a full disk, or `ulimit -f 0`
+        raise _cannot_lock(sidecar, path, flag, e) from None
+
+
+def _cannot_lock(sidecar: Path, path: Path, flag: str, error: OSError) -> TinyMnistError:
+    advice = f"{LOCK_ADVICE[error.errno]} or " if error.errno in LOCK_ADVICE else ""
+    return TinyMnistError(
+        f"{flag} {path}: cannot write the lock file {sidecar} ({error.strerror}); {advice}choose another folder"
+    )
+
+
+def _release(fd: int, sidecar: Path) -> None:
+    """Delete the sidecar and let go of its lock, in the order each OS allows."""
+    if files.WINDOWS:  # it deletes no open file: once closed, this fails while another run has it open
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            sidecar.unlink()
+    else:
+        sidecar.unlink(missing_ok=True)  # while still locked: see _acquire
         os.close(fd)
 
 
@@ -181,7 +238,8 @@ def _same_file(fd: int, path: Path) -> bool:
 
 def _holder(fd: int) -> str:
     """' (pid N)' as the holder wrote it; empty if it has not written it yet."""
-    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    os.lseek(fd, 1, os.SEEK_SET)  # past byte 0: see _write_pid
+    text = os.read(fd, 32).decode(errors="replace").strip()
     return f" (pid {text})" if text.isdigit() else ""
 
 
