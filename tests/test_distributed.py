@@ -186,6 +186,20 @@ def test_a_batch_the_processes_cannot_share_is_one_line(tiny_split, monkeypatch)
     assert_user_error(result, "--batch-size 63", "2 processes")
 
 
+@pytest.mark.parametrize(
+    ("rank", "world_size", "fragment"),
+    [("abc", "2", "must be whole numbers"), ("0", "0", "WORLD_SIZE=0"), ("2", "2", "RANK=2 of WORLD_SIZE=2")],
+)
+def test_torchrun_variables_set_by_hand_are_checked_before_any_wait(
+    tiny_split, monkeypatch, rank, world_size, fragment
+):
+    """RANK=abc was a ValueError, WORLD_SIZE=0 a ZeroDivisionError, RANK >= WORLD_SIZE a wait for minutes."""
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert_user_error(run(*cli_args(tiny_split)), fragment, "start with torchrun")
+
+
 def test_without_torchrun_there_is_no_process_group():
     assert torchrun.from_env({}) is None
     assert torchrun.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == torchrun.Cluster(3, 4, 1)

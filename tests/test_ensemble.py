@@ -187,6 +187,7 @@ def test_the_vmapped_step_compiles_once_and_not_again_for_new_rates():
         (["--lr", "1,-2"], "-2 is not a positive"),
         (["--lr", "1,x"], "'x', not a number"),
         (["--lr", "1,1"], "twice"),
+        (["--lr", "0.3,0.30000000000000004"], "twice (0.3, 0.3)"),  # one TensorBoard folder, one log name
     ],
 )
 def test_bad_seeds_and_lr_lists_are_one_line_errors(tiny_split, flags, fragment):

@@ -223,6 +223,11 @@ def test_resume_refuses_one_rate_for_many_models_and_metrics_onto_the_checkpoint
     trained = run(*train_args(tiny_split, "--model", "mlp", "--epochs", 1, "--seeds", 2, "--save-model", sweep))
     assert trained.exit_code == 0, trained.output
     assert_user_error(run(*train_args(tiny_split, "--resume", sweep, "--epochs", 2, "--lr", 0.01)), "--lr do not match")
+    rates = tmp_path / "rates.pt"
+    grid = ("--model", "mlp", "--seeds", 2, "--lr", "0.001,0.002")
+    assert run(*train_args(tiny_split, *grid, "--epochs", 1, "--save-model", rates)).exit_code == 0
+    again = run(*train_args(tiny_split, *grid, "--resume", rates, "--epochs", 2))  # the flags it was started with
+    assert again.exit_code == 0 and "after 2 epochs" in again.stdout, again.output
     ckpt, _ = finished
     before = ckpt.read_bytes()
     onto = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--metrics", ckpt))

@@ -196,8 +196,9 @@ def validate_models(config: TrainConfig) -> None:
         for lr in config.lrs:
             if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf"):
                 raise TinyMnistError(f"--lr: every learning rate must be positive and finite, got {lr!r}")
-        if len(set(config.lrs)) != len(config.lrs):
-            raise TinyMnistError(f"--lr lists a learning rate twice ({config.lrs}); give each once")
+        shown = [f"{lr:g}" for lr in config.lrs]  # as logs and TensorBoard folders name each model
+        if len(set(shown)) != len(shown):
+            raise TinyMnistError(f"--lr lists a learning rate twice ({', '.join(shown)}); give each once")
 
 
 def model_grid(config: TrainConfig) -> list[tuple[float, int]]:

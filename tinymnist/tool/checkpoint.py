@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import io
+import warnings
 from pathlib import Path
 
 import torch
@@ -73,7 +74,10 @@ def load(path: Path, device: torch.device) -> tuple[dict, TrainState]:
     """Read a checkpoint back as (config dict, TrainState on `device`), validated whole."""
     files.check_readable(path, "checkpoint")
     try:
-        with torch.sparse.check_sparse_tensor_invariants():  # a forged sparse tensor fails here, whole
+        # A forged sparse tensor fails here, whole; torch's own warnings about the file are not
+        # printed, since the refusal below says in one line what is wrong with it.
+        with torch.sparse.check_sparse_tensor_invariants(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise TinyMnistError(f"checkpoint {path}: no such file") from None

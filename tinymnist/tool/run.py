@@ -90,7 +90,8 @@ def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
     config = TrainConfig(**{**trained, **{k: v for k, v in flags.items() if v is not None}})
     grid, saved_grid = model_grid(config), model_grid(TrainConfig(**trained))
     other_seeds = (config.seed, config.seeds) != (trained["seed"], trained["seeds"])  # its weights came from those
-    one_rate_for_many = flags.get("lr") is not None and len(saved_grid) > 1  # each model keeps its own rate
+    # One --lr for a checkpoint of an --lr list: each of its models keeps its own rate.
+    one_rate_for_many = flags.get("lr") is not None and flags.get("lrs") is None and trained["lrs"] is not None
     other_models = max(len(grid), len(saved_grid)) > 1 and grid != saved_grid  # N models: stacked in that order
     if other_seeds or one_rate_for_many or other_models:
         raise TinyMnistError(f"--seed/--seeds/--lr do not match the models of checkpoint {path}; leave them out")
@@ -119,13 +120,13 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
         speed.use_tf32_matmuls(device)
         check_compiler(config, device)
         paths = check_outputs(config)
+        optimizer = make_optimizer(config)
+        check_memory(config, optimizer, device, models_here(config, cluster))  # before N configs are built
         with outputs.exclusive(paths):  # a second run on these files refuses; a dead run's temp files go
             mnist = data.load_mnist(Path(config.data_dir), device, download=config.download)  # fetches what is missing
             check_batch_fits(config, len(mnist.train_images))
-            optimizer = make_optimizer(config)
             sweep = Sweep(config, cluster, mnist) if cluster and config.n_models > 1 else None
             models = sweep.models if sweep else model_configs(config)
-            check_memory(config, optimizer, device, len(models))
             state = start(config, optimizer, device, resumed, cluster, sweep)
             data_parallel = None
             if cluster and not sweep:  # one model: each process takes a slice of every batch
@@ -145,6 +146,14 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
                 print(saved)
         print(final_line(result, device, compile_note))
     return result
+
+
+def models_here(config: TrainConfig, cluster: torchrun.Cluster | None) -> int:
+    """How many models this process trains: all, or under torchrun its share of a sweep."""
+    if cluster is None or config.n_models == 1:
+        return config.n_models
+    rows = torchrun.share(config.n_models, cluster)
+    return rows.stop - rows.start
 
 
 def check_compiler(config: TrainConfig, device: torch.device) -> None:

@@ -52,11 +52,30 @@ class Cluster:
         return self.rank == 0
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def launched(env=os.environ) -> bool:
+    """Whether torchrun (or someone by hand) started this process as one of a group."""
+    return all(name in env for name in TORCHRUN_VARIABLES)
+
+
 def from_env(env=os.environ) -> Cluster | None:
-    """torchrun's place for this process (it sets all three), or None without torchrun."""
-    if not all(name in env for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK")):
+    """torchrun's place for this process (it sets all three), or None without torchrun.
+    Values set by hand are checked here, before any process waits for another."""
+    if not launched(env):
         return None
-    return Cluster(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
+    try:
+        rank, world_size, local_rank = (int(env[name]) for name in TORCHRUN_VARIABLES)
+    except ValueError:
+        given = ", ".join(f"{name}={env[name]!r}" for name in TORCHRUN_VARIABLES)
+        raise TinyMnistError(f"{given}: torchrun's variables must be whole numbers; start with torchrun") from None
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise TinyMnistError(
+            f"RANK={rank} of WORLD_SIZE={world_size} (LOCAL_RANK={local_rank}) is no process of a "
+            f"group: RANK runs from 0 to WORLD_SIZE-1; start with torchrun"
+        )
+    return Cluster(rank, world_size, local_rank)
 
 
 def process_device(cluster: Cluster | None, device: torch.device) -> torch.device:
