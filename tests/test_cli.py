@@ -23,8 +23,7 @@ def test_dry_run_does_one_step_and_one_evaluation(tiny_split, tmp_path):
     assert result.exit_code == 0, result.output
     assert len(TRAIN_LINE.findall(result.stdout)) == 1
     assert len(TEST_LINE.findall(result.stdout)) == 1
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1]
+    assert not metrics.exists()  # a dry run writes no output (tests/test_run.py: not over a real history)
 
 
 def test_dry_run_saves_no_checkpoint(tiny_split, tmp_path):

@@ -171,6 +171,35 @@ def test_ctrl_c_in_the_first_epoch_leaves_an_earlier_checkpoint_alone(tiny_split
     assert ckpt.read_bytes() == before
 
 
+def test_a_resumed_run_stopped_before_its_next_epoch_says_its_checkpoint_is_unchanged(tiny_split, tmp_path):
+    """It said "nothing saved", as if the work were lost."""
+    import signal
+
+    ckpt = tmp_path / "cnn.pt"
+    process = start_training(tiny_split, "--save-model", ckpt)
+    wait_for(process, "Train Epoch: 2")
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    resumed = start_training(tiny_split, "--resume", ckpt, "--save-model", ckpt)
+    wait_for(resumed, "Train Epoch: 2")
+    resumed.send_signal(signal.SIGINT)
+    _, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 130, stderr
+    assert (
+        stderr.strip().splitlines()[-1]
+        == f"tinymnist: interrupted; no epoch completed in this run; {ckpt} (epoch 1) is unchanged"
+    )
+
+
+def test_a_dry_run_writes_no_metrics_over_a_real_history(tiny_split, tmp_path):
+    metrics = tmp_path / "history.jsonl"
+    assert run(*train_args(tiny_split, "--model", "mlp", "--epochs", 1, "--metrics", metrics)).exit_code == 0
+    history = metrics.read_bytes()
+    dry = run(*train_args(tiny_split, "--model", "mlp", "--dry-run", "--metrics", metrics))
+    assert dry.exit_code == 0, dry.output
+    assert metrics.read_bytes() == history
+
+
 def test_a_second_run_on_the_same_files_refuses_in_one_line(tiny_split, tmp_path):
     ckpt, metrics = tmp_path / "same.pt", tmp_path / "same.jsonl"
     first = start_training(tiny_split, "--save-model", ckpt, "--metrics", metrics)

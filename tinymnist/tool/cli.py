@@ -118,7 +118,7 @@ def train(
         False,
         "--dry-run",
         help="One step and one evaluation, to check the setup; "
-        "saves no checkpoint (--metrics and --tensorboard record the evaluation).",
+        "writes no output (the paths are checked, no checkpoint, metrics or TensorBoard is written).",
         show_default="off",
     ),
     save_model: Path | None = typer.Option(

@@ -72,11 +72,14 @@ def final_line(result, device, compile_note: str) -> str:
     )
 
 
-def target_line(target: float, result, compile_note: str) -> str:
+def target_line(target: float, result, compile_note: str, resumed_at: int | None = None) -> str:
     """--target-accuracy: when it was reached (training time, images), or that it was not; for
-    N models, when the last of them reached it and how many did."""
+    N models, when the last of them reached it and how many did. A resumed run counts its own
+    time and images, and says so."""
     reached = [r for r in result.reached if r is not None]
     goal = f"target {100 * target:.2f}%"
+    if resumed_at is not None:
+        compile_note += f" in this run, resumed after epoch {resumed_at}"
     if not reached:
         best = max(r["test_accuracy"] for r in result.records if not r.get("ensemble"))
         return f"Target {100 * target:.2f}% not reached: best {100 * best:.2f}% in {result.state.epoch} epochs"

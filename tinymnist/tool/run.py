@@ -140,7 +140,7 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
         compiled = speed.use_compile(config, device)
         compile_note = f"(+ {result.first_step_seconds:.1f} s {'compiling' if compiled else 'first step'})"
         if config.target_accuracy is not None:
-            print(target_line(config.target_accuracy, result, compile_note))
+            print(target_line(config.target_accuracy, result, compile_note, resumed.epoch if resumed else None))
             saved = saved_at_target(config, result, resumed) if all(result.reached) and config.save_model else None
             if saved:
                 print(saved)
@@ -217,12 +217,13 @@ def train_and_save(
     """fit, with each completed epoch checkpointed and a stop (NaN, Ctrl-C, SIGTERM) said truthfully.
     Under torchrun, a sweep's every process sends its models to rank 0, which saves all N."""
     config = training.config
-    save = Saver(config, sweep)
+    save = Saver(config, sweep, resumed)
     console = Console()
     reporters = [ProgressReporter(console) if console.is_terminal else LineReporter()]
-    if config.tensorboard:  # before --metrics, whose file a new run starts afresh: a folder that fails loses nothing
+    # A dry run checks that the outputs can be written but writes none: a real history stays.
+    if config.tensorboard and not config.dry_run:  # before --metrics, which a new run starts afresh
         reporters.append(tensorboard_reporter(config, len(mnist.train_images)))
-    if metrics_path:
+    if metrics_path and not config.dry_run:
         reporters.append(MetricsFile(metrics_path, append=resumed is not None))
     reporter = Reporters(*reporters)
     with contextlib.closing(reporter):
@@ -233,16 +234,16 @@ def train_and_save(
         except KeyboardInterrupt as stop:
             reporter.close()
             by = " by SIGTERM" if isinstance(stop, interrupts.Terminated) else ""
-            nothing = "; no epoch completed, nothing saved" if config.save_model else "; no --save-model, nothing saved"
-            print(f"tinymnist: interrupted{by}{save.kept() or nothing}", file=sys.stderr)
+            print(f"tinymnist: interrupted{by}{save.kept() or save.nothing_kept()}", file=sys.stderr)
             raise
 
 
 class Saver:
     """fit's on_epoch_end: each completed epoch to --save-model, atomically; remembers what it saved."""
 
-    def __init__(self, config: TrainConfig, sweep: Sweep | None):
-        self.config, self.sweep, self.saved = config, sweep, []  # epochs this run has checkpointed
+    def __init__(self, config: TrainConfig, sweep: Sweep | None, resumed: TrainState | None):
+        self.config, self.sweep, self.resumed = config, sweep, resumed
+        self.saved = []  # epochs this run has checkpointed
 
     def __call__(self, state: TrainState) -> None:
         if self.sweep:  # every rank sends its share; rank 0 saves all N
@@ -257,3 +258,11 @@ class Saver:
         if self.saved:
             return f"; the checkpoint of epoch {self.saved[-1]} is kept in {self.config.save_model}"
         return ""
+
+    def nothing_kept(self) -> str:
+        """A stop before this run saved anything, said truthfully: what is still on disk."""
+        if self.resumed is not None:
+            return f"; no epoch completed in this run; {self.config.resume} (epoch {self.resumed.epoch}) is unchanged"
+        if torchrun.launched() and not self.config.save_model:
+            return ""  # not rank 0: the leader says what is saved
+        return "; no epoch completed, nothing saved" if self.config.save_model else "; no --save-model, nothing saved"
