@@ -60,7 +60,26 @@ def one_cycle(
     torch's. Its momentum cycling (cycle_momentum) is left out: our optimizers take
     their betas at construction.
     """
-    _check_one_cycle(step, total_steps, max_lr, pct_start, div_factor, final_div_factor, anneal)
+    # One-line errors for what OneCycleLR rejects, and for the steps no run trains.
+    if not (isinstance(total_steps, int) and total_steps >= 1):
+        raise TinyMnistError(f"one_cycle: total_steps must be a positive integer, got {total_steps!r}")
+    if not 0 <= step < total_steps:
+        raise TinyMnistError(f"one_cycle: step must be in 0..{total_steps - 1} (total_steps {total_steps}), got {step}")
+    if not 0.0 <= pct_start <= 1.0:
+        raise TinyMnistError(f"one_cycle: pct_start must be in [0, 1], got {pct_start}")
+    if pct_start * total_steps == 1:
+        # The warm-up would end at step 0, where it starts; torch divides 0 by 0 there.
+        raise TinyMnistError(
+            f"one_cycle: pct_start {pct_start} of {total_steps} steps is a warm-up of one step, "
+            "which OneCycleLR cannot compute; choose another pct_start"
+        )
+    if not (max_lr > 0 and div_factor > 0 and final_div_factor > 0):
+        raise TinyMnistError(
+            "one_cycle: max_lr, div_factor and final_div_factor must be positive, "
+            f"got {max_lr}, {div_factor}, {final_div_factor}"
+        )
+    if anneal not in _ANNEAL:
+        raise TinyMnistError(f"one_cycle: anneal must be one of {', '.join(_ANNEAL)}, got {anneal!r}")
     initial_lr = max_lr / div_factor
     min_lr = initial_lr / final_div_factor
     # Each phase: (its last step, where it starts, where it ends). The warm-up's last
@@ -87,37 +106,6 @@ def _anneal_linear(start: float, end: float, pct: float) -> float:
 
 
 _ANNEAL: dict[str, Callable[[float, float, float], float]] = {"cos": _anneal_cos, "linear": _anneal_linear}
-
-
-def _check_one_cycle(
-    step: int,
-    total_steps: int,
-    max_lr: float,
-    pct_start: float,
-    div_factor: float,
-    final_div_factor: float,
-    anneal: str,
-) -> None:
-    """One-line errors for what OneCycleLR rejects, and for the steps no run trains."""
-    if not (isinstance(total_steps, int) and total_steps >= 1):
-        raise TinyMnistError(f"one_cycle: total_steps must be a positive integer, got {total_steps!r}")
-    if not 0 <= step < total_steps:
-        raise TinyMnistError(f"one_cycle: step must be in 0..{total_steps - 1} (total_steps {total_steps}), got {step}")
-    if not 0.0 <= pct_start <= 1.0:
-        raise TinyMnistError(f"one_cycle: pct_start must be in [0, 1], got {pct_start}")
-    if pct_start * total_steps == 1:
-        # The warm-up would end at step 0, where it starts; torch divides 0 by 0 there.
-        raise TinyMnistError(
-            f"one_cycle: pct_start {pct_start} of {total_steps} steps is a warm-up of one step, "
-            "which OneCycleLR cannot compute; choose another pct_start"
-        )
-    if not (max_lr > 0 and div_factor > 0 and final_div_factor > 0):
-        raise TinyMnistError(
-            "one_cycle: max_lr, div_factor and final_div_factor must be positive, "
-            f"got {max_lr}, {div_factor}, {final_div_factor}"
-        )
-    if anneal not in _ANNEAL:
-        raise TinyMnistError(f"one_cycle: anneal must be one of {', '.join(_ANNEAL)}, got {anneal!r}")
 
 
 def schedule_lrs(schedule: Schedule, start: int, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -184,29 +184,33 @@ class Progress(NamedTuple):
     images: int  # trained on in `seconds`, by all the models together
 
 
-def evaluation_record(
-    epoch: float, train_loss: float | None, result: Evaluation, lr: float, seconds: float, images: int
-) -> dict:
-    """One line of --metrics: what a model looked like after `epoch` epochs."""
+def test_fields(result: Evaluation) -> dict:
     return {
-        "epoch": epoch,
-        "train_loss": train_loss,
         "test_loss": result.loss,
         "test_accuracy": result.accuracy,
         "correct": result.correct,
         "total": result.total,
-        "lr": lr,
-        "seconds": seconds,
-        "images_per_second": images / seconds if seconds else 0.0,
     }
 
 
+def per_second(images: int, seconds: float) -> float:
+    return images / seconds if seconds else 0.0
+
+
 def evaluation_records(models: list[TrainConfig], progress: Progress, evaluations: Evaluations) -> list[dict]:
-    """An evaluation's --metrics records: a single run's one; for N models one per model (with its
-    seed and initial lr) and the ensemble's, with the mean, spread and best of the models."""
-    each_images = progress.images // len(models)
+    """An evaluation's --metrics records: what each model looked like after `progress.epoch`
+    epochs. A single run has one; N models have one each (with its seed and initial lr) and
+    the ensemble's, with the mean, spread and best of the models."""
+    epoch, seconds, images = progress.epoch, progress.seconds, progress.images
     records = [
-        evaluation_record(progress.epoch, loss, result, lr, progress.seconds, each_images)
+        {
+            "epoch": epoch,
+            "train_loss": loss,
+            **test_fields(result),
+            "lr": lr,
+            "seconds": seconds,
+            "images_per_second": per_second(images // len(models), seconds),
+        }
         for loss, result, lr in zip(progress.train_losses, evaluations.models, progress.lrs, strict=True)
     ]
     if evaluations.ensemble is None:
@@ -214,10 +218,12 @@ def evaluation_records(models: list[TrainConfig], progress: Progress, evaluation
     for record, model in zip(records, models, strict=True):
         record |= {"seed": model.seed, "initial_lr": model.lr}
     accuracies = [r["test_accuracy"] for r in records]
-    ensemble = evaluation_record(progress.epoch, None, evaluations.ensemble, 0.0, progress.seconds, progress.images)
-    del ensemble["train_loss"], ensemble["lr"]  # not one model's
     best = max(records, key=lambda r: r["test_accuracy"])  # the first of equals: the lowest seed and lr
-    ensemble |= {
+    ensemble = {
+        "epoch": epoch,
+        **test_fields(evaluations.ensemble),
+        "seconds": seconds,
+        "images_per_second": per_second(images, seconds),  # all the models' images
         "ensemble": True,
         "models": len(models),
         "mean_accuracy": statistics.fmean(accuracies),

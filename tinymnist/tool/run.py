@@ -127,7 +127,9 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
             check_batch_fits(config, len(mnist.train_images))
             sweep = Sweep(config, cluster, mnist) if cluster and config.n_models > 1 else None
             models = sweep.models if sweep else model_configs(config)
-            state = start(config, optimizer, device, resumed, cluster, sweep)
+            state = (
+                sweep.start(optimizer, device, resumed) if sweep else start(config, optimizer, device, resumed, cluster)
+            )
             data_parallel = None
             if cluster and not sweep:  # one model: each process takes a slice of every batch
                 data_parallel = functools.partial(all_reduced, rank=cluster.rank, world_size=cluster.world_size)
@@ -177,18 +179,9 @@ def check_outputs(config: TrainConfig) -> dict[str, Path]:
     return paths
 
 
-def start(
-    config: TrainConfig,
-    optimizer,
-    device: torch.device,
-    resumed: TrainState | None,
-    cluster: torchrun.Cluster | None,
-    sweep: Sweep | None,
-) -> TrainState:
+def start(config: TrainConfig, optimizer, device: torch.device, resumed: TrainState | None, cluster) -> TrainState:
     """The state training starts from: epoch 0 or the resumed checkpoint, on the device; under
-    torchrun with this process's own dropout masks (and for a sweep, only its share of the models)."""
-    if sweep:
-        return sweep.start(optimizer, device, resumed)
+    torchrun with this process's own dropout masks. (A sweep's process starts its share: Sweep.start.)"""
     state = initial_state(config, optimizer, device) if resumed is None else checkpoint.to_device(resumed, device)
     return torchrun.own_dropout(state, config.seed, cluster, device) if cluster else state
 
