@@ -104,15 +104,9 @@ def leave() -> None:
 
 
 def exit_now(code: int | str | None) -> None:
-    """End one of torchrun's processes without the interpreter's finalization.
-
-    Gloo's worker threads can still be releasing the last collective's tensors when the
-    interpreter finalizes; CPython then stops such a thread mid-unwind and the process
-    aborts (SIGABRT, "terminate called without an active exception": about one 2-process
-    run in ten on 2 CPU cores, torch 2.13, a gdb backtrace in thread pt_gloo_runloop).
-    By now every file is closed and every checkpoint is in place, so nothing is lost by
-    skipping finalization: flush what was printed and leave with the same exit code.
-    """
+    """End one of torchrun's processes without the interpreter's finalization, where gloo's
+    worker threads may still be releasing the last collective's tensors and CPython would
+    abort them mid-unwind. Every file is closed and every checkpoint in place by now."""
     if isinstance(code, str):  # as SystemExit would print it
         print(code, file=sys.stderr)
     sys.stdout.flush()
