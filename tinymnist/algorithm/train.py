@@ -14,8 +14,9 @@ the learning rate would compile it again.
 
 The loop below trains one model or N models (--seeds, an --lr list) alike: N models'
 params and state are stacked along a leading model axis, and the step it is given
-takes (N, B) batch indices and (N,) rates. It never looks at that axis; only
-`per_model` places each model's data order and rates side by side.
+takes (N, B) batch indices and (N,) rates. It never looks at that axis: `per_model`
+stacks N models' states and `side_by_side` their data orders and rates, and for a single
+run both hand back the one model's as it is.
 
 What makes the step fast or wide (torch.compile, micro-batches, CUDA graphs, vmap
 over N models, an all-reduce across processes) are transforms of this same
@@ -458,18 +459,12 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
             continue
         clock.stop()  # ---- evaluation, off the clock ----
         timed = done - (first // steps + 1 == epoch)  # this epoch's steps, less the first (compiling) one
-        images = timed * config.batch_size * n_models
+        seconds, images = clock.seconds - epoch_start, timed * config.batch_size * n_models
         if epoch_end:
-            losses = [total / done for total in epoch_losses]
-            progress = Progress(epoch, losses, [r[0] for r in lrs], clock.seconds - epoch_start, images)
+            progress = Progress(epoch, [total / done for total in epoch_losses], [r[0] for r in lrs], seconds, images)
         else:
-            progress = Progress(
-                round(epoch - 1 + done / steps, 4),
-                [None] * n_models,
-                [r[i] for r in lrs],
-                clock.seconds - epoch_start,
-                images,
-            )
+            fraction = round(epoch - 1 + done / steps, 4)
+            progress = Progress(fraction, [None] * n_models, [r[i] for r in lrs], seconds, images)
         reached = evaluated(training, result, params, progress, clock)
         if epoch_end:
             result.state = completed(step, params, opt_state, epoch, capture_rng(shuffles, device, stacked))
