@@ -17,22 +17,37 @@ process ends, however it ends, so a sidecar left by `kill -9` is harmless, and t
 run on that file deletes it; any other exit deletes it at once. Where the file system
 has no locks, the sidecar's existence is the lock. Once a run holds a file, it deletes
 that file's temp files left by writers that died (files.remove_leftovers).
+
+An output replaces what is at its path, so `check_output` also refuses a path whose file
+tinymnist did not make for that output: a run must lose nothing it did not make. Each
+output has its kind, told from a file's first bytes without loading it (KINDS):
+--save-model a tinymnist checkpoint (checkpoint.peek: its format entry, memory-mapped),
+--metrics a metrics file (its first line a JSON object with an "epoch"), --json a bench
+report (a JSON object with "machine" and "results"), a picture (-o NAME.png) a PNG (its
+signature; a PNG does not say who drew it, so a picture may replace any PNG). Export's
+state_dict is a kind any program writes and nothing marks, so export may replace any file
+except one of those four kinds. A missing or empty file may always be replaced; a file the
+run reads (its `inputs`: train's MNIST files, the checkpoint it resumes) never.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import json
 import os
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 import filelock
 
+from tinymnist import data
 from tinymnist.data import files
 from tinymnist.errors import TinyMnistError
+from tinymnist.tool import checkpoint
 
 # What to do when a lock file cannot be written, by the error the OS gave; anything else: another folder.
 LOCK_ADVICE = {
@@ -42,8 +57,37 @@ LOCK_ADVICE = {
 }
 
 
+def check_output(path: Path, flag: str, inputs: Mapping[Path, str] | None = None) -> None:
+    """The check for every output, before any work: raise a one-line TinyMnistError naming
+    `flag` if `path` is one of the run's `inputs` ({path: what to call it}), cannot be
+    written, or holds a file of another kind than the output's own."""
+    path = Path(path)
+    _refuse_inputs(path, flag, inputs or {})  # first: "read-only" or "a symbolic link" would mislead
+    check_output_path(path, flag)
+    _check_replaceable(path, flag)
+
+
+def _refuse_inputs(path: Path, flag: str, inputs: Mapping[Path, str]) -> None:
+    for source, what in inputs.items():
+        if _same_file_path(path, Path(source)):
+            raise TinyMnistError(f"{flag} {path} is {what}; name another file")
+
+
+def data_inputs(data_dir: Path) -> dict[Path, str]:
+    """The MNIST files a training run reads from `data_dir`, in both forms it finds them
+    (data.find_file), whether or not they are there yet: a download would write them."""
+    inputs = {}
+    for name in data.FILES:  # "train-images-idx3-ubyte.gz"
+        split = "training" if name.startswith("train") else "test"
+        what = f"an input of this run (the MNIST {split} {name.split('-')[1]})"
+        for form in (name, name.removesuffix(".gz")):
+            inputs[Path(data_dir) / form] = what
+    return inputs
+
+
 def check_output_path(path: Path, flag: str) -> None:
-    """Raise a one-line TinyMnistError naming `flag` if a run could not write `path`."""
+    """Raise a one-line TinyMnistError naming `flag` if a run could not write `path` (only
+    whether it can be written: `check_output` also asks what the write would replace)."""
     path = Path(path)
     try:
         found = os.lstat(path)  # lstat: the link itself, not what it points at
@@ -115,6 +159,107 @@ def _missing_folder(path: Path, flag: str) -> str:
         if ancestor.is_dir():
             break
     return f"{flag} {path}: folder {path.parent} does not exist; create it first"
+
+
+# ---- what an output may replace ------------------------------------------------------------
+
+HEAD_BYTES = 1 << 20  # read of a file to tell its kind: a bench report or a metrics line is far smaller
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every PNG (PNG specification, 5.2)
+ZIP_SIGNATURE = b"PK\x03\x04"  # torch.save writes a zip archive: anything else is no checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """A kind of file tinymnist writes, and how to tell one from its path and first bytes."""
+
+    name: str  # as a message says it: "a tinymnist checkpoint"
+    holds: Callable[[Path, bytes], bool]
+
+
+def _json(text: bytes) -> object:
+    """`text` parsed as JSON; None when it is not (nesting too deep for the parser included)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # ValueError: also bytes that are not UTF-8
+        return None
+
+
+def _is_checkpoint(path: Path, head: bytes) -> bool:
+    return head.startswith(ZIP_SIGNATURE) and checkpoint.peek(path) is not None
+
+
+def _is_metrics(path: Path, head: bytes) -> bool:
+    record = _json(head.split(b"\n", 1)[0])  # every line a record; each has the epoch it was taken at
+    return isinstance(record, dict) and "epoch" in record
+
+
+def _is_bench_report(path: Path, head: bytes) -> bool:
+    report = _json(head) if len(head) <= HEAD_BYTES else None  # only a whole file parses
+    return isinstance(report, dict) and {"machine", "results"} <= report.keys()
+
+
+def _is_png(path: Path, head: bytes) -> bool:
+    return head.startswith(PNG_SIGNATURE)
+
+
+CHECKPOINT = Kind("a tinymnist checkpoint", _is_checkpoint)
+METRICS = Kind("a tinymnist metrics file", _is_metrics)
+BENCH_REPORT = Kind("a tinymnist bench report", _is_bench_report)
+PNG = Kind("a PNG picture", _is_png)
+KINDS = (CHECKPOINT, METRICS, BENCH_REPORT, PNG)
+
+OUTPUT_KINDS = {"--save-model": CHECKPOINT, "--metrics": METRICS, "--json": BENCH_REPORT}
+SUFFIX_KINDS = {".png": PNG}  # -o, where the suffix names the format; export's have no kind to tell
+
+
+def _output_kind(path: Path, flag: str) -> Kind | None:
+    """The kind of file `flag` writes at `path`; None for one no file can be told to be (export's)."""
+    return OUTPUT_KINDS.get(flag) or SUFFIX_KINDS.get(Path(path).suffix.lower())
+
+
+def _check_replaceable(path: Path, flag: str) -> None:
+    """Refuse, naming `flag`, to replace a file of another kind than the output's own. Call it
+    after check_output_path: `path` is then a regular file or nothing."""
+    head = _head(path, flag)
+    if not head:  # no file, or an empty one: nothing is lost
+        return
+    kind = _output_kind(path, flag)
+    found = next((k for k in KINDS if k.holds(path, head)), None)
+    if found is kind:  # its own kind; or, for an output with none to tell, no file of ours
+        return
+    if found is None:
+        what = f"is not {kind.name}"
+    elif kind is None:
+        what = f"is {found.name}"
+    else:
+        what = f"is {found.name}, not {kind.name}"
+    raise TinyMnistError(f"{flag} {path} {what}; name another file or delete it first")
+
+
+def _head(path: Path, flag: str) -> bytes:
+    """The first HEAD_BYTES + 1 bytes of `path` (one more than a kind reads: a longer file shows
+    it is longer); empty when there is no file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(HEAD_BYTES + 1)
+    except FileNotFoundError:
+        return b""
+    except OSError as e:
+        what = f"cannot read it to tell what it is ({e.strerror})"
+        raise TinyMnistError(f"{flag} {path}: {what}; name another file") from None
+
+
+def _same_file_path(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same real path, or (hard links) the same file."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there: their names differ, so they are not one file
+        return False
+
+
+# ---- one run per output file -------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -244,10 +389,12 @@ def _holder(fd: int) -> str:
 
 
 def check_png_output(path: Path, flag: str = "-o") -> None:
-    """Before any work: a .png name (every picture is written as PNG) at a path train would accept."""
+    """Before any work: a .png name (every picture is written as PNG) at a path train would
+    accept, where nothing but a PNG is replaced."""
     check_output_path(Path(path), flag)
     if Path(path).suffix.lower() != ".png":
         raise TinyMnistError(f"{flag} {path}: the picture is written as PNG; name the file .png")
+    _check_replaceable(Path(path), flag)
 
 
 @contextlib.contextmanager
@@ -255,7 +402,7 @@ def atomic_output(path: Path, flag: str = "-o") -> Iterator[BinaryIO]:
     """A binary file whose content replaces `path` if the block succeeds; else `path` is
     untouched (files.atomic_write), and a write that fails is one line naming the flag."""
     path = Path(path)
-    check_output_path(path, flag)  # a folder, a symlink, a device, a missing folder: refused as train refuses them
+    check_output(path, flag)  # a folder, a symlink, a file of another kind: refused as train refuses them
     try:
         with files.atomic_write(path) as f:
             yield f

@@ -166,13 +166,16 @@ def check_compiler(config: TrainConfig, device: torch.device) -> None:
 
 
 def check_outputs(config: TrainConfig) -> dict[str, Path]:
-    """Every output path checked before any work; the files to lock, by flag."""
+    """Every output path checked before any work; the files to lock, by flag. No output
+    replaces a file the run reads, nor one of another kind (outputs.check_output)."""
     paths = {"--save-model": config.save_model, "--metrics": config.metrics}
     paths = {flag: Path(p) for flag, p in paths.items() if p}
+    data_files = outputs.data_inputs(Path(config.data_dir))
     for flag, path in paths.items():
-        outputs.check_output_path(path, flag)
-        if config.resume and flag != "--save-model" and path.resolve() == Path(config.resume).resolve():
-            raise TinyMnistError(f"{flag} {path} is the checkpoint being resumed; name another file")
+        inputs = dict(data_files)
+        if config.resume and flag != "--save-model":  # --save-model may be it: a run continues in place
+            inputs[Path(config.resume)] = "the checkpoint being resumed"
+        outputs.check_output(path, flag, inputs)
     if config.tensorboard:
         extras.require("torch.utils.tensorboard", "--tensorboard")  # a missing extra is found now, not after loading
         outputs.check_output_folder(Path(config.tensorboard), "--tensorboard")
