@@ -3,7 +3,11 @@
 The oracle is each seed tutorial's module, written here as the tutorial writes it.
 """
 
+import contextlib
+import errno
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -73,17 +77,37 @@ def test_a_wrong_suffix_or_a_missing_checkpoint_is_a_one_line_error(tiny_split, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
 
 
+class FullDisk:
+    """A file that takes half of what is written to it, then fails as a full disk does."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, data):
+        self.file.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+        self.file.flush()
+
+
 def test_a_failed_write_keeps_the_previous_export_and_leaves_no_temp_file(tiny_split, tmp_path, monkeypatch):
+    from tinymnist.viz import export
+
     checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
     target = tmp_path / "model.pt"
     target.write_bytes(b"the previous export")
+    real_output = export.atomic_output
 
-    def save_half_then_fail(obj, f):
-        f.write(b"half a state_dict")
-        raise OSError(28, "No space left on device")
+    @contextlib.contextmanager
+    def on_a_full_disk(path):
+        with real_output(path) as f:
+            yield FullDisk(f)
 
-    monkeypatch.setattr(torch, "save", save_half_then_fail)
-    assert_user_error(run_viz("export", checkpoint, "-o", target), "model.pt", "No space left on device")
+    monkeypatch.setattr(export, "atomic_output", on_a_full_disk)
+    assert_user_error(
+        run_viz("export", checkpoint, "-o", target), "model.pt", "No space left on device", "free some space"
+    )
     assert target.read_bytes() == b"the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt", "model.pt"]
 
@@ -118,3 +142,32 @@ def test_export_never_replaces_a_checkpoint_nor_a_file_a_run_holds(tiny_split, t
     with outputs.exclusive({"--save-model": held}):  # as a training saving there holds it
         assert_user_error(run_viz("export", checkpoint, "-o", held), "held.pt")
     assert {path: path.read_bytes() for path in kept} == kept and not held.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_file_size_limit_is_one_line_keeps_the_previous_export_and_leaves_no_temp_file(tiny_split, tmp_path, suffix):
+    """Under `ulimit -f`, torch.save's zip writer raised RuntimeError ("unexpected pos"), a traceback.
+    Run as a process of its own: the limit must not reach pytest, and Python ignores SIGXFSZ, so a
+    write past the limit fails with EFBIG rather than killing the process."""
+    resource = pytest.importorskip("resource")  # POSIX only
+    checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
+    target = tmp_path / f"model{suffix}"
+    target.write_bytes(b"the previous export")
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit = 4096  # bytes: room for a lock file's pid, not for the mlp's 400 kB of weights
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tinymnist", "export", str(checkpoint), "-o", str(target)],
+        preexec_fn=limit_file_size,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"tinymnist: error: -o {target}: ") and "ulimit -f" in line, line
+    assert target.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt", f"model{suffix}"]

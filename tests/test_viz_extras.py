@@ -89,3 +89,20 @@ def test_confusion_png_without_matplotlib_names_the_install(tmp_path, monkeypatc
     with pytest.raises(TinyMnistError, match=r"eval --confusion -o needs matplotlib.*tinymnist\[viz\]"):
         write_confusion_png(torch.eye(10, dtype=torch.int64), tmp_path / "c.png")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_missing_extra_is_found_before_the_work(tiny_split, tmp_path, monkeypatch):
+    """Each picture command checks its extra first: before it reads a metrics file, loads a
+    checkpoint or the test set. Here each input is missing too, and the extra is what is named."""
+    uninstall(monkeypatch, "matplotlib", "PIL", "safetensors")
+    absent = tmp_path / "absent.pt"
+    assert_user_error(run_viz("plot", tmp_path / "absent.jsonl", "-o", tmp_path / "c.png"), "plot -o needs matplotlib")
+    assert_user_error(run_viz("predict", absent, "-o", tmp_path / "d.png"), "predict -o needs pillow", INSTALL)
+    assert_user_error(run_viz("predict", absent, "--image", tmp_path / "7.png"), "predict --image needs pillow")
+    assert_user_error(run_viz("export", absent, "-o", tmp_path / "m.safetensors"), "needs safetensors", INSTALL)
+    checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
+    empty = tmp_path / "no_data"
+    empty.mkdir()
+    with_data = ["--data-dir", empty, "--no-download", "--device", "cpu"]  # the test set would be missing
+    assert_user_error(run_viz("predict", checkpoint, "-o", tmp_path / "d.png", *with_data), "predict -o needs pillow")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt", "no_data"]

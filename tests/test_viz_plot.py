@@ -93,6 +93,8 @@ def test_a_multi_model_file_gives_mean_and_band_per_learning_rate_and_the_ensemb
         ('{"epoch": 1e308, "test_loss": 0.1, "test_accuracy": 0.9}\n', "is out of range"),
         ('{"epoch": -1, "test_loss": 0.1, "test_accuracy": 0.9}\n', "is out of range"),
         ('{"epoch": 1, "test_loss": 0.1, "test_accuracy": 5}\n', "test_accuracy 5 is out of range"),
+        ('{"epoch": 0, "test_loss": 1, "test_accuracy": 0.5, "seed": [1]}\n', "line 1: seed, initial_lr or lr is not"),
+        ('{"epoch": 0, "test_loss": 1, "test_accuracy": 0.5, "seed": 1, "lr": {}}\n', "seed, initial_lr or lr is not"),
     ],
 )
 def test_a_bad_metrics_file_is_a_one_line_error(tmp_path, content, fragment):
@@ -224,3 +226,35 @@ def test_fractional_epochs_from_eval_every_are_plotted(tmp_path):
     write_metrics(path, [record(0, 0.1, 2.3, None), record(0.5, 0.9, 0.4, None), record(1, 0.95, 0.2, 0.3)])
     (run,) = read_runs([path])
     assert run.series["test_accuracy"].epochs == (0, 0.5, 1)
+
+
+def test_a_json_line_nested_too_deeply_is_a_one_line_error_naming_its_line(tmp_path):
+    """json.loads recurses once per level: 100,000 brackets raised RecursionError, a traceback."""
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps(record(0, 0.1, 2.3, None)) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert_user_error(run_viz("plot", path), f"metrics file {path}, line 2", "nested")
+
+
+def test_a_single_run_inside_a_sweeps_file_is_kept_apart_not_counted_as_one_more_seed(tmp_path):
+    """A sweep's records carry "seed" and "initial_lr"; a plain run's carry neither. Appended to a
+    sweep's file, the plain run was averaged in as a third seed, silently. It gets its own line,
+    labelled, and the sweep's mean and band stay the sweep's."""
+    records = []
+    for epoch in (0, 1):
+        for seed, final in ((1, 0.97), (2, 0.98)):
+            records.append(
+                record(epoch, 0.1 if epoch == 0 else final, 2.3, None if epoch == 0 else 0.5, seed=seed, initial_lr=1.0)
+            )
+        records.append(record(epoch, 0.1 if epoch == 0 else 0.985, 2.3, None, ensemble=True))
+    records += [record(0, 0.1, 2.3, None), record(1, 0.5, 1.5, 1.0)]  # the plain run: same lr, no seed
+    runs = read_runs([write_metrics(tmp_path / "sweep.jsonl", records)])
+    assert [r.label for r in runs] == [
+        "sweep.jsonl (2 seeds)",
+        "sweep.jsonl ensemble",
+        "sweep.jsonl single run (no seed)",
+    ]
+    sweep, _, single = runs
+    assert sweep.models == 2 and sweep.series["test_accuracy"].values[1] == pytest.approx(0.975)
+    assert (sweep.series["test_accuracy"].low[1], sweep.series["test_accuracy"].high[1]) == (0.97, 0.98)
+    assert single.models == 1 and single.series["test_accuracy"].values == (0.1, 0.5)
+    assert single.series["test_accuracy"].low is None

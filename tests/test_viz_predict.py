@@ -1,6 +1,7 @@
 """`tinymnist predict`: probabilities, which digits are shown, how they are drawn, your own images."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,17 @@ from tinymnist.algorithm import networks
 from tinymnist.data import load_test_split
 from tinymnist.data.idx import read_idx
 from tinymnist.errors import TinyMnistError
-from tinymnist.viz.digits import Digit, plain_digits, terminal_digits
+from tinymnist.viz.digits import (
+    CAPTION_HEIGHT,
+    CELL_HEIGHT,
+    CELL_WIDTH,
+    DIGIT_SCALE,
+    Digit,
+    digit_origin,
+    plain_digits,
+    terminal_digits,
+    write_digits_png,
+)
 from tinymnist.viz.predict import pick, probabilities
 from tinymnist.viz.preprocess import mnist_digit
 
@@ -123,7 +134,7 @@ def test_the_png_grid_has_its_size(real_split, mlp_checkpoint, tmp_path):
         "cpu",
     )
     assert result.exit_code == 0, result.output
-    open_png(out, (8 * 160, 2 * 160))  # 8 columns of 1.6 inches at 100 dpi, 2 rows
+    open_png(out, (8 * CELL_WIDTH, 2 * CELL_HEIGHT))  # 8 columns, 2 rows
 
 
 def as_users_photo(digit: torch.Tensor, path, scale=3, offset=(70, 15), canvas=(200, 150)):
@@ -181,6 +192,7 @@ def test_a_transparent_png_is_read_as_ink_on_white(tmp_path):
         ("text", ["--image", "{tmp}/notes.png"], ["notes.png", "not an image"]),
         (None, ["--image", "{tmp}/absent.png"], ["absent.png", "no such file"]),
         ("blank", ["--image", "{tmp}/blank.png", "--wrong"], ["--wrong"]),
+        ("blank", ["--image", "{tmp}/blank.png", "--count", "3"], ["--count", "--image"]),  # was ignored
         (None, ["--data-dir", "{tmp}", "--no-download"], ["t10k-images-idx3-ubyte.gz", "tinymnist download"]),
         (None, ["-o", "{tmp}/digits.jpg"], ["-o", "digits.jpg", "name the file .png"]),
         ("fifo", ["--image", "{tmp}/pipe.png"], ["--image", "pipe.png", "a pipe"]),  # was a wait forever
@@ -216,3 +228,88 @@ def test_an_image_too_large_for_pillow_is_a_one_line_error(tmp_path, monkeypatch
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 2,500 pixels is now more than twice the limit
     with pytest.raises(TinyMnistError, match=r"--image .*huge.png: too large to read safely .*scale it down"):
         read_grey(tmp_path / "huge.png")
+
+
+def predict_args(checkpoint, data_dir, *extra):
+    return ["predict", checkpoint, "--data-dir", data_dir, "--no-download", "--device", "cpu", *extra]
+
+
+def test_a_count_beyond_what_there_is_is_said_in_one_stderr_line(tiny_split, tmp_path):
+    """--count 5000 on 200 test digits showed 200, and --wrong beyond the mistakes showed fewer,
+    both without a word. Each now says so in one note on stderr; what is shown is unchanged."""
+    checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
+    wrong = int(load_mistakes(checkpoint, tiny_split))
+    for extra, fragments in (
+        (["--count", 5000], ["--count 5000 is more than the 200 test digits; showing every one"]),
+        (["--count", 5000, "--wrong"], [f"--count 5000 is more than the {wrong} mistakes in the test set"]),
+    ):
+        result = run_viz(*predict_args(checkpoint, tiny_split, *extra))
+        assert result.exit_code == 0, result.output
+        (note,) = result.stderr.strip().splitlines()
+        assert note.startswith("tinymnist: note: ") and all(f in note for f in fragments), note
+    enough = run_viz(*predict_args(checkpoint, tiny_split, "--count", 200))
+    assert enough.exit_code == 0 and enough.stderr == ""
+
+
+def load_mistakes(checkpoint_path, data_dir) -> int:
+    params, images, labels = load_for(checkpoint_path, data_dir)
+    return int((probabilities("mlp", params, images).argmax(dim=1) != labels).sum())
+
+
+def test_one_epoch_and_one_digit_are_singular(tiny_split, tmp_path):
+    checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
+    result = run_viz(*predict_args(checkpoint, tiny_split, "--count", 1))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].startswith("mlp after 1 epoch: ")
+    assert result.stdout.splitlines()[0].endswith("wrong; the first test digit:")
+    mistake = run_viz(*predict_args(checkpoint, tiny_split, "--count", 1, "--wrong"))
+    assert mistake.stdout.splitlines()[0].endswith("wrong; the most confident mistake:")
+    exported = run_viz("export", checkpoint, "-o", tmp_path / "model.pt")
+    assert exported.exit_code == 0, exported.output
+    assert "the mlp state_dict after 1 epoch, for" in exported.stdout
+
+
+def test_a_jpeg_is_read_the_way_up_its_exif_orientation_says(tmp_path):
+    """A phone stores the sensor's pixels and an EXIF tag saying how to turn them: a portrait photo
+    is landscape pixels with orientation 6 ("turn 90 degrees clockwise to view"). Read without the
+    tag, the digit reached the network sideways."""
+    from tinymnist.viz.preprocess import read_grey
+
+    upright = Image.new("L", (120, 80), 255)  # an "L": a tall bar and a foot, dark on white
+    upright.paste(0, (40, 10, 52, 70))
+    upright.paste(0, (40, 58, 90, 70))
+    upright.save(tmp_path / "upright.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored pixels are the view turned 90 degrees anticlockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    seen, expected = read_grey(tmp_path / "phone.jpg"), read_grey(tmp_path / "upright.jpg")
+    assert seen.shape == expected.shape == (80, 120)
+    assert float((seen - expected).abs().mean()) < 0.02  # the same picture, up to JPEG noise
+
+
+def test_the_png_grid_shows_each_digit_pixel_for_pixel_and_a_mistake_in_red(tmp_path):
+    digits = [random_digit(i, label=7 if i == 9 else 3) for i in range(11)]  # #9 is the one mistake
+    write_digits_png(digits, tmp_path / "grid.png")
+    sheet = np.asarray(open_png(tmp_path / "grid.png", (8 * CELL_WIDTH, 2 * CELL_HEIGHT)))  # (H, W, 3)
+    for i, digit in enumerate(digits):
+        left, top = digit_origin(i, 8)
+        drawn = sheet[top : top + 28 * DIGIT_SCALE, left : left + 28 * DIGIT_SCALE]  # (84, 84, 3)
+        assert np.array_equal(drawn[::DIGIT_SCALE, ::DIGIT_SCALE, 0], digit.image.numpy()), i
+        assert (drawn.min(axis=2) == drawn.max(axis=2)).all()  # grey levels, not a colour map
+        caption = sheet[top - CAPTION_HEIGHT : top, left : left + 28 * DIGIT_SCALE]  # (h, w, 3)
+        red = (caption[..., 0] > 150) & (caption[..., 1] < 80)  # the pixels of red text
+        dark = caption.max(axis=2) < 100  # the pixels of black text
+        assert dark.any() and red.any() == digit.wrong, i
+
+
+def test_a_grid_of_2000_digits_is_one_picture_of_bounded_size_made_in_seconds(tmp_path):
+    """One matplotlib axes per digit made `predict --count 2000 -o` take 8 minutes and 1.3 GB,
+    for a 1280 x 40000 picture. It is now one image, its columns growing with the count."""
+    digits = [random_digit(i % 50, label=i % 10) for i in range(2000)]
+    start = time.perf_counter()
+    write_digits_png(digits, tmp_path / "many.png")
+    seconds = time.perf_counter() - start
+    with Image.open(tmp_path / "many.png") as image:
+        width, height = image.size
+    assert max(width, height) <= 8000 and width * height <= 40_000_000, (width, height)
+    assert seconds < 30, seconds  # about 2 s on one CPU core

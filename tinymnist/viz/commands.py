@@ -6,6 +6,7 @@ mistake the user can fix ends in one stderr line and exit status 2.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -18,13 +19,16 @@ from tinymnist.errors import TinyMnistError
 from tinymnist.tool import checkpoint, outputs
 from tinymnist.tool.devices import resolve_device
 from tinymnist.tool.exits import user_errors
+from tinymnist.tool.extras import require
 from tinymnist.transforms.speed import use_tf32_matmuls
 from tinymnist.viz.curves import write_curves_png
 from tinymnist.viz.digits import plain_digits, terminal_digits, write_digits_png
-from tinymnist.viz.export import export_state_dict
+from tinymnist.viz.export import check_export_name, export_state_dict
 from tinymnist.viz.predict import labelled_digits, pick, predict_images, probabilities
 from tinymnist.viz.runs import read_runs
 from tinymnist.viz.textplot import numbers_table, text_plot
+
+DEFAULT_COUNT = 16  # test digits shown: two rows of a PNG grid
 
 
 def register(app: typer.Typer) -> None:
@@ -42,6 +46,7 @@ def plot(
 ):
     """Loss and accuracy per epoch, one line per run: in the terminal, or as a PNG with -o."""
     if output is not None:
+        require("matplotlib.figure", "plot -o")  # before any work, as every extra is checked
         outputs.check_png_output(output)
     runs = read_runs(metrics)
     if output is not None:
@@ -57,7 +62,9 @@ def plot(
 
 def predict(
     checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT", help="A file written by train --save-model."),
-    count: int = typer.Option(16, "--count", help="How many test digits to show.", show_default=True),
+    count: int | None = typer.Option(
+        None, "--count", help="How many test digits to show (not with --image).", show_default=str(DEFAULT_COUNT)
+    ),
     wrong: bool = typer.Option(
         False, "--wrong", help="Only misclassified test digits, the most confident first.", show_default=True
     ),
@@ -74,10 +81,19 @@ def predict(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps.", show_default=True),
 ):
     """Digits with the checkpoint's prediction and probability: test digits, or --image files."""
-    if count < 1:
-        raise TinyMnistError(f"--count {count}: must be at least 1")
+    if image:  # pillow reads them
+        require("PIL.Image", "predict --image")
+    if output is not None:  # pillow draws the grid
+        require("PIL.Image", "predict -o")
     if image and wrong:
         raise TinyMnistError("--wrong picks misclassified test digits; your --image files have no true label")
+    if image and count is not None:  # an error, not a note, as for --wrong: the flag could only be ignored
+        raise TinyMnistError(
+            f"--count {count} picks how many test digits to show; --image shows every file given: drop --count"
+        )
+    count = DEFAULT_COUNT if count is None else count
+    if count < 1:
+        raise TinyMnistError(f"--count {count}: must be at least 1")
     if output is not None:
         outputs.check_png_output(output)
     dev = resolve_device(device)
@@ -96,8 +112,13 @@ def predict(
         probs = probabilities(model, state.params, images)  # (N, 10)
         wrong_count = int((probs.argmax(dim=1) != labels).sum())
         digits = labelled_digits(probs, images, labels, pick(probs, labels, count, wrong))
-        what = f"the {len(digits)} most confident mistakes" if wrong else f"the first {len(digits)} test digits"
-        print(f"{model} after {state.epoch} epochs: {wrong_count} of {len(labels)} test digits wrong; {what}:")
+        if 0 < len(digits) < count:  # a note, not an error: what there is, is what --count asked for
+            there = (
+                counted(wrong_count, "mistake") + " in the test set" if wrong else counted(len(labels), "test digit")
+            )
+            print(f"tinymnist: note: --count {count} is more than the {there}; showing every one", file=sys.stderr)
+        trained = f"{model} after {counted(state.epoch, 'epoch')}"
+        print(f"{trained}: {wrong_count} of {len(labels)} test digits wrong; {shown(len(digits), wrong)}:")
         if not digits:
             return
     if output is not None:
@@ -118,6 +139,7 @@ def export(
     ),
 ):
     """A plain state_dict that the tutorial's own nn.Module loads with strict=True."""
+    check_export_name(output)  # the suffix, and safetensors if it names that format: before any work
     config, state = checkpoint.load(checkpoint_path, torch.device("cpu"))
     one_model(config, checkpoint_path, "export")
     outputs.check_output_path(output, "-o")  # a symlink, a folder, a device: refused as for every output
@@ -125,7 +147,8 @@ def export(
         raise TinyMnistError(f"-o {output} is a tinymnist checkpoint, which export would replace; name another file")
     with outputs.exclusive({"-o": output}):  # a run saving to that file refuses it, and vice versa
         export_state_dict(config["model"], state.params, output)
-    print(f"wrote {output}: the {config['model']} state_dict after {state.epoch} epochs, for the tutorial's nn.Module")
+    after = counted(state.epoch, "epoch")
+    print(f"wrote {output}: the {config['model']} state_dict after {after}, for the tutorial's nn.Module")
 
 
 def one_model(config: dict, path: Path, command: str) -> None:
@@ -135,3 +158,15 @@ def one_model(config: dict, path: Path, command: str) -> None:
             f"{command} takes a checkpoint of one model; {path} holds {count} (--seeds/--lr list): "
             "train the one you want alone (--seed S --lr L) and save that"
         )
+
+
+def counted(count: int, noun: str) -> str:
+    """ "1 epoch", "2 epochs"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def shown(count: int, wrong: bool) -> str:
+    """Which test digits follow: "the first 16 test digits", "the most confident mistake", ..."""
+    if wrong:
+        return "the most confident mistake" if count == 1 else f"the {count} most confident mistakes"
+    return "the first test digit" if count == 1 else f"the first {count} test digits"

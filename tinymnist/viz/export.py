@@ -14,6 +14,7 @@ result loads with `load_state_dict(..., strict=True)` and computes exactly what
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from tinymnist.algorithm.config import RECIPES
 from tinymnist.errors import TinyMnistError
 from tinymnist.tool.extras import require
-from tinymnist.tool.outputs import atomic_output
+from tinymnist.tool.outputs import LOCK_ADVICE, atomic_output
 
 # tinymnist module name -> the tutorial's, where they differ (seed 003's nn.Sequential blocks).
 TUTORIAL_MODULE_NAMES = {"lenet": {"conv1": "conv1.0", "conv2": "conv2.0", "fc1": "fc1.0", "fc2": "fc2.0"}}
@@ -38,19 +39,43 @@ def tutorial_state_dict(model: str, params: dict[str, torch.Tensor]) -> dict[str
     return state
 
 
+def check_export_name(path: Path) -> None:
+    """Before any work: a suffix that names a format, and that format's package if it is an extra."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise TinyMnistError(f"-o {path}: name the file .pt, .pth or .safetensors; the suffix picks the format")
+    if suffix == ".safetensors":
+        require("safetensors.torch", "export to .safetensors")
+
+
 def export_state_dict(model: str, params: dict[str, torch.Tensor], path: Path) -> None:
     """Write the tutorial-named state_dict to `path` atomically, in the format its suffix names."""
     path = Path(path)
-    if path.suffix.lower() not in SUFFIXES:
-        raise TinyMnistError(f"-o {path}: name the file .pt, .pth or .safetensors; the suffix picks the format")
-    state = tutorial_state_dict(model, params)
-    if path.suffix.lower() == ".safetensors":
-        safetensors_torch = require("safetensors.torch", "export to .safetensors")
+    check_export_name(path)
+    write_whole(path, serialized(model, tutorial_state_dict(model, params), path.suffix.lower()))
+
+
+def serialized(model: str, state: dict[str, torch.Tensor], suffix: str) -> bytes:
+    """The file's bytes, made in memory (a state_dict is a few MB): writing them is then one
+    plain write, whose failure is an OSError, where torch.save's zip writer, failing on a file,
+    raises a RuntimeError of its own ("unexpected pos")."""
+    if suffix == ".safetensors":
         recipe = RECIPES[model]
         metadata = {"model": model, "mean": repr(recipe.mean), "std": repr(recipe.std)}  # safetensors wants strings
-        payload = safetensors_torch.save(state, metadata=metadata)
-        with atomic_output(path) as f:
+        return require("safetensors.torch", "export to .safetensors").save(state, metadata=metadata)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def write_whole(path: Path, payload: bytes) -> None:
+    """`payload` replaces `path`, or `path` stays as it was and no temporary file is left."""
+    with atomic_output(path) as f:
+        try:
             f.write(payload)
-    else:
-        with atomic_output(path) as f:
-            torch.save(state, f)
+            f.flush()  # a full disk or a size limit shows here, where the advice can name it
+        except OSError as e:  # outputs' advice by errno (made for its lock files): ulimit -f, a full disk
+            advice = f"{LOCK_ADVICE[e.errno]} or " if e.errno in LOCK_ADVICE else ""
+            raise TinyMnistError(
+                f"-o {path}: cannot be written ({e.strerror}); {advice}choose another folder; nothing was written"
+            ) from None

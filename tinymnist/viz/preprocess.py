@@ -5,7 +5,8 @@ normalized to fit in a 20x20 pixel box while preserving its aspect ratio", which
 antialiasing leaves with grey levels, then "centered in a 28x28 image by computing
 the center of mass of the pixels". So, for any picture (PNG/JPEG, any size, colour):
 
-    grey, 0..1 ──invert if the border is light──> light ink on black, like MNIST
+    upright, as its EXIF orientation says ──> grey, 0..1
+      ──invert if the border is light──> light ink on black, like MNIST
       ──crop to the ink's bounding box──> (h, w)
       ──resize, longer side 20, antialiased──> at most (20, 20)
       ──paste into 28x28 with the centre of mass at the middle──> uint8 (28, 28)
@@ -41,10 +42,14 @@ INK_THRESHOLD = 0.2
 def read_grey(path: Path) -> torch.Tensor:
     """The image at `path` as grey levels (H, W) in 0..1; a transparent background counts as white."""
     image_module = require("PIL.Image", "predict --image")
+    image_ops = require("PIL.ImageOps", "predict --image")
     check_readable(path, "--image")  # a named pipe would block the read forever
     try:
         with image_module.open(path) as image:
             image.load()
+            # A phone stores the sensor's rows and an EXIF tag saying how to turn them for
+            # viewing; without the turn, a portrait photo's digit lies on its side.
+            image = image_ops.exif_transpose(image)
     except FileNotFoundError:
         raise TinyMnistError(f"--image {path}: no such file") from None
     except image_module.DecompressionBombError as e:  # pillow refuses to unpack it: too many pixels

@@ -9,6 +9,11 @@ per evaluation. A file becomes:
     multi-model run       one Run per learning rate: the mean over its seeds, with the
                           min and max as a band (a band across learning rates would mix
                           different experiments), plus one Run for the ensemble
+    both in one file      the above, and the lines without a seed as one more Run,
+                          labelled "single run (no seed)": a plain run's lines appended
+                          to a sweep's file. Counted as one more seed, they would
+                          move the mean and widen the band without a word; refused, the
+                          file could not be plotted at all, though each run in it can be.
 
 Accuracy is plotted as an error rate on a log axis, labelled as accuracy: 98% and 99%
 are 2% and 1% error, a factor of 2 apart, as far apart as 80% and 90%, so the last
@@ -86,14 +91,20 @@ def read_records(path: Path) -> list[dict]:
             raise TinyMnistError(
                 f"metrics file {path}, line {number}: not JSON ({e.msg}); is it a --metrics file?"
             ) from None
+        except RecursionError:  # the parser recurses once per level: [[[[...]]]] 100,000 deep exhausts it
+            raise TinyMnistError(
+                f"metrics file {path}, line {number}: nested too deeply to be a record; is it a --metrics file?"
+            ) from None
         missing = {"epoch", "test_loss", "test_accuracy"} - set(record) if isinstance(record, dict) else {"epoch"}
         if missing:
             raise TinyMnistError(f"metrics file {path}, line {number}: lacks {', '.join(sorted(missing))}")
-        numbers = (record["test_loss"], record["test_accuracy"])
-        epoch_is_number = isinstance(record["epoch"], (int, float)) and not isinstance(record["epoch"], bool)
-        if not epoch_is_number or not all(isinstance(v, (int, float)) for v in numbers):
+        if not all(is_number(record[key]) for key in ("epoch", "test_loss", "test_accuracy")):
             raise TinyMnistError(
                 f"metrics file {path}, line {number}: epoch, test_loss or test_accuracy is not a number"
+            )
+        if not all(is_number(record.get(key)) or record.get(key) is None for key in ("seed", "initial_lr", "lr")):
+            raise TinyMnistError(  # they group a sweep's lines: a list or an object there cannot be a key
+                f"metrics file {path}, line {number}: seed, initial_lr or lr is not a number"
             )
         if not 0 <= record["epoch"] < EXACT_FLOAT_INTEGERS or not 0 <= record["test_accuracy"] <= 1:
             raise TinyMnistError(
@@ -110,21 +121,23 @@ def runs_of_file(path: Path, records: list[dict]) -> list[Run]:
     """Group one file's records into runs (see the module docstring)."""
     name = Path(path).name
     total = next((r["total"] for r in records if isinstance(r.get("total"), int)), None)
-    models = [r for r in records if not r.get("ensemble")]
+    swept = [r for r in records if "seed" in r and not r.get("ensemble")]
     ensemble = [r for r in records if r.get("ensemble")]
-    if not any("seed" in r for r in models):
-        runs = [Run(name, summarize([models]), total=total)]
-    else:
-        by_lr: dict = defaultdict(lambda: defaultdict(list))  # the model's --lr -> seed -> records
-        for r in models:  # "lr" is the epoch's scheduled rate; "initial_lr" names the model
-            by_lr[r.get("initial_lr", r.get("lr"))][r.get("seed")].append(r)
-        runs = []
-        for lr, by_seed in by_lr.items():
-            lr_label = f" lr={lr:g}" if len(by_lr) > 1 and isinstance(lr, (int, float)) else ""
-            label = f"{name}{lr_label} ({len(by_seed)} seed{'s' if len(by_seed) > 1 else ''})"
-            runs.append(Run(label, summarize(list(by_seed.values())), len(by_seed), total))
+    single = [r for r in records if "seed" not in r and not r.get("ensemble")]
+    if not swept and not ensemble:
+        return [Run(name, summarize([single]), total=total)]
+    by_lr: dict = defaultdict(lambda: defaultdict(list))  # the model's --lr -> seed -> records
+    for r in swept:  # "lr" is the epoch's scheduled rate; "initial_lr" names the model
+        by_lr[r.get("initial_lr", r.get("lr"))][r["seed"]].append(r)
+    runs = []
+    for lr, by_seed in by_lr.items():
+        lr_label = f" lr={lr:g}" if len(by_lr) > 1 and isinstance(lr, (int, float)) else ""
+        label = f"{name}{lr_label} ({len(by_seed)} seed{'s' if len(by_seed) > 1 else ''})"
+        runs.append(Run(label, summarize(list(by_seed.values())), len(by_seed), total))
     if ensemble:
         runs.append(Run(f"{name} ensemble", summarize([ensemble]), total=total, ensemble=True))
+    if single:  # a plain run's records appended to a sweep's file: a line of its own, never one more seed
+        runs.append(Run(f"{name} single run (no seed)", summarize([single]), total=total))
     return runs
 
 
@@ -151,3 +164,8 @@ def summarize(models: list[list[dict]]) -> dict[str, Series]:
                 tuple(epochs), tuple(values), tuple(low) if band else None, tuple(high) if band else None
             )
     return out
+
+
+def is_number(value) -> bool:
+    """A JSON number: int or float, not true/false (which Python counts as ints)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
