@@ -2,7 +2,7 @@
 
     python research/fast_pool_order.py --data DIR [--rounds 12] > results/fast-recipe/pool-order.txt
 
-Both orders compute the same values and gradients (tests/test_models.py checks it), so
+Both orders compute the same values and gradients (tests/algorithm/test_networks.py checks it), so
 the `fast` network may use either; this times the `fast` recipe's step with each, in
 alternating windows in one process (the CPU is shared: the fastest window of each is the
 least disturbed), compiled as `tinymnist train` compiles on the CPU (cpu_pool's max-pool

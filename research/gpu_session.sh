@@ -22,7 +22,7 @@ step() {  # step NAME SECONDS COMMAND...: run one check under a time limit, log 
     [ -n "${ARCHIVE:-}" ] && tar czf "$ARCHIVE" -C "$(dirname "$out")" "$(basename "$out")"
 }
 step machine 30 bash -c "nvidia-smi -L; $tm info; git log -1 --format=%H 2>/dev/null"
-step tests 80 $py -m pytest -q -x -p no:cacheprovider tests/test_cuda_graph.py tests/test_cli.py -k "cuda or graph"
+step tests 80 $py -m pytest -q -x -p no:cacheprovider tests/transforms/test_cuda_graph.py tests/tool/test_cli.py -k "cuda or graph"
 step fast-seeds 60 $tm train --model fast --seeds 10 $cuda --log-interval 100000 --metrics "$out/fast-seeds.jsonl"
 step fast-time-to-99 70 $py research/time_to_99.py --model fast --seeds 1-10 --target 0.99 --data-dir "$mnist" --device cuda
 step cnn-epochs 60 $tm train --model cnn --epochs 3 $cuda --log-interval 100000 --metrics "$out/cnn-epochs.jsonl"

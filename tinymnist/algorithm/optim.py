@@ -19,7 +19,7 @@ it returns has init's keys in init's order, because the compiled step guards on 
 order of a dict's keys: a reordered state would recompile it on its second call.
 
 Each update follows the arithmetic of torch.optim's single-tensor (`foreach=False`)
-code, which tests/test_optim.py uses as the oracle; defaults and hyperparameter checks
+code, which tests/algorithm/test_optim.py uses as the oracle; defaults and hyperparameter checks
 are torch.optim's too. Left out: Adam's `amsgrad`, `maximize`, parameter groups.
 """
 

@@ -56,7 +56,7 @@ def one_cycle(
     curve of both phases: "cos" (half a cosine) or "linear".
 
     The arithmetic is OneCycleLR.get_lr's, in its order, so the floats are equal to
-    the last bit; tests/test_schedules.py holds it to torch step by step. Defaults are
+    the last bit; tests/algorithm/test_schedules.py holds it to torch step by step. Defaults are
     torch's. Its momentum cycling (cycle_momentum) is left out: our optimizers take
     their betas at construction.
     """

@@ -7,7 +7,7 @@ hand. Here that number is derived: a network is a tuple of small layer descripti
 input image to the output, one `TraceRow` per layer with the arithmetic that sizes it.
 networks.py declares the four networks as such tuples and builds their modules from
 this trace, so the sizes printed by `tinymnist shapes` are the sizes that run.
-tests/test_shapes.py checks the formulas against PyTorch itself.
+tests/algorithm/test_shapes.py checks the formulas against PyTorch itself.
 
 This file knows no particular network, only the layer vocabulary: networks.py imports
 it, never the other way round.

@@ -1,0 +1,38 @@
+"""The terminal display: a progress bar per epoch, and test lines under or above it."""
+
+import io
+
+from rich.console import Console
+
+from tinymnist.tool.report import ProgressReporter
+
+
+def record(epoch, correct):
+    return {
+        "epoch": epoch,
+        "test_loss": 0.5,
+        "test_accuracy": correct / 100,
+        "correct": correct,
+        "total": 100,
+        "lr": 0.01,
+    }
+
+
+def test_an_evaluation_inside_an_epoch_keeps_the_bar_going_and_prints_every_test_line():
+    """--eval-every on a terminal: the bar goes on after a mid-epoch evaluation (it was
+    closed there, and the next log line failed on the missing bar)."""
+    screen = io.StringIO()
+    reporter = ProgressReporter(Console(file=screen, force_terminal=True, width=120, color_system=None))
+    reporter.evaluated(record(0, 10))  # the untrained network, before any bar
+    reporter.epoch_started(1, steps=4, lr=0.01, compiling=True)
+    reporter.logged(1, 1, 64, 256, 2.0)
+    reporter.evaluated(record(0.5, 71))  # mid-epoch: above the running bar
+    reporter.logged(1, 3, 192, 256, 1.0)
+    reporter.logged(1, 4, 256, 256, 0.9)
+    reporter.evaluated(record(1, 93))  # the epoch's end: under its finished bar
+    reporter.close()
+    shown = screen.getvalue()
+    lines = [f"Accuracy: {n}/100 ({n}%)  lr 0.01" for n in (10, 71, 93)]
+    assert all(line in shown for line in lines), shown
+    assert [shown.index(line) for line in lines] == sorted(shown.index(line) for line in lines)
+    assert "4/4" in shown  # the bar reached the epoch's end
