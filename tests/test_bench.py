@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import assert_user_error, run
+from tests.support import assert_user_error, run
 from tinymnist.algorithm import networks, optim
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.train import make_gradient, make_step
