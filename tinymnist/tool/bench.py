@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import resource
 import statistics
 import sys
 import time
@@ -68,10 +67,18 @@ def our_steps(config, images, labels, device, compile: bool, stacked: bool | Non
             yield params, loss
 
 
-def peak_memory_mb(device: torch.device) -> float:
+try:  # peak RSS of the process; POSIX only
+    import resource
+except ImportError:  # Windows: peak memory is not reported
+    resource = None
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
     """CUDA: most bytes allocated since the last reset. CPU: the process's peak RSS so far."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    if resource is None:
+        return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -197,7 +204,7 @@ def print_report(report: dict, json_path: Path | None) -> None:
             f"{r['eager_vs_reference']:.2f}x",
             f"{r['compiled_vs_reference']:.2f}x" if compiled else "-",
             f"{compiled['first_step_seconds']:.1f}" if compiled else "-",
-            f"{max(v['peak_memory_mb'] for v in r.values() if isinstance(v, dict)):,.0f}",
+            peak_text([v["peak_memory_mb"] for v in r.values() if isinstance(v, dict)]),
         )
     console = Console()
     (console if console.is_terminal else Console(width=120)).print(table)  # a log file gets every digit
@@ -296,3 +303,8 @@ def print_seeds_report(report: dict, json_path: Path | None) -> None:
             )
     console = Console()
     (console if console.is_terminal else Console(width=120)).print(table)
+
+
+def peak_text(peaks: list) -> str:
+    known = [p for p in peaks if p is not None]
+    return f"{max(known):,.0f}" if known else "-"
