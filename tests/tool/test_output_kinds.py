@@ -135,12 +135,6 @@ def test_bench_json_never_replaces_a_checkpoint_but_replaces_its_own_report(made
         assert [row["model"] for row in json.loads(report.read_text())["results"]] == ["mlp"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py's bench checks --json with outputs.check_output_path, which asks only whether the path can be "
-    "written; the kind is then checked at the write, after the timing. Calling outputs.check_output there "
-    "refuses before any timing: then remove this mark.",
-)
 def test_bench_json_is_refused_before_any_timing(made, tmp_path):
     ckpt = as_named(made["checkpoint"], tmp_path / "run.pt")
     onto = run("bench", *BENCH_ARGS, "--data-dir", tmp_path / "none", "--json", ckpt)

@@ -370,7 +370,7 @@ def bench(
     if window_images < 1 or repeats < 1 or warmup < 0:
         raise TinyMnistError("--window-images and --repeats must be positive, --warmup at least 0")
     if json_path is not None:
-        outputs.check_output_path(json_path, "--json")  # before minutes of timing, not after
+        outputs.check_output(json_path, "--json")  # before minutes of timing, not after
     dev = resolve_device(device)
     use_tf32_matmuls(dev)  # for all three loops alike
     if compile:
