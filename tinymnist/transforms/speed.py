@@ -24,7 +24,7 @@ from tinymnist.algorithm.config import TrainConfig
 from tinymnist.algorithm.train import Gradient, Step, make_gradient, make_step
 from tinymnist.errors import TinyMnistError
 from tinymnist.transforms.cuda_graph import GraphedStep
-from tinymnist.transforms.vmap import vmapped, vmapped_update
+from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models_update
 
 # Images per gradient chunk on the CPU, where `tinymnist bench` measured lenet's
 # 8192-image step about twice as fast in chunks of 256 (BENCHMARKS.md).
@@ -74,11 +74,12 @@ def device_step(
     CPU, replayed as a CUDA graph on CUDA. `data_parallel` (all_reduce.all_reduced under
     torchrun) wraps the gradient last: this process's slice of the batch is micro-batched.
     `stacked` (default: for N > 1) maps the step over a leading model axis."""
-    gradient, update = make_gradient(config), optimizer.update
+    gradient, update, sharers = make_gradient(config), optimizer.update, 1
     if config.n_models > 1 if stacked is None else stacked:
-        gradient, update = vmapped(gradient), vmapped_update(update)
+        gradient, update = n_models_gradient(config, device), n_models_update(update)
+        sharers = chunk_sharers(config)  # models whose images share one micro-batch
     compile = use_compile(config, device)
-    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device)
+    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device, sharers)
     if 0 < micro_batch < config.batch_size:  # compile the pieces; the chunk loop runs in Python
         if compile:
             gradient, update = compiled(gradient), compiled(update)
@@ -100,9 +101,10 @@ def use_compile(config: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_compiler() is not None)
 
 
-def default_micro_batch(device: torch.device) -> int:
-    """0 (the whole batch at once) but on the CPU."""
-    return CPU_MICRO_BATCH if device.type == "cpu" else 0
+def default_micro_batch(device: torch.device, sharers: int = 1) -> int:
+    """Images per model and chunk: 0 (the whole batch at once) but on the CPU, where `sharers`
+    models share one chunk's images (vmap.chunk_sharers), so its activations stay one model's size."""
+    return max(1, CPU_MICRO_BATCH // sharers) if device.type == "cpu" else 0
 
 
 def use_tf32_matmuls(device: torch.device) -> None:

@@ -1,4 +1,4 @@
-"""A wide transform: N models trained in one step by torch.func.vmap over stacked parameters.
+"""A wide transform: N models trained in one step over stacked parameters.
 
 `tinymnist train --seeds 4 --lr 0.5,1` trains 8 models, one per (lr, seed) pair. Each is
 the same run as `tinymnist train --seed s --lr l` alone: it starts from
@@ -12,10 +12,16 @@ new leading dim N, and
         batch_idx: (N, B), each model's own batch
     vmapped_update(update)(grads, opt_state, params, lr)     lr: (N,)
 
-compute train.py's gradient and update for all N at once: one compiled graph, on CUDA
-one graph replay per step, where a batch of 64 leaves most of a GPU idle. Dropout masks
-differ between models (randomness="different"). The gradient and the update are mapped
-apart so that the micro-batch transform can sit between them, as for one model.
+compute train.py's gradient and update for all N at once with torch.func.vmap: one
+compiled graph, on CUDA one graph replay per step, where a batch of 64 leaves most of a
+GPU idle. Dropout masks differ between models (randomness="different"). The gradient
+and the update are mapped apart so that the micro-batch transform can sit between them,
+as for one model.
+
+The step device_step builds (speed.py) takes n_models_gradient and n_models_update: the
+same results, by the route measured fastest. vmap turns a convolution of N models into
+a grouped one; where N plain ones or another rule are faster, wide_conv.py's N-model
+forward runs instead (its table says where). One model is not mapped at all.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ import torch.nn.functional as F
 
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import TrainConfig
-from tinymnist.algorithm.train import Evaluation, Evaluations, Gradient, scale_images
+from tinymnist.algorithm.shapes import Conv2d
+from tinymnist.algorithm.train import Evaluation, Evaluations, Gradient, make_gradient, scale_images
 from tinymnist.algorithm.trees import Tree, tree_map
+from tinymnist.transforms.wide_conv import CONV_RULES, VMAP_GRADIENT, chosen_rule, wide_gradient
 
 
 def vmapped(gradient: Gradient) -> Gradient:
@@ -35,14 +43,63 @@ def vmapped(gradient: Gradient) -> Gradient:
     return torch.func.vmap(gradient, in_dims=(0, None, None, 0), randomness="different")
 
 
+def n_models_gradient(config: TrainConfig, device: torch.device) -> Gradient:
+    """train.py's gradient over N stacked models, as device_step runs it on `device`: vmapped,
+    or by wide_conv.py's N-model forward where its convolution rule was measured faster there
+    (wide_conv.CHOSEN). One model is not mapped at all: its own gradient runs on its slices,
+    the very ops of a single run (vmap of one model took 1.11x the single step's time for lenet
+    and fast; research/wide_conv.py, results/bench/cpu-seeds/)."""
+    one = make_gradient(config)
+    rule = chosen_rule(device, config.model)
+    many = vmapped(one) if rule == VMAP_GRADIENT else wide_gradient(config, CONV_RULES[rule])
+
+    def gradient(params, images, labels, batch_idx):  # batch_idx: (N, B)
+        if len(batch_idx) > 1:
+            return many(params, images, labels, batch_idx)
+        grads, loss = one(one_model(params, 0), images, labels, batch_idx[0])
+        return with_model_axis(grads), loss[None]
+
+    return gradient
+
+
 def vmapped_update(update):
     """An optimizer's update over N models: stacked grads, state, params and (N,) rates."""
     return torch.func.vmap(update)
 
 
+def n_models_update(update):
+    """vmapped_update, but one model's update runs unmapped on its slices, as n_models_gradient."""
+    many = vmapped_update(update)
+
+    def mapped_update(grads, opt_state, params, lr):  # lr: (N,)
+        if len(lr) > 1:
+            return many(grads, opt_state, params, lr)
+        new_params, new_state = update(one_model(grads, 0), one_model(opt_state, 0), one_model(params, 0), lr[0])
+        return with_model_axis(new_params), with_model_axis(new_state)
+
+    return mapped_update
+
+
+def chunk_sharers(config: TrainConfig) -> int:
+    """How many models share the images of one CPU micro-batch (speed.default_micro_batch).
+
+    The chunk keeps a convolutional network's activations in cache, and N models at once hold
+    N times as many: all N share it (`fast`, 8 models: 1.51x the time of 8 single runs in chunks
+    of 256 images each, 1.10x in chunks of 32 each). An MLP's activations are small, and its
+    chunks would only add calls: none share (`mlp`, 8 models: 1.01x whole, 1.26x in chunks of 32;
+    research/wide_conv.py, results/bench/cpu-seeds/)."""
+    convolutional = any(isinstance(layer, Conv2d) for layer in networks.ARCHITECTURES[config.model])
+    return config.n_models if convolutional else 1
+
+
 def one_model(tree: Tree, i: int) -> Tree:
     """Model i's own tree out of a stacked one (views, no copy)."""
     return tree_map(lambda leaf: leaf[i], tree)
+
+
+def with_model_axis(tree: Tree) -> Tree:
+    """One model's tree as a stacked one of N = 1 (views, no copy)."""
+    return tree_map(lambda leaf: leaf.unsqueeze(0), tree)
 
 
 @torch.inference_mode()

@@ -1,0 +1,142 @@
+"""A speed trick for N models: their forward pass layer by layer, with a convolution rule of its own.
+
+vmap.py maps one model's gradient over N stacked models with torch.func.vmap, and vmap
+turns each convolution of N models into one *grouped* convolution (the models folded into
+the channels, groups=N), reported slow on GPUs and CPUs (functorch#365, pytorch#70954).
+Here the N models' forward pass is written out instead, one rule per layer kind over a
+leading model axis:
+
+    x: (N, B, C, H, W), each model's own batch        params: leaves (N, ...), the networks' own names
+
+    Conv2d     a CONV_RULES rule: vmap's grouped convolution, N plain ones in a loop, the loop
+               for the first layer only, or im2col and one batched matrix product
+    Linear     one batched matrix product over the models: (N, B, F) @ (N, F, O)
+    ReLU, MaxPool2d, Flatten, LogSoftmax    the same op, the models folded into the batch
+    Dropout    one mask over the whole (N, B, ...) tensor: each model's its own
+
+Which route a step takes, this forward with which rule or plain vmap, is a table of
+measurements per device kind and network, CHOSEN: on a 2-core CPU the loop made `fast`'s
+8-model step faster, and vmap stayed the fastest for `cnn` and `lenet`.
+
+The layers are networks.py's own tuples (networks.ARCHITECTURES); parameters keep the
+networks' names (`conv1.weight`, ...), so checkpoints, the optimizers and evaluation do not
+know which forward trained them. `wide_gradient` is the gradient of the sum over models
+of each model's mean loss: models share no parameter, so model i's slice of it is model i's
+own gradient, what vmap(gradient) gives (tests/transforms/test_wide_conv.py checks one
+against the other).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tinymnist.algorithm import networks, shapes
+from tinymnist.algorithm.config import TrainConfig
+from tinymnist.algorithm.cpu_pool import max_pool2d
+from tinymnist.algorithm.shapes import Conv2d, Dropout, Flatten, Layer, Linear, LogSoftmax, MaxPool2d, ReLU
+from tinymnist.algorithm.train import Gradient, Params, scale_images, training_loss
+
+# ---- the convolution rules: x (N, B, C, H, W), weight (N, O, C, k, k), bias (N, O) -> (N, B, O, H', W')
+
+
+def vmap_conv(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
+    """What vmap(gradient) does today: one grouped convolution, the models folded into the channels."""
+    return torch.func.vmap(F.conv2d, in_dims=(0, 0, 0, None, None))(x, weight, bias, stride, padding)
+
+
+def loop_conv(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
+    """N plain convolutions, one per model, unrolled into the one compiled graph."""
+    each = zip(x.unbind(), weight.unbind(), bias.unbind(), strict=True)  # unbind: its backward is one stack
+    return torch.stack([F.conv2d(xi, wi, bi, stride, padding) for xi, wi, bi in each])
+
+
+def unfold_conv(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
+    """im2col: every k x k patch of every image as a column (F.unfold), then one batched
+    matrix product over the models, (N, O, C*k*k) @ (N, C*k*k, B*L)."""
+    n, batch, channels, side, _ = x.shape
+    out_channels, kernel = weight.shape[1], weight.shape[-1]
+    out_side = shapes.conv2d_out(side, kernel, stride, padding)
+    columns = F.unfold(x.flatten(0, 1), kernel, padding=padding, stride=stride)  # (N*B, C*k*k, L), L = H'*W'
+    columns = columns.view(n, batch, channels * kernel * kernel, -1).transpose(1, 2).flatten(2)  # (N, C*k*k, B*L)
+    out = torch.baddbmm(bias.unsqueeze(-1), weight.flatten(2), columns)  # (N, O, B*L)
+    return out.view(n, out_channels, batch, out_side, out_side).transpose(1, 2)  # (N, B, O, H', W')
+
+
+def first_loop_conv(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
+    """loop_conv for a first layer (one input channel), where vmap's grouped convolution is slowest;
+    vmap_conv for the others."""
+    rule = loop_conv if x.shape[2] == 1 else vmap_conv
+    return rule(x, weight, bias, stride, padding)
+
+
+CONV_RULES = {"vmap": vmap_conv, "loop": loop_conv, "unfold": unfold_conv, "first-loop": first_loop_conv}
+
+# The N-model gradient measured fastest per (device kind, network): a CONV_RULES rule in
+# wide_gradient, or VMAP_GRADIENT, vmap of the one-model gradient (vmap.py); a device or
+# network not listed keeps VMAP_GRADIENT, the path that was there first. Measured with
+# research/wide_conv.py, 8 models, in turns in one process (results/bench/cpu-seeds/):
+#   cpu, fast: loop 1.16x the time of 8 single runs, vmap-gradient 1.30x, vmap 1.49x (1 thread;
+#              with 2 threads 1.07x against 1.10x and 1.27x)
+#   cpu, lenet and cnn: vmap-gradient is the fastest (lenet 0.98x, loop 1.33x; cnn 1.38x, loop
+#              1.69x): oneDNN's grouped convolution is not slow on a CPU, and these stay vmapped
+#   cuda: not measured yet (no GPU in the session that wrote this); grouped convolutions are
+#         known to be slow in cuDNN, so `python research/wide_conv.py --device cuda` is the next run
+VMAP_GRADIENT = "vmap-gradient"
+CHOSEN = {("cpu", "fast"): "loop"}
+
+
+def chosen_rule(device: torch.device, model: str) -> str:
+    """The N-model gradient's rule for `model` on `device`: a CONV_RULES name or VMAP_GRADIENT."""
+    return CHOSEN.get((device.type, model), VMAP_GRADIENT)
+
+
+# ---- the N-model forward ------------------------------------------------------------------
+
+
+def wide_forward(model: str, params: Params, x: torch.Tensor, conv=loop_conv, train: bool = False) -> torch.Tensor:
+    """networks.apply for N models at once: x (N, B, 1, 28, 28) -> (N, B, 10)."""
+    for layer in networks.ARCHITECTURES[model]:
+        x = wide_layer(layer, params, x, conv, train)
+    return x
+
+
+def wide_layer(layer: Layer, params: Params, x: torch.Tensor, conv, train: bool) -> torch.Tensor:
+    if isinstance(layer, Conv2d):
+        weight, bias = params[f"{layer.name}.weight"], params[f"{layer.name}.bias"]  # (N, O, C, k, k), (N, O)
+        return conv(x, weight, bias, layer.stride, layer.padding)  # (N, B, O, H', W')
+    if isinstance(layer, Linear):
+        weight, bias = params[f"{layer.name}.weight"], params[f"{layer.name}.bias"]  # (N, O, F), (N, O)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # (N, B, F) -> (N, B, O)
+    if isinstance(layer, ReLU):
+        return F.relu(x)
+    if isinstance(layer, MaxPool2d):  # cpu_pool's max-pool, as networks.py runs it, over N*B images
+        return max_pool2d(x.flatten(0, 1), layer.kernel, layer.stride).unflatten(0, x.shape[:2])  # (N, B, C, H', W')
+    if isinstance(layer, Dropout):
+        return F.dropout(x, layer.p, training=train)  # a mask drawn for every model's every value
+    if isinstance(layer, Flatten):
+        return x.flatten(2)  # (N, B, C, H, W) -> (N, B, C*H*W)
+    if isinstance(layer, LogSoftmax):
+        return F.log_softmax(x, dim=-1)  # over the classes
+    raise TypeError(f"no N-model rule for layer {layer!r}")
+
+
+def wide_gradient(config: TrainConfig, conv=loop_conv) -> Gradient:
+    """train.make_gradient for N models: (params (N, ...), images, labels, batch_idx (N, B))
+    -> (grads (N, ...), losses (N,)), each model's mean loss and its gradient."""
+    model, recipe, loss_fn = config.model, config.recipe, training_loss(config)
+
+    def summed_loss(params: Params, images_u8: torch.Tensor, labels: torch.Tensor):
+        n, batch = labels.shape
+        x = scale_images(images_u8.flatten(0, 1), recipe.mean, recipe.std).unflatten(0, (n, batch))  # (N, B, 1, 28, 28)
+        out = wide_forward(model, params, x, conv, train=True)  # (N, B, 10), dropout on
+        losses = loss_fn(out.flatten(0, 1), labels.flatten(), reduction="none").view(n, batch).mean(dim=1)  # (N,)
+        return losses.sum(), losses.detach()  # d(sum)/d(model i's params) = d(loss i)/d(model i's params)
+
+    grad_and_loss = torch.func.grad_and_value(summed_loss, has_aux=True)
+
+    def gradient(params: Params, images: torch.Tensor, labels: torch.Tensor, batch_idx: torch.Tensor):
+        grads, (_, losses) = grad_and_loss(params, images[batch_idx], labels[batch_idx])  # (N, B, 28, 28), (N, B)
+        return grads, losses
+
+    return gradient
