@@ -165,7 +165,7 @@ def test_one_model_is_not_mapped_and_gets_its_single_step(optimizer_name):
     torch.testing.assert_close(one_model(grads, 0), own_grads, rtol=0, atol=0)
     assert losses.shape == (1,) and losses[0] == own_loss
     lr = torch.full((1,), 1e-3)
-    got = n_models_update(optimizer.update)(grads, opt_state, params, lr)
+    got = n_models_update(optimizer.update, 1)(grads, opt_state, params, lr)
     expected = vmapped_update(optimizer.update)(grads, opt_state, params, lr)
     torch.testing.assert_close(got, expected, **TOLERANCE)
 

@@ -76,7 +76,7 @@ def device_step(
     `stacked` (default: for N > 1) maps the step over a leading model axis."""
     gradient, update, sharers = make_gradient(config), optimizer.update, 1
     if config.n_models > 1 if stacked is None else stacked:
-        gradient, update = n_models_gradient(config, device), n_models_update(update)
+        gradient, update = n_models_gradient(config, device), n_models_update(update, config.n_models)
         sharers = chunk_sharers(config)  # models whose images share one micro-batch
     compile = use_compile(config, device)
     micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device, sharers)

@@ -21,10 +21,12 @@ as for one model.
 The step device_step builds (speed.py) takes n_models_gradient and n_models_update: the
 same results, by the route measured fastest. vmap turns a convolution of N models into
 a grouped one; where N plain ones or another rule are faster, wide_conv.py's N-model
-forward runs instead (its table says where). One model is not mapped at all.
+forward runs instead (its table says where). A run of one model is not mapped at all.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -46,20 +48,22 @@ def vmapped(gradient: Gradient) -> Gradient:
 def n_models_gradient(config: TrainConfig, device: torch.device) -> Gradient:
     """train.py's gradient over N stacked models, as device_step runs it on `device`: vmapped,
     or by wide_conv.py's N-model forward where its convolution rule was measured faster there
-    (wide_conv.CHOSEN). One model is not mapped at all: its own gradient runs on its slices,
-    the very ops of a single run (vmap of one model took 1.11x the single step's time for lenet
-    and fast; research/wide_conv.py, results/bench/cpu-seeds/)."""
+    (wide_conv.CHOSEN). A run of one model is not mapped at all: its own gradient runs on its
+    slices, the very ops of a single run (vmap of one model took 1.11x the single step's time for
+    lenet and fast; research/wide_conv.py, results/bench/cpu-seeds/). The run's N decides, not
+    the rows given: a torchrun share of one model of a sweep takes the sweep's route, so that
+    its numbers are the one-process sweep's to the bit."""
     one = make_gradient(config)
+    if config.n_models == 1:
+        return functools.partial(unmapped, one)
     rule = chosen_rule(device, config.model)
-    many = vmapped(one) if rule == VMAP_GRADIENT else wide_gradient(config, CONV_RULES[rule])
+    return vmapped(one) if rule == VMAP_GRADIENT else wide_gradient(config, CONV_RULES[rule])
 
-    def gradient(params, images, labels, batch_idx):  # batch_idx: (N, B)
-        if len(batch_idx) > 1:
-            return many(params, images, labels, batch_idx)
-        grads, loss = one(one_model(params, 0), images, labels, batch_idx[0])
-        return with_model_axis(grads), loss[None]
 
-    return gradient
+def unmapped(gradient: Gradient, params, images, labels, batch_idx):  # batch_idx: (1, B)
+    """The one model's gradient on its slices, with the model axis put back."""
+    grads, loss = gradient(one_model(params, 0), images, labels, batch_idx[0])
+    return with_model_axis(grads), loss[None]
 
 
 def vmapped_update(update):
@@ -67,17 +71,16 @@ def vmapped_update(update):
     return torch.func.vmap(update)
 
 
-def n_models_update(update):
-    """vmapped_update, but one model's update runs unmapped on its slices, as n_models_gradient."""
-    many = vmapped_update(update)
+def n_models_update(update, n_models: int):
+    """vmapped_update, but a run of one model updates unmapped on its slices, as n_models_gradient."""
+    if n_models > 1:
+        return vmapped_update(update)
 
-    def mapped_update(grads, opt_state, params, lr):  # lr: (N,)
-        if len(lr) > 1:
-            return many(grads, opt_state, params, lr)
+    def one_model_update(grads, opt_state, params, lr):  # lr: (1,)
         new_params, new_state = update(one_model(grads, 0), one_model(opt_state, 0), one_model(params, 0), lr[0])
         return with_model_axis(new_params), with_model_axis(new_state)
 
-    return mapped_update
+    return one_model_update
 
 
 def chunk_sharers(config: TrainConfig) -> int:
