@@ -25,6 +25,15 @@ def restore_tf32_setting():
     torch.backends.cuda.matmul.allow_tf32 = before
 
 
+@pytest.fixture(autouse=True)
+def restore_thread_count():
+    """A CPU step may change torch's thread count, process-wide (transforms/cpu_threads.py,
+    `--threads`); the next test starts from the count this one found."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 # TINYMNIST_TEST_MNIST names a folder with the real t10k files (CI sets it); without
 # it, or without the files, the tests that need real handwriting skip. Resolved here,
 # once: a relative path (the default "data") would mean another folder to a test that

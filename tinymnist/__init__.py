@@ -45,6 +45,7 @@ _API = {
     "compiled": "tinymnist.transforms.speed",
     "micro_batched": "tinymnist.transforms.speed",
     "device_step": "tinymnist.transforms.speed",
+    "AdaptiveThreads": "tinymnist.transforms.cpu_threads",
     "optim": "tinymnist.algorithm.optim",
 }
 

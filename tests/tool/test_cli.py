@@ -70,13 +70,16 @@ def assert_same_tree(a, b):
 @pytest.mark.parametrize("compile", ["--no-compile", pytest.param("--compile", marks=needs_cpp_compiler)])
 def test_resume_is_bit_exact(tiny_split, tmp_path, compile):
     """4 epochs in one run == 2 epochs, then --resume up to 4: params, optimizer state, RNG state.
-    cnn, so dropout and shuffling both draw from the generator that the checkpoint saves;
+    On fixed threads, as promised: the same numbers whatever else the machine runs. cnn, so
+    dropout and shuffling both draw from the generator that the checkpoint saves;
     compiled too, where inductor draws its dropout seeds from that same generator."""
-    common = ("--model", "cnn", "--batch-size", 50, "--log-interval", 100, compile)
+    common = ("--model", "cnn", "--batch-size", 50, "--log-interval", 100, "--threads", 2, compile)
     straight, first, resumed = tmp_path / "straight.pt", tmp_path / "first.pt", tmp_path / "resumed.pt"
     assert run(*train_args(tiny_split, *common, "--epochs", 4, "--save-model", straight)).exit_code == 0
     assert run(*train_args(tiny_split, *common, "--epochs", 2, "--save-model", first)).exit_code == 0
-    result = run(*train_args(tiny_split, "--resume", first, "--epochs", 4, "--save-model", resumed, compile))
+    result = run(
+        *train_args(tiny_split, "--resume", first, "--epochs", 4, "--save-model", resumed, "--threads", 2, compile)
+    )
     assert result.exit_code == 0, result.output
     assert "Train Epoch: 3" in result.stdout and "Train Epoch: 2" not in result.stdout
     _, a = checkpoint.load(straight, torch.device("cpu"))
@@ -97,6 +100,7 @@ def test_resume_is_bit_exact(tiny_split, tmp_path, compile):
         (["--epochs", "0"], ["--epochs"]),
         (["--lr", "-0.1"], ["--lr"]),
         (["--micro-batch", "-1"], ["--micro-batch", "0 (whole batch) or positive"]),
+        (["--threads", "0"], ["--threads", "positive"]),
         (["--lr", "nan"], ["--lr"]),
         (["--device", "tpu"], ["--device"]),
         (["--save-model", "/nonexistent-folder/model.pt"], ["--save-model", "does not exist"]),
@@ -104,6 +108,12 @@ def test_resume_is_bit_exact(tiny_split, tmp_path, compile):
 )
 def test_bad_flags_exit_2_with_one_line(tiny_split, extra, fragments):
     assert_user_error(run(*train_args(tiny_split, *extra)), *fragments)
+
+
+def test_threads_fixes_the_cpu_thread_count(tiny_split):
+    torch.set_num_threads(2)  # conftest restores the count
+    assert run(*train_args(tiny_split, "--epochs", 1, "--threads", 1)).exit_code == 0
+    assert torch.get_num_threads() == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -180,6 +180,7 @@ def test_the_chosen_rules_are_rules():
 @pytest.mark.parametrize("rule", list(CONV_RULES))
 def test_the_n_model_step_compiles_as_one_graph_once(rule):
     """fullgraph: no graph break; new batches and rates reuse the graph (error_on_recompile)."""
+    torch._dynamo.reset()  # the suite's earlier compiles count toward dynamo's recompile limit of this code
     config = dataclasses.replace(recipe_config("cnn", seeds=2), batch_size=8)
     optimizer = optim.OPTIMIZERS[config.optimizer]()
     step = compiled(

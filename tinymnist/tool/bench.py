@@ -44,10 +44,13 @@ def bench_data(data_dir, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     return images.to(device), labels.to(device), f"random uint8 (MNIST files not found in {data_dir})"
 
 
-def our_steps(config, images, labels, device, compile: bool, stacked: bool | None = None) -> Iterator:
+def our_steps(
+    config, images, labels, device, compile: bool, stacked: bool | None = None, adaptive_threads: bool = True
+) -> Iterator:
     """Yield after each step of tinymnist's loop, forever, over on-device shuffled batches:
     the step `train` runs for the config, one model or N (--seeds), each model on its own
-    batches at its first learning rate. `stacked` forces the N-model step, even for one.
+    batches at its first learning rate. `stacked` forces the N-model step, even for one;
+    `adaptive_threads=False` keeps a CPU step on the threads it finds (speed.device_step).
 
     On CUDA, compiled means compiled and replayed as a CUDA graph; on the CPU, large
     batches are split into micro-batches."""
@@ -55,7 +58,7 @@ def our_steps(config, images, labels, device, compile: bool, stacked: bool | Non
     optimizer = make_optimizer(config)
     state = initial_state(config, optimizer, device, stacked=stacked)
     config = dataclasses.replace(config, compile=compile, cuda_graphs=compile)  # (b) eager is the plain eager step
-    step = device_step(config, optimizer, device, stacked=stacked)
+    step = device_step(config, optimizer, device, stacked=stacked, adaptive_threads=adaptive_threads)
     models = model_configs(config)
     lr = per_model([torch.tensor(m.lr) for m in models], stacked).to(device)  # ([N],)
     shuffles = [torch.Generator().manual_seed(m.seed) for m in models]
@@ -86,6 +89,13 @@ def time_loop(steps: Iterator, batch_size: int, device, window_steps: int, repea
     """First step (compile) and warm-up timed apart; then `repeats` windows, median images/s."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    warm = warm_up(steps, device, warmup)
+    rates = [window_rate(steps, batch_size, device, window_steps) for _ in range(repeats)]
+    return {"images_per_second": statistics.median(rates), **warm, "peak_memory_mb": peak_memory_mb(device)}
+
+
+def warm_up(steps: Iterator, device, warmup: int) -> dict:
+    """The first step (the compile) and `warmup` more, each timed apart from the windows."""
     started = time.perf_counter()
     next(steps)
     synchronize(device)
@@ -94,20 +104,16 @@ def time_loop(steps: Iterator, batch_size: int, device, window_steps: int, repea
     for _ in itertools.islice(steps, warmup):
         pass
     synchronize(device)
-    warmup_seconds = time.perf_counter() - started
-    rates = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in itertools.islice(steps, window_steps):
-            pass
-        synchronize(device)
-        rates.append(window_steps * batch_size / (time.perf_counter() - started))
-    return {
-        "images_per_second": statistics.median(rates),
-        "first_step_seconds": first_step,
-        "warmup_seconds": warmup_seconds,
-        "peak_memory_mb": peak_memory_mb(device),
-    }
+    return {"first_step_seconds": first_step, "warmup_seconds": time.perf_counter() - started}
+
+
+def window_rate(steps: Iterator, batch_size: int, device, window_steps: int) -> float:
+    """Images/s over one window of `window_steps` steps."""
+    started = time.perf_counter()
+    for _ in itertools.islice(steps, window_steps):
+        pass
+    synchronize(device)
+    return window_steps * batch_size / (time.perf_counter() - started)
 
 
 def bench_model(

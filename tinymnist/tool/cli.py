@@ -22,7 +22,8 @@ from tinymnist.algorithm.train import Progress, evaluate_one, evaluation_records
 from tinymnist.data import sources
 from tinymnist.errors import TinyMnistError
 from tinymnist.tool import checkpoint, outputs, run
-from tinymnist.tool.bench import print_report, print_seeds_report, run_bench, run_seeds_bench
+from tinymnist.tool.bench import bench_data, print_report, print_seeds_report, run_bench, run_seeds_bench, write_json
+from tinymnist.tool.busy_core import print_busy_core_report, run_busy_core_bench
 from tinymnist.tool.devices import accelerator_report, resolve_device
 from tinymnist.tool.exits import user_errors
 from tinymnist.tool.report import json_line, model_test_line
@@ -142,6 +143,11 @@ def train(
     cuda_graphs: bool = typer.Option(
         True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay each step as one CUDA graph."
     ),
+    threads: int | None = typer.Option(
+        None,
+        help="CPU threads, fixed: the same numbers to the last bit whatever else the machine runs.",
+        show_default="all cores, fewer while another program takes one",
+    ),
     data_dir: Path | None = DataDir,
     no_download: bool = NoDownload,
     metrics: Path | None = typer.Option(
@@ -181,6 +187,7 @@ def train(
         compile=compile,
         micro_batch=micro_batch,
         cuda_graphs=cuda_graphs,
+        threads=threads,
         device="cpu" if no_accel else device or "auto",
         data_dir=str(data.resolve_data_dir(data_dir)),
         download=not no_download,
@@ -350,9 +357,17 @@ def bench(
         help="Model counts, comma-separated (1,4,16): time N models in one vmapped step against N single runs instead.",
         show_default="off",
     ),
+    busy_core: bool = typer.Option(
+        False,
+        "--busy-core",
+        help="Instead: the CPU step on fixed threads and the adaptive one train runs, quiet and with one core "
+        "kept busy by a process bench starts, in turn, in windows of seconds (--window-images does not apply).",
+    ),
 ):
     """Images/s of the tutorials' DataLoader loop against tinymnist's step (BENCHMARKS.md)."""
     timing = {"--models": model_list, "--window-images": window_images, "--repeats": repeats, "--warmup": warmup}
+    if busy_core:
+        check_busy_core(device, window_images, time_to_accuracy, seeds)
     if time_to_accuracy is not None and (given := [flag for flag, value in timing.items() if value is not None]):
         raise TinyMnistError(
             f"{given[0]} does not apply to --time-to-accuracy (fast, cnn and the tutorials' cnn "
@@ -371,7 +386,7 @@ def bench(
         raise TinyMnistError("--window-images and --repeats must be positive, --warmup at least 0")
     if json_path is not None:
         outputs.check_output(json_path, "--json")  # before minutes of timing, not after
-    dev = resolve_device(device)
+    dev = torch.device("cpu") if busy_core else resolve_device(device)
     use_tf32_matmuls(dev)  # for all three loops alike
     if compile:
         check_compilable(dev)
@@ -392,8 +407,32 @@ def bench(
             names, counts, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup, compile
         )
         return print_seeds_report(report, json_path)
+    if busy_core:
+        images, labels, source = bench_data(data.resolve_data_dir(data_dir), dev)
+        log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+        report = run_busy_core_bench(names, images, labels, source, repeats, warmup, compile, log)
+        if json_path:
+            write_json(json_path, report)
+        return print_busy_core_report(report)
     report = run_bench(names, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup, compile)
     print_report(report, json_path)
+
+
+def check_busy_core(device: str, window_images: int | None, time_to_accuracy: float | None, seeds: str | None):
+    """--busy-core times one model's CPU step in windows of seconds: what does not combine with it."""
+    for flag, value in (
+        ("--time-to-accuracy", time_to_accuracy),
+        ("--seeds", seeds),
+        ("--window-images", window_images),
+    ):
+        if value is not None:
+            raise TinyMnistError(
+                f"{flag} does not apply to --busy-core (one model's CPU step, timed for seconds); leave one out"
+            )
+    if device not in ("auto", "cpu"):
+        raise TinyMnistError(
+            f"--busy-core times the CPU step (a core taken from its threads); use --device cpu, not {device}"
+        )
 
 
 def parse_counts(text: str) -> list[int]:

@@ -118,6 +118,8 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
     with torchrun.group(config, cluster):
         device = resolve_device(config.device)
         speed.use_tf32_matmuls(device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
         check_compiler(config, device)
         paths = check_outputs(config)
         optimizer = make_optimizer(config)
@@ -133,7 +135,9 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
             data_parallel = None
             if cluster and not sweep:  # one model: each process takes a slice of every batch
                 data_parallel = functools.partial(all_reduced, rank=cluster.rank, world_size=cluster.world_size)
-            step = speed.device_step(config, optimizer, device, data_parallel)
+            # Under torchrun a step waits for the other processes: its times and CPU time say
+            # nothing about a taken core, so its threads stay fixed (transforms/cpu_threads.py).
+            step = speed.device_step(config, optimizer, device, data_parallel, adaptive_threads=cluster is None)
             evaluate = sweep or TestSet(config, models, mnist, evaluate_many if config.n_models > 1 else evaluate_one)
             training = Training(config, models, step, evaluate)
             result = train_and_save(training, mnist, state, paths.get("--metrics"), resumed, sweep)

@@ -7,6 +7,9 @@ and returns one that computes the same thing faster on some device:
     micro_batched(gradient, n)     the batch's gradient as the sum of n-image chunks
     GraphedStep(step)              CUDA: the step recorded once, replayed with one launch
                                    (cuda_graph.py)
+    AdaptiveThreads(step, n)       CPU: the step on the thread count that is fastest now,
+                                   so a core taken by another program does not stall it
+                                   (cpu_threads.py)
 
 `device_step` composes them the way `tinymnist train` runs them on a device. What
 each one is worth, measured, is in BENCHMARKS.md. The wide transforms (N models
@@ -23,6 +26,7 @@ from tinymnist.algorithm import optim
 from tinymnist.algorithm.config import TrainConfig
 from tinymnist.algorithm.train import Gradient, Step, make_gradient, make_step
 from tinymnist.errors import TinyMnistError
+from tinymnist.transforms.cpu_threads import AdaptiveThreads
 from tinymnist.transforms.cuda_graph import GraphedStep
 from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models_update
 
@@ -35,8 +39,9 @@ def compiled(fn):
     """torch.compile as one graph (fullgraph: a graph break is a bug here, not a fallback).
 
     dynamic=False: every call has the same shapes, and a second model compiled in the
-    same process (tinymnist bench) must not turn its sizes symbolic."""
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+    same process (tinymnist bench) must not turn its sizes symbolic. CPU kernels read the
+    thread count when they run, not when they compile, so that AdaptiveThreads can change it."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp.dynamic_threads": True})
 
 
 def micro_batched(gradient: Gradient, micro_batch: int) -> Gradient:
@@ -68,12 +73,15 @@ def device_step(
     device: torch.device,
     data_parallel: Callable[[Gradient], Gradient] | None = None,
     stacked: bool | None = None,
+    adaptive_threads: bool = True,
 ) -> Step:
     """The step `tinymnist train` runs on `device`: over N models (vmap) where the config has
     several, compiled where that is faster, in micro-batches where the batch is large for a
-    CPU, replayed as a CUDA graph on CUDA. `data_parallel` (all_reduce.all_reduced under
-    torchrun) wraps the gradient last: this process's slice of the batch is micro-batched.
-    `stacked` (default: for N > 1) maps the step over a leading model axis."""
+    CPU, replayed as a CUDA graph on CUDA, on the fastest thread count now on a CPU.
+    `data_parallel` (all_reduce.all_reduced under torchrun) wraps the gradient last: this
+    process's slice of the batch is micro-batched.
+    `stacked` (default: for N > 1) maps the step over a leading model axis;
+    `adaptive_threads=False` or config.threads keeps a CPU step on the threads it finds."""
     gradient, update, sharers = make_gradient(config), optimizer.update, 1
     if config.n_models > 1 if stacked is None else stacked:
         gradient, update = n_models_gradient(config, device), n_models_update(update, config.n_models)
@@ -89,7 +97,10 @@ def device_step(
     step = make_step(gradient, optim.Optimizer(optimizer.init, update))
     if device.type == "cuda" and config.cuda_graphs:
         return GraphedStep(step, compile)
-    return compiled(step) if compile else step
+    step = compiled(step) if compile else step
+    if adaptive_threads and config.threads is None and device.type == "cpu" and torch.get_num_threads() > 1:
+        return AdaptiveThreads(step, most=torch.get_num_threads())
+    return step
 
 
 def use_compile(config: TrainConfig, device: torch.device) -> bool:

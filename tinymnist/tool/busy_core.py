@@ -1,0 +1,169 @@
+"""`tinymnist bench --busy-core`: the CPU step `train` runs, quiet and with one core taken.
+
+Another program that keeps a core busy deschedules one of our OpenMP threads, and the
+others wait for it at the barrier that ends every parallel op. transforms/cpu_threads.py
+adapts the thread count to that; this benchmark shows what it is worth. Two steps are
+timed, each in windows of WINDOW_SECONDS:
+
+    fixed       the step on all the threads torch found (as before cpu_threads.py)
+    adaptive    the step `train` runs: AdaptiveThreads around it
+
+first both quiet, then both while a child process spins on one core, and so on in turn,
+so that a shared machine whose load drifts moves every side alike. A window runs for
+seconds, not a number of images, after a second untimed: each window measures a run
+that has been quiet, or busy, for a while (how fast the adaptive step notices a change
+is tested in tests/transforms/test_cpu_threads.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from tinymnist.algorithm.config import recipe_config
+from tinymnist.errors import TinyMnistError
+from tinymnist.tool.bench import our_steps, peak_memory_mb, warm_up
+
+WINDOW_SECONDS = 4.0  # per window: several of AdaptiveThreads' probes (cpu_threads.PROBE_EVERY periods)
+SETTLE_SECONDS = 1.0  # untimed at each window's start: the load just changed, and a run meets it once
+
+# The busy process spins one core until it is killed, its parent is gone (a bench killed
+# by SIGKILL runs no `finally`) or its time limit passes, whichever comes first.
+BUSY_LOOP = """
+import os, sys, time
+parent, deadline = os.getppid(), time.monotonic() + float(sys.argv[1])
+print("spinning", flush=True)
+while os.getppid() == parent and time.monotonic() < deadline:
+    pass
+"""
+BUSY_SECONDS = 600  # a bound, far above the two windows it spans
+
+
+@contextlib.contextmanager
+def busy_core(seconds: float = BUSY_SECONDS) -> Iterator[subprocess.Popen]:
+    """A child process keeping one core busy for the block; it is gone when the block
+    ends, however it ends (an error, Ctrl-C, SIGTERM)."""
+    command = [sys.executable, "-I", "-c", BUSY_LOOP, str(seconds)]
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        if child.stdout.readline() != "spinning\n":  # it spins before the clock starts
+            raise TinyMnistError(f"--busy-core: the busy process ({sys.executable} -c) did not start; see its stderr")
+        yield child
+        if child.poll() is not None:
+            raise TinyMnistError(f"--busy-core: the windows outlasted the busy process's {seconds:.0f} s limit")
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+
+
+def timed_window(steps: Iterator, batch_size: int, seconds: float) -> float:
+    """Images/s over the steps run until `seconds` have passed (a CPU step is done when it
+    returns), after SETTLE_SECONDS of steps untimed."""
+    settled = time.perf_counter() + SETTLE_SECONDS
+    while time.perf_counter() < settled:
+        next(steps)
+    started, done = time.perf_counter(), 0
+    while (elapsed := time.perf_counter() - started) < seconds:
+        next(steps)
+        done += 1
+    return done * batch_size / elapsed
+
+
+@contextlib.contextmanager
+def on_threads(n: int) -> Iterator[None]:
+    """torch's thread count n for the block, then back to what it was (AdaptiveThreads' choice)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def bench_busy_core(
+    model: str, images, labels, most: int, repeats: int, warmup: int, compile: bool, log: Callable[[str], None]
+) -> dict:
+    """The fixed and the adaptive step of one model, `repeats` rounds of quiet and busy windows.
+    Which of the two goes first alternates from round to round."""
+    config, device = recipe_config(model), torch.device("cpu")
+    loop = "compiled" if compile else "eager"
+    log(f"{model}: the {loop} step on {most} threads and adaptive, quiet and with a core busy ({repeats} rounds)")
+    with on_threads(most):  # each model's adaptive step starts from all threads
+        steps = {
+            "fixed": our_steps(config, images, labels, device, compile, adaptive_threads=False),
+            "adaptive": our_steps(config, images, labels, device, compile),
+        }
+        warm = {side: warm_up(s, device, warmup) for side, s in steps.items()}
+        rates = {side: {"quiet": [], "busy": []} for side in steps}
+        for round in range(repeats):
+            for load in ("quiet", "busy"):
+                with busy_core() if load == "busy" else contextlib.nullcontext():
+                    for side in ("fixed", "adaptive") if round % 2 == 0 else ("adaptive", "fixed"):
+                        with on_threads(most) if side == "fixed" else contextlib.nullcontext():
+                            rate = timed_window(steps[side], config.batch_size, WINDOW_SECONDS)
+                        rates[side][load].append(rate)
+    sides = {side: side_summary(rates[side]) for side in steps}
+    return {
+        "model": model,
+        "batch_size": config.batch_size,
+        "loop": loop,
+        "first_step_seconds": warm["fixed"]["first_step_seconds"],
+        **sides,
+        "adaptive_vs_fixed_quiet": sides["adaptive"]["quiet"]["images_per_second"]
+        / sides["fixed"]["quiet"]["images_per_second"],
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def side_summary(windows: dict[str, list[float]]) -> dict:
+    quiet, busy = (statistics.median(windows[load]) for load in ("quiet", "busy"))
+    return {
+        "quiet": {"images_per_second": quiet, "windows": windows["quiet"]},
+        "busy": {"images_per_second": busy, "windows": windows["busy"]},
+        "busy_vs_quiet": busy / quiet,
+    }
+
+
+def run_busy_core_bench(names, images, labels, source, repeats, warmup, compile, log) -> dict:
+    most = torch.get_num_threads()
+    return {
+        "device": "cpu",
+        "machine": f"{os.cpu_count()} cores visible, torch on {most} threads",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "data": source,
+        "window_seconds": WINDOW_SECONDS,
+        "results": [bench_busy_core(m, images, labels, most, repeats, warmup, compile, log) for m in names],
+    }
+
+
+def print_busy_core_report(report: dict) -> None:
+    table = Table(title=f"{report['machine']}, torch {report['torch']}; data: {report['data']}")
+    columns = ("model", "step", "fixed quiet img/s", "fixed busy", "busy/quiet")
+    for column in (*columns, "adaptive quiet", "adaptive busy", "busy/quiet", "adaptive/fixed quiet"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in report["results"]:
+        fixed, adaptive = r["fixed"], r["adaptive"]
+        table.add_row(
+            r["model"],
+            r["loop"],
+            f"{fixed['quiet']['images_per_second']:,.0f}",
+            f"{fixed['busy']['images_per_second']:,.0f}",
+            f"{fixed['busy_vs_quiet']:.2f}x",
+            f"{adaptive['quiet']['images_per_second']:,.0f}",
+            f"{adaptive['busy']['images_per_second']:,.0f}",
+            f"{adaptive['busy_vs_quiet']:.2f}x",
+            f"{r['adaptive_vs_fixed_quiet']:.2f}x",
+        )
+    console = Console()
+    (console if console.is_terminal else Console(width=140)).print(table)

@@ -1,0 +1,114 @@
+"""A transform, CPU only: run the step with the thread count that is fastest now.
+
+torch runs each CPU op on a team of OpenMP threads, one per core, and the team meets at
+a barrier at the end of every op. When another program takes a core, one of our threads
+is descheduled and the others wait for it at each barrier, spinning on the cores it
+needs: on 2 cores with one taken, mlp fell to 0.2x of its quiet speed and cnn to 0.3x.
+One thread has no barrier and keeps over 0.9x, but quiet it is slower (mlp 0.85x, cnn
+0.68x). No OpenMP setting is right for both: spinning less at the barrier makes quiet
+steps slower (GOMP_SPINCOUNT, OMP_WAIT_POLICY=PASSIVE: research/wait_policy.py,
+BENCHMARKS.md "A busy core"). So the step watches for a taken core instead.
+
+The sign is the process's CPU time. Quiet, n threads that run or spin keep n cores busy:
+2 threads measured 1.89-2.01 CPU seconds per second for every recipe, and 1.07-1.50 with
+one core taken (research/cpu_busy_signal.py). `AdaptiveThreads(step, n)` reads both clocks over periods of about
+PERIOD_SECONDS of steps. On all n threads it changes nothing until a period shows at
+least STARVED of a core missing; then it runs one period on fewer threads (n - 1, 1: a
+probe), and the faster by MARGIN stays. On fewer threads it probes the others every
+PROBE_EVERY periods, since only a probe shows that the core came back; a probe that falls
+behind by ABANDON is cut short. So a quiet run never leaves n threads, and its numbers
+are a fixed-thread run's to the bit (thread counts change float sums in the last bits;
+`--threads N` fixes them for runs that must match whatever the machine's load). Where
+threads never keep their cores busy (OMP_WAIT_POLICY=PASSIVE), lost probes space out
+the next ones: twice the wait each time, up to MAX_WAIT periods.
+
+Compiled kernels read the thread count at run time (inductor's cpp.dynamic_threads, set
+by speed.compiled), so a change compiles nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+PERIOD_SECONDS = 0.1  # long enough to average a few mlp steps, short enough to react within a second
+MIN_PERIOD_STEPS = 2  # a period of one long step (cnn, lenet) is too noisy to compare
+STARVED = 0.3  # cores: n threads that got under n - 0.3 cores' CPU time in a period lost one
+PROBE_EVERY, MAX_WAIT = 8, 64  # periods between probes on fewer threads; the longest wait after lost probes
+MARGIN = 0.95  # a probe wins when its steps take under 0.95 of the incumbent's
+ABANDON = 2.0  # a probe is cut short once it has taken twice the incumbent's time for its steps
+WARMUP_CALLS = 2  # the first calls compile: not timed
+
+
+def thread_counts(most: int) -> list[int]:
+    """The candidates: all threads first, then one fewer (a core taken), then one (no barrier)."""
+    return sorted({most, max(1, most - 1), 1}, reverse=True)
+
+
+class AdaptiveThreads:
+    """A drop-in for a CPU step: the same arguments and results, run with the fastest thread count."""
+
+    def __init__(
+        self,
+        step: Callable,
+        most: int,
+        clock: Callable[[], float] = time.perf_counter,
+        cpu_clock: Callable[[], float] = time.process_time,
+        set_threads: Callable[[int], None] = torch.set_num_threads,
+    ):
+        self.step, self.clock, self.cpu_clock, self.set_threads = step, clock, cpu_clock, set_threads
+        self.counts = thread_counts(most)
+        self.incumbent = self.counts[0]
+        self.incumbent_seconds = None  # per step, over the incumbent's last period
+        self.probe = None  # the thread count on trial, or None
+        self.probes = 0  # probes so far: the other counts are tried in turn
+        self.periods, self.wait = 0, 0  # the incumbent's periods since the last probe, and before the next
+        self.calls, self.steps, self.seconds = 0, 0, 0.0  # this period's steps and their wall time
+        self.period_start = (0.0, 0.0)  # both clocks when the period's first step started
+
+    @property
+    def threads(self) -> int:
+        return self.incumbent if self.probe is None else self.probe
+
+    def __call__(self, *args):
+        started = self.clock()
+        if self.steps == 0:
+            self.period_start = (started, self.cpu_clock())
+        result = self.step(*args)
+        self.record(self.clock() - started)
+        return result
+
+    def record(self, seconds: float) -> None:
+        """One step's wall time: ends the period when it is long enough, or a probe that lags."""
+        self.calls += 1
+        if self.calls <= WARMUP_CALLS or len(self.counts) == 1:
+            return
+        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
+        lagging = self.probe is not None and self.seconds > ABANDON * self.incumbent_seconds * self.steps
+        if lagging or (self.seconds >= PERIOD_SECONDS and self.steps >= MIN_PERIOD_STEPS):
+            wall, cpu = self.clock() - self.period_start[0], self.cpu_clock() - self.period_start[1]
+            before = self.threads
+            self.end_period(self.seconds / self.steps, cores=cpu / wall)
+            if self.threads != before:
+                self.set_threads(self.threads)
+            self.steps, self.seconds = 0, 0.0
+
+    def end_period(self, seconds_per_step: float, cores: float) -> None:
+        """`cores`: the CPU seconds the process got per second of the period."""
+        if self.probe is not None:  # the trial is over: the faster count stays
+            if seconds_per_step < MARGIN * self.incumbent_seconds:
+                self.incumbent, self.incumbent_seconds, self.wait = self.probe, seconds_per_step, 0
+            elif self.incumbent == self.counts[0]:
+                self.wait = min(max(PROBE_EVERY, 2 * self.wait), MAX_WAIT)
+            self.probe = None
+            return
+        self.incumbent_seconds, self.periods = seconds_per_step, self.periods + 1
+        if self.incumbent == self.counts[0]:
+            due = cores < self.incumbent - STARVED and self.periods >= self.wait
+        else:
+            due = self.periods >= PROBE_EVERY
+        if due:
+            others = [c for c in self.counts if c != self.incumbent]
+            self.probe, self.probes, self.periods = others[self.probes % len(others)], self.probes + 1, 0
