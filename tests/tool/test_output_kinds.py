@@ -164,6 +164,43 @@ def test_a_picture_replaces_a_png(made, tmp_path):
         assert path.read_bytes().startswith(outputs.PNG_SIGNATURE) and path.read_bytes() != PNG_BYTES
 
 
+@pytest.mark.parametrize("spelling", ["the same name", "a hard link"])
+def test_predict_never_draws_over_its_own_image(made, tmp_path, spelling):
+    """A picture may replace any PNG, but not the --image it is drawn from: refused before any
+    work (the checkpoint named here does not exist, and loading it would be another error)."""
+    image_module = pytest.importorskip("PIL.Image")
+    image = tmp_path / "digit.png"
+    digit = image_module.new("L", (28, 28), 255)
+    digit.paste(0, (12, 6, 16, 22))  # a dark "1" on white, as a user's photo of one
+    digit.save(image)
+    before = image.read_bytes()
+    output = image if spelling == "the same name" else tmp_path / "linked.png"
+    if output != image:
+        os.link(image, output)
+    result = run("predict", tmp_path / "absent.pt", "--device", "cpu", "--image", image, "-o", output)
+    assert_user_error(result, f"-o {output} is an --image file predict reads; name another file")
+    assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("command", "kind", "words"),
+    [
+        (["plot", "{path}"], "metrics", "a metrics file plot reads"),
+        (["eval", "{path}", "--confusion", "--device", "cpu"], "checkpoint", "the checkpoint eval reads"),
+        (["predict", "{path}", "--device", "cpu"], "checkpoint", "the checkpoint predict reads"),
+    ],
+)
+def test_a_picture_never_replaces_the_file_its_command_reads(made, tmp_path, command, kind, words):
+    """Named .png, a command's input passes the suffix check; it is refused as an input, not as a file
+    of another kind that "delete it first" would lose."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("PIL")
+    path = as_named(made[kind], tmp_path / "input.png")
+    before = path.read_bytes()
+    result = run(*[arg.format(path=path) for arg in command], "-o", path)
+    assert_refused_and_kept(result, path, before, f"-o {path} is {words}; name another file")
+
+
 @pytest.mark.parametrize(("kind", "words"), [("metrics", "a tinymnist metrics file"), ("png", "a PNG picture")])
 def test_export_never_replaces_a_file_of_another_kind_but_replaces_its_own(made, tmp_path, kind, words):
     path = as_named(made[kind], tmp_path / "model.pt")

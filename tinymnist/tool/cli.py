@@ -261,7 +261,7 @@ def eval_command(
     if output is not None:
         if not confusion:
             raise TinyMnistError("-o draws the confusion matrix: pass --confusion too")
-        outputs.check_png_output(output)
+        outputs.check_png_output(output, inputs={checkpoint_path: "the checkpoint eval reads"})
     dev = resolve_device(device)
     use_tf32_matmuls(dev)  # as train evaluated it
     saved_config, state = checkpoint.load(checkpoint_path, dev)

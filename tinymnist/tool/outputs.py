@@ -27,7 +27,8 @@ report (a JSON object with "machine" and "results"), a picture (-o NAME.png) a P
 signature; a PNG does not say who drew it, so a picture may replace any PNG). Export's
 state_dict is a kind any program writes and nothing marks, so export may replace any file
 except one of those four kinds. A missing or empty file may always be replaced; a file the
-run reads (its `inputs`: train's MNIST files, the checkpoint it resumes) never.
+run reads (its `inputs`: train's MNIST files, the checkpoint it resumes, predict's --image
+files) never.
 """
 
 from __future__ import annotations
@@ -388,13 +389,16 @@ def _holder(fd: int) -> str:
     return f" (pid {text})" if text.isdigit() else ""
 
 
-def check_png_output(path: Path, flag: str = "-o") -> None:
+def check_png_output(path: Path, flag: str = "-o", inputs: Mapping[Path, str] | None = None) -> None:
     """Before any work: a .png name (every picture is written as PNG) at a path train would
-    accept, where nothing but a PNG is replaced."""
-    check_output_path(Path(path), flag)
-    if Path(path).suffix.lower() != ".png":
+    accept, where nothing but a PNG is replaced, and none of the command's `inputs` (a PNG
+    given to predict --image is one: the picture would replace it)."""
+    path = Path(path)
+    _refuse_inputs(path, flag, inputs or {})
+    check_output_path(path, flag)
+    if path.suffix.lower() != ".png":
         raise TinyMnistError(f"{flag} {path}: the picture is written as PNG; name the file .png")
-    _check_replaceable(Path(path), flag)
+    _check_replaceable(path, flag)
 
 
 @contextlib.contextmanager

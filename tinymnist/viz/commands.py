@@ -47,7 +47,7 @@ def plot(
     """Loss and accuracy per epoch, one line per run: in the terminal, or as a PNG with -o."""
     if output is not None:
         require("matplotlib.figure", "plot -o")  # before any work, as every extra is checked
-        outputs.check_png_output(output)
+        outputs.check_png_output(output, inputs=dict.fromkeys(metrics, "a metrics file plot reads"))
     runs = read_runs(metrics)
     if output is not None:
         write_curves_png(runs, output)
@@ -94,8 +94,10 @@ def predict(
     count = DEFAULT_COUNT if count is None else count
     if count < 1:
         raise TinyMnistError(f"--count {count}: must be at least 1")
-    if output is not None:
-        outputs.check_png_output(output)
+    if output is not None:  # a picture may replace any PNG, except one this command reads
+        inputs = dict.fromkeys(image or [], "an --image file predict reads")
+        inputs[checkpoint_path] = "the checkpoint predict reads"
+        outputs.check_png_output(output, inputs=inputs)
     dev = resolve_device(device)
     use_tf32_matmuls(dev)  # as train and eval compute, so the mistakes are the ones eval counts
     config, state = checkpoint.load(checkpoint_path, dev)
