@@ -1,6 +1,4 @@
-"""Read and write IDX files, the format MNIST ships in.
-
-An IDX file is a tiny header followed by raw numbers (http://yann.lecun.com/exdb/mnist/):
+"""Read and write IDX files, the format MNIST ships in (http://yann.lecun.com/exdb/mnist/):
 
     bytes 0-1   two zero bytes
     byte  2     type code of the numbers: 0x08 uint8 ... 0x0E float64 (IDX_DTYPES)
@@ -8,15 +6,11 @@ An IDX file is a tiny header followed by raw numbers (http://yann.lecun.com/exdb
     4*ndim      the size of each dimension, big-endian uint32
     the rest    prod(sizes) numbers, row-major, multi-byte types big-endian
 
-MNIST's images are `uint8 (N, 28, 28)` and its labels `uint8 (N,)`. Unlike many
-loaders that slice `[16:]` and hope, the reader checks every field above and raises
-`IdxError` naming the file and what is wrong: a truncated download or a file saved
-under the wrong name must never turn silently into training data.
-
-The reader streams: `open_idx` reads and checks the header alone, so a caller can
-refuse a file by its header (a gzip bomb whose 9 MB unpack to 2 GiB of zeros is
-refused after 4 bytes), and `read()` then decompresses exactly the payload the
-header declares, plus one byte to prove that nothing follows.
+The reader checks every field and raises `IdxError` naming the file: a truncated
+download or a misnamed file must never turn silently into training data. It streams:
+`open_idx` reads the header alone, so a caller can refuse a file by it (a gzip bomb
+whose 9 MB unpack to 2 GiB is refused after 4 bytes), and `read()` decompresses exactly
+the declared payload, plus one byte to prove that nothing follows.
 """
 
 from __future__ import annotations
@@ -86,7 +80,8 @@ def open_idx(path: str | os.PathLike) -> Iterator[IdxReader]:
         raw = open(path, "rb")
     except OSError as e:
         raise IdxError(f"{path}: cannot read ({e.strerror or e})") from None
-    with raw, _gunzipped(path, raw) as stream:
+    gunzipped = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else contextlib.nullcontext(raw)
+    with raw, gunzipped as stream:
         yield IdxReader(path, raw, stream)
 
 
@@ -99,18 +94,18 @@ class IdxReader:
 
     def read(self) -> torch.Tensor:
         """Exactly the payload the header declares, as a tensor; nothing may follow it."""
-        header, path = self.header, self.path
-        size = header.payload_bytes
+        header, size = self.header, self.header.payload_bytes
+        declared = f"header says {_describe(header)}"
         if self._stream is self._raw:  # uncompressed: the file's size tells the payload's at once
             on_disk = os.fstat(self._raw.fileno()).st_size - self._raw.tell()
             if on_disk != size:
-                raise IdxError(f"{path}: payload is {on_disk} bytes, header says {_describe(header)}")
+                raise IdxError(f"{self.path}: payload is {on_disk} bytes, {declared}")
         payload = self._read_up_to(size)  # grows as bytes arrive: a header's claim alone costs nothing
         if len(payload) < size:
-            raise IdxError(f"{path}: payload is {len(payload)} bytes, header says {_describe(header)}")
+            raise IdxError(f"{self.path}: payload is {len(payload)} bytes, {declared}")
         with self._errors():
             if self._stream.read(1):  # one byte more, not the rest: a bomb's tail stays packed
-                raise IdxError(f"{path}: bytes follow the payload, header says {_describe(header)}")
+                raise IdxError(f"{self.path}: bytes follow the payload, {declared}")
         # Big-endian -> native: one unavoidable copy for multi-byte types, none for bytes.
         stored = np.frombuffer(payload, dtype=header.stored)  # (count,) view of the writable bytearray
         native = stored.astype(header.stored.newbyteorder("="), copy=False)
@@ -159,10 +154,7 @@ class IdxReader:
 
 
 def write_idx(path: str | os.PathLike, tensor: torch.Tensor) -> None:
-    """Store `tensor` so that `read_idx(path)` returns it exactly; gzip when the name ends in .gz.
-
-    The file appears atomically: a crash mid-write leaves the old file (or none), never half a file.
-    """
+    """Store `tensor` so that `read_idx(path)` returns it exactly, atomically; gzip when the name ends in .gz."""
     path = Path(path)
     header, payload = _encode(tensor, path)
     with atomic_write(path) as file, _compressed(path, file) as out:
@@ -191,11 +183,6 @@ def _encode(tensor: torch.Tensor, path: Path) -> tuple[bytes, memoryview]:
     header = MAGIC_PREFIX + bytes([code, tensor.dim()]) + struct.pack(f">{tensor.dim()}I", *tensor.shape)
     stored = tensor.detach().cpu().contiguous().numpy().astype(IDX_DTYPES[code][1], copy=False)  # big-endian
     return header, stored.reshape(-1).data  # the array's own memory, no tobytes() copy
-
-
-def _gunzipped(path: Path, raw: BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:
-    """`raw` itself, or a streaming gunzip of it for `NAME.gz`."""
-    return gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else contextlib.nullcontext(raw)
 
 
 def _compressed(path: Path, file: BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:
