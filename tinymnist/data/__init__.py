@@ -1,19 +1,11 @@
 """Get MNIST onto the device: find or download the four IDX files, check them, load them once.
 
-    data/train-images-idx3-ubyte.gz   60000 images  -> (60000, 28, 28) uint8
-    data/train-labels-idx1-ubyte.gz   60000 labels  -> (60000,) int64
-    data/t10k-images-idx3-ubyte.gz    10000 images  -> (10000, 28, 28) uint8
-    data/t10k-labels-idx1-ubyte.gz    10000 labels  -> (10000,) int64
-
-The folder is `--data-dir`, else `$TINYMNIST_DATA`, else `./data`. Each file may also
-sit there uncompressed, named without `.gz` (as in torchvision's `MNIST/raw/`).
-`download` fetches what is missing (`fetch.py`); `tinymnist download --from` rebuilds
-the files from a copy at hand (`sources.py`). Loading checks each header before reading
-on (type, shape, no more examples than MNIST has), then counts and labels, but not
-md5s, so tests can train on small splits they write with `write_idx`.
-
-Images stay uint8 on the device (a quarter of float32's memory); the training step
-converts each batch to float itself.
+The folder is `--data-dir`, else `$TINYMNIST_DATA`, else `./data`; each file may also sit
+there uncompressed, without `.gz` (as in torchvision's `MNIST/raw/`). `download` fetches
+what is missing (fetch.py); `tinymnist download --from` rebuilds the files from a copy at
+hand (sources.py). Loading checks headers, counts and labels but not md5s, so tests can
+train on small splits they write with `write_idx`. Images stay uint8 on the device (a
+quarter of float32's memory); the training step converts each batch to float itself.
 """
 
 from __future__ import annotations
@@ -47,7 +39,6 @@ RAW_MD5: dict[str, str] = {
     "t10k-images-idx3-ubyte.gz": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte.gz": "27ae3e4e09519cfbb04c329615203637",
 }
-TRAIN_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
 TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")  # all that `eval` needs
 EXAMPLES = {"train": 60_000, "t10k": 10_000}  # MNIST's split sizes: a data folder may hold fewer
 # Tried in order. yann.lecun.com, the original home, now answers scripts with 403/404,
@@ -79,9 +70,7 @@ class MNIST(NamedTuple):
 
 def resolve_data_dir(flag: Path | None = None) -> Path:
     """The data folder: the --data-dir flag, else $TINYMNIST_DATA, else ./data."""
-    if flag is not None:
-        return Path(flag)
-    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+    return Path(flag) if flag is not None else Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
 
 
 def find_file(data_dir: Path, name: str) -> Path | None:
@@ -104,8 +93,7 @@ def missing_data_message(data_dir: Path, missing: Sequence[str]) -> str:
 
 
 def load_mnist(data_dir: Path, device: torch.device | str = "cpu", *, download: bool = False) -> MNIST:
-    """Read the four files once, check them, and return them on `device`; download=True fetches
-    missing files first."""
+    """Read the four files once, check them, and return them on `device`; download=True fetches missing ones first."""
     _provide(Path(data_dir), FILES, download)
     return MNIST(*_load_split(Path(data_dir), "train", device), *_load_split(Path(data_dir), "t10k", device))
 
@@ -137,10 +125,9 @@ def download(
     """Fetch each of `names` (default: all of `md5s`, MNIST's four files) that data_dir lacks.
 
     mirrors: base URLs; default $TINYMNIST_MIRRORS (comma-separated), else DEFAULT_MIRRORS.
-    A file already there counts when it reads as a complete IDX file (an uncompressed copy
-    too, and one that `download --from` rebuilt); a cut-off or corrupt one is fetched again.
-    Temp files that a killed earlier download left behind are removed. Raises DownloadError
-    naming every file no mirror could provide; the files that did arrive stay.
+    A file already there counts when it reads as a complete IDX file, gzipped or not; a
+    cut-off or corrupt one is fetched again, and a killed download's temp files are removed.
+    Raises DownloadError naming every file no mirror could provide; those that arrived stay.
     """
     data_dir = Path(data_dir)
     names = list(md5s) if names is None else list(names)
@@ -163,8 +150,7 @@ def download(
 
 
 def _already_present(data_dir: Path, name: str) -> bool:
-    path = find_file(data_dir, name)
-    if path is None:
+    if (path := find_file(data_dir, name)) is None:
         return False
     try:
         with open_idx(path) as idx:
@@ -197,10 +183,11 @@ def _load_split(data_dir: Path, prefix: str, device: torch.device | str) -> tupl
         with open_idx(images_path) as images_file, open_idx(labels_path) as labels_file:
             check_header(images_path, images_file.header, images_name)
             check_header(labels_path, labels_file.header, labels_name)
-            if images_file.header.shape[0] != labels_file.header.shape[0]:
-                counts = f"{images_file.header.shape[0]} images but {labels_path.name} holds"
-                raise TinyMnistError(f"{images_path} holds {counts} {labels_file.header.shape[0]} labels")
-            if labels_file.header.shape[0] == 0:
+            images_count, labels_count = images_file.header.shape[0], labels_file.header.shape[0]
+            if images_count != labels_count:
+                counts = f"{images_count} images but {labels_path.name} holds {labels_count} labels"
+                raise TinyMnistError(f"{images_path} holds {counts}")
+            if labels_count == 0:
                 raise TinyMnistError(f"{labels_path}: holds no examples")
             images = images_file.read()  # (N, 28, 28) uint8
             labels = labels_file.read()  # (N,) integers
