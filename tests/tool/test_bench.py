@@ -1,6 +1,7 @@
 """`tinymnist bench` runs briefly and reports every field; its baseline computes what ours does."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from tests.support import assert_user_error, run
 from tinymnist.algorithm import networks, optim
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.train import make_gradient, make_step
+from tinymnist.tool import memory
 
 pytest.importorskip("PIL", reason="the reference loop needs pillow (pip install 'tinymnist[bench]')")
 
@@ -104,6 +106,25 @@ def test_bench_checks_its_json_path_before_timing_anything(tmp_path, extra):
     )
     assert_user_error(result, f"--json {tmp_path} is a folder")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "extra", [["--models", "mlp,cnn", "--seeds", "1,4"], ["--time-to-accuracy", "0.99", "--seeds", "4"]]
+)
+def test_seeds_that_cannot_fit_are_refused_before_any_timing(tmp_path, monkeypatch, extra):
+    """bench --seeds had no memory check: it built and timed N models until memory ran out. With
+    1 MiB free, four models of any recipe are refused up front, as train --seeds refuses them."""
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 2**20)
+    result = run("bench", "--device", "cpu", "--no-compile", "--data-dir", tmp_path / "none", *extra)
+    assert_user_error(result, "--seeds: 4 ", "models need about", "run fewer models at once")
+
+
+def test_a_huge_model_count_is_refused_at_once():
+    """N x one model's bytes: constant time, however large N (nothing is built per model)."""
+    started = time.perf_counter()
+    result = run("bench", "--models", "mlp", "--device", "cpu", "--no-compile", "--seeds", f"1,{10**12}")
+    assert_user_error(result, f"--seeds: {10**12} mlp models need about")
+    assert time.perf_counter() - started < 10
 
 
 @pytest.mark.parametrize("model", ["mlp", "lenet"])

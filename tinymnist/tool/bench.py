@@ -26,6 +26,7 @@ from tinymnist import data
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import make_optimizer, model_configs, recipe_config
 from tinymnist.algorithm.train import epoch_batches, initial_state, per_model, side_by_side, synchronize
+from tinymnist.tool.memory import check_memory
 from tinymnist.tool.outputs import atomic_output
 from tinymnist.tool.reference import reference_loop
 from tinymnist.transforms.speed import device_step
@@ -227,6 +228,14 @@ def print_report(report: dict, json_path: Path | None) -> None:
 #
 #     (N models' images / vmapped images/s) / (N models' images / single images/s)
 #         = single images/s / vmapped images/s summed over the N models.
+
+
+def check_counts_fit(models: list[str], n_models: int, device: torch.device) -> None:
+    """--seeds N times N models of each recipe in one step: refused before any timing when they
+    cannot fit, as train --seeds is (memory.py), in constant time however large N is."""
+    for model in models:
+        config = recipe_config(model)
+        check_memory(config, make_optimizer(config), device, n_models, flag="--seeds")
 
 
 def bench_counts(

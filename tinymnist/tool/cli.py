@@ -22,11 +22,20 @@ from tinymnist.algorithm.train import Progress, evaluate_one, evaluation_records
 from tinymnist.data import sources
 from tinymnist.errors import TinyMnistError
 from tinymnist.tool import checkpoint, outputs, run
-from tinymnist.tool.bench import bench_data, print_report, print_seeds_report, run_bench, run_seeds_bench, write_json
+from tinymnist.tool.bench import (
+    bench_data,
+    check_counts_fit,
+    print_report,
+    print_seeds_report,
+    run_bench,
+    run_seeds_bench,
+    write_json,
+)
 from tinymnist.tool.busy_core import print_busy_core_report, run_busy_core_bench
 from tinymnist.tool.devices import accelerator_report, resolve_device
 from tinymnist.tool.exits import user_errors
 from tinymnist.tool.report import json_line, model_test_line
+from tinymnist.tool.time_to_accuracy import MODELS as TIME_TO_ACCURACY_MODELS
 from tinymnist.tool.time_to_accuracy import print_time_to_accuracy, run_time_to_accuracy
 from tinymnist.transforms.speed import check_compilable, use_tf32_matmuls
 from tinymnist.transforms.vmap import evaluate_many
@@ -396,6 +405,7 @@ def bench(
         n = parse_counts(seeds) if seeds is not None else [1]
         if len(n) != 1:
             raise TinyMnistError(f"--seeds {seeds}: with --time-to-accuracy give one number of models, like --seeds 10")
+        check_counts_fit(TIME_TO_ACCURACY_MODELS, n[0], dev)
         mnist = data.load_mnist(data.resolve_data_dir(data_dir), dev)  # real digits: random ones never reach it
         rows = run_time_to_accuracy(
             mnist, dev, time_to_accuracy, compile, log=lambda m: print(m, file=sys.stderr), seeds=n[0]
@@ -403,6 +413,7 @@ def bench(
         return print_time_to_accuracy(rows, time_to_accuracy, dev, json_path)
     if seeds is not None:  # N models per step against N single runs
         counts = parse_counts(seeds)
+        check_counts_fit(names, max(counts), dev)
         report = run_seeds_bench(
             names, counts, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup, compile
         )

@@ -60,14 +60,17 @@ def free_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_memory(config: TrainConfig, optimizer: optim.Optimizer, device: torch.device, n_models: int) -> int:
-    """Raise a one-line TinyMnistError when N models cannot fit; return the estimate in bytes."""
+def check_memory(
+    config: TrainConfig, optimizer: optim.Optimizer, device: torch.device, n_models: int, flag: str = "--seeds/--lr"
+) -> int:
+    """Raise a one-line TinyMnistError naming `flag` when N models cannot fit; return the estimate
+    in bytes. Constant time in N: nothing is built per model."""
     each = model_bytes(config, optimizer)
     need, free = each * n_models, free_bytes(device)
     if free is not None and need > free:
         raise TinyMnistError(
-            f"--seeds/--lr: {n_models} {config.model} models need about {need / 2**30:.2f} GiB "
+            f"{flag}: {n_models} {config.model} models need about {need / 2**30:.2f} GiB "
             f"({each / 2**20:.1f} MiB each: parameters, optimizer state, activations of a batch of "
-            f"{config.batch_size}) but {device} has {free / 2**30:.2f} GiB free; train fewer models at once"
+            f"{config.batch_size}) but {device} has {free / 2**30:.2f} GiB free; run fewer models at once"
         )
     return need
