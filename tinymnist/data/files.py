@@ -1,20 +1,12 @@
 """Write a file so that readers see the old content or the whole new one, never half of it.
 
-`atomic_write(path)` hands out a hidden temp file beside `path`, named
-
-    .NAME.tinymnist-1a2b3c4d.part
-
-and renames it over `path` once the `with` block has succeeded: os.replace is atomic
-within one file system, and the bytes are fsync'ed first, so the name never points at
-a half-written file. Any exception (Ctrl-C too) deletes the temp file.
-
-Only `kill -9` or a power cut can leave one behind. The writer holds an OS lock on its
-temp file for as long as it writes (filelock.lock_descriptor: flock on POSIX, LockFileEx
-on Windows), and the OS drops that lock when the process dies however it dies. So
-`remove_leftovers(path)` deletes the temp files of `path` that no living writer holds,
-and nothing else: not another target's, not another program's, not those of a second
-tinymnist still writing. Every `atomic_write` calls it first, so the next write of a
-file cleans up after the last. Where the OS has no file locks, leftovers are kept.
+`atomic_write(path)` writes a hidden temp file beside `path`, `.NAME.tinymnist-1a2b3c4d.part`,
+fsyncs it and renames it over `path` (atomic within one file system); any exception,
+Ctrl-C too, deletes it. Only `kill -9` or a power cut can leave one behind. The writer
+holds an OS lock on its temp file while it writes (filelock.lock_descriptor), which the OS
+drops when the process dies however it dies, so `remove_leftovers(path)`, called by every
+`atomic_write`, deletes only the temp files of `path` that no living writer holds. Where
+the OS has no file locks, leftovers are kept.
 """
 
 from __future__ import annotations
@@ -70,11 +62,9 @@ def remove_leftovers(path: str | os.PathLike) -> list[Path]:
     removed = []
     for name in names:
         leftover = path.with_name(name)
-        try:
+        with contextlib.suppress(OSError):  # gone already, or on a file system without locks: keep
             if _remove_if_abandoned(leftover):
                 removed.append(leftover)
-        except OSError:  # gone already, or on a file system without locks: keep
-            continue
     return removed
 
 
@@ -115,9 +105,8 @@ def _create_locked_temp(path: Path) -> tuple[BinaryIO, Path]:
 
 
 def check_readable(path: str | os.PathLike, what: str) -> None:
-    """Raise a one-line TinyMnistError unless `path` is a regular file (or missing: the
-    caller says that). A named pipe or a device would block a reader forever or feed it
-    without end."""
+    """Raise a one-line TinyMnistError unless `path` is a regular file (or missing: the caller says that).
+    A named pipe or a device would block a reader forever or feed it without end."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
