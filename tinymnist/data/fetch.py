@@ -1,21 +1,14 @@
 """Fetch files over HTTP from a list of mirrors: retried, md5-verified, renamed into place.
 
-`fetch_files` knows nothing about MNIST: `data.download` decides which files are
-missing and which mirrors to ask, and turns the failures it returns into a message.
-
-Per file, mirrors are tried in order. Failures that may pass (a refused connection, a
-timeout, an HTTP 5xx, a body cut off before its Content-Length) are retried on the same
-mirror with exponential backoff; failures the mirror would repeat (an HTTP 4xx, bytes
-whose md5 is wrong) move on to the next mirror at once. Waiting is bounded three ways
-(`Patience`): a connection must open within seconds, a server may not fall silent for
-long, and each file has a deadline over all its mirrors and tries. Every try, retry and
-change of mirror is one line on stderr, on a terminal or not, so a stalled mirror is
-never a silent wait. A mirror whose last try at a file got no answer at all (no
-connection, or silence before or during the body) is dead for the rest of the run: the
-other files do not ask it again, so a dead mirror costs one file's tries, not four. The
-bytes stream into a temp file beside the destination (`files.atomic_write`) that is
-renamed only once the md5 matches, so a failed or interrupted download never leaves a
-partial file under the final name.
+`fetch_files` knows nothing about MNIST: `data.download` picks the files and mirrors and
+words the failures. Per file, mirrors are tried in order. A failure that may pass (refused
+connection, timeout, HTTP 5xx, a body cut short of its Content-Length) is retried on the
+same mirror with exponential backoff; one the mirror would repeat (HTTP 4xx, a wrong md5)
+moves on to the next mirror. `Patience` bounds every wait, and every try, retry and change
+of mirror is one line on stderr, so a stalled mirror is never a silent wait. A mirror whose
+last try got no answer at all is dead for the rest of the run: a dead mirror costs one
+file's tries, not four. The bytes stream into `files.atomic_write`'s temp file, renamed
+only once the md5 matches.
 """
 
 from __future__ import annotations
@@ -45,17 +38,13 @@ AS_STORED = {"Accept-Encoding": "identity"}
 class Patience:
     """How long to wait for a mirror, and how often to ask it again."""
 
-    # A reachable host answers a connection in well under a second; 10 s still covers three
-    # lost SYNs (Linux resends after 1, 2 and 4 s, RFC 6298's 1 s initial timeout, doubling).
-    connect_timeout: float = 10.0
+    connect_timeout: float = 10.0  # covers three lost SYNs: Linux resends after 1, 2 and 4 s (RFC 6298)
     # Seconds a server may send nothing, before the reply or mid-body: pip's default timeout.
     read_timeout: float = 15.0
     attempts: int = 3  # tries per mirror for a failure that may pass
     backoff: float = 1.0  # seconds before the second try; doubled before each later one
-    # Per file, all mirrors and tries together. MNIST's largest file (9.9 MB) arrives
-    # within it at 33 KB/s, slower than any link one trains networks over; four files on
-    # mirrors that all trickle cost 20 minutes at most, announced line by line. (A mirror
-    # that falls silent costs far less: its tries for one file, then it is not asked again.)
+    # Per file, all mirrors and tries together: MNIST's largest file (9.9 MB) arrives within
+    # it at 33 KB/s, slower than any link one trains networks over.
     deadline: float = 300.0
 
     def __post_init__(self):
@@ -66,11 +55,10 @@ class Patience:
 def fetch_files(
     folder: Path, md5s: Mapping[str, str], mirrors: Sequence[str], *, progress: bool | None, patience: Patience
 ) -> dict[str, list[str]]:
-    """Fetch `folder/NAME` from `MIRROR/NAME` for each NAME of `md5s`.
+    """Fetch `folder/NAME` from `MIRROR/NAME` for each NAME of `md5s`; files that arrived stay.
 
-    Returns, for each file no mirror delivered, what every mirror answered
-    (`"URL: HTTP 503 (3 tries)"`); an empty dict when all arrived. Files that arrived stay.
-    progress: a byte-count bar on stderr; None shows it only on a terminal.
+    Returns, for each file no mirror delivered, what every mirror answered (`"URL: HTTP 503
+    (3 tries)"`). progress: a byte-count bar on stderr; None shows it only on a terminal.
     """
     failures = {}
     with requests.Session() as session, _progress_bar(progress) as bar:
@@ -109,8 +97,7 @@ class _Fetcher:
     session: requests.Session
     bar: Progress
     patience: Patience
-    # Mirror -> why it is dead ("no answer within 15 s (3 tries) on NAME"). Asking a dead
-    # mirror again would cost each later file the same tries of silence.
+    # Mirror -> why it is dead ("no answer within 15 s (3 tries) on NAME").
     dead: dict[str, str] = field(default_factory=dict)
 
     def fetch(self, name: str, destination: Path, md5: str) -> list[str]:
