@@ -3,22 +3,14 @@
 Each line is one evaluation: {"epoch", "train_loss", "test_loss", "test_accuracy",
 "correct", "total", "lr", ...}; epoch 0 is the untrained network (train_loss null).
 A multi-model run adds "seed" and "lr" to every line, and an `"ensemble": true` line
-per evaluation. A file becomes:
+per evaluation. A file becomes one Run per learning rate (the mean over its seeds, with
+min and max as a band: a band across learning rates would mix experiments), one for the
+ensemble, and one for lines without a seed (a plain run appended to a sweep's file:
+counted as one more seed, it would move the mean without a word).
 
-    single run            one Run, the values themselves
-    multi-model run       one Run per learning rate: the mean over its seeds, with the
-                          min and max as a band (a band across learning rates would mix
-                          different experiments), plus one Run for the ensemble
-    both in one file      the above, and the lines without a seed as one more Run,
-                          labelled "single run (no seed)": a plain run's lines appended
-                          to a sweep's file. Counted as one more seed, they would
-                          move the mean and widen the band without a word; refused, the
-                          file could not be plotted at all, though each run in it can be.
-
-Accuracy is plotted as an error rate on a log axis, labelled as accuracy: 98% and 99%
-are 2% and 1% error, a factor of 2 apart, as far apart as 80% and 90%, so the last
-epochs stay readable in the same picture as the untrained 10%. A zoomed linear axis
-could not show epoch 0 and the plateau at once.
+Accuracy is plotted as an error rate on a log axis, labelled as accuracy: 98% and 99% are
+a factor of 2 apart, as are 80% and 90%, so the last epochs stay readable in the same
+picture as the untrained 10%, which a zoomed linear axis could not show at once.
 """
 
 from __future__ import annotations
@@ -34,9 +26,9 @@ from tinymnist.errors import TinyMnistError
 
 QUANTITIES = ("train_loss", "test_loss", "test_accuracy")
 TITLES = {"train_loss": "train loss", "test_loss": "test loss", "test_accuracy": "test accuracy"}
-# Accuracy ticks on the log error axis, as accuracies (error = 1 - accuracy).
 EXACT_FLOAT_INTEGERS = 2**53  # beyond it a float64 epoch + 1 == epoch: no epoch axis can be drawn
 MNIST_TEST_IMAGES = 10_000  # the test set size, for a file that does not record its own
+# Accuracy ticks on the log error axis, as accuracies (error = 1 - accuracy).
 ACCURACY_TICKS = (0.1, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
 
 
@@ -85,32 +77,25 @@ def read_records(path: Path) -> list[dict]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        where = f"metrics file {path}, line {number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise TinyMnistError(
-                f"metrics file {path}, line {number}: not JSON ({e.msg}); is it a --metrics file?"
-            ) from None
+            raise TinyMnistError(f"{where}: not JSON ({e.msg}); is it a --metrics file?") from None
         except RecursionError:  # the parser recurses once per level: [[[[...]]]] 100,000 deep exhausts it
-            raise TinyMnistError(
-                f"metrics file {path}, line {number}: nested too deeply to be a record; is it a --metrics file?"
-            ) from None
+            raise TinyMnistError(f"{where}: nested too deeply to be a record; is it a --metrics file?") from None
         missing = {"epoch", "test_loss", "test_accuracy"} - set(record) if isinstance(record, dict) else {"epoch"}
         if missing:
-            raise TinyMnistError(f"metrics file {path}, line {number}: lacks {', '.join(sorted(missing))}")
+            raise TinyMnistError(f"{where}: lacks {', '.join(sorted(missing))}")
         if not all(is_number(record[key]) for key in ("epoch", "test_loss", "test_accuracy")):
-            raise TinyMnistError(
-                f"metrics file {path}, line {number}: epoch, test_loss or test_accuracy is not a number"
-            )
+            raise TinyMnistError(f"{where}: epoch, test_loss or test_accuracy is not a number")
+        # seed and lr group a sweep's lines: a list or an object there cannot be a key
         if not all(is_number(record.get(key)) or record.get(key) is None for key in ("seed", "initial_lr", "lr")):
-            raise TinyMnistError(  # they group a sweep's lines: a list or an object there cannot be a key
-                f"metrics file {path}, line {number}: seed, initial_lr or lr is not a number"
-            )
-        if not 0 <= record["epoch"] < EXACT_FLOAT_INTEGERS or not 0 <= record["test_accuracy"] <= 1:
-            raise TinyMnistError(
-                f"metrics file {path}, line {number}: epoch {record['epoch']} or test_accuracy "
-                f"{record['test_accuracy']} is out of range (epochs count from 0, accuracy is 0 to 1)"
-            )
+            raise TinyMnistError(f"{where}: seed, initial_lr or lr is not a number")
+        epoch, accuracy = record["epoch"], record["test_accuracy"]
+        if not 0 <= epoch < EXACT_FLOAT_INTEGERS or not 0 <= accuracy <= 1:
+            ranges = "epochs count from 0, accuracy is 0 to 1"
+            raise TinyMnistError(f"{where}: epoch {epoch} or test_accuracy {accuracy} is out of range ({ranges})")
         records.append(record)
     if not records:
         raise TinyMnistError(f"metrics file {path}: holds no evaluations; train with --metrics {path} first")
@@ -149,20 +134,14 @@ def summarize(models: list[list[dict]]) -> dict[str, Series]:
     per_model = [{r["epoch"]: r for r in records} for records in models]  # the last line per epoch wins
     out = {}
     for quantity in QUANTITIES:
-        epochs, values, low, high = [], [], [], []
+        rows = []  # (epoch, mean, min, max); epochs are fractional with --eval-every
         for epoch in sorted(set().union(*per_model)):
             found = [m[epoch].get(quantity) for m in per_model if epoch in m]  # ensembles have no train loss
-            found = [v for v in found if isinstance(v, (int, float)) and math.isfinite(v)]
-            if found:
-                epochs.append(epoch)  # fractional with --eval-every
-                values.append(sum(found) / len(found))
-                low.append(min(found))
-                high.append(max(found))
-        if epochs:
-            band = len(models) > 1
-            out[quantity] = Series(
-                tuple(epochs), tuple(values), tuple(low) if band else None, tuple(high) if band else None
-            )
+            if found := [v for v in found if isinstance(v, (int, float)) and math.isfinite(v)]:
+                rows.append((epoch, sum(found) / len(found), min(found), max(found)))
+        if rows:
+            epochs, values, low, high = zip(*rows, strict=True)
+            out[quantity] = Series(epochs, values, *((low, high) if len(models) > 1 else ()))
     return out
 
 
