@@ -1,10 +1,8 @@
 """`plot -o curves.png`: train loss, test loss and test accuracy per epoch, via matplotlib.
 
-One colour per run; a multi-model run is its mean line over a shaded min-max band,
-its ensemble a dashed line.
-Both y axes are logarithmic (runs.py says why for accuracy, whose axis shows error
-rates labelled as accuracies, best at the top). matplotlib's object API renders with
-Agg here, without pyplot: no global figure state, no display needed.
+One colour per run; a multi-model run is its mean line over a shaded min-max band, its
+ensemble a dashed line. Both y axes are logarithmic (runs.py says why). matplotlib's object
+API renders with Agg here, without pyplot: no global figure state, no display needed.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from pathlib import Path
 
 from tinymnist.tool.extras import require
 from tinymnist.tool.outputs import atomic_output
-from tinymnist.viz.runs import ACCURACY_TICKS, QUANTITIES, TITLES, Run, error_rate
+from tinymnist.viz.runs import ACCURACY_TICKS, QUANTITIES, TITLES, Run, on_log_axis
 
 FIGURE_INCHES = (15, 4.8)  # three panels side by side, legend below
 DPI = 100  # 1500 x 480 pixels
@@ -40,10 +38,10 @@ def curves_figure(runs: list[Run]):
             if series is None:
                 continue
             style = "--" if run.ensemble else "-"
-            values = [plotted(quantity, v, run.total) for v in series.values]
+            values = [on_log_axis(quantity, v, run.total) for v in series.values]
             ax.plot(series.epochs, values, style, color=colour, marker="o", markersize=3, label=run.label)
             if series.low is not None:
-                low, high = ([plotted(quantity, v, run.total) for v in band] for band in (series.low, series.high))
+                low, high = ([on_log_axis(quantity, v, run.total) for v in band] for band in (series.low, series.high))
                 ax.fill_between(series.epochs, low, high, color=colour, alpha=BAND_ALPHA, lw=0)
         ax.set_title(TITLES[quantity])
         ax.set_xlabel("epoch")
@@ -61,11 +59,6 @@ def curves_figure(runs: list[Run]):
         handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), frameon=False)
     return figure
-
-
-def plotted(quantity: str, value: float, total: int | None) -> float:
-    """The value on the log axis: a loss as is, an accuracy as its error rate."""
-    return error_rate(value, total) if quantity == "test_accuracy" else value
 
 
 def accuracy_axis(ax, ticker) -> None:

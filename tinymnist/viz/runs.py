@@ -51,9 +51,12 @@ class Run:
     ensemble: bool = False  # the models' averaged probabilities, not one model
 
 
-def error_rate(accuracy: float, total: int | None) -> float:
-    """1 - accuracy, kept above 0 for the log axis: a perfect score shows as half an error."""
-    return max(1.0 - accuracy, 0.5 / (total or MNIST_TEST_IMAGES))
+def on_log_axis(quantity: str, value: float, total: int | None) -> float:
+    """The value the log axis shows: a loss as is; an accuracy as its error rate, kept above 0
+    (a perfect score shows as half an error)."""
+    if quantity == "test_accuracy":
+        return max(1.0 - value, 0.5 / (total or MNIST_TEST_IMAGES))
+    return value
 
 
 def read_runs(paths: list[Path]) -> list[Run]:

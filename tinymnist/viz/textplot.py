@@ -1,10 +1,9 @@
 """Curves in the terminal, drawn with Unicode braille: each character is 2x4 dots.
 
-Three panels (train loss, test loss, test accuracy) one above the other, one colour
-per run; a multi-model run draws its min-max band dimmed under the mean. Both axes
-are logarithmic as in the PNG (runs.py says why). Output that is not a terminal gets
-`numbers_table` instead: the same numbers as plain text, which a log keeps and grep
-finds (braille without colours cannot tell the runs apart).
+Three panels (train loss, test loss, test accuracy) one above the other, one colour per
+run, a multi-model run's min-max band dimmed under its mean; log axes as in the PNG.
+Output that is not a terminal gets `numbers_table`: the same numbers as plain text, which
+a log keeps and grep finds (braille without colours cannot tell the runs apart).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 from rich.console import Group
 from rich.text import Text
 
-from tinymnist.viz.runs import ACCURACY_TICKS, QUANTITIES, TITLES, Run, Series, error_rate
+from tinymnist.viz.runs import ACCURACY_TICKS, QUANTITIES, TITLES, Run, Series, on_log_axis
 
 BRAILLE_BLANK = 0x2800  # U+2800: the braille cell with no dots; each dot adds one bit
 DOT_BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # [dot row 0-3][dot column 0-1]
@@ -52,10 +51,9 @@ class Canvas:
 
 
 def plotted(quantity: str, value: float, total: int | None) -> float:
-    """The height on a log10 axis: loss as is; accuracy as error rate, negated so up is better."""
-    if quantity == "test_accuracy":
-        return -math.log10(error_rate(value, total))
-    return math.log10(max(value, 1e-12))  # a loss of exactly 0 would be -inf
+    """The height on a log10 axis (runs.on_log_axis), negated for accuracy so that up is better."""
+    height = math.log10(max(on_log_axis(quantity, value, total), 1e-12))  # a loss of exactly 0 would be -inf
+    return -height if quantity == "test_accuracy" else height
 
 
 def text_plot(runs: list[Run], width: int) -> Group:
@@ -63,16 +61,12 @@ def text_plot(runs: list[Run], width: int) -> Group:
     plot_width = max(width - MARGIN - 1, 20)
     epochs = [e for run in runs for s in run.series.values() for e in s.epochs]
     first, last = min(epochs), max(max(epochs), min(epochs) + 1)
+    coloured = [(run, COLOURS[i % len(COLOURS)]) for i, run in enumerate(runs)]
     parts: list = []
     for quantity in QUANTITIES:
-        drawn = [
-            (run, run.series[quantity], COLOURS[i % len(COLOURS)])
-            for i, run in enumerate(runs)
-            if quantity in run.series
-        ]
-        if drawn:
+        if drawn := [(run, run.series[quantity], colour) for run, colour in coloured if quantity in run.series]:
             parts += [Text(TITLES[quantity], style="bold"), *panel(quantity, drawn, first, last, plot_width)]
-    legend = [Text.assemble(("━━ ", COLOURS[i % len(COLOURS)]), run.label) for i, run in enumerate(runs)]
+    legend = [Text.assemble(("━━ ", colour), run.label) for run, colour in coloured]
     return Group(*parts, *legend)
 
 
@@ -158,8 +152,7 @@ def numbers_table(runs: list[Run]) -> str:
     blocks = []
     for run in runs:
         lines = [run.label, f"{'epoch':>5}  {'train loss':>22}  {'test loss':>22}  {'test accuracy':>26}"]
-        epochs = sorted({e for s in run.series.values() for e in s.epochs})
-        for epoch in epochs:
+        for epoch in sorted({e for s in run.series.values() for e in s.epochs}):
             cells = [cell(run.series.get(q), epoch, q) for q in QUANTITIES]
             lines.append(f"{epoch:>5}  {cells[0]:>22}  {cells[1]:>22}  {cells[2]:>26}")
         blocks.append("\n".join(lines))
@@ -170,11 +163,10 @@ def cell(series: Series | None, epoch: int, quantity: str) -> str:
     if series is None or epoch not in series.epochs:
         return "-"
     i = series.epochs.index(epoch)
+    mean = number(series.values[i], quantity)
     if series.low is None:
-        return number(series.values[i], quantity)
-    return (
-        f"{number(series.values[i], quantity)} ({number(series.low[i], quantity)}-{number(series.high[i], quantity)})"
-    )
+        return mean
+    return f"{mean} ({number(series.low[i], quantity)}-{number(series.high[i], quantity)})"
 
 
 def number(value: float, quantity: str) -> str:
