@@ -1,10 +1,9 @@
 """Draw digits with their predictions: in the terminal, as plain text, or as a PNG grid.
 
-A terminal gets Unicode half blocks: "▀" paints its upper half in the foreground
-colour and its lower half in the background colour, so one character shows two
-pixels and a 28x28 digit takes 28x14 characters, grey levels intact. Output that is
-not a terminal has no colours, so it gets an ASCII ramp instead (one character per
-two pixels, darker characters for more ink), which survives logs and pipes.
+A terminal gets Unicode half blocks: "▀" paints its upper half in the foreground colour
+and its lower half in the background colour, so a 28x28 digit takes 28x14 characters,
+grey levels intact. Other output has no colours, so it gets an ASCII ramp instead (one
+character per two pixels, darker characters for more ink), which survives logs and pipes.
 """
 
 from __future__ import annotations
@@ -49,9 +48,13 @@ class Digit:
     def wrong(self) -> bool:
         return self.label is not None and self.label != self.predicted
 
+    def said(self, mark: str = "") -> str:
+        """The prediction, and the truth if it differs: "7 (99.9%)", "7 (51.2%) ✗ true 3" with mark "✗"."""
+        return f"{self.predicted} ({100 * self.probability:.1f}%)" + (f"{mark} true {self.label}" if self.wrong else "")
+
     def caption(self) -> str:
-        """One line, at most DIGIT_WIDTH characters: the name, the prediction, and the truth if it differs."""
-        said = f"{self.predicted} ({100 * self.probability:.1f}%)" + (f" ✗ true {self.label}" if self.wrong else "")
+        """One line, at most DIGIT_WIDTH characters: the name and what was said."""
+        said = self.said(" ✗")
         room = DIGIT_WIDTH - len(said) - 2
         name = self.name if len(self.name) <= room else self.name[: max(room - 1, 0)] + "…"
         return f"{name}: {said}"
@@ -100,15 +103,15 @@ def _ascii_lines(image: torch.Tensor) -> list[Text]:
     return [Text("".join(ASCII_RAMP[i] for i in row)) for row in levels.tolist()]
 
 
-def write_digits_png(digits: list[Digit], path: Path, purpose: str = "predict -o") -> None:
+def write_digits_png(digits: list[Digit], path: Path) -> None:
     """A grid of the digits, each under its name and prediction (the prediction red when wrong).
 
-    One image, drawn with pillow: each digit's pixels pasted as blocks, two lines of text
-    above them. One matplotlib axes per digit took 8 minutes and 1.3 GB for 2,000 digits.
+    One pillow image, each digit's pixels pasted as blocks: one matplotlib axes per digit
+    took 8 minutes and 1.3 GB for 2,000 digits.
     """
-    image_module = require("PIL.Image", purpose)
-    draw_module = require("PIL.ImageDraw", purpose)
-    font = caption_font(require("PIL.ImageFont", purpose))
+    image_module = require("PIL.Image", "predict -o")
+    draw_module = require("PIL.ImageDraw", "predict -o")
+    font = caption_font(require("PIL.ImageFont", "predict -o"))
     columns = grid_columns(len(digits))
     rows = math.ceil(len(digits) / columns)
     sheet = image_module.new("RGB", (columns * CELL_WIDTH, rows * CELL_HEIGHT), "white")
@@ -117,8 +120,7 @@ def write_digits_png(digits: list[Digit], path: Path, purpose: str = "predict -o
         left, top = digit_origin(index, columns)
         pixels = digit.image.cpu().numpy().repeat(DIGIT_SCALE, axis=0).repeat(DIGIT_SCALE, axis=1)  # (84, 84)
         sheet.paste(image_module.fromarray(pixels).convert("RGB"), (left, top))
-        said = f"{digit.predicted} ({100 * digit.probability:.1f}%)" + (f" true {digit.label}" if digit.wrong else "")
-        lines = ((fitted(digit.name, draw, font), "black"), (said, "red" if digit.wrong else "black"))
+        lines = ((fitted(digit.name, draw, font), "black"), (digit.said(), "red" if digit.wrong else "black"))
         centre = left + DIGIT_PIXELS // 2
         for line, (text, colour) in enumerate(lines):
             y = top - CAPTION_HEIGHT + line * LINE_HEIGHT
