@@ -19,6 +19,7 @@ from tinymnist.tool.outputs import atomic_output
 
 FIGURE_INCHES = (7, 6)
 DPI = 100  # 700 x 600 pixels
+PNG_PURPOSE = "eval --confusion -o"  # what needs matplotlib, if it is missing
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -63,9 +64,9 @@ def cell(count: int, correct: bool, worst: bool) -> str:
 
 def write_confusion_png(matrix: torch.Tensor, path: Path) -> None:
     """The matrix as a heat map with every count written in its cell; write it atomically."""
-    matplotlib = require("matplotlib", "eval --confusion -o")
-    figure_module = require("matplotlib.figure", "eval --confusion -o")
-    colors = require("matplotlib.colors", "eval --confusion -o")
+    matplotlib = require("matplotlib", PNG_PURPOSE)
+    figure_module = require("matplotlib.figure", PNG_PURPOSE)
+    colors = require("matplotlib.colors", PNG_PURPOSE)
     figure = figure_module.Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
     ax = figure.subplots()
     counts = matrix.numpy()
@@ -77,15 +78,11 @@ def write_confusion_png(matrix: torch.Tensor, path: Path) -> None:
     for true in range(NUM_CLASSES):
         for predicted in range(NUM_CLASSES):
             count = int(counts[true, predicted])
-            dark = count > 0 and norm(count) > 0.6  # deep blue: write the number in white
-            ax.text(
-                predicted, true, str(count), ha="center", va="center", fontsize=8, color="white" if dark else "black"
-            )
-    accuracies = per_class_accuracy(matrix)
+            colour = "white" if count > 0 and norm(count) > 0.6 else "black"  # white on deep blue
+            ax.text(predicted, true, str(count), ha="center", va="center", fontsize=8, color=colour)
+    row_labels = [f"{d}  {'-' if a is None else f'{100 * a:.1f}%'}" for d, a in enumerate(per_class_accuracy(matrix))]
     ax.set_xticks(range(NUM_CLASSES))
-    ax.set_yticks(
-        range(NUM_CLASSES), [f"{d}  {'-' if a is None else f'{100 * a:.1f}%'}" for d, a in enumerate(accuracies)]
-    )
+    ax.set_yticks(range(NUM_CLASSES), row_labels)
     ax.set_xlabel("predicted digit")
     ax.set_ylabel("true digit  (its accuracy)")
     ax.set_title(f"confusion matrix: {int(matrix.diagonal().sum())}/{int(matrix.sum())} correct")
