@@ -1,15 +1,13 @@
 """`tinymnist export CHECKPOINT -o model.pt`: the weights as the tutorial's own nn.Module loads them.
 
-A checkpoint's params already carry the tutorials' parameter names (`conv1.weight`,
-`fc1.bias`, ...), with one exception: the LeNet tutorial wraps each layer with its
-activation (and pool) in an `nn.Sequential`, so its state_dict says `conv1.0.weight`
-where ours says `conv1.weight`. `TUTORIAL_MODULE_NAMES` holds those renames; the
-result loads with `load_state_dict(..., strict=True)` and computes exactly what
-`tinymnist eval` computes.
+A checkpoint's params carry the tutorials' names (`conv1.weight`, ...), except that the
+LeNet tutorial wraps each layer in an `nn.Sequential` (`conv1.0.weight`):
+`TUTORIAL_MODULE_NAMES` holds those renames. The result loads with `strict=True` and
+computes exactly what `tinymnist eval` computes.
 
     model.pt, model.pth    torch.save(state_dict); read it back with torch.load(path, weights_only=True)
-    model.safetensors      safetensors: no pickle, readable from other languages; the metadata
-                           holds the model name and its input scaling (mean, std)
+    model.safetensors      no pickle, readable from other languages; the metadata holds the
+                           model name and its input scaling (mean, std)
 """
 
 from __future__ import annotations
@@ -56,9 +54,8 @@ def export_state_dict(model: str, params: dict[str, torch.Tensor], path: Path) -
 
 
 def serialized(model: str, state: dict[str, torch.Tensor], suffix: str) -> bytes:
-    """The file's bytes, made in memory (a state_dict is a few MB): writing them is then one
-    plain write, whose failure is an OSError, where torch.save's zip writer, failing on a file,
-    raises a RuntimeError of its own ("unexpected pos")."""
+    """The file's bytes, made in memory (a state_dict is a few MB), so that a failed write is an
+    OSError: torch.save's zip writer, failing on a file, raises a RuntimeError ("unexpected pos")."""
     if suffix == ".safetensors":
         recipe = RECIPES[model]
         metadata = {"model": model, "mean": repr(recipe.mean), "std": repr(recipe.std)}  # safetensors wants strings
