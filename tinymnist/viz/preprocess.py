@@ -1,9 +1,8 @@
 """Turn a photo or drawing of a digit into a 28x28 MNIST digit, the way MNIST was made.
 
-LeCun, Cortes and Burges describe MNIST's construction: each digit was "size
-normalized to fit in a 20x20 pixel box while preserving its aspect ratio", which
-antialiasing leaves with grey levels, then "centered in a 28x28 image by computing
-the center of mass of the pixels". So, for any picture (PNG/JPEG, any size, colour):
+LeCun, Cortes and Burges: each digit was "size normalized to fit in a 20x20 pixel box while
+preserving its aspect ratio", antialiased, then "centered in a 28x28 image by computing the
+center of mass of the pixels". So, for any picture (PNG/JPEG, any size, colour):
 
     upright, as its EXIF orientation says ──> grey, 0..1
       ──invert if the border is light──> light ink on black, like MNIST
@@ -11,8 +10,7 @@ the center of mass of the pixels". So, for any picture (PNG/JPEG, any size, colo
       ──resize, longer side 20, antialiased──> at most (20, 20)
       ──paste into 28x28 with the centre of mass at the middle──> uint8 (28, 28)
 
-A network trained on MNIST sees nothing else well: a digit too small, off-centre
-or dark-on-light is read as something else.
+A network trained on MNIST reads a digit too small, off-centre or dark-on-light as another.
 """
 
 from __future__ import annotations
@@ -23,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tinymnist.data import IMAGE_SIZE
 from tinymnist.data.files import check_readable
 from tinymnist.errors import TinyMnistError
 from tinymnist.tool.extras import require
 
-IMAGE_SIZE = 28  # MNIST's images
 DIGIT_BOX = 20  # the box MNIST's digits were normalized into (the longer side)
 # Where MNIST puts a digit's centre of mass, in pixel-index coordinates: measured over
 # the 10,000 test digits, the mean is 13.99 (rows) and 14.01 (columns), spread 0.29.
