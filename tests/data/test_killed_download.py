@@ -51,7 +51,6 @@ def test_the_next_download_removes_what_kill_9_left(tmp_path):
         mirror.answers = {IMAGES: [serve(body)]}
         download(
             data,
-            [IMAGES],
             mirrors=[mirror.url],
             md5s={IMAGES: hashlib.md5(body).hexdigest()},
             progress=False,

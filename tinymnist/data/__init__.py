@@ -108,21 +108,20 @@ def load_test_split(
 
 def _provide(data_dir: Path, names: Sequence[str], allow_download: bool) -> None:
     if allow_download and missing_files(data_dir, names):
-        download(data_dir, names)
+        download(data_dir, md5s={name: FILES[name] for name in names})
     if missing := missing_files(data_dir, names):
         raise MissingDataError(missing_data_message(data_dir, missing))
 
 
 def download(
     data_dir: Path,
-    names: Iterable[str] | None = None,
     *,
     mirrors: Sequence[str] | None = None,
     md5s: Mapping[str, str] = FILES,
     progress: bool | None = None,
     patience: Patience = Patience(),
 ) -> None:
-    """Fetch each of `names` (default: all of `md5s`, MNIST's four files) that data_dir lacks.
+    """Fetch each file of `md5s` (default: MNIST's four) that data_dir lacks.
 
     mirrors: base URLs; default $TINYMNIST_MIRRORS (comma-separated), else DEFAULT_MIRRORS.
     A file already there counts when it reads as a complete IDX file, gzipped or not; a
@@ -130,14 +129,13 @@ def download(
     Raises DownloadError naming every file no mirror could provide; those that arrived stay.
     """
     data_dir = Path(data_dir)
-    names = list(md5s) if names is None else list(names)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DownloadError(f"cannot create the data folder {data_dir}: {e.strerror or e}") from None
-    for name in names:
+    for name in md5s:
         remove_leftovers(data_dir / name)
-    wanted = {name: md5s[name] for name in names if not _already_present(data_dir, name)}
+    wanted = {name: md5 for name, md5 in md5s.items() if not _already_present(data_dir, name)}
     mirrors = list(mirrors) if mirrors is not None else _mirrors_from_env()
     try:
         failures = fetch_files(data_dir, wanted, mirrors, progress=progress, patience=patience)
