@@ -122,8 +122,7 @@ def _from_pickle(path: Path, gzipped: bool) -> dict[str, torch.Tensor]:
     try:
         with gzip.open(path) if gzipped else open(path, "rb") as file:
             # latin1: the file was pickled by Python 2, whose str held NumPy's raw bytes
-            train, valid, test = _ArraysOnly(file, encoding="latin1").load()
-        (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = train, valid, test
+            (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = _ArraysOnly(file, encoding="latin1").load()
         arrays = (train_x, train_y, valid_x, valid_y, test_x, test_y)
         if not all(isinstance(array, np.ndarray) and array.size for array in arrays):
             raise TypeError("expected six non-empty NumPy arrays")
