@@ -49,7 +49,7 @@ class Digit:
         return self.label is not None and self.label != self.predicted
 
     def said(self, mark: str = "") -> str:
-        """The prediction, and the truth if it differs: "7 (99.9%)", "7 (51.2%) ✗ true 3" with mark "✗"."""
+        """The prediction, and the truth if it differs: "7 (99.9%)", "7 (51.2%) ✗ true 3" with mark=" ✗"."""
         return f"{self.predicted} ({100 * self.probability:.1f}%)" + (f"{mark} true {self.label}" if self.wrong else "")
 
     def caption(self) -> str:
