@@ -72,23 +72,26 @@ def one_process(data_dir, *extra) -> subprocess.CompletedProcess:
 def start_ranks(data_dir, *extra, world_size: int = 2) -> list[subprocess.Popen]:
     """The processes torchrun would start, each with its RANK, WORLD_SIZE, LOCAL_RANK."""
     port = free_port()
-    return [
-        subprocess.Popen(
-            [sys.executable, "-m", "tinymnist", *cli_args(data_dir, *extra)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={
-                **quiet_env(),
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(world_size),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-            },
-        )
-        for rank in range(world_size)
-    ]
+    return [start_rank(data_dir, rank, world_size, port, *extra) for rank in range(world_size)]
+
+
+def start_rank(data_dir, rank: int, world_size: int, port: int, *extra, env=None) -> subprocess.Popen:
+    """One of them: rank `rank` of `world_size`, meeting at 127.0.0.1:`port`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tinymnist", *cli_args(data_dir, *extra)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={
+            **quiet_env(),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            **(env or {}),
+        },
+    )
 
 
 def logged_losses(stdout: str) -> list[float]:
@@ -198,6 +201,30 @@ def test_torchrun_variables_set_by_hand_are_checked_before_any_wait(
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert_user_error(run(*cli_args(tiny_split)), fragment, "start with torchrun")
+
+
+def test_a_rank_with_no_rank_0_to_meet_says_so_in_one_line_after_its_timeout(tiny_split):
+    """It waited twice the collective timeout inside torch's C++ connect, printing C++ stack lines."""
+    port = free_port()  # nothing listens there
+    rank_1 = start_rank(tiny_split, 1, 2, port, env={torchrun.RENDEZVOUS_TIMEOUT_ENV: "1"})
+    _, stderr = rank_1.communicate(timeout=60)
+    assert rank_1.returncode == 2, stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("tinymnist: error: rank 1 of 2: no rank 0 answered"), line
+    for fragment in ("MASTER_ADDR=127.0.0.1", f"MASTER_PORT={port}", "within 1 s", "start rank 0"):
+        assert fragment in line, line
+
+
+def test_sigterm_ends_a_rank_waiting_for_rank_0_at_once(tiny_split):
+    """torch's C++ connect held SIGTERM back for minutes. The wait is a Python loop now: a
+    signal ends it between two tries, as it ends every other part of a run."""
+    rank_1 = start_rank(tiny_split, 1, 2, free_port())
+    time.sleep(8)  # past the imports (seconds): waiting for a rank 0 that never comes
+    rank_1.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    rank_1.communicate(timeout=HANG_GUARD_S)
+    assert rank_1.returncode == 143
+    assert time.monotonic() - sent < 5
 
 
 def test_without_torchrun_there_is_no_process_group():

@@ -14,7 +14,9 @@ import datetime
 import functools
 import os
 import re
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -36,6 +38,14 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 # may keep the others waiting for much of an epoch: they wait as long as torch waits by
 # default. A killed peer still fails them at once; only a hung one takes this long.
 SWEEP_TIMEOUT = dist.default_pg_timeout
+# How long a rank other than 0 waits for rank 0 to listen at MASTER_ADDR:MASTER_PORT.
+# torchrun starts every rank at once, so a minute means a wrong address or a rank 0
+# never started; $TINYMNIST_RENDEZVOUS_TIMEOUT (seconds) waits longer, or shorter.
+RENDEZVOUS_TIMEOUT_ENV = "TINYMNIST_RENDEZVOUS_TIMEOUT"
+RENDEZVOUS_TIMEOUT = datetime.timedelta(seconds=60)
+RENDEZVOUS_MAX = datetime.timedelta(days=1)
+RENDEZVOUS_RETRY_S = 0.2  # between two tries to connect: a refused connection answers at once
+CONNECT_TIMEOUT_S = 1.0  # one try, where a firewall drops the packets instead of refusing them
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,8 @@ def process_device(cluster: Cluster | None, device: torch.device) -> torch.devic
 
 def join(cluster: Cluster, device: torch.device, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> None:
     """Join torchrun's process group: NCCL between GPUs, gloo between CPUs."""
+    if not cluster.leader:
+        wait_for_rank_0(cluster)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -96,6 +108,53 @@ def join(cluster: Cluster, device: torch.device, timeout: datetime.timedelta = C
         raise TinyMnistError(
             f"rank {cluster.rank} of {cluster.world_size}: could not join the other processes ({one_line(e)})"
         ) from None
+
+
+def wait_for_rank_0(cluster: Cluster, env=os.environ) -> None:
+    """Return once something listens at MASTER_ADDR:MASTER_PORT, where rank 0 (or torchrun)
+    keeps the group's store; raise a one-line TinyMnistError when nothing does in time.
+
+    torch's own connect would wait the whole collective timeout (half an hour for a sweep),
+    twice, inside C++ where neither Ctrl-C nor SIGTERM gets through, printing C++ stack
+    lines. Here each try is a Python call that a refused connection ends at once, and a
+    signal ends the wait between two tries. (Without the variables, init_process_group says
+    which one is missing.)"""
+    host, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    if host is None or port is None:
+        return
+    if not port.isdigit():
+        raise TinyMnistError(f"MASTER_PORT={port!r}: must be a port number; start with torchrun")
+    timeout = rendezvous_timeout(env)
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                reason = e.strerror or str(e) or type(e).__name__
+                raise TinyMnistError(
+                    f"rank {cluster.rank} of {cluster.world_size}: no rank 0 answered at MASTER_ADDR={host} "
+                    f"MASTER_PORT={port} within {timeout.total_seconds():g} s ({reason}); check both "
+                    f"variables and start rank 0 (torchrun starts every rank; ${RENDEZVOUS_TIMEOUT_ENV} "
+                    f"waits longer)"
+                ) from None
+        time.sleep(RENDEZVOUS_RETRY_S)
+
+
+def rendezvous_timeout(env=os.environ) -> datetime.timedelta:
+    """RENDEZVOUS_TIMEOUT, or $TINYMNIST_RENDEZVOUS_TIMEOUT seconds."""
+    text = env.get(RENDEZVOUS_TIMEOUT_ENV)
+    if text is None:
+        return RENDEZVOUS_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    most = RENDEZVOUS_MAX.total_seconds()
+    if not 0 < seconds <= most:  # also NaN
+        raise TinyMnistError(f"{RENDEZVOUS_TIMEOUT_ENV}={text!r}: give seconds, more than 0 and at most {most:g}")
+    return datetime.timedelta(seconds=seconds)
 
 
 def leave() -> None:
