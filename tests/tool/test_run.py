@@ -1,12 +1,19 @@
 """What `tinymnist train` checks before training and what a resumed run may touch (run.py)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.mirror import Mirror
 from tests.support import assert_user_error, run, train_args
+from tinymnist import data
 from tinymnist.tool import checkpoint
 from tinymnist.tool.cli import app
 
@@ -189,6 +196,36 @@ def test_a_resumed_run_stopped_before_its_next_epoch_says_its_checkpoint_is_unch
         stderr.strip().splitlines()[-1]
         == f"tinymnist: interrupted; no epoch completed in this run; {ckpt} (epoch 1) is unchanged"
     )
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "line"),
+    [(signal.SIGINT, 130, "tinymnist: interrupted"), (signal.SIGTERM, 143, "tinymnist: interrupted by SIGTERM")],
+)
+def test_a_signal_while_the_data_loads_ends_in_one_line(tmp_path, signum, code, line):
+    """A stop before training (here: in a download from a mirror that never answers) exited
+    with the right status and not a word. The test signals once the mirror is asked."""
+    asked = threading.Event()
+
+    def never_answer(handler):
+        asked.set()
+        threading.Event().wait(60)
+
+    mirror = Mirror()
+    mirror.answers = {name: [never_answer] for name in data.FILES}
+    args = [a for a in train_args(tmp_path / "data", "--model", "mlp") if a != "--no-download"]
+    env = {**os.environ, data.MIRRORS_ENV: mirror.url}
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tinymnist", *map(str, args)], stderr=subprocess.PIPE, text=True, env=env
+        )
+        assert asked.wait(timeout=120), process.communicate()
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        mirror.stop()
+    assert process.returncode == code, stderr
+    assert stderr.strip().splitlines()[-1] == line and "Traceback" not in stderr
 
 
 def test_a_dry_run_writes_no_metrics_over_a_real_history(tiny_split, tmp_path):

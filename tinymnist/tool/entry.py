@@ -26,8 +26,7 @@ def main() -> None:
             raise
         exit_if_torchrun(0)
     except KeyboardInterrupt as e:  # during the imports: each command reports its own
-        by = " by SIGTERM" if isinstance(e, interrupts.Terminated) else ""
-        print(f"tinymnist: interrupted{by}", file=sys.stderr)
+        interrupts.report(e)
         sys.exit(interrupts.exit_code(e))
 
 

@@ -24,7 +24,8 @@ def user_errors(command):
         except TinyMnistError as e:
             print(f"tinymnist: error: {e}", file=sys.stderr)
             raise typer.Exit(EXIT_USAGE) from None
-        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: what was saved is already said
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line, unless a run has said what it saved
+            interrupts.report(stop)
             raise typer.Exit(interrupts.exit_code(stop)) from None
 
     return wrapper

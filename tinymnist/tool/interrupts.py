@@ -11,6 +11,9 @@ the spot (no checkpoint, no exit message). After `install()`:
   with a new traceback; later signals are ignored (SIGKILL still works).
 - Inside `shielded()` (a checkpoint being written) a signal waits: it is raised when
   the block ends, so a file is never left half-written by an impatient Ctrl-C.
+- Every stop ends in one line, `report(stop)`: the run that knows what it kept says so
+  (`train`'s last checkpoint); wherever else a signal lands (start-up, loading the data,
+  any other command), the line is said where the interrupt is caught.
 
 Signal handlers belong to the process, so the handler object holds this state and
 the process's signal table holds the handler: there is no module-level variable.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -35,6 +39,16 @@ def exit_code(exc: KeyboardInterrupt) -> int:
     """130 for Ctrl-C (SIGINT), 143 for SIGTERM."""
     signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
     return SHELL_SIGNAL_BASE + signum
+
+
+def report(stop: KeyboardInterrupt, kept: str = "") -> None:
+    """Print the line a stopped command ends with, once per stop: which signal, then `kept`
+    (what the run has saved, said by the one that knows)."""
+    if getattr(stop, "reported", False):  # said already, closer to where it landed
+        return
+    by = " by SIGTERM" if isinstance(stop, Terminated) else ""
+    print(f"tinymnist: interrupted{by}{kept}", file=sys.stderr)
+    stop.reported = True
 
 
 def _exception(signum: int) -> KeyboardInterrupt:

@@ -233,8 +233,7 @@ def train_and_save(
             raise TinyMnistError(f"{e}{save.kept()}") from None
         except KeyboardInterrupt as stop:
             reporter.close()
-            by = " by SIGTERM" if isinstance(stop, interrupts.Terminated) else ""
-            print(f"tinymnist: interrupted{by}{save.kept() or save.nothing_kept()}", file=sys.stderr)
+            interrupts.report(stop, save.kept() or save.nothing_kept())
             raise
 
 
