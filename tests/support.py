@@ -73,11 +73,11 @@ def random_mnist(n_train: int, n_test: int, seed: int = 0, device="cpu") -> MNIS
     return MNIST(*(t.to(device) for t in (images(n_train), labels(n_train), images(n_test), labels(n_test))))
 
 
-def fit_run(config, data, state, step, reporter=None, on_epoch_end=None):
+def fit_run(config, data, state, step, reporter=None, on_epoch_end=None, steps_per_call=1):
     """train.fit as `tinymnist train` calls it for `config`: its models, the step, the test set."""
     models = model_configs(config)
     evaluate = TestSet(config, models, data, evaluate_many if config.n_models > 1 else evaluate_one)
-    return fit(Training(config, models, step, evaluate, reporter, on_epoch_end), data, state)
+    return fit(Training(config, models, step, evaluate, reporter, on_epoch_end, steps_per_call), data, state)
 
 
 def viz_app() -> typer.Typer:

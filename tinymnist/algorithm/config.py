@@ -84,6 +84,7 @@ class TrainConfig:
     micro_batch: int | None = None  # images per gradient chunk; 0: whole batch; None: the device's default
     cuda_graphs: bool = True  # on CUDA, replay each step as one CUDA graph (transforms/cuda_graph.py)
     threads: int | None = None  # CPU threads, fixed; None: torch's, fewer while a core is taken (cpu_threads.py)
+    steps_per_call: int = 1  # CPU: steps per compiled call (transforms/several_steps.py)
     data_dir: str = "data"
     download: bool = True  # fetch missing MNIST files before training
     save_model: str | None = None  # checkpoint path, rewritten at every epoch end
@@ -181,6 +182,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise TinyMnistError(f"--seed must be between 0 and 2**63-1, got {config.seed}")
     if config.micro_batch is not None and (not isinstance(config.micro_batch, int) or config.micro_batch < 0):
         raise TinyMnistError(f"--micro-batch must be 0 (whole batch) or positive, got {config.micro_batch}")
+    if not isinstance(config.steps_per_call, int) or config.steps_per_call < 1:
+        raise TinyMnistError(f"--steps-per-call must be a positive number of steps, got {config.steps_per_call}")
     if config.threads is not None and (not isinstance(config.threads, int) or config.threads < 1):
         raise TinyMnistError(f"--threads must be a positive number of CPU threads, got {config.threads}")
     validate_models(config)

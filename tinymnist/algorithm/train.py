@@ -361,6 +361,7 @@ class Training:
     evaluate: Callable[[Params, Progress], list[dict]]  # an evaluation's records (TestSet)
     reporter: Reporter | None = None
     on_epoch_end: Callable[[TrainState], None] | None = None  # gets each completed epoch: checkpoints go here
+    steps_per_call: int = 1  # > 1: the step takes (n, [N,] B) indices and (n, [N]) rates (several_steps.py)
 
 
 @dataclass
@@ -405,13 +406,23 @@ class Clock:
         return lap
 
 
+def steps_this_call(training: Training, done: int, steps: int, left: int) -> int:
+    """How many steps the next call of the step takes: one, or up to steps_per_call, ending at
+    the next log line, evaluation or epoch end at the latest (`done` steps of the epoch so far)."""
+    config = training.config
+    until_eval = config.eval_every - done % config.eval_every if config.eval_every else steps
+    until_log = config.log_interval - done % config.log_interval
+    return min(training.steps_per_call, until_log, until_eval, steps - done, left)
+
+
 def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
     """Train from `state` up to config.epochs: one loop over steps, evaluating after every
     epoch and every config.eval_every steps, with the clock stopped; with
     config.target_accuracy, stop once every model has reached it.
 
     The host reads the device only every log_interval steps (the running loss): no per-step
-    .item(), so the CPU can queue steps ahead of a GPU."""
+    .item(), so the CPU can queue steps ahead of a GPU. Each call of the step is one step, or
+    with training.steps_per_call > 1 the steps up to the next log line or evaluation."""
     config, step, reporter = training.config, training.step, training.reporter
     device, n_train, n_models = data.train_images.device, len(data.train_images), len(training.models)
     stacked = config.n_models > 1  # the state has a leading model axis
@@ -426,9 +437,10 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
     first = state.epoch * steps
     last = first + 1 if config.dry_run else config.epochs * steps
     clock.start()
-    for s in range(first, last):
-        epoch, done = s // steps + 1, s % steps + 1  # done: steps of this epoch, this one included
-        if done == 1:  # a new epoch: each model's own data order and learning rates
+    s, untimed = first, 0  # steps of the run so far; those of the first (compiling) call
+    while s < last:
+        epoch, i = s // steps + 1, s % steps  # i: steps of this epoch before this call
+        if i == 0:  # a new epoch: each model's own data order and learning rates
             orders = [epoch_batches(n_train, config.batch_size, g, device) for g in shuffles]  # N x (steps, B)
             batches = side_by_side(orders, stacked)  # (steps, [N,] B)
             lrs = [epoch_lrs(m, epoch, steps) for m in training.models]  # N lists of `steps` rates
@@ -437,19 +449,21 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
             epoch_losses, epoch_start = [0.0] * n_models, clock.seconds
             if reporter:
                 reporter.epoch_started(epoch, last - first if config.dry_run else steps, lrs[0][0], s == first)
-        i = done - 1
+        n = steps_this_call(training, i, steps, last - s)
+        these = i if training.steps_per_call == 1 else slice(i, i + n)  # one batch, or (n, [N,] B)
         params, opt_state, loss = step(
-            params, opt_state, data.train_images, data.train_labels, batches[i], lr_tensor[i]
+            params, opt_state, data.train_images, data.train_labels, batches[these], lr_tensor[these]
         )
         running += loss
-        result.steps += 1
-        if s == first:  # the step compiles on its first call: keep that out of the speed
-            result.first_step_seconds = clock.stop(count=False)
+        s, done = s + n, i + n  # done: steps of this epoch, this call's included
+        result.steps += n
+        if s == first + n:  # the step compiles on its first call: keep that out of the speed
+            result.first_step_seconds, untimed = clock.stop(count=False), n
             clock.start()
-        epoch_end = done == steps or s + 1 == last
+        epoch_end = done == steps or s == last
         if done % config.log_interval == 0 or epoch_end:
             summed = running.reshape(-1).tolist()  # the only host sync between evaluations
-            check_finite(training.models, summed, epoch, done, [r[i] for r in lrs])
+            check_finite(training.models, summed, epoch, done, [r[done - 1] for r in lrs])
             if reporter:
                 since_last = done % config.log_interval or config.log_interval
                 reporter.logged(epoch, done, done * config.batch_size, n_train, sum(summed) / n_models / since_last)
@@ -458,13 +472,13 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
         if not epoch_end and not (config.eval_every and done % config.eval_every == 0):
             continue
         clock.stop()  # ---- evaluation, off the clock ----
-        timed = done - (first // steps + 1 == epoch)  # this epoch's steps, less the first (compiling) one
+        timed = done - untimed * (first // steps + 1 == epoch)  # this epoch's steps less the compiling call's
         seconds, images = clock.seconds - epoch_start, timed * config.batch_size * n_models
         if epoch_end:
             progress = Progress(epoch, [total / done for total in epoch_losses], [r[0] for r in lrs], seconds, images)
         else:
             fraction = round(epoch - 1 + done / steps, 4)
-            progress = Progress(fraction, [None] * n_models, [r[i] for r in lrs], seconds, images)
+            progress = Progress(fraction, [None] * n_models, [r[done - 1] for r in lrs], seconds, images)
         reached = evaluated(training, result, params, progress, clock)
         if epoch_end:
             result.state = completed(step, params, opt_state, epoch, capture_rng(shuffles, device, stacked))
@@ -474,7 +488,7 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
             break
         clock.start()
     result.train_seconds = clock.seconds
-    result.images = max(result.steps - 1, 0) * config.batch_size * n_models
+    result.images = max(result.steps - untimed, 0) * config.batch_size * n_models
     return result
 
 

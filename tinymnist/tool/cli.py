@@ -152,6 +152,11 @@ def train(
     cuda_graphs: bool = typer.Option(
         True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay each step as one CUDA graph."
     ),
+    steps_per_call: int = typer.Option(
+        1,
+        help="CPU: run this many steps per compiled call (one model's step, compiled whole): faster for "
+        "small steps in long runs, at seconds more compile (BENCHMARKS.md).",
+    ),
     threads: int | None = typer.Option(
         None,
         help="CPU threads, fixed: the same numbers to the last bit whatever else the machine runs.",
@@ -197,6 +202,7 @@ def train(
         micro_batch=micro_batch,
         cuda_graphs=cuda_graphs,
         threads=threads,
+        steps_per_call=steps_per_call,
         device="cpu" if no_accel else device or "auto",
         data_dir=str(data.resolve_data_dir(data_dir)),
         download=not no_download,

@@ -121,6 +121,11 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
         if config.threads:
             torch.set_num_threads(config.threads)
         check_compiler(config, device)
+        if config.steps_per_call > 1 and not speed.several_steps_apply(config, device, one_process=cluster is None):
+            raise TinyMnistError(
+                "--steps-per-call needs one model's step compiled whole on the CPU, in one process "
+                "(no --seeds or --lr list, no torchrun, a batch within --micro-batch); leave it out"
+            )
         paths = check_outputs(config)
         optimizer = make_optimizer(config)
         check_memory(config, optimizer, device, models_here(config, cluster))  # before N configs are built
@@ -139,7 +144,8 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
             # nothing about a taken core, so its threads stay fixed (transforms/cpu_threads.py).
             step = speed.device_step(config, optimizer, device, data_parallel, adaptive_threads=cluster is None)
             evaluate = sweep or TestSet(config, models, mnist, evaluate_many if config.n_models > 1 else evaluate_one)
-            training = Training(config, models, step, evaluate)
+            k = speed.steps_per_call(config, device, one_process=cluster is None)  # as device_step chose
+            training = Training(config, models, step, evaluate, steps_per_call=k)
             result = train_and_save(training, mnist, state, paths.get("--metrics"), resumed, sweep)
         if sweep:  # the speed of the whole sweep: every share's images in the slowest share's time
             result.train_seconds, result.images = sweep.totals(result.train_seconds, result.images)

@@ -7,6 +7,8 @@ and returns one that computes the same thing faster on some device:
     micro_batched(gradient, n)     the batch's gradient as the sum of n-image chunks
     GraphedStep(step)              CUDA: the step recorded once, replayed with one launch
                                    (cuda_graph.py)
+    SeveralSteps(...)              CPU: up to k steps in one compiled call, for small steps
+                                   (several_steps.py)
     AdaptiveThreads(step, n)       CPU: the step on the thread count that is fastest now,
                                    so a core taken by another program does not stall it
                                    (cpu_threads.py)
@@ -28,6 +30,7 @@ from tinymnist.algorithm.train import Gradient, Step, make_gradient, make_step
 from tinymnist.errors import TinyMnistError
 from tinymnist.transforms.cpu_threads import AdaptiveThreads
 from tinymnist.transforms.cuda_graph import GraphedStep
+from tinymnist.transforms.several_steps import SeveralSteps, scanned
 from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models_update
 
 # Images per gradient chunk on the CPU, where `tinymnist bench` measured lenet's
@@ -77,13 +80,15 @@ def device_step(
 ) -> Step:
     """The step `tinymnist train` runs on `device`: over N models (vmap) where the config has
     several, compiled where that is faster, in micro-batches where the batch is large for a
-    CPU, replayed as a CUDA graph on CUDA, on the fastest thread count now on a CPU.
+    CPU, several steps per call where one is small, replayed as a CUDA graph on CUDA, on the
+    fastest thread count now on a CPU.
     `data_parallel` (all_reduce.all_reduced under torchrun) wraps the gradient last: this
     process's slice of the batch is micro-batched.
     `stacked` (default: for N > 1) maps the step over a leading model axis;
     `adaptive_threads=False` or config.threads keeps a CPU step on the threads it finds."""
     gradient, update, sharers = make_gradient(config), optimizer.update, 1
-    if config.n_models > 1 if stacked is None else stacked:
+    stacked = config.n_models > 1 if stacked is None else stacked
+    if stacked:
         gradient, update = n_models_gradient(config, device), n_models_update(update, config.n_models)
         sharers = chunk_sharers(config)  # models whose images share one micro-batch
     compile = use_compile(config, device)
@@ -97,10 +102,32 @@ def device_step(
     step = make_step(gradient, optim.Optimizer(optimizer.init, update))
     if device.type == "cuda" and config.cuda_graphs:
         return GraphedStep(step, compile)
-    step = compiled(step) if compile else step
+    k = 1 if stacked else steps_per_call(config, device, data_parallel is None)
+    if compile and k > 1:
+        step = SeveralSteps(compiled(step), compiled(scanned(step)), k)
+    elif compile:
+        step = compiled(step)
     if adaptive_threads and config.threads is None and device.type == "cpu" and torch.get_num_threads() > 1:
         return AdaptiveThreads(step, most=torch.get_num_threads())
     return step
+
+
+def steps_per_call(config: TrainConfig, device: torch.device, one_process: bool = True) -> int:
+    """Steps the loop hands the step at once: --steps-per-call (several_steps.py), at most a
+    log interval, where the step is one model's, compiled whole on the CPU in one process; else 1.
+
+    The default is 1 for every recipe: k = 10 ran mlp's steady state 1.58x faster, mlp3's
+    1.13x and cnn's 0.97x, but the scan compiles for 5-10 s more, longer than it saves in
+    the recipes' own runs (BENCHMARKS.md, "Several steps per call")."""
+    if config.steps_per_call == 1 or not several_steps_apply(config, device, one_process):
+        return 1
+    return min(config.steps_per_call, config.log_interval)
+
+
+def several_steps_apply(config: TrainConfig, device: torch.device, one_process: bool = True) -> bool:
+    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device)
+    compiled_whole = use_compile(config, device) and not 0 < micro_batch < config.batch_size
+    return device.type == "cpu" and compiled_whole and config.n_models == 1 and one_process
 
 
 def use_compile(config: TrainConfig, device: torch.device) -> bool:

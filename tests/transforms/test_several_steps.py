@@ -1,0 +1,145 @@
+"""Several steps per call: the same parameters as one step per call, and a loop that hands
+the step its steps up to each log line, evaluation and epoch end."""
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from tests.support import assert_user_error, fit_run, needs_cpp_compiler, random_mnist, run, train_args
+from tinymnist.algorithm import optim
+from tinymnist.algorithm.config import make_optimizer, recipe_config
+from tinymnist.algorithm.train import initial_state, make_gradient, make_step
+from tinymnist.tool import checkpoint
+from tinymnist.transforms.several_steps import SeveralSteps, scanned
+from tinymnist.transforms.speed import compiled, steps_per_call
+
+CPU = torch.device("cpu")
+
+
+def mlp3_batches(k: int, n_images: int = 256):
+    config = recipe_config("mlp3")
+    optimizer = make_optimizer(config)
+    state = initial_state(config, optimizer, CPU)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n_images, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n_images,), generator=g)
+    batch_idx = torch.randint(0, n_images, (k, config.batch_size), generator=g)  # (k, B)
+    lr = torch.linspace(1e-3, 2e-3, k)  # (k,): a rate per step, as a schedule gives
+    return config, optimizer, state, images, labels, batch_idx, lr
+
+
+def one_at_a_time(step, params, opt_state, images, labels, batch_idx, lr):
+    total = 0.0
+    for idx, rate in zip(batch_idx, lr, strict=True):
+        params, opt_state, loss = step(params, opt_state, images, labels, idx, rate)
+        total = total + loss
+    return params, opt_state, total
+
+
+@needs_cpp_compiler
+def test_k_steps_in_one_compiled_scan_are_k_compiled_steps_bit_for_bit():
+    """scan's body is the step's own graph: the CPU computes the same numbers."""
+    config, optimizer, state, images, labels, batch_idx, lr = mlp3_batches(k=4)
+    step = make_step(make_gradient(config), optimizer)
+    one = compiled(step)
+    several = SeveralSteps(one, compiled(scanned(step)), k=4)
+    got = several(state.params, state.opt_state, images, labels, batch_idx, lr)
+    expected = one_at_a_time(one, state.params, state.opt_state, images, labels, batch_idx, lr)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_shorter_call_runs_the_single_step_n_times():
+    config, optimizer, state, images, labels, batch_idx, lr = mlp3_batches(k=3)
+    step = make_step(make_gradient(config), optimizer)
+    several = SeveralSteps(step, lambda *args: pytest.fail("the scan is for exactly k steps"), k=10)
+    got = several(state.params, state.opt_state, images, labels, batch_idx, lr)
+    expected = one_at_a_time(step, state.params, state.opt_state, images, labels, batch_idx, lr)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in records]
+
+
+class Recorder:
+    """A step that records how many steps each call took, and runs them one at a time."""
+
+    def __init__(self, step, k: int):
+        self.step, self.k, self.calls = step, k, []
+
+    def __call__(self, params, opt_state, images, labels, batch_idx, lr):
+        if self.k == 1:
+            self.calls.append(1)
+            return self.step(params, opt_state, images, labels, batch_idx, lr)
+        self.calls.append(len(batch_idx))
+        return one_at_a_time(self.step, params, opt_state, images, labels, batch_idx, lr)
+
+
+@pytest.mark.parametrize("eval_every", [None, 7])
+def test_the_loop_hands_over_the_steps_up_to_each_log_line_and_evaluation(eval_every):
+    """13 steps an epoch (100 images in batches of 8), log every 5, k = 4: calls of 4, then 1
+    to the log line; the epoch's last 3 alone; with --eval-every 7 a call ends there too. The
+    final state and the records are those of one step per call (the train loss to rounding)."""
+    data = random_mnist(100, 50)
+    config = dataclasses.replace(
+        recipe_config("mlp3", "adam"), batch_size=8, epochs=2, log_interval=5, eval_every=eval_every
+    )
+    optimizer = optim.OPTIMIZERS["adam"]()
+    step = make_step(make_gradient(config), optimizer)
+    runs = {}
+    for k in (1, 4):
+        recorder = Recorder(step, k)
+        result = fit_run(config, data, initial_state(config, optimizer, CPU), recorder, steps_per_call=k)
+        runs[k] = (recorder.calls, result)
+    calls = runs[4][0]
+    ends = list(itertools.accumulate(calls))
+    assert sum(calls) == 26 and max(calls) == 4
+    for boundary in [5, 10, 13, 18, 23, 26] + ([7] if eval_every else []):
+        assert boundary in ends  # no call runs past a log line, an evaluation or an epoch's end
+    for several, single in zip(without_timings(runs[4][1].records), without_timings(runs[1][1].records), strict=True):
+        # a log interval split over calls adds its losses in another grouping: the last bits may differ
+        several_loss, single_loss = several.pop("train_loss", None), single.pop("train_loss", None)
+        assert several_loss == single_loss or several_loss == pytest.approx(single_loss, rel=1e-6)
+        assert several == single
+    torch.testing.assert_close(runs[4][1].state.params, runs[1][1].state.params, rtol=0, atol=0)
+    assert runs[4][1].images == runs[1][1].images - 3 * 8  # the first call (it compiles) is off the clock
+
+
+def test_steps_per_call_is_for_one_models_step_compiled_whole_on_the_cpu():
+    mlp3 = recipe_config("mlp3", compile=True, steps_per_call=10)
+    assert steps_per_call(mlp3, CPU) == 10
+    assert steps_per_call(recipe_config("mlp3", compile=True), CPU) == 1  # the default: one
+    assert steps_per_call(dataclasses.replace(mlp3, log_interval=4), CPU) == 4  # a call never passes a log line
+    assert steps_per_call(dataclasses.replace(mlp3, compile=False), CPU) == 1
+    assert steps_per_call(dataclasses.replace(mlp3, seeds=2), CPU) == 1  # N models: one call is N steps already
+    assert steps_per_call(mlp3, CPU, one_process=False) == 1  # torchrun: the all-reduce stays per step
+    assert steps_per_call(dataclasses.replace(mlp3, batch_size=512), CPU) == 1  # micro-batches: compiled in pieces
+    assert steps_per_call(mlp3, torch.device("cuda")) == 1  # CUDA graphs replay a step with one launch
+
+
+@needs_cpp_compiler
+def test_train_with_steps_per_call_ends_where_train_without_does(tiny_split, tmp_path):
+    """The CLI end to end: the same checkpoint, bit for bit, and the same log lines but for the
+    run's speed (on fixed threads, so that nothing but the calls differ)."""
+    common = ("--model", "mlp3", "--epochs", 1, "--compile", "--threads", 2, "--log-interval", 10)
+    for name, extra in (("one", ()), ("several", ("--steps-per-call", 5))):
+        result = run(*train_args(tiny_split, *common, *extra, "--save-model", tmp_path / f"{name}.pt"))
+        assert result.exit_code == 0, result.output
+    _, one = checkpoint.load(tmp_path / "one.pt", CPU)
+    _, several = checkpoint.load(tmp_path / "several.pt", CPU)
+    torch.testing.assert_close(several.params, one.params, rtol=0, atol=0)
+    torch.testing.assert_close(several.opt_state, one.opt_state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (("--steps-per-call", 0), "positive"),
+        (("--steps-per-call", 4, "--no-compile"), "compiled whole on the CPU"),
+        (("--steps-per-call", 4, "--seeds", 2), "compiled whole on the CPU"),
+    ],
+)
+def test_steps_per_call_where_it_cannot_apply_is_refused(tiny_split, extra, fragment):
+    assert_user_error(run(*train_args(tiny_split, "--model", "mlp3", *extra)), "--steps-per-call", fragment)
