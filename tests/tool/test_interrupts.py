@@ -102,6 +102,37 @@ def test_a_ctrl_c_that_an_import_swallows_still_ends_the_run():
     assert finish(start(SWALLOWING_CLI_IMPORT)) == (130, "", "tinymnist: interrupted\n")
 
 
+# A child training on a data folder (argv[1]) whose first log line swallows a SIGTERM's
+# exception, as Python does with an exception raised inside a callback (torch.compile's
+# weakref callbacks run mid-step): the signal has been acted on, so later ones are ignored.
+SWALLOWED_DURING_TRAINING = """
+    import os, signal, sys
+    from tinymnist.algorithm import train
+
+    real_check = train.check_finite
+
+    def swallowing(*args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            pass
+        return real_check(*args)
+
+    train.check_finite = swallowing
+    sys.argv = ["tinymnist", "train", "--data-dir", sys.argv[1], "--no-download", "--device", "cpu",
+                "--no-compile", "--model", "mlp", "--epochs", "3"]
+    from tinymnist.tool.entry import main
+    main()
+"""
+
+
+def test_a_signal_swallowed_during_training_still_ends_the_run(tiny_split):
+    """It ends at the same log line, with exit 143 and the one line, instead of training on."""
+    code, out, err = finish(start(SWALLOWED_DURING_TRAINING, tiny_split))
+    assert code == 143, err
+    assert "Train Epoch: 2" not in out and err.strip().splitlines()[-1].startswith("tinymnist: interrupted by SIGTERM")
+
+
 def test_the_console_script_module_does_not_import_torch():
     """Everything imported before `main` installs the handlers is outside their reach."""
     child = start(

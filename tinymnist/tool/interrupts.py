@@ -111,6 +111,24 @@ def raise_if_swallowed() -> None:
         raise _exception(handler.raised)
 
 
+class SwallowedSignals:
+    """A reporter (train.Reporter) that ends the run at the next log line when a signal's
+    exception was swallowed on the way: Python drops an exception raised inside a callback
+    (torch.compile runs weakref callbacks mid-step), and the run would train on."""
+
+    def epoch_started(self, *args) -> None:
+        raise_if_swallowed()
+
+    def logged(self, *args) -> None:
+        raise_if_swallowed()
+
+    def evaluated(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def shielded() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back until the block ends (blocks nest).

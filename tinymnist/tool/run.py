@@ -225,7 +225,7 @@ def train_and_save(
     config = training.config
     save = Saver(config, sweep, resumed)
     console = Console()
-    reporters = [ProgressReporter(console) if console.is_terminal else LineReporter()]
+    reporters = [interrupts.SwallowedSignals(), ProgressReporter(console) if console.is_terminal else LineReporter()]
     # A dry run checks that the outputs can be written but writes none: a real history stays.
     if config.tensorboard and not config.dry_run:  # before --metrics, which a new run starts afresh
         reporters.append(tensorboard_reporter(config, len(mnist.train_images)))
