@@ -167,6 +167,25 @@ def test_a_killed_run_releases_its_files(tmp_path):
     assert listing(tmp_path) == []
 
 
+def test_a_killed_runs_locks_for_other_names_go_when_a_run_takes_a_lock_in_that_folder(tmp_path):
+    """Names never used again: the next run in the folder deletes their dead sidecars, and
+    leaves a live run's, and a file that is not ours."""
+    killed = start_holder(tmp_path / "old.pt", tmp_path / "old.jsonl")
+    killed.kill()
+    killed.wait(timeout=60)
+    live = start_holder(tmp_path / "live.pt", tmp_path / "live.jsonl")
+    not_ours = tmp_path / ".notes.lock"
+    not_ours.write_text("another program's lock file\n")
+    try:
+        with outputs.exclusive({"--save-model": tmp_path / "new.pt"}):
+            pass
+        assert listing(tmp_path) == sorted([".live.jsonl.lock", ".live.pt.lock", ".notes.lock"])
+        assert second_run({"--save-model": str(tmp_path / "live.pt")}).startswith("--save-model")  # still held
+    finally:
+        live.communicate("done\n", timeout=60)
+    assert listing(tmp_path) == [".notes.lock"]
+
+
 def test_locks_are_released_when_the_run_fails(tmp_path):
     checkpoint = tmp_path / "run.pt"
     with pytest.raises(RuntimeError, match="training failed"):

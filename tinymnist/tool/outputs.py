@@ -14,7 +14,7 @@ a second run refuses in one line naming the first one's pid. The lock sits on a 
 sidecar, `.NAME.lock`: not on the checkpoint itself, whose inode changes with every
 atomic save (a lock on the old inode guards nothing). The OS drops the lock when its
 process ends, however it ends, so a sidecar left by `kill -9` is harmless, and the next
-run on that file deletes it; any other exit deletes it at once. Where the file system
+run that takes a lock in that folder deletes it; any other exit deletes it at once. Where the file system
 has no locks, the sidecar's existence is the lock. Once a run holds a file, it deletes
 that file's temp files left by writers that died (files.remove_leftovers).
 
@@ -276,12 +276,36 @@ def exclusive(outputs: Mapping[str, Path | None]) -> Iterator[None]:
         for flag, path in held.items():
             stack.enter_context(_lock(path, flag))
             files.remove_leftovers(path)
+        for folder in {path.parent for path in held.values()}:
+            _remove_dead_runs_locks(folder)
         yield
 
 
 def lock_path(path: Path) -> Path:
     """The hidden sidecar file whose lock stands for `path`."""
     return path.with_name(f".{path.name}.lock")
+
+
+def _remove_dead_runs_locks(folder: Path) -> None:
+    """Delete the sidecars that runs killed by SIGKILL left for names never used again.
+
+    A sidecar nobody holds a lock on belongs to a dead run: it is locked, checked to be
+    ours by its content (a pid between newlines), and deleted while held, as a run
+    releases its own. One held by a live run, another program's file, or any file where
+    there are no locks stays. (A run that starts on that very name in the same instant
+    would see it held and refuse; it can simply start again.)"""
+    for sidecar in folder.glob(".*.lock"):
+        try:
+            fd = os.open(sidecar, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            if filelock.lock_descriptor(fd, blocking=False) and _same_file(fd, sidecar) and _holder(fd):
+                _release(fd, sidecar)
+                continue
+        except OSError:  # no file locks here: nothing tells a dead run's sidecar from a live one's
+            pass
+        os.close(fd)
 
 
 def _refuse_one_file_for_two_flags(held: dict[str, Path]) -> None:
