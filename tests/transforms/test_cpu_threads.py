@@ -130,6 +130,24 @@ def test_the_first_calls_compile_and_are_not_timed():
     assert adaptive.incumbent_seconds == pytest.approx(0.02) or adaptive.threads == 1
 
 
+def test_the_first_call_at_a_new_thread_count_compiles_again_and_is_not_held_against_it():
+    """torch.compile guards on the thread count: a probe's first call takes seconds, once."""
+    machine = Machine(BUSY)
+    adaptive = governed(machine)
+    real_step, first_on = machine.step, set()
+
+    def step(x):
+        if machine.threads not in first_on:  # each count's first call compiles for 2 s
+            first_on.add(machine.threads)
+            machine.now += 2.0
+        return real_step(x)
+
+    adaptive.step = step
+    run(adaptive, 1000)
+    first = machine.ran.index(1)
+    assert set(machine.ran[first : first + 50]) == {1}  # the first probe won, its compile aside
+
+
 def test_one_thread_has_nothing_to_choose():
     machine = Machine({1: (0.001, 0.5)}, threads=1)
     run(governed(machine, most=1), 2000)

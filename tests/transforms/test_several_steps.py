@@ -54,6 +54,7 @@ def test_a_shorter_call_runs_the_single_step_n_times():
     config, optimizer, state, images, labels, batch_idx, lr = mlp3_batches(k=3)
     step = make_step(make_gradient(config), optimizer)
     several = SeveralSteps(step, lambda *args: pytest.fail("the scan is for exactly k steps"), k=10)
+    several.compiled = True  # past the first call's warm-up of both paths (tested below)
     got = several(state.params, state.opt_state, images, labels, batch_idx, lr)
     expected = one_at_a_time(step, state.params, state.opt_state, images, labels, batch_idx, lr)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -61,6 +62,34 @@ def test_a_shorter_call_runs_the_single_step_n_times():
 
 def without_timings(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in records]
+
+
+@pytest.mark.parametrize("n", [3, 10])
+def test_the_first_call_compiles_both_paths_and_leaves_the_random_state_as_its_own(n):
+    """A compile later on would fall inside the loop's clock; the thrown-away call draws no
+    random numbers that the run then misses (dropout)."""
+    config, _, state, images, labels, batch_idx, lr = mlp3_batches(k=n)
+    calls = []
+
+    def path(name):
+        def run_path(params, opt_state, images, labels, idx, rate):
+            calls.append((name, tuple(idx.shape)))
+            torch.rand(1)  # as dropout draws
+            return params, opt_state, torch.zeros(())
+
+        return run_path
+
+    several = SeveralSteps(path("one"), path("several"), k=10)
+    torch.manual_seed(0)
+    several(state.params, state.opt_state, images, labels, batch_idx, lr)
+    after = torch.rand(1)
+    taken = ["several"] if n == 10 else ["one"] * n
+    torch.manual_seed(0)
+    for _ in taken:
+        torch.rand(1)
+    assert torch.equal(after, torch.rand(1))  # the state the path taken left
+    assert sorted({name for name, _ in calls}) == ["one", "several"]
+    assert ("several", (10, config.batch_size)) in calls
 
 
 class Recorder:
@@ -137,9 +166,12 @@ def test_train_with_steps_per_call_ends_where_train_without_does(tiny_split, tmp
     "extra, fragment",
     [
         (("--steps-per-call", 0), "positive"),
-        (("--steps-per-call", 4, "--no-compile"), "compiled whole on the CPU"),
-        (("--steps-per-call", 4, "--seeds", 2), "compiled whole on the CPU"),
+        (("--steps-per-call", 4, "--no-compile"), "--compile"),
+        pytest.param(("--steps-per-call", 4, "--compile", "--seeds", 2), "one model", marks=needs_cpp_compiler),
+        pytest.param(
+            ("--steps-per-call", 4, "--compile", "--batch-size", 512), "--micro-batch 0", marks=needs_cpp_compiler
+        ),
     ],
 )
-def test_steps_per_call_where_it_cannot_apply_is_refused(tiny_split, extra, fragment):
+def test_steps_per_call_where_it_cannot_apply_is_refused_saying_why(tiny_split, extra, fragment):
     assert_user_error(run(*train_args(tiny_split, "--model", "mlp3", *extra)), "--steps-per-call", fragment)

@@ -121,11 +121,8 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
         if config.threads:
             torch.set_num_threads(config.threads)
         check_compiler(config, device)
-        if config.steps_per_call > 1 and not speed.several_steps_apply(config, device, one_process=cluster is None):
-            raise TinyMnistError(
-                "--steps-per-call needs one model's step compiled whole on the CPU, in one process "
-                "(no --seeds or --lr list, no torchrun, a batch within --micro-batch); leave it out"
-            )
+        if config.steps_per_call > 1 and (why := speed.several_steps_refused(config, device, cluster is None)):
+            raise TinyMnistError(f"--steps-per-call {config.steps_per_call}: {why}; or leave it out")
         paths = check_outputs(config)
         optimizer = make_optimizer(config)
         check_memory(config, optimizer, device, models_here(config, cluster))  # before N configs are built

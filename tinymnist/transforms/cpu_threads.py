@@ -22,8 +22,11 @@ are a fixed-thread run's to the bit (thread counts change float sums in the last
 threads never keep their cores busy (OMP_WAIT_POLICY=PASSIVE), lost probes space out
 the next ones: twice the wait each time, up to MAX_WAIT periods.
 
-Compiled kernels read the thread count at run time (inductor's cpp.dynamic_threads, set
-by speed.compiled), so a change compiles nothing.
+torch.compile guards on the thread count: the first call at each new count compiles
+again, for that count (once; later switches find that graph), so it is left out of the
+timing, as the first calls are. (Inductor's cpp.dynamic_threads would spare the compile,
+but with it a compiled mlp3 step returned a wrong loss in a test process.) The count
+stays torch's, process-wide: a library user who needs it back sets it after training.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class AdaptiveThreads:
         self.probes = 0  # probes so far: the other counts are tried in turn
         self.periods, self.wait = 0, 0  # the incumbent's periods since the last probe, and before the next
         self.calls, self.steps, self.seconds = 0, 0, 0.0  # this period's steps and their wall time
+        self.counts_run = {self.incumbent}  # thread counts the step has been called with (and compiled for)
         self.period_start = (0.0, 0.0)  # both clocks when the period's first step started
 
     @property
@@ -77,13 +81,16 @@ class AdaptiveThreads:
         if self.steps == 0:
             self.period_start = (started, self.cpu_clock())
         result = self.step(*args)
-        self.record(self.clock() - started)
+        self.record(self.clock() - started, self.threads)
         return result
 
-    def record(self, seconds: float) -> None:
-        """One step's wall time: ends the period when it is long enough, or a probe that lags."""
+    def record(self, seconds: float, threads: int) -> None:
+        """One call's wall time: ends the period when it is long enough, or a probe that lags."""
         self.calls += 1
         if self.calls <= WARMUP_CALLS or len(self.counts) == 1:
+            return
+        if threads not in self.counts_run:  # its first call at this count compiled again: not timed
+            self.counts_run.add(threads)
             return
         self.steps, self.seconds = self.steps + 1, self.seconds + seconds
         lagging = self.probe is not None and self.seconds > ABANDON * self.incumbent_seconds * self.steps

@@ -47,12 +47,19 @@ def scanned(step: Step) -> Step:
 
 
 class SeveralSteps:
-    """Up to k steps per call: k in one compiled scan, fewer one compiled step at a time."""
+    """Up to k steps per call: k in one compiled scan, fewer one compiled step at a time.
+
+    Its first call compiles both, so that both compiles fall in the call the loop keeps off
+    its clock: the path that call does not take runs once and is thrown away, with torch's
+    random state put back (dropout draws from it)."""
 
     def __init__(self, one: Step, several: Step, k: int):
         self.one, self.several, self.k = one, several, k  # one: compiled(step); several: compiled(scanned(step))
+        self.compiled = False
 
     def __call__(self, params, opt_state, images, labels, batch_idx, lr):  # batch_idx: (n, B), lr: (n,)
+        if not self.compiled:
+            self.compile_the_other_path(params, opt_state, images, labels, batch_idx, lr)
         if len(batch_idx) == self.k:
             return self.several(params, opt_state, images, labels, batch_idx, lr)
         total = 0.0
@@ -60,3 +67,13 @@ class SeveralSteps:
             params, opt_state, loss = self.one(params, opt_state, images, labels, idx, rate)
             total = total + loss
         return params, opt_state, total
+
+    def compile_the_other_path(self, params, opt_state, images, labels, batch_idx, lr) -> None:
+        self.compiled = True
+        rng = torch.get_rng_state()
+        if len(batch_idx) == self.k:
+            self.one(params, opt_state, images, labels, batch_idx[0], lr[0])
+        else:
+            rows = [0] * self.k  # the scan's shape: k rows (the first, repeated)
+            self.several(params, opt_state, images, labels, batch_idx[rows], lr[rows])
+        torch.set_rng_state(rng)

@@ -42,9 +42,8 @@ def compiled(fn):
     """torch.compile as one graph (fullgraph: a graph break is a bug here, not a fallback).
 
     dynamic=False: every call has the same shapes, and a second model compiled in the
-    same process (tinymnist bench) must not turn its sizes symbolic. CPU kernels read the
-    thread count when they run, not when they compile, so that AdaptiveThreads can change it."""
-    return torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp.dynamic_threads": True})
+    same process (tinymnist bench) must not turn its sizes symbolic."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
 def micro_batched(gradient: Gradient, micro_batch: int) -> Gradient:
@@ -86,6 +85,7 @@ def device_step(
     process's slice of the batch is micro-batched.
     `stacked` (default: for N > 1) maps the step over a leading model axis;
     `adaptive_threads=False` or config.threads keeps a CPU step on the threads it finds."""
+    device = torch.device(device)  # "cpu" too
     gradient, update, sharers = make_gradient(config), optimizer.update, 1
     stacked = config.n_models > 1 if stacked is None else stacked
     if stacked:
@@ -114,20 +114,31 @@ def device_step(
 
 def steps_per_call(config: TrainConfig, device: torch.device, one_process: bool = True) -> int:
     """Steps the loop hands the step at once: --steps-per-call (several_steps.py), at most a
-    log interval, where the step is one model's, compiled whole on the CPU in one process; else 1.
+    log interval, where several_steps_refused finds nothing against it; else 1.
 
-    The default is 1 for every recipe: k = 10 ran mlp's steady state 1.58x faster, mlp3's
-    1.13x and cnn's 0.97x, but the scan compiles for 5-10 s more, longer than it saves in
+    The default is 1 for every recipe: k = 10 ran mlp's and mlp3's steady state 1.11x
+    faster on 2 cores, but the scan compiles for about 4.6 s more, longer than it saves in
     the recipes' own runs (BENCHMARKS.md, "Several steps per call")."""
-    if config.steps_per_call == 1 or not several_steps_apply(config, device, one_process):
+    if config.steps_per_call == 1 or several_steps_refused(config, device, one_process):
         return 1
     return min(config.steps_per_call, config.log_interval)
 
 
-def several_steps_apply(config: TrainConfig, device: torch.device, one_process: bool = True) -> bool:
+def several_steps_refused(config: TrainConfig, device: torch.device, one_process: bool = True) -> str | None:
+    """Why several steps per call cannot run here, or None: it is for one model's step,
+    compiled whole, on the CPU, in one process."""
     micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device)
-    compiled_whole = use_compile(config, device) and not 0 < micro_batch < config.batch_size
-    return device.type == "cpu" and compiled_whole and config.n_models == 1 and one_process
+    if device.type != "cpu":
+        return "it runs on the CPU only (--device cpu)"
+    if not use_compile(config, device):
+        return "it needs the compiled step (--compile, and a C++ compiler)"
+    if 0 < micro_batch < config.batch_size:
+        return f"the batch of {config.batch_size} is split into micro-batches of {micro_batch} (pass --micro-batch 0)"
+    if config.n_models > 1:
+        return "it trains one model at a time (no --seeds or --lr list)"
+    if not one_process:
+        return "it runs in one process, not under torchrun"
+    return None
 
 
 def use_compile(config: TrainConfig, device: torch.device) -> bool:
