@@ -24,6 +24,7 @@ import torch
 
 from tests.support import assert_user_error, needs_cpp_compiler, run, train_args
 from tinymnist.data import files
+from tinymnist.errors import TinyMnistError
 from tinymnist.tool import checkpoint, torchrun
 
 MLP = ["--model", "mlp", "--log-interval", "1"]
@@ -229,6 +230,9 @@ def test_sigterm_ends_a_rank_waiting_for_rank_0_at_once(tiny_split):
 
 def test_without_torchrun_there_is_no_process_group():
     assert torchrun.from_env({}) is None
+    assert torchrun.from_env({"RANK": "1"}) is None  # one stray variable says nothing about a group
+    with pytest.raises(TinyMnistError, match="LOCAL_RANK is not"):  # a group meant by hand, not trained alone
+        torchrun.from_env({"RANK": "1", "WORLD_SIZE": "2"})
     assert torchrun.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == torchrun.Cluster(3, 4, 1)
 
 

@@ -74,6 +74,11 @@ def from_env(env=os.environ) -> Cluster | None:
     """torchrun's place for this process (it sets all three), or None without torchrun.
     Values set by hand are checked here, before any process waits for another."""
     if not launched(env):
+        if "RANK" in env and "WORLD_SIZE" in env:  # a group meant by hand, one variable short
+            raise TinyMnistError(
+                "RANK and WORLD_SIZE are set but LOCAL_RANK is not: torchrun sets all three; set it too "
+                "(the process's index on its machine), or unset RANK and WORLD_SIZE for one process"
+            )
         return None
     try:
         rank, world_size, local_rank = (int(env[name]) for name in TORCHRUN_VARIABLES)
