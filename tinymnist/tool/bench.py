@@ -155,6 +155,12 @@ def write_json(path: Path, report: dict) -> None:
         f.write((json.dumps(report, indent=2) + "\n").encode())
 
 
+def print_table(table: Table, width: int = 120) -> None:
+    """A rich table on the terminal; a log file or pipe gets it `width` wide, every digit shown."""
+    console = Console()
+    (console if console.is_terminal else Console(width=width)).print(table)
+
+
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -213,8 +219,7 @@ def print_report(report: dict, json_path: Path | None) -> None:
             f"{compiled['first_step_seconds']:.1f}" if compiled else "-",
             peak_text([v["peak_memory_mb"] for v in r.values() if isinstance(v, dict)]),
         )
-    console = Console()
-    (console if console.is_terminal else Console(width=120)).print(table)  # a log file gets every digit
+    print_table(table)
 
 
 # ---- bench --seeds 1,4,16: N models in one step against N single runs ----------------------
@@ -316,8 +321,7 @@ def print_seeds_report(report: dict, json_path: Path | None) -> None:
                 f"{timed['time_vs_n_single_runs']:.2f}x",
                 f"{timed['first_step_seconds']:.1f}",
             )
-    console = Console()
-    (console if console.is_terminal else Console(width=120)).print(table)
+    print_table(table)
 
 
 def peak_text(peaks: list) -> str:

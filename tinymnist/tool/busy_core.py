@@ -18,7 +18,6 @@ is tested in tests/transforms/test_cpu_threads.py).
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import subprocess
 import sys
@@ -26,12 +25,11 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.errors import TinyMnistError
-from tinymnist.tool.bench import our_steps, peak_memory_mb, warm_up
+from tinymnist.tool.bench import machine_description, our_steps, peak_memory_mb, print_table, warm_up
 
 WINDOW_SECONDS = 4.0  # per window: several of AdaptiveThreads' probes (cpu_threads.PROBE_EVERY periods)
 SETTLE_SECONDS = 1.0  # untimed at each window's start: the load just changed, and a run meets it once
@@ -138,7 +136,7 @@ def run_busy_core_bench(names, images, labels, source, repeats, warmup, compile,
     most = torch.get_num_threads()
     return {
         "device": "cpu",
-        "machine": f"{os.cpu_count()} cores visible, torch on {most} threads",
+        "machine": machine_description(torch.device("cpu")),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "data": source,
@@ -165,5 +163,4 @@ def print_busy_core_report(report: dict) -> None:
             f"{adaptive['busy_vs_quiet']:.2f}x",
             f"{r['adaptive_vs_fixed_quiet']:.2f}x",
         )
-    console = Console()
-    (console if console.is_terminal else Console(width=140)).print(table)
+    print_table(table, width=140)
