@@ -34,6 +34,7 @@ from tinymnist.tool.bench import (
 from tinymnist.tool.busy_core import print_busy_core_report, run_busy_core_bench
 from tinymnist.tool.devices import accelerator_report, resolve_device
 from tinymnist.tool.exits import user_errors
+from tinymnist.tool.floor import print_floor_report, run_floor_bench
 from tinymnist.tool.report import json_line, model_test_line
 from tinymnist.tool.time_to_accuracy import MODELS as TIME_TO_ACCURACY_MODELS
 from tinymnist.tool.time_to_accuracy import print_time_to_accuracy, run_time_to_accuracy
@@ -378,11 +379,21 @@ def bench(
         help="Instead: the CPU step on fixed threads and the adaptive one train runs, quiet and with one core "
         "kept busy by a process bench starts, in turn, in windows of seconds (--window-images does not apply).",
     ),
+    floor: bool = typer.Option(
+        False,
+        "--floor",
+        help="Instead: the compiled CPU step (and 10 steps per call, where they run) against its floor, the "
+        "products and optimizer traffic it cannot skip, timed in turn (--window-images does not apply).",
+    ),
 ):
     """Images/s of the tutorials' DataLoader loop against tinymnist's step (BENCHMARKS.md)."""
     timing = {"--models": model_list, "--window-images": window_images, "--repeats": repeats, "--warmup": warmup}
-    if busy_core:
-        check_busy_core(device, window_images, time_to_accuracy, seeds)
+    if busy_core and floor:
+        raise TinyMnistError("--busy-core and --floor are two benchmarks; give one of them")
+    if busy_core or floor:
+        check_cpu_mode("--busy-core" if busy_core else "--floor", device, window_images, time_to_accuracy, seeds)
+    if floor and not compile:
+        raise TinyMnistError("--floor times the compiled step; leave out --no-compile")
     if time_to_accuracy is not None and (given := [flag for flag, value in timing.items() if value is not None]):
         raise TinyMnistError(
             f"{given[0]} does not apply to --time-to-accuracy (fast, cnn and the tutorials' cnn "
@@ -401,7 +412,7 @@ def bench(
         raise TinyMnistError("--window-images and --repeats must be positive, --warmup at least 0")
     if json_path is not None:
         outputs.check_output(json_path, "--json")  # before minutes of timing, not after
-    dev = torch.device("cpu") if busy_core else resolve_device(device)
+    dev = torch.device("cpu") if busy_core or floor else resolve_device(device)
     use_tf32_matmuls(dev)  # for all three loops alike
     if compile:
         check_compilable(dev)
@@ -424,19 +435,22 @@ def bench(
             names, counts, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup, compile
         )
         return print_seeds_report(report, json_path)
-    if busy_core:
+    if busy_core or floor:
         images, labels, source = bench_data(data.resolve_data_dir(data_dir), dev)
         log = lambda message: print(message, file=sys.stderr)  # noqa: E731
-        report = run_busy_core_bench(names, images, labels, source, repeats, warmup, compile, log)
+        if floor:
+            report = run_floor_bench(names, images, labels, source, repeats, log)
+        else:
+            report = run_busy_core_bench(names, images, labels, source, repeats, warmup, compile, log)
         if json_path:
             write_json(json_path, report)
-        return print_busy_core_report(report)
+        return print_floor_report(report) if floor else print_busy_core_report(report)
     report = run_bench(names, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup, compile)
     print_report(report, json_path)
 
 
-def check_busy_core(device: str, window_images: int | None, time_to_accuracy: float | None, seeds: str | None):
-    """--busy-core times one model's CPU step in windows of seconds: what does not combine with it."""
+def check_cpu_mode(mode: str, device: str, window_images: int | None, time_to_accuracy: float | None, seeds):
+    """--busy-core and --floor time one model's CPU step in windows of seconds: what does not combine with them."""
     for flag, value in (
         ("--time-to-accuracy", time_to_accuracy),
         ("--seeds", seeds),
@@ -444,12 +458,10 @@ def check_busy_core(device: str, window_images: int | None, time_to_accuracy: fl
     ):
         if value is not None:
             raise TinyMnistError(
-                f"{flag} does not apply to --busy-core (one model's CPU step, timed for seconds); leave one out"
+                f"{flag} does not apply to {mode} (one model's CPU step, timed for seconds); leave one out"
             )
     if device not in ("auto", "cpu"):
-        raise TinyMnistError(
-            f"--busy-core times the CPU step (a core taken from its threads); use --device cpu, not {device}"
-        )
+        raise TinyMnistError(f"{mode} times the CPU step; use --device cpu, not {device}")
 
 
 def parse_counts(text: str) -> list[int]:

@@ -1,0 +1,283 @@
+"""`tinymnist bench --floor`: how far each recipe's CPU step is from the work it cannot skip.
+
+The step is the one `tinymnist train` runs on the CPU (speed.device_step: compiled, in
+micro-batches where it splits the batch) on torch's fixed threads, at the recipe's batch
+size; where several steps per call can run (several_steps.py), also with K of them per call.
+
+The floor is the work no implementation of that step can skip, timed with torch's own CPU
+kernels (oneDNN / MKL) on random tensors of the step's shapes:
+- the matrix products of every conv and linear layer: forward, the weight gradient and,
+  but for the first layer (whose input, the image, needs no gradient), the input
+  gradient. Linear: three matmuls; conv: F.conv2d and torch.nn.grad's conv2d_weight and
+  conv2d_input. At the whole batch, or in the step's micro-batches where it splits the
+  batch, whichever is faster. Biases, ReLU, pooling, dropout and the loss are left out:
+  elementwise work a perfect step would fold into the products.
+- the optimizer's memory traffic: every parameter, its gradient and its optimizer state
+  read, parameter and state written (Adam: 7 arrays), timed as torch.add over arrays of
+  the parameter count (2 read, 1 written) and scaled to that many arrays.
+
+Each round times a window of steps, then each product and the traffic, so load from
+other programs hits both; step/floor is the median of the rounds' ratios. With more
+threads than idle cores every parallel op waits for a descheduled thread: run it quiet.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from tinymnist.algorithm import networks, shapes
+from tinymnist.algorithm.config import make_optimizer, recipe_config
+from tinymnist.algorithm.train import initial_state
+from tinymnist.tool.bench import machine_description, print_table
+from tinymnist.transforms import speed
+
+CPU = torch.device("cpu")
+STEP_SECONDS = 0.25  # the least time one window of steps spans
+PRODUCT_SECONDS = 0.01  # the least time one measurement of a product spans: far above the clock's resolution
+STEPS_PER_CALL = 10  # K of `train --steps-per-call K` timed beside the one-step call
+
+
+# ---- what a step must compute -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProductLayer:
+    """A conv or linear layer, with one example's input and output shapes."""
+
+    layer: shapes.Conv2d | shapes.Linear
+    shape_in: shapes.Shape  # (C, H, W) or (F,)
+    shape_out: shapes.Shape
+    first: bool  # its input is the image: no input gradient
+
+    def macs(self) -> int:
+        """Multiply-adds per example of the forward product; each gradient product has as many."""
+        if isinstance(self.layer, shapes.Linear):
+            return self.shape_in[0] * self.shape_out[0]  # in x out weights, each used once
+        channels_out, height, width = self.shape_out  # each output value: a k x k x C_in dot product
+        return channels_out * height * width * self.shape_in[0] * self.layer.kernel**2
+
+    def products(self) -> tuple[str, ...]:
+        return ("forward", "weight_grad") if self.first else ("forward", "weight_grad", "input_grad")
+
+
+def product_layers(model: str) -> list[ProductLayer]:
+    """The network's conv and linear layers, in order, with their traced shapes."""
+    layers, rows = networks.ARCHITECTURES[model], networks.trace(model)
+    inputs = [shapes.MNIST_IMAGE] + [row.shape for row in rows[:-1]]  # a layer sees the output before it
+    found = [
+        (layer, shape_in, row.shape)
+        for layer, shape_in, row in zip(layers, inputs, rows, strict=True)
+        if isinstance(layer, (shapes.Conv2d, shapes.Linear))
+    ]
+    return [ProductLayer(*layer, first=i == 0) for i, layer in enumerate(found)]
+
+
+def step_flops(model: str, batch: int) -> int:
+    """FLOPs of the floor's products for one step of `batch` images (a multiply-add is 2)."""
+    return sum(2 * batch * p.macs() * len(p.products()) for p in product_layers(model))
+
+
+def product_calls(p: ProductLayer, batch: int) -> dict[str, Callable[[], torch.Tensor]]:
+    """Each of the layer's products on random tensors of its shapes, ready to call."""
+    x, grad_out = torch.randn(batch, *p.shape_in), torch.randn(batch, *p.shape_out)  # (B, C, H, W) or (B, F)
+    if isinstance(p.layer, shapes.Linear):
+        weight = torch.randn(p.shape_out[0], p.shape_in[0])  # (out, in), as nn.Linear keeps it
+        calls = {
+            "forward": lambda: x @ weight.t(),  # (B, out)
+            "weight_grad": lambda: grad_out.t() @ x,  # (out, in)
+            "input_grad": lambda: grad_out @ weight,  # (B, in)
+        }
+    else:
+        conv = p.layer
+        weight = torch.randn(conv.out_channels, p.shape_in[0], conv.kernel, conv.kernel)  # (C_out, C_in, k, k)
+        stride, padding = conv.stride, conv.padding
+        calls = {
+            "forward": lambda: F.conv2d(x, weight, None, stride, padding),  # (B, C_out, H', W')
+            "weight_grad": lambda: conv2d_weight(x, weight.shape, grad_out, stride, padding),  # like weight
+            "input_grad": lambda: conv2d_input(x.shape, weight, grad_out, stride, padding),  # like x
+        }
+    return {name: calls[name] for name in p.products()}
+
+
+def optimizer_arrays(model: str) -> int:
+    """Arrays of the parameters' size an update must touch: the gradient read; the parameters
+    and each per-parameter state read and written."""
+    params = networks.init_params(model, 0)
+    state = make_optimizer(recipe_config(model)).init(params)
+    per_param = sum(isinstance(value, dict) and value.keys() == params.keys() for value in state.values())
+    return 1 + 2 * (1 + per_param)
+
+
+class Timed:
+    """A call repeated often enough per measurement that the clock's resolution does not matter."""
+
+    def __init__(self, fn, weight: float = 1, clock=time.perf_counter):
+        self.fn, self.weight, self.clock = fn, weight, clock  # weight: how many such calls the step's work is
+        for _ in range(3):
+            fn()
+        started = clock()
+        fn()
+        self.calls = max(1, math.ceil(PRODUCT_SECONDS / max(clock() - started, 1e-9)))
+
+    def microseconds(self) -> float:
+        started = self.clock()
+        for _ in range(self.calls):
+            self.fn()
+        return (self.clock() - started) / self.calls * 1e6 * self.weight
+
+
+def floor_parts(model: str, batch: int, micro_batch: int, clock=time.perf_counter) -> dict[str, dict[str, Timed]]:
+    """The floor's measurements by way of batching ("whole", "micro"), plus "optimizer"."""
+    ways = {"whole": {batch: 1}}
+    if 0 < micro_batch < batch:  # the step's chunks: torch.split's sizes, counted
+        ways["micro"] = collections.Counter(len(c) for c in torch.arange(batch).split(micro_batch))
+    parts = {
+        way: {
+            f"{p.layer.name}.{name}" + (f"@{size}" if way == "micro" else ""): Timed(fn, count, clock)
+            for size, count in sizes.items()
+            for p in product_layers(model)
+            for name, fn in product_calls(p, size).items()
+        }
+        for way, sizes in ways.items()
+    }
+    n_params = sum(row.params for row in networks.trace(model))
+    a, b, out = torch.randn(n_params), torch.randn(n_params), torch.empty(n_params)  # (P,) each
+    arrays = optimizer_arrays(model)  # torch.add moves 3 arrays: scale its time to the update's
+    parts["optimizer"] = {"traffic": Timed(lambda: torch.add(a, b, out=out), arrays / 3, clock)}
+    return parts
+
+
+# ---- the step, timed against it ------------------------------------------------------------
+
+
+def cpu_steps(model: str, images, labels, steps_per_call: int = 1) -> Iterator[int]:
+    """Yield the steps done by each call of the step `train` runs for `model` on the CPU, on
+    fixed threads, forever; `steps_per_call` as `train --steps-per-call`."""
+    config = recipe_config(model, compile=True, steps_per_call=steps_per_call, log_interval=steps_per_call)
+    optimizer = make_optimizer(config)
+    step = speed.device_step(config, optimizer, CPU, adaptive_threads=False)
+    k = speed.steps_per_call(config, CPU)
+    state = initial_state(config, optimizer, CPU)
+    params, opt_state = state.params, state.opt_state
+    g = torch.Generator().manual_seed(0)
+    batches = torch.randint(0, len(images), (16, k, config.batch_size), generator=g)  # 16 calls' (k, B) index rows
+    lr = torch.full((k,), config.lr)
+    for batch_idx in itertools.cycle(batches):
+        if k == 1:
+            params, opt_state, _ = step(params, opt_state, images, labels, batch_idx[0], lr[0])
+        else:
+            params, opt_state, _ = step(params, opt_state, images, labels, batch_idx, lr)
+        yield k
+
+
+def window_us(calls: Iterator[int], seconds: float) -> float:
+    """Microseconds per step over whole calls spanning at least `seconds`."""
+    started, steps = time.perf_counter(), 0
+    while (elapsed := time.perf_counter() - started) < seconds:
+        steps += next(calls)
+    return elapsed / steps * 1e6
+
+
+def measure(model: str, images, labels, rounds: int, log: Callable[[str], None]) -> dict:
+    """Rounds of (a window of steps, each floor measurement); medians, and step/floor per round."""
+    batch, micro_batch = recipe_config(model).batch_size, speed.default_micro_batch(CPU)
+    several = dataclasses.replace(recipe_config(model, compile=True), steps_per_call=STEPS_PER_CALL)
+    refused = speed.several_steps_refused(several, CPU)
+    log(f"{model}: compiling the step" + ("" if refused else f" and {STEPS_PER_CALL} steps per call"))
+    loops = {"step": cpu_steps(model, images, labels)}
+    if not refused:
+        loops["k_steps"] = cpu_steps(model, images, labels, STEPS_PER_CALL)
+    started = time.perf_counter()
+    for calls in loops.values():
+        for _ in range(4):  # the compile, then three more
+            next(calls)
+    compile_seconds = time.perf_counter() - started
+    parts = floor_parts(model, batch, micro_batch)
+    samples = collections.defaultdict(list)  # "step", "k_steps", each way's total, "way/product": us per round
+    for _ in range(rounds):
+        for name, calls in loops.items():
+            samples[name].append(window_us(calls, STEP_SECONDS))
+        for way, timed in parts.items():
+            times = {name: t.microseconds() for name, t in timed.items()}
+            samples[way].append(sum(times.values()))
+            for name, us in times.items():
+                samples[f"{way}/{name}"].append(us)
+    ways = [way for way in parts if way != "optimizer"]
+    products = [min(per_way) for per_way in zip(*(samples[way] for way in ways), strict=True)]  # the faster batching
+    floors = [p + o for p, o in zip(products, samples["optimizer"], strict=True)]
+    median = {key: statistics.median(values) for key, values in samples.items()}
+    over_floor = {
+        f"{name}_over_floor": statistics.median(s / f for s, f in zip(samples[name], floors, strict=True))
+        for name in loops
+    }
+    return {
+        "model": model,
+        "batch": batch,
+        "micro_batch": micro_batch if "micro" in parts else None,
+        "faster_way": min(ways, key=median.get),
+        "optimizer_arrays": optimizer_arrays(model),
+        "params": sum(row.params for row in networks.trace(model)),
+        "flops": step_flops(model, batch),
+        "compile_seconds": compile_seconds,
+        "step_us": median["step"],
+        "k_steps_us": median.get("k_steps"),
+        "k_steps_refused": refused,
+        "products_us": statistics.median(products),
+        "optimizer_us": median["optimizer"],
+        "floor_us": statistics.median(floors),
+        **over_floor,
+        "medians_us": median,
+        "samples_us": dict(samples),
+    }
+
+
+def run_floor_bench(names: list[str], images, labels, source: str, rounds: int, log) -> dict:
+    return {
+        "device": "cpu",
+        "machine": machine_description(CPU),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "data": source,
+        "steps_per_call": STEPS_PER_CALL,
+        "rounds": rounds,
+        "results": [measure(model, images, labels, rounds, log) for model in names],
+    }
+
+
+def print_floor_report(report: dict) -> None:
+    k = report["steps_per_call"]
+    table = Table(title=f"{report['machine']}, torch {report['torch']}; medians of {report['rounds']} rounds")
+    columns = ("model", "batch", "step us", f"{k} per call us", "products us", "GFLOP/s", "optimizer us")
+    for column in (*columns, "floor us", "step/floor", f"{k} per call/floor"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in report["results"]:
+        several = "-" if r["k_steps_us"] is None else f"{r['k_steps_us']:,.0f}"
+        several_ratio = "-" if r["k_steps_us"] is None else f"{r['k_steps_over_floor']:.2f}x"
+        table.add_row(
+            r["model"],
+            str(r["batch"]),
+            f"{r['step_us']:,.0f}",
+            several,
+            f"{r['products_us']:,.0f} ({r['faster_way']})",
+            f"{r['flops'] / r['products_us'] / 1e3:,.1f}",
+            f"{r['optimizer_us']:,.0f}",
+            f"{r['floor_us']:,.0f}",
+            f"{r['step_over_floor']:.2f}x",
+            several_ratio,
+        )
+    print_table(table, width=140)
+    for r in report["results"]:
+        if r["k_steps_refused"]:
+            print(f"{r['model']}: no {k} steps per call: {r['k_steps_refused']}")
