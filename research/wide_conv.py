@@ -32,7 +32,7 @@ from tinymnist.algorithm import optim
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state, make_gradient, make_step, synchronize
 from tinymnist.transforms.speed import compiled, default_micro_batch, device_step, micro_batched
-from tinymnist.transforms.vmap import vmapped, vmapped_update
+from tinymnist.transforms.vmap import one_by_one, vmapped, vmapped_update
 from tinymnist.transforms.wide_conv import CONV_RULES, wide_gradient
 
 N_IMAGES = 60_000
@@ -53,8 +53,17 @@ def build_step(config, optimizer, device, rule: str, micro_batch: int):
     if rule in ("single", "chosen"):  # what `train` runs: one model's step, or N models' as chosen
         micro = dataclasses.replace(config, micro_batch=micro_batch)
         return device_step(micro, optimizer, device, stacked=rule == "chosen")
-    gradient = vmapped(make_gradient(config)) if rule == "vmap-gradient" else wide_gradient(config, CONV_RULES[rule])
     update = vmapped_update(optimizer.update)
+    if rule == "one-by-one":  # one model's compiled gradient, called once per model from Python
+        gradient = make_gradient(config)
+        if 0 < micro_batch < config.batch_size:
+            gradient = micro_batched(compiled(gradient), micro_batch)
+        else:
+            gradient = compiled(gradient)
+        return make_step(one_by_one(gradient), optim.Optimizer(optimizer.init, compiled(update)))
+    if rule == "one-by-one-graph":  # the same loop, unrolled into one compiled step
+        return compiled(make_step(one_by_one(make_gradient(config)), optim.Optimizer(optimizer.init, update)))
+    gradient = vmapped(make_gradient(config)) if rule == "vmap-gradient" else wide_gradient(config, CONV_RULES[rule])
     if 0 < micro_batch < config.batch_size:
         gradient = micro_batched(compiled(gradient), micro_batch)
         return make_step(gradient, optim.Optimizer(optimizer.init, compiled(update)))

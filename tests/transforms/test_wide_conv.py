@@ -135,7 +135,7 @@ def test_micro_batches_of_the_n_model_gradient_give_the_whole_batch(model):
     torch.testing.assert_close(chunked, whole, **TOLERANCE)
 
 
-@pytest.mark.parametrize("model", ["lenet", "fast"])  # the CPU's two routes: vmap, wide_conv's loop
+@pytest.mark.parametrize("model", ["lenet", "fast"])  # the CPU's routes: vmap, one model at a time
 def test_device_steps_n_model_step_is_the_vmapped_step(model):
     """The N-model step device_step builds (eager, micro-batched, by the route wide_conv.CHOSEN
     names for the CPU) equals the plain vmapped step."""
@@ -173,7 +173,34 @@ def test_one_model_is_not_mapped_and_gets_its_single_step(optimizer_name):
 def test_the_chosen_rules_are_rules():
     for (device_type, model), rule in CHOSEN.items():
         assert device_type in ("cpu", "cuda", "mps") and model in networks.MODEL_NAMES
-        assert rule in CONV_RULES or rule == "vmap-gradient"
+        assert rule in CONV_RULES or rule in ("vmap-gradient", "one-by-one")
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_cpp_compiler)])
+def test_models_in_turn_are_n_single_steps(compile):
+    """cnn on the CPU (wide_conv.CHOSEN: one model at a time): the N-model step device_step
+    builds is each model's own single step, dropout masks included: the models draw from
+    torch's generator in turn, as N single runs one after another would, and each gets
+    the single step's gradient kernels (compiled: the same compiled code)."""
+    assert CHOSEN[("cpu", "cnn")] == "one-by-one"
+    config = recipe_config("cnn", batch_size=8, seeds=N, compile=compile, micro_batch=0)
+    single_config = dataclasses.replace(config, seeds=1)
+    optimizer = optim.OPTIMIZERS[config.optimizer]()
+    images, labels, batch_idx = batch()
+    params = stacked_params("cnn")
+    opt_state = per_model([optimizer.init(one_model(params, i)) for i in range(N)], stacked=True)
+    lr = torch.full((N,), 0.5)
+    torch.manual_seed(1)
+    step = device_step(config, optimizer, CPU)
+    new_params, new_state, losses = step(params, opt_state, images, labels, batch_idx, lr)
+    torch.manual_seed(1)
+    single = device_step(single_config, optimizer, CPU, adaptive_threads=False)
+    for i in range(N):
+        args = (one_model(params, i), one_model(opt_state, i), images, labels, batch_idx[i], lr[i])
+        own_params, own_state, own_loss = single(*args)
+        torch.testing.assert_close(one_model(new_params, i), own_params, **TOLERANCE)
+        torch.testing.assert_close(one_model(new_state, i), own_state, **TOLERANCE)
+        torch.testing.assert_close(losses[i], own_loss, **TOLERANCE)
 
 
 @needs_cpp_compiler

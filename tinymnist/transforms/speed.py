@@ -31,7 +31,8 @@ from tinymnist.errors import TinyMnistError
 from tinymnist.transforms.cpu_threads import AdaptiveThreads
 from tinymnist.transforms.cuda_graph import GraphedStep
 from tinymnist.transforms.several_steps import SeveralSteps, scanned
-from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models_update
+from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models_update, one_by_one
+from tinymnist.transforms.wide_conv import ONE_BY_ONE, chosen_rule
 
 # Images per gradient chunk on the CPU, where `tinymnist bench` measured lenet's
 # 8192-image step about twice as fast in chunks of 256 (BENCHMARKS.md).
@@ -77,8 +78,9 @@ def device_step(
     stacked: bool | None = None,
     adaptive_threads: bool = True,
 ) -> Step:
-    """The step `tinymnist train` runs on `device`: over N models (vmap) where the config has
-    several, compiled where that is faster, in micro-batches where the batch is large for a
+    """The step `tinymnist train` runs on `device`: over N models where the config has several
+    (vmapped, or one model's gradient called for each in turn, as wide_conv.CHOSEN measured
+    faster), compiled where that is faster, in micro-batches where the batch is large for a
     CPU, several steps per call where one is small, replayed as a CUDA graph on CUDA, on the
     fastest thread count now on a CPU.
     `data_parallel` (all_reduce.all_reduced under torchrun) wraps the gradient last: this
@@ -88,15 +90,21 @@ def device_step(
     device = torch.device(device)  # "cpu" too
     gradient, update, sharers = make_gradient(config), optimizer.update, 1
     stacked = config.n_models > 1 if stacked is None else stacked
+    models_in_turn = stacked and config.n_models > 1 and chosen_rule(device, config.model) == ONE_BY_ONE
     if stacked:
-        gradient, update = n_models_gradient(config, device), n_models_update(update, config.n_models)
-        sharers = chunk_sharers(config)  # models whose images share one micro-batch
+        update = n_models_update(update, config.n_models)
+    if stacked and not models_in_turn:
+        gradient, sharers = n_models_gradient(config, device), chunk_sharers(config)  # sharers: of one micro-batch
     compile = use_compile(config, device)
     micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device, sharers)
-    if 0 < micro_batch < config.batch_size:  # compile the pieces; the chunk loop runs in Python
+    if models_in_turn or 0 < micro_batch < config.batch_size:  # compile the pieces; the loops run in Python
         if compile:
             gradient, update = compiled(gradient), compiled(update)
-        gradient, compile = micro_batched(gradient, micro_batch), False
+        if 0 < micro_batch < config.batch_size:
+            gradient = micro_batched(gradient, micro_batch)
+        compile = False
+    if models_in_turn:  # one model's compiled gradient, called for each model in turn
+        gradient = one_by_one(gradient)
     if data_parallel:
         gradient = data_parallel(gradient)
     step = make_step(gradient, optim.Optimizer(optimizer.init, update))

@@ -21,7 +21,9 @@ as for one model.
 The step device_step builds (speed.py) takes n_models_gradient and n_models_update: the
 same results, by the route measured fastest. vmap turns a convolution of N models into
 a grouped one; where N plain ones or another rule are faster, wide_conv.py's N-model
-forward runs instead (its table says where). A run of one model is not mapped at all.
+forward runs instead, and where N models at once overflow a CPU's caches, `one_by_one`
+calls one model's compiled gradient for each in turn (wide_conv.CHOSEN says where). A run
+of one model is not mapped at all.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from tinymnist.algorithm.config import TrainConfig
 from tinymnist.algorithm.shapes import Conv2d
 from tinymnist.algorithm.train import Evaluation, Evaluations, Gradient, make_gradient, scale_images
 from tinymnist.algorithm.trees import Tree, tree_map
-from tinymnist.transforms.wide_conv import CONV_RULES, VMAP_GRADIENT, chosen_rule, wide_gradient
+from tinymnist.transforms.wide_conv import CONV_RULES, ONE_BY_ONE, VMAP_GRADIENT, chosen_rule, wide_gradient
 
 
 def vmapped(gradient: Gradient) -> Gradient:
@@ -46,17 +48,20 @@ def vmapped(gradient: Gradient) -> Gradient:
 
 
 def n_models_gradient(config: TrainConfig, device: torch.device) -> Gradient:
-    """train.py's gradient over N stacked models, as device_step runs it on `device`: vmapped,
-    or by wide_conv.py's N-model forward where its convolution rule was measured faster there
-    (wide_conv.CHOSEN). A run of one model is not mapped at all: its own gradient runs on its
-    slices, the very ops of a single run (vmap of one model took 1.11x the single step's time for
-    lenet and fast; research/wide_conv.py, results/bench/cpu-seeds/). The run's N decides, not
-    the rows given: a torchrun share of one model of a sweep takes the sweep's route, so that
-    its numbers are the one-process sweep's to the bit."""
+    """train.py's gradient over N stacked models: vmapped, by wide_conv.py's N-model forward, or
+    one model at a time, whichever was measured fastest on `device` (wide_conv.CHOSEN; for the
+    last, device_step compiles the one model's gradient apart). A run of one model is not mapped
+    at all: its own gradient runs on its slices, the very ops of a single run (vmap of one model
+    took 1.11x the single step's time for lenet and fast; research/wide_conv.py,
+    results/bench/cpu-seeds/). The run's N decides, not the rows given: a torchrun share of one
+    model of a sweep takes the sweep's route, so that its numbers are the one-process sweep's
+    to the bit."""
     one = make_gradient(config)
     if config.n_models == 1:
         return functools.partial(unmapped, one)
     rule = chosen_rule(device, config.model)
+    if rule == ONE_BY_ONE:
+        return one_by_one(one)
     return vmapped(one) if rule == VMAP_GRADIENT else wide_gradient(config, CONV_RULES[rule])
 
 
@@ -64,6 +69,20 @@ def unmapped(gradient: Gradient, params, images, labels, batch_idx):  # batch_id
     """The one model's gradient on its slices, with the model axis put back."""
     grads, loss = gradient(one_model(params, 0), images, labels, batch_idx[0])
     return with_model_axis(grads), loss[None]
+
+
+def one_by_one(gradient: Gradient) -> Gradient:
+    """train.py's gradient over N stacked models as N calls of one model's, each on its own
+    slices, stacked: the very kernels of N single runs. Where `gradient` is compiled by
+    itself, the Python loop runs outside the graph, and each model's activations are gone
+    before the next model's are made."""
+
+    def gradients(params, images, labels, batch_idx):  # params: leaves (N, ...), batch_idx: (N, B)
+        each = [gradient(one_model(params, i), images, labels, idx) for i, idx in enumerate(batch_idx)]
+        grads = {name: torch.stack([g[name] for g, _ in each]) for name in each[0][0]}  # leaves (N, ...)
+        return grads, torch.stack([loss for _, loss in each])  # (N,)
+
+    return gradients
 
 
 def vmapped_update(update):

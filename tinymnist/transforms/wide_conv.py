@@ -14,9 +14,9 @@ leading model axis:
     ReLU, MaxPool2d, Flatten, LogSoftmax    the same op, the models folded into the batch
     Dropout    one mask over the whole (N, B, ...) tensor: each model's its own
 
-Which route a step takes, this forward with which rule or plain vmap, is a table of
-measurements per device kind and network, CHOSEN: on a 2-core CPU the loop made `fast`'s
-8-model step faster, and vmap stayed the fastest for `cnn` and `lenet`.
+Which route a step takes, this forward with which rule, plain vmap or the models one by one
+(vmap.one_by_one), is a table of measurements per device kind and network, CHOSEN: on a
+2-core CPU one by one is the fastest for `cnn` and `fast`, and vmap for `lenet`.
 
 The layers are networks.py's own tuples (networks.ARCHITECTURES); parameters keep the
 networks' names (`conv1.weight`, ...), so checkpoints, the optimizers and evaluation do not
@@ -73,21 +73,23 @@ def first_loop_conv(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
 CONV_RULES = {"vmap": vmap_conv, "loop": loop_conv, "unfold": unfold_conv, "first-loop": first_loop_conv}
 
 # The N-model gradient measured fastest per (device kind, network): a CONV_RULES rule in
-# wide_gradient, or VMAP_GRADIENT, vmap of the one-model gradient (vmap.py); a device or
+# wide_gradient, VMAP_GRADIENT (vmap of the one-model gradient, vmap.py) or ONE_BY_ONE (the
+# one-model gradient compiled alone and called once per model, vmap.one_by_one); a device or
 # network not listed keeps VMAP_GRADIENT, the path that was there first. Measured with
 # research/wide_conv.py, 8 models, in turns in one process (results/bench/cpu-seeds/):
-#   cpu, fast: loop 1.16x the time of 8 single runs, vmap-gradient 1.30x, vmap 1.49x (1 thread;
-#              with 2 threads 1.07x against 1.10x and 1.27x)
-#   cpu, lenet and cnn: vmap-gradient is the fastest (lenet 0.98x, loop 1.33x; cnn 1.38x, loop
-#              1.69x): oneDNN's grouped convolution is not slow on a CPU, and these stay vmapped
-#   cuda: not measured yet (no GPU in the session that wrote this); grouped convolutions are
+#   cpu, cnn:   one-by-one 1.08x the time of 8 single runs, vmap-gradient 1.36x, loop 1.69x:
+#               8 models' activations and 9.4M parameters at once overflow the caches
+#   cpu, fast:  one-by-one 0.99x, the loop 1.17x, vmap-gradient 1.30x
+#   cpu, lenet: vmap-gradient 0.84x, one-by-one 0.89x: oneDNN's grouped convolution is not
+#               slow on a CPU, and lenet stays vmapped
+#   cuda: not measured yet (no GPU in the sessions that wrote this); grouped convolutions are
 #         known to be slow in cuDNN, so `python research/wide_conv.py --device cuda` is the next run
-VMAP_GRADIENT = "vmap-gradient"
-CHOSEN = {("cpu", "fast"): "loop"}
+VMAP_GRADIENT, ONE_BY_ONE = "vmap-gradient", "one-by-one"
+CHOSEN = {("cpu", "cnn"): ONE_BY_ONE, ("cpu", "fast"): ONE_BY_ONE}
 
 
 def chosen_rule(device: torch.device, model: str) -> str:
-    """The N-model gradient's rule for `model` on `device`: a CONV_RULES name or VMAP_GRADIENT."""
+    """The N-model gradient's rule for `model` on `device`: a CONV_RULES name, VMAP_GRADIENT or ONE_BY_ONE."""
     return CHOSEN.get((device.type, model), VMAP_GRADIENT)
 
 
