@@ -223,16 +223,16 @@ def print_report(report: dict, json_path: Path | None) -> None:
 
 
 # ---- bench --seeds 1,4,16: N models in one step against N single runs ----------------------
-# `tinymnist bench --seeds 1,4,16`: N models in one vmapped step against N single runs.
 #
 # For each model at its recipe batch size, one process times today's single-model step
-# (what `train` runs) and then, for each N, the vmapped step of N models (what `train
-# --seeds N` runs), with bench.py's timing: first step (compile) and warm-up apart, then
-# the median of several windows of the same number of steps. N single runs one after
-# another train at the single step's rate, so "time vs N singles" is
+# (what `train` runs) and then, for each N, the N-model step (what `train --seeds N` runs:
+# vmapped, or the models in turn, transforms/vmap.py), with bench.py's timing: first step
+# (compile) and warm-up apart, then the median of several windows of the same number of
+# steps. N single runs one after another train at the single step's rate, so "time vs N
+# singles" is
 #
-#     (N models' images / vmapped images/s) / (N models' images / single images/s)
-#         = single images/s / vmapped images/s summed over the N models.
+#     (N models' images / N-model images/s) / (N models' images / single images/s)
+#         = single images/s / N-model images/s summed over the N models.
 
 
 def check_counts_fit(models: list[str], n_models: int, device: torch.device) -> None:
@@ -269,7 +269,7 @@ def bench_counts(
         "vmapped": {},
     }
     for n in counts:
-        log(f"{model}: timing {n} models in one vmapped step")
+        log(f"{model}: timing {n} model{'s' if n > 1 else ''} in one N-model step")
         timed = time_loop(
             our_steps(dataclasses.replace(config, seeds=n), images, labels, device, compile, stacked=True),
             config.batch_size * n,

@@ -370,7 +370,7 @@ def bench(
     seeds: str | None = typer.Option(
         None,
         "--seeds",
-        help="Model counts, comma-separated (1,4,16): time N models in one vmapped step against N single runs instead.",
+        help="Model counts, comma-separated (1,4,16): time N models in one step against N single runs instead.",
         show_default="off",
     ),
     busy_core: bool = typer.Option(

@@ -1,7 +1,7 @@
 """Sweeps across torchrun processes: each process trains its own share of the models.
 
 `torchrun --nproc-per-node 2 -m tinymnist train --seeds 8` trains models 0-3 in rank 0
-and models 4-7 in rank 1, each share in one vmapped step (transforms/vmap.py) on the rank's own
+and models 4-7 in rank 1, each share in one N-model step (transforms/vmap.py) on the rank's own
 device, as one process would train them (exactly so for networks without dropout: each
 rank draws its own dropout masks). The models are independent, so no
 gradient travels; the processes meet only where one process would look at all N models:
