@@ -10,7 +10,7 @@ from tests.support import assert_user_error, run
 from tinymnist.algorithm import networks, optim
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.train import make_gradient, make_step
-from tinymnist.tool import memory
+from tinymnist.tool import bench, memory
 
 pytest.importorskip("PIL", reason="the reference loop needs pillow (pip install 'tinymnist[bench]')")
 
@@ -163,3 +163,18 @@ def test_seeds_bench_times_n_models_in_one_step_against_n_single_runs(tmp_path):
         ratio = row["single"]["images_per_second"] / timed["images_per_second"]
         assert timed["time_vs_n_single_runs"] == pytest.approx(ratio)
         assert f"{ratio:.2f}x" in result.stdout
+
+
+def test_each_timed_loop_starts_on_the_thread_count_bench_started_with():
+    """An adaptive step may leave torch on fewer threads (cpu_threads.py); the next loop, and
+    the next model's AdaptiveThreads (which takes its count as the most it may use), must
+    not start there. A loop that drops to one thread at every step leaves the count as it was."""
+    torch.set_num_threads(2)  # conftest puts the suite's count back
+
+    def dropping_steps():
+        while True:
+            torch.set_num_threads(1)
+            yield
+
+    bench.time_loop(dropping_steps(), batch_size=1, device=torch.device("cpu"), window_steps=2, repeats=2, warmup=1)
+    assert torch.get_num_threads() == 2

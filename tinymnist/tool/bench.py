@@ -9,6 +9,7 @@ timed over several windows of steps; the median window gives images/s. Ratios ar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -86,12 +87,26 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+@contextlib.contextmanager
+def on_threads(n: int) -> Iterator[None]:
+    """torch's CPU thread count n for the block, then back to what it was. An adaptive step
+    (transforms/cpu_threads.py) leaves torch on the count it chose, process-wide: each loop
+    bench times starts on the same count, not on the one the loop before it left."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def time_loop(steps: Iterator, batch_size: int, device, window_steps: int, repeats: int, warmup: int) -> dict:
     """First step (compile) and warm-up timed apart; then `repeats` windows, median images/s."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    warm = warm_up(steps, device, warmup)
-    rates = [window_rate(steps, batch_size, device, window_steps) for _ in range(repeats)]
+    with on_threads(torch.get_num_threads()):
+        warm = warm_up(steps, device, warmup)
+        rates = [window_rate(steps, batch_size, device, window_steps) for _ in range(repeats)]
     return {"images_per_second": statistics.median(rates), **warm, "peak_memory_mb": peak_memory_mb(device)}
 
 

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.errors import TinyMnistError
-from tinymnist.tool.bench import machine_description, our_steps, peak_memory_mb, print_table, warm_up
+from tinymnist.tool.bench import machine_description, on_threads, our_steps, peak_memory_mb, print_table, warm_up
 
 WINDOW_SECONDS = 4.0  # per window: several of AdaptiveThreads' probes (cpu_threads.PROBE_EVERY periods)
 SETTLE_SECONDS = 1.0  # untimed at each window's start: the load just changed, and a run meets it once
@@ -75,17 +75,6 @@ def timed_window(steps: Iterator, batch_size: int, seconds: float) -> float:
         next(steps)
         done += 1
     return done * batch_size / elapsed
-
-
-@contextlib.contextmanager
-def on_threads(n: int) -> Iterator[None]:
-    """torch's thread count n for the block, then back to what it was (AdaptiveThreads' choice)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def bench_busy_core(

@@ -21,7 +21,7 @@ from rich.table import Table
 from tinymnist.algorithm.config import make_optimizer, model_configs, recipe_config
 from tinymnist.algorithm.train import TestSet, Training, evaluate, evaluate_one, fit, initial_state, synchronize
 from tinymnist.data import MNIST
-from tinymnist.tool.bench import machine_description, write_json
+from tinymnist.tool.bench import machine_description, on_threads, write_json
 from tinymnist.tool.reference import reference_loop
 from tinymnist.transforms import speed
 from tinymnist.transforms.vmap import evaluate_many
@@ -111,11 +111,14 @@ def run_time_to_accuracy(
     """fast and cnn through tinymnist (`seeds` models of each at once), cnn through the tutorials'
     loop; ratios to the reference."""
     rows = []
+    threads = torch.get_num_threads()  # each run starts on it, whatever count the run before left
     for model in MODELS:
         log(f"time to {100 * target:g}%: {model}" + (f", {seeds} models at once" if seeds > 1 else ""))
-        rows.append(ours(model, mnist, device, target, compile, seeds))
+        with on_threads(threads):
+            rows.append(ours(model, mnist, device, target, compile, seeds))
     log(f"time to {100 * target:g}%: reference cnn")
-    rows.append(reference("cnn", mnist, device, target))
+    with on_threads(threads):
+        rows.append(reference("cnn", mnist, device, target))
     baseline = rows[-1]["seconds"]
     for row in rows:
         row["speedup_vs_reference"] = baseline / row["seconds"] if baseline and row["seconds"] else None
