@@ -24,6 +24,8 @@ def test_dry_run_does_one_step_and_one_evaluation(tiny_split, tmp_path):
     assert len(TRAIN_LINE.findall(result.stdout)) == 1
     assert len(TEST_LINE.findall(result.stdout)) == 1
     assert not metrics.exists()  # a dry run writes no output (tests/test_run.py: not over a real history)
+    final = result.stdout.strip().splitlines()[-1]
+    assert "one step, not timed (+ " in final and "images/s" not in final  # its one step is the first, untimed
 
 
 def test_dry_run_saves_no_checkpoint(tiny_split, tmp_path):

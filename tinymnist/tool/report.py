@@ -58,6 +58,8 @@ def final_line(result, device, compile_note: str) -> str:
     ensemble's), the training time with the compile apart, and the speed over all models."""
     last, epochs = result.records[-1], result.state.epoch
     speed = f"training {result.train_seconds:.1f} s {compile_note}, {result.images_per_second:,.0f} images/s"
+    if not result.images:  # a dry run's one step is the first, kept off the clock
+        speed = f"one step, not timed {compile_note}"
     if not last.get("ensemble"):
         return (
             f"Final test accuracy: {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "
