@@ -407,7 +407,7 @@ def bench(
     if not names:
         raise TinyMnistError(f"--models names no model; give some of {MODELS}, comma-separated")
     for name in names:
-        networks.check_model(name)
+        networks.check_model(name, "--models")
     if window_images < 1 or repeats < 1 or warmup < 0:
         raise TinyMnistError("--window-images and --repeats must be positive, --warmup at least 0")
     if json_path is not None:
