@@ -157,8 +157,8 @@ def test_seeds_bench_times_n_models_in_one_step_against_n_single_runs(tmp_path):
     result = run("bench", *args, "--repeats", 1, "--warmup", 0, "--data-dir", tmp_path / "none", "--json", out)
     assert result.exit_code == 0, result.output
     (row,) = json.loads(out.read_text())["results"]
-    assert list(row["vmapped"]) == ["1", "2"]
-    for timed in row["vmapped"].values():
+    assert list(row["n_models"]) == ["1", "2"]
+    for timed in row["n_models"].values():
         ratio = row["single"]["images_per_second"] / timed["images_per_second"]
         assert timed["time_vs_n_single_runs"] == pytest.approx(ratio)
         assert f"{ratio:.2f}x" in result.stdout

@@ -108,6 +108,7 @@ def test_floor_bench_reports_the_step_k_steps_and_floor(tmp_path, monkeypatch):
         (["--device", "cuda"], "use --device cpu"),
         (["--no-compile"], "leave out --no-compile"),
         (["--busy-core"], "give one of them"),
+        (["--warmup", "5"], "--warmup does not apply to --floor"),
     ],
 )
 def test_floor_refuses_what_does_not_combine(tmp_path, flags, fragment):

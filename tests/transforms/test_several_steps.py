@@ -167,7 +167,7 @@ def test_train_with_steps_per_call_ends_where_train_without_does(tiny_split, tmp
     [
         (("--steps-per-call", 0), "positive"),
         (("--steps-per-call", 4, "--no-compile"), "--compile"),
-        pytest.param(("--steps-per-call", 4, "--compile", "--seeds", 2), "one model", marks=needs_cpp_compiler),
+        pytest.param(("--steps-per-call", 4, "--compile", "--seeds", 2), "a single model", marks=needs_cpp_compiler),
         pytest.param(
             ("--steps-per-call", 4, "--compile", "--batch-size", 512), "--micro-batch 0", marks=needs_cpp_compiler
         ),

@@ -176,14 +176,17 @@ def test_the_chosen_rules_are_rules():
         assert rule in CONV_RULES or rule in ("vmap-gradient", "one-by-one")
 
 
-@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_cpp_compiler)])
-def test_models_in_turn_are_n_single_steps(compile):
+@pytest.mark.parametrize(
+    ("compile", "micro_batch"), [(False, 0), (False, 3), pytest.param(True, 0, marks=needs_cpp_compiler)]
+)
+def test_models_in_turn_are_n_single_steps(compile, micro_batch):
     """cnn on the CPU (wide_conv.CHOSEN: one model at a time): the N-model step device_step
     builds is each model's own single step, dropout masks included: the models draw from
     torch's generator in turn, as N single runs one after another would, and each gets
-    the single step's gradient kernels (compiled: the same compiled code)."""
+    the single step's gradient kernels (compiled: the same compiled code), in the same
+    micro-batches (8 images in chunks of 3, 3 and 2)."""
     assert CHOSEN[("cpu", "cnn")] == "one-by-one"
-    config = recipe_config("cnn", batch_size=8, seeds=N, compile=compile, micro_batch=0)
+    config = recipe_config("cnn", batch_size=8, seeds=N, compile=compile, micro_batch=micro_batch)
     single_config = dataclasses.replace(config, seeds=1)
     optimizer = optim.OPTIMIZERS[config.optimizer]()
     images, labels, batch_idx = batch()

@@ -30,6 +30,7 @@ from tinymnist.algorithm.train import epoch_batches, initial_state, per_model, s
 from tinymnist.tool.memory import check_memory
 from tinymnist.tool.outputs import atomic_output
 from tinymnist.tool.reference import reference_loop
+from tinymnist.tool.report import counted
 from tinymnist.transforms.speed import device_step
 
 MNIST_TRAIN_SIZE = 60_000
@@ -155,7 +156,7 @@ def bench_model(
         loops["compiled"] = our_steps(config, images, labels, device, compile=True)
     result = {"model": model, "batch_size": config.batch_size, "window_steps": window_steps}
     for name, steps in loops.items():
-        log(f"{model}: timing {name} ({repeats} windows of {window_steps} steps)")
+        log(f"{model}: timing {name} ({counted(repeats, 'window')} of {counted(window_steps, 'step')})")
         result[name] = time_loop(steps, config.batch_size, device, window_steps, repeats, warmup)
     reference = result["reference"]["images_per_second"]
     for name in ("eager", "compiled"):
@@ -241,7 +242,7 @@ def print_report(report: dict, json_path: Path | None) -> None:
 #
 # For each model at its recipe batch size, one process times today's single-model step
 # (what `train` runs) and then, for each N, the N-model step (what `train --seeds N` runs:
-# vmapped, or the models in turn, transforms/vmap.py), with bench.py's timing: first step
+# vmapped, or one model at a time, transforms/vmap.py), with bench.py's timing: first step
 # (compile) and warm-up apart, then the median of several windows of the same number of
 # steps. N single runs one after another train at the single step's rate, so "time vs N
 # singles" is
@@ -272,7 +273,7 @@ def bench_counts(
 ) -> dict:
     config = recipe_config(model)
     window_steps = max(1, window_images // config.batch_size)
-    log(f"{model}: timing the single step ({repeats} windows of {window_steps} steps)")
+    log(f"{model}: timing the single step ({counted(repeats, 'window')} of {counted(window_steps, 'step')})")
     single = time_loop(
         our_steps(config, images, labels, device, compile), config.batch_size, device, window_steps, repeats, warmup
     )
@@ -281,10 +282,10 @@ def bench_counts(
         "batch_size": config.batch_size,
         "window_steps": window_steps,
         "single": single,
-        "vmapped": {},
+        "n_models": {},
     }
     for n in counts:
-        log(f"{model}: timing {n} model{'s' if n > 1 else ''} in one N-model step")
+        log(f"{model}: timing {counted(n, 'model')} through the N-model step")
         timed = time_loop(
             our_steps(dataclasses.replace(config, seeds=n), images, labels, device, compile, stacked=True),
             config.batch_size * n,
@@ -294,7 +295,7 @@ def bench_counts(
             warmup,
         )
         timed["time_vs_n_single_runs"] = single["images_per_second"] / timed["images_per_second"]
-        result["vmapped"][str(n)] = timed
+        result["n_models"][str(n)] = timed
     return result
 
 
@@ -326,7 +327,7 @@ def print_seeds_report(report: dict, json_path: Path | None) -> None:
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in report["results"]:
         single = r["single"]["images_per_second"]
-        for n, timed in r["vmapped"].items():
+        for n, timed in r["n_models"].items():
             table.add_row(
                 r["model"],
                 str(r["batch_size"]),

@@ -383,7 +383,8 @@ def bench(
         False,
         "--floor",
         help="Instead: the compiled CPU step (and 10 steps per call, where they run) against its floor, the "
-        "products and optimizer traffic it cannot skip, timed in turn (--window-images does not apply).",
+        "products and optimizer traffic it cannot skip, timed in turn for --repeats rounds "
+        "(--window-images and --warmup do not apply).",
     ),
 ):
     """Images/s of the tutorials' DataLoader loop against tinymnist's step (BENCHMARKS.md)."""
@@ -392,6 +393,10 @@ def bench(
         raise TinyMnistError("--busy-core and --floor are two benchmarks; give one of them")
     if busy_core or floor:
         check_cpu_mode("--busy-core" if busy_core else "--floor", device, window_images, time_to_accuracy, seeds)
+    if floor and warmup is not None:
+        raise TinyMnistError(
+            "--warmup does not apply to --floor (it runs each step 3 times before timing); leave it out"
+        )
     if floor and not compile:
         raise TinyMnistError("--floor times the compiled step; leave out --no-compile")
     if time_to_accuracy is not None and (given := [flag for flag, value in timing.items() if value is not None]):
@@ -408,14 +413,19 @@ def bench(
         raise TinyMnistError(f"--models names no model; give some of {MODELS}, comma-separated")
     for name in names:
         networks.check_model(name, "--models")
-    if window_images < 1 or repeats < 1 or warmup < 0:
-        raise TinyMnistError("--window-images and --repeats must be positive, --warmup at least 0")
+    for flag, value, least in (
+        ("--window-images", window_images, 1),
+        ("--repeats", repeats, 1),
+        ("--warmup", warmup, 0),
+    ):
+        if value < least:
+            raise TinyMnistError(f"{flag} must be at least {least}, got {value}")
     if json_path is not None:
         outputs.check_output(json_path, "--json")  # before minutes of timing, not after
     dev = torch.device("cpu") if busy_core or floor else resolve_device(device)
     use_tf32_matmuls(dev)  # for all three loops alike
     if compile:
-        check_compilable(dev)
+        check_compilable(dev, eager_too=not floor)
     if time_to_accuracy is not None:
         if not 0 < time_to_accuracy <= 1:
             raise TinyMnistError(f"--time-to-accuracy is a fraction (0.99 for 99%), got {time_to_accuracy}")

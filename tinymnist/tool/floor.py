@@ -41,6 +41,7 @@ from tinymnist.algorithm import networks, shapes
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state
 from tinymnist.tool.bench import machine_description, print_table
+from tinymnist.tool.report import counted
 from tinymnist.transforms import speed
 
 CPU = torch.device("cpu")
@@ -214,10 +215,10 @@ def measure(model: str, images, labels, rounds: int, log: Callable[[str], None])
             samples[way].append(sum(times.values()))
             for name, us in times.items():
                 samples[f"{way}/{name}"].append(us)
-    ways = [way for way in parts if way != "optimizer"]
-    products = [min(per_way) for per_way in zip(*(samples[way] for way in ways), strict=True)]  # the faster batching
-    floors = [p + o for p, o in zip(products, samples["optimizer"], strict=True)]
     median = {key: statistics.median(values) for key, values in samples.items()}
+    faster_way = min((way for way in parts if way != "optimizer"), key=median.get)  # whole batch or micro-batches
+    products = samples[faster_way]
+    floors = [p + o for p, o in zip(products, samples["optimizer"], strict=True)]
     over_floor = {
         f"{name}_over_floor": statistics.median(s / f for s, f in zip(samples[name], floors, strict=True))
         for name in loops
@@ -226,7 +227,7 @@ def measure(model: str, images, labels, rounds: int, log: Callable[[str], None])
         "model": model,
         "batch": batch,
         "micro_batch": micro_batch if "micro" in parts else None,
-        "faster_way": min(ways, key=median.get),
+        "faster_way": faster_way,
         "optimizer_arrays": optimizer_arrays(model),
         "params": sum(row.params for row in networks.trace(model)),
         "flops": step_flops(model, batch),
@@ -258,7 +259,9 @@ def run_floor_bench(names: list[str], images, labels, source: str, rounds: int, 
 
 def print_floor_report(report: dict) -> None:
     k = report["steps_per_call"]
-    table = Table(title=f"{report['machine']}, torch {report['torch']}; medians of {report['rounds']} rounds")
+    table = Table(
+        title=f"{report['machine']}, torch {report['torch']}; medians of {counted(report['rounds'], 'round')}"
+    )
     columns = ("model", "batch", "step us", f"{k} per call us", "products us", "GFLOP/s", "optimizer us")
     for column in (*columns, "floor us", "step/floor", f"{k} per call/floor"):
         table.add_column(column, justify="left" if column == "model" else "right")

@@ -102,7 +102,8 @@ def check_output_path(path: Path, flag: str) -> None:
                 f"{flag} {path} is a symbolic link (to {os.readlink(path)}); give the real path of the file"
             )
         if stat.S_ISDIR(found.st_mode):
-            raise TinyMnistError(f"{flag} {path} is a folder; give a file path such as {path / 'run.pt'}")
+            example = {"--metrics": "run.jsonl", "--json": "bench.json", "-o": "picture.png"}.get(flag, "run.pt")
+            raise TinyMnistError(f"{flag} {path} is a folder; give a file path such as {path / example}")
         if not stat.S_ISREG(found.st_mode):
             device = stat.S_ISCHR(found.st_mode) or stat.S_ISBLK(found.st_mode)
             kind = "a device" if device else "a special file (a pipe or socket)"

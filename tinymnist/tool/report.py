@@ -45,6 +45,11 @@ def evaluation_line(record: dict) -> str | None:
     return None if "seed" in record else test_line(record)
 
 
+def counted(count: int, noun: str) -> str:
+    """ "1 epoch", "2 epochs"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def model_test_line(record: dict) -> str:
     """`tinymnist eval`'s line for a record: a single model's test line; one model of N, or the ensemble, named."""
     if "seed" not in record and not record.get("ensemble"):

@@ -143,7 +143,7 @@ def several_steps_refused(config: TrainConfig, device: torch.device, one_process
     if 0 < micro_batch < config.batch_size:
         return f"the batch of {config.batch_size} is split into micro-batches of {micro_batch} (pass --micro-batch 0)"
     if config.n_models > 1:
-        return "it trains one model at a time (no --seeds or --lr list)"
+        return "it is for a single model's run (no --seeds or --lr list)"
     if not one_process:
         return "it runs in one process, not under torchrun"
     return None
@@ -186,10 +186,11 @@ def cpu_compiler() -> str | None:
         return None
 
 
-def check_compilable(device: torch.device) -> None:
-    """Raise the one-line error for compiling on a CPU that has no C++ compiler."""
+def check_compilable(device: torch.device, eager_too: bool = True) -> None:
+    """Raise the one-line error for compiling on a CPU that has no C++ compiler; `eager_too`:
+    the command can run eager instead, so the error says so."""
     if device.type == "cpu" and cpu_compiler() is None:
         raise TinyMnistError(
-            "torch.compile on the CPU needs a C++ compiler ($CXX, g++ or clang++) and finds none; "
-            "install one or pass --no-compile"
+            "torch.compile on the CPU needs a C++ compiler ($CXX, g++ or clang++) and finds none; install one"
+            + (" or pass --no-compile" if eager_too else "")
         )

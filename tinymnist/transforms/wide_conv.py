@@ -79,7 +79,8 @@ CONV_RULES = {"vmap": vmap_conv, "loop": loop_conv, "unfold": unfold_conv, "firs
 # research/wide_conv.py, 8 models, in turns in one process (results/bench/cpu-seeds/):
 #   cpu, cnn:   one-by-one 1.08x the time of 8 single runs, vmap-gradient 1.36x, loop 1.69x:
 #               8 models' activations and 9.4M parameters at once overflow the caches
-#   cpu, fast:  one-by-one 0.99x, the loop 1.17x, vmap-gradient 1.30x
+#   cpu, fast:  one-by-one 0.99x, the loop 1.17x (both 2 threads); vmap-gradient 1.10x on 2 threads
+#               with a shared chunk, 1.30x on 1 thread (the session before)
 #   cpu, lenet: vmap-gradient 0.84x, one-by-one 0.89x: oneDNN's grouped convolution is not
 #               slow on a CPU, and lenet stays vmapped
 #   cuda: not measured yet (no GPU in the sessions that wrote this); grouped convolutions are

@@ -20,6 +20,7 @@ from tinymnist.tool import checkpoint, outputs
 from tinymnist.tool.devices import resolve_device
 from tinymnist.tool.exits import user_errors
 from tinymnist.tool.extras import require
+from tinymnist.tool.report import counted
 from tinymnist.transforms.speed import use_tf32_matmuls
 from tinymnist.viz.curves import write_curves_png
 from tinymnist.viz.digits import plain_digits, terminal_digits, write_digits_png
@@ -160,11 +161,6 @@ def one_model(config: dict, path: Path, command: str) -> None:
             f"{command} takes a checkpoint of one model; {path} holds {count} (--seeds/--lr list): "
             "train the one you want alone (--seed S --lr L) and save that"
         )
-
-
-def counted(count: int, noun: str) -> str:
-    """ "1 epoch", "2 epochs"."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def shown(count: int, wrong: bool) -> str:
