@@ -299,3 +299,19 @@ def test_compiled_update_matches_eager_and_never_recompiles(name):
         with torch._dynamo.config.patch(error_on_recompile=call > 0):
             compiled_run = compiled(grads, compiled_run[1], compiled_run[0], lr)
         torch.testing.assert_close(compiled_run, eager, rtol=1e-6, atol=1e-6)
+
+
+@needs_cpp_compiler
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_compiled_adam_computes_its_bias_corrections_once_a_step(name):
+    # inductor inlines a 0-d value into every loop that reads it; had the two scalars
+    # been inlined, each parameter's loop would hold its own expm1 of each.
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    opt = optim.OPTIMIZERS[name]()
+    gen = torch.Generator().manual_seed(3)
+    params = {f"w{i}": torch.randn(64 + i, generator=gen) for i in range(4)}
+    compiled = torch.compile(opt.update, fullgraph=True, dynamic=False)
+    _, (code,) = run_and_get_code(compiled, random_like(params, gen), opt.init(params), params, torch.tensor(0.1))
+    assert code.count("expm1(") == 2, code
