@@ -31,6 +31,7 @@ import torch
 from tinymnist.algorithm import optim
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state, make_gradient, make_step, synchronize
+from tinymnist.transforms.cuda_graph import GraphedStep
 from tinymnist.transforms.speed import compiled, default_micro_batch, device_step, micro_batched
 from tinymnist.transforms.vmap import one_by_one, vmapped, vmapped_update
 from tinymnist.transforms.wide_conv import CONV_RULES, wide_gradient
@@ -48,12 +49,20 @@ def per_model_chunk(chunks: str, n: int, device) -> int:
 
 
 def build_step(config, optimizer, device, rule: str, micro_batch: int):
-    """The N-model step with `rule`, composed as speed.device_step composes it on a CPU or
-    without CUDA graphs: compiled pieces around micro-batches, else one compiled step."""
+    """The N-model step with `rule`, composed as speed.device_step composes it: on a CPU,
+    compiled pieces around micro-batches, else one compiled step; on CUDA, one graph."""
     if rule in ("single", "chosen"):  # what `train` runs: one model's step, or N models' as chosen
         micro = dataclasses.replace(config, micro_batch=micro_batch)
         return device_step(micro, optimizer, device, stacked=rule == "chosen")
     update = vmapped_update(optimizer.update)
+    if device.type == "cuda":  # as device_step runs a step there: compiled, replayed as one CUDA graph
+        if rule.startswith("one-by-one"):
+            gradient = one_by_one(make_gradient(config))
+        elif rule == "vmap-gradient":
+            gradient = vmapped(make_gradient(config))
+        else:
+            gradient = wide_gradient(config, CONV_RULES[rule])
+        return GraphedStep(make_step(gradient, optim.Optimizer(optimizer.init, update)), compile=True)
     if rule == "one-by-one":  # one model's compiled gradient, called once per model from Python
         gradient = make_gradient(config)
         if 0 < micro_batch < config.batch_size:

@@ -11,10 +11,11 @@ import dataclasses
 import pytest
 import torch
 
-from tests.support import needs_cpp_compiler, random_mnist
+from tests.support import needs_cpp_compiler, needs_cuda, random_mnist
 from tinymnist.algorithm import networks, optim
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.train import make_gradient, make_step, per_model, scale_images
+from tinymnist.algorithm.trees import tree_map
 from tinymnist.transforms.speed import compiled, device_step, micro_batched
 from tinymnist.transforms.vmap import n_models_gradient, n_models_update, one_model, vmapped, vmapped_update
 from tinymnist.transforms.wide_conv import CHOSEN, CONV_RULES, wide_forward, wide_gradient
@@ -225,3 +226,36 @@ def test_the_n_model_step_compiles_as_one_graph_once(rule):
             params, opt_state, images, labels, batch_idx.roll(1, 1), torch.tensor([0.5, 0.25])
         )
     assert losses.shape == (2,) and torch.isfinite(losses).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("model", ["lenet", "fast"])
+def test_the_n_model_step_on_cuda_is_the_vmapped_step(model):
+    """The N-model step `train --seeds 3 --device cuda` runs (compiled, replayed as a CUDA
+    graph, by wide_conv.CHOSEN's rule for CUDA) lands where the plain eager vmapped step
+    lands after 3 steps. TF32 off: both sides in float32, so only reassociation differs."""
+    with torch.backends.cudnn.flags(allow_tf32=False):  # conftest restores the matmul flag
+        torch.backends.cuda.matmul.allow_tf32 = False
+        n_model_steps_on_cuda_match(model)
+
+
+def n_model_steps_on_cuda_match(model: str) -> None:
+    cuda = torch.device("cuda")
+    config = recipe_config(model, "sgd", batch_size=32, lr=0.1, seeds=N)
+    optimizer = optim.OPTIMIZERS["sgd"]()
+    data = random_mnist(96, 1, device=cuda)
+    params = {k: v.to(cuda) for k, v in stacked_params(model).items()}
+    opt_state = per_model([optimizer.init(one_model(params, i)) for i in range(N)], stacked=True)
+    batches = torch.randint(0, 96, (3, N, 32), generator=torch.Generator().manual_seed(0)).to(cuda)  # (steps, N, B)
+    lr = torch.full((N,), 0.1, device=cuda)
+    plain = make_step(vmapped(make_gradient(config)), optim.Optimizer(optimizer.init, vmapped_update(optimizer.update)))
+    finals = []
+    for step in (plain, device_step(config, optimizer, cuda)):
+        p, s = params, opt_state
+        for batch_idx in batches:
+            p, s, losses = step(p, s, data.train_images, data.train_labels, batch_idx, lr)
+        # A CUDA graph's outputs are its own buffers, overwritten by its next replay: copies.
+        finals.append((tree_map(torch.clone, p), tree_map(torch.clone, s), losses.clone()))
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-4, atol=1e-5)
+    first = next(iter(params))
+    assert not torch.equal(finals[1][0][first], params[first])  # the steps did train
