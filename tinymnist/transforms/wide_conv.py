@@ -16,7 +16,8 @@ leading model axis:
 
 Which route a step takes, this forward with which rule, plain vmap or the models one by one
 (vmap.one_by_one), is a table of measurements per device kind and network, CHOSEN: on a
-2-core CPU one by one is the fastest for `cnn` and `fast`, and vmap for `lenet`.
+2-core CPU one by one is the fastest for `cnn` and `fast`, and vmap for `lenet`; on an
+H200, vmap for `cnn`.
 
 The layers are networks.py's own tuples (networks.ARCHITECTURES); parameters keep the
 networks' names (`conv1.weight`, ...), so checkpoints, the optimizers and evaluation do not
@@ -83,8 +84,8 @@ CONV_RULES = {"vmap": vmap_conv, "loop": loop_conv, "unfold": unfold_conv, "firs
 #               with a shared chunk, 1.30x on 1 thread (the session before)
 #   cpu, lenet: vmap-gradient 0.84x, one-by-one 0.89x: oneDNN's grouped convolution is not
 #               slow on a CPU, and lenet stays vmapped
-#   cuda: not measured yet (no GPU in the sessions that wrote this); grouped convolutions are
-#         known to be slow in cuDNN, so `python research/wide_conv.py --device cuda` is the next run
+#   cuda, cnn (H200, N = 16, each step one CUDA graph): vmap-gradient 0.67x, one-by-one 0.93x,
+#               unfold 1.20x (results/bench/cuda-h200/issue20/): vmap stays on CUDA
 VMAP_GRADIENT, ONE_BY_ONE = "vmap-gradient", "one-by-one"
 CHOSEN = {("cpu", "cnn"): ONE_BY_ONE, ("cpu", "fast"): ONE_BY_ONE}
 
