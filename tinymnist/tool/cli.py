@@ -1,8 +1,7 @@
 """The `tinymnist` command: train, eval, plot, predict, export, shapes, info, download, bench.
 
-Flags map 1:1 onto `TrainConfig` fields and keep pytorch/examples' names. A flag
-left out takes the model's recipe (config.RECIPES). Every mistake a user can fix
-ends in one line on stderr and exit status 2 (run.py says what `train` checks).
+Flags map 1:1 onto `TrainConfig` fields and keep pytorch/examples' names; a flag left out
+takes the model's recipe (config.RECIPES). A mistake the user can fix is one stderr line, exit 2.
 """
 
 from __future__ import annotations
@@ -66,6 +65,12 @@ def main_options(
     """MNIST trained with raw tensors, torch.func and torch.compile: no torchvision, no DataLoader."""
 
 
+def unset(help: str, shown: str):
+    """An option that defaults to None; --help shows `shown`, what None means."""
+    return typer.Option(None, help=help, show_default=shown)
+
+
+RECIPE = "the recipe's"
 DataDir = typer.Option(None, "--data-dir", help="Folder of the MNIST files.", show_default="$TINYMNIST_DATA or ./data")
 Device = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps.")
 NoDownload = typer.Option(
@@ -79,52 +84,36 @@ NoDownload = typer.Option(
 @app.command()
 @user_errors
 def train(
-    model: str | None = typer.Option(None, help=f"One of {MODELS}.", show_default="cnn, or the checkpoint's"),
-    optimizer: str | None = typer.Option(
-        None, help="sgd, adam, adamw, adadelta or rmsprop.", show_default="the recipe's"
+    model: str | None = unset(f"One of {MODELS}.", "cnn, or the checkpoint's"),
+    optimizer: str | None = unset("sgd, adam, adamw, adadelta or rmsprop.", RECIPE),
+    batch_size: int | None = unset("Training images per step.", RECIPE),
+    test_batch_size: int | None = unset("Images per evaluation chunk.", RECIPE),
+    epochs: int | None = unset(
+        "Total epochs; with --resume, continue up to this one.", "the recipe's, or the checkpoint's"
     ),
-    batch_size: int | None = typer.Option(None, help="Training images per step.", show_default="the recipe's"),
-    test_batch_size: int | None = typer.Option(None, help="Images per evaluation chunk.", show_default="the recipe's"),
-    epochs: int | None = typer.Option(
-        None,
-        help="Total epochs; with --resume, continue up to this one.",
-        show_default="the recipe's, or the checkpoint's",
-    ),
-    lr: str | None = typer.Option(
-        None,
-        help="Learning rate of epoch 1 (one-cycle: the peak); a comma-separated "
+    lr: str | None = unset(
+        "Learning rate of epoch 1 (one-cycle: the peak); a comma-separated "
         "list (0.5,1,2) trains one model per rate, all at once.",
-        show_default="the recipe's; torch.optim's for another --optimizer",
+        "the recipe's; torch.optim's for another --optimizer",
     ),
-    seeds: int | None = typer.Option(
-        None,
-        help="Train this many models at once, seeded --seed, --seed+1, ... (with an --lr list: per rate).",
-        show_default="1",
+    seeds: int | None = unset(
+        "Train this many models at once, seeded --seed, --seed+1, ... (with an --lr list: per rate).", "1"
     ),
-    gamma: float | None = typer.Option(
-        None, help="Multiply the learning rate by this after every epoch (StepLR).", show_default="the recipe's"
+    gamma: float | None = unset("Multiply the learning rate by this after every epoch (StepLR).", RECIPE),
+    schedule: str | None = unset(
+        "step: StepLR by --gamma each epoch; one-cycle: OneCycleLR rising to --lr and falling over the whole run.",
+        RECIPE,
     ),
-    schedule: str | None = typer.Option(
-        None,
-        help="step: StepLR by --gamma each epoch; one-cycle: OneCycleLR rising to --lr and falling over the whole run.",
-        show_default="the recipe's",
+    label_smoothing: float | None = unset("Label smoothing of the training loss (0 to <1).", RECIPE),
+    target_accuracy: float | None = unset(
+        "Stop at the first evaluation at or above this test accuracy (0.99 = 99%) and report the time to reach it.",
+        "none: train every epoch",
     ),
-    label_smoothing: float | None = typer.Option(
-        None, help="Label smoothing of the training loss (0 to <1).", show_default="the recipe's"
+    eval_every: int | None = unset(
+        "Also evaluate every this many steps (cheap: the test set is on the device).", "once per epoch"
     ),
-    target_accuracy: float | None = typer.Option(
-        None,
-        help="Stop at the first evaluation at or above this test "
-        "accuracy (0.99 = 99%) and report the time to reach it.",
-        show_default="none: train every epoch",
-    ),
-    eval_every: int | None = typer.Option(
-        None,
-        help="Also evaluate every this many steps (cheap: the test set is on the device).",
-        show_default="once per epoch",
-    ),
-    seed: int | None = typer.Option(None, help="Seeds init, shuffling and dropout.", show_default="1"),
-    log_interval: int | None = typer.Option(None, help="Steps between log lines.", show_default="10"),
+    seed: int | None = unset("Seeds init, shuffling and dropout.", "1"),
+    log_interval: int | None = unset("Steps between log lines.", "10"),
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
@@ -132,10 +121,10 @@ def train(
         "writes no output (the paths are checked, no checkpoint, metrics or TensorBoard is written).",
         show_default="off",
     ),
-    save_model: Path | None = typer.Option(
-        None, help="Write a checkpoint here after every epoch (atomically).", show_default="none: nothing is saved"
+    save_model: Path | None = unset(
+        "Write a checkpoint here after every epoch (atomically).", "none: nothing is saved"
     ),
-    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps.", show_default="auto"),
+    device: str | None = unset("auto, cpu, cuda, cuda:N or mps.", "auto"),
     no_accel: bool = typer.Option(
         False, "--no-accel", help="Train on the CPU (pytorch/examples' flag).", show_default="off"
     ),
@@ -145,10 +134,9 @@ def train(
         help="torch.compile the step.",
         show_default="on for CUDA and for a CPU with a C++ compiler, off on MPS",
     ),
-    micro_batch: int | None = typer.Option(
-        None,
-        help="Compute each step's gradient in chunks of this many images; 0: the whole batch at once.",
-        show_default="256 on the CPU, else 0",
+    micro_batch: int | None = unset(
+        "Compute each step's gradient in chunks of this many images; 0: the whole batch at once.",
+        "256 on the CPU, else 0",
     ),
     cuda_graphs: bool = typer.Option(
         True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay each step as one CUDA graph."
@@ -158,38 +146,35 @@ def train(
         help="CPU: run this many steps per compiled call (one model's step, compiled whole): faster for "
         "small steps in long runs, at seconds more compile (BENCHMARKS.md).",
     ),
-    threads: int | None = typer.Option(
-        None,
-        help="CPU threads, fixed: the same numbers to the last bit whatever else the machine runs.",
-        show_default="all cores, fewer while another program takes one",
+    threads: int | None = unset(
+        "CPU threads, fixed: the same numbers to the last bit whatever else the machine runs.",
+        "all cores, fewer while another program takes one",
     ),
     data_dir: Path | None = DataDir,
     no_download: bool = NoDownload,
-    metrics: Path | None = typer.Option(
-        None,
-        help="Write one JSON object per evaluation to this JSON Lines file: "
+    metrics: Path | None = unset(
+        "Write one JSON object per evaluation to this JSON Lines file: "
         "a new run starts it afresh, a resumed run appends.",
-        show_default="none",
+        "none",
     ),
-    tensorboard: Path | None = typer.Option(
-        None, help="Also write TensorBoard scalars into this folder (needs the viz extra).", show_default="none"
-    ),
-    resume: Path | None = typer.Option(
-        None,
-        help="Continue from this checkpoint (--epochs is the total); it is only read: save with --save-model.",
-        show_default="a new run",
+    tensorboard: Path | None = unset("Also write TensorBoard scalars into this folder (needs the viz extra).", "none"),
+    resume: Path | None = unset(
+        "Continue from this checkpoint (--epochs is the total); it is only read: save with --save-model.",
+        "a new run",
     ),
 ):
     """Train a network on MNIST, with its tutorial's recipe as defaults."""
     if no_accel and device not in (None, "cpu"):
         raise TinyMnistError(f"--no-accel means --device cpu, but --device {device} was given; pass only one")
+    rates = None if lr is None else parse_lrs(lr)  # a list trains one model per rate
     flags = dict(
         model=model,
         optimizer=optimizer,
         batch_size=batch_size,
         test_batch_size=test_batch_size,
         epochs=epochs,
-        **lr_flags(lr),
+        lr=rates[0] if rates else None,
+        lrs=rates if rates and len(rates) > 1 else None,
         seeds=seeds,
         gamma=gamma,
         schedule=schedule,
@@ -228,29 +213,6 @@ def train(
     run.train(config, state)
 
 
-def evaluate_checkpoint(config: TrainConfig, state, images, labels) -> list[dict]:
-    """A checkpoint's test records, as its run's last evaluation made them: one model's; N models' each and the
-    ensemble's."""
-    evaluate = evaluate_many if config.n_models > 1 else evaluate_one
-    models = model_configs(config)
-    progress = Progress(state.epoch, [None] * len(models), [m.lr for m in models], 0.0, 0)
-    return evaluation_records(models, progress, evaluate(config, state.params, images, labels))
-
-
-def eval_record(config: TrainConfig, record: dict, epoch: int) -> dict:
-    """What `tinymnist eval` prints of a record: the model, the epoch, the test result, and who (N models)."""
-    kept = ("test_loss", "test_accuracy", "correct", "total", "seed", "initial_lr", "ensemble", "models")
-    return {"model": config.model, "epoch": epoch, **{k: record[k] for k in kept if k in record}}
-
-
-def lr_flags(text: str | None) -> dict:
-    """--lr as config fields: one rate is `lr` (a single run), a list is `lrs` too (one model per rate)."""
-    if text is None:
-        return {"lr": None}
-    rates = parse_lrs(text)
-    return {"lr": rates[0]} if len(rates) == 1 else {"lr": rates[0], "lrs": rates}
-
-
 @app.command("eval")
 @user_errors
 def eval_command(
@@ -285,7 +247,13 @@ def eval_command(
     images, labels = data.load_test_split(data.resolve_data_dir(data_dir), dev, download=not no_download)
     if confusion and config.n_models > 1:
         raise TinyMnistError(f"--confusion is for one model; {checkpoint_path} holds {config.n_models}")
-    lines = [eval_record(config, record, state.epoch) for record in evaluate_checkpoint(config, state, images, labels)]
+    # The records the run's last evaluation made: one model's, or N models' each and the ensemble's.
+    evaluate = evaluate_many if config.n_models > 1 else evaluate_one
+    models = model_configs(config)
+    progress = Progress(state.epoch, [None] * len(models), [m.lr for m in models], 0.0, 0)
+    records = evaluation_records(models, progress, evaluate(config, state.params, images, labels))
+    kept = ("test_loss", "test_accuracy", "correct", "total", "seed", "initial_lr", "ensemble", "models")
+    lines = [{"model": config.model, "epoch": state.epoch, **{k: r[k] for k in kept if k in r}} for r in records]
     matrix = None
     if confusion:
         matrix = viz_confusion.confusion_matrix(probabilities(config.model, state.params, images).argmax(1), labels)
@@ -316,8 +284,8 @@ def shapes_command(model: str = typer.Argument(..., help=f"One of {MODELS}.")):
 def info():
     """torch version and build, accelerators, and a matmul on each of them."""
     table = Table(show_header=False)
-    for what, value in accelerator_report():
-        table.add_row(what, value)
+    for row in accelerator_report():
+        table.add_row(*row)
     Console().print(table)
 
 
@@ -353,11 +321,9 @@ def bench(
     ),
     device: str = Device,
     data_dir: Path | None = DataDir,
-    window_images: int | None = typer.Option(
-        None, help="Images per timed window (rounded to whole batches).", show_default="4096"
-    ),
-    repeats: int | None = typer.Option(None, help="Timed windows per loop; the median counts.", show_default="5"),
-    warmup: int | None = typer.Option(None, help="Untimed steps after the first (compiling) one.", show_default="3"),
+    window_images: int | None = unset("Images per timed window (rounded to whole batches).", "4096"),
+    repeats: int | None = unset("Timed windows per loop; the median counts.", "5"),
+    warmup: int | None = unset("Untimed steps after the first (compiling) one.", "3"),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="Also time the compiled step."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the raw results to this JSON file."),
     time_to_accuracy: float | None = typer.Option(
@@ -370,8 +336,8 @@ def bench(
     seeds: str | None = typer.Option(
         None,
         "--seeds",
-        help="Model counts, comma-separated (1,4,16): time N models in one step against N single runs instead.",
         show_default="off",
+        help="Model counts, comma-separated (1,4,16): time N models in one step against N single runs instead.",
     ),
     busy_core: bool = typer.Option(
         False,
@@ -426,6 +392,7 @@ def bench(
     use_tf32_matmuls(dev)  # for all three loops alike
     if compile:
         check_compilable(dev, eager_too=not floor)
+    folder = data.resolve_data_dir(data_dir)
     if time_to_accuracy is not None:
         if not 0 < time_to_accuracy <= 1:
             raise TinyMnistError(f"--time-to-accuracy is a fraction (0.99 for 99%), got {time_to_accuracy}")
@@ -433,21 +400,16 @@ def bench(
         if len(n) != 1:
             raise TinyMnistError(f"--seeds {seeds}: with --time-to-accuracy give one number of models, like --seeds 10")
         check_counts_fit(TIME_TO_ACCURACY_MODELS, n[0], dev)
-        mnist = data.load_mnist(data.resolve_data_dir(data_dir), dev)  # real digits: random ones never reach it
-        rows = run_time_to_accuracy(
-            mnist, dev, time_to_accuracy, compile, log=lambda m: print(m, file=sys.stderr), seeds=n[0]
-        )
+        mnist = data.load_mnist(folder, dev)  # real digits: random ones never reach it
+        rows = run_time_to_accuracy(mnist, dev, time_to_accuracy, compile, log=log, seeds=n[0])
         return print_time_to_accuracy(rows, time_to_accuracy, dev, json_path)
     if seeds is not None:  # N models per step against N single runs
         counts = parse_counts(seeds)
         check_counts_fit(names, max(counts), dev)
-        report = run_seeds_bench(
-            names, counts, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup, compile
-        )
+        report = run_seeds_bench(names, counts, dev, folder, window_images, repeats, warmup, compile)
         return print_seeds_report(report, json_path)
     if busy_core or floor:
-        images, labels, source = bench_data(data.resolve_data_dir(data_dir), dev)
-        log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+        images, labels, source = bench_data(folder, dev)
         if floor:
             report = run_floor_bench(names, images, labels, source, repeats, log)
         else:
@@ -455,8 +417,13 @@ def bench(
         if json_path:
             write_json(json_path, report)
         return print_floor_report(report) if floor else print_busy_core_report(report)
-    report = run_bench(names, dev, data.resolve_data_dir(data_dir), window_images, repeats, warmup, compile)
+    report = run_bench(names, dev, folder, window_images, repeats, warmup, compile)
     print_report(report, json_path)
+
+
+def log(message: str) -> None:
+    """Benchmarks' progress, on stderr: stdout is the report."""
+    print(message, file=sys.stderr)
 
 
 def check_cpu_mode(mode: str, device: str, window_images: int | None, time_to_accuracy: float | None, seeds):
@@ -485,7 +452,7 @@ def parse_counts(text: str) -> list[int]:
     return counts
 
 
-from tinymnist.viz.commands import register  # noqa: E402  (plot, predict, export; issue 14)
+from tinymnist.viz.commands import register  # noqa: E402  (plot, predict, export: after the commands above)
 
 register(app)
 
