@@ -1,9 +1,8 @@
 """The `tinymnist` console script (and `python -m tinymnist`): signals first, then torch.
 
-Importing torch and the CLI takes seconds. A Ctrl-C in those seconds would end in a
-traceback from deep inside torch, so the signal handlers go in first and the heavy
-imports happen inside `main`, where an interrupt becomes one line and exit 130 (143
-for SIGTERM). This file and `tinymnist/__init__.py` must stay free of heavy imports.
+Importing torch takes seconds; a Ctrl-C then would end in a traceback from deep inside torch, so the
+handlers go in first and the heavy imports happen inside `main`. Keep this file and `tinymnist/__init__.py`
+free of heavy imports.
 """
 
 from __future__ import annotations

@@ -14,8 +14,7 @@ EXIT_USAGE = 2
 
 
 def user_errors(command):
-    """Turn a TinyMnistError into one stderr line and exit status 2, an interrupt into 130 (Ctrl-C) or
-    143 (SIGTERM), without a traceback."""
+    """Turn a TinyMnistError into one stderr line and exit 2, an interrupt into exit 130 or 143: no traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):

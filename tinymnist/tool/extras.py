@@ -1,10 +1,7 @@
-"""The optional `viz` extra: pictures need packages the base install does not bring.
+"""The optional `viz` extra: matplotlib (PNG plots), pillow (images), safetensors (export), tensorboard.
 
-`pip install 'tinymnist[viz]'` adds matplotlib (PNG plots), pillow (reading images,
-PNG digits), safetensors (export) and tensorboard (train --tensorboard). Each is
-imported only where it is used, through `require`, so that a missing one is a
-one-line error saying what to install, not a traceback, and `tinymnist train`
-starts as fast as before.
+Each is imported where it is used, through `require`: a missing one is a one-line error saying what to
+install, not a traceback, and `tinymnist train` does not pay for importing them.
 """
 
 from __future__ import annotations
@@ -16,8 +13,7 @@ from tinymnist.errors import TinyMnistError
 
 INSTALL = "pip install 'tinymnist[viz]'"
 
-# The package to install for each module we import (pillow's is PIL; torch's TensorBoard
-# writer is part of torch but needs the tensorboard package).
+# The package to install for each module (torch's TensorBoard writer needs the tensorboard package).
 PACKAGE_OF = {
     "matplotlib": "matplotlib",
     "PIL": "pillow",
@@ -27,10 +23,8 @@ PACKAGE_OF = {
 
 
 def require(module: str, purpose: str) -> ModuleType:
-    """Import `module` (e.g. "matplotlib.figure"), or fail naming the extra to install.
-
-    purpose: what the user asked for, e.g. "plot -o", so the message says why.
-    """
+    """Import `module` (e.g. "matplotlib.figure"), or fail naming the extra to install and `purpose`, what the
+    user asked for (e.g. "plot -o")."""
     try:
         return importlib.import_module(module)
     except ImportError:  # torch.utils.tensorboard raises it too when tensorboard is missing

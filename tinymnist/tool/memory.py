@@ -1,10 +1,5 @@
-"""Will N models fit? An estimate checked before training, so a run that cannot fit says so
-in a second instead of failing (or swapping) an epoch in.
-
-Per model, training holds its parameters, their gradient and the updated copy, its
-optimizer state (old and new), and one batch's activations together with their
-gradients; evaluation holds one test chunk's activations. The dataset is shared by all
-N models and is on the device already, so it is not counted.
+"""Will N models fit? Estimated before training, so a run that cannot fit says so in a second
+instead of failing (or swapping) an epoch in. The dataset, shared and already on the device, is not counted.
 """
 
 from __future__ import annotations
@@ -63,8 +58,7 @@ def free_bytes(device: torch.device) -> int | None:
 def check_memory(
     config: TrainConfig, optimizer: optim.Optimizer, device: torch.device, n_models: int, flag: str = "--seeds/--lr"
 ) -> int:
-    """Raise a one-line TinyMnistError naming `flag` when N models cannot fit; return the estimate
-    in bytes. Constant time in N: nothing is built per model."""
+    """The bytes N models need, or a one-line TinyMnistError naming `flag` when they do not fit."""
     each = model_bytes(config, optimizer)
     need, free = each * n_models, free_bytes(device)
     if free is not None and need > free:

@@ -1,11 +1,8 @@
 """What a run prints: log lines or a progress bar, the --metrics file, the last lines.
 
-Piped or redirected output gets the exact lines pytorch/examples prints, so scripts
-that parse them keep working; a terminal gets a progress bar with loss and speed.
-Each class here implements train.Reporter; `Reporters` sends every event to several.
-N models print one summary per evaluation: accuracy as mean ± standard deviation
-(n-1) with the range, as papers report MNIST accuracy, and the ensemble's (the
-prediction of the models' averaged probabilities).
+A pipe gets pytorch/examples' exact lines, so scripts that parse them keep working; a terminal
+gets a progress bar. Each class implements train.Reporter. N models print one summary per
+evaluation: mean ± std (n-1) and range, as papers report MNIST, and the ensemble's accuracy.
 """
 
 from __future__ import annotations
@@ -38,8 +35,7 @@ def summary_line(ensemble: dict) -> str:
 
 
 def evaluation_line(record: dict) -> str | None:
-    """What an evaluation record prints: a single run's test line, N models' summary (on the
-    ensemble's record), nothing for each of N models' own records."""
+    """A single run's test line; N models' summary on the ensemble's record, nothing on each model's."""
     if record.get("ensemble"):
         return summary_line(record)
     return None if "seed" in record else test_line(record)
@@ -59,9 +55,8 @@ def model_test_line(record: dict) -> str:
 
 
 def final_line(result, device, compile_note: str) -> str:
-    """The run's last line: the final accuracy (N models: their spread, the best and the
-    ensemble's), the training time with the compile apart, and the speed over all models."""
-    last, epochs = result.records[-1], result.state.epoch
+    """The run's last line: final accuracy (N models: spread, best, ensemble), time without the compile, speed."""
+    last = result.records[-1]
     speed = f"training {result.train_seconds:.1f} s {compile_note}, {result.images_per_second:,.0f} images/s"
     if not result.images:  # a dry run's one step is the first, kept off the clock
         speed = f"one step, not timed {compile_note}"
@@ -75,14 +70,13 @@ def final_line(result, device, compile_note: str) -> str:
         f"± {100 * last['std_accuracy']:.2f} (min {100 * last['min_accuracy']:.2f}%, "
         f"max {100 * last['max_accuracy']:.2f}% with seed {last['best_seed']}, lr {last['best_lr']:g}); "
         f"ensemble {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "
-        f"after {epochs} epoch{'' if epochs == 1 else 's'} on {device}; {speed} over all models"
+        f"after {counted(result.state.epoch, 'epoch')} on {device}; {speed} over all models"
     )
 
 
 def target_line(target: float, result, compile_note: str, resumed_at: int | None = None) -> str:
-    """--target-accuracy: when it was reached (training time, images), or that it was not; for
-    N models, when the last of them reached it and how many did. A resumed run counts its own
-    time and images, and says so."""
+    """--target-accuracy: when it was reached (time, images) or that it was not; N models: when the last did,
+    and how many. A resumed run counts its own time and images, and says so."""
     reached = [r for r in result.reached if r is not None]
     goal = f"target {100 * target:.2f}%"
     if resumed_at is not None:
@@ -133,13 +127,11 @@ class LineReporter:
         if line := evaluation_line(record):
             print(f"\n{line}\n", file=self.out, flush=True)
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None: ...
 
 
 class ProgressReporter:
-    """A rich progress bar per epoch with the running loss and images/s ("compiling" until
-    the first step is done); each epoch's test line printed under its own bar."""
+    """A rich progress bar per epoch with the loss and images/s ("compiling" until the first step is done)."""
 
     def __init__(self, console: Console):
         self.console = console
@@ -181,17 +173,13 @@ class ProgressReporter:
 
 
 class MetricsFile:
-    """--metrics: one JSON object per evaluation, flushed as it happens. A new run starts
-    the file afresh; a resumed run appends to it (the earlier epochs are already there)."""
+    """--metrics: one JSON object per evaluation, flushed as it happens; a resumed run appends."""
 
     def __init__(self, path: Path, append: bool):
         self.file = path.open("a" if append else "w")
 
-    def epoch_started(self, *args, **kwargs) -> None:
-        pass
-
-    def logged(self, *args) -> None:
-        pass
+    def epoch_started(self, *args, **kwargs) -> None: ...
+    def logged(self, *args) -> None: ...
 
     def evaluated(self, record: dict) -> None:
         self.file.write(json_line(record) + "\n")

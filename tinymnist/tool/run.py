@@ -1,16 +1,9 @@
 """`tinymnist train` around the loop: everything checked first, then fit, checkpoints, the last line.
 
-The order matters, because a run must never fail after an hour for a reason it could
-have found in a second, nor lose what it has done:
-
-1. the config (flags, or a checkpoint's config plus flags) is validated; under torchrun
-   this process joins the others (torchrun.py);
-2. the device, the compiler, and every output path are checked, and the output files
-   are locked, so a second run on the same files refuses instead of interleaving;
-3. the data is loaded, the batch size checked against it, and N models' memory;
-4. fit trains one model or N (the same loop; the step and the evaluation differ); each
-   completed epoch is checkpointed (atomically, never a partial epoch) by
-   `on_epoch_end`; Ctrl-C or SIGTERM ends the run keeping that checkpoint.
+A run must never fail after an hour for a reason it could have found in a second, nor lose what it
+has done. So the config, device, compiler, output paths (then locked), data, batch size and N models'
+memory are all checked before training; each completed epoch is checkpointed atomically, and Ctrl-C
+or SIGTERM ends the run keeping that checkpoint.
 """
 
 from __future__ import annotations
@@ -54,24 +47,11 @@ from tinymnist.transforms import speed
 from tinymnist.transforms.all_reduce import all_reduced
 from tinymnist.transforms.vmap import evaluate_many
 
-# What a resumed run takes from its checkpoint: what was trained. Where and how to run
-# it (device, data, compile, output files) comes from the command that resumes it, so a
-# resumed run writes only where its own command says.
+# What a resumed run takes from its checkpoint: what was trained. Where and how to run it (device,
+# data, compile, output files) comes from the resuming command, so it writes only where that says.
 TRAINED_FIELDS = (
-    "model",
-    "optimizer",
-    "lr",
-    "gamma",
-    "schedule",
-    "label_smoothing",
-    "batch_size",
-    "test_batch_size",
-    "epochs",
-    "seed",
-    "log_interval",
-    "seeds",
-    "lrs",
-)
+    "model optimizer lr gamma schedule label_smoothing batch_size test_batch_size epochs seed log_interval seeds lrs"
+).split()
 
 
 class Finished(Exception):
@@ -173,8 +153,7 @@ def check_compiler(config: TrainConfig, device: torch.device) -> None:
 
 
 def check_outputs(config: TrainConfig) -> dict[str, Path]:
-    """Every output path checked before any work; the files to lock, by flag. No output
-    replaces a file the run reads, nor one of another kind (outputs.check_output)."""
+    """Every output path checked before any work (none may replace an input); the files to lock, by flag."""
     paths = {"--save-model": config.save_model, "--metrics": config.metrics}
     paths = {flag: Path(p) for flag, p in paths.items() if p}
     data_files = outputs.data_inputs(Path(config.data_dir))
@@ -190,15 +169,13 @@ def check_outputs(config: TrainConfig) -> dict[str, Path]:
 
 
 def start(config: TrainConfig, optimizer, device: torch.device, resumed: TrainState | None, cluster) -> TrainState:
-    """The state training starts from: epoch 0 or the resumed checkpoint, on the device; under
-    torchrun with this process's own dropout masks. (A sweep's process starts its share: Sweep.start.)"""
+    """Epoch 0 or the resumed checkpoint, on the device; under torchrun with this process's own dropout masks."""
     state = initial_state(config, optimizer, device) if resumed is None else checkpoint.to_device(resumed, device)
     return torchrun.own_dropout(state, config.seed, cluster, device) if cluster else state
 
 
 def saved_at_target(config: TrainConfig, result: FitResult, resumed: TrainState | None) -> str | None:
-    """Checkpoints hold whole epochs (a resumed run starts at an epoch's data order), so a
-    target reached inside an epoch is not what --save-model holds: say what it does hold."""
+    """Checkpoints hold whole epochs, so a target reached mid-epoch is not what --save-model holds: say what is."""
     reached, completed = max(r["epoch"] for r in result.reached), result.state.epoch
     trained_now = completed > (resumed.epoch if resumed else 0)
     if reached == completed and trained_now:
@@ -217,8 +194,7 @@ def train_and_save(
     resumed: TrainState | None,
     sweep: Sweep | None = None,
 ) -> FitResult:
-    """fit, with each completed epoch checkpointed and a stop (NaN, Ctrl-C, SIGTERM) said truthfully.
-    Under torchrun, a sweep's every process sends its models to rank 0, which saves all N."""
+    """fit, with each completed epoch checkpointed and a stop (NaN, Ctrl-C, SIGTERM) said truthfully."""
     config = training.config
     save = Saver(config, sweep, resumed)
     console = Console()
@@ -256,13 +232,13 @@ class Saver:
                 self.saved.append(state.epoch)
 
     def kept(self) -> str:
-        """What survives a stopped run, said truthfully."""
+        """What survives a stopped run."""
         if self.saved:
             return f"; the checkpoint of epoch {self.saved[-1]} is kept in {self.config.save_model}"
         return ""
 
     def nothing_kept(self) -> str:
-        """A stop before this run saved anything, said truthfully: what is still on disk."""
+        """A stop before this run saved anything: what is still on disk."""
         if self.resumed is not None:
             return f"; no epoch completed in this run; {self.config.resume} (epoch {self.resumed.epoch}) is unchanged"
         if torchrun.launched() and not self.config.save_model:
