@@ -117,8 +117,7 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
             data_parallel = None
             if cluster and not sweep:  # one model: each process takes a slice of every batch
                 data_parallel = functools.partial(all_reduced, rank=cluster.rank, world_size=cluster.world_size)
-            # Under torchrun a step waits for the other processes: its times and CPU time say
-            # nothing about a taken core, so its threads stay fixed (transforms/cpu_threads.py).
+            # Under torchrun a step waits for the others, so its timings say nothing of a taken core: fixed threads.
             step = speed.device_step(config, optimizer, device, data_parallel, adaptive_threads=cluster is None)
             evaluate = sweep or TestSet(config, models, mnist, evaluate_many if config.n_models > 1 else evaluate_one)
             k = speed.steps_per_call(config, device, one_process=cluster is None)  # as device_step chose
