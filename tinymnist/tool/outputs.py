@@ -1,45 +1,29 @@
 """The files the tool writes (--save-model, --metrics, pictures, --json): checked before
 the work, one run each, written whole or not at all.
 
-A run that trains for an hour and then cannot write its checkpoint has lost the hour,
-so `check_output_path` refuses, before anything starts, every path that cannot work:
-a folder, a device or other special file, a symbolic link (replacing it would cut the
-link: the user meant the file it points at), a missing folder, a path under a file, a
-name too long once the temporary file's suffix is added, an unwritable folder or file.
+`check_output` refuses, before an hour of training, every path a run could not write (a
+folder, a special file, a symbolic link, a missing folder, a name too long, no permission),
+one of the run's own inputs, and a file of another kind than the output's (KINDS, told from
+its first bytes): a run must lose nothing it did not make. Export's state_dict has no kind
+of its own, so export may replace any file but those four kinds; a missing or empty file
+may always be replaced.
 
-Two runs writing one checkpoint or one metrics file at once would silently overwrite
-each other and interleave their JSON lines. `exclusive` holds an OS lock per output file
-for the run's lifetime (filelock.lock_descriptor: flock on POSIX, LockFileEx on Windows);
-a second run refuses in one line naming the first one's pid. The lock sits on a hidden
-sidecar, `.NAME.lock`: not on the checkpoint itself, whose inode changes with every
-atomic save (a lock on the old inode guards nothing). The OS drops the lock when its
-process ends, however it ends, so a sidecar left by `kill -9` is harmless, and the next
-run that takes a lock in that folder deletes it; any other exit deletes it at once. Where the file system
-has no locks, the sidecar's existence is the lock. Once a run holds a file, it deletes
-that file's temp files left by writers that died (files.remove_leftovers).
-
-An output replaces what is at its path, so `check_output` also refuses a path whose file
-tinymnist did not make for that output: a run must lose nothing it did not make. Each
-output has its kind, told from a file's first bytes without loading it (KINDS):
---save-model a tinymnist checkpoint (checkpoint.peek: its format entry, memory-mapped),
---metrics a metrics file (its first line a JSON object with an "epoch"), --json a bench
-report (a JSON object with "machine" and "results"), a picture (-o NAME.png) a PNG (its
-signature; a PNG does not say who drew it, so a picture may replace any PNG). Export's
-state_dict is a kind any program writes and nothing marks, so export may replace any file
-except one of those four kinds. A missing or empty file may always be replaced; a file the
-run reads (its `inputs`: train's MNIST files, the checkpoint it resumes, predict's --image
-files) never.
+`exclusive` holds an OS lock per output for the run's lifetime (filelock.lock_descriptor),
+so two runs never overwrite one checkpoint or interleave one metrics file. The lock sits on
+a hidden sidecar, `.NAME.lock`, since the checkpoint's own inode changes with every atomic
+save. The OS drops the lock however its process ends; a sidecar left by `kill -9` is
+deleted by the next run that locks in that folder. Where the file system has no locks,
+the sidecar's existence is the lock.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -59,9 +43,8 @@ LOCK_ADVICE = {
 
 
 def check_output(path: Path, flag: str, inputs: Mapping[Path, str] | None = None) -> None:
-    """The check for every output, before any work: raise a one-line TinyMnistError naming
-    `flag` if `path` is one of the run's `inputs` ({path: what to call it}), cannot be
-    written, or holds a file of another kind than the output's own."""
+    """Before any work, raise a one-line TinyMnistError naming `flag` if `path` is one of the
+    run's `inputs` ({path: what to call it}), cannot be written, or holds another kind of file."""
     path = Path(path)
     _refuse_inputs(path, flag, inputs or {})  # first: "read-only" or "a symbolic link" would mislead
     check_output_path(path, flag)
@@ -70,13 +53,17 @@ def check_output(path: Path, flag: str, inputs: Mapping[Path, str] | None = None
 
 def _refuse_inputs(path: Path, flag: str, inputs: Mapping[Path, str]) -> None:
     for source, what in inputs.items():
-        if _same_file_path(path, Path(source)):
+        try:  # the same real path, or (hard links) the same file
+            same = os.path.realpath(path) == os.path.realpath(source) or os.path.samefile(path, source)
+        except OSError:  # one of them is not there, under another name: not one file
+            same = False
+        if same:
             raise TinyMnistError(f"{flag} {path} is {what}; name another file")
 
 
 def data_inputs(data_dir: Path) -> dict[Path, str]:
-    """The MNIST files a training run reads from `data_dir`, in both forms it finds them
-    (data.find_file), whether or not they are there yet: a download would write them."""
+    """The MNIST files a training run reads from `data_dir`, gzipped or not, whether or not
+    they are there yet: a download would write them."""
     inputs = {}
     for name in data.FILES:  # "train-images-idx3-ubyte.gz"
         split = "training" if name.startswith("train") else "test"
@@ -87,8 +74,7 @@ def data_inputs(data_dir: Path) -> dict[Path, str]:
 
 
 def check_output_path(path: Path, flag: str) -> None:
-    """Raise a one-line TinyMnistError naming `flag` if a run could not write `path` (only
-    whether it can be written: `check_output` also asks what the write would replace)."""
+    """Raise a one-line TinyMnistError naming `flag` if a run could not write `path`."""
     path = Path(path)
     try:
         found = os.lstat(path)  # lstat: the link itself, not what it points at
@@ -97,7 +83,7 @@ def check_output_path(path: Path, flag: str) -> None:
     except OSError as e:
         raise _cannot_write(path, flag, e) from None
     if found is not None:
-        if stat.S_ISLNK(found.st_mode):
+        if stat.S_ISLNK(found.st_mode):  # replacing it would cut the link: the user meant its target
             raise TinyMnistError(
                 f"{flag} {path} is a symbolic link (to {os.readlink(path)}); give the real path of the file"
             )
@@ -134,23 +120,18 @@ def check_output_folder(path: Path, flag: str) -> None:
 
 def _cannot_write(path: Path, flag: str, error: OSError) -> TinyMnistError:
     if error.errno == errno.ENAMETOOLONG:
+        try:
+            name_max = os.pathconf(path.parent, "PC_NAME_MAX")
+            limit = f" (at most {name_max}, including the suffix of the temporary file saved first)"
+        except (AttributeError, OSError):  # AttributeError: no pathconf outside POSIX
+            limit = ""
         return TinyMnistError(
             f"{flag} {path}: the name is {len(os.fsencode(path.name))} bytes, too long for this file system"
-            f"{_name_max(path.parent)}; choose a shorter name"
+            f"{limit}; choose a shorter name"
         )
     if error.errno == errno.ENOTDIR:
         return TinyMnistError(_missing_folder(path, flag))
     return TinyMnistError(f"{flag} {path}: cannot write in {path.parent} ({error.strerror}); choose another path")
-
-
-def _name_max(folder: Path) -> str:
-    if not hasattr(os, "pathconf"):  # POSIX only
-        return ""
-    try:
-        name_max = os.pathconf(folder, "PC_NAME_MAX")
-    except OSError:
-        return ""
-    return f" (at most {name_max}, including the suffix of the temporary file saved first)"
 
 
 def _missing_folder(path: Path, flag: str) -> str:
@@ -168,14 +149,6 @@ def _missing_folder(path: Path, flag: str) -> str:
 HEAD_BYTES = 1 << 20  # read of a file to tell its kind: a bench report or a metrics line is far smaller
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every PNG (PNG specification, 5.2)
 ZIP_SIGNATURE = b"PK\x03\x04"  # torch.save writes a zip archive: anything else is no checkpoint
-
-
-@dataclasses.dataclass(frozen=True)
-class Kind:
-    """A kind of file tinymnist writes, and how to tell one from its path and first bytes."""
-
-    name: str  # as a message says it: "a tinymnist checkpoint"
-    holds: Callable[[Path, bytes], bool]
 
 
 def _json(text: bytes) -> object:
@@ -201,64 +174,45 @@ def _is_bench_report(path: Path, head: bytes) -> bool:
 
 
 def _is_png(path: Path, head: bytes) -> bool:
-    return head.startswith(PNG_SIGNATURE)
+    return head.startswith(PNG_SIGNATURE)  # a PNG does not say who drew it: a picture may replace any PNG
 
 
-CHECKPOINT = Kind("a tinymnist checkpoint", _is_checkpoint)
-METRICS = Kind("a tinymnist metrics file", _is_metrics)
-BENCH_REPORT = Kind("a tinymnist bench report", _is_bench_report)
-PNG = Kind("a PNG picture", _is_png)
-KINDS = (CHECKPOINT, METRICS, BENCH_REPORT, PNG)
-
+CHECKPOINT, METRICS, BENCH_REPORT, PNG = (
+    "a tinymnist checkpoint",
+    "a tinymnist metrics file",
+    "a tinymnist bench report",
+    "a PNG picture",
+)
+# The kinds of file tinymnist writes, as a message names them, and how to tell one from its path and first bytes.
+KINDS = {CHECKPOINT: _is_checkpoint, METRICS: _is_metrics, BENCH_REPORT: _is_bench_report, PNG: _is_png}
 OUTPUT_KINDS = {"--save-model": CHECKPOINT, "--metrics": METRICS, "--json": BENCH_REPORT}
 SUFFIX_KINDS = {".png": PNG}  # -o, where the suffix names the format; export's have no kind to tell
 
 
-def _output_kind(path: Path, flag: str) -> Kind | None:
-    """The kind of file `flag` writes at `path`; None for one no file can be told to be (export's)."""
-    return OUTPUT_KINDS.get(flag) or SUFFIX_KINDS.get(Path(path).suffix.lower())
-
-
 def _check_replaceable(path: Path, flag: str) -> None:
-    """Refuse, naming `flag`, to replace a file of another kind than the output's own. Call it
-    after check_output_path: `path` is then a regular file or nothing."""
-    head = _head(path, flag)
-    if not head:  # no file, or an empty one: nothing is lost
-        return
-    kind = _output_kind(path, flag)
-    found = next((k for k in KINDS if k.holds(path, head)), None)
-    if found is kind:  # its own kind; or, for an output with none to tell, no file of ours
-        return
-    if found is None:
-        what = f"is not {kind.name}"
-    elif kind is None:
-        what = f"is {found.name}"
-    else:
-        what = f"is {found.name}, not {kind.name}"
-    raise TinyMnistError(f"{flag} {path} {what}; name another file or delete it first")
-
-
-def _head(path: Path, flag: str) -> bytes:
-    """The first HEAD_BYTES + 1 bytes of `path` (one more than a kind reads: a longer file shows
-    it is longer); empty when there is no file."""
+    """Refuse, naming `flag`, to replace a file of another kind than the output's own.
+    Call it after check_output_path: `path` is then a regular file or nothing."""
     try:
         with open(path, "rb") as f:
-            return f.read(HEAD_BYTES + 1)
+            head = f.read(HEAD_BYTES + 1)  # one byte more than a kind reads: a longer file shows it
     except FileNotFoundError:
-        return b""
+        return
     except OSError as e:
         what = f"cannot read it to tell what it is ({e.strerror})"
         raise TinyMnistError(f"{flag} {path}: {what}; name another file") from None
-
-
-def _same_file_path(a: Path, b: Path) -> bool:
-    """Whether two paths name one file: the same real path, or (hard links) the same file."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them is not there: their names differ, so they are not one file
-        return False
+    if not head:  # an empty file: nothing is lost
+        return
+    kind = OUTPUT_KINDS.get(flag) or SUFFIX_KINDS.get(Path(path).suffix.lower())
+    found = next((name for name, holds in KINDS.items() if holds(path, head)), None)
+    if found == kind:  # its own kind; or, for an output with none to tell, no file of ours
+        return
+    if found is None:
+        what = f"is not {kind}"
+    elif kind is None:
+        what = f"is {found}"
+    else:
+        what = f"is {found}, not {kind}"
+    raise TinyMnistError(f"{flag} {path} {what}; name another file or delete it first")
 
 
 # ---- one run per output file -------------------------------------------------------------
@@ -272,10 +226,22 @@ def exclusive(outputs: Mapping[str, Path | None]) -> Iterator[None]:
     name the same file. Taking each lock, it removes that file's dead writers' temp files.
     """
     held = {flag: Path(path) for flag, path in outputs.items() if path is not None}
-    _refuse_one_file_for_two_flags(held)
+    seen: dict[str, str] = {}
+    for flag, path in held.items():
+        real = os.path.realpath(path)
+        if real in seen:
+            raise TinyMnistError(f"{flag} {path} is also {seen[real]}; give each its own file")
+        seen[real] = flag
     with contextlib.ExitStack() as stack:
         for flag, path in held.items():
-            stack.enter_context(_lock(path, flag))
+            sidecar = lock_path(path)
+            fd = _acquire(sidecar, path, flag)
+            stack.callback(_release, fd, sidecar)
+            try:  # this run's pid for a second run's message, after byte 0: Windows locks that byte
+                os.ftruncate(fd, 0)
+                os.write(fd, f"\n{os.getpid()}\n".encode())
+            except OSError as e:  # a full disk, or `ulimit -f 0`
+                raise _cannot_lock(sidecar, path, flag, e) from None
             files.remove_leftovers(path)
         for folder in {path.parent for path in held.values()}:
             _remove_dead_runs_locks(folder)
@@ -288,13 +254,8 @@ def lock_path(path: Path) -> Path:
 
 
 def _remove_dead_runs_locks(folder: Path) -> None:
-    """Delete the sidecars that runs killed by SIGKILL left for names never used again.
-
-    A sidecar nobody holds a lock on belongs to a dead run: it is locked, checked to be
-    ours by its content (a pid between newlines), and deleted while held, as a run
-    releases its own. One held by a live run, another program's file, or any file where
-    there are no locks stays. (A run that starts on that very name in the same instant
-    would see it held and refuse; it can simply start again.)"""
+    """Delete the sidecars that runs killed by SIGKILL left behind: one nobody holds a lock
+    on and that holds a pid is a dead run's, deleted while locked, as a run releases its own."""
     for sidecar in folder.glob(".*.lock"):
         try:
             fd = os.open(sidecar, os.O_RDWR)
@@ -309,33 +270,20 @@ def _remove_dead_runs_locks(folder: Path) -> None:
         os.close(fd)
 
 
-def _refuse_one_file_for_two_flags(held: dict[str, Path]) -> None:
-    seen: dict[str, str] = {}
-    for flag, path in held.items():
-        real = os.path.realpath(path)
-        if real in seen:
-            raise TinyMnistError(f"{flag} {path} is also {seen[real]}; give each its own file")
-        seen[real] = flag
-
-
-@contextlib.contextmanager
-def _lock(path: Path, flag: str) -> Iterator[None]:
-    sidecar = lock_path(path)
-    fd = _acquire(sidecar, path, flag)
-    try:
-        _write_pid(fd, sidecar, path, flag)
-        yield
-    finally:
-        _release(fd, sidecar)
-
-
 def _acquire(sidecar: Path, path: Path, flag: str) -> int:
     """Open and lock `sidecar`, or raise naming the run that holds it."""
     while True:
-        opened = _open(sidecar, path, flag)
-        if opened is None:  # its holder deleted it between our two tries to open it
-            continue
-        fd, created = opened
+        try:
+            fd, created = os.open(sidecar, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(sidecar, os.O_RDWR), False
+            except FileNotFoundError:  # its holder deleted it between our two tries to open it
+                continue
+            except OSError as e:
+                raise _cannot_lock(sidecar, path, flag, e) from None
+        except OSError as e:
+            raise _cannot_lock(sidecar, path, flag, e) from None
         try:
             locked, has_locks = filelock.lock_descriptor(fd, blocking=False), True
         except OSError:  # no file locks here (some network mounts): the sidecar's existence is the lock
@@ -352,32 +300,6 @@ def _acquire(sidecar: Path, path: Path, flag: str) -> int:
         if _same_file(fd, sidecar):
             return fd
         os.close(fd)
-
-
-def _open(sidecar: Path, path: Path, flag: str) -> tuple[int, bool] | None:
-    """(descriptor, whether this call created the file), or None if it vanished meanwhile."""
-    try:
-        return os.open(sidecar, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise _cannot_lock(sidecar, path, flag, e) from None
-    try:
-        return os.open(sidecar, os.O_RDWR), False
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise _cannot_lock(sidecar, path, flag, e) from None
-
-
-def _write_pid(fd: int, sidecar: Path, path: Path, flag: str) -> None:
-    """Write this run's pid for the message a second run prints. It starts after byte 0:
-    Windows locks that byte, and no other process may read a locked byte."""
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"\n{os.getpid()}\n".encode())
-    except OSError as e:  # a full disk, or `ulimit -f 0`
-        raise _cannot_lock(sidecar, path, flag, e) from None
 
 
 def _cannot_lock(sidecar: Path, path: Path, flag: str, error: OSError) -> TinyMnistError:
@@ -409,15 +331,13 @@ def _same_file(fd: int, path: Path) -> bool:
 
 def _holder(fd: int) -> str:
     """' (pid N)' as the holder wrote it; empty if it has not written it yet."""
-    os.lseek(fd, 1, os.SEEK_SET)  # past byte 0: see _write_pid
+    os.lseek(fd, 1, os.SEEK_SET)  # past byte 0, which Windows locks
     text = os.read(fd, 32).decode(errors="replace").strip()
     return f" (pid {text})" if text.isdigit() else ""
 
 
 def check_png_output(path: Path, flag: str = "-o", inputs: Mapping[Path, str] | None = None) -> None:
-    """Before any work: a .png name (every picture is written as PNG) at a path train would
-    accept, where nothing but a PNG is replaced, and none of the command's `inputs` (a PNG
-    given to predict --image is one: the picture would replace it)."""
+    """check_output for a picture: also a .png name, since every picture is written as PNG."""
     path = Path(path)
     _refuse_inputs(path, flag, inputs or {})
     check_output_path(path, flag)
@@ -431,7 +351,7 @@ def atomic_output(path: Path, flag: str = "-o") -> Iterator[BinaryIO]:
     """A binary file whose content replaces `path` if the block succeeds; else `path` is
     untouched (files.atomic_write), and a write that fails is one line naming the flag."""
     path = Path(path)
-    check_output(path, flag)  # a folder, a symlink, a file of another kind: refused as train refuses them
+    check_output(path, flag)
     try:
         with files.atomic_write(path) as f:
             yield f
