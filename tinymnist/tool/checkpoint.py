@@ -1,12 +1,8 @@
 """Checkpoints: params, optimizer state, epoch, RNG states and config, saved atomically.
 
-A checkpoint is plain data (tensor dicts, numbers, strings), saved with torch.save
-and loaded with `weights_only=True`, so loading one can never run code. Saving goes
-through files.atomic_write (a temp file beside the target, renamed over it) under
-interrupts.shielded(): a full disk, `ulimit -f`, a crash or a Ctrl-C mid-write leaves
-the previous checkpoint intact and no temp file. Loading checks the whole structure
-against what this version of tinymnist would have written (checkpoint_format.py), so a
-damaged or foreign file is one line naming it, never a traceback from deep in torch.
+Plain data loaded with `weights_only=True`, so loading one never runs code. A save that
+fails (full disk, crash, Ctrl-C) leaves the previous checkpoint intact. Loading checks the
+whole structure (checkpoint_format.py): a damaged file is one line, not a torch traceback.
 """
 
 from __future__ import annotations
@@ -36,9 +32,7 @@ SAVE_ADVICE = {
 
 def save(path: Path, config: dict, state: TrainState) -> None:
     """Write the checkpoint to `path` atomically; Ctrl-C or SIGTERM waits until it is done.
-
-    A write that fails raises TinyMnistError saying which checkpoint `path` still holds.
-    """
+    A write that fails raises TinyMnistError saying which checkpoint `path` still holds."""
     payload = {
         "format": FORMAT,
         "config": config,
@@ -74,8 +68,7 @@ def load(path: Path, device: torch.device) -> tuple[dict, TrainState]:
     """Read a checkpoint back as (config dict, TrainState on `device`), validated whole."""
     files.check_readable(path, "checkpoint")
     try:
-        # A forged sparse tensor fails here, whole; torch's own warnings about the file are not
-        # printed, since the refusal below says in one line what is wrong with it.
+        # A forged sparse tensor fails here; torch's warnings are hushed: the refusal below says it in one line.
         with torch.sparse.check_sparse_tensor_invariants(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -93,8 +86,7 @@ def load(path: Path, device: torch.device) -> tuple[dict, TrainState]:
 
 
 def _why(error: Exception) -> str:
-    """torch.load's complaint in words that fit a checkpoint of ours. Its weights_only refusal
-    advises loading with weights_only=False, which would run the file's code: not quoted."""
+    """torch.load's complaint, unless it advises weights_only=False, which would run the file's code."""
     if "Weights only load failed" in str(error) or isinstance(error, KeyError):  # KeyError: no torch.save records
         return "it is not a torch.save file of tensors, numbers and strings"
     return brief(str(error)) or type(error).__name__
@@ -111,8 +103,8 @@ def on_cpu(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def peek(path: str | Path) -> dict | None:
-    """The entries of the tinymnist checkpoint at `path`, unchecked and memory-mapped (no
-    tensor data is read); None when there is none: no file, not a torch file, another format."""
+    """The entries of the tinymnist checkpoint at `path`, unchecked and memory-mapped (no tensor
+    data is read); None when there is none."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # missing, unreadable, not a torch file: not a checkpoint

@@ -1,9 +1,8 @@
 """What a checkpoint holds, and the check that a loaded one holds exactly that.
 
-torch.load(weights_only=True) guarantees plain data, not the right data: a float64
-weight, a meta tensor, a list where a tensor belongs, an epoch of True or a stored
-test batch of 0 would each end, later, in a traceback from deep inside eval or
-resume. So every part is compared with what this version of tinymnist writes:
+torch.load(weights_only=True) guarantees plain data, not the right data (a float64 weight,
+an epoch of True), which would end later in a traceback from deep inside eval or resume.
+So every part is compared with what this version of tinymnist writes:
 
     format     FORMAT
     config     TrainConfig's fields, each of its annotated type, and config.validate passes
@@ -12,9 +11,8 @@ resume. So every part is compared with what this version of tinymnist writes:
     opt_state  the same: what the optimizer's own `init` builds from those params
     rng        RNG_STATES, uint8 tensors that a generator accepts
 
-The fresh state is built on the `meta` device (shapes and dtypes, no memory), so the
-check follows the code: a new network, optimizer or N stacked models need nothing here.
-Non-finite values are data, not damage: NaN weights load, and eval reports a NaN loss.
+Built from the code on the `meta` device, the check needs nothing new for a new network or
+optimizer. Non-finite values are data, not damage: NaN weights load, eval reports a NaN loss.
 """
 
 from __future__ import annotations
@@ -43,11 +41,8 @@ class Damaged(Exception):
 
 
 def check_payload(payload, device: torch.device) -> tuple[dict, dict, dict, int, dict]:
-    """(config, params, opt_state, epoch, rng), or raise Damaged.
-
-    The tensors come back as contiguous copies in the expected dicts' key order (the
-    compiled step guards on it), so nothing aliases the file or another tensor.
-    """
+    """(config, params, opt_state, epoch, rng), or raise Damaged. The tensors are contiguous copies
+    in the expected dicts' key order (the compiled step guards on it): nothing aliases the file."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise Damaged(f"not a tinymnist checkpoint (expected format {FORMAT})")
     _same_keys("it", payload, ENTRIES)
@@ -55,16 +50,17 @@ def check_payload(payload, device: torch.device) -> tuple[dict, dict, dict, int,
     epoch = payload["epoch"]
     if type(epoch) is not int or epoch < 0:
         raise Damaged(f"its epoch is {brief(repr(epoch))}, not a whole number >= 0; {UNFIT}")
-    fresh = fresh_state(TrainConfig(**config))  # what this version writes for the config, on `meta`
+    train_config = TrainConfig(**config)
+    fresh = fresh_state(train_config)  # what this version writes for the config, on `meta`
     params = _match(payload["params"], fresh["params"], f"params do not match model {config['model']!r}")
     what = f"the optimizer state does not match {config['optimizer']}"
     opt_state = _match(payload["opt_state"], fresh["opt_state"], what)
-    return config, params, opt_state, epoch, check_rng(payload["rng"], device, TrainConfig(**config).n_models)
+    return config, params, opt_state, epoch, check_rng(payload["rng"], device, train_config.n_models)
 
 
 def fresh_state(config: TrainConfig) -> dict:
-    """A freshly initialised state of the config's models, as meta tensors (shapes and dtypes, no
-    memory): the parameters and the optimizer's own `init` of them, stacked for N models."""
+    """The config's freshly initialised params and optimizer state, stacked for N models, as meta
+    tensors (shapes and dtypes, no memory)."""
     params = [networks.init_params(config.model, 0, "meta")] * config.n_models
     opt_state = [make_optimizer(config).init(p) for p in params]
     stacked = config.n_models > 1
@@ -82,7 +78,8 @@ def check_config(config) -> dict:
         raise Damaged(f"its config does not match this version of tinymnist ({_listed(missing, extra)})")
     for name, value in config.items():
         if not _is_a(value, types_[name]):
-            raise Damaged(f"its config has {name} = {brief(repr(value))}, not {_type_name(types_[name])}; {UNFIT}")
+            expected = getattr(types_[name], "__name__", str(types_[name])).replace("NoneType", "None")
+            raise Damaged(f"its config has {name} = {brief(repr(value))}, not {expected}; {UNFIT}")
     try:
         return dataclasses.asdict(validate(TrainConfig(**config)))
     except TinyMnistError as e:
@@ -90,8 +87,8 @@ def check_config(config) -> dict:
 
 
 def check_rng(rng, device: torch.device, n_models: int = 1) -> dict:
-    """RNG_STATES, each a byte tensor that a fresh generator of its kind accepts; with N
-    models, "shuffle" is (N, bytes): one state per model."""
+    """RNG_STATES, each a byte tensor that a fresh generator of its kind accepts; with N models,
+    "shuffle" is (N, bytes): one state per model."""
     if not isinstance(rng, dict):
         raise Damaged(f"its rng is {_a(rng)}, not a dict; {UNFIT}")
     required = [k for k, needed in RNG_STATES.items() if needed]
@@ -101,17 +98,13 @@ def check_rng(rng, device: torch.device, n_models: int = 1) -> dict:
         where = f"its {name} generator state"
         rows = n_models if name == "shuffle" and n_models > 1 else None
         dims = 1 if rows is None else 2
-        if (
-            not isinstance(state, torch.Tensor)
-            or state.dtype != torch.uint8
-            or state.dim() != dims
-            or (rows is not None and len(state) != rows)
-        ):
+        is_bytes = isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == dims
+        if not is_bytes or (rows is not None and len(state) != rows):
             shape = "a 1-d uint8 tensor" if rows is None else f"a uint8 tensor of {rows} rows, one per model"
             raise Damaged(f"{where} is not {shape}; {UNFIT}")
         _check_dense(state, where)
-        generator = _fresh_generator(name, device)
-        if generator is not None:  # a CUDA state is only checked where it will be restored
+        if name != "cuda" or device.type == "cuda":  # a CUDA state is only checked where it will be restored
+            generator = torch.Generator(device) if name == "cuda" else torch.Generator()
             try:
                 for one in [state] if rows is None else state:
                     generator.set_state(one.clone())  # a row as a view crashed torch 2.13
@@ -119,12 +112,6 @@ def check_rng(rng, device: torch.device, n_models: int = 1) -> dict:
                 raise Damaged(f"{where} is invalid ({brief(str(e))}); {UNFIT}") from None
         checked[name] = state.clone()
     return checked
-
-
-def _fresh_generator(name: str, device: torch.device) -> torch.Generator | None:
-    if name != "cuda":
-        return torch.Generator()
-    return torch.Generator(device) if device.type == "cuda" else None
 
 
 def _match(found, expected, what: str, at: str = ""):
@@ -179,10 +166,6 @@ def _a(value) -> str:
     """'an int', 'a list', 'None': what a value is, in words."""
     name = type(value).__name__
     return "None" if value is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
-
-
-def _type_name(annotation) -> str:
-    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "None")
 
 
 def _dtype(tensor: torch.Tensor) -> str:
