@@ -1,22 +1,10 @@
 """Ctrl-C and SIGTERM: a run ends at the first one, cleanly, and never mid-save.
 
-Python turns SIGINT into `KeyboardInterrupt` and lets SIGTERM kill the process on
-the spot (no checkpoint, no exit message). After `install()`:
-
-- SIGINT raises `KeyboardInterrupt` and SIGTERM raises `Terminated` (a subclass, so
-  every `except KeyboardInterrupt` that saves the last epoch handles both);
-  `exit_code(exc)` is what the shell expects: 128 + the signal's number, 130 or 143.
-- Only the first signal raises. The process is ending from then on, and a second
-  Ctrl-C must not break into its cleanup (the save of the last epoch, the exit line)
-  with a new traceback; later signals are ignored (SIGKILL still works).
-- Inside `shielded()` (a checkpoint being written) a signal waits: it is raised when
-  the block ends, so a file is never left half-written by an impatient Ctrl-C.
-- Every stop ends in one line, `report(stop)`: the run that knows what it kept says so
-  (`train`'s last checkpoint); wherever else a signal lands (start-up, loading the data,
-  any other command), the line is said where the interrupt is caught.
-
-Signal handlers belong to the process, so the handler object holds this state and
-the process's signal table holds the handler: there is no module-level variable.
+After `install()`, SIGINT raises `KeyboardInterrupt` and SIGTERM `Terminated` (a subclass,
+so every handler that saves the last epoch handles both). Only the first signal raises:
+a second Ctrl-C must not break into the cleanup. Inside `shielded()` (a checkpoint being
+written) a signal waits until the block ends. Every stop ends in one line, `report(stop)`.
+The handler object holds this state, and the process's signal table holds the handler.
 """
 
 from __future__ import annotations
@@ -43,7 +31,7 @@ def exit_code(exc: KeyboardInterrupt) -> int:
 
 def report(stop: KeyboardInterrupt, kept: str = "") -> None:
     """Print the line a stopped command ends with, once per stop: which signal, then `kept`
-    (what the run has saved, said by the one that knows)."""
+    (what the run has saved)."""
     if getattr(stop, "reported", False):  # said already, closer to where it landed
         return
     by = " by SIGTERM" if isinstance(stop, Terminated) else ""
@@ -87,10 +75,6 @@ def _installed() -> _Handler | None:
     return handler if isinstance(handler, _Handler) else None
 
 
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
 def install() -> None:
     """Route SIGINT and SIGTERM through the handler above (once per process, main thread)."""
     if _installed() is None:
@@ -100,21 +84,17 @@ def install() -> None:
 
 
 def raise_if_swallowed() -> None:
-    """Raise again a signal whose exception code outside ours caught and dropped.
-
-    torch's C extension imports numpy and clears any error that import raises, a
-    KeyboardInterrupt included: a Ctrl-C landing there would vanish, and as later signals
-    are ignored once one has been raised, the run could then no longer be stopped.
-    """
+    """Raise again a signal whose exception code outside ours caught and dropped (torch's C
+    extension clears any error its numpy import raises): later signals are ignored, so the run
+    could otherwise no longer be stopped."""
     handler = _installed()
     if handler is not None and handler.raised is not None:
         raise _exception(handler.raised)
 
 
 class SwallowedSignals:
-    """A reporter (train.Reporter) that ends the run at the next log line when a signal's
-    exception was swallowed on the way: Python drops an exception raised inside a callback
-    (torch.compile runs weakref callbacks mid-step), and the run would train on."""
+    """A reporter (train.Reporter) that ends the run at the next log line when a signal's exception
+    was swallowed: Python drops one raised inside a callback (torch.compile runs some mid-step)."""
 
     def epoch_started(self, *args) -> None:
         raise_if_swallowed()
@@ -131,16 +111,12 @@ class SwallowedSignals:
 
 @contextlib.contextmanager
 def shielded() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back until the block ends (blocks nest).
-
-    Without `install()` (tinymnist used as a library, tests running the CLI in-process)
-    the handler is put in place for the block only, then the previous ones return.
-    Outside the main thread Python delivers no signals, so there is nothing to hold.
-    """
+    """Hold SIGINT and SIGTERM back until the block ends (blocks nest). Without `install()` (as a
+    library) the handler is in place for the block only; outside the main thread no signal comes."""
     handler = _installed()
     previous = None
     if handler is None:
-        if not _in_main_thread():
+        if threading.current_thread() is not threading.main_thread():
             yield
             return
         handler = _Handler()
