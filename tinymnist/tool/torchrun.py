@@ -1,10 +1,8 @@
 """`tinymnist train` under torchrun: joining the processes, who speaks, and failures as one line.
 
-torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them `from_env` returns None and
-`tinymnist train` runs in one process. One model: every process trains it on its slice
-of each batch, with the gradient all-reduced (transforms/all_reduce.py). N models
-(--seeds, an --lr list): the processes split the models instead (sweep.py), and no
-gradient travels.
+Without torchrun's WORLD_SIZE, RANK and LOCAL_RANK, `from_env` returns None and train runs
+in one process. One model: every process trains it on its slice of each batch, the gradient
+all-reduced (transforms/all_reduce.py). N models: the processes split the models (sweep.py).
 """
 
 from __future__ import annotations
@@ -29,18 +27,14 @@ from tinymnist.errors import TinyMnistError
 from tinymnist.tool import checkpoint
 from tinymnist.tool.devices import resolve_device
 
-# How long a collective waits for a peer before failing. A killed peer usually fails the
-# others at once (its sockets close); this bounds the case where a peer hangs instead.
-# What one rank may run ahead of the others by: the leader's checkpoint save, or one
-# rank compiling the step slower than another (all compile the same graph at once).
+# How long a collective waits for a hung peer (a killed one fails the others at once): what one
+# rank may run ahead of the others by, as the leader saves or one rank compiles slower.
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
-# A sweep's ranks meet once per evaluation, and a rank whose share holds one model more
-# may keep the others waiting for much of an epoch: they wait as long as torch waits by
-# default. A killed peer still fails them at once; only a hung one takes this long.
+# A sweep's ranks meet once per evaluation; a share one model larger may keep the others
+# waiting for much of an epoch, so they wait as long as torch's default.
 SWEEP_TIMEOUT = dist.default_pg_timeout
-# How long a rank other than 0 waits for rank 0 to listen at MASTER_ADDR:MASTER_PORT.
-# torchrun starts every rank at once, so a minute means a wrong address or a rank 0
-# never started; $TINYMNIST_RENDEZVOUS_TIMEOUT (seconds) waits longer, or shorter.
+# How long a rank other than 0 waits for rank 0 to listen: torchrun starts every rank at
+# once, so a minute means a wrong address or no rank 0. $TINYMNIST_RENDEZVOUS_TIMEOUT: seconds.
 RENDEZVOUS_TIMEOUT_ENV = "TINYMNIST_RENDEZVOUS_TIMEOUT"
 RENDEZVOUS_TIMEOUT = datetime.timedelta(seconds=60)
 RENDEZVOUS_MAX = datetime.timedelta(days=1)
@@ -71,8 +65,8 @@ def launched(env=os.environ) -> bool:
 
 
 def from_env(env=os.environ) -> Cluster | None:
-    """torchrun's place for this process (it sets all three), or None without torchrun.
-    Values set by hand are checked here, before any process waits for another."""
+    """torchrun's place for this process, or None without torchrun; values set by hand are
+    checked before any process waits for another."""
     if not launched(env):
         if "RANK" in env and "WORLD_SIZE" in env:  # a group meant by hand, one variable short
             raise TinyMnistError(
@@ -93,13 +87,6 @@ def from_env(env=os.environ) -> Cluster | None:
     return Cluster(rank, world_size, local_rank)
 
 
-def process_device(cluster: Cluster | None, device: torch.device) -> torch.device:
-    """One GPU per local rank (cuda:LOCAL_RANK); the CPU and MPS as they are."""
-    if cluster is not None and device.type == "cuda":
-        return torch.device("cuda", cluster.local_rank)
-    return device
-
-
 def join(cluster: Cluster, device: torch.device, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> None:
     """Join torchrun's process group: NCCL between GPUs, gloo between CPUs."""
     if not cluster.leader:
@@ -116,14 +103,9 @@ def join(cluster: Cluster, device: torch.device, timeout: datetime.timedelta = C
 
 
 def wait_for_rank_0(cluster: Cluster, env=os.environ) -> None:
-    """Return once something listens at MASTER_ADDR:MASTER_PORT, where rank 0 (or torchrun)
-    keeps the group's store; raise a one-line TinyMnistError when nothing does in time.
-
-    torch's own connect would wait the whole collective timeout (half an hour for a sweep),
-    twice, inside C++ where neither Ctrl-C nor SIGTERM gets through, printing C++ stack
-    lines. Here each try is a Python call that a refused connection ends at once, and a
-    signal ends the wait between two tries. (Without the variables, init_process_group says
-    which one is missing.)"""
+    """Return once something listens at MASTER_ADDR:MASTER_PORT (the group's store), or raise
+    one line. torch's own connect would wait the whole collective timeout inside C++, where no
+    signal gets through; here a signal ends the wait between two tries."""
     host, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if host is None or port is None:
         return
@@ -168,22 +150,13 @@ def leave() -> None:
 
 
 def exit_now(code: int | str | None) -> None:
-    """End one of torchrun's processes without the interpreter's finalization, where gloo's
-    worker threads may still be releasing the last collective's tensors and CPython would
-    abort them mid-unwind. Every file is closed and every checkpoint in place by now."""
+    """End one of torchrun's processes without the interpreter's finalization, which could abort
+    gloo's threads still releasing the last collective's tensors. Every file is closed by now."""
     if isinstance(code, str):  # as SystemExit would print it
         print(code, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) else 0 if code is None else 1)
-
-
-def check_batch_divides(batch_size: int, cluster: Cluster) -> None:
-    if batch_size % cluster.world_size:
-        raise TinyMnistError(
-            f"--batch-size {batch_size} is the global batch and must divide evenly among the "
-            f"{cluster.world_size} processes; pass a multiple of {cluster.world_size}"
-        )
 
 
 def share(n_models: int, cluster: Cluster) -> slice:
@@ -204,14 +177,18 @@ def this_process(config: TrainConfig, cluster: Cluster | None) -> TrainConfig:
     its own device; output files (--save-model, --metrics, --tensorboard) on rank 0 only."""
     if cluster is None:
         return config
-    device = process_device(cluster, resolve_device(config.device))
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", cluster.local_rank)  # one GPU per local rank
     sweep = config.n_models > 1  # whole models per process, each on the whole batch
     if sweep:
         share(config.n_models, cluster)  # more processes than models: one line now, before any joins
-    else:
-        check_batch_divides(config.batch_size, cluster)
-    # CUDA graphs replay kernels recorded once; an NCCL collective inside one is untested
-    # here. A sweep's step has none: it replays as in one process.
+    elif config.batch_size % cluster.world_size:
+        raise TinyMnistError(
+            f"--batch-size {config.batch_size} is the global batch and must divide evenly among the "
+            f"{cluster.world_size} processes; pass a multiple of {cluster.world_size}"
+        )
+    # An NCCL collective inside a CUDA graph is untested here; a sweep's step has none.
     config = replace(config, device=str(device), cuda_graphs=config.cuda_graphs and sweep)
     if not cluster.leader:
         config = replace(config, save_model=None, metrics=None, tensorboard=None)
@@ -220,9 +197,8 @@ def this_process(config: TrainConfig, cluster: Cluster | None) -> TrainConfig:
 
 @contextlib.contextmanager
 def group(config: TrainConfig, cluster: Cluster | None) -> Iterator[None]:
-    """Inside torchrun's process group (nothing without torchrun). Every process trains the
-    same way; only rank 0 speaks: the others' log lines go nowhere, their errors still
-    reach stderr. A peer that fails becomes one line; leaving waits for every rank."""
+    """Inside torchrun's process group (nothing without torchrun). Only rank 0 prints; the others'
+    errors still reach stderr. A peer that fails becomes one line; leaving waits for every rank."""
     if cluster is None:
         yield
         return
@@ -249,12 +225,9 @@ def saved_epoch(path: str | None) -> str:
 
 
 def own_dropout(state: TrainState, seed: int, cluster: Cluster, device: torch.device) -> TrainState:
-    """The state with this rank's own dropout generator; parameters and shuffling untouched.
-
-    Rank 0 keeps the run's generator (so its masks are a single process's, and its
-    checkpoint resumes like one). Rank r > 0 draws from seed + r + N * epoch: distinct
-    from every other rank and from its own earlier epochs, the same on every rerun.
-    """
+    """The state with this rank's own dropout generator. Rank 0 keeps the run's (its checkpoint
+    resumes like one process's); rank r > 0 draws from seed + r + N * epoch, distinct from every
+    other rank and epoch, the same on every rerun."""
     if cluster.leader:
         return state
     dropout_seed = seed + cluster.rank + cluster.world_size * state.epoch
@@ -274,11 +247,8 @@ COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|c10d|connection|timed out|timeout", 
 
 @contextlib.contextmanager
 def peer_failures(cluster: Cluster, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT, kept: Callable[[], str] = str):
-    """A collective that failed (a peer died, or hung past `timeout`) as one line,
-    ending with `kept()`: what this run has saved.
-
-    Gloo and NCCL name the peer's address, not its rank; with two processes the
-    peer is the other rank, with more it is one of them."""
+    """A collective that failed (a peer died, or hung past `timeout`) as one line, ending with
+    `kept()`: what this run has saved. Gloo and NCCL name the peer's address, not its rank."""
     try:
         yield
     except (dist.DistError, RuntimeError) as e:
