@@ -1,21 +1,12 @@
 """Sweeps across torchrun processes: each process trains its own share of the models.
 
-`torchrun --nproc-per-node 2 -m tinymnist train --seeds 8` trains models 0-3 in rank 0
-and models 4-7 in rank 1, each share in one N-model step (transforms/vmap.py) on the rank's own
-device, as one process would train them (exactly so for networks without dropout: each
-rank draws its own dropout masks). The models are independent, so no
-gradient travels; the processes meet only where one process would look at all N models:
-
-    each evaluation   every model's test result, and the share's summed test probabilities
-                      (for the ensemble) → every rank, so that each knows when all N have
-                      reached --target-accuracy; rank 0 reports all N as one process would
-    each epoch's end  with --save-model, the share's state → rank 0, which saves all N
-
-So a checkpoint holds all N models whatever the number of processes: `tinymnist eval`
-and `--resume` read it in one process, and torchrun resumes one process's checkpoint
-with each rank taking its rows. Rank 0's "Train Epoch" lines show its own share's loss.
-Records and states travel as pickled objects (all_gather_object, gather_object): once per epoch, that
-beats packing tensors by hand for simplicity; the probabilities are one all-reduce.
+`torchrun --nproc-per-node 2 -m tinymnist train --seeds 8` trains models 0-3 in rank 0 and
+4-7 in rank 1, each share in one N-model step (transforms/vmap.py), as one process would
+(except that each rank draws its own dropout masks). No gradient travels: the ranks meet at
+each evaluation (every model's records and the summed test probabilities, on every rank) and,
+with --save-model, at each epoch's end, where rank 0 gathers and saves all N models. So a
+checkpoint holds all N whatever the number of processes, and resumes in any of them.
+Rank 0's "Train Epoch" lines show its own share's loss.
 """
 
 from __future__ import annotations
@@ -36,9 +27,7 @@ LEADER = 0  # the rank that reports and saves (Cluster.leader)
 
 class Sweep:
     """This process's part of an N-model run: its models, and the exchanges that bring all together.
-
-    It is also the loop's evaluation (train.Training.evaluate): called with the share's
-    stacked params, it returns every model's records on every rank."""
+    Also the loop's evaluation (train.Training.evaluate): every model's records on every rank."""
 
     def __init__(self, config: TrainConfig, cluster: Cluster, mnist: Dataset):
         self.config, self.cluster, self.mnist = config, cluster, mnist
@@ -46,7 +35,9 @@ class Sweep:
         self.rows = share(len(self.all_models), cluster)
         self.models = self.all_models[self.rows]  # this process's models, in stacking order
         # Only rank 0 was given --save-model (torchrun.this_process): it tells the others whether to send.
-        self.saving = broadcast(config.save_model is not None)
+        saving = [config.save_model is not None]
+        dist.broadcast_object_list(saving, src=LEADER)
+        self.saving = saving[0]
 
     def start(self, optimizer: optim.Optimizer, device: torch.device, resumed: TrainState | None) -> TrainState:
         """The share's epoch 0, or its rows of a resumed checkpoint's N models; its own dropout masks."""
@@ -81,7 +72,9 @@ class Sweep:
         if not self.saving:
             return None
         on_cpu = lambda tree: tree_map(checkpoint.on_cpu, tree)  # noqa: E731 (pickled, not sent by device)
-        shares = gather(TrainState(on_cpu(state.params), on_cpu(state.opt_state), state.epoch, on_cpu(state.rng)))
+        shares = [None] * dist.get_world_size() if dist.get_rank() == LEADER else None
+        mine = TrainState(on_cpu(state.params), on_cpu(state.opt_state), state.epoch, on_cpu(state.rng))
+        dist.gather_object(mine, shares, dst=LEADER)
         if shares is None:
             return None
         stacked = lambda *trees: tree_map(lambda *rows: torch.cat(rows), *trees)  # noqa: E731 (leaves (N, ...))
@@ -100,22 +93,8 @@ def rows_of(state: TrainState, rows: slice) -> TrainState:
     return TrainState(tree_map(take, state.params), tree_map(take, state.opt_state), state.epoch, rng)
 
 
-def gather(obj) -> list | None:
-    """Every rank's `obj`, in rank order, on rank 0; None on the others."""
-    received = [None] * dist.get_world_size() if dist.get_rank() == LEADER else None
-    dist.gather_object(obj, received, dst=LEADER)
-    return received
-
-
 def all_gather(obj) -> list:
     """Every rank's `obj`, in rank order, on every rank."""
     received = [None] * dist.get_world_size()
     dist.all_gather_object(received, obj)
     return received
-
-
-def broadcast(value):
-    """Rank 0's `value` on every rank."""
-    box = [value]
-    dist.broadcast_object_list(box, src=LEADER)
-    return box[0]

@@ -1,22 +1,11 @@
 """`train --tensorboard DIR`: the run's scalars as TensorBoard event files.
 
-A reporter like the log lines and the progress bar: the training loop calls
-`logged` every log interval and `evaluated` once per evaluation. `tensorboard
---logdir DIR` then shows
-
-    train/loss      every log interval
-    test/loss       every evaluation (the first: the untrained network)
-    test/accuracy   the same, as a fraction, like --metrics and the LeNet seed tutorial
-    lr              the learning rate of the evaluation's record
-
-The x axis of every scalar is the images trained on since the run began (an
-evaluation after epoch e sits at e x the training set): runs with different batch
-sizes line up, and evaluations inside an epoch (--eval-every) keep their place,
-which a whole-number step axis of epochs would not.
-A multi-model run (--seeds, an --lr list) gives each model its own folder
-(DIR/seed1_lr0.001, ...), which TensorBoard lists as separate runs, and the ensemble
-one more (DIR/ensemble: its test scalars, and train/mean_loss, the models' mean loss
-that the log lines show).
+A reporter like the log lines: train/loss every log interval; test/loss, test/accuracy
+(a fraction, like --metrics) and lr every evaluation. The x axis is the images trained on
+since the run began, so runs with different batch sizes line up and evaluations inside an
+epoch (--eval-every) keep their place. A multi-model run gives each model its own folder
+(DIR/seed1_lr0.001, ...), a separate run in TensorBoard, and the ensemble DIR/ensemble
+(its test scalars, and train/mean_loss: the models' mean loss, as the log lines show).
 """
 
 from __future__ import annotations
