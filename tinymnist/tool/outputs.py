@@ -177,13 +177,11 @@ def _is_png(path: Path, head: bytes) -> bool:
     return head.startswith(PNG_SIGNATURE)  # a PNG does not say who drew it: a picture may replace any PNG
 
 
-CHECKPOINT, METRICS, BENCH_REPORT, PNG = (
-    "a tinymnist checkpoint",
-    "a tinymnist metrics file",
-    "a tinymnist bench report",
-    "a PNG picture",
-)
 # The kinds of file tinymnist writes, as a message names them, and how to tell one from its path and first bytes.
+CHECKPOINT = "a tinymnist checkpoint"
+METRICS = "a tinymnist metrics file"
+BENCH_REPORT = "a tinymnist bench report"
+PNG = "a PNG picture"
 KINDS = {CHECKPOINT: _is_checkpoint, METRICS: _is_metrics, BENCH_REPORT: _is_bench_report, PNG: _is_png}
 OUTPUT_KINDS = {"--save-model": CHECKPOINT, "--metrics": METRICS, "--json": BENCH_REPORT}
 SUFFIX_KINDS = {".png": PNG}  # -o, where the suffix names the format; export's have no kind to tell
@@ -220,11 +218,8 @@ def _check_replaceable(path: Path, flag: str) -> None:
 
 @contextlib.contextmanager
 def exclusive(outputs: Mapping[str, Path | None]) -> Iterator[None]:
-    """Hold every output file ({flag: path}; None is skipped) for this run alone.
-
-    Raises TinyMnistError naming the flag when another run holds one, or when two flags
-    name the same file. Taking each lock, it removes that file's dead writers' temp files.
-    """
+    """Hold every output file ({flag: path}; None is skipped) for this run alone, or raise naming the
+    flag when another run holds one or two flags name one file. Removes dead writers' temp files."""
     held = {flag: Path(path) for flag, path in outputs.items() if path is not None}
     seen: dict[str, str] = {}
     for flag, path in held.items():
