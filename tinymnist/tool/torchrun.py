@@ -163,9 +163,8 @@ def share(n_models: int, cluster: Cluster) -> slice:
     """This rank's models of a sweep: a contiguous share; where N does not divide, the first ranks take one more."""
     if n_models < cluster.world_size:
         raise TinyMnistError(
-            f"{cluster.world_size} processes for {n_models} models (--seeds/--lr): each "
-            f"process trains whole models; start at most {n_models} processes "
-            f"or train more models"
+            f"{cluster.world_size} processes for {n_models} models (--seeds/--lr): each process trains "
+            f"whole models; start at most {n_models} processes or train more models"
         )
     base, extra = divmod(n_models, cluster.world_size)
     start = cluster.rank * base + min(cluster.rank, extra)
@@ -256,9 +255,8 @@ def peer_failures(cluster: Cluster, timeout: datetime.timedelta = COLLECTIVE_TIM
             raise
         peer = f"rank {1 - cluster.rank}" if cluster.world_size == 2 else "another rank"
         raise TinyMnistError(
-            f"rank {cluster.rank} of {cluster.world_size}: lost {peer}, which stopped or did "
-            f"not answer within {timeout.total_seconds():g} s "
-            f"({one_line(e)}){kept()}"
+            f"rank {cluster.rank} of {cluster.world_size}: lost {peer}, which stopped or did not answer "
+            f"within {timeout.total_seconds():g} s ({one_line(e)}){kept()}"
         ) from None
 
 
