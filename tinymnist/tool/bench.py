@@ -16,7 +16,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,7 +33,10 @@ from tinymnist.tool.reference import reference_loop
 from tinymnist.tool.report import counted
 from tinymnist.transforms.speed import device_step
 
-MNIST_TRAIN_SIZE = 60_000
+try:  # peak RSS of the process; POSIX only
+    import resource
+except ImportError:  # Windows: peak memory is not reported
+    resource = None
 
 
 def bench_data(data_dir, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -42,21 +45,17 @@ def bench_data(data_dir, device: torch.device) -> tuple[torch.Tensor, torch.Tens
         mnist = data.load_mnist(data_dir, device)
         return mnist.train_images, mnist.train_labels, f"real MNIST from {data_dir}"
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (MNIST_TRAIN_SIZE, 28, 28), dtype=torch.uint8, generator=g)  # (N, 28, 28)
-    labels = torch.randint(0, 10, (MNIST_TRAIN_SIZE,), generator=g)  # (N,)
+    images = torch.randint(0, 256, (60_000, 28, 28), dtype=torch.uint8, generator=g)  # (N, 28, 28), N as MNIST's
+    labels = torch.randint(0, 10, (60_000,), generator=g)  # (N,)
     return images.to(device), labels.to(device), f"random uint8 (MNIST files not found in {data_dir})"
 
 
 def our_steps(
     config, images, labels, device, compile: bool, stacked: bool | None = None, adaptive_threads: bool = True
 ) -> Iterator:
-    """Yield after each step of tinymnist's loop, forever, over on-device shuffled batches:
-    the step `train` runs for the config, one model or N (--seeds), each model on its own
-    batches at its first learning rate. `stacked` forces the N-model step, even for one;
-    `adaptive_threads=False` keeps a CPU step on the threads it finds (speed.device_step).
-
-    On CUDA, compiled means compiled and replayed as a CUDA graph; on the CPU, large
-    batches are split into micro-batches."""
+    """Yield (params, loss) after each step `train` runs for the config (one model or N), forever,
+    each model on its own shuffled batches at its first learning rate. `stacked` forces the
+    N-model step, even for one; `adaptive_threads=False` keeps a CPU step on the threads it finds."""
     stacked = config.n_models > 1 if stacked is None else stacked
     optimizer = make_optimizer(config)
     state = initial_state(config, optimizer, device, stacked=stacked)
@@ -73,12 +72,6 @@ def our_steps(
             yield params, loss
 
 
-try:  # peak RSS of the process; POSIX only
-    import resource
-except ImportError:  # Windows: peak memory is not reported
-    resource = None
-
-
 def peak_memory_mb(device: torch.device) -> float | None:
     """CUDA: most bytes allocated since the last reset. CPU: the process's peak RSS so far."""
     if device.type == "cuda":
@@ -90,9 +83,8 @@ def peak_memory_mb(device: torch.device) -> float | None:
 
 @contextlib.contextmanager
 def on_threads(n: int) -> Iterator[None]:
-    """torch's CPU thread count n for the block, then back to what it was. An adaptive step
-    (transforms/cpu_threads.py) leaves torch on the count it chose, process-wide: each loop
-    bench times starts on the same count, not on the one the loop before it left."""
+    """torch's CPU thread count n for the block, then back to what it was. An adaptive step leaves
+    torch on the count it chose, process-wide: each timed loop must start on the same count."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -134,15 +126,7 @@ def window_rate(steps: Iterator, batch_size: int, device, window_steps: int) -> 
 
 
 def bench_model(
-    model: str,
-    images,
-    labels,
-    device,
-    window_images: int,
-    repeats: int,
-    warmup: int,
-    compile: bool,
-    log: Callable[[str], None],
+    model: str, images, labels, device, window_images: int, repeats: int, warmup: int, compile: bool, log
 ) -> dict:
     """Time (a) reference, (b) eager, (c) compiled for one model at its recipe batch size."""
     config = recipe_config(model)
@@ -159,9 +143,8 @@ def bench_model(
         log(f"{model}: timing {name} ({counted(repeats, 'window')} of {counted(window_steps, 'step')})")
         result[name] = time_loop(steps, config.batch_size, device, window_steps, repeats, warmup)
     reference = result["reference"]["images_per_second"]
-    for name in ("eager", "compiled"):
-        if name in result:
-            result[f"{name}_vs_reference"] = result[name]["images_per_second"] / reference
+    for name in list(loops)[1:]:  # eager, and compiled if timed
+        result[f"{name}_vs_reference"] = result[name]["images_per_second"] / reference
     return result
 
 
@@ -169,6 +152,14 @@ def write_json(path: Path, report: dict) -> None:
     """--json, whole or not at all: a full disk after minutes of timing leaves no half a file."""
     with atomic_output(path, "--json") as f:
         f.write((json.dumps(report, indent=2) + "\n").encode())
+
+
+def new_table(title: str, columns: tuple[str, ...]) -> Table:
+    """A table with its first column (the model or loop) left-aligned, the numbers right-aligned."""
+    table = Table(title=title)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    return table
 
 
 def print_table(table: Table, width: int = 120) -> None:
@@ -189,15 +180,26 @@ def machine_description(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def run_bench(models_to_run, device, data_dir, window_images=4096, repeats=5, warmup=3, compile=True, log=None) -> dict:
-    """The whole benchmark as one JSON-ready dict."""
-    log = log or (lambda message: print(message, file=sys.stderr))
-    images, labels, source = bench_data(data_dir, device)
+def report_head(device: torch.device) -> dict:
+    """The fields every bench report starts with: where and when it ran."""
     return {
         "device": str(device),
         "machine": machine_description(device),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def run_bench(models_to_run, device, data_dir, window_images=4096, repeats=5, warmup=3, compile=True, log=None) -> dict:
+    """The whole benchmark as one JSON-ready dict."""
+    log = log or to_stderr
+    images, labels, source = bench_data(data_dir, device)
+    return {
+        **report_head(device),
         "data": source,
         "results": [
             bench_model(m, images, labels, device, window_images, repeats, warmup, compile, log) for m in models_to_run
@@ -209,21 +211,12 @@ def print_report(report: dict, json_path: Path | None) -> None:
     """The results as a table (every digit when the output is a log file); the raw dict as JSON."""
     if json_path:
         write_json(json_path, report)
-    table = Table(title=f"{report['machine']}, torch {report['torch']}; data: {report['data']}")
-    for column in (
-        "model",
-        "batch",
-        "ref img/s",
-        "eager img/s",
-        "compiled img/s",
-        "eager/ref",
-        "compiled/ref",
-        "compile s",
-        "peak MB",
-    ):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    columns = ("model", "batch", "ref img/s", "eager img/s", "compiled img/s", "eager/ref", "compiled/ref")
+    title = f"{report['machine']}, torch {report['torch']}; data: {report['data']}"
+    table = new_table(title, (*columns, "compile s", "peak MB"))
     for r in report["results"]:
         compiled = r.get("compiled")
+        peaks = [v["peak_memory_mb"] for v in r.values() if isinstance(v, dict) and v["peak_memory_mb"] is not None]
         table.add_row(
             r["model"],
             str(r["batch_size"]),
@@ -233,22 +226,12 @@ def print_report(report: dict, json_path: Path | None) -> None:
             f"{r['eager_vs_reference']:.2f}x",
             f"{r['compiled_vs_reference']:.2f}x" if compiled else "-",
             f"{compiled['first_step_seconds']:.1f}" if compiled else "-",
-            peak_text([v["peak_memory_mb"] for v in r.values() if isinstance(v, dict)]),
+            f"{max(peaks):,.0f}" if peaks else "-",
         )
     print_table(table)
 
 
 # ---- bench --seeds 1,4,16: N models in one step against N single runs ----------------------
-#
-# For each model at its recipe batch size, one process times today's single-model step
-# (what `train` runs) and then, for each N, the N-model step (what `train --seeds N` runs:
-# vmapped, or one model at a time, transforms/vmap.py), with bench.py's timing: first step
-# (compile) and warm-up apart, then the median of several windows of the same number of
-# steps. N single runs one after another train at the single step's rate, so "time vs N
-# singles" is
-#
-#     (N models' images / N-model images/s) / (N models' images / single images/s)
-#         = single images/s / N-model images/s summed over the N models.
 
 
 def check_counts_fit(models: list[str], n_models: int, device: torch.device) -> None:
@@ -260,40 +243,22 @@ def check_counts_fit(models: list[str], n_models: int, device: torch.device) -> 
 
 
 def bench_counts(
-    model: str,
-    counts: list[int],
-    images,
-    labels,
-    device,
-    window_images: int,
-    repeats: int,
-    warmup: int,
-    compile: bool,
-    log,
+    model: str, counts: list[int], images, labels, device, window_images: int, repeats: int, warmup: int, compile, log
 ) -> dict:
+    """The single-model step `train` runs, then for each N the N-model step of `train --seeds N`,
+    timed as time_loop does. N single runs in a row train at the single step's rate, so the time
+    of N models against N single runs is single images/s / N-model images/s (summed over N)."""
     config = recipe_config(model)
     window_steps = max(1, window_images // config.batch_size)
     log(f"{model}: timing the single step ({counted(repeats, 'window')} of {counted(window_steps, 'step')})")
-    single = time_loop(
-        our_steps(config, images, labels, device, compile), config.batch_size, device, window_steps, repeats, warmup
-    )
-    result = {
-        "model": model,
-        "batch_size": config.batch_size,
-        "window_steps": window_steps,
-        "single": single,
-        "n_models": {},
-    }
+    steps = our_steps(config, images, labels, device, compile)
+    single = time_loop(steps, config.batch_size, device, window_steps, repeats, warmup)
+    result = {"model": model, "batch_size": config.batch_size, "window_steps": window_steps, "single": single}
+    result["n_models"] = {}
     for n in counts:
         log(f"{model}: timing {counted(n, 'model')} through the N-model step")
-        timed = time_loop(
-            our_steps(dataclasses.replace(config, seeds=n), images, labels, device, compile, stacked=True),
-            config.batch_size * n,
-            device,
-            window_steps,
-            repeats,
-            warmup,
-        )
+        steps = our_steps(dataclasses.replace(config, seeds=n), images, labels, device, compile, stacked=True)
+        timed = time_loop(steps, config.batch_size * n, device, window_steps, repeats, warmup)
         timed["time_vs_n_single_runs"] = single["images_per_second"] / timed["images_per_second"]
         result["n_models"][str(n)] = timed
     return result
@@ -303,13 +268,10 @@ def run_seeds_bench(
     models_to_run, counts, device, data_dir, window_images=4096, repeats=5, warmup=3, compile=True, log=None
 ) -> dict:
     """The whole benchmark as one JSON-ready dict."""
-    log = log or (lambda message: print(message, file=sys.stderr))
+    log = log or to_stderr
     images, labels, source = bench_data(data_dir, device)
     return {
-        "device": str(device),
-        "machine": machine_description(device),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **report_head(device),
         "data": source,
         "compile": compile,
         "results": [
@@ -322,9 +284,8 @@ def run_seeds_bench(
 def print_seeds_report(report: dict, json_path: Path | None) -> None:
     if json_path:
         write_json(json_path, report)
-    table = Table(title=f"{report['machine']}, torch {report['torch']}; data: {report['data']}")
-    for column in ("model", "batch", "N", "img/s (all N)", "single img/s", "time vs N singles", "compile s"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    columns = ("model", "batch", "N", "img/s (all N)", "single img/s", "time vs N singles", "compile s")
+    table = new_table(f"{report['machine']}, torch {report['torch']}; data: {report['data']}", columns)
     for r in report["results"]:
         single = r["single"]["images_per_second"]
         for n, timed in r["n_models"].items():
@@ -338,8 +299,3 @@ def print_seeds_report(report: dict, json_path: Path | None) -> None:
                 f"{timed['first_step_seconds']:.1f}",
             )
     print_table(table)
-
-
-def peak_text(peaks: list) -> str:
-    known = [p for p in peaks if p is not None]
-    return f"{max(known):,.0f}" if known else "-"

@@ -1,18 +1,11 @@
 """`tinymnist bench --busy-core`: the CPU step `train` runs, quiet and with one core taken.
 
-Another program that keeps a core busy deschedules one of our OpenMP threads, and the
-others wait for it at the barrier that ends every parallel op. transforms/cpu_threads.py
-adapts the thread count to that; this benchmark shows what it is worth. Two steps are
-timed, each in windows of WINDOW_SECONDS:
-
-    fixed       the step on all the threads torch found (as before cpu_threads.py)
-    adaptive    the step `train` runs: AdaptiveThreads around it
-
-first both quiet, then both while a child process spins on one core, and so on in turn,
-so that a shared machine whose load drifts moves every side alike. A window runs for
-seconds, not a number of images, after a second untimed: each window measures a run
-that has been quiet, or busy, for a while (how fast the adaptive step notices a change
-is tested in tests/transforms/test_cpu_threads.py).
+A program keeping a core busy deschedules one of our OpenMP threads, and the others wait
+for it at the barrier ending every parallel op; transforms/cpu_threads.py adapts the
+thread count to that. Timed here: the step on all the threads torch found ("fixed") and
+the step `train` runs ("adaptive"), both quiet, then both while a child process spins on
+one core, round after round, so that a machine whose load drifts moves every side alike.
+A window runs for seconds after one untimed, so it measures a run long quiet, or busy.
 """
 
 from __future__ import annotations
@@ -25,17 +18,15 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from rich.table import Table
 
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.errors import TinyMnistError
-from tinymnist.tool.bench import machine_description, on_threads, our_steps, peak_memory_mb, print_table, warm_up
+from tinymnist.tool.bench import new_table, on_threads, our_steps, peak_memory_mb, print_table, report_head, warm_up
 
 WINDOW_SECONDS = 4.0  # per window: several of AdaptiveThreads' probes (cpu_threads.PROBE_EVERY periods)
 SETTLE_SECONDS = 1.0  # untimed at each window's start: the load just changed, and a run meets it once
 
-# The busy process spins one core until it is killed, its parent is gone (a bench killed
-# by SIGKILL runs no `finally`) or its time limit passes, whichever comes first.
+# Spins one core until killed, its parent is gone (a SIGKILLed bench runs no `finally`) or time is up.
 BUSY_LOOP = """
 import os, sys, time
 parent, deadline = os.getppid(), time.monotonic() + float(sys.argv[1])
@@ -48,8 +39,7 @@ BUSY_SECONDS = 600  # a bound, far above the two windows it spans
 
 @contextlib.contextmanager
 def busy_core(seconds: float = BUSY_SECONDS) -> Iterator[subprocess.Popen]:
-    """A child process keeping one core busy for the block; it is gone when the block
-    ends, however it ends (an error, Ctrl-C, SIGTERM)."""
+    """A child process keeping one core busy for the block, gone however the block ends."""
     command = [sys.executable, "-I", "-c", BUSY_LOOP, str(seconds)]
     child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     try:
@@ -65,8 +55,8 @@ def busy_core(seconds: float = BUSY_SECONDS) -> Iterator[subprocess.Popen]:
 
 
 def timed_window(steps: Iterator, batch_size: int, seconds: float) -> float:
-    """Images/s over the steps run until `seconds` have passed (a CPU step is done when it
-    returns), after SETTLE_SECONDS of steps untimed."""
+    """Images/s over the steps run for `seconds` (a CPU step is done when it returns), after
+    SETTLE_SECONDS of steps untimed."""
     settled = time.perf_counter() + SETTLE_SECONDS
     while time.perf_counter() < settled:
         next(steps)
@@ -80,8 +70,8 @@ def timed_window(steps: Iterator, batch_size: int, seconds: float) -> float:
 def bench_busy_core(
     model: str, images, labels, most: int, repeats: int, warmup: int, compile: bool, log: Callable[[str], None]
 ) -> dict:
-    """The fixed and the adaptive step of one model, `repeats` rounds of quiet and busy windows.
-    Which of the two goes first alternates from round to round."""
+    """The fixed and the adaptive step of one model, `repeats` rounds of quiet and busy windows,
+    which of the two goes first alternating from round to round."""
     config, device = recipe_config(model), torch.device("cpu")
     loop = "compiled" if compile else "eager"
     log(f"{model}: the {loop} step on {most} threads and adaptive, quiet and with a core busy ({repeats} rounds)")
@@ -113,21 +103,14 @@ def bench_busy_core(
 
 
 def side_summary(windows: dict[str, list[float]]) -> dict:
-    quiet, busy = (statistics.median(windows[load]) for load in ("quiet", "busy"))
-    return {
-        "quiet": {"images_per_second": quiet, "windows": windows["quiet"]},
-        "busy": {"images_per_second": busy, "windows": windows["busy"]},
-        "busy_vs_quiet": busy / quiet,
-    }
+    summary = {load: {"images_per_second": statistics.median(w), "windows": w} for load, w in windows.items()}
+    return {**summary, "busy_vs_quiet": summary["busy"]["images_per_second"] / summary["quiet"]["images_per_second"]}
 
 
 def run_busy_core_bench(names, images, labels, source, repeats, warmup, compile, log) -> dict:
     most = torch.get_num_threads()
     return {
-        "device": "cpu",
-        "machine": machine_description(torch.device("cpu")),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **report_head(torch.device("cpu")),
         "data": source,
         "window_seconds": WINDOW_SECONDS,
         "results": [bench_busy_core(m, images, labels, most, repeats, warmup, compile, log) for m in names],
@@ -135,10 +118,9 @@ def run_busy_core_bench(names, images, labels, source, repeats, warmup, compile,
 
 
 def print_busy_core_report(report: dict) -> None:
-    table = Table(title=f"{report['machine']}, torch {report['torch']}; data: {report['data']}")
+    title = f"{report['machine']}, torch {report['torch']}; data: {report['data']}"
     columns = ("model", "step", "fixed quiet img/s", "fixed busy", "busy/quiet")
-    for column in (*columns, "adaptive quiet", "adaptive busy", "busy/quiet", "adaptive/fixed quiet"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    table = new_table(title, (*columns, "adaptive quiet", "adaptive busy", "busy/quiet", "adaptive/fixed quiet"))
     for r in report["results"]:
         fixed, adaptive = r["fixed"], r["adaptive"]
         table.add_row(

@@ -1,24 +1,18 @@
 """`tinymnist bench --floor`: how far each recipe's CPU step is from the work it cannot skip.
 
-The step is the one `tinymnist train` runs on the CPU (speed.device_step: compiled, in
-micro-batches where it splits the batch) on torch's fixed threads, at the recipe's batch
-size; where several steps per call can run (several_steps.py), also with K of them per call.
+The step is the one `train` runs on the CPU (compiled, in micro-batches where it splits
+the batch) on fixed threads, at the recipe's batch size; also K steps per call where it can.
+The floor, timed with torch's own kernels on random tensors of the step's shapes, is:
+- every conv and linear layer's products: forward, weight gradient and (but for the first
+  layer, whose input needs no gradient) input gradient, at the whole batch or in the step's
+  micro-batches, whichever is faster. Elementwise work (biases, ReLU, pooling, the loss) is
+  left out: a perfect step would fold it into the products.
+- the optimizer's memory traffic: parameters, gradients and optimizer state read, parameters
+  and state written, timed as torch.add over arrays of the parameter count and scaled.
 
-The floor is the work no implementation of that step can skip, timed with torch's own CPU
-kernels (oneDNN / MKL) on random tensors of the step's shapes:
-- the matrix products of every conv and linear layer: forward, the weight gradient and,
-  but for the first layer (whose input, the image, needs no gradient), the input
-  gradient. Linear: three matmuls; conv: F.conv2d and torch.nn.grad's conv2d_weight and
-  conv2d_input. At the whole batch, or in the step's micro-batches where it splits the
-  batch, whichever is faster. Biases, ReLU, pooling, dropout and the loss are left out:
-  elementwise work a perfect step would fold into the products.
-- the optimizer's memory traffic: every parameter, its gradient and its optimizer state
-  read, parameter and state written (Adam: 7 arrays), timed as torch.add over arrays of
-  the parameter count (2 read, 1 written) and scaled to that many arrays.
-
-Each round times a window of steps, then each product and the traffic, so load from
-other programs hits both; step/floor is the median of the rounds' ratios. With more
-threads than idle cores every parallel op waits for a descheduled thread: run it quiet.
+Each round times a window of steps, then the floor, so load from other programs hits both;
+step/floor is the median of the rounds' ratios. Run it quiet: while another program keeps a
+core busy, every parallel op waits for a descheduled thread.
 """
 
 from __future__ import annotations
@@ -34,13 +28,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from rich.table import Table
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from tinymnist.algorithm import networks, shapes
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state
-from tinymnist.tool.bench import machine_description, print_table
+from tinymnist.tool.bench import new_table, print_table, report_head
 from tinymnist.tool.report import counted
 from tinymnist.transforms import speed
 
@@ -124,29 +117,29 @@ def optimizer_arrays(model: str) -> int:
 class Timed:
     """A call repeated often enough per measurement that the clock's resolution does not matter."""
 
-    def __init__(self, fn, weight: float = 1, clock=time.perf_counter):
-        self.fn, self.weight, self.clock = fn, weight, clock  # weight: how many such calls the step's work is
+    def __init__(self, fn, weight: float = 1):
+        self.fn, self.weight = fn, weight  # weight: how many such calls the step's work is
         for _ in range(3):
             fn()
-        started = clock()
+        started = time.perf_counter()
         fn()
-        self.calls = max(1, math.ceil(PRODUCT_SECONDS / max(clock() - started, 1e-9)))
+        self.calls = max(1, math.ceil(PRODUCT_SECONDS / max(time.perf_counter() - started, 1e-9)))
 
     def microseconds(self) -> float:
-        started = self.clock()
+        started = time.perf_counter()
         for _ in range(self.calls):
             self.fn()
-        return (self.clock() - started) / self.calls * 1e6 * self.weight
+        return (time.perf_counter() - started) / self.calls * 1e6 * self.weight
 
 
-def floor_parts(model: str, batch: int, micro_batch: int, clock=time.perf_counter) -> dict[str, dict[str, Timed]]:
+def floor_parts(model: str, batch: int, micro_batch: int) -> dict[str, dict[str, Timed]]:
     """The floor's measurements by way of batching ("whole", "micro"), plus "optimizer"."""
     ways = {"whole": {batch: 1}}
     if 0 < micro_batch < batch:  # the step's chunks: torch.split's sizes, counted
         ways["micro"] = collections.Counter(len(c) for c in torch.arange(batch).split(micro_batch))
     parts = {
         way: {
-            f"{p.layer.name}.{name}" + (f"@{size}" if way == "micro" else ""): Timed(fn, count, clock)
+            f"{p.layer.name}.{name}" + (f"@{size}" if way == "micro" else ""): Timed(fn, count)
             for size, count in sizes.items()
             for p in product_layers(model)
             for name, fn in product_calls(p, size).items()
@@ -156,7 +149,7 @@ def floor_parts(model: str, batch: int, micro_batch: int, clock=time.perf_counte
     n_params = sum(row.params for row in networks.trace(model))
     a, b, out = torch.randn(n_params), torch.randn(n_params), torch.empty(n_params)  # (P,) each
     arrays = optimizer_arrays(model)  # torch.add moves 3 arrays: scale its time to the update's
-    parts["optimizer"] = {"traffic": Timed(lambda: torch.add(a, b, out=out), arrays / 3, clock)}
+    parts["optimizer"] = {"traffic": Timed(lambda: torch.add(a, b, out=out), arrays / 3)}
     return parts
 
 
@@ -246,10 +239,7 @@ def measure(model: str, images, labels, rounds: int, log: Callable[[str], None])
 
 def run_floor_bench(names: list[str], images, labels, source: str, rounds: int, log) -> dict:
     return {
-        "device": "cpu",
-        "machine": machine_description(CPU),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **report_head(CPU),
         "data": source,
         "steps_per_call": STEPS_PER_CALL,
         "rounds": rounds,
@@ -259,12 +249,9 @@ def run_floor_bench(names: list[str], images, labels, source: str, rounds: int, 
 
 def print_floor_report(report: dict) -> None:
     k = report["steps_per_call"]
-    table = Table(
-        title=f"{report['machine']}, torch {report['torch']}; medians of {counted(report['rounds'], 'round')}"
-    )
+    title = f"{report['machine']}, torch {report['torch']}; medians of {counted(report['rounds'], 'round')}"
     columns = ("model", "batch", "step us", f"{k} per call us", "products us", "GFLOP/s", "optimizer us")
-    for column in (*columns, "floor us", "step/floor", f"{k} per call/floor"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    table = new_table(title, (*columns, "floor us", "step/floor", f"{k} per call/floor"))
     for r in report["results"]:
         several = "-" if r["k_steps_us"] is None else f"{r['k_steps_us']:,.0f}"
         several_ratio = "-" if r["k_steps_us"] is None else f"{r['k_steps_over_floor']:.2f}x"

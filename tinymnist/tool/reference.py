@@ -1,10 +1,8 @@
-"""The loop the tutorials run, kept only as the benchmark's baseline.
+"""The tutorials' loop, kept only as the benchmark's baseline; nothing in training uses it.
 
-This is what `torchvision.datasets.MNIST` + `DataLoader` + an `nn.Module` +
-`torch.optim` + `loss.backward()` do per step, rebuilt without torchvision: every
-sample goes uint8 -> PIL image -> float tensor / 255 -> normalize on the CPU, the
-DataLoader collates a batch, the batch is copied to the device. Nothing in the
-training path uses this file.
+torchvision's MNIST + DataLoader + nn.Module + torch.optim + loss.backward(), without
+torchvision: each sample goes uint8 -> PIL image -> float / 255 -> normalized on the CPU,
+the DataLoader collates a batch, the batch is copied to the device.
 """
 
 from __future__ import annotations

@@ -15,13 +15,11 @@ import statistics
 import time
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 from tinymnist.algorithm.config import make_optimizer, model_configs, recipe_config
 from tinymnist.algorithm.train import TestSet, Training, evaluate, evaluate_one, fit, initial_state, synchronize
 from tinymnist.data import MNIST
-from tinymnist.tool.bench import machine_description, on_threads, write_json
+from tinymnist.tool.bench import machine_description, new_table, on_threads, print_table, report_head, write_json
 from tinymnist.tool.reference import reference_loop
 from tinymnist.transforms import speed
 from tinymnist.transforms.vmap import evaluate_many
@@ -67,7 +65,7 @@ def reference(model: str, mnist: MNIST, device: torch.device, target: float) -> 
     every = max(1, steps_per_epoch // EVALUATIONS_PER_EPOCH)
     params = initial_state(config, make_optimizer(config), device).params
     loop = reference_loop(config, params, mnist.train_images, mnist.train_labels, device)
-    seconds, best, first_step = 0.0, 0.0, 0.0
+    seconds, best, first_step, reached = 0.0, 0.0, 0.0, None
     for done in range(1, config.epochs * steps_per_epoch + 1):
         started = time.perf_counter()
         net, _ = next(loop)
@@ -81,25 +79,16 @@ def reference(model: str, mnist: MNIST, device: torch.device, target: float) -> 
             accuracy = evaluate(config, weights, mnist.test_images, mnist.test_labels).accuracy
             best = max(best, accuracy)
             if accuracy >= target:
-                return {
-                    "loop": f"reference {model}",
-                    "model": model,
-                    "models": 1,
-                    "reached": 1,
-                    "seconds": seconds,
-                    "images": done * config.batch_size,
-                    "epochs": round(done / steps_per_epoch, 4),
-                    "best_accuracy": best,
-                    "first_step_seconds": first_step,
-                }
+                reached = done
+                break
     return {
         "loop": f"reference {model}",
         "model": model,
         "models": 1,
-        "reached": 0,
-        "seconds": None,
-        "images": None,
-        "epochs": config.epochs,
+        "reached": 1 if reached else 0,
+        "seconds": seconds if reached else None,
+        "images": reached * config.batch_size if reached else None,
+        "epochs": round(reached / steps_per_epoch, 4) if reached else config.epochs,
         "best_accuracy": best,
         "first_step_seconds": first_step,
     }
@@ -127,31 +116,11 @@ def run_time_to_accuracy(
 
 def print_time_to_accuracy(rows: list[dict], target: float, device: torch.device, json_path) -> None:
     """The rows as a table (every digit when the output is a log file); the raw rows as JSON."""
-
     if json_path:
-        report = {
-            "target": target,
-            "device": str(device),
-            "machine": machine_description(device),
-            "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"),
-            "results": rows,
-        }
-        write_json(json_path, report)
-    machine = f"{machine_description(device)}, torch {torch.__version__}"
-    table = Table(title=f"time to {100 * target:g}% test accuracy, {machine}")
-    for column in (
-        "loop",
-        "reached",
-        "seconds",
-        "min-max s",
-        "images",
-        "epochs",
-        "best accuracy",
-        "vs reference",
-        "first step s",
-    ):
-        table.add_column(column, justify="left" if column == "loop" else "right")
+        write_json(json_path, {"target": target, **report_head(device), "results": rows})
+    title = f"time to {100 * target:g}% test accuracy, {machine_description(device)}, torch {torch.__version__}"
+    columns = ("loop", "reached", "seconds", "min-max s", "images", "epochs", "best accuracy", "vs reference")
+    table = new_table(title, (*columns, "first step s"))
     for r in rows:
         spread = f"{r['min_seconds']:.2f}-{r['max_seconds']:.2f}" if r.get("min_seconds") is not None else "-"
         table.add_row(
@@ -165,5 +134,4 @@ def print_time_to_accuracy(rows: list[dict], target: float, device: torch.device
             f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-",
             f"{r['first_step_seconds']:.1f}",
         )
-    console = Console()
-    (console if console.is_terminal else Console(width=120)).print(table)
+    print_table(table)
