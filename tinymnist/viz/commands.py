@@ -1,7 +1,6 @@
-"""The picture commands: `tinymnist plot`, `predict` and `export`.
+"""The picture commands `tinymnist plot`, `predict` and `export`, added to the app by `register`.
 
-`register(app)` adds them to the main typer app. Like every tinymnist command, a
-mistake the user can fix ends in one stderr line and exit status 2.
+Like every tinymnist command, a mistake the user can fix ends in one stderr line and exit status 2.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ DEFAULT_COUNT = 16  # test digits shown: two rows of a PNG grid
 
 
 def register(app: typer.Typer) -> None:
-    """Add plot, predict and export to `app`, each wrapped like every tinymnist command."""
     app.command("plot")(user_errors(plot))
     app.command("predict")(user_errors(predict))
     app.command("export")(user_errors(export))
@@ -129,10 +127,8 @@ def predict(
         print(f"wrote {output}")
         return
     console = Console()
-    if console.is_terminal:
-        console.print(terminal_digits(digits, console.width))
-    else:
-        console.print(plain_digits(digits, console.width))
+    draw = terminal_digits if console.is_terminal else plain_digits
+    console.print(draw(digits, console.width))
 
 
 def export(

@@ -1,9 +1,8 @@
 """Draw digits with their predictions: in the terminal, as plain text, or as a PNG grid.
 
-A terminal gets Unicode half blocks: "▀" paints its upper half in the foreground colour
-and its lower half in the background colour, so a 28x28 digit takes 28x14 characters,
-grey levels intact. Other output has no colours, so it gets an ASCII ramp instead (one
-character per two pixels, darker characters for more ink), which survives logs and pipes.
+A terminal gets Unicode half blocks: "▀" paints its upper half in the foreground colour and
+its lower half in the background colour, so a 28x28 digit takes 28x14 characters, grey
+levels intact. Other output gets an ASCII ramp (darker characters for more ink) instead.
 """
 
 from __future__ import annotations
@@ -104,11 +103,8 @@ def _ascii_lines(image: torch.Tensor) -> list[Text]:
 
 
 def write_digits_png(digits: list[Digit], path: Path) -> None:
-    """A grid of the digits, each under its name and prediction (the prediction red when wrong).
-
-    One pillow image, each digit's pixels pasted as blocks: one matplotlib axes per digit
-    took 8 minutes and 1.3 GB for 2,000 digits.
-    """
+    """A grid of the digits, each under its name and prediction (red when wrong), as one pillow
+    image with each digit's pixels pasted as blocks: a matplotlib axes per digit is far slower."""
     image_module = require("PIL.Image", "predict -o")
     draw_module = require("PIL.ImageDraw", "predict -o")
     font = caption_font(require("PIL.ImageFont", "predict -o"))

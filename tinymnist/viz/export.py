@@ -1,9 +1,8 @@
 """`tinymnist export CHECKPOINT -o model.pt`: the weights as the tutorial's own nn.Module loads them.
 
-A checkpoint's params carry the tutorials' names (`conv1.weight`, ...), except that the
-LeNet tutorial wraps each layer in an `nn.Sequential` (`conv1.0.weight`):
-`TUTORIAL_MODULE_NAMES` holds those renames. The result loads with `strict=True` and
-computes exactly what `tinymnist eval` computes.
+A checkpoint's params carry the tutorials' names (`conv1.weight`, ...) but for the LeNet
+tutorial's nn.Sequential blocks (`conv1.0.weight`). The result loads with `strict=True`
+and computes exactly what `tinymnist eval` computes.
 
     model.pt, model.pth    torch.save(state_dict); read it back with torch.load(path, weights_only=True)
     model.safetensors      no pickle, readable from other languages; the metadata holds the
@@ -22,7 +21,7 @@ from tinymnist.errors import TinyMnistError
 from tinymnist.tool.extras import require
 from tinymnist.tool.outputs import LOCK_ADVICE, atomic_output
 
-# tinymnist module name -> the tutorial's, where they differ (seed 003's nn.Sequential blocks).
+# tinymnist module name -> the tutorial's, where they differ
 TUTORIAL_MODULE_NAMES = {"lenet": {"conv1": "conv1.0", "conv2": "conv2.0", "fc1": "fc1.0", "fc2": "fc2.0"}}
 SUFFIXES = (".pt", ".pth", ".safetensors")
 
@@ -47,26 +46,21 @@ def check_export_name(path: Path) -> None:
 
 
 def export_state_dict(model: str, params: dict[str, torch.Tensor], path: Path) -> None:
-    """Write the tutorial-named state_dict to `path` atomically, in the format its suffix names."""
+    """Write the tutorial-named state_dict to `path` atomically, in the format its suffix names:
+    `path` is replaced, or stays as it was and no temporary file is left."""
     path = Path(path)
     check_export_name(path)
-    write_whole(path, serialized(model, tutorial_state_dict(model, params), path.suffix.lower()))
-
-
-def serialized(model: str, state: dict[str, torch.Tensor], suffix: str) -> bytes:
-    """The file's bytes, made in memory (a state_dict is a few MB), so that a failed write is an
-    OSError: torch.save's zip writer, failing on a file, raises a RuntimeError ("unexpected pos")."""
-    if suffix == ".safetensors":
+    state = tutorial_state_dict(model, params)
+    # The bytes are made in memory (a state_dict is a few MB) so that a failed write is an
+    # OSError: torch.save's zip writer, failing on a file, raises a RuntimeError ("unexpected pos").
+    if path.suffix.lower() == ".safetensors":
         recipe = RECIPES[model]
         metadata = {"model": model, "mean": repr(recipe.mean), "std": repr(recipe.std)}  # safetensors wants strings
-        return require("safetensors.torch", "export to .safetensors").save(state, metadata=metadata)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
-
-
-def write_whole(path: Path, payload: bytes) -> None:
-    """`payload` replaces `path`, or `path` stays as it was and no temporary file is left."""
+        payload = require("safetensors.torch", "export to .safetensors").save(state, metadata=metadata)
+    else:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = buffer.getvalue()
     with atomic_output(path) as f:
         try:
             f.write(payload)

@@ -1,9 +1,4 @@
-"""`tinymnist predict`: what a checkpoint says about test digits, or about your own images.
-
-probabilities(model, params, images_u8) -> (N, 10)     the network's belief per digit
-pick(probabilities, labels, count, wrong_only)         which test digits to show
-predict_images(model, params, paths, device)           your PNG/JPEG files (preprocess.py)
-"""
+"""`tinymnist predict`: what a checkpoint says about test digits, or about your own images."""
 
 from __future__ import annotations
 
@@ -30,10 +25,7 @@ def model_inputs(model: str, images_u8: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def probabilities(model: str, params: dict, images_u8: torch.Tensor) -> torch.Tensor:
     """(N, 28, 28) uint8 -> (N, 10): each digit's probability, in chunks of CHUNK images.
-
-    softmax serves both kinds of network: of logits it gives the probabilities, and of
-    log-probabilities (a network ending in log_softmax) it gives them back unchanged.
-    """
+    softmax serves logits and log-probabilities (a network ending in log_softmax) alike."""
     chunks = [
         torch.softmax(networks.apply(model, params, model_inputs(model, images_u8[start : start + CHUNK])), dim=1)
         for start in range(0, len(images_u8), CHUNK)

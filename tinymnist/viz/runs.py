@@ -1,16 +1,13 @@
-"""Read `--metrics` files (JSON Lines) into curves: one per run, per quantity, per epoch.
+"""Read `--metrics` files (JSON Lines, one evaluation a line; epoch 0 is the untrained network)
+into curves: one per run, per quantity, per epoch.
 
-Each line is one evaluation: {"epoch", "train_loss", "test_loss", "test_accuracy",
-"correct", "total", "lr", ...}; epoch 0 is the untrained network (train_loss null).
-A multi-model run adds "seed" and "lr" to every line, and an `"ensemble": true` line
-per evaluation. A file becomes one Run per learning rate (the mean over its seeds, with
-min and max as a band: a band across learning rates would mix experiments), one for the
-ensemble, and one for lines without a seed (a plain run appended to a sweep's file:
-counted as one more seed, it would move the mean without a word).
+A multi-model run adds "seed" and "lr" to every line, and an `"ensemble": true` line per
+evaluation. A file becomes one Run per learning rate (the mean over its seeds, min and max
+as a band: a band across learning rates would mix experiments), one for the ensemble, and
+one for lines without a seed (a plain run appended to a sweep's file, kept out of the mean).
 
-Accuracy is plotted as an error rate on a log axis, labelled as accuracy: 98% and 99% are
-a factor of 2 apart, as are 80% and 90%, so the last epochs stay readable in the same
-picture as the untrained 10%, which a zoomed linear axis could not show at once.
+Accuracy is plotted as an error rate on a log axis, labelled as accuracy: 98% and 99% are a
+factor of 2 apart, as are 80% and 90%, so the last epochs stay readable beside the untrained 10%.
 """
 
 from __future__ import annotations
@@ -130,11 +127,8 @@ def runs_of_file(path: Path, records: list[dict]) -> list[Run]:
 
 
 def summarize(models: list[list[dict]]) -> dict[str, Series]:
-    """The per-epoch mean of each quantity over the models, with min and max when there are several.
-
-    A resumed run appends to its file, so an epoch may appear twice: the last line counts.
-    """
-    per_model = [{r["epoch"]: r for r in records} for records in models]  # the last line per epoch wins
+    """The per-epoch mean of each quantity over the models, with min and max when there are several."""
+    per_model = [{r["epoch"]: r for r in records} for records in models]  # a resumed run repeats epochs: the last wins
     out = {}
     for quantity in QUANTITIES:
         rows = []  # (epoch, mean, min, max); epochs are fractional with --eval-every
