@@ -122,16 +122,9 @@ def print_busy_core_report(report: dict) -> None:
     columns = ("model", "step", "fixed quiet img/s", "fixed busy", "busy/quiet")
     table = new_table(title, (*columns, "adaptive quiet", "adaptive busy", "busy/quiet", "adaptive/fixed quiet"))
     for r in report["results"]:
-        fixed, adaptive = r["fixed"], r["adaptive"]
-        table.add_row(
-            r["model"],
-            r["loop"],
-            f"{fixed['quiet']['images_per_second']:,.0f}",
-            f"{fixed['busy']['images_per_second']:,.0f}",
-            f"{fixed['busy_vs_quiet']:.2f}x",
-            f"{adaptive['quiet']['images_per_second']:,.0f}",
-            f"{adaptive['busy']['images_per_second']:,.0f}",
-            f"{adaptive['busy_vs_quiet']:.2f}x",
-            f"{r['adaptive_vs_fixed_quiet']:.2f}x",
-        )
+        cells = [r["model"], r["loop"]]
+        for side in (r["fixed"], r["adaptive"]):  # quiet, busy, busy/quiet
+            rates = [f"{side[load]['images_per_second']:,.0f}" for load in ("quiet", "busy")]
+            cells += [*rates, f"{side['busy_vs_quiet']:.2f}x"]
+        table.add_row(*cells, f"{r['adaptive_vs_fixed_quiet']:.2f}x")
     print_table(table, width=140)
