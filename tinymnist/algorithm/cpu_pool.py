@@ -1,9 +1,4 @@
-"""A speed trick for the CPU: a max-pool whose compiled backward is fast, with F.max_pool2d's numbers.
-
-It lives in the forward pass (networks.py calls `max_pool2d` for every pooling layer), so
-unlike the step transforms of transforms/ it cannot wrap the step from outside; it
-changes nothing but speed, and only under torch.compile on the CPU.
-"""
+"""A max-pool with F.max_pool2d's numbers whose compiled CPU backward is fast (networks.py pools with it)."""
 
 from __future__ import annotations
 
@@ -12,13 +7,11 @@ import torch.nn.functional as F
 
 
 def max_pool2d(x: torch.Tensor, kernel: int, stride: int | None = None) -> torch.Tensor:
-    """F.max_pool2d; compiled for the CPU, the same numbers by a route that compiles well.
+    """F.max_pool2d; under torch.compile on the CPU, `first_max_pool2d` for tiling windows.
 
-    torch.compile turns F.max_pool2d's backward into scalar C++ loops on the CPU, about
-    a third of lenet's compiled step. `first_max_pool2d` gives the same values, sends
-    each gradient to the same input and compiles to elementwise code: lenet's compiled step is
-    measurably faster (BENCHMARKS.md). Eager, F.max_pool2d's own kernels are faster.
-    (`is_compiling` is true under any torch.compile backend and torch.export too.)
+    Inductor turns F.max_pool2d's backward into scalar C++ loops, about a third of lenet's
+    compiled step; first_max_pool2d compiles to elementwise code (BENCHMARKS.md). Eager,
+    F.max_pool2d's own kernels are faster.
     """
     height, width = x.shape[-2:]
     tiles = x.dim() == 4 and stride in (None, kernel) and height % kernel == 0 and width % kernel == 0
@@ -30,11 +23,9 @@ def max_pool2d(x: torch.Tensor, kernel: int, stride: int | None = None) -> torch
 def first_max_pool2d(x: torch.Tensor, kernel: int) -> torch.Tensor:
     """Max-pool over non-overlapping kernel x kernel windows that tile x exactly.
 
-    Like F.max_pool2d, where a window's maximum occurs more than once (all-zero ReLU
-    outputs, often), the first in row-major order is the one picked, and the one whose
-    input gets the gradient. Two differences no training run meets: a window whose
-    maximum is -0.0 pools to +0.0, and of several NaNs the first gets the gradient
-    (F.max_pool2d: the last).
+    As in F.max_pool2d, a window's first maximum in row-major order is picked and gets the
+    gradient. Differences no run meets: a -0.0 maximum pools to +0.0; of several NaNs the first
+    gets the gradient (F.max_pool2d: the last).
     """
     n, channels, height, width = x.shape
     rows, cols = height // kernel, width // kernel

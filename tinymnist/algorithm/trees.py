@@ -1,8 +1,4 @@
-"""The one helper for nested dicts of tensors (params, optimizer state, RNG states).
-
-Everything the training loop carries is such a tree. Moving it to a device, cloning
-it, stacking N of them for vmap: each is `tree_map` with a different leaf function.
-"""
+"""`tree_map`, the one helper for the nested tensor dicts the loop carries (params, optimizer state, RNG)."""
 
 from __future__ import annotations
 
@@ -15,10 +11,8 @@ Tree = dict[str, Any]  # leaves are tensors; inner nodes are dicts
 
 
 def tree_map(fn: Callable[..., torch.Tensor], tree: Tree, *rest: Tree) -> Tree:
-    """A new tree of `fn(leaf, *matching leaves of rest)`, keys in `tree`'s order.
-
-    The order matters: torch.compile guards on a dict's key order, so a state whose
-    keys came back reordered would recompile the step."""
+    """A new tree of `fn(leaf, *matching leaves of rest)`, keys in `tree`'s order
+    (torch.compile guards on a dict's key order: reordered keys would recompile the step)."""
     return {
         k: tree_map(fn, v, *(r[k] for r in rest)) if isinstance(v, dict) else fn(v, *(r[k] for r in rest))
         for k, v in tree.items()
