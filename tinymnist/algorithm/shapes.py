@@ -1,19 +1,11 @@
-"""How big every tensor in a network is, worked out by hand instead of by trial.
+"""How big every tensor in a network is, worked out instead of typed in.
 
-The pytorch/examples MNIST net has `nn.Linear(9216, 128)`: the 9216 is what two 3x3
-convolutions and a 2x2 max-pool leave of a 28x28 image, 64 * 12 * 12, typed in by
-hand. Here that number is derived: a network is a tuple of small layer descriptions
-(`Conv2d`, `MaxPool2d`, `Flatten`, `Linear`, ...), and `trace_layers` walks it from the
-input image to the output, one `TraceRow` per layer with the arithmetic that sizes it.
-networks.py declares the four networks as such tuples and builds their modules from
-this trace, so the sizes printed by `tinymnist shapes` are the sizes that run.
-tests/algorithm/test_shapes.py checks the formulas against PyTorch itself.
-
-This file knows no particular network, only the layer vocabulary: networks.py imports
-it, never the other way round.
-
-Feature maps here are square (28x28 images, square kernels), so one side's
-arithmetic sizes both.
+pytorch/examples' MNIST net has `nn.Linear(9216, 128)`: 9216 = 64 * 12 * 12, what two 3x3
+convolutions and a 2x2 max-pool leave of a 28x28 image. Here a network is a tuple of layer
+descriptions (`Conv2d`, `MaxPool2d`, `Flatten`, `Linear`, ...), and `trace_layers` walks it
+from the image to the output, one `TraceRow` per layer. networks.py builds its modules from
+this trace, so `tinymnist shapes` prints the sizes that run. This file knows no particular
+network. Feature maps are square (28x28 images, square kernels): one side's arithmetic sizes both.
 """
 
 from __future__ import annotations
@@ -34,65 +26,48 @@ class ShapeError(TinyMnistError, ValueError):
 
 
 def conv2d_out(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
-    """One side of `F.conv2d`'s output: floor((size + 2p - d(k-1) - 1) / s) + 1.
+    """One side of `F.conv2d`'s output, the nn.Conv2d docs' floor((size + 2p - d(k-1) - 1) / s) + 1.
 
-    This is the formula in the `nn.Conv2d` docs; `d(k-1) + 1` is the span a dilated
-    kernel covers. Where the kernel does not fit into the padded input even once,
-    torch raises, and so does this.
+    `d(k-1) + 1` is the span of a dilated kernel; where it does not fit once, torch raises, and so does this.
     """
-    _check_positive(size=size, kernel=kernel, stride=stride, dilation=dilation)
-    _check_non_negative(padding=padding)
+    _at_least(1, size=size, kernel=kernel, stride=stride, dilation=dilation)
+    _at_least(0, padding=padding)
     out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    if out < 1:
-        raise ShapeError(
-            f"conv2d: a {kernel}x{kernel} kernel (dilation {dilation}) does not fit "
-            f"a side of {size} padded by {padding}; the output would be empty"
-        )
-    return out
+    return _not_empty(out, f"conv2d: a {kernel}x{kernel} kernel", dilation, size, padding)
 
 
 def pool2d_out(
-    size: int,
-    kernel: int,
-    stride: int | None = None,
-    padding: int = 0,
-    dilation: int = 1,
-    ceil_mode: bool = False,
+    size: int, kernel: int, stride: int | None = None, padding: int = 0, dilation: int = 1, ceil_mode: bool = False
 ) -> int:
-    """One side of `F.max_pool2d`'s output, by torch's own rules (aten pooling_output_shape).
+    """One side of `F.max_pool2d`'s output, by torch's rules (aten pooling_output_shape).
 
-    floor((size + 2p - d(k-1) - 1) / s) + 1, or ceil(...) + 1 with ceil_mode, except
-    that a last window starting beyond the input and its left padding is dropped: it
-    would pool padding only. The stride defaults to the kernel size, so windows tile
-    the input. torch rejects padding over half the kernel, and so does this.
+    As conv2d_out, or ceil(...) + 1 with ceil_mode, less a last window that would pool
+    padding only. The stride defaults to the kernel; torch rejects padding over half the kernel.
     """
     stride = kernel if stride is None else stride
-    _check_positive(size=size, kernel=kernel, stride=stride, dilation=dilation)
-    _check_non_negative(padding=padding)
+    _at_least(1, size=size, kernel=kernel, stride=stride, dilation=dilation)
+    _at_least(0, padding=padding)
     if padding > kernel // 2:
         raise ShapeError(f"max_pool2d: padding {padding} is more than half the kernel size {kernel}")
     span = size + 2 * padding - dilation * (kernel - 1) - 1
     out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1  # the last window would start in the right padding
+    return _not_empty(out, f"max_pool2d: a {kernel}x{kernel} window", dilation, size, padding)
+
+
+def _not_empty(out: int, what: str, dilation: int, size: int, padding: int) -> int:
     if out < 1:
         raise ShapeError(
-            f"max_pool2d: a {kernel}x{kernel} window (dilation {dilation}) does not fit "
-            f"a side of {size} padded by {padding}; the output would be empty"
+            f"{what} (dilation {dilation}) does not fit a side of {size} padded by {padding}; the output would be empty"
         )
     return out
 
 
-def _check_positive(**values: int) -> None:
+def _at_least(minimum: int, **values: int) -> None:
     for name, value in values.items():
-        if value < 1:
-            raise ShapeError(f"{name} must be at least 1, got {value}")
-
-
-def _check_non_negative(**values: int) -> None:
-    for name, value in values.items():
-        if value < 0:
-            raise ShapeError(f"{name} must be at least 0, got {value}")
+        if value < minimum:
+            raise ShapeError(f"{name} must be at least {minimum}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -105,8 +80,7 @@ class TraceRow:
     params: int  # weights + biases
 
 
-# The layer vocabulary. Each description knows only its shape rule; networks.py gives
-# each one its computation (nn.Conv2d, F.max_pool2d, ...).
+# The layer vocabulary: each description knows only its shape rule; networks.py gives it its computation.
 
 
 @dataclass(frozen=True)
@@ -174,35 +148,33 @@ class Linear:
         return TraceRow(self.name, "", (self.out_features,), params)
 
 
-@dataclass(frozen=True)
-class ReLU:
-    """F.relu: max(x, 0), elementwise."""
-
-    name: str = "relu"
+class _SameShape:
+    """A layer without parameters whose output has its input's shape."""
 
     def trace(self, shape: Shape) -> TraceRow:
         return TraceRow(self.name, "", shape, 0)
 
 
 @dataclass(frozen=True)
-class Dropout:
+class ReLU(_SameShape):
+    """F.relu: max(x, 0), elementwise."""
+
+    name: str = "relu"
+
+
+@dataclass(frozen=True)
+class Dropout(_SameShape):
     """F.dropout: while training, zero each value with probability p, scale the rest by 1/(1-p)."""
 
     name: str
     p: float
 
-    def trace(self, shape: Shape) -> TraceRow:
-        return TraceRow(self.name, "", shape, 0)
-
 
 @dataclass(frozen=True)
-class LogSoftmax:
+class LogSoftmax(_SameShape):
     """F.log_softmax over the classes: the network outputs log-probabilities, for NLL loss."""
 
     name: str = "log_softmax"
-
-    def trace(self, shape: Shape) -> TraceRow:
-        return TraceRow(self.name, "", shape, 0)
 
 
 Layer = Conv2d | MaxPool2d | Flatten | Linear | ReLU | Dropout | LogSoftmax
@@ -218,7 +190,6 @@ def trace_layers(layers: tuple[Layer, ...], input_shape: Shape = MNIST_IMAGE) ->
     """Each layer's output shape and parameter count, from `input_shape` to the output."""
     rows, shape = [], input_shape
     for layer in layers:
-        row = layer.trace(shape)
-        rows.append(row)
-        shape = row.shape
+        rows.append(layer.trace(shape))
+        shape = rows[-1].shape
     return rows
