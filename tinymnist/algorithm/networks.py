@@ -1,17 +1,12 @@
-"""The networks as pure functions: `init_params` makes a dict, `apply` runs it.
+"""The networks as pure functions: `init_params` makes a dict of numbers, `apply` runs it.
 
-Each network is a tuple of layer descriptions (shapes.py), written out below with the
-tutorial it comes from: the four seed tutorials' networks, and `fast`, built for time
-to accuracy. A tuple becomes an `nn.Module` *template* once, at import, on
-the `meta` device: it holds the layer structure but no numbers. The numbers are a
-plain `dict[str, Tensor]` keyed by the template's own parameter names (`conv1.weight`,
-`fc1.bias`, ... as in the tutorials, so their state_dicts load), and
-`torch.func.functional_call` runs the template with them. Nothing is mutated, so a
-whole forward pass, or K of them under `torch.func.vmap`, compiles as one graph.
-
-Dropout is switched by an argument, `apply(..., train=True)`, not by `module.train()`,
-which would mutate the template. Its randomness comes from torch's global generator,
-whose state a checkpoint saves.
+Each network is a tuple of layer descriptions (shapes.py). It becomes an `nn.Module`
+*template* once, on the `meta` device: structure, no numbers. The numbers are a plain
+`dict[str, Tensor]` keyed by the template's parameter names (`conv1.weight`, ... as in the
+tutorials, so their state_dicts load), and `torch.func.functional_call` runs the template
+with them. Nothing is mutated, so a forward pass, or K under vmap, compiles as one graph.
+Dropout is an argument, `apply(..., train=True)`, not `module.train()`, which would mutate
+the template; its randomness is torch's global generator, which a checkpoint saves.
 """
 
 from __future__ import annotations
@@ -24,16 +19,7 @@ from torch import nn
 
 from tinymnist.algorithm import shapes
 from tinymnist.algorithm.cpu_pool import max_pool2d
-from tinymnist.algorithm.shapes import (
-    Conv2d,
-    Dropout,
-    Flatten,
-    Layer,
-    Linear,
-    LogSoftmax,
-    MaxPool2d,
-    ReLU,
-)
+from tinymnist.algorithm.shapes import Conv2d, Dropout, Flatten, Layer, Linear, LogSoftmax, MaxPool2d, ReLU
 from tinymnist.errors import TinyMnistError
 
 Params = dict[str, torch.Tensor]
@@ -118,11 +104,8 @@ OUTPUTS_LOG_PROBS = {name: isinstance(layers[-1], LogSoftmax) for name, layers i
 
 
 class Network(nn.Module):
-    """A stateless template: the modules of one architecture, on the meta device.
-
-    Conv and linear layers become submodules named as in the table; their input sizes
-    come from the shape trace. Every other layer is a function applied in `forward`.
-    """
+    """A stateless template on the meta device: conv and linear layers are submodules named
+    as in the table, sized by the shape trace; every other layer is a function in `forward`."""
 
     def __init__(self, layers: tuple[Layer, ...]):
         super().__init__()
@@ -140,28 +123,25 @@ class Network(nn.Module):
 
     def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         for layer in self.layers:  # x: (B, 1, 28, 28) -> (B, 10)
-            x = self.forward_layer(layer, x, train)
+            if isinstance(layer, (Conv2d, Linear)):
+                x = getattr(self, layer.name)(x)  # with the weights functional_call passed in
+            elif isinstance(layer, ReLU):
+                x = F.relu(x)
+            elif isinstance(layer, MaxPool2d):
+                x = max_pool2d(x, layer.kernel, layer.stride)  # (B, C, H, W) -> (B, C, H', W'), cpu_pool.py
+            elif isinstance(layer, Dropout):
+                x = F.dropout(x, layer.p, training=train)
+            elif isinstance(layer, Flatten):
+                x = torch.flatten(x, 1)  # (B, C, H, W) -> (B, C*H*W): the batch dim stays
+            elif isinstance(layer, LogSoftmax):
+                x = F.log_softmax(x, dim=1)  # over the classes of each example
+            else:
+                raise TypeError(f"no forward rule for layer {layer!r}")
         return x
 
-    def forward_layer(self, layer: Layer, x: torch.Tensor, train: bool) -> torch.Tensor:
-        if isinstance(layer, (Conv2d, Linear)):
-            return getattr(self, layer.name)(x)  # with the weights functional_call passed in
-        if isinstance(layer, ReLU):
-            return F.relu(x)
-        if isinstance(layer, MaxPool2d):
-            return max_pool2d(x, layer.kernel, layer.stride)  # (B, C, H, W) -> (B, C, H', W'), cpu_pool.py
-        if isinstance(layer, Dropout):
-            return F.dropout(x, layer.p, training=train)
-        if isinstance(layer, Flatten):
-            return torch.flatten(x, 1)  # (B, C, H, W) -> (B, C*H*W): the batch dim stays
-        if isinstance(layer, LogSoftmax):
-            return F.log_softmax(x, dim=1)  # over the classes of each example
-        raise TypeError(f"no forward rule for layer {layer!r}")
 
-
-# Built once, here: building a module inside a compiled function breaks its graph.
-# The templates hold no numbers and nothing modifies them. (A plain dict: reading a
-# types.MappingProxyType inside torch.compile breaks the graph too.)
+# Built once, here: building a module inside a compiled function breaks its graph. A plain
+# dict, as reading a types.MappingProxyType inside torch.compile breaks the graph too.
 TEMPLATES = {name: Network(layers) for name, layers in ARCHITECTURES.items()}
 
 
@@ -180,12 +160,9 @@ def trace(name: str) -> list[shapes.TraceRow]:
 def init_params(name: str, seed: int, device: torch.device | str = "cpu") -> Params:
     """Fresh parameters for `name`, the same for the same seed on every device.
 
-    PyTorch's default initialisation for nn.Linear and nn.Conv2d, so accuracies compare
-    with the tutorials': kaiming-uniform with a=sqrt(5), which works out to
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the same bound for the bias. The numbers
-    are drawn on the CPU from a generator of their own, in the template's parameter
-    order, so the global generator is untouched and `torch.manual_seed(seed)` then
-    building the tutorial's nn.Module gives exactly these tensors.
+    nn.Linear's and nn.Conv2d's default init (kaiming-uniform, a=sqrt(5): U(+-1/sqrt(fan_in)),
+    the bias too), drawn on the CPU in the template's order from a generator of their own: the
+    global one is untouched, and `torch.manual_seed(seed)` then the tutorial's module gives these.
     """
     check_model(name)
     generator = torch.Generator().manual_seed(seed)
@@ -200,10 +177,7 @@ def init_params(name: str, seed: int, device: torch.device | str = "cpu") -> Par
 
 
 def apply(name: str, params: Params, x: torch.Tensor, train: bool = False) -> torch.Tensor:
-    """Run network `name` on a batch: x (B, 1, 28, 28), scaled as its recipe says -> (B, 10).
-
-    The output is log-probabilities where OUTPUTS_LOG_PROBS[name] says so, else logits.
-    `train=True` turns dropout on. Pure: usable under torch.compile, grad and vmap.
-    """
+    """Run network `name` on a batch: x (B, 1, 28, 28), scaled as its recipe says -> (B, 10),
+    log-probabilities where OUTPUTS_LOG_PROBS[name] says so, else logits. `train=True`: dropout on."""
     check_model(name)
     return torch.func.functional_call(TEMPLATES[name], params, (x,), {"train": train}, strict=True)
