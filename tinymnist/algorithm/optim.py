@@ -1,26 +1,17 @@
-"""Optimizers as pure functions over parameter dicts (the schedules are in schedules.py).
-
-An optimizer is a pair of pure functions, as in optax:
+"""Optimizers as pure functions over parameter dicts, as in optax (the schedules are in schedules.py):
 
     opt = adam(betas=(0.9, 0.999))
     state = opt.init(params)                              # fresh state: zeros, step 0
     params, state = opt.update(grads, state, params, lr)  # new dicts; inputs untouched
 
-`params` and `grads` are `dict[str, Tensor]` with the same keys. `state` is a plain
-nested dict, `{"step": 0-d int64, "exp_avg": {name: Tensor}, ...}`: a checkpoint that
-holds it loads with `torch.load(weights_only=True)`, which refuses custom classes. All
-its tensors live on the params' device, so a CUDA graph of the step never reads the host.
-
-`update` traces whole under `torch.compile(fullgraph=True)`: no `.item()`, no branch
-on a tensor's value (the Python `if`s test hyperparameters, fixed when the optimizer
-is built), and `lr` arrives as a 0-d tensor, so a schedule that changes it never
-recompiles the step (nor is `lr` validated here: the CLI checks `--lr`). The state
-it returns has init's keys in init's order, because the compiled step guards on the
-order of a dict's keys: a reordered state would recompile it on its second call.
-
-Each update follows the arithmetic of torch.optim's single-tensor (`foreach=False`)
-code, which tests/algorithm/test_optim.py uses as the oracle; defaults and hyperparameter checks
-are torch.optim's too. Left out: Adam's `amsgrad`, `maximize`, parameter groups.
+`state` is a plain nested dict (`{"step": 0-d int64, "exp_avg": {name: Tensor}, ...}`), so a
+checkpoint loads with `torch.load(weights_only=True)`; its tensors live on the params' device,
+so a CUDA graph of the step never reads the host. `update` traces whole under
+`torch.compile(fullgraph=True)`: no `.item()`, Python `if`s test only hyperparameters, `lr` is
+a 0-d tensor (a changing rate never recompiles; the CLI validates it), and the returned state
+keeps init's key order (the compiled step guards on it). The arithmetic, defaults and checks
+are torch.optim's single-tensor (`foreach=False`) code's, the tests' oracle. Left out: Adam's
+`amsgrad`, `maximize`, parameter groups.
 """
 
 from __future__ import annotations
@@ -46,10 +37,7 @@ class Optimizer(NamedTuple):
 
 
 def _require(ok: bool, message: str) -> None:
-    """Reject a hyperparameter that torch.optim rejects, in one line naming it.
-
-    Checks read `0.0 <= x` rather than `x < 0` so that NaN fails them too.
-    """
+    """Reject a hyperparameter torch.optim rejects (checks read `0.0 <= x`, so NaN fails too)."""
     if not ok:
         raise TinyMnistError(message)
 
@@ -67,10 +55,8 @@ def _zeros_like_each(params: Params) -> dict[str, Tensor]:
 def _bias_correction(beta: float, step: Tensor) -> Tensor:
     """1 - beta**step, to full precision in float32.
 
-    Written plainly, 1 - 0.999**1 subtracts two numbers that share their first three
-    digits and keeps about four of float32's seven. torch.optim avoids this by doing
-    the sum in float64 on the host (`.item()`), which a compiled step must not;
-    -expm1(step * log(beta)) is the same value without the cancellation.
+    Plainly, 1 - 0.999**1 cancels three of float32's seven digits; torch.optim computes it in
+    float64 on the host (`.item()`), which a compiled step must not. expm1 does not cancel.
     """
     log_beta = math.log(beta) if beta > 0 else -math.inf  # 0**step = 0 for step >= 1
     return -torch.expm1(step * log_beta)
@@ -79,10 +65,8 @@ def _bias_correction(beta: float, step: Tensor) -> Tensor:
 def sgd(
     *, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
 ) -> Optimizer:
-    """Stochastic gradient descent with optional (Nesterov) momentum, as torch.optim.SGD.
-
-    State: {"step"}, plus {"momentum_buffer": {name: Tensor}} when momentum != 0.
-    """
+    """torch.optim.SGD, with optional (Nesterov) momentum. State: {"step"}, plus "momentum_buffer"
+    when momentum != 0."""
     _require(0.0 <= momentum, f"sgd: momentum must be >= 0, got {momentum}")
     _require(0.0 <= weight_decay, f"sgd: weight_decay must be >= 0, got {weight_decay}")
     _require(
@@ -120,19 +104,13 @@ def sgd(
 
 def adam(*, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> Optimizer:
     """Adam (Kingma & Ba, 2015) as torch.optim.Adam: weight decay joins the gradient.
-
-    State: {"step", "exp_avg", "exp_avg_sq"}.
-    """
+    State: {"step", "exp_avg", "exp_avg_sq"}."""
     return _adam(betas, eps, weight_decay, decoupled=False)
 
 
 def adamw(*, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2) -> Optimizer:
-    """AdamW (Loshchilov & Hutter, 2019), as torch.optim.AdamW.
-
-    The decay shrinks the weights directly instead of joining the gradient, where
-    Adam's normalisation would scale it differently for every weight.
-    State: {"step", "exp_avg", "exp_avg_sq"}.
-    """
+    """AdamW (Loshchilov & Hutter, 2019) as torch.optim.AdamW: the decay shrinks the weights directly,
+    where in the gradient Adam's normalisation would scale it per weight. State: as adam's."""
     return _adam(betas, eps, weight_decay, decoupled=True)
 
 
@@ -149,10 +127,9 @@ def _adam(betas: tuple[float, float], eps: float, weight_decay: float, decoupled
 
     def update(grads: Params, state: State, params: Params, lr: Tensor) -> tuple[Params, State]:
         step = state["step"] + 1
-        # m and v start at zero, so early on they are biased towards it; dividing by
-        # 1 - beta**step removes the bias. Stacked, the two scalars are a buffer inductor
-        # computes once a step, not again in every vector loop of every parameter
-        # (research/adam_scalars.py: mlp3's update 1.8x faster on the CPU).
+        # m and v start at zero, biased towards it early on; dividing by 1 - beta**step removes the
+        # bias. Stacked, the two scalars are one buffer inductor computes once a step, not in every
+        # parameter's vector loop (research/adam_scalars.py: mlp3's update 1.8x faster on the CPU).
         t = step.to(next(iter(params.values())).dtype)
         step_size, bias2_sqrt = torch.stack([lr / _bias_correction(beta1, t), _bias_correction(beta2, t).sqrt()])
         new_params, exp_avg, exp_avg_sq = {}, {}, {}
@@ -173,12 +150,9 @@ def _adam(betas: tuple[float, float], eps: float, weight_decay: float, decoupled
 
 
 def adadelta(*, rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0) -> Optimizer:
-    """ADADELTA (Zeiler, 2012), as torch.optim.Adadelta.
-
-    Each step is scaled by RMS(past updates) / RMS(gradients), so it comes out in the
-    units of the weights; `lr` only scales the result (1.0 in the paper).
-    State: {"step", "square_avg", "acc_delta"}.
-    """
+    """ADADELTA (Zeiler, 2012) as torch.optim.Adadelta: steps scaled by RMS(past updates) /
+    RMS(gradients), in the weights' units; `lr` scales that (1.0 in the paper).
+    State: {"step", "square_avg", "acc_delta"}."""
     _require(0.0 <= rho <= 1.0, f"adadelta: rho must be in [0, 1], got {rho}")
     _require(0.0 <= eps, f"adadelta: eps must be >= 0, got {eps}")
     _require(0.0 <= weight_decay, f"adadelta: weight_decay must be >= 0, got {weight_decay}")
@@ -210,13 +184,9 @@ def adadelta(*, rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0) 
 def rmsprop(
     *, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False
 ) -> Optimizer:
-    """RMSprop (Hinton, Coursera lecture 6e), as torch.optim.RMSprop.
-
-    Divides the gradient by a running RMS of itself; `centered` subtracts the running
-    mean first, dividing by an estimate of the gradient's standard deviation instead.
-    State: {"step", "square_avg"}, plus "grad_avg" when centered and
-    "momentum_buffer" when momentum > 0.
-    """
+    """RMSprop (Hinton, lecture 6e) as torch.optim.RMSprop: the gradient over a running RMS of itself,
+    or with `centered` over its running standard deviation. State: {"step", "square_avg"}, plus
+    "grad_avg" when centered and "momentum_buffer" when momentum > 0."""
     _require(0.0 <= eps, f"rmsprop: eps must be >= 0, got {eps}")
     _require(0.0 <= momentum, f"rmsprop: momentum must be >= 0, got {momentum}")
     _require(0.0 <= weight_decay, f"rmsprop: weight_decay must be >= 0, got {weight_decay}")
@@ -267,14 +237,6 @@ OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "rmsprop": rmsprop,
 }
 
-
-# The learning rate an optimizer gets when --optimizer overrides the recipe's and
-# --lr is not given: torch.optim's own defaults (a recipe's lr belongs to its optimizer:
-# Adadelta's 1.0 would blow up SGD).
-DEFAULT_LR: dict[str, float] = {
-    "sgd": 1e-3,
-    "adam": 1e-3,
-    "adamw": 1e-3,
-    "adadelta": 1.0,
-    "rmsprop": 1e-2,
-}
+# The lr when --optimizer overrides the recipe's and --lr is not given: torch.optim's default
+# (a recipe's lr belongs to its optimizer: Adadelta's 1.0 would blow up SGD).
+DEFAULT_LR: dict[str, float] = {"sgd": 1e-3, "adam": 1e-3, "adamw": 1e-3, "adadelta": 1.0, "rmsprop": 1e-2}
