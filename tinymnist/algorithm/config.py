@@ -1,8 +1,7 @@
-"""The tutorials' recipes and the one frozen config a training run is described by.
+"""The tutorials' recipes, and `TrainConfig`, the frozen description of a run: one field per CLI flag.
 
-Each model carries the recipe of the tutorial it comes from (README.md, "The
-recipes"); every CLI flag overrides one field of `TrainConfig`, 1:1. `validate` is
-the one place that checks a config: for the CLI, for a checkpoint's stored config.
+Each model's defaults are its tutorial's recipe (README.md, "The recipes"). `validate` is the
+one check of a config, the CLI's or a checkpoint's.
 """
 
 from __future__ import annotations
@@ -40,10 +39,9 @@ RECIPES: dict[str, Recipe] = {
     # pytorch/examples mnist: MNIST's own pixel mean and standard deviation.
     "cnn": Recipe("adadelta", 1.0, 0.7, 64, 1000, 14, 0.1307, 0.3081, "pytorch/examples mnist/main.py"),
     "lenet": Recipe("rmsprop", 1e-3, 1.0, 8192, 8192, 50, 0.0, 1.0, "a LeNet tutorial"),
-    # Built for time to 99%: tuomaso/train_mnist_fast's network and Adam settings, with the
-    # label smoothing CIFAR-10 speedruns use and a second epoch of the one-cycle schedule
-    # (README.md, "Time to 99%", has what each measured). One 10,000-image evaluation chunk:
-    # on a GPU an evaluation is then one pass.
+    # Built for time to 99%: tuomaso/train_mnist_fast's network and Adam settings, CIFAR-10
+    # speedruns' label smoothing, a second one-cycle epoch (README.md, "Time to 99%"). One
+    # 10,000-image evaluation chunk: on a GPU an evaluation is one pass.
     "fast": Recipe(
         "adam",
         0.01,
@@ -116,20 +114,11 @@ def recipe_config(model: str, optimizer: str | None = None, **overrides) -> Trai
     networks.check_model(model)
     recipe = RECIPES[model]
     optimizer = optimizer or recipe.optimizer
-    lr = (
-        recipe.lr if optimizer == recipe.optimizer else optim.DEFAULT_LR.get(optimizer, recipe.lr)
-    )  # validate() names a bad one
-    defaults = dict(
-        model=model,
-        optimizer=optimizer,
-        lr=lr,
-        gamma=recipe.gamma,
-        batch_size=recipe.batch_size,
-        test_batch_size=recipe.test_batch_size,
-        epochs=recipe.epochs,
-        schedule=recipe.schedule,
-        label_smoothing=recipe.label_smoothing,
-    )
+    # another optimizer's own default lr; validate() names an unknown optimizer
+    lr = recipe.lr if optimizer == recipe.optimizer else optim.DEFAULT_LR.get(optimizer, recipe.lr)
+    defaults = {"model": model, "optimizer": optimizer, "lr": lr}
+    for name in ("gamma", "batch_size", "test_batch_size", "epochs", "schedule", "label_smoothing"):
+        defaults[name] = getattr(recipe, name)
     defaults.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**defaults)
 
@@ -157,7 +146,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         "--seed": config.seed,
     }
     for flag, value in numbers.items():
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not _whole(value):
             raise TinyMnistError(f"{flag} must be a whole number, got {value!r}")
     for flag, value in {"--lr": config.lr, "--gamma": config.gamma}.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -174,9 +163,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise TinyMnistError(
             f"--target-accuracy is a fraction above 0 and at most 1 (0.99 for 99%), got {config.target_accuracy}"
         )
-    if config.eval_every is not None and (
-        isinstance(config.eval_every, bool) or not isinstance(config.eval_every, int) or config.eval_every < 1
-    ):
+    if config.eval_every is not None and (not _whole(config.eval_every) or config.eval_every < 1):
         raise TinyMnistError(f"--eval-every must be a positive number of steps, got {config.eval_every}")
     if not 0 <= config.seed <= MAX_SEED:
         raise TinyMnistError(f"--seed must be between 0 and 2**63-1, got {config.seed}")
@@ -190,9 +177,14 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
+def _whole(value) -> bool:
+    """An int and not a bool (True is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate_models(config: TrainConfig) -> None:
     """--seeds and a --lr list: at least one model, seeds in range, every rate usable and distinct."""
-    if not isinstance(config.seeds, int) or isinstance(config.seeds, bool) or config.seeds < 1:
+    if not _whole(config.seeds) or config.seeds < 1:
         raise TinyMnistError(f"--seeds must be a whole number of models, 1 or more, got {config.seeds!r}")
     if config.seed + config.seeds - 1 > MAX_SEED:
         raise TinyMnistError(f"--seed {config.seed} with --seeds {config.seeds} runs past 2**63-1; lower either")
