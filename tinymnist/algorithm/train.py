@@ -1,27 +1,18 @@
-"""The algorithm, whole: a pure training step, the epoch loop and exact evaluation.
-
-Read this file first. Everything the loop carries from step to step is data: the
-parameters and the optimizer state are plain tensor dicts that the step takes and
-returns anew, nothing is mutated, so a checkpoint is those dicts plus the random
-generators' states, and a resumed run continues bit for bit.
+"""The algorithm, whole: a pure training step, the epoch loop and exact evaluation. Read this first.
 
     step(params, opt_state, images, labels, batch_idx, lr) -> (params, opt_state, loss)
 
-`images` is the whole training set, uint8 on the device; `batch_idx` picks this
-step's images, so the gather happens inside the (compiled) step. `lr` is a 0-d
-tensor: a Python float would be baked into the compiled graph, and every change of
-the learning rate would compile it again.
+The parameters and optimizer state are plain tensor dicts the step takes and returns anew:
+nothing is mutated, so a checkpoint is those dicts plus the generators' states, and a resumed
+run continues bit for bit. `images` is the whole training set, uint8 on the device;
+`batch_idx` picks the step's images, so the gather happens inside the (compiled) step. `lr`
+is a 0-d tensor: a Python float would be baked into the compiled graph and recompile it.
 
-The loop below trains one model or N models (--seeds, an --lr list) alike: N models'
-params and state are stacked along a leading model axis, and the step it is given
-takes (N, B) batch indices and (N,) rates. It never looks at that axis: `per_model`
-stacks N models' states and `side_by_side` their data orders and rates, and for a single
-run both hand back the one model's as it is.
-
-What makes the step fast or wide (torch.compile, micro-batches, CUDA graphs, vmap
-over N models, an all-reduce across processes) are transforms of this same
-function, in tinymnist/transforms/. Read next: networks.py (the networks), optim.py
-(the optimizers), then the transforms.
+The loop trains one model or N (--seeds, an --lr list) alike: N models' params and state are
+stacked along a leading model axis, and their step takes (N, B) indices and (N,) rates; the loop
+never looks at that axis (`per_model`, `side_by_side`). What makes the step fast or wide
+(compile, micro-batches, CUDA graphs, vmap, all-reduce) are transforms of it in
+tinymnist/transforms/. Read next: networks.py, optim.py, then the transforms.
 """
 
 from __future__ import annotations
@@ -62,10 +53,8 @@ def loss_function(model: str) -> Callable[..., torch.Tensor]:
 
 
 def training_loss(config: TrainConfig) -> Callable[..., torch.Tensor]:
-    """The loss the step minimises: the recipe's, with --label-smoothing where it is set.
-
-    Smoothing goes through F.cross_entropy for either kind of network: on log-probabilities
-    its log_softmax changes nothing (they already are normalised), so it is NLL there."""
+    """The loss the step minimises: the recipe's, or with --label-smoothing F.cross_entropy for
+    either kind of network (on log-probabilities its log_softmax changes nothing: NLL there)."""
     if config.label_smoothing:
         return functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
     return loss_function(config.model)
@@ -103,12 +92,10 @@ def make_step(gradient: Gradient, optimizer: optim.Optimizer) -> Step:
 
 
 def epoch_batches(n_images: int, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:
-    """This epoch's shuffled image indices as (steps, batch_size).
+    """This epoch's shuffled image indices as (steps, batch_size), each image once.
 
-    Every image appears once; when batch_size does not divide n_images, the last row
-    is topped up with images from a second permutation, so every step has the same
-    shape and the compiled step never sees a second one. The permutation is drawn on
-    the CPU from the run's own generator: the same order on every device.
+    A short last row is topped up from a second permutation: one shape, so the step compiles once.
+    Drawn on the CPU from the run's own generator: the same order on every device.
     """
     order = torch.randperm(n_images, generator=generator)  # (N,)
     steps = math.ceil(n_images / batch_size)
@@ -145,11 +132,8 @@ class Evaluation(NamedTuple):
 
 @torch.inference_mode()
 def evaluate(config: TrainConfig, params: Params, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
-    """One model's loss and correct count over the whole test set, in test_batch_size chunks.
-
-    Losses are summed and correct predictions counted as integers on the device, then
-    read once: no per-chunk averaging, so the result is exact for any chunk size.
-    """
+    """One model's loss and correct count over the test set, in test_batch_size chunks: summed
+    and counted on the device, read once, so it is exact for any chunk size."""
     loss_fn, recipe = loss_function(config.model), config.recipe
     loss_sum = torch.zeros((), device=images.device, dtype=torch.float64)
     correct = torch.zeros((), device=images.device, dtype=torch.int64)
@@ -239,9 +223,7 @@ def evaluation_records(models: list[TrainConfig], progress: Progress, evaluation
 
 class TestSet:
     """The loop's evaluation: each model of this process on the test set, as --metrics records.
-
-    `evaluate_models` is evaluate_one for a single run, or vmap.evaluate_many for N models;
-    a torchrun sweep passes its own evaluation, which brings every process's models together."""
+    `evaluate_models`: evaluate_one, vmap.evaluate_many for N models, or a torchrun sweep's own."""
 
     def __init__(self, config: TrainConfig, models: list[TrainConfig], data: Dataset, evaluate_models=evaluate_one):
         self.config, self.models, self.evaluate_models = config, models, evaluate_models
@@ -257,9 +239,8 @@ class TestSet:
 
 @dataclass(frozen=True)
 class TrainState:
-    """Everything a run carries across epochs; a checkpoint holds exactly this.
-
-    For N models every leaf has a leading model axis, the shuffling state too."""
+    """Everything a run carries across epochs, as a checkpoint holds it; for N models every leaf,
+    the shuffling state too, has a leading model axis."""
 
     params: Params
     opt_state: Tree
@@ -287,10 +268,9 @@ def side_by_side(tensors: list[torch.Tensor], stacked: bool) -> torch.Tensor:
 def initial_state(
     config: TrainConfig, optimizer: optim.Optimizer, device, models: list | None = None, stacked: bool | None = None
 ) -> TrainState:
-    """Epoch 0 of each model (or of `models`, a torchrun process's share of them): parameters
-    drawn from its seed, fresh optimizer state, its own shuffling generator. The global
-    generator (dropout; N models draw different masks from it) is seeded with the first seed.
-    `stacked` (default: for N > 1) gives the state its leading model axis."""
+    """Epoch 0 of each model (or of `models`, a torchrun process's share): parameters from its seed,
+    fresh optimizer state, its own shuffling generator. The global generator (dropout) gets the
+    first seed. `stacked` (default: N > 1) gives the state its leading model axis."""
     models = model_configs(config) if models is None else models
     stacked = config.n_models > 1 if stacked is None else stacked
     params = [networks.init_params(m.model, m.seed, device) for m in models]
@@ -320,8 +300,8 @@ def restore_rng(rng: dict, device) -> list[torch.Generator]:
 
 
 def completed(step, params: Params, opt_state: Tree, epoch: int, rng: dict) -> TrainState:
-    """The state after `epoch`, to keep: copies where `step` is a CUDA graph, which
-    overwrites its output buffers on its next replay."""
+    """The state after `epoch`, to keep: copies where `step` is a CUDA graph, whose next replay
+    overwrites its output buffers."""
     if getattr(step, "returns_buffers", False):
         params, opt_state = tree_map(torch.clone, params), tree_map(torch.clone, opt_state)
     return TrainState(params, opt_state, epoch, rng)
@@ -376,7 +356,7 @@ class FitResult:
 
     @property
     def images_per_second(self) -> float:
-        return self.images / self.train_seconds if self.train_seconds else 0.0
+        return per_second(self.images, self.train_seconds)
 
 
 def synchronize(device: torch.device) -> None:
@@ -388,8 +368,8 @@ def synchronize(device: torch.device) -> None:
 
 
 class Clock:
-    """Seconds of training, stopped around what is not training (the first, compiling
-    step; evaluations). The device is synchronized at each reading, so queued work counts."""
+    """Seconds of training, stopped around the first (compiling) step and evaluations; the device
+    is synchronized at each reading, so queued work counts."""
 
     def __init__(self, device: torch.device):
         self.device, self.seconds, self.since = device, 0.0, 0.0
@@ -416,13 +396,12 @@ def steps_this_call(training: Training, done: int, steps: int, left: int) -> int
 
 
 def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
-    """Train from `state` up to config.epochs: one loop over steps, evaluating after every
-    epoch and every config.eval_every steps, with the clock stopped; with
-    config.target_accuracy, stop once every model has reached it.
+    """Train from `state` up to config.epochs, evaluating (clock stopped) after every epoch and
+    every config.eval_every steps; with config.target_accuracy, stop once every model reached it.
 
     The host reads the device only every log_interval steps (the running loss): no per-step
-    .item(), so the CPU can queue steps ahead of a GPU. Each call of the step is one step, or
-    with training.steps_per_call > 1 the steps up to the next log line or evaluation."""
+    .item(), so the CPU can queue steps ahead of a GPU. A call of the step is one step, or with
+    steps_per_call > 1 the steps up to the next log line or evaluation."""
     config, step, reporter = training.config, training.step, training.reporter
     device, n_train, n_models = data.train_images.device, len(data.train_images), len(training.models)
     stacked = config.n_models > 1  # the state has a leading model axis
