@@ -1,16 +1,10 @@
 """Data parallelism as a transform: the gradient all-reduced across torchrun's processes.
 
-DDP wraps a stateful nn.Module and does not compose with torch.func, so tinymnist does
-what DDP does by hand, in the open: every process holds the same parameters and draws
-the same permutation (same seed), computes the gradient of its 1/N slice of each global
-batch, and one all-reduce averages the gradients (and the loss) before the pure
-optimizer update. Every process takes the same update, and the parameters stay
-identical without ever being sent.
-
-The all-reduce is a *functional* collective (torch.distributed._functional_collectives,
-the API torch.compile traces; torch 2.x has no public successor yet): it returns a new
-tensor instead of mutating one, so the step stays pure and can stay one compiled graph.
-The process group itself is the tool's (tool/torchrun.py).
+DDP wraps a stateful nn.Module and does not compose with torch.func, so this does its work
+by hand: every process holds the same parameters and permutation (same seed), computes the
+gradient of its 1/N slice of each batch, and one all-reduce averages gradients and loss, so
+every process takes the same update. The collective is the functional one (the API
+torch.compile traces): it returns a new tensor, so the step stays pure and one graph.
 """
 
 from __future__ import annotations
@@ -23,12 +17,8 @@ from tinymnist.algorithm.train import Gradient
 
 
 def all_reduced(gradient: Gradient, rank: int, world_size: int) -> Gradient:
-    """The global batch's gradient, each process computing only its 1/N slice of it.
-
-    Each slice's mean-loss gradient, averaged over N equal slices, is the mean-loss
-    gradient of the whole batch. The gradients and the loss travel as one flat tensor:
-    one collective per step instead of one per parameter.
-    """
+    """The global batch's mean-loss gradient as the average of N equal slices' gradients, one per process;
+    gradients and loss travel as one flat tensor: one collective per step, not one per parameter."""
     group = dist.group.WORLD
 
     def reduced_gradient(params, images, labels, batch_idx):

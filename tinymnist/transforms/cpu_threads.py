@@ -1,32 +1,14 @@
 """A transform, CPU only: run the step with the thread count that is fastest now.
 
-torch runs each CPU op on a team of OpenMP threads, one per core, and the team meets at
-a barrier at the end of every op. When another program takes a core, one of our threads
-is descheduled and the others wait for it at each barrier, spinning on the cores it
-needs: on 2 cores with one taken, mlp fell to 0.2x of its quiet speed and cnn to 0.3x.
-One thread has no barrier and keeps over 0.9x, but quiet it is slower (mlp 0.85x, cnn
-0.68x). No OpenMP setting is right for both: spinning less at the barrier makes quiet
-steps slower (GOMP_SPINCOUNT, OMP_WAIT_POLICY=PASSIVE: research/wait_policy.py,
-BENCHMARKS.md "A busy core"). So the step watches for a taken core instead.
-
-The sign is the process's CPU time. Quiet, n threads that run or spin keep n cores busy:
-2 threads measured 1.89-2.01 CPU seconds per second for every recipe, and 1.07-1.50 with
-one core taken (research/cpu_busy_signal.py). `AdaptiveThreads(step, n)` reads both clocks over periods of about
-PERIOD_SECONDS of steps. On all n threads it changes nothing until a period shows at
-least STARVED of a core missing; then it runs one period on fewer threads (n - 1, 1: a
-probe), and the faster by MARGIN stays. On fewer threads it probes the others every
-PROBE_EVERY periods, since only a probe shows that the core came back; a probe that falls
-behind by ABANDON is cut short. So a quiet run never leaves n threads, and its numbers
-are a fixed-thread run's to the bit (thread counts change float sums in the last bits;
-`--threads N` fixes them for runs that must match whatever the machine's load). Where
-threads never keep their cores busy (OMP_WAIT_POLICY=PASSIVE), lost probes space out
-the next ones: twice the wait each time, up to MAX_WAIT periods.
-
-torch.compile guards on the thread count: the first call at each new count compiles
-again, for that count (once; later switches find that graph), so it is left out of the
-timing, as the first calls are. (Inductor's cpp.dynamic_threads would spare the compile,
-but with it a compiled mlp3 step returned a wrong loss in a test process.) The count
-stays torch's, process-wide: a library user who needs it back sets it after training.
+When another program takes a core, torch's OpenMP threads wait for the descheduled one at every
+op's barrier: on 2 cores with one taken, mlp fell to 0.2x of its quiet speed and cnn to 0.3x. One
+thread keeps over 0.9x but is slower quiet (mlp 0.85x, cnn 0.68x), and no OpenMP wait policy fixes
+both (research/wait_policy.py, BENCHMARKS.md "A busy core"). A taken core shows in the process's
+CPU time (2 threads: 1.89-2.01 CPU s/s quiet, 1.07-1.50 with one taken; research/cpu_busy_signal.py),
+which starts a probe of fewer threads; the faster stays. A quiet run never leaves n threads, so its
+numbers are a fixed-thread run's to the bit (`--threads N` fixes them under any load). Each new count
+compiles once, untimed (inductor's cpp.dynamic_threads would spare that, but gave a compiled mlp3
+step a wrong loss). The count is torch's, process-wide.
 """
 
 from __future__ import annotations

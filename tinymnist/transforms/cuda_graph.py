@@ -1,14 +1,9 @@
 """A transform, CUDA only: replay the training step as one CUDA graph instead of launching its kernels.
 
-A cnn step at batch 64 is a few dozen small kernels; on a fast GPU each finishes before
-the CPU has launched the next, so the epoch is bound by launches, not arithmetic. A
-CUDA graph records the step's kernels once and replays them with one launch.
-
-A graph replays fixed kernels on fixed addresses, so the step cannot hand back new
-tensors each time: its parameters and optimizer state live in buffers that the
-recorded step overwrites in place, and each call only copies the batch's indices and
-the learning rate in. The step stays a pure function; `in_place` is the thin wrapper
-that writes its results back, and `torch.compile` fuses those writes into the update.
+A cnn step at batch 64 is a few dozen small kernels that a fast GPU finishes faster than the
+CPU launches them; a graph replays them all with one launch. It replays fixed addresses, so
+params and optimizer state live in buffers that the recorded step (`in_place`) overwrites,
+and each call copies only the batch's indices and the learning rate in.
 """
 
 from __future__ import annotations
@@ -23,8 +18,8 @@ WARMUP_STEPS = 3  # run before recording, on scratch copies: compiles, autotunes
 
 
 def in_place(step: Callable) -> Callable:
-    """`step(params, opt_state, ...) -> (params, opt_state, loss)` as `(...) -> loss`,
-    writing the new params and state over the ones it was given."""
+    """`step(params, opt_state, ...) -> (params, opt_state, loss)` as `(...) -> loss` that
+    overwrites the params and state it was given (torch.compile fuses the copies into the update)."""
 
     def step_in_place(params, opt_state, images, labels, batch_idx, lr):
         new_params, new_state, loss = step(params, opt_state, images, labels, batch_idx, lr)
@@ -36,13 +31,9 @@ def in_place(step: Callable) -> Callable:
 
 
 class GraphedStep:
-    """A drop-in for the compiled step on CUDA: same arguments, same results, one launch.
-
-    The first call records the graph. What it returns are the graph's own buffers,
-    valid until the next call overwrites them (`returns_buffers`): keep a copy of
-    anything that must outlive a step, as `fit` does at each epoch's end. Passing other params
-    or state than the ones last returned (a resumed checkpoint, say) copies them in.
-    """
+    """A drop-in for the compiled step on CUDA: same arguments, same results, one launch. The first call
+    records the graph. It returns the graph's own buffers, overwritten by the next call
+    (`returns_buffers`): copy what must outlive a step. Other params or state are copied in."""
 
     returns_buffers = True
 

@@ -1,25 +1,18 @@
 """A transform, CPU: several steps in one compiled call, for steps too small to pay a call each.
 
-Every call of a compiled step pays a fixed cost before any arithmetic: dynamo's guard
-checks and the compiled graph's wrapper, tens of microseconds. mlp3's step of 15 images
-does a few microseconds of products, so that cost is most of its step. `SeveralSteps`
-runs up to k consecutive steps per call, through torch's scan operator: one graph whose
-body is the step, compiled once, that loops inside.
+Each call of a compiled step pays tens of microseconds of guards and wrapper, most of mlp3's
+step. `SeveralSteps` runs up to k steps per call through torch's scan operator, one graph
+whose body is the step. Worth about 10% for mlp and mlp3 on 2 cores, for seconds more compile,
+so it is opt-in, `train --steps-per-call K` (BENCHMARKS.md "Several steps per call";
+research/several_steps.py).
 
     several(params, opt_state, images, labels, batch_idx, lr) -> (params, opt_state, loss)
         batch_idx: (n, B)  lr: (n,)  n <= k;  loss: the n steps' losses, summed
 
-The loop (algorithm/train.py's fit) calls it with the steps up to its next log line,
-evaluation or epoch end, so it still reads the device only at those. A call of exactly
-k steps runs the scan; a shorter one (the end of an epoch) runs the compiled single step
-n times, as a scan of another length would compile again. Either way the parameters are
-those of n calls of the compiled single step, bit for bit on the CPU (tested): scan's
-body is the step's own graph. The loss is summed in step order; where a log interval
-takes several calls, the loop adds their sums, and the logged loss may differ in the last bits.
-
-Worth about 10% for mlp and mlp3 on 2 cores, for seconds more compile: `train
---steps-per-call K` asks for it, and the default is one step per call (BENCHMARKS.md,
-"Several steps per call"; research/several_steps.py).
+The loop calls it with the steps up to its next log line, evaluation or epoch end. Exactly k
+steps run the scan; fewer run the compiled single step n times (another length would compile
+again). Either way the parameters equal n single steps' bit for bit on the CPU; a logged loss
+summed over several calls may differ in the last bits.
 """
 
 from __future__ import annotations
@@ -47,11 +40,9 @@ def scanned(step: Step) -> Step:
 
 
 class SeveralSteps:
-    """Up to k steps per call: k in one compiled scan, fewer one compiled step at a time.
-
-    Its first call compiles both, so that both compiles fall in the call the loop keeps off
-    its clock: the path that call does not take runs once and is thrown away, with torch's
-    random state put back (dropout draws from it)."""
+    """Up to k steps per call: k in one compiled scan, fewer one compiled step at a time. The first call,
+    which the loop keeps off its clock, compiles both: the path it does not take runs once and is
+    thrown away, with torch's random state (dropout's) put back."""
 
     def __init__(self, one: Step, several: Step, k: int):
         self.one, self.several, self.k = one, several, k  # one: compiled(step); several: compiled(scanned(step))

@@ -1,21 +1,12 @@
-"""What makes the pure step fast: transforms that keep its signature and its result.
-
-algorithm/train.py's step is the algorithm; each function here takes a step (or its gradient)
-and returns one that computes the same thing faster on some device:
+"""Transforms that make the pure step fast while keeping its signature and its result.
 
     compiled(step)                 torch.compile: one fused graph, compiled once
     micro_batched(gradient, n)     the batch's gradient as the sum of n-image chunks
-    GraphedStep(step)              CUDA: the step recorded once, replayed with one launch
-                                   (cuda_graph.py)
-    SeveralSteps(...)              CPU: up to k steps in one compiled call, for small steps
-                                   (several_steps.py)
-    AdaptiveThreads(step, n)       CPU: the step on the thread count that is fastest now,
-                                   so a core taken by another program does not stall it
-                                   (cpu_threads.py)
+    GraphedStep(step)              CUDA: the step recorded once, replayed with one launch (cuda_graph.py)
+    SeveralSteps(...)              CPU: up to k steps in one compiled call (several_steps.py)
+    AdaptiveThreads(step, n)       CPU: the step on the thread count fastest now (cpu_threads.py)
 
-`device_step` composes them the way `tinymnist train` runs them on a device. What
-each one is worth, measured, is in BENCHMARKS.md. The wide transforms (N models
-under torch.func.vmap, an all-reduce across processes) live beside this file.
+`device_step` composes them as `tinymnist train` runs them; what each is worth is in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -34,28 +25,20 @@ from tinymnist.transforms.several_steps import SeveralSteps, scanned
 from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models_update, one_by_one
 from tinymnist.transforms.wide_conv import ONE_BY_ONE, chosen_rule
 
-# Images per gradient chunk on the CPU, where `tinymnist bench` measured lenet's
-# 8192-image step about twice as fast in chunks of 256 (BENCHMARKS.md).
+# Micro-batches on the CPU: lenet's 8192-image step ran ~2x faster in chunks of 256 (tinymnist bench, BENCHMARKS.md).
 CPU_MICRO_BATCH = 256
 
 
 def compiled(fn):
-    """torch.compile as one graph (fullgraph: a graph break is a bug here, not a fallback).
-
-    dynamic=False: every call has the same shapes, and a second model compiled in the
-    same process (tinymnist bench) must not turn its sizes symbolic."""
+    """torch.compile as one graph (a graph break is a bug here); dynamic=False so that a second
+    model compiled in the same process does not turn its sizes symbolic."""
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
 def micro_batched(gradient: Gradient, micro_batch: int) -> Gradient:
-    """The same gradient, computed over chunks of `micro_batch` images and summed.
-
-    Each chunk's mean-loss gradient is weighted by its share of the batch, so the sum
-    is the whole batch's mean-loss gradient; each chunk's activations fit in a CPU's
-    cache (lenet's 8192 images at once do not). The Python loop stays outside any
-    compiled graph: `gradient` itself is what gets compiled, once per chunk shape. The
-    batch is split along its last dim, so N models' (N, B) indices split as one's (B,).
-    """
+    """The same gradient over chunks of `micro_batch` images, each weighted by its share of the batch,
+    so that each chunk's activations fit in a CPU's cache. `gradient` is compiled once per chunk shape;
+    the loop stays in Python. Splitting the last dim splits N models' (N, B) indices as one's (B,)."""
 
     def chunked_gradient(params, images, labels, batch_idx):
         grads, loss = None, 0.0
@@ -78,15 +61,11 @@ def device_step(
     stacked: bool | None = None,
     adaptive_threads: bool = True,
 ) -> Step:
-    """The step `tinymnist train` runs on `device`: over N models where the config has several
-    (vmapped, or one model's gradient called for each in turn, as wide_conv.CHOSEN measured
-    faster), compiled where that is faster, in micro-batches where the batch is large for a
-    CPU, several steps per call where one is small, replayed as a CUDA graph on CUDA, on the
-    fastest thread count now on a CPU.
-    `data_parallel` (all_reduce.all_reduced under torchrun) wraps the gradient last: this
-    process's slice of the batch is micro-batched.
-    `stacked` (default: for N > 1) maps the step over a leading model axis;
-    `adaptive_threads=False` or config.threads keeps a CPU step on the threads it finds."""
+    """The step `tinymnist train` runs on `device`, with the transforms above that pay off there.
+
+    `data_parallel` (all_reduce.all_reduced) wraps the gradient last, so this process's slice is
+    micro-batched; `stacked` (default: N > 1) maps over a leading model axis; `adaptive_threads=False`
+    or config.threads keeps a CPU step on the threads it finds."""
     device = torch.device(device)  # "cpu" too
     gradient, update, sharers = make_gradient(config), optimizer.update, 1
     stacked = config.n_models > 1 if stacked is None else stacked
@@ -97,10 +76,11 @@ def device_step(
         gradient, sharers = n_models_gradient(config, device), chunk_sharers(config)  # sharers: of one micro-batch
     compile = use_compile(config, device)
     micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device, sharers)
-    if models_in_turn or 0 < micro_batch < config.batch_size:  # compile the pieces; the loops run in Python
+    split = 0 < micro_batch < config.batch_size
+    if models_in_turn or split:  # compile the pieces; the loops run in Python
         if compile:
             gradient, update = compiled(gradient), compiled(update)
-        if 0 < micro_batch < config.batch_size:
+        if split:
             gradient = micro_batched(gradient, micro_batch)
         compile = False
     if models_in_turn:  # one model's compiled gradient, called for each model in turn
@@ -121,20 +101,16 @@ def device_step(
 
 
 def steps_per_call(config: TrainConfig, device: torch.device, one_process: bool = True) -> int:
-    """Steps the loop hands the step at once: --steps-per-call (several_steps.py), at most a
-    log interval, where several_steps_refused finds nothing against it; else 1.
-
-    The default is 1 for every recipe: k = 10 ran mlp's and mlp3's steady state 1.11x
-    faster on 2 cores, but the scan compiles for about 4.6 s more, longer than it saves in
-    the recipes' own runs (BENCHMARKS.md, "Several steps per call")."""
+    """--steps-per-call, at most a log interval, unless several_steps_refused; else 1. Default 1: k = 10
+    ran mlp and mlp3 1.11x faster on 2 cores, but compiles ~4.6 s longer than it saves in the recipes'
+    runs (BENCHMARKS.md, "Several steps per call")."""
     if config.steps_per_call == 1 or several_steps_refused(config, device, one_process):
         return 1
     return min(config.steps_per_call, config.log_interval)
 
 
 def several_steps_refused(config: TrainConfig, device: torch.device, one_process: bool = True) -> str | None:
-    """Why several steps per call cannot run here, or None: it is for one model's step,
-    compiled whole, on the CPU, in one process."""
+    """Why several steps per call cannot run here (one model, compiled, CPU, one process), or None."""
     micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device)
     if device.type != "cpu":
         return "it runs on the CPU only (--device cpu)"
@@ -150,34 +126,29 @@ def several_steps_refused(config: TrainConfig, device: torch.device, one_process
 
 
 def use_compile(config: TrainConfig, device: torch.device) -> bool:
-    """--compile/--no-compile, else: compile on CUDA, and on the CPU where a C++ compiler is
-    installed (`tinymnist bench` measured the compiled step faster than eager there). MPS
-    support in torch.compile is young and unmeasured here, so MPS stays eager."""
+    """--compile/--no-compile, else compile on CUDA and on a CPU with a C++ compiler (faster than eager
+    in `tinymnist bench`); MPS stays eager, unmeasured."""
     if config.compile is not None:
         return config.compile
     return device.type == "cuda" or (device.type == "cpu" and cpu_compiler() is not None)
 
 
 def default_micro_batch(device: torch.device, sharers: int = 1) -> int:
-    """Images per model and chunk: 0 (the whole batch at once) but on the CPU, where `sharers`
-    models share one chunk's images (vmap.chunk_sharers), so its activations stay one model's size."""
+    """Images per model and chunk: 0 (whole batch) off the CPU; on it, CPU_MICRO_BATCH split between
+    the `sharers` models that share a chunk (vmap.chunk_sharers)."""
     return max(1, CPU_MICRO_BATCH // sharers) if device.type == "cpu" else 0
 
 
 def use_tf32_matmuls(device: torch.device) -> None:
-    """On CUDA, let float32 matrix products use TF32 tensor cores, as cuDNN's convolutions
-    already do by default (the cnn epoch measured faster on an H200, BENCHMARKS.md)."""
+    """On CUDA, float32 matmuls on TF32 tensor cores, as cuDNN's convolutions already are
+    (cnn's epoch measured faster on an H200, BENCHMARKS.md)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def cpu_compiler() -> str | None:
-    """The C++ compiler torch.compile builds CPU kernels with, or None where it finds none.
-
-    Asked of inductor itself ($CXX, else g++; clang++ on macOS), which otherwise fails
-    with a long traceback on the first compiled step. Imported here, not at the top:
-    inductor takes most of a second to import, and `tinymnist info` never needs it.
-    """
+    """The C++ compiler inductor builds CPU kernels with, or None (else it fails with a long traceback).
+    Imported here: inductor takes most of a second to import, and `tinymnist info` never needs it."""
     from torch._inductor import cpp_builder, exc
 
     try:
@@ -187,8 +158,7 @@ def cpu_compiler() -> str | None:
 
 
 def check_compilable(device: torch.device, eager_too: bool = True) -> None:
-    """Raise the one-line error for compiling on a CPU that has no C++ compiler; `eager_too`:
-    the command can run eager instead, so the error says so."""
+    """Raise a one-line error for compiling on a CPU without a C++ compiler; `eager_too`: suggest eager."""
     if device.type == "cpu" and cpu_compiler() is None:
         raise TinyMnistError(
             "torch.compile on the CPU needs a C++ compiler ($CXX, g++ or clang++) and finds none; install one"

@@ -1,29 +1,13 @@
 """A wide transform: N models trained in one step over stacked parameters.
 
-`tinymnist train --seeds 4 --lr 0.5,1` trains 8 models, one per (lr, seed) pair. Each is
-the same run as `tinymnist train --seed s --lr l` alone: it starts from
-`init_params(model, s)` and draws its data order from its own shuffling generator
-seeded s (algorithm/train.py's initial_state and loop do that for any N). What changes
-is how the work is done: their parameter and optimizer-state dicts are stacked along a
-new leading dim N, and
+`train --seeds 4 --lr 0.5,1` trains 8 models, each the same run as `train --seed s --lr l` alone.
+Their params and optimizer state are stacked along a leading dim N; the dataset is shared:
 
-    vmapped(gradient)(params, images, labels, batch_idx)
-        params: leaves (N, ...)    images, labels: the dataset, once
-        batch_idx: (N, B), each model's own batch
-    vmapped_update(update)(grads, opt_state, params, lr)     lr: (N,)
+    vmapped(gradient)(params, images, labels, batch_idx)   params: leaves (N, ...), batch_idx: (N, B)
+    vmapped_update(update)(grads, opt_state, params, lr)   lr: (N,)
 
-compute train.py's gradient and update for all N at once with torch.func.vmap: one
-compiled graph, on CUDA one graph replay per step, where a batch of 64 leaves most of a
-GPU idle. Dropout masks differ between models (randomness="different"). The gradient
-and the update are mapped apart so that the micro-batch transform can sit between them,
-as for one model.
-
-The step device_step builds (speed.py) takes n_models_gradient and n_models_update: the
-same results, by the route measured fastest. vmap turns a convolution of N models into
-a grouped one; where N plain ones or another rule are faster, wide_conv.py's N-model
-forward runs instead, and where N models at once overflow a CPU's caches, `one_by_one`
-calls one model's compiled gradient for each in turn (wide_conv.CHOSEN says where). A run
-of one model is not mapped at all.
+They are mapped apart so that micro-batching can sit between them. `n_models_gradient` takes the
+route wide_conv.CHOSEN measured fastest: vmap, wide_conv.py's N-model forward, or `one_by_one`.
 """
 
 from __future__ import annotations
@@ -42,20 +26,16 @@ from tinymnist.transforms.wide_conv import CONV_RULES, ONE_BY_ONE, VMAP_GRADIENT
 
 
 def vmapped(gradient: Gradient) -> Gradient:
-    """train.py's gradient over N models: stacked params, (N, B) batch indices; the dataset
-    is shared (in_dims None), so it sits on the device once."""
+    """train.py's gradient over N stacked models and (N, B) indices; the dataset is shared, once on the device."""
     return torch.func.vmap(gradient, in_dims=(0, None, None, 0), randomness="different")
 
 
 def n_models_gradient(config: TrainConfig, device: torch.device) -> Gradient:
-    """train.py's gradient over N stacked models: vmapped, by wide_conv.py's N-model forward, or
-    one model at a time, whichever was measured fastest on `device` (wide_conv.CHOSEN; for the
-    last, device_step compiles the one model's gradient apart). A run of one model is not mapped
-    at all: its own gradient runs on its slices, the very ops of a single run (vmap of one model
-    took 1.11x the single step's time for lenet and fast; research/wide_conv.py,
-    results/bench/cpu-seeds/). The run's N decides, not the rows given: a torchrun share of one
-    model of a sweep takes the sweep's route, so that its numbers are the one-process sweep's
-    to the bit."""
+    """train.py's gradient over N stacked models by the route wide_conv.CHOSEN measured fastest on `device`.
+
+    One model runs unmapped, the ops of a single run (vmap of one model took 1.11x the single step's
+    time for lenet and fast; research/wide_conv.py, results/bench/cpu-seeds/). The run's N decides, not
+    the rows given, so a torchrun share of a sweep matches the one-process sweep to the bit."""
     one = make_gradient(config)
     if config.n_models == 1:
         return functools.partial(unmapped, one)
@@ -72,10 +52,8 @@ def unmapped(gradient: Gradient, params, images, labels, batch_idx):  # batch_id
 
 
 def one_by_one(gradient: Gradient) -> Gradient:
-    """train.py's gradient over N stacked models as N calls of one model's, each on its own
-    slices, stacked: the very kernels of N single runs. Where `gradient` is compiled by
-    itself, the Python loop runs outside the graph, and each model's activations are gone
-    before the next model's are made."""
+    """train.py's gradient over N stacked models as N calls of one model's, stacked: the kernels of N
+    single runs, and each model's activations are gone before the next model's are made."""
 
     def gradients(params, images, labels, batch_idx):  # params: leaves (N, ...), batch_idx: (N, B)
         each = [gradient(one_model(params, i), images, labels, idx) for i, idx in enumerate(batch_idx)]
@@ -105,11 +83,9 @@ def n_models_update(update, n_models: int):
 def chunk_sharers(config: TrainConfig) -> int:
     """How many models share the images of one CPU micro-batch (speed.default_micro_batch).
 
-    The chunk keeps a convolutional network's activations in cache, and N models at once hold
-    N times as many: all N share it (`fast`, 8 models: 1.51x the time of 8 single runs in chunks
-    of 256 images each, 1.10x in chunks of 32 each). An MLP's activations are small, and its
-    chunks would only add calls: none share (`mlp`, 8 models: 1.01x whole, 1.26x in chunks of 32;
-    research/wide_conv.py, results/bench/cpu-seeds/)."""
+    A convnet's N models share it, to keep N models' activations in cache (`fast`, 8 models: 1.51x
+    8 single runs in chunks of 256 each, 1.10x in chunks of 32 each); an MLP's do not (`mlp`, 8 models:
+    1.01x whole, 1.26x in chunks of 32; research/wide_conv.py, results/bench/cpu-seeds/)."""
     convolutional = any(isinstance(layer, Conv2d) for layer in networks.ARCHITECTURES[config.model])
     return config.n_models if convolutional else 1
 
@@ -126,9 +102,7 @@ def with_model_axis(tree: Tree) -> Tree:
 
 @torch.inference_mode()
 def evaluate_many(config: TrainConfig, params: Tree, images: torch.Tensor, labels: torch.Tensor) -> Evaluations:
-    """train.evaluate for all N models in one vmapped pass per test chunk, and their ensemble.
-
-    Summed losses and integer counts, read once at the end, as train.evaluate does."""
+    """train.evaluate for all N models in one vmapped pass per test chunk, and their ensemble."""
     recipe, network = config.recipe, config.model
     n = len(next(iter(params.values())))
     forward = torch.func.vmap(networks.apply, in_dims=(None, 0, None))
@@ -153,8 +127,8 @@ def evaluate_many(config: TrainConfig, params: Tree, images: torch.Tensor, label
 
 
 def ensemble_evaluation(summed_probabilities: torch.Tensor, n: int, labels: torch.Tensor) -> Evaluation:
-    """The ensemble's test result from its n models' probabilities summed, (T, 10): the
-    prediction of their average. Apart so that sums from several processes can be added first."""
+    """The ensemble's result, the average of its n models' summed probabilities (T, 10); apart so
+    that sums from several processes can be added first."""
     averaged = summed_probabilities.double() / n  # (T, 10)
     loss = F.nll_loss(averaged.log(), labels, reduction="sum").item()
     correct = int((averaged.argmax(dim=1) == labels).sum())

@@ -1,30 +1,12 @@
 """A speed trick for N models: their forward pass layer by layer, with a convolution rule of its own.
 
-vmap.py maps one model's gradient over N stacked models with torch.func.vmap, and vmap
-turns each convolution of N models into one *grouped* convolution (the models folded into
-the channels, groups=N), reported slow on GPUs and CPUs (functorch#365, pytorch#70954).
-Here the N models' forward pass is written out instead, one rule per layer kind over a
-leading model axis:
-
-    x: (N, B, C, H, W), each model's own batch        params: leaves (N, ...), the networks' own names
-
-    Conv2d     a CONV_RULES rule: vmap's grouped convolution, N plain ones in a loop, the loop
-               for the first layer only, or im2col and one batched matrix product
-    Linear     one batched matrix product over the models: (N, B, F) @ (N, F, O)
-    ReLU, MaxPool2d, Flatten, LogSoftmax    the same op, the models folded into the batch
-    Dropout    one mask over the whole (N, B, ...) tensor: each model's its own
-
-Which route a step takes, this forward with which rule, plain vmap or the models one by one
-(vmap.one_by_one), is a table of measurements per device kind and network, CHOSEN: on a
-2-core CPU one by one is the fastest for `cnn` and `fast`, and vmap for `lenet`; on an
-H200, vmap for `cnn`.
-
-The layers are networks.py's own tuples (networks.ARCHITECTURES); parameters keep the
-networks' names (`conv1.weight`, ...), so checkpoints, the optimizers and evaluation do not
-know which forward trained them. `wide_gradient` is the gradient of the sum over models
-of each model's mean loss: models share no parameter, so model i's slice of it is model i's
-own gradient, what vmap(gradient) gives (tests/transforms/test_wide_conv.py checks one
-against the other).
+vmap turns a convolution of N models into one grouped convolution (groups=N), reported slow
+on GPUs and CPUs (functorch#365, pytorch#70954). Here the N-model forward is written out,
+one rule per layer kind over a leading model axis, x: (N, B, C, H, W), params: leaves (N, ...):
+Conv2d by a CONV_RULES rule, Linear as one batched matmul, the others with the models folded
+into the batch. CHOSEN picks, per device and network, this forward, plain vmap or the models
+one by one (vmap.one_by_one). Parameters keep networks.py's names, so checkpoints, optimizers
+and evaluation do not know which forward trained them.
 """
 
 from __future__ import annotations
@@ -42,7 +24,7 @@ from tinymnist.algorithm.train import Gradient, Params, scale_images, training_l
 
 
 def vmap_conv(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
-    """What vmap(gradient) does today: one grouped convolution, the models folded into the channels."""
+    """What vmap(gradient) does: one grouped convolution, the models folded into the channels."""
     return torch.func.vmap(F.conv2d, in_dims=(0, 0, 0, None, None))(x, weight, bias, stride, padding)
 
 
@@ -53,8 +35,7 @@ def loop_conv(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
 
 
 def unfold_conv(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
-    """im2col: every k x k patch of every image as a column (F.unfold), then one batched
-    matrix product over the models, (N, O, C*k*k) @ (N, C*k*k, B*L)."""
+    """im2col: every k x k patch as a column (F.unfold), then (N, O, C*k*k) @ (N, C*k*k, B*L)."""
     n, batch, channels, side, _ = x.shape
     out_channels, kernel = weight.shape[1], weight.shape[-1]
     out_side = shapes.conv2d_out(side, kernel, stride, padding)
@@ -65,27 +46,21 @@ def unfold_conv(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
 
 
 def first_loop_conv(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
-    """loop_conv for a first layer (one input channel), where vmap's grouped convolution is slowest;
-    vmap_conv for the others."""
+    """loop_conv for a first layer (one input channel), where vmap's grouped convolution is slowest; else vmap_conv."""
     rule = loop_conv if x.shape[2] == 1 else vmap_conv
     return rule(x, weight, bias, stride, padding)
 
 
 CONV_RULES = {"vmap": vmap_conv, "loop": loop_conv, "unfold": unfold_conv, "first-loop": first_loop_conv}
 
-# The N-model gradient measured fastest per (device kind, network): a CONV_RULES rule in
-# wide_gradient, VMAP_GRADIENT (vmap of the one-model gradient, vmap.py) or ONE_BY_ONE (the
-# one-model gradient compiled alone and called once per model, vmap.one_by_one); a device or
-# network not listed keeps VMAP_GRADIENT, the path that was there first. Measured with
-# research/wide_conv.py, 8 models, in turns in one process (results/bench/cpu-seeds/):
-#   cpu, cnn:   one-by-one 1.08x the time of 8 single runs, vmap-gradient 1.36x, loop 1.69x:
-#               8 models' activations and 9.4M parameters at once overflow the caches
-#   cpu, fast:  one-by-one 0.99x, the loop 1.17x (both 2 threads); vmap-gradient 1.10x on 2 threads
-#               with a shared chunk, 1.30x on 1 thread (the session before)
-#   cpu, lenet: vmap-gradient 0.84x, one-by-one 0.89x: oneDNN's grouped convolution is not
-#               slow on a CPU, and lenet stays vmapped
-#   cuda, cnn (H200, N = 16, each step one CUDA graph): vmap-gradient 0.67x, one-by-one 0.93x,
-#               unfold 1.20x (results/bench/cuda-h200/issue20/): vmap stays on CUDA
+# The N-model gradient measured fastest per (device kind, network): a CONV_RULES name, VMAP_GRADIENT or
+# ONE_BY_ONE; unlisted ones keep VMAP_GRADIENT. Time of 8 models over 8 single runs (research/wide_conv.py,
+# results/bench/cpu-seeds/):
+#   cpu, cnn:   one-by-one 1.08x, vmap-gradient 1.36x, loop 1.69x (8 models at once overflow the caches)
+#   cpu, fast:  one-by-one 0.99x, loop 1.17x, vmap-gradient 1.10x
+#   cpu, lenet: vmap-gradient 0.84x, one-by-one 0.89x (oneDNN's grouped convolution is not slow)
+#   cuda, cnn (H200, 16 models, CUDA graphs): vmap-gradient 0.67x, one-by-one 0.93x, unfold 1.20x
+#               (results/bench/cuda-h200/issue20/)
 VMAP_GRADIENT, ONE_BY_ONE = "vmap-gradient", "one-by-one"
 CHOSEN = {("cpu", "cnn"): ONE_BY_ONE, ("cpu", "fast"): ONE_BY_ONE}
 
@@ -127,7 +102,7 @@ def wide_layer(layer: Layer, params: Params, x: torch.Tensor, conv, train: bool)
 
 def wide_gradient(config: TrainConfig, conv=loop_conv) -> Gradient:
     """train.make_gradient for N models: (params (N, ...), images, labels, batch_idx (N, B))
-    -> (grads (N, ...), losses (N,)), each model's mean loss and its gradient."""
+    -> (grads (N, ...), losses (N,)); models share no parameter, so the sum's gradient is each one's."""
     model, recipe, loss_fn = config.model, config.recipe, training_loss(config)
 
     def summed_loss(params: Params, images_u8: torch.Tensor, labels: torch.Tensor):
