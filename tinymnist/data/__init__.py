@@ -1,11 +1,9 @@
 """Get MNIST onto the device: find or download the four IDX files, check them, load them once.
 
-The folder is `--data-dir`, else `$TINYMNIST_DATA`, else `./data`; each file may also sit
-there uncompressed, without `.gz` (as in torchvision's `MNIST/raw/`). `download` fetches
-what is missing (fetch.py); `tinymnist download --from` rebuilds the files from a copy at
-hand (sources.py). Loading checks headers, counts and labels but not md5s, so tests can
-train on small splits they write with `write_idx`. Images stay uint8 on the device (a
-quarter of float32's memory); the training step converts each batch to float itself.
+The folder is `--data-dir`, else `$TINYMNIST_DATA`, else `./data`; each file may also sit there
+uncompressed, without `.gz`. `download` fetches what is missing (fetch.py); sources.py rebuilds the
+files from a copy at hand. Loading checks headers, counts and labels but not md5s, so tests can train
+on small splits. Images stay uint8 on the device (a quarter of float32's memory).
 """
 
 from __future__ import annotations
@@ -31,8 +29,7 @@ FILES: dict[str, str] = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
-# The md5 of each file's uncompressed bytes (gunzip the files above). A copy rebuilt from
-# another format can only match these: a gzip's own bytes depend on the compressor.
+# The md5 of each file gunzipped: all that a copy rebuilt from another format can match (gzip bytes vary).
 RAW_MD5: dict[str, str] = {
     "train-images-idx3-ubyte.gz": "6bbc9ace898e44ae57da46a324031adb",
     "train-labels-idx1-ubyte.gz": "a25bea736e30d166cdddb491f175f624",
@@ -41,8 +38,7 @@ RAW_MD5: dict[str, str] = {
 }
 TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")  # all that `eval` needs
 EXAMPLES = {"train": 60_000, "t10k": 10_000}  # MNIST's split sizes: a data folder may hold fewer
-# Tried in order. yann.lecun.com, the original home, now answers scripts with 403/404,
-# so it is not worth a request.
+# Tried in order; yann.lecun.com, the original home, answers scripts with 403/404.
 DEFAULT_MIRRORS: tuple[str, ...] = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",  # PyTorch's copy (torchvision's first choice)
     "https://storage.googleapis.com/cvdf-datasets/mnist/",  # TensorFlow's copy
@@ -121,13 +117,9 @@ def download(
     progress: bool | None = None,
     patience: Patience = Patience(),
 ) -> None:
-    """Fetch each file of `md5s` (default: MNIST's four) that data_dir lacks.
-
-    mirrors: base URLs; default $TINYMNIST_MIRRORS (comma-separated), else DEFAULT_MIRRORS.
-    A file already there counts when it reads as a complete IDX file, gzipped or not; a
-    cut-off or corrupt one is fetched again, and a killed download's temp files are removed.
-    Raises DownloadError naming every file no mirror could provide; those that arrived stay.
-    """
+    """Fetch each file of `md5s` that data_dir lacks or holds cut-off or corrupt, from `mirrors`
+    (default $TINYMNIST_MIRRORS, comma-separated, else DEFAULT_MIRRORS). Raises DownloadError
+    naming every file no mirror could provide; those that arrived stay."""
     data_dir = Path(data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -173,8 +165,7 @@ def _by_hand(data_dir: Path, names: Sequence[str]) -> str:
 
 
 def _load_split(data_dir: Path, prefix: str, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both headers are checked before either payload is read: a file claiming 2 GiB is
-    refused by its first bytes."""
+    """Both headers are checked before either payload is read: a file claiming 2 GiB is refused unread."""
     images_name, labels_name = f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"
     images_path, labels_path = find_file(data_dir, images_name), find_file(data_dir, labels_name)
     try:
@@ -196,8 +187,7 @@ def _load_split(data_dir: Path, prefix: str, device: torch.device | str) -> tupl
         index = int(out_of_range.nonzero()[0])
         label = int(labels[index])
         raise TinyMnistError(f"{labels_path}: label {label} at index {index} is outside 0..{NUM_CLASSES - 1}")
-    # Labels become int64 because that is what cross_entropy and nll_loss index with.
-    return images.to(device), labels.to(device=device, dtype=torch.int64)
+    return images.to(device), labels.to(device=device, dtype=torch.int64)  # int64: what nll_loss indexes with
 
 
 def check_header(path: Path, header: IdxHeader, name: str) -> None:

@@ -1,14 +1,11 @@
 """Fetch files over HTTP from a list of mirrors: retried, md5-verified, renamed into place.
 
-`fetch_files` knows nothing about MNIST: `data.download` picks the files and mirrors and
-words the failures. Per file, mirrors are tried in order. A failure that may pass (refused
-connection, timeout, HTTP 5xx, a body cut short of its Content-Length) is retried on the
-same mirror with exponential backoff; one the mirror would repeat (HTTP 4xx, a wrong md5)
-moves on to the next mirror. `Patience` bounds every wait, and every try, retry and change
-of mirror is one line on stderr, so a stalled mirror is never a silent wait. A mirror whose
-last try got no answer at all is dead for the rest of the run: a dead mirror costs one
-file's tries, not four. The bytes stream into `files.atomic_write`'s temp file, renamed
-only once the md5 matches.
+Per file, mirrors are tried in order. A failure that may pass (refused connection, timeout,
+HTTP 5xx, a body cut short) is retried on the same mirror with exponential backoff; one the
+mirror would repeat (HTTP 4xx, a wrong md5) moves on to the next. `Patience` bounds every
+wait, every try is one line on stderr, and a mirror whose last try got no answer is not asked
+again in this run. The bytes stream into `files.atomic_write`'s temp file, renamed only once
+the md5 matches.
 """
 
 from __future__ import annotations
@@ -28,9 +25,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from tinymnist.data.files import atomic_write
 
 CHUNK_BYTES = 1 << 16  # stream, hash and write in 64 KiB pieces
-# Ask for the bytes as stored. requests accepts gzip by default, and a server that takes
-# the offer sends a Content-Length of the compressed bytes while requests hands us them
-# uncompressed: the two would never agree, and a short body could not be told from a whole one.
+# The bytes as stored: with gzip transfer encoding, Content-Length counts compressed bytes while requests
+# hands over uncompressed ones, and a short body could not be told from a whole one.
 AS_STORED = {"Accept-Encoding": "identity"}
 
 
@@ -39,13 +35,10 @@ class Patience:
     """How long to wait for a mirror, and how often to ask it again."""
 
     connect_timeout: float = 10.0  # covers three lost SYNs: Linux resends after 1, 2 and 4 s (RFC 6298)
-    # Seconds a server may send nothing, before the reply or mid-body: pip's default timeout.
-    read_timeout: float = 15.0
+    read_timeout: float = 15.0  # seconds a server may send nothing, before the reply or mid-body: pip's default
     attempts: int = 3  # tries per mirror for a failure that may pass
     backoff: float = 1.0  # seconds before the second try; doubled before each later one
-    # Per file, all mirrors and tries together: MNIST's largest file (9.9 MB) arrives within
-    # it at 33 KB/s, slower than any link one trains networks over.
-    deadline: float = 300.0
+    deadline: float = 300.0  # per file, all tries: MNIST's largest file (9.9 MB) arrives within it at 33 KB/s
 
     def __post_init__(self):
         if self.attempts < 1:
@@ -55,13 +48,13 @@ class Patience:
 def fetch_files(
     folder: Path, md5s: Mapping[str, str], mirrors: Sequence[str], *, progress: bool | None, patience: Patience
 ) -> dict[str, list[str]]:
-    """Fetch `folder/NAME` from `MIRROR/NAME` for each NAME of `md5s`; files that arrived stay.
-
-    Returns, for each file no mirror delivered, what every mirror answered (`"URL: HTTP 503
-    (3 tries)"`). progress: a byte-count bar on stderr; None shows it only on a terminal.
-    """
+    """Fetch `folder/NAME` from `MIRROR/NAME` for each NAME of `md5s`; return, per file no mirror
+    delivered, what each answered (`"URL: HTTP 503 (3 tries)"`). progress None: a bar only on a terminal."""
+    console = Console(stderr=True)  # stdout stays clean for what the command prints
+    show = console.is_terminal if progress is None else progress
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     failures = {}
-    with requests.Session() as session, _progress_bar(progress) as bar:
+    with requests.Session() as session, Progress(*columns, console=console, disable=not show) as bar:
         fetcher = _Fetcher(mirrors, session, bar, patience)
         for name, md5 in md5s.items():
             if answers := fetcher.fetch(name, folder / name, md5):
@@ -97,8 +90,7 @@ class _Fetcher:
     session: requests.Session
     bar: Progress
     patience: Patience
-    # Mirror -> why it is dead ("no answer within 15 s (3 tries) on NAME").
-    dead: dict[str, str] = field(default_factory=dict)
+    dead: dict[str, str] = field(default_factory=dict)  # mirror -> why ("no answer within 15 s (3 tries) on NAME")
 
     def fetch(self, name: str, destination: Path, md5: str) -> list[str]:
         """Try each mirror in turn: [] once one delivers, else what every mirror answered."""
@@ -192,18 +184,10 @@ class _Fetcher:
 
 def _say(line: str) -> None:
     """One line on stderr, flushed: seen at once in a terminal, a pipe or a log file alike."""
-    print(line, file=sys.stderr, flush=True)  # above the progress bar while it is live (rich redirects)
+    print(line, file=sys.stderr, flush=True)  # rich shows it above the live progress bar
 
 
-def _progress_bar(enabled: bool | None) -> Progress:
-    console = Console(stderr=True)  # stdout stays clean for what the command prints
-    show = console.is_terminal if enabled is None else enabled
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    return Progress(*columns, console=console, disable=not show)
-
-
-# How urllib3 words a read timeout; requests re-raises one in the middle of a body as a
-# plain ConnectionError, so the words are all that tells it from a refused connection.
+# How urllib3 words a read timeout: mid-body, requests raises it as a plain ConnectionError.
 _READ_TIMED_OUT = "Read timed out"
 
 

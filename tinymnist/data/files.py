@@ -1,12 +1,9 @@
 """Write a file so that readers see the old content or the whole new one, never half of it.
 
-`atomic_write(path)` writes a hidden temp file beside `path`, `.NAME.tinymnist-1a2b3c4d.part`,
-fsyncs it and renames it over `path` (atomic within one file system); any exception,
-Ctrl-C too, deletes it. Only `kill -9` or a power cut can leave one behind. The writer
-holds an OS lock on its temp file while it writes (filelock.lock_descriptor), which the OS
-drops when the process dies however it dies, so `remove_leftovers(path)`, called by every
-`atomic_write`, deletes only the temp files of `path` that no living writer holds. Where
-the OS has no file locks, leftovers are kept.
+`atomic_write(path)` writes a hidden temp file beside `path`, fsyncs it and renames it over
+`path`; any exception, Ctrl-C too, deletes it. Its writer holds an OS lock on it, which dies
+with the process, so `remove_leftovers(path)` deletes only temp files that no living writer
+holds (after `kill -9` or a power cut). Where the OS has no file locks, leftovers are kept.
 """
 
 from __future__ import annotations
@@ -81,8 +78,7 @@ def _remove_if_abandoned(leftover: Path) -> bool:
 
 
 def probe_write(path: str | os.PathLike) -> None:
-    """Raise the OSError that `atomic_write(path)` would meet on opening its temp file (no folder,
-    no permission, a name too long for the file system), leaving nothing behind."""
+    """Raise the OSError `atomic_write(path)` would meet opening its temp file, leaving nothing behind."""
     file, temp = _create_locked_temp(Path(path))
     file.close()
     temp.unlink()
@@ -97,16 +93,15 @@ def _create_locked_temp(path: Path) -> tuple[BinaryIO, Path]:
             filelock.lock_descriptor(file.fileno())  # waits only while a remove_leftovers looks at it
         except OSError:  # no file locks here (some network mounts): nobody can take it either
             return file, temp
-        # Between open and lock another run's remove_leftovers may have taken it for a dead
-        # writer's file and unlinked it; then its link count is 0 and we start over.
+        # Between open and lock another run's remove_leftovers may have unlinked it: then start over.
         if os.fstat(file.fileno()).st_nlink > 0:
             return file, temp
         file.close()
 
 
 def check_readable(path: str | os.PathLike, what: str) -> None:
-    """Raise a one-line TinyMnistError unless `path` is a regular file (or missing: the caller says that).
-    A named pipe or a device would block a reader forever or feed it without end."""
+    """Raise a one-line TinyMnistError unless `path` is a regular file or missing: a named pipe or
+    a device would block a reader forever or feed it without end."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:

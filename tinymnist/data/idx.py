@@ -6,11 +6,9 @@
     4*ndim      the size of each dimension, big-endian uint32
     the rest    prod(sizes) numbers, row-major, multi-byte types big-endian
 
-The reader checks every field and raises `IdxError` naming the file: a truncated
-download or a misnamed file must never turn silently into training data. It streams:
-`open_idx` reads the header alone, so a caller can refuse a file by it (a gzip bomb
-whose 9 MB unpack to 2 GiB is refused after 4 bytes), and `read()` decompresses exactly
-the declared payload, plus one byte to prove that nothing follows.
+Every field is checked, and `IdxError` names the file. `open_idx` reads the header alone, so
+a caller can refuse a file by it (a gzip bomb is refused after 4 bytes), and `read()`
+decompresses exactly the declared payload, plus one byte to prove that nothing follows.
 """
 
 from __future__ import annotations
@@ -157,9 +155,13 @@ def write_idx(path: str | os.PathLike, tensor: torch.Tensor) -> None:
     """Store `tensor` so that `read_idx(path)` returns it exactly, atomically; gzip when the name ends in .gz."""
     path = Path(path)
     header, payload = _encode(tensor, path)
-    with atomic_write(path) as file, _compressed(path, file) as out:
-        out.write(header)
-        out.write(payload)
+    with atomic_write(path) as file:
+        out = contextlib.nullcontext(file)
+        if path.name.endswith(".gz"):  # mtime=0 and no name: the same tensor always gives the same bytes
+            out = gzip.GzipFile(filename="", fileobj=file, mode="wb", compresslevel=GZIP_LEVEL, mtime=0)
+        with out as stream:
+            stream.write(header)
+            stream.write(payload)
 
 
 def idx_md5(tensor: torch.Tensor) -> str:
@@ -183,14 +185,6 @@ def _encode(tensor: torch.Tensor, path: Path) -> tuple[bytes, memoryview]:
     header = MAGIC_PREFIX + bytes([code, tensor.dim()]) + struct.pack(f">{tensor.dim()}I", *tensor.shape)
     stored = tensor.detach().cpu().contiguous().numpy().astype(IDX_DTYPES[code][1], copy=False)  # big-endian
     return header, stored.reshape(-1).data  # the array's own memory, no tobytes() copy
-
-
-def _compressed(path: Path, file: BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:
-    """`file` itself, or a gzip writer into it for `NAME.gz`."""
-    if not path.name.endswith(".gz"):
-        return contextlib.nullcontext(file)
-    # mtime=0 and no name in the gzip header: the same tensor always gives the same bytes.
-    return gzip.GzipFile(filename="", fileobj=file, mode="wb", compresslevel=GZIP_LEVEL, mtime=0)
 
 
 def _describe(header: IdxHeader) -> str:

