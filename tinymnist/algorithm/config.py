@@ -114,7 +114,8 @@ def recipe_config(model: str, optimizer: str | None = None, **overrides) -> Trai
     networks.check_model(model)
     recipe = RECIPES[model]
     optimizer = optimizer or recipe.optimizer
-    # another optimizer's own default lr; validate() names an unknown optimizer
+    # --optimizer other than the recipe's: that optimizer's torch default lr (an unknown name keeps
+    # the recipe's here, and validate() refuses it)
     lr = recipe.lr if optimizer == recipe.optimizer else optim.DEFAULT_LR.get(optimizer, recipe.lr)
     defaults = {"model": model, "optimizer": optimizer, "lr": lr}
     for name in ("gamma", "batch_size", "test_batch_size", "epochs", "schedule", "label_smoothing"):

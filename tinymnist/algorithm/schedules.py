@@ -38,8 +38,9 @@ def one_cycle(
 
     Smith & Topin's super-convergence: up from max_lr / div_factor to max_lr over the first
     pct_start of the steps (a fresh network stays stable), then down to max_lr / div_factor /
-    final_div_factor (the weights settle). The arithmetic is OneCycleLR.get_lr's, in its order,
-    so the floats equal torch's to the last bit. Momentum cycling is left out.
+    final_div_factor (the weights settle); `anneal` is the curve of both phases, "cos" or "linear".
+    The arithmetic is OneCycleLR.get_lr's, in its order, so the floats equal torch's to the last bit
+    (tests/algorithm/test_schedules.py). Momentum cycling is left out.
     """
     if not (isinstance(total_steps, int) and total_steps >= 1):
         raise TinyMnistError(f"one_cycle: total_steps must be a positive integer, got {total_steps!r}")
@@ -81,5 +82,5 @@ _ANNEAL: dict[str, Callable[[float, float, float], float]] = {"cos": _anneal_cos
 
 def schedule_lrs(schedule: Schedule, start: int, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The rates of steps start .. start+steps-1 as one (steps,) float32 tensor on `device`:
-    one transfer per epoch, and `lrs[i]` is step i's 0-d rate in the parameters' dtype."""
+    one transfer per epoch, and `lrs[i]` is step i's 0-d rate, float32 as `torch.tensor(lr)` makes it."""
     return torch.tensor([schedule(i) for i in range(start, start + steps)], dtype=torch.float32, device=device)
