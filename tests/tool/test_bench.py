@@ -175,5 +175,5 @@ def test_each_timed_loop_starts_on_the_thread_count_bench_started_with():
             torch.set_num_threads(1)
             yield
 
-    bench.time_loop(dropping_steps(), batch_size=1, device=torch.device("cpu"), window_steps=2, repeats=2, warmup=1)
+    bench.time_loop(dropping_steps(), 1, torch.device("cpu"), window_steps=2, timing=bench.Timing(repeats=2, warmup=1))
     assert torch.get_num_threads() == 2

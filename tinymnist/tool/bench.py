@@ -16,8 +16,9 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from rich.console import Console
@@ -39,15 +40,40 @@ except ImportError:  # Windows: peak memory is not reported
     resource = None
 
 
-def bench_data(data_dir, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
+class Digits(NamedTuple):
+    """What every timed loop trains on: the images (N, 28, 28) uint8 and labels (N,) on the device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    source: str  # said in the report: real MNIST, or random digits
+
+
+def to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How each loop is timed: the first (compiling) step and `warmup` more apart, then `repeats`
+    windows of about `window_images` images, the median counting; `compile` also times the
+    compiled step; `log` hears what is being timed."""
+
+    window_images: int = 4096
+    repeats: int = 5
+    warmup: int = 3
+    compile: bool = True
+    log: Callable[[str], None] = to_stderr
+
+
+def bench_data(data_dir, device: torch.device) -> Digits:
     """Real MNIST training images where the files are there, else random ones of the same shape."""
     if not data.missing_files(data_dir):
         mnist = data.load_mnist(data_dir, device)
-        return mnist.train_images, mnist.train_labels, f"real MNIST from {data_dir}"
+        return Digits(mnist.train_images, mnist.train_labels, f"real MNIST from {data_dir}")
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (60_000, 28, 28), dtype=torch.uint8, generator=g)  # (N, 28, 28), N as MNIST's
     labels = torch.randint(0, 10, (60_000,), generator=g)  # (N,)
-    return images.to(device), labels.to(device), f"random uint8 (MNIST files not found in {data_dir})"
+    return Digits(images.to(device), labels.to(device), f"random uint8 (MNIST files not found in {data_dir})")
 
 
 def our_steps(
@@ -93,13 +119,13 @@ def on_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def time_loop(steps: Iterator, batch_size: int, device, window_steps: int, repeats: int, warmup: int) -> dict:
-    """First step (compile) and warm-up timed apart; then `repeats` windows, median images/s."""
+def time_loop(steps: Iterator, batch_size: int, device, window_steps: int, timing: Timing) -> dict:
+    """First step (compile) and warm-up timed apart; then `timing.repeats` windows, median images/s."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with on_threads(torch.get_num_threads()):
-        warm = warm_up(steps, device, warmup)
-        rates = [window_rate(steps, batch_size, device, window_steps) for _ in range(repeats)]
+        warm = warm_up(steps, device, timing.warmup)
+        rates = [window_rate(steps, batch_size, device, window_steps) for _ in range(timing.repeats)]
     return {"images_per_second": statistics.median(rates), **warm, "peak_memory_mb": peak_memory_mb(device)}
 
 
@@ -125,23 +151,21 @@ def window_rate(steps: Iterator, batch_size: int, device, window_steps: int) -> 
     return window_steps * batch_size / (time.perf_counter() - started)
 
 
-def bench_model(
-    model: str, images, labels, device, window_images: int, repeats: int, warmup: int, compile: bool, log
-) -> dict:
+def bench_model(model: str, digits: Digits, device, timing: Timing) -> dict:
     """Time (a) reference, (b) eager, (c) compiled for one model at its recipe batch size."""
-    config = recipe_config(model)
-    window_steps = max(1, window_images // config.batch_size)
+    config, (images, labels, _) = recipe_config(model), digits
+    window_steps = max(1, timing.window_images // config.batch_size)
     params = networks.init_params(model, config.seed, device)
     loops = {
         "reference": reference_loop(config, params, images, labels, device),
         "eager": our_steps(config, images, labels, device, compile=False),
     }
-    if compile:
+    if timing.compile:
         loops["compiled"] = our_steps(config, images, labels, device, compile=True)
     result = {"model": model, "batch_size": config.batch_size, "window_steps": window_steps}
     for name, steps in loops.items():
-        log(f"{model}: timing {name} ({counted(repeats, 'window')} of {counted(window_steps, 'step')})")
-        result[name] = time_loop(steps, config.batch_size, device, window_steps, repeats, warmup)
+        timing.log(f"{model}: timing {name} ({counted(timing.repeats, 'window')} of {counted(window_steps, 'step')})")
+        result[name] = time_loop(steps, config.batch_size, device, window_steps, timing)
     reference = result["reference"]["images_per_second"]
     for name in list(loops)[1:]:  # eager, and compiled if timed
         result[f"{name}_vs_reference"] = result[name]["images_per_second"] / reference
@@ -190,20 +214,13 @@ def report_head(device: torch.device) -> dict:
     }
 
 
-def to_stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-def run_bench(models_to_run, device, data_dir, window_images=4096, repeats=5, warmup=3, compile=True, log=None) -> dict:
+def run_bench(models_to_run, device, data_dir, timing: Timing = Timing()) -> dict:
     """The whole benchmark as one JSON-ready dict."""
-    log = log or to_stderr
-    images, labels, source = bench_data(data_dir, device)
+    digits = bench_data(data_dir, device)
     return {
         **report_head(device),
-        "data": source,
-        "results": [
-            bench_model(m, images, labels, device, window_images, repeats, warmup, compile, log) for m in models_to_run
-        ],
+        "data": digits.source,
+        "results": [bench_model(m, digits, device, timing) for m in models_to_run],
     }
 
 
@@ -242,42 +259,36 @@ def check_counts_fit(models: list[str], n_models: int, device: torch.device) -> 
         check_memory(config, make_optimizer(config), device, n_models, flag="--seeds")
 
 
-def bench_counts(
-    model: str, counts: list[int], images, labels, device, window_images: int, repeats: int, warmup: int, compile, log
-) -> dict:
+def bench_counts(model: str, counts: list[int], digits: Digits, device, timing: Timing) -> dict:
     """The single-model step `train` runs, then for each N the N-model step of `train --seeds N`,
     timed as time_loop does. N single runs in a row train at the single step's rate, so the time
     of N models against N single runs is single images/s / N-model images/s (summed over N)."""
-    config = recipe_config(model)
-    window_steps = max(1, window_images // config.batch_size)
-    log(f"{model}: timing the single step ({counted(repeats, 'window')} of {counted(window_steps, 'step')})")
+    config, (images, labels, _), compile = recipe_config(model), digits, timing.compile
+    window_steps = max(1, timing.window_images // config.batch_size)
+    timing.log(
+        f"{model}: timing the single step ({counted(timing.repeats, 'window')} of {counted(window_steps, 'step')})"
+    )
     steps = our_steps(config, images, labels, device, compile)
-    single = time_loop(steps, config.batch_size, device, window_steps, repeats, warmup)
+    single = time_loop(steps, config.batch_size, device, window_steps, timing)
     result = {"model": model, "batch_size": config.batch_size, "window_steps": window_steps, "single": single}
     result["n_models"] = {}
     for n in counts:
-        log(f"{model}: timing {counted(n, 'model')} through the N-model step")
+        timing.log(f"{model}: timing {counted(n, 'model')} through the N-model step")
         steps = our_steps(dataclasses.replace(config, seeds=n), images, labels, device, compile, stacked=True)
-        timed = time_loop(steps, config.batch_size * n, device, window_steps, repeats, warmup)
+        timed = time_loop(steps, config.batch_size * n, device, window_steps, timing)
         timed["time_vs_n_single_runs"] = single["images_per_second"] / timed["images_per_second"]
         result["n_models"][str(n)] = timed
     return result
 
 
-def run_seeds_bench(
-    models_to_run, counts, device, data_dir, window_images=4096, repeats=5, warmup=3, compile=True, log=None
-) -> dict:
+def run_seeds_bench(models_to_run, counts, device, data_dir, timing: Timing = Timing()) -> dict:
     """The whole benchmark as one JSON-ready dict."""
-    log = log or to_stderr
-    images, labels, source = bench_data(data_dir, device)
+    digits = bench_data(data_dir, device)
     return {
         **report_head(device),
-        "data": source,
-        "compile": compile,
-        "results": [
-            bench_counts(m, counts, images, labels, device, window_images, repeats, warmup, compile, log)
-            for m in models_to_run
-        ],
+        "data": digits.source,
+        "compile": timing.compile,
+        "results": [bench_counts(m, counts, digits, device, timing) for m in models_to_run],
     }
 
 

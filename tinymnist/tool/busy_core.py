@@ -15,13 +15,23 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.errors import TinyMnistError
-from tinymnist.tool.bench import new_table, on_threads, our_steps, peak_memory_mb, print_table, report_head, warm_up
+from tinymnist.tool.bench import (
+    Digits,
+    Timing,
+    new_table,
+    on_threads,
+    our_steps,
+    peak_memory_mb,
+    print_table,
+    report_head,
+    warm_up,
+)
 
 WINDOW_SECONDS = 4.0  # per window: several of AdaptiveThreads' probes (cpu_threads.PROBE_EVERY periods)
 SETTLE_SECONDS = 1.0  # untimed at each window's start: the load just changed, and a run meets it once
@@ -67,20 +77,21 @@ def timed_window(steps: Iterator, batch_size: int, seconds: float) -> float:
     return done * batch_size / elapsed
 
 
-def bench_busy_core(
-    model: str, images, labels, most: int, repeats: int, warmup: int, compile: bool, log: Callable[[str], None]
-) -> dict:
+def bench_busy_core(model: str, digits: Digits, most: int, timing: Timing) -> dict:
     """The fixed and the adaptive step of one model, `repeats` rounds of quiet and busy windows,
     which of the two goes first alternating from round to round."""
-    config, device = recipe_config(model), torch.device("cpu")
+    config, device, compile, repeats = recipe_config(model), torch.device("cpu"), timing.compile, timing.repeats
+    images, labels, _ = digits
     loop = "compiled" if compile else "eager"
-    log(f"{model}: the {loop} step on {most} threads and adaptive, quiet and with a core busy ({repeats} rounds)")
+    timing.log(
+        f"{model}: the {loop} step on {most} threads and adaptive, quiet and with a core busy ({repeats} rounds)"
+    )
     with on_threads(most):  # each model's adaptive step starts from all threads
         steps = {
             "fixed": our_steps(config, images, labels, device, compile, adaptive_threads=False),
             "adaptive": our_steps(config, images, labels, device, compile),
         }
-        warm = {side: warm_up(s, device, warmup) for side, s in steps.items()}
+        warm = {side: warm_up(s, device, timing.warmup) for side, s in steps.items()}
         rates = {side: {"quiet": [], "busy": []} for side in steps}
         for round in range(repeats):
             for load in ("quiet", "busy"):
@@ -107,13 +118,13 @@ def side_summary(windows: dict[str, list[float]]) -> dict:
     return {**summary, "busy_vs_quiet": summary["busy"]["images_per_second"] / summary["quiet"]["images_per_second"]}
 
 
-def run_busy_core_bench(names, images, labels, source, repeats, warmup, compile, log) -> dict:
+def run_busy_core_bench(names: list[str], digits: Digits, timing: Timing) -> dict:
     most = torch.get_num_threads()
     return {
         **report_head(torch.device("cpu")),
-        "data": source,
+        "data": digits.source,
         "window_seconds": WINDOW_SECONDS,
-        "results": [bench_busy_core(m, images, labels, most, repeats, warmup, compile, log) for m in names],
+        "results": [bench_busy_core(m, digits, most, timing) for m in names],
     }
 
 

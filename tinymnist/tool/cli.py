@@ -22,6 +22,7 @@ from tinymnist.data import sources
 from tinymnist.errors import TinyMnistError
 from tinymnist.tool import checkpoint, outputs, run
 from tinymnist.tool.bench import (
+    Timing,
     bench_data,
     check_counts_fit,
     print_report,
@@ -393,6 +394,7 @@ def bench(
     if compile:
         check_compilable(dev, eager_too=not floor)
     folder = data.resolve_data_dir(data_dir)
+    timing = Timing(window_images, repeats, warmup, compile, log)
     if time_to_accuracy is not None:
         if not 0 < time_to_accuracy <= 1:
             raise TinyMnistError(f"--time-to-accuracy is a fraction (0.99 for 99%), got {time_to_accuracy}")
@@ -406,18 +408,18 @@ def bench(
     if seeds is not None:  # N models per step against N single runs
         counts = parse_counts(seeds)
         check_counts_fit(names, max(counts), dev)
-        report = run_seeds_bench(names, counts, dev, folder, window_images, repeats, warmup, compile)
+        report = run_seeds_bench(names, counts, dev, folder, timing)
         return print_seeds_report(report, json_path)
     if busy_core or floor:
-        images, labels, source = bench_data(folder, dev)
+        digits = bench_data(folder, dev)
         if floor:
-            report = run_floor_bench(names, images, labels, source, repeats, log)
+            report = run_floor_bench(names, digits, repeats, log)
         else:
-            report = run_busy_core_bench(names, images, labels, source, repeats, warmup, compile, log)
+            report = run_busy_core_bench(names, digits, timing)
         if json_path:
             write_json(json_path, report)
         return print_floor_report(report) if floor else print_busy_core_report(report)
-    report = run_bench(names, dev, folder, window_images, repeats, warmup, compile)
+    report = run_bench(names, dev, folder, timing)
     print_report(report, json_path)
 
 

@@ -33,7 +33,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 from tinymnist.algorithm import networks, shapes
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state
-from tinymnist.tool.bench import new_table, print_table, report_head
+from tinymnist.tool.bench import Digits, new_table, print_table, report_head
 from tinymnist.tool.report import counted
 from tinymnist.transforms import speed
 
@@ -237,10 +237,11 @@ def measure(model: str, images, labels, rounds: int, log: Callable[[str], None])
     }
 
 
-def run_floor_bench(names: list[str], images, labels, source: str, rounds: int, log) -> dict:
+def run_floor_bench(names: list[str], digits: Digits, rounds: int, log) -> dict:
+    images, labels, _ = digits
     return {
         **report_head(CPU),
-        "data": source,
+        "data": digits.source,
         "steps_per_call": STEPS_PER_CALL,
         "rounds": rounds,
         "results": [measure(model, images, labels, rounds, log) for model in names],
