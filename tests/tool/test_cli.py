@@ -118,6 +118,27 @@ def test_threads_fixes_the_cpu_thread_count(tiny_split):
     assert torch.get_num_threads() == 1
 
 
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["train", "--bogus"], ["No such option: --bogus", "train -h"]),
+        (["train", "--batch-size", "abc"], ["'--batch-size'", "integer"]),
+        (["bench", "--repeats"], ["'--repeats' requires an argument"]),
+        (["eval"], ["Missing argument 'CHECKPOINT'"]),
+        (["bogus"], ["No such command 'bogus'"]),
+        (["--bogus"], ["No such option: --bogus"]),
+    ],
+)
+def test_a_command_line_click_cannot_parse_is_one_line_too(args, fragments):
+    """click's own usage errors end like every other mistake: one line, exit 2, not a framed box."""
+    assert_user_error(run(*args), *fragments)
+
+
+def test_the_command_alone_still_shows_its_help():
+    result = run()
+    assert "Usage:" in result.output and "train" in result.output and "error" not in result.output
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda_is_a_user_error(tiny_split):
     assert_user_error(run(*train_args(tiny_split, "--device", "cuda")), "--device cuda", "CUDA is not available")

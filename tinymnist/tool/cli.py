@@ -33,7 +33,7 @@ from tinymnist.tool.bench import (
 )
 from tinymnist.tool.busy_core import print_busy_core_report, run_busy_core_bench
 from tinymnist.tool.devices import accelerator_report, resolve_device
-from tinymnist.tool.exits import user_errors
+from tinymnist.tool.exits import OneLineUsageErrors, user_errors
 from tinymnist.tool.floor import print_floor_report, run_floor_bench
 from tinymnist.tool.report import json_line, model_test_line
 from tinymnist.tool.time_to_accuracy import MODELS as TIME_TO_ACCURACY_MODELS
@@ -44,6 +44,7 @@ from tinymnist.viz import confusion as viz_confusion
 from tinymnist.viz.predict import probabilities
 
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help=__doc__.split("\n")[0],

@@ -6,6 +6,7 @@ import functools
 import sys
 
 import typer
+import typer.core
 
 from tinymnist.errors import TinyMnistError
 from tinymnist.tool import interrupts
@@ -28,3 +29,34 @@ def user_errors(command):
             raise typer.Exit(interrupts.exit_code(stop)) from None
 
     return wrapper
+
+
+# click's UsageError, whose subclasses are what it raises for a bad command line; typer 0.29
+# carries a copy of click of its own, so it is taken from typer's BadParameter, either way.
+UsageError = typer.BadParameter.__bases__[0]
+
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """click's own usage errors (an unknown flag or command, a value of the wrong type) as one
+    `tinymnist: error:` line and exit 2, like every other mistake, instead of a framed box."""
+
+    def make_context(self, info_name, args, parent=None, **extra):  # the options before the command
+        alone = not args  # `tinymnist` alone: its help, as no_args_is_help says (the parser empties args)
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except UsageError as error:
+            if alone:
+                raise
+            one_line(error)
+
+    def invoke(self, ctx: typer.Context):  # the command's own arguments and options
+        try:
+            return super().invoke(ctx)
+        except UsageError as error:
+            one_line(error)
+
+
+def one_line(error) -> None:
+    where = f" (see {error.ctx.command_path} -h)" if error.ctx else ""
+    print(f"tinymnist: error: {error.format_message()}{where}", file=sys.stderr)
+    raise typer.Exit(EXIT_USAGE) from None
