@@ -97,7 +97,7 @@ def test_resume_is_bit_exact(tiny_split, tmp_path, compile):
     [
         (["--model", "resnet"], ["--model", "mlp, mlp3, cnn, lenet"]),
         (["--optimizer", "lion"], ["--optimizer", "sgd"]),
-        (["--batch-size", "0"], ["--batch-size"]),
+        (["--batch-size", "0"], ["--batch-size must be positive, got 0"]),
         (["--test-batch-size", "-5"], ["--test-batch-size"]),
         (["--epochs", "0"], ["--epochs"]),
         (["--lr", "-0.1"], ["--lr"]),

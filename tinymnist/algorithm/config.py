@@ -152,8 +152,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     for flag, value in {"--lr": config.lr, "--gamma": config.gamma}.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise TinyMnistError(f"{flag} must be a number, got {value!r}")
-    positive = {k: numbers[k] for k in ("--batch-size", "--test-batch-size", "--epochs", "--log-interval")}
-    for flag, value in {**positive, "--lr": config.lr, "--gamma": config.gamma}.items():
+    for flag in ("--batch-size", "--test-batch-size", "--epochs", "--log-interval"):
+        if not numbers[flag] > 0:
+            raise TinyMnistError(f"{flag} must be positive, got {numbers[flag]}")
+    for flag, value in {"--lr": config.lr, "--gamma": config.gamma}.items():
         if not value > 0 or value == float("inf"):  # also catches NaN
             raise TinyMnistError(f"{flag} must be positive and finite, got {value}")
     if config.schedule not in SCHEDULES:
