@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from tests.support import needs_cpp_compiler
-from tests.tutorials import TUTORIALS, tutorial_input
+from tests.support.tutorials import TUTORIALS, tutorial_input
 from tinymnist.algorithm import cpu_pool, networks, shapes
 from tinymnist.errors import TinyMnistError
 

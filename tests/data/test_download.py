@@ -1,6 +1,6 @@
 """Downloading through real HTTP: mirrors on 127.0.0.1 that the tests script to fail.
 
-Each `Mirror` (tests/mirror.py) is a ThreadingHTTPServer on a free port. The files served
+Each `Mirror` (tests/support/mirror.py) is a ThreadingHTTPServer on a free port. The files served
 are the real t10k files when they are here (their md5 is the published one), else small
 synthetic IDX files.
 """
@@ -17,7 +17,7 @@ import pytest
 import requests
 import torch
 
-from tests.mirror import Mirror, cut_off, gzip_if_accepted, serve, stall, status
+from tests.support.mirror import Mirror, cut_off, gzip_if_accepted, serve, stall, status
 from tinymnist.data import DEFAULT_MIRRORS, FILES, DownloadError, download, load_mnist
 from tinymnist.data.fetch import Patience
 from tinymnist.data.idx import read_idx, write_idx

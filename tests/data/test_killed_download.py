@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from tests.mirror import Mirror, serve, trickle
+from tests.support.mirror import Mirror, serve, trickle
 from tinymnist.data import download
 from tinymnist.data.fetch import Patience
 from tinymnist.data.idx import write_idx

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.mirror import Mirror
+from tests.support.mirror import Mirror
 from tinymnist.data import (
     FILES,
     MNIST,

@@ -13,7 +13,7 @@ import pytest
 import requests
 import torch
 
-from tests.mirror import Mirror, serve, stall, stall_after_headers, status, trickle
+from tests.support.mirror import Mirror, serve, stall, stall_after_headers, status, trickle
 from tinymnist.data import FILES, DownloadError, download
 from tinymnist.data.fetch import Patience
 from tinymnist.data.idx import write_idx

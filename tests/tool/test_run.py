@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.mirror import Mirror
 from tests.support import assert_user_error, run, train_args
+from tests.support.mirror import Mirror
 from tinymnist import data
 from tinymnist.tool import checkpoint
 from tinymnist.tool.cli import app

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.support import assert_user_error, run, run_viz, train_checkpoint
-from tests.tutorials import TUTORIALS, tutorial_forward
+from tests.support.tutorials import TUTORIALS, tutorial_forward
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import RECIPES
 from tinymnist.data.idx import read_idx

@@ -1,7 +1,7 @@
 """What the test modules share: running the CLI (and the picture commands alone), a silent
 reporter, random data, fit as `train` calls it, PNG checks, a real small file system for full
-disks, and the skip markers. (tests/tutorials.py holds the oracles, tests/mirror.py the
-HTTP server the download tests start.)"""
+disks, and the skip markers. Beside it: tutorials.py, the tutorials' own modules that tests hold
+tinymnist to, and mirror.py, the HTTP server the download tests start."""
 
 from __future__ import annotations
 
