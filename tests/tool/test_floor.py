@@ -59,6 +59,19 @@ def test_each_product_has_the_shape_autograd_gives(model):
         assert out.get("input_grad", (2, *p.shape_in)) == (2, *p.shape_in)
 
 
+@pytest.mark.parametrize("model", ["cnn", "lenet", "fast"])
+def test_first_conv_weight_grad_candidates_agree(model):
+    """The floor times the faster of two kernels for a first conv's weight gradient: both give it."""
+    first = floor.product_layers(model)[0]
+    torch.manual_seed(0)
+    x, grad_out = torch.randn(3, *first.shape_in), torch.randn(3, *first.shape_out)
+    weight = torch.empty(first.layer.out_channels, 1, first.layer.kernel, first.layer.kernel)
+    by_backward, as_forward = floor.weight_grad_calls(x, weight, grad_out, first.layer.stride, first.layer.padding)
+    expected = by_backward()
+    scale = expected.abs().max()  # sums of ~10^3 float32 products, added in another order
+    torch.testing.assert_close(as_forward() / scale, expected / scale, rtol=0, atol=1e-5)
+
+
 def test_optimizer_arrays_by_hand():
     # read the gradient; read and write the parameters and each state tensor of the same size
     assert floor.optimizer_arrays("mlp") == 1 + 2 * 3  # adam: exp_avg, exp_avg_sq

@@ -3,9 +3,10 @@
 The step is the one `train` runs on the CPU (compiled, in micro-batches where it splits
 the batch) on fixed threads, at the recipe's batch size; also K steps per call where it can.
 The floor, timed with torch's own kernels on random tensors of the step's shapes, is:
-- every conv and linear layer's products: forward, weight gradient and (but for the first
-  layer, whose input needs no gradient) input gradient, at the whole batch or in the step's
-  micro-batches, whichever is faster. Elementwise work (biases, ReLU, pooling, the loss) is
+- every conv and linear layer's products: forward, weight gradient (for a one-channel conv, by
+  oneDNN's backward or as a forward convolution, transforms/first_conv.py, whichever is faster) and
+  (but for the first layer, whose input needs no gradient) input gradient, at the whole batch or in
+  the step's micro-batches, whichever is faster. Elementwise work (biases, ReLU, pooling, the loss) is
   left out: a perfect step would fold it into the products.
 - the optimizer's memory traffic: parameters, gradients and optimizer state read, parameters
   and state written, timed as torch.add over arrays of the parameter count and scaled.
@@ -36,6 +37,7 @@ from tinymnist.algorithm.train import initial_state
 from tinymnist.tool.bench import Digits, new_table, print_table, report_head
 from tinymnist.tool.report import counted
 from tinymnist.transforms import speed
+from tinymnist.transforms.first_conv import weight_grad_as_forward
 
 CPU = torch.device("cpu")
 STEP_SECONDS = 0.25  # the least time one window of steps spans
@@ -99,10 +101,26 @@ def product_calls(p: ProductLayer, batch: int) -> dict[str, Callable[[], torch.T
         stride, padding = conv.stride, conv.padding
         calls = {
             "forward": lambda: F.conv2d(x, weight, None, stride, padding),  # (B, C_out, H', W')
-            "weight_grad": lambda: conv2d_weight(x, weight.shape, grad_out, stride, padding),  # like weight
+            "weight_grad": faster(*weight_grad_calls(x, weight, grad_out, stride, padding)),  # like weight
             "input_grad": lambda: conv2d_input(x.shape, weight, grad_out, stride, padding),  # like x
         }
     return {name: calls[name] for name in p.products()}
+
+
+def weight_grad_calls(x, weight, grad_out, stride: int, padding: int) -> list[Callable[[], torch.Tensor]]:
+    """A conv's weight gradient by oneDNN's backward, and for one input channel at stride 1 also as the
+    forward convolution the compiled step runs (transforms/first_conv.py)."""
+    calls = [lambda: conv2d_weight(x, weight.shape, grad_out, stride, padding)]
+    if x.shape[1] == 1 and stride == 1:
+        calls.append(lambda: weight_grad_as_forward(x, grad_out, [padding] * 2, groups=1)[0])
+    return calls
+
+
+def faster(*calls: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """The call of the least time, best of 3 each: the floor takes the fastest kernel torch has."""
+    if len(calls) == 1:
+        return calls[0]
+    return min(calls, key=lambda call: min(Timed(call).microseconds() for _ in range(3)))
 
 
 def optimizer_arrays(model: str) -> int:
