@@ -1,6 +1,7 @@
 """What transforms/first_conv.py's rewrite is worth: a first convolution's weight gradient, two ways.
 
     python research/first_conv.py [--models cnn,lenet,fast] [--rounds 7] > results/bench/cpu-first-conv/first-conv.txt
+    python research/first_conv.py --profile fast > results/bench/cpu-first-conv/profile-fast.txt
 
 1. The kernels, eager, on random tensors of each network's first layer at the batch the CPU step
    runs it (the recipe's, or a micro-batch of 256): torch's conv2d_weight (oneDNN's backward
@@ -10,6 +11,9 @@
 
 Each pair is timed in turns, `--rounds` windows each, so that a shared machine's load slows both
 alike; the medians and the median of the rounds' ratios are printed.
+
+3. With `--profile MODEL`: torch.profiler's self time per step of each convolution kernel in that
+   model's compiled step, without the rewrite and with it, by input shapes.
 """
 
 from __future__ import annotations
@@ -94,16 +98,35 @@ def step_loop(model: str, images, labels, rewrite: bool):
     return call
 
 
+def profile(model: str, images, labels, steps: int = 6) -> None:
+    """Each convolution kernel's self time per step, by input shapes, in the compiled step both ways."""
+    for rewrite in (False, True):
+        call = step_loop(model, images, labels, rewrite)
+        for _ in range(3):  # the compile, then two more
+            call()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(steps):
+                call()
+        print(f"# {model}, {'with' if rewrite else 'without'} the rewrite: ms per step, kernel, input shapes")
+        for event in prof.key_averages(group_by_input_shape=True):
+            if "convolution" in event.key and event.self_cpu_time_total > 0.01 * 1e3 * steps:
+                print(f"{event.self_cpu_time_total / steps / 1e3:7.2f}  {event.key}  {event.input_shapes}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="cnn,lenet,fast")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--profile", default=None, help="a model: its convolution kernels, profiled, both ways")
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = 64  # the same step function, compiled twice per model
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (N_IMAGES, 28, 28), dtype=torch.uint8, generator=g)  # (60000, 28, 28)
     labels = torch.randint(0, 10, (N_IMAGES,), generator=g)  # (60000,)
     print(f"# {' '.join(sys.argv)}\n# torch {torch.__version__}, {torch.get_num_threads()} threads, cpu")
+    if args.profile:
+        profile(args.profile, images, labels)
+        return
     print("# model, batch: first layer's weight gradient, ms: conv2d_weight, as forward, ratio")
     for model in args.models.split(","):
         k = kernels(model, args.rounds)

@@ -18,8 +18,8 @@ from tinymnist.transforms.speed import compiled, steps_per_call
 CPU = torch.device("cpu")
 
 
-def mlp3_batches(k: int, n_images: int = 256):
-    config = recipe_config("mlp3")
+def mlp3_batches(k: int, n_images: int = 256, model: str = "mlp3"):
+    config = recipe_config(model)
     optimizer = make_optimizer(config)
     state = initial_state(config, optimizer, CPU)
     g = torch.Generator().manual_seed(0)
@@ -39,9 +39,10 @@ def one_at_a_time(step, params, opt_state, images, labels, batch_idx, lr):
 
 
 @needs_cpp_compiler
-def test_k_steps_in_one_compiled_scan_are_k_compiled_steps_bit_for_bit():
+@pytest.mark.parametrize("model", ["mlp3", "fast"])  # fast: a conv, and first_conv.py's rewrite inside the scan
+def test_k_steps_in_one_compiled_scan_are_k_compiled_steps_bit_for_bit(model):
     """scan's body is the step's own graph: the CPU computes the same numbers."""
-    config, optimizer, state, images, labels, batch_idx, lr = mlp3_batches(k=4)
+    config, optimizer, state, images, labels, batch_idx, lr = mlp3_batches(k=4, model=model)
     step = make_step(make_gradient(config), optimizer)
     one = compiled(step)
     several = SeveralSteps(one, compiled(scanned(step)), k=4)

@@ -1,18 +1,18 @@
 """A speed trick for the CPU: a first convolution's weight gradient as one forward convolution.
 
 oneDNN computes the weight gradient of a convolution whose groups have one input channel each
-(a network's first layer: the image; N models' under vmap) far slower than its forward: fast's
-conv1, 256 images, 1 -> 24 channels, 5x5, took 16 ms against 3.9 ms forward. The same sums are
-a forward convolution with the batch as the channels:
+(a network's first layer: the image; N models' under vmap) slowly on the channels-last tensors
+inductor hands it: in fast's compiled step, conv1's (256 images, 1 -> 24 channels, 5x5) took 26 ms
+of a 65 ms step. The same sums are a forward convolution with the batch as the channels:
 
     dW[o, 0, i, j] = sum over b, y, x of dY[b, o, y, x] * X[b, 0, y + i, x + j]
                    = conv2d(X as (1, B, H, W), weight=dY as (O, B, H', W'))[0, o, i, j]
 
-which took 5.6 ms (cnn 4.1 -> 1.5 ms, lenet 8.2 -> 3.6 ms per 256 images; BENCHMARKS.md "A first
-convolution's weight gradient"). `rewrite` makes that change in the graph inductor compiles, after
-autograd has written the backward, so the networks and the pure step keep their plain F.conv2d;
-speed.compiled hands `inductor_pass()` to every compile. The sums run in another order: the weight
-gradient agrees with autograd's to float rounding, not bit for bit.
+which took 8 ms there (torch.profiler, one process). `rewrite` makes that change in the graph
+inductor compiles, after autograd has written the backward, so the networks and the pure step keep
+their plain F.conv2d; speed.compiled hands `inductor_pass()` to every compile. The compiled CPU steps
+take 0.77-0.78x the time for fast, 0.91-0.92x for lenet, 0.91-0.97x for cnn (research/first_conv.py).
+The sums run in another order: the gradient agrees with autograd's to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def weight_grad_as_forward(x, grad_out, padding: list[int], groups: int) -> tupl
     channels = x.permute(1, 0, 2, 3).reshape(1, groups * batch, height, width)  # (1, G*B, H, W): images as channels
     kernels = grad_out.permute(1, 0, 2, 3)  # (G*O, B, H', W'): one kernel per output channel
     weight_grad = aten.convolution(channels, kernels, None, [1, 1], padding, [1, 1], False, [0, 0], groups)
-    return weight_grad.permute(1, 0, 2, 3), grad_out.sum(dim=(0, 2, 3))  # (G*O, 1, k, k), (G*O,)
+    # (1, G*O, k, k) -> (G*O, 1, k, k) with a weight's own strides: a scan's carried parameters must keep theirs
+    weight_grad = weight_grad.flatten().view(kernels.shape[0], 1, *weight_grad.shape[-2:])
+    return weight_grad, grad_out.sum(dim=(0, 2, 3))  # (G*O, 1, k, k), (G*O,)
 
 
 def rewritable(node: torch.fx.Node) -> bool:
