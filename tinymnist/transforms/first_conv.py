@@ -2,17 +2,18 @@
 
 oneDNN computes the weight gradient of a convolution whose groups have one input channel each
 (a network's first layer: the image; N models' under vmap) slowly on the channels-last tensors
-inductor hands it: in fast's compiled step, conv1's (256 images, 1 -> 24 channels, 5x5) took 26 ms
-of a 65 ms step. The same sums are a forward convolution with the batch as the channels:
+inductor hands it: in fast's compiled step, conv1's (256 images, 1 -> 24 channels, 5x5) took 28 ms a
+step, its forward 6 ms. The same sums are a forward convolution with the batch as the channels:
 
     dW[o, 0, i, j] = sum over b, y, x of dY[b, o, y, x] * X[b, 0, y + i, x + j]
                    = conv2d(X as (1, B, H, W), weight=dY as (O, B, H', W'))[0, o, i, j]
 
-which took 8 ms there (torch.profiler, one process). `rewrite` makes that change in the graph
-inductor compiles, after autograd has written the backward, so the networks and the pure step keep
-their plain F.conv2d; speed.compiled hands `inductor_pass()` to every compile. The compiled CPU steps
-take 0.77-0.78x the time for fast, 0.91-0.92x for lenet, 0.91-0.97x for cnn (research/first_conv.py).
-The sums run in another order: the gradient agrees with autograd's to float rounding, not bit for bit.
+which took 8.8 ms there (`python research/first_conv.py --profile fast`). `rewrite` makes that
+change in the graph inductor compiles, after autograd has written the backward, so the networks and
+the pure step keep their plain F.conv2d; speed.compiled hands `inductor_pass()` to every compile. The
+compiled CPU steps took 0.77-0.78x the time for fast, 0.91-0.92x for lenet, 0.91-0.97x for cnn, in
+two runs of research/first_conv.py. The sums run in another order: the gradient agrees with
+autograd's to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
