@@ -22,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 from torch.nn.grad import conv2d_weight
@@ -78,13 +79,9 @@ def step_loop(model: str, images, labels, rewrite: bool):
     """One call of the step train runs on the CPU, advancing its own state; compiled with the rewrite or not."""
     config = recipe_config(model, compile=True)
     optimizer = make_optimizer(config)
-    with_rewrite = speed.compile_options
-    if not rewrite:
-        speed.compile_options = dict  # no options: torch.compile binds them when device_step calls it
-    try:
+    options = speed.compile_options if rewrite else dict  # dict(): none; torch.compile binds them here
+    with mock.patch.object(speed, "compile_options", options):
         step = speed.device_step(config, optimizer, torch.device("cpu"), adaptive_threads=False)
-    finally:
-        speed.compile_options = with_rewrite
     state = initial_state(config, optimizer, torch.device("cpu"))
     carry = [state.params, state.opt_state]
     batches = torch.randint(0, N_IMAGES, (8, config.batch_size))

@@ -55,21 +55,26 @@ def test_each_product_has_the_shape_autograd_gives(model):
     for p in floor.product_layers(model):
         out = {name: call().shape for name, call in floor.product_calls(p, batch=2).items()}
         assert out["forward"] == (2, *p.shape_out)
+        assert out["weight_grad"] == out.get("weight_grad_as_forward", out["weight_grad"])
         assert out["weight_grad"] == template[p.layer.name].weight.shape
         assert out.get("input_grad", (2, *p.shape_in)) == (2, *p.shape_in)
 
 
 @pytest.mark.parametrize("model", ["cnn", "lenet", "fast"])
-def test_first_conv_weight_grad_candidates_agree(model):
-    """The floor times the faster of two kernels for a first conv's weight gradient: both give it."""
-    first = floor.product_layers(model)[0]
+def test_a_first_convs_two_weight_gradient_kernels_agree(model):
+    """The floor times two kernels for a one-channel conv's weight gradient: both give it."""
     torch.manual_seed(0)
-    x, grad_out = torch.randn(3, *first.shape_in), torch.randn(3, *first.shape_out)
-    weight = torch.empty(first.layer.out_channels, 1, first.layer.kernel, first.layer.kernel)
-    by_backward, as_forward = floor.weight_grad_calls(x, weight, grad_out, first.layer.stride, first.layer.padding)
-    expected = by_backward()
+    calls = floor.product_calls(floor.product_layers(model)[0], batch=3)
+    expected = calls["weight_grad"]()
     scale = expected.abs().max()  # sums of ~10^3 float32 products, added in another order
-    torch.testing.assert_close(as_forward() / scale, expected / scale, rtol=0, atol=1e-5)
+    torch.testing.assert_close(calls["weight_grad_as_forward"]() / scale, expected / scale, rtol=0, atol=1e-5)
+
+
+def test_the_floor_counts_each_product_by_its_faster_kernel():
+    times = {"conv1.weight_grad@8": 50.0, "conv1.weight_grad_as_forward@8": 20.0, "conv1.forward@8": 5.0}
+    times |= {"conv2.weight_grad@8": 7.0}
+    assert floor.cheapest_total(times) == 20.0 + 5.0 + 7.0
+    assert floor.cheapest_total(times | {"conv1.weight_grad_as_forward@8": 90.0}) == 50.0 + 5.0 + 7.0
 
 
 def test_optimizer_arrays_by_hand():
@@ -84,7 +89,8 @@ def test_floor_parts_time_the_step_micro_batches():
     assert list(parts) == ["whole", "micro", "optimizer"]
     assert "conv1.input_grad" not in parts["whole"] and parts["whole"]["fc3.input_grad"].weight == 1
     assert parts["micro"]["conv2.weight_grad@8"].weight == 2 and parts["micro"]["conv2.weight_grad@4"].weight == 1
-    assert len(parts["micro"]) == 2 * len(parts["whole"]) == 2 * (2 + 4 * 3)  # conv1: 2 products, 4 layers: 3
+    # conv1: 2 products, the weight gradient by two kernels; 4 more layers: 3 products each
+    assert len(parts["micro"]) == 2 * len(parts["whole"]) == 2 * (3 + 4 * 3)
     assert parts["optimizer"]["traffic"].weight == 5 / 3  # rmsprop's 5 arrays, timed as a 3-array add
 
 

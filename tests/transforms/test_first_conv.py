@@ -4,7 +4,9 @@ The oracle is autograd's own convolution_backward. The rewrite adds the same pro
 another order, so float64 agrees to 1e-12 and float32 to float32's rounding of ~10^4-term sums.
 """
 
+import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._inductor.utils import run_and_get_code
@@ -44,37 +46,38 @@ def autograd_weight_grads(x, grad_out, weight, padding: int, groups: int):
     batch=st.integers(1, 6),
     groups=st.integers(1, 3),
     out_per_group=st.integers(1, 4),
-    kernel=st.integers(1, 5),
-    padding=st.integers(0, 2),
-    side=st.integers(5, 12),
+    kernel=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    size=st.tuples(st.integers(5, 12), st.integers(5, 12)),
 )
-def test_weight_grad_as_forward_is_autograds(batch, groups, out_per_group, kernel, padding, side):
-    """Any batch, kernel, padding and number of one-channel groups (N models under vmap)."""
-    g = torch.Generator().manual_seed(batch * 1000 + side)
-    x = torch.randn(batch, groups, side, side, generator=g, dtype=torch.float64)  # (B, G, H, W)
-    weight = torch.randn(groups * out_per_group, 1, kernel, kernel, generator=g, dtype=torch.float64)
-    out_side = side + 2 * padding - kernel + 1
-    grad_out = torch.randn(batch, groups * out_per_group, out_side, out_side, generator=g, dtype=torch.float64)
-    expected = autograd_weight_grads(x, grad_out, weight, padding, groups)
-    got = weight_grad_as_forward(x, grad_out, [padding] * 2, groups)
+def test_weight_grad_as_forward_is_autograds(batch, groups, out_per_group, kernel, padding, size):
+    """Any batch, kernel, padding and image size, and any number of one-channel groups (N models under vmap)."""
+    g = torch.Generator().manual_seed(batch * 1000 + sum(size))
+    x = torch.randn(batch, groups, *size, generator=g, dtype=torch.float64)  # (B, G, H, W)
+    weight = torch.randn(groups * out_per_group, 1, *kernel, generator=g, dtype=torch.float64)  # (G*O, 1, kh, kw)
+    out_size = [s + 2 * p - k + 1 for s, p, k in zip(size, padding, kernel, strict=True)]
+    grad_out = torch.randn(batch, groups * out_per_group, *out_size, generator=g, dtype=torch.float64)
+    _, *expected = aten.convolution_backward(
+        grad_out, x, weight, [len(weight)], [1, 1], list(padding), [1, 1], False, [0, 0], groups, [False, True, True]
+    )
+    got = weight_grad_as_forward(x, grad_out, list(padding), groups)
     for e, o in zip(expected, got, strict=True):
         torch.testing.assert_close(o, e, rtol=1e-12, atol=1e-12)
 
 
-def two_conv_gradient(stride: int = 1):
-    """Autograd's graph (make_fx) of a gradient through a one-channel conv and a four-channel one."""
+def two_conv_gradient(stride=1, dilation=1, wrt_image=False, device="cpu"):
+    """Autograd's graph (make_fx) of a gradient through a one-channel conv and a four-channel one:
+    the weights' gradients, and with `wrt_image` the image's too."""
 
     def loss(w1, w2, x):
-        hidden = torch.nn.functional.conv2d(x, w1, stride=stride).relu()  # (B, 4, H', W')
-        return torch.nn.functional.conv2d(hidden, w2).square().sum()
+        hidden = F.conv2d(x, w1, stride=stride, dilation=dilation).relu()  # (B, 4, H', W')
+        return F.conv2d(hidden, w2).square().sum()
 
     g = torch.Generator().manual_seed(0)
-    args = (
-        torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64),
-        torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64),
-        torch.randn(5, 1, 12, 12, generator=g, dtype=torch.float64),
-    )
-    return make_fx(torch.func.grad(loss, argnums=(0, 1)), tracing_mode="fake")(*args), args
+    shapes = [(4, 1, 3, 3), (2, 4, 3, 3), (5, 1, 12, 12)]  # w1, w2, x
+    args = [torch.randn(shape, generator=g, dtype=torch.float64).to(device) for shape in shapes]
+    gradient = torch.func.grad(loss, argnums=(0, 1, 2) if wrt_image else (0, 1))
+    return make_fx(gradient, tracing_mode="fake")(*args), args
 
 
 def conv_backwards(graph: torch.fx.Graph) -> int:
@@ -92,10 +95,33 @@ def test_the_pass_rewrites_the_one_channel_convolution_only():
         torch.testing.assert_close(o, e, rtol=1e-12, atol=1e-12)
 
 
-def test_the_pass_leaves_a_strided_convolution_alone():
-    traced, _ = two_conv_gradient(stride=2)
+@pytest.mark.parametrize(
+    "case",
+    [{"stride": 2}, {"dilation": 2}, {"wrt_image": True}, {"device": "meta"}],
+    ids=["strided", "dilated", "the image's gradient asked", "not the CPU"],
+)
+def test_the_pass_leaves_other_convolutions_alone(case):
+    traced, _ = two_conv_gradient(**case)
     rewrite(traced.graph)
     assert conv_backwards(traced.graph) == 2
+
+
+def test_the_pass_rewrites_vmaps_grouped_first_layer():
+    """3 models under vmap: one grouped convolution of one channel per group, here with a 5x3 kernel,
+    padding (2, 1) and 11x9 images: the rewritten graph gives the same gradients."""
+
+    def loss(w, x):  # w: (O, 1, 5, 3), x: (B, 1, 11, 9)
+        return F.conv2d(x, w, padding=(2, 1)).square().sum()
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 4, 1, 5, 3, generator=g, dtype=torch.float64)  # (N, O, 1, 5, 3)
+    x = torch.randn(3, 2, 1, 11, 9, generator=g, dtype=torch.float64)  # (N, B, 1, 11, 9): each model's batch
+    traced = make_fx(torch.func.vmap(torch.func.grad(loss)), tracing_mode="fake")(w, x)
+    expected = traced(w, x)
+    rewrite(traced.graph)
+    traced.recompile()
+    assert conv_backwards(traced.graph) == 0
+    torch.testing.assert_close(traced(w, x), expected, rtol=1e-12, atol=1e-12)
 
 
 @needs_cpp_compiler

@@ -18,7 +18,7 @@ from tinymnist.transforms.speed import compiled, steps_per_call
 CPU = torch.device("cpu")
 
 
-def mlp3_batches(k: int, n_images: int = 256, model: str = "mlp3"):
+def batches(k: int, n_images: int = 256, model: str = "mlp3"):
     config = recipe_config(model)
     optimizer = make_optimizer(config)
     state = initial_state(config, optimizer, CPU)
@@ -42,7 +42,7 @@ def one_at_a_time(step, params, opt_state, images, labels, batch_idx, lr):
 @pytest.mark.parametrize("model", ["mlp3", "fast"])  # fast: a conv, and first_conv.py's rewrite inside the scan
 def test_k_steps_in_one_compiled_scan_are_k_compiled_steps_bit_for_bit(model):
     """scan's body is the step's own graph: the CPU computes the same numbers."""
-    config, optimizer, state, images, labels, batch_idx, lr = mlp3_batches(k=4, model=model)
+    config, optimizer, state, images, labels, batch_idx, lr = batches(k=4, model=model)
     step = make_step(make_gradient(config), optimizer)
     one = compiled(step)
     several = SeveralSteps(one, compiled(scanned(step)), k=4)
@@ -52,7 +52,7 @@ def test_k_steps_in_one_compiled_scan_are_k_compiled_steps_bit_for_bit(model):
 
 
 def test_a_shorter_call_runs_the_single_step_n_times():
-    config, optimizer, state, images, labels, batch_idx, lr = mlp3_batches(k=3)
+    config, optimizer, state, images, labels, batch_idx, lr = batches(k=3)
     step = make_step(make_gradient(config), optimizer)
     several = SeveralSteps(step, lambda *args: pytest.fail("the scan is for exactly k steps"), k=10)
     several.compiled = True  # past the first call's warm-up of both paths (tested below)
@@ -69,7 +69,7 @@ def without_timings(records: list[dict]) -> list[dict]:
 def test_the_first_call_compiles_both_paths_and_leaves_the_random_state_as_its_own(n):
     """A compile later on would fall inside the loop's clock; the thrown-away call draws no
     random numbers that the run then misses (dropout)."""
-    config, _, state, images, labels, batch_idx, lr = mlp3_batches(k=n)
+    config, _, state, images, labels, batch_idx, lr = batches(k=n)
     calls = []
 
     def path(name):
