@@ -6,8 +6,8 @@ The floor, timed with torch's own kernels on random tensors of the step's shapes
 - every conv and linear layer's products: forward, weight gradient (for a one-channel conv, by
   oneDNN's backward or as a forward convolution, transforms/first_conv.py, the faster in each round)
   and (but for the first layer, whose input needs no gradient) input gradient, at the whole batch or
-  in the step's micro-batches, whichever is faster. Elementwise work (biases, ReLU, pooling, the loss) is
-  left out: a perfect step would fold it into the products.
+  in the step's micro-batches, whichever is faster. Elementwise work (biases, ReLU, pooling, the
+  loss) is left out: a perfect step would fold it into the products.
 - the optimizer's memory traffic: parameters, gradients and optimizer state read, parameters
   and state written, timed as torch.add over arrays of the parameter count and scaled.
 

@@ -10,10 +10,10 @@ step, its forward 6 ms. The same sums are a forward convolution with the batch a
 
 which took 8.8 ms there (`python research/first_conv.py --profile fast`). `rewrite` makes that
 change in the graph inductor compiles, after autograd has written the backward, so the networks and
-the pure step keep their plain F.conv2d; speed.compiled hands `inductor_pass()` to each compile it makes. The
-compiled CPU steps took 0.77-0.78x the time for fast, 0.91-0.92x for lenet, 0.91-0.97x for cnn, in
-two runs of research/first_conv.py. The sums run in another order: the gradient agrees with
-autograd's to float rounding, not bit for bit.
+the pure step keep their plain F.conv2d; speed.compiled hands `inductor_pass()` to each compile it
+makes. The compiled CPU steps took 0.77-0.78x the time for fast, 0.91-0.92x for lenet, 0.91-0.97x
+for cnn, in two runs of research/first_conv.py. The sums run in another order: the gradient agrees
+with autograd's to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
