@@ -4,6 +4,7 @@ import contextlib
 import io
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -266,17 +267,20 @@ def test_an_rng_state_torch_rejects_is_refused_quoting_torch_at_a_word_boundary(
 def test_unreadable_files_are_one_line_and_torch_is_never_cut_mid_word(tmp_path):
     good = write(tmp_path / "good.pt")
     (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[:-100])
-    (tmp_path / "garbage.pt").write_bytes(os.urandom(1000))
+    # random bytes: seed 0 fails torch's weights-only unpickler, seed 20 with a KeyError (no torch.save records)
+    (tmp_path / "garbage.pt").write_bytes(random.Random(0).randbytes(1000))
+    (tmp_path / "keyerror.pt").write_bytes(random.Random(20).randbytes(1000))
     torch.save([1, 2, 3], tmp_path / "list.pt")
     assert_refused(tmp_path / "missing.pt", "no such file")
     assert_refused(tmp_path / "list.pt", "not a tinymnist checkpoint")
-    for name in ("truncated.pt", "garbage.pt"):
+    for name in ("truncated.pt", "garbage.pt", "keyerror.pt"):
         message = assert_refused(tmp_path / name, "not a readable tinymnist checkpoint (")
         with pytest.raises(Exception) as torch_error:
             torch.load(tmp_path / name, weights_only=True)
         first_line = str(torch_error.value).strip().splitlines()[0]
         quoted = message.split("checkpoint (", 1)[1].removesuffix(")")
-        if "Weights only load failed" in first_line:  # torch's advice (weights_only=False) is not passed on
+        # torch's advice (weights_only=False) is not passed on; a KeyError is a file without torch.save's records
+        if "Weights only load failed" in first_line or isinstance(torch_error.value, KeyError):
             assert quoted == "it is not a torch.save file of tensors, numbers and strings"
         else:
             assert quoted == first_line or (quoted.endswith(" …") and first_line.startswith(quoted[:-2] + " "))
