@@ -14,14 +14,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 Answer = Callable[[BaseHTTPRequestHandler], None]
 
 
-def serve(body: bytes) -> Answer:
-    def answer(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+def send(handler: BaseHTTPRequestHandler, body: bytes, headers: dict[str, str] | None = None) -> None:
+    """200 with the body, its Content-Length and any other `headers`."""
+    handler.send_response(200)
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
-    return answer
+
+def serve(body: bytes) -> Answer:
+    return lambda handler: send(handler, body)
 
 
 def status(code: int) -> Answer:
@@ -52,13 +56,8 @@ def gzip_if_accepted(body: bytes) -> Answer:
 
     def answer(handler):
         if "gzip" not in handler.headers.get("Accept-Encoding", ""):
-            return serve(body)(handler)
-        compressed = gzip.compress(body)
-        handler.send_response(200)
-        handler.send_header("Content-Encoding", "gzip")
-        handler.send_header("Content-Length", str(len(compressed)))
-        handler.end_headers()
-        handler.wfile.write(compressed)
+            return send(handler, body)
+        send(handler, gzip.compress(body), {"Content-Encoding": "gzip"})
 
     return answer
 

@@ -43,6 +43,7 @@ CPU = torch.device("cpu")
 STEP_SECONDS = 0.25  # the least time one window of steps spans
 PRODUCT_SECONDS = 0.01  # the least time one measurement of a product spans: far above the clock's resolution
 STEPS_PER_CALL = 10  # K of `train --steps-per-call K` timed beside the one-step call
+AS_FORWARD = "_as_forward"  # a product's name with it: the same product by first_conv.py's kernel
 
 
 # ---- what a step must compute -------------------------------------------------------------
@@ -105,8 +106,8 @@ def product_calls(p: ProductLayer, batch: int) -> dict[str, Callable[[], torch.T
             "input_grad": lambda: conv2d_input(x.shape, weight, grad_out, stride, padding),  # like x
         }
         if p.shape_in[0] == 1 and stride == 1:  # the kernel the compiled step runs (transforms/first_conv.py)
-            calls["weight_grad_as_forward"] = lambda: weight_grad_as_forward(x, grad_out, [padding] * 2, 1)[0]
-    return {name: call for name, call in calls.items() if name.removesuffix("_as_forward") in p.products()}
+            calls["weight_grad" + AS_FORWARD] = lambda: weight_grad_as_forward(x, grad_out, [padding] * 2, 1)[0]
+    return {name: call for name, call in calls.items() if name.removesuffix(AS_FORWARD) in p.products()}
 
 
 def cheapest_total(times: dict[str, float]) -> float:
@@ -114,7 +115,7 @@ def cheapest_total(times: dict[str, float]) -> float:
     kernel for "conv1.weight_grad@256"."""
     best = {}
     for name, us in times.items():
-        product = name.replace("_as_forward", "")
+        product = name.replace(AS_FORWARD, "")  # "conv1.weight_grad@256"
         best[product] = min(us, best.get(product, math.inf))
     return sum(best.values())
 
