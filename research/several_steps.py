@@ -42,7 +42,7 @@ def main():
         config = recipe_config(model)
         optimizer = make_optimizer(config)
         gradient = make_gradient(config)
-        micro = default_micro_batch(torch.device("cpu"))
+        micro = default_micro_batch(torch.device("cpu"), model)
         if 0 < micro < config.batch_size:  # as device_step: compiled pieces, the chunk loop in Python
             gradient = micro_batched(compiled(gradient), micro)
         step = make_step(gradient, optimizer)

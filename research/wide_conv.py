@@ -39,13 +39,13 @@ from tinymnist.transforms.wide_conv import CONV_RULES, wide_gradient
 N_IMAGES = 60_000
 
 
-def per_model_chunk(chunks: str, n: int, device) -> int:
+def per_model_chunk(chunks: str, model: str, n: int, device) -> int:
     """Images per model in one micro-batch. "shared": the device's chunk shared by the N models
     (speed.default_micro_batch: as many images in flight as one model's chunk); "each": the
     device's chunk for each model, N times as many (device_step before wide_conv.py); a number."""
     if chunks == "shared":
-        return default_micro_batch(device, n)
-    return default_micro_batch(device) if chunks == "each" else int(chunks)
+        return default_micro_batch(device, model, n)
+    return default_micro_batch(device, model) if chunks == "each" else int(chunks)
 
 
 def build_step(config, optimizer, device, rule: str, micro_batch: int):
@@ -142,9 +142,9 @@ def main() -> None:
     for model in args.models.split(","):
         config = recipe_config(model)
         steps = max(1, args.window_images // config.batch_size)
-        stacked = {(n, rule, per_model_chunk(c, n, device)) for n in counts for rule in rules for c in chunks}
+        stacked = {(n, rule, per_model_chunk(c, model, n, device)) for n in counts for rule in rules for c in chunks}
         stacked = sorted(stacked, key=lambda w: (w[0], rules.index(w[1]), -w[2]))
-        wanted = [(1, "single", default_micro_batch(device)), *stacked]
+        wanted = [(1, "single", default_micro_batch(device, model)), *stacked]
         candidates = []
         for n, rule, micro_batch in wanted:
             print(f"{model}: compiling {rule} for N={n}, chunks of {micro_batch}", file=sys.stderr)

@@ -26,8 +26,11 @@ from tinymnist.transforms.several_steps import SeveralSteps, scanned
 from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models_update, one_by_one
 from tinymnist.transforms.wide_conv import ONE_BY_ONE, chosen_rule
 
-# Micro-batches on the CPU: lenet's 8192-image step ran ~2x faster in chunks of 256 (tinymnist bench, BENCHMARKS.md).
+# Micro-batches on the CPU, so that a chunk's activations stay in cache: lenet's 8192-image step ran
+# ~2x faster in chunks of 256 (tinymnist bench), fast's 256-image step 0.71x the time in chunks of 64
+# (research/micro_batch.py; cnn and lenet gained nothing from smaller chunks). BENCHMARKS.md has both.
 CPU_MICRO_BATCH = 256
+CPU_MICRO_BATCH_OF = {"fast": 64}
 
 
 def compiled(fn):
@@ -82,7 +85,9 @@ def device_step(
     if stacked and not models_in_turn:
         gradient, sharers = n_models_gradient(config, device), chunk_sharers(config)  # sharers: of one micro-batch
     compile = use_compile(config, device)
-    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device, sharers)
+    micro_batch = (
+        config.micro_batch if config.micro_batch is not None else default_micro_batch(device, config.model, sharers)
+    )
     split = 0 < micro_batch < config.batch_size
     if models_in_turn or split:  # compile the pieces; the loops run in Python
         if compile:
@@ -118,7 +123,7 @@ def steps_per_call(config: TrainConfig, device: torch.device, one_process: bool 
 
 def several_steps_refused(config: TrainConfig, device: torch.device, one_process: bool = True) -> str | None:
     """Why several steps per call cannot run here (one model, compiled, CPU, one process), or None."""
-    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device)
+    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device, config.model)
     if device.type != "cpu":
         return "it runs on the CPU only (--device cpu)"
     if not use_compile(config, device):
@@ -140,10 +145,10 @@ def use_compile(config: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_compiler() is not None)
 
 
-def default_micro_batch(device: torch.device, sharers: int = 1) -> int:
-    """Images per model and chunk: 0 (whole batch) off the CPU; on it, CPU_MICRO_BATCH split between
-    the `sharers` models that share a chunk (vmap.chunk_sharers)."""
-    return max(1, CPU_MICRO_BATCH // sharers) if device.type == "cpu" else 0
+def default_micro_batch(device: torch.device, model: str, sharers: int = 1) -> int:
+    """Images per model and chunk: 0 (whole batch) off the CPU; on it, the network's CPU chunk split
+    between the `sharers` models that share a chunk (vmap.chunk_sharers)."""
+    return max(1, CPU_MICRO_BATCH_OF.get(model, CPU_MICRO_BATCH) // sharers) if device.type == "cpu" else 0
 
 
 def use_tf32_matmuls(device: torch.device) -> None:
