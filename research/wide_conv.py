@@ -10,6 +10,9 @@ micro-batched as `device_step` does on the device) is built once per candidate:
     chosen          the N-model step `train --seeds N` runs: device_step's, wide_conv.CHOSEN's rule
     vmap-gradient   today's path: vmap.vmapped(make_gradient), vmap's grouped convolutions
     vmap, loop, unfold   wide_conv.wide_gradient with that convolution rule
+    one-by-one      vmap.one_by_one: one model's compiled gradient for each model in turn
+    side-by-side    side_by_side.py: one model's gradient, compiled without the GIL, a model per core
+                    (side-by-side-gil: compiled as usual, with the GIL held in every kernel)
 
 then all of them are timed in turns, `--rounds` windows each, so that a shared machine's
 changing load slows every candidate alike; the median window counts. Random images:
@@ -32,7 +35,8 @@ from tinymnist.algorithm import optim
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state, make_gradient, make_step, synchronize
 from tinymnist.transforms.cuda_graph import GraphedStep
-from tinymnist.transforms.speed import compiled, default_micro_batch, device_step, micro_batched
+from tinymnist.transforms.side_by_side import compiled_without_gil, side_by_side
+from tinymnist.transforms.speed import compile_options, compiled, default_micro_batch, device_step, micro_batched
 from tinymnist.transforms.vmap import one_by_one, vmapped, vmapped_update
 from tinymnist.transforms.wide_conv import CONV_RULES, wide_gradient
 
@@ -70,6 +74,14 @@ def build_step(config, optimizer, device, rule: str, micro_batch: int):
         else:
             gradient = compiled(gradient)
         return make_step(one_by_one(gradient), optim.Optimizer(optimizer.init, compiled(update)))
+    if rule.startswith("side-by-side"):  # a model per core, each its compiled gradient (transforms/side_by_side.py)
+        without_gil = rule == "side-by-side"  # "side-by-side-gil": inductor's Python wrapper, which holds the GIL
+        gradient = make_gradient(config)
+        gradient = compiled_without_gil(gradient, compile_options()) if without_gil else compiled(gradient)
+        if 0 < micro_batch < config.batch_size:
+            gradient = micro_batched(gradient, micro_batch)
+        gradients = side_by_side(gradient, workers=torch.get_num_threads())
+        return make_step(gradients, optim.Optimizer(optimizer.init, compiled(update)))
     if rule == "one-by-one-graph":  # the same loop, unrolled into one compiled step
         return compiled(make_step(one_by_one(make_gradient(config)), optim.Optimizer(optimizer.init, update)))
     gradient = vmapped(make_gradient(config)) if rule == "vmap-gradient" else wide_gradient(config, CONV_RULES[rule])

@@ -174,7 +174,7 @@ def test_one_model_is_not_mapped_and_gets_its_single_step(optimizer_name):
 def test_the_chosen_rules_are_rules():
     for (device_type, model), rule in CHOSEN.items():
         assert device_type in ("cpu", "cuda", "mps") and model in networks.MODEL_NAMES
-        assert rule in CONV_RULES or rule in ("vmap-gradient", "one-by-one")
+        assert rule in CONV_RULES or rule in ("vmap-gradient", "one-by-one", "side-by-side")
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,9 @@ from tinymnist.transforms import first_conv
 from tinymnist.transforms.cpu_threads import AdaptiveThreads
 from tinymnist.transforms.cuda_graph import GraphedStep
 from tinymnist.transforms.several_steps import SeveralSteps, scanned
+from tinymnist.transforms.side_by_side import compiled_without_gil, side_by_side
 from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models_update, one_by_one
-from tinymnist.transforms.wide_conv import ONE_BY_ONE, chosen_rule
+from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 
 # Micro-batches on the CPU, so that a chunk's activations stay in cache: lenet's 8192-image step ran
 # ~2x faster in chunks of 256 (tinymnist bench), fast's 256-image step 0.71x the time in chunks of 64
@@ -79,23 +80,28 @@ def device_step(
     device = torch.device(device)  # "cpu" too
     gradient, update, sharers = make_gradient(config), optimizer.update, 1
     stacked = config.n_models > 1 if stacked is None else stacked
-    models_in_turn = stacked and config.n_models > 1 and chosen_rule(device, config.model) == ONE_BY_ONE
+    rule = chosen_rule(device, config.model) if stacked and config.n_models > 1 else None
+    models_in_turn = rule in (ONE_BY_ONE, SIDE_BY_SIDE)
     if stacked:
         update = n_models_update(update, config.n_models)
     if stacked and not models_in_turn:
         gradient, sharers = n_models_gradient(config, device), chunk_sharers(config)  # sharers: of one micro-batch
     compile = use_compile(config, device)
+    side_by_side_models = rule == SIDE_BY_SIDE and compile  # it needs the graph without the GIL
     micro_batch = (
         config.micro_batch if config.micro_batch is not None else default_micro_batch(device, config.model, sharers)
     )
     split = 0 < micro_batch < config.batch_size
     if models_in_turn or split:  # compile the pieces; the loops run in Python
         if compile:
-            gradient, update = compiled(gradient), compiled(update)
+            gradient = compiled_without_gil(gradient, compile_options()) if side_by_side_models else compiled(gradient)
+            update = compiled(update)
         if split:
             gradient = micro_batched(gradient, micro_batch)
         compile = False
-    if models_in_turn:  # one model's compiled gradient, called for each model in turn
+    if side_by_side_models:  # one model's compiled gradient, a model per core at a time
+        gradient = side_by_side(gradient, workers=torch.get_num_threads())
+    elif models_in_turn:  # one model's compiled gradient, called for each model in turn
         gradient = one_by_one(gradient)
     if data_parallel:
         gradient = data_parallel(gradient)

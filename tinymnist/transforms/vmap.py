@@ -22,7 +22,14 @@ from tinymnist.algorithm.config import TrainConfig
 from tinymnist.algorithm.shapes import Conv2d
 from tinymnist.algorithm.train import Evaluation, Evaluations, Gradient, make_gradient, scale_images
 from tinymnist.algorithm.trees import Tree, tree_map
-from tinymnist.transforms.wide_conv import CONV_RULES, ONE_BY_ONE, VMAP_GRADIENT, chosen_rule, wide_gradient
+from tinymnist.transforms.wide_conv import (
+    CONV_RULES,
+    ONE_BY_ONE,
+    SIDE_BY_SIDE,
+    VMAP_GRADIENT,
+    chosen_rule,
+    wide_gradient,
+)
 
 
 def vmapped(gradient: Gradient) -> Gradient:
@@ -40,7 +47,7 @@ def n_models_gradient(config: TrainConfig, device: torch.device) -> Gradient:
     if config.n_models == 1:
         return functools.partial(unmapped, one)
     rule = chosen_rule(device, config.model)
-    if rule == ONE_BY_ONE:
+    if rule in (ONE_BY_ONE, SIDE_BY_SIDE):  # side by side needs a compiled gradient: speed.device_step
         return one_by_one(one)
     return vmapped(one) if rule == VMAP_GRADIENT else wide_gradient(config, CONV_RULES[rule])
 

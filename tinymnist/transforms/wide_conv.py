@@ -53,20 +53,20 @@ def first_loop_conv(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
 
 CONV_RULES = {"vmap": vmap_conv, "loop": loop_conv, "unfold": unfold_conv, "first-loop": first_loop_conv}
 
-# The N-model gradient measured fastest per (device kind, network): a CONV_RULES name, VMAP_GRADIENT or
-# ONE_BY_ONE; unlisted ones keep VMAP_GRADIENT. Time of 8 models over 8 single runs (research/wide_conv.py,
-# results/bench/cpu-seeds/):
+# The N-model gradient measured fastest per (device kind, network): a CONV_RULES name, VMAP_GRADIENT,
+# ONE_BY_ONE or SIDE_BY_SIDE (side_by_side.py: only for networks without dropout); unlisted ones keep
+# VMAP_GRADIENT. Time of 8 models over 8 single runs (research/wide_conv.py, results/bench/cpu-seeds/):
 #   cpu, cnn:   one-by-one 1.08x, vmap-gradient 1.36x, loop 1.69x (8 models at once overflow the caches)
-#   cpu, fast:  one-by-one 0.99x, loop 1.17x, vmap-gradient 1.10x
-#   cpu, lenet: vmap-gradient 0.84x, one-by-one 0.89x (oneDNN's grouped convolution is not slow)
+#   cpu, fast:  side-by-side 0.89x, one-by-one 1.07x, vmap-gradient 1.18x (side-by-side-fast.txt)
+#   cpu, lenet: side-by-side 0.81x, vmap-gradient 1.00x, one-by-one 1.02x (side-by-side-lenet.txt)
 #   cuda, cnn (H200, 16 models, CUDA graphs): vmap-gradient 0.67x, one-by-one 0.93x, unfold 1.20x
 #               (results/bench/cuda-h200/issue20/)
-VMAP_GRADIENT, ONE_BY_ONE = "vmap-gradient", "one-by-one"
-CHOSEN = {("cpu", "cnn"): ONE_BY_ONE, ("cpu", "fast"): ONE_BY_ONE}
+VMAP_GRADIENT, ONE_BY_ONE, SIDE_BY_SIDE = "vmap-gradient", "one-by-one", "side-by-side"
+CHOSEN = {("cpu", "cnn"): ONE_BY_ONE, ("cpu", "fast"): SIDE_BY_SIDE, ("cpu", "lenet"): SIDE_BY_SIDE}
 
 
 def chosen_rule(device: torch.device, model: str) -> str:
-    """The N-model gradient's rule for `model` on `device`: a CONV_RULES name, VMAP_GRADIENT or ONE_BY_ONE."""
+    """The N-model gradient's rule for `model` on `device`: a CONV_RULES name or one of the three above."""
     return CHOSEN.get((device.type, model), VMAP_GRADIENT)
 
 
