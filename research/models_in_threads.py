@@ -7,7 +7,8 @@ for N models three ways, timed in turns:
 
     in turn, all threads     one model after another, torch's threads (what one_by_one does)
     side by side, 1 thread   a pool of as many Python threads as torch has, each model's call on one
-                             OpenMP thread (torch's kernels release the GIL)
+                             OpenMP thread (torch's eager kernels release the GIL;
+                             inductor's Python-wrapper kernels do not, see transforms/side_by_side.py)
     in turn, 1 thread        one model after another on one thread: what each side-by-side call costs
 
 If the cores had time to spare inside one model's step (barriers, serial stretches), the side by

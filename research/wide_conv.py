@@ -35,7 +35,7 @@ from tinymnist.algorithm import optim
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state, make_gradient, make_step, synchronize
 from tinymnist.transforms.cuda_graph import GraphedStep
-from tinymnist.transforms.side_by_side import compiled_without_gil, side_by_side
+from tinymnist.transforms.side_by_side import compiled_without_gil, models_on_cores
 from tinymnist.transforms.speed import compile_options, compiled, default_micro_batch, device_step, micro_batched
 from tinymnist.transforms.vmap import one_by_one, vmapped, vmapped_update
 from tinymnist.transforms.wide_conv import CONV_RULES, wide_gradient
@@ -80,7 +80,7 @@ def build_step(config, optimizer, device, rule: str, micro_batch: int):
         gradient = compiled_without_gil(gradient, compile_options()) if without_gil else compiled(gradient)
         if 0 < micro_batch < config.batch_size:
             gradient = micro_batched(gradient, micro_batch)
-        gradients = side_by_side(gradient, workers=torch.get_num_threads())
+        gradients = models_on_cores(gradient, workers=torch.get_num_threads())
         return make_step(gradients, optim.Optimizer(optimizer.init, compiled(update)))
     if rule == "one-by-one-graph":  # the same loop, unrolled into one compiled step
         return compiled(make_step(one_by_one(make_gradient(config)), optim.Optimizer(optimizer.init, update)))

@@ -126,8 +126,9 @@ def test_the_pass_rewrites_vmaps_grouped_first_layer():
 
 @needs_cpp_compiler
 def test_compiled_gradients_take_the_rewrite_and_keep_autograds_values():
-    """What `train` compiles on the CPU: fast's gradient, and lenet's for 3 models under vmap (groups of
-    one channel). Each compiled graph calls convolution_backward for the second conv only."""
+    """fast's gradient as `train` compiles it, and lenet's for 3 models under vmap (groups of one
+    channel), as the vmap-gradient route compiles it. Each graph calls convolution_backward for the
+    second conv only."""
     data = random_mnist(64, 1, seed=0)
     images, labels = data.train_images, data.train_labels
     fast = recipe_config("fast")

@@ -16,13 +16,14 @@ from tests.support import needs_cpp_compiler, random_mnist
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import per_model
-from tinymnist.transforms.side_by_side import draws_random_numbers, side_by_side
+from tinymnist.transforms import speed
+from tinymnist.transforms.side_by_side import draws_random_numbers, models_on_cores
 from tinymnist.transforms.speed import device_step
 from tinymnist.transforms.vmap import one_model
 from tinymnist.transforms.wide_conv import CHOSEN, SIDE_BY_SIDE
 
 CPU = torch.device("cpu")
-N = 3
+N = 4  # two rounds of a model per thread on 2 threads
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
@@ -36,12 +37,15 @@ def test_side_by_side_is_chosen_only_for_networks_without_random_numbers():
 
 @needs_cpp_compiler
 @pytest.mark.parametrize(("model", "micro_batch"), [("fast", 0), ("fast", 3), ("lenet", 3)])
-def test_models_side_by_side_are_n_single_steps(model, micro_batch):
+def test_models_side_by_side_are_n_single_steps(model, micro_batch, caller_threads, monkeypatch):
     """fast and lenet on the CPU (wide_conv.CHOSEN: side by side): the N-model step device_step
-    builds is each model's own single step, in the same micro-batches (8 images in chunks of 3, 3
-    and 2), twice."""
+    builds is each model's own single step, whole or in the same micro-batches (8 images in
+    chunks of 3, 3 and 2), twice; the second call compiles nothing more (a compile on a worker
+    would race the other workers' calls)."""
     assert CHOSEN[("cpu", model)] == SIDE_BY_SIDE
     torch._dynamo.reset()  # the suite's earlier compiles count toward dynamo's recompile limit of this code
+    caller_threads(2)
+    built = spy_on_models_on_cores(monkeypatch)
     config = recipe_config(model, batch_size=8, seeds=N, compile=True, micro_batch=micro_batch)
     optimizer = make_optimizer(config)
     data = random_mnist(64, 1, seed=0)
@@ -51,9 +55,11 @@ def test_models_side_by_side_are_n_single_steps(model, micro_batch):
     opt_state = per_model([optimizer.init(one_model(params, i)) for i in range(N)], stacked=True)
     lr = torch.full((N,), 0.01)
     step = device_step(config, optimizer, CPU)
+    assert built == [2]  # side by side, not a fallback
     single = device_step(dataclasses.replace(config, seeds=1), optimizer, CPU, adaptive_threads=False)
-    for turn in range(2):  # the first call compiles on one thread, the second runs threads side by side
-        new_params, new_state, losses = step(params, opt_state, images, labels, batch_idx.roll(turn, 1), lr)
+    for turn in range(2):  # the first call compiles (model 0 on the caller), the second only runs
+        with torch._dynamo.config.patch(error_on_recompile=turn > 0):
+            new_params, new_state, losses = step(params, opt_state, images, labels, batch_idx.roll(turn, 1), lr)
         for i in range(N):
             args = (one_model(params, i), one_model(opt_state, i), images, labels, batch_idx[i].roll(turn), lr[i])
             own_params, own_state, own_loss = single(*args)
@@ -61,6 +67,32 @@ def test_models_side_by_side_are_n_single_steps(model, micro_batch):
             torch.testing.assert_close(one_model(new_state, i), own_state, **TOLERANCE)
             torch.testing.assert_close(losses[i], own_loss, **TOLERANCE)
         params, opt_state = new_params, new_state
+
+
+def spy_on_models_on_cores(monkeypatch) -> list[int]:
+    """The worker counts device_step builds models_on_cores with, one entry a build."""
+    built = []
+
+    def spy(gradient, workers):
+        built.append(workers)
+        return models_on_cores(gradient, workers)
+
+    monkeypatch.setattr(speed, "models_on_cores", spy)
+    return built
+
+
+@needs_cpp_compiler
+@pytest.mark.parametrize(("threads", "n_models", "side_by_side"), [(2, 4, True), (2, 3, False), (1, 4, False)])
+def test_side_by_side_only_in_whole_rounds_of_a_model_per_thread(
+    caller_threads, monkeypatch, threads, n_models, side_by_side
+):
+    """3 models on 2 threads leave a core idle every other round (fast: 0.85x one at a time's
+    speed), and one thread has nothing to share out: both run the models one at a time."""
+    caller_threads(threads)
+    built = spy_on_models_on_cores(monkeypatch)
+    config = recipe_config("fast", batch_size=8, seeds=n_models, compile=True)
+    device_step(config, make_optimizer(config), CPU)  # built, not called: nothing compiles
+    assert built == ([threads] if side_by_side else [])
 
 
 @pytest.fixture
@@ -72,24 +104,29 @@ def caller_threads():
 
 
 def test_each_model_runs_on_one_thread_and_comes_back_in_its_place(caller_threads):
-    """Models finish out of order here (the later ones sleep less), yet the result is in model
-    order; the workers run on one OpenMP thread each, and the caller keeps its own count."""
+    """The first call runs model 0 on the caller, set to one thread for it (the compile, where
+    Ctrl-C reaches it); the rest go to the workers, one OpenMP thread each. They finish out of
+    order here (the later ones sleep less), yet the result is in model order, and the caller
+    keeps its own thread count."""
     caller_threads(2)
-    seen = []
+    seen = {}
 
     def gradient(params, images, labels, batch_idx):
-        time.sleep(0.01 * (5 - int(batch_idx[0])))  # model 1 sleeps longest of those run side by side
-        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        i = int(batch_idx[0])
+        time.sleep(0.01 * (5 - i))  # model 1 sleeps longest of those run side by side
+        seen[i] = (threading.current_thread(), torch.get_num_threads())
         return {"w": params["w"] * 2}, params["w"].sum()
 
-    gradients = side_by_side(gradient, workers=2)
+    gradients = models_on_cores(gradient, workers=2)
     params = {"w": torch.arange(15.0).view(5, 3)}  # (N, 3)
     batch_idx = torch.arange(5).unsqueeze(1)  # (N, 1): model i's batch is [i]
     grads, losses = gradients(params, None, None, batch_idx)
     torch.testing.assert_close(grads["w"], params["w"] * 2, rtol=0, atol=0)
     torch.testing.assert_close(losses, params["w"].sum(dim=1), rtol=0, atol=0)
-    assert len(seen) == 5 and all(name.startswith("tinymnist-model") and threads == 1 for name, threads in seen)
-    assert len({name for name, _ in seen}) == 2  # both workers ran models
+    assert seen[0] == (threading.current_thread(), 1)
+    workers = {seen[i][0] for i in range(1, 5)}
+    assert all(seen[i][1] == 1 for i in range(1, 5)) and len(workers) == 2  # both workers, one thread each
+    assert all(worker.name.startswith("tinymnist-model") for worker in workers)
     assert torch.get_num_threads() == 2
 
 
@@ -109,25 +146,28 @@ def test_as_many_models_run_at_once_as_the_caller_has_threads(caller_threads, th
             running[0] -= 1
         return {"w": params["w"]}, params["w"].sum()
 
-    gradients = side_by_side(gradient, workers=2)
+    gradients = models_on_cores(gradient, workers=2)
     gradients({"w": torch.zeros(7, 2)}, None, None, torch.arange(7).unsqueeze(1))
     assert most[0] == expected
 
 
-def test_an_error_in_one_model_reaches_the_caller_and_the_rest_are_not_run(caller_threads):
-    """Model 1 fails: the caller gets its error, and the models queued behind it do not run."""
-    caller_threads(1)
+def test_an_error_in_one_model_reaches_the_caller_and_stops_the_other_lanes(caller_threads):
+    """Model 2 fails while model 1 runs on the other lane: the caller gets the error, and neither
+    lane starts a model after it (3, 4 and 5 never run)."""
+    caller_threads(2)
     started = []
 
     def gradient(params, images, labels, batch_idx):
         i = int(batch_idx[0])
         started.append(i)
         if i == 1:
-            raise RuntimeError("model 1 failed")
+            time.sleep(0.2)  # still running when model 2 fails
+        if i == 2:
+            raise RuntimeError("model 2 failed")
         return {"w": params["w"]}, params["w"].sum()
 
-    gradients = side_by_side(gradient, workers=2)
-    with pytest.raises(RuntimeError, match="model 1 failed"):
+    gradients = models_on_cores(gradient, workers=2)
+    with pytest.raises(RuntimeError, match="model 2 failed"):
         gradients({"w": torch.zeros(6, 2)}, None, None, torch.arange(6).unsqueeze(1))
-    time.sleep(0.1)  # a model still queued would have started by now
-    assert started == [0, 1]
+    time.sleep(0.3)  # a lane that went on would have started model 3 by now
+    assert sorted(started) == [0, 1, 2]

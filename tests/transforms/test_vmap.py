@@ -20,6 +20,7 @@ from tinymnist.algorithm.train import (
 )
 from tinymnist.errors import TinyMnistError
 from tinymnist.tool import checkpoint
+from tinymnist.transforms import wide_conv
 from tinymnist.transforms.speed import compiled, device_step
 from tinymnist.transforms.vmap import evaluate_many, one_model, vmapped, vmapped_update
 
@@ -233,8 +234,9 @@ def test_single_run_output_is_unchanged_by_the_ensemble_path(tiny_split, tmp_pat
     assert "Final test accuracy: " in flagged.output
 
 
-def test_micro_batches_under_vmap_give_the_whole_batch_step():
+def test_micro_batches_under_vmap_give_the_whole_batch_step(monkeypatch):
     """N models' (N, B) batch split into chunks along B: the same step as the whole batch at once (SGD: linear)."""
+    monkeypatch.setitem(wide_conv.CHOSEN, ("cpu", "lenet"), wide_conv.VMAP_GRADIENT)  # vmapped, as on CUDA
     config = recipe_config("lenet", "sgd", batch_size=48, lr=0.1, seeds=N, compile=False)
     optimizer = optim.OPTIMIZERS["sgd"]()
     data = random_mnist(200, 1)

@@ -136,7 +136,7 @@ def test_micro_batches_of_the_n_model_gradient_give_the_whole_batch(model):
     torch.testing.assert_close(chunked, whole, **TOLERANCE)
 
 
-@pytest.mark.parametrize("model", ["lenet", "fast"])  # the CPU's routes: vmap, one model at a time
+@pytest.mark.parametrize("model", ["lenet", "fast"])  # eager on the CPU: one model at a time
 def test_device_steps_n_model_step_is_the_vmapped_step(model):
     """The N-model step device_step builds (eager, micro-batched, by the route wide_conv.CHOSEN
     names for the CPU) equals the plain vmapped step."""

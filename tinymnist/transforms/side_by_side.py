@@ -7,7 +7,7 @@ a pool of Python threads, each on one OpenMP thread, as many at once as the call
 with whole models. Two conditions make it pay and keep it exact:
 
 - The compiled gradient releases Python's GIL for its whole graph: inductor's C++ wrapper does
-  (`cpp_wrapper`, about 10 s more compile); its default Python wrapper holds the GIL in every
+  (`cpp_wrapper`: fast's first step 8.3 s against 3.6 s); its default Python wrapper holds the GIL in every
   generated kernel. fast, 8 models: 0.89x the time of 8 single runs without the GIL, 1.08x
   with it, 1.07x one after another (research/wide_conv.py, results/bench/cpu-seeds/side-by-side-fast.txt).
 - The network draws no random numbers. Dropout draws from torch's one generator, and threads
@@ -27,7 +27,7 @@ import torch
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.shapes import Dropout
 from tinymnist.algorithm.train import Gradient
-from tinymnist.algorithm.trees import tree_map
+from tinymnist.transforms.vmap import one_model
 
 
 def draws_random_numbers(model: str) -> bool:
@@ -40,33 +40,51 @@ def compiled_without_gil(fn, options: dict):
     return torch.compile(fn, fullgraph=True, dynamic=False, options=options | {"cpp_wrapper": True})
 
 
-def side_by_side(gradient: Gradient, workers: int) -> Gradient:
+def models_on_cores(gradient: Gradient, workers: int) -> Gradient:
     """One model's `gradient` (compiled_without_gil) over N stacked models, side by side on up to
     `workers` Python threads of one OpenMP thread each; the grads and losses stacked in model order."""
-    # torch.set_num_threads in a worker sets that thread's OpenMP count; the caller's stays.
+    # The initializer puts each worker on one OpenMP thread (torch.set_num_threads is per thread
+    # here, and also what threads started later begin with; tinymnist starts none).
     pool = ThreadPoolExecutor(workers, "tinymnist-model", initializer=torch.set_num_threads, initargs=(1,))
-    compiled_once = [False]
+    compiled = False
 
     def gradients(params, images, labels, batch_idx):  # params: leaves (N, ...), batch_idx: (N, B)
-        def model(i):
-            return gradient(tree_map(lambda leaf: leaf[i], params), images, labels, batch_idx[i])
+        nonlocal compiled
+
+        def run(i: int):  # model i's gradient
+            return gradient(one_model(params, i), images, labels, batch_idx[i])
 
         n_models, done = len(batch_idx), {}
-        if not compiled_once[0]:  # one compile, before threads share the compiled code
-            done[0] = pool.submit(model, 0).result()
-            compiled_once[0] = True
+        if not compiled:  # the compile, on this thread (Ctrl-C can stop it) and for one thread, as the workers run it
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                done[0] = run(0)
+            finally:
+                torch.set_num_threads(threads)
+            compiled = True
+        waiting, take, stop = iter(range(len(done), n_models)), threading.Lock(), threading.Event()
+
+        def lane() -> dict:  # the next waiting model whenever this lane is free, until none is left or one fails
+            out = {}
+            while not stop.is_set():
+                with take:
+                    i = next(waiting, None)
+                if i is None:
+                    break
+                try:
+                    out[i] = run(i)
+                except BaseException:
+                    stop.set()
+                    raise
+            return out
+
         # As many lanes as the caller has threads: AdaptiveThreads lowers that while a core is taken.
-        lanes, stop = min(workers, torch.get_num_threads()), threading.Event()
-
-        def lane(models: range) -> dict:  # its models one after another, until another lane fails
-            return {i: model(i) for i in models if not stop.is_set()}
-
-        waiting = range(len(done), n_models)
-        futures = [pool.submit(lane, waiting[k::lanes]) for k in range(lanes)]
+        futures = [pool.submit(lane) for _ in range(min(workers, torch.get_num_threads()))]
         try:
             for future in futures:
                 done.update(future.result())
-        finally:  # an error or Ctrl-C: the other lanes start no further model
+        finally:  # Ctrl-C: the lanes start no further model
             stop.set()
         each = [done[i] for i in range(n_models)]  # model order, whichever lane ran each
         grads = {name: torch.stack([g[name] for g, _ in each]) for name in each[0][0]}  # leaves (N, ...)

@@ -5,6 +5,7 @@
     GraphedStep(step)              CUDA: the step recorded once, replayed with one launch (cuda_graph.py)
     SeveralSteps(...)              CPU: up to k steps in one compiled call (several_steps.py)
     AdaptiveThreads(step, n)       CPU: the step on the thread count fastest now (cpu_threads.py)
+    models_on_cores(gradient, n)   CPU: N models' gradients side by side, one per core (side_by_side.py)
 
 `device_step` composes them as `tinymnist train` runs them; what each is worth is in BENCHMARKS.md.
 """
@@ -23,7 +24,7 @@ from tinymnist.transforms import first_conv
 from tinymnist.transforms.cpu_threads import AdaptiveThreads
 from tinymnist.transforms.cuda_graph import GraphedStep
 from tinymnist.transforms.several_steps import SeveralSteps, scanned
-from tinymnist.transforms.side_by_side import compiled_without_gil, side_by_side
+from tinymnist.transforms.side_by_side import compiled_without_gil, models_on_cores
 from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models_update, one_by_one
 from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 
@@ -81,27 +82,30 @@ def device_step(
     gradient, update, sharers = make_gradient(config), optimizer.update, 1
     stacked = config.n_models > 1 if stacked is None else stacked
     rule = chosen_rule(device, config.model) if stacked and config.n_models > 1 else None
-    models_in_turn = rule in (ONE_BY_ONE, SIDE_BY_SIDE)
+    models_apart = rule in (ONE_BY_ONE, SIDE_BY_SIDE)  # one model's gradient, called per model
     if stacked:
         update = n_models_update(update, config.n_models)
-    if stacked and not models_in_turn:
+    if stacked and not models_apart:
         gradient, sharers = n_models_gradient(config, device), chunk_sharers(config)  # sharers: of one micro-batch
     compile = use_compile(config, device)
-    side_by_side_models = rule == SIDE_BY_SIDE and compile  # it needs the graph without the GIL
+    # Side by side needs the compiled graph without the GIL, and whole rounds of a model per thread:
+    # fast, 3 models on 2 threads, ran 0.85x the speed of one at a time (BENCHMARKS.md).
+    threads = torch.get_num_threads()
+    side_by_side = rule == SIDE_BY_SIDE and compile and threads > 1 and config.n_models % threads == 0
     micro_batch = (
         config.micro_batch if config.micro_batch is not None else default_micro_batch(device, config.model, sharers)
     )
     split = 0 < micro_batch < config.batch_size
-    if models_in_turn or split:  # compile the pieces; the loops run in Python
+    if models_apart or split:  # compile the pieces; the loops run in Python
         if compile:
-            gradient = compiled_without_gil(gradient, compile_options()) if side_by_side_models else compiled(gradient)
+            gradient = compiled_without_gil(gradient, compile_options()) if side_by_side else compiled(gradient)
             update = compiled(update)
         if split:
             gradient = micro_batched(gradient, micro_batch)
         compile = False
-    if side_by_side_models:  # one model's compiled gradient, a model per core at a time
-        gradient = side_by_side(gradient, workers=torch.get_num_threads())
-    elif models_in_turn:  # one model's compiled gradient, called for each model in turn
+    if side_by_side:  # one model's compiled gradient, a model per core at a time
+        gradient = models_on_cores(gradient, workers=threads)
+    elif models_apart:  # one model's compiled gradient, called for each model in turn
         gradient = one_by_one(gradient)
     if data_parallel:
         gradient = data_parallel(gradient)

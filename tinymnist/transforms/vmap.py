@@ -7,7 +7,8 @@ Their params and optimizer state are stacked along a leading dim N; the dataset 
     vmapped_update(update)(grads, opt_state, params, lr)   lr: (N,)
 
 They are mapped apart so that micro-batching can sit between them. `n_models_gradient` takes the
-route wide_conv.CHOSEN measured fastest: vmap, wide_conv.py's N-model forward, or `one_by_one`.
+route wide_conv.CHOSEN measured fastest: vmap, wide_conv.py's N-model forward, or `one_by_one`
+(and, compiled on a CPU, side_by_side.py's models_on_cores: speed.device_step).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ vmap turns a convolution of N models into one grouped convolution (groups=N), re
 on GPUs and CPUs (functorch#365, pytorch#70954). Here the N-model forward is written out,
 one rule per layer kind over a leading model axis, x: (N, B, C, H, W), params: leaves (N, ...):
 Conv2d by a CONV_RULES rule, Linear as one batched matmul, the others with the models folded
-into the batch. CHOSEN picks, per device and network, this forward, plain vmap or the models
-one by one (vmap.one_by_one). Parameters keep networks.py's names, so checkpoints, optimizers
-and evaluation do not know which forward trained them.
+into the batch. CHOSEN picks, per device and network, this forward, plain vmap, or the models
+one by one (vmap.one_by_one) or side by side (side_by_side.py). Parameters keep networks.py's
+names, so checkpoints, optimizers and evaluation do not know which forward trained them.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ CONV_RULES = {"vmap": vmap_conv, "loop": loop_conv, "unfold": unfold_conv, "firs
 # ONE_BY_ONE or SIDE_BY_SIDE (side_by_side.py: only for networks without dropout); unlisted ones keep
 # VMAP_GRADIENT. Time of 8 models over 8 single runs (research/wide_conv.py, results/bench/cpu-seeds/):
 #   cpu, cnn:   one-by-one 1.08x, vmap-gradient 1.36x, loop 1.69x (8 models at once overflow the caches)
-#   cpu, fast:  side-by-side 0.89x, one-by-one 1.07x, vmap-gradient 1.18x (side-by-side-fast.txt)
+#   cpu, fast:  side-by-side 0.89x, one-by-one 1.07x, vmap-gradient 1.18x (side-by-side-fast.txt; N a
+#               multiple of the threads only: speed.device_step)
 #   cpu, lenet: side-by-side 0.81x, vmap-gradient 1.00x, one-by-one 1.02x (side-by-side-lenet.txt)
 #   cuda, cnn (H200, 16 models, CUDA graphs): vmap-gradient 0.67x, one-by-one 0.93x, unfold 1.20x
 #               (results/bench/cuda-h200/issue20/)
