@@ -1,6 +1,7 @@
 """Transforms that make the pure step fast while keeping its signature and its result.
 
     compiled(step)                 torch.compile: one fused graph, compiled once (first_conv.py's rewrite in it)
+    compiled(step, direct=True)    CPU: the same graph, called without torch.compile's entry (direct_call.py)
     micro_batched(gradient, n)     the batch's gradient as the sum of n-image chunks
     GraphedStep(step)              CUDA: the step recorded once, replayed with one launch (cuda_graph.py)
     SeveralSteps(...)              CPU: up to k steps in one compiled call (several_steps.py)
@@ -23,6 +24,7 @@ from tinymnist.errors import TinyMnistError
 from tinymnist.transforms import first_conv
 from tinymnist.transforms.cpu_threads import AdaptiveThreads
 from tinymnist.transforms.cuda_graph import GraphedStep
+from tinymnist.transforms.direct_call import called_directly
 from tinymnist.transforms.several_steps import SeveralSteps, scanned
 from tinymnist.transforms.side_by_side import compiled_without_gil, models_on_cores
 from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models_update, one_by_one
@@ -33,11 +35,18 @@ from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 # (research/micro_batch.py; cnn and lenet gained nothing from smaller chunks). BENCHMARKS.md has both.
 CPU_MICRO_BATCH = 256
 CPU_MICRO_BATCH_OF = {"fast": 64}
+# Compiled graphs called directly on the CPU, for the networks whose step is short enough for
+# torch.compile's entry to count: mlp3's step 0.73x the time, mlp's 0.86x; the convolutional
+# networks' steps, 100x longer, gained nothing (research/direct_call.py, BENCHMARKS.md).
+CPU_DIRECT_CALL = {"mlp", "mlp3"}
 
 
-def compiled(fn):
+def compiled(fn, direct: bool = False):
     """torch.compile as one graph (a graph break is a bug here); dynamic=False so that a second
-    model compiled in the same process does not turn its sizes symbolic."""
+    model compiled in the same process does not turn its sizes symbolic. `direct`: the same
+    compile by hand, called without dynamo (direct_call.py: CPU, one process)."""
+    if direct:
+        return called_directly(fn, compile_options())
     return torch.compile(fn, fullgraph=True, dynamic=False, options=compile_options())
 
 
@@ -92,14 +101,16 @@ def device_step(
     # fast, 3 models on 2 threads, ran 0.85x the speed of one at a time (BENCHMARKS.md).
     threads = torch.get_num_threads()
     side_by_side = rule == SIDE_BY_SIDE and compile and threads > 1 and config.n_models % threads == 0
+    # In one process only: direct_call traces the step on fake tensors, and torchrun's collectives are untried there.
+    direct = device.type == "cpu" and config.model in CPU_DIRECT_CALL and data_parallel is None
     micro_batch = (
         config.micro_batch if config.micro_batch is not None else default_micro_batch(device, config.model, sharers)
     )
     split = 0 < micro_batch < config.batch_size
     if models_apart or split:  # compile the pieces; the loops run in Python
         if compile:
-            gradient = compiled_without_gil(gradient, compile_options()) if side_by_side else compiled(gradient)
-            update = compiled(update)
+            gradient = compiled_without_gil(gradient, compile_options()) if side_by_side else compiled(gradient, direct)
+            update = compiled(update, direct)
         if split:
             gradient = micro_batched(gradient, micro_batch)
         compile = False
@@ -114,9 +125,9 @@ def device_step(
         return GraphedStep(step, compile)
     k = 1 if stacked else steps_per_call(config, device, data_parallel is None)
     if compile and k > 1:
-        step = SeveralSteps(compiled(step), compiled(scanned(step)), k)
+        step = SeveralSteps(compiled(step, direct), compiled(scanned(step)), k)  # make_fx cannot trace the scan
     elif compile:
-        step = compiled(step)
+        step = compiled(step, direct)
     if adaptive_threads and config.threads is None and device.type == "cpu" and torch.get_num_threads() > 1:
         return AdaptiveThreads(step, most=torch.get_num_threads())
     return step

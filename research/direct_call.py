@@ -1,0 +1,72 @@
+"""The compiled CPU step called through torch.compile against the same graph called directly.
+
+transforms/direct_call.py traces the step once (make_fx), compiles it with inductor (compile_fx)
+and calls the compiled graph without dynamo's guards and AOTAutograd's wrappers. This times, per
+recipe, the step `tinymnist train` builds on the CPU (transforms/speed.py's device_step, fixed
+threads) both ways, in one process: windows of at least 0.5 s taken in turn, 9 rounds; medians,
+and the median of the rounds' own ratios. The first column of seconds is each one's compile
+(its first 4 calls).
+
+    python research/direct_call.py --models mlp,mlp3,cnn,lenet,fast [--data-dir DIR]
+"""
+
+import argparse
+import statistics
+import time
+from unittest import mock
+
+import torch
+
+from tinymnist.tool import floor
+from tinymnist.tool.bench import bench_data
+from tinymnist.transforms import speed
+from tinymnist.transforms.direct_call import called_directly
+
+
+def direct(fn):
+    return called_directly(fn, speed.compile_options())
+
+
+def direct_cpp(fn):
+    return called_directly(fn, speed.compile_options() | {"cpp_wrapper": True})
+
+
+WAYS = {"torch.compile": speed.compiled, "direct": direct, "direct, C++ wrapper": direct_cpp}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="mlp,mlp3,cnn,lenet,fast")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--seconds", type=float, default=0.5)
+    parser.add_argument("--steps-per-call", type=int, default=1)
+    args = parser.parse_args()
+    images, labels, source = bench_data(args.data_dir, torch.device("cpu"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data: {source}")
+    print("| model | steps per call | way | µs a step | against torch.compile | compile s |")
+    print("|---|---|---|---|---|---|")
+    for model in args.models.split(","):
+        loops, compile_s = {}, {}
+        for name, compiled in WAYS.items():
+            with mock.patch.object(speed, "compiled", compiled):
+                loops[name] = floor.cpu_steps(model, images, labels, args.steps_per_call)
+                started = time.perf_counter()
+                for _ in range(4):
+                    next(loops[name])
+                compile_s[name] = time.perf_counter() - started
+        us = {name: [] for name in loops}
+        for r in range(args.rounds):
+            for name in loops if r % 2 == 0 else reversed(loops):
+                us[name].append(floor.window_us(loops[name], args.seconds))
+        for name, times in us.items():
+            ratio = statistics.median(y / x for x, y in zip(us["torch.compile"], times, strict=True))
+            print(
+                f"| {model} | {args.steps_per_call} | {name} | {statistics.median(times):,.0f} | {ratio:.2f}x "
+                f"| {compile_s[name]:.1f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

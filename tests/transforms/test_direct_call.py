@@ -1,0 +1,146 @@
+"""transforms/direct_call.py: the step traced once, compiled by inductor, called without dynamo.
+
+The oracle is the plain step (eager), from the same parameters and batches; the tolerance is
+float32 reassociation, since inductor fuses and splits sums its own way. Beside it, torch.compile
+of the same step, which builds the same graph: its parameters are required to be close, not equal."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.support import needs_cpp_compiler
+from tinymnist.algorithm.config import make_optimizer, recipe_config
+from tinymnist.algorithm.train import initial_state, make_gradient, make_step
+from tinymnist.transforms import direct_call, speed
+from tinymnist.transforms.direct_call import Layout, called_directly
+from tinymnist.transforms.several_steps import SeveralSteps, scanned
+
+CPU = torch.device("cpu")
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def recipe_step(model: str, steps: int = 3):
+    config = recipe_config(model)
+    optimizer = make_optimizer(config)
+    state = initial_state(config, optimizer, CPU)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (256,), generator=g)
+    batch_idx = torch.randint(0, 256, (steps, config.batch_size), generator=g)  # (steps, B)
+    lr = torch.linspace(config.lr, config.lr / 2, steps)  # (steps,)
+    return make_step(make_gradient(config), optimizer), state, images, labels, batch_idx, lr
+
+
+def run_steps(step, state, images, labels, batch_idx, lr):
+    params, opt_state, losses = state.params, state.opt_state, []
+    for idx, rate in zip(batch_idx, lr, strict=True):
+        params, opt_state, loss = step(params, opt_state, images, labels, idx, rate)
+        losses.append(loss)
+    return params, opt_state, torch.stack(losses)
+
+
+def test_a_layout_flattens_and_rebuilds_nested_dicts_and_tuples():
+    tree = (
+        {"w": torch.zeros(2), "b": torch.ones(1)},
+        {"step": torch.tensor(3), "m": {"w": torch.full((2,), 5.0)}},
+        [torch.eye(2)],
+    )
+    layout = Layout(tree)
+    leaves = layout.flatten(tree)
+    assert [x.tolist() for x in leaves] == [[0.0, 0.0], [1.0], 3, [5.0, 5.0], [[1.0, 0.0], [0.0, 1.0]]]
+    rebuilt = layout.rebuild(leaves)
+    assert type(rebuilt) is tuple and type(rebuilt[2]) is list and list(rebuilt[1]) == ["step", "m"]
+    torch.testing.assert_close(rebuilt, tree, rtol=0, atol=0)
+    reordered = ({"b": torch.ones(1), "w": torch.zeros(2)}, tree[1], tree[2])  # keys, not insertion order
+    assert layout.flatten(reordered)[0] is reordered[0]["w"]
+
+
+def test_a_layout_refuses_a_tree_of_another_shape():
+    layout = Layout(({"w": torch.zeros(2)},))
+    with pytest.raises(ValueError, match="a dict of 2 entries where the compiled graph takes 1"):
+        layout.flatten(({"w": torch.zeros(2), "b": torch.zeros(1)},))
+    with pytest.raises(KeyError):
+        layout.flatten(({"v": torch.zeros(2)},))
+
+
+@needs_cpp_compiler
+@pytest.mark.parametrize("model", sorted(speed.CPU_DIRECT_CALL))
+def test_the_step_called_directly_is_the_plain_step(model):
+    step, *run = recipe_step(model)
+    expected = run_steps(step, *run)
+    got = run_steps(called_directly(step, speed.compile_options()), *run)
+    torch.testing.assert_close(got, expected, **TOLERANCE)
+    torch.testing.assert_close(got, run_steps(speed.compiled(step), *run), **TOLERANCE)
+
+
+@needs_cpp_compiler
+def test_it_compiles_again_only_for_a_new_shape_or_thread_count(monkeypatch):
+    compiles = []
+
+    def counted(*args):
+        compiles.append(torch.get_num_threads())
+        return compiled_graph(*args)
+
+    compiled_graph = direct_call.compiled_graph
+    monkeypatch.setattr(direct_call, "compiled_graph", counted)
+    fn = called_directly(lambda d, x: {"y": d["w"] @ x + 1}, speed.compile_options())
+    w, x = torch.randn(3, 4), torch.randn(4, 2)
+    for _ in range(3):
+        torch.testing.assert_close(fn({"w": w}, x)["y"], w @ x + 1, **TOLERANCE)
+    assert len(compiles) == 1
+    torch.testing.assert_close(fn({"w": w}, x[:, :1])["y"], w @ x[:, :1] + 1, **TOLERANCE)  # (4, 1): a new shape
+    assert len(compiles) == 2
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)  # inductor's CPU kernels are built for a thread count
+        fn({"w": w}, x)
+        fn({"w": w}, x)
+    finally:
+        torch.set_num_threads(threads)
+    assert compiles == [threads, threads, threads + 1]
+    fn({"w": w}, x)
+    assert len(compiles) == 3  # back on the first count: its graph is kept
+
+
+@needs_cpp_compiler
+def test_random_numbers_are_drawn_at_each_call_from_torchs_generator():
+    """Traced on fake tensors, so compiling draws nothing; each call draws new masks, a seed repeats them."""
+    fn = called_directly(lambda x: (F.dropout(x, 0.5, training=True),), speed.compile_options())
+    x = torch.ones(4096)
+    torch.manual_seed(0)
+    first, second = fn(x)[0], fn(x)[0]
+    assert not torch.equal(first, second)
+    assert set(first.unique().tolist()) == {0.0, 2.0} and 0.4 < (first == 0).float().mean() < 0.6
+    torch.manual_seed(0)
+    torch.testing.assert_close(fn(x)[0], first, rtol=0, atol=0)
+
+
+def test_it_takes_tensors_only():
+    with pytest.raises(TypeError, match="tensors"):
+        called_directly(lambda x, scale: (x * scale,), {})(torch.ones(2), 2.0)
+
+
+@needs_cpp_compiler
+def test_several_steps_per_call_keep_the_scan_bit_for_bit_with_the_direct_single_step():
+    """train --steps-per-call runs the scan for k steps and the direct single step for fewer."""
+    step, state, images, labels, batch_idx, lr = recipe_step("mlp3", steps=4)
+    one = called_directly(step, speed.compile_options())
+    several = SeveralSteps(one, speed.compiled(scanned(step)), k=4)
+    params, opt_state, total = several(state.params, state.opt_state, images, labels, batch_idx, lr)
+    expected = run_steps(one, state, images, labels, batch_idx, lr)
+    torch.testing.assert_close((params, opt_state), expected[:2], rtol=0, atol=0)
+    torch.testing.assert_close(total, expected[2].sum(), **TOLERANCE)
+
+
+@needs_cpp_compiler
+@pytest.mark.parametrize(
+    ("model", "data_parallel", "direct"),
+    [("mlp3", False, True), ("mlp", False, True), ("cnn", False, False), ("mlp3", True, False)],
+)
+def test_train_calls_directly_the_networks_it_pays_for_in_one_process(model, data_parallel, direct, monkeypatch):
+    wrapped = []
+    monkeypatch.setattr(speed, "called_directly", lambda fn, options: wrapped.append(fn) or fn)
+    monkeypatch.setattr(speed.torch, "compile", lambda fn, **kwargs: fn)  # nothing compiles here
+    config = recipe_config(model, compile=True)
+    speed.device_step(config, make_optimizer(config), CPU, data_parallel=(lambda g: g) if data_parallel else None)
+    assert bool(wrapped) == direct

@@ -1,0 +1,112 @@
+"""A transform, CPU: the compiled graph called straight, without torch.compile's entry on every call.
+
+A call of a torch.compile'd function first checks dynamo's guards on every argument, then runs
+AOTAutograd's wrappers, then the compiled graph: on mlp3's step, about 30 tensors, that entry took
+longer than the arithmetic (research/direct_call.py; BENCHMARKS.md "How far each step is from its
+floor"). `called_directly(fn, options)` does the same compile once by hand and keeps the entry short:
+
+    trace:    make_fx(fn) on fake tensors      one aten graph of the whole step, backward included
+    compile:  inductor's compile_fx(graph)     the same kernels torch.compile builds from it
+    call:     flatten the arguments, call the compiled graph, rebuild the outputs' dicts
+
+Its own guard is the key of what a compiled graph is built for: each argument's shape and dtype, and
+the thread count (inductor's CPU kernels are generated for the count they are compiled under). A new
+key traces and compiles again; the loop's arguments never change shape, so that is once per run and
+thread count. The functions it is given are pure: dicts and tuples of tensors in, the same out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Layout:
+    """Where a tree of dicts, tuples and lists keeps its leaves, to flatten and rebuild it in a few µs
+    (torch's generic pytree took about 50 µs a call for a step's arguments and results)."""
+
+    def __init__(self, tree):
+        self.shape = shape_of(tree)  # None for a leaf; (type, keys or length, sub-shapes) for a node
+
+    def flatten(self, tree) -> list:
+        leaves = []
+        put_leaves(self.shape, tree, leaves)
+        return leaves
+
+    def rebuild(self, leaves):
+        return build(self.shape, iter(leaves))
+
+
+def shape_of(tree):
+    if isinstance(tree, dict):
+        return dict, tuple(tree), tuple(shape_of(v) for v in tree.values())
+    if isinstance(tree, tuple | list):
+        return type(tree), len(tree), tuple(shape_of(v) for v in tree)
+    return None
+
+
+def put_leaves(shape, tree, leaves: list) -> None:
+    if shape is None:
+        leaves.append(tree)
+        return
+    kind, keys, subs = shape
+    if kind is dict:
+        if len(tree) != len(keys):
+            raise ValueError(f"a dict of {len(tree)} entries where the compiled graph takes {len(keys)}")
+        values = [tree[k] for k in keys]
+    else:
+        if len(tree) != keys:
+            raise ValueError(f"a sequence of {len(tree)} items where the compiled graph takes {keys}")
+        values = tree
+    for sub, value in zip(subs, values, strict=True):
+        if sub is None:
+            leaves.append(value)
+        else:
+            put_leaves(sub, value, leaves)
+
+
+def build(shape, leaves):
+    if shape is None:
+        return next(leaves)
+    kind, keys, subs = shape
+    if kind is dict:
+        return {k: build(sub, leaves) for k, sub in zip(keys, subs, strict=True)}
+    return kind(build(sub, leaves) for sub in subs)
+
+
+def called_directly(fn, options: dict):
+    """`fn` compiled by inductor with `options` once per key (see above), then called without dynamo."""
+    graphs = {}  # key -> (compiled graph, the outputs' layout)
+    layout = None
+
+    def call(*args):
+        nonlocal layout
+        if layout is None:
+            layout = Layout(args)
+            if not all(isinstance(x, torch.Tensor) for x in layout.flatten(args)):
+                raise TypeError("called_directly takes tensors, in dicts, tuples and lists, only")
+        flat = layout.flatten(args)
+        key = (torch.get_num_threads(), *[(x.shape, x.dtype) for x in flat])
+        if key not in graphs:
+            graphs[key] = compiled_graph(fn, layout, flat, options)
+        graph, out_layout = graphs[key]
+        return out_layout.rebuild(graph(*flat))
+
+    return call
+
+
+def compiled_graph(fn, layout: Layout, flat: list, options: dict):
+    """`fn` over flat leaves, traced on fake tensors (no arithmetic, no random numbers drawn), compiled.
+    Imported here: inductor takes most of a second to import, and `tinymnist info` never needs it."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    out_layout = None
+
+    def flat_fn(*leaves):
+        nonlocal out_layout
+        out = fn(*layout.rebuild(leaves))
+        out_layout = Layout(out)
+        return tuple(out_layout.flatten(out))
+
+    graph = make_fx(flat_fn, tracing_mode="fake")(*flat)
+    return compile_fx(graph, flat, config_patches=options), out_layout
