@@ -23,15 +23,16 @@ from tinymnist.transforms import speed
 from tinymnist.transforms.direct_call import called_directly
 
 
-def direct(fn):
-    return called_directly(fn, speed.compile_options())
+def with_cpp_wrapper(fn, options):
+    return called_directly(fn, options | {"cpp_wrapper": True})
 
 
-def direct_cpp(fn):
-    return called_directly(fn, speed.compile_options() | {"cpp_wrapper": True})
-
-
-WAYS = {"torch.compile": speed.compiled, "direct": direct, "direct, C++ wrapper": direct_cpp}
+# way -> (call directly?, how): device_step calls directly the networks in speed.CPU_DIRECT_CALL
+WAYS = {
+    "torch.compile": (False, called_directly),
+    "direct": (True, called_directly),
+    "direct, C++ wrapper": (True, with_cpp_wrapper),
+}
 
 
 def main():
@@ -48,8 +49,9 @@ def main():
     print("|---|---|---|---|---|---|")
     for model in args.models.split(","):
         loops, compile_s = {}, {}
-        for name, compiled in WAYS.items():
-            with mock.patch.object(speed, "compiled", compiled):
+        for name, (direct, call) in WAYS.items():
+            chosen = {model} if direct else set()
+            with mock.patch.object(speed, "CPU_DIRECT_CALL", chosen), mock.patch.object(speed, "called_directly", call):
                 loops[name] = floor.cpu_steps(model, images, labels, args.steps_per_call)
                 started = time.perf_counter()
                 for _ in range(4):

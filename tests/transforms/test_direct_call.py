@@ -4,11 +4,14 @@ The oracle is the plain step (eager), from the same parameters and batches; the 
 float32 reassociation, since inductor fuses and splits sums its own way. Beside it, torch.compile
 of the same step, which builds the same graph: its parameters are required to be close, not equal."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tests.support import needs_cpp_compiler
+from tinymnist.algorithm import cpu_pool
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state, make_gradient, make_step
 from tinymnist.transforms import direct_call, speed
@@ -144,3 +147,38 @@ def test_train_calls_directly_the_networks_it_pays_for_in_one_process(model, dat
     config = recipe_config(model, compile=True)
     speed.device_step(config, make_optimizer(config), CPU, data_parallel=(lambda g: g) if data_parallel else None)
     assert bool(wrapped) == direct
+
+
+@needs_cpp_compiler
+def test_code_that_asks_whether_it_is_compiled_is_told_yes(monkeypatch):
+    """cpu_pool.max_pool2d takes its compiled form only under a compiler: so under this one too."""
+    compiled_pools = []
+
+    def counted(x, kernel):
+        compiled_pools.append(kernel)
+        return first_max_pool2d(x, kernel)
+
+    first_max_pool2d = cpu_pool.first_max_pool2d
+    monkeypatch.setattr(cpu_pool, "first_max_pool2d", counted)
+    x = torch.randn(2, 3, 8, 8)
+    got = called_directly(lambda x: (cpu_pool.max_pool2d(x, 2),), speed.compile_options())(x)[0]
+    assert compiled_pools == [2]
+    torch.testing.assert_close(got, F.max_pool2d(x, 2), rtol=0, atol=0)
+    assert not torch.compiler.is_compiling()
+
+
+@needs_cpp_compiler
+def test_n_models_vmapped_step_called_directly_is_the_eager_one():
+    """A --seeds run of mlp3 on the CPU: the vmapped step, traced and called directly."""
+    config = recipe_config("mlp3", seeds=3, compile=True)
+    optimizer = make_optimizer(config)
+    state = initial_state(config, optimizer, CPU)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (256,), generator=g)
+    batch_idx = torch.randint(0, 256, (2, 3, config.batch_size), generator=g)  # (steps, N, B)
+    lr = torch.tensor([[1e-3, 2e-3, 5e-4]] * 2)  # (steps, N)
+    direct = speed.device_step(config, optimizer, CPU, adaptive_threads=False)
+    eager = speed.device_step(dataclasses.replace(config, compile=False), optimizer, CPU, adaptive_threads=False)
+    got = run_steps(direct, state, images, labels, batch_idx, lr)
+    torch.testing.assert_close(got, run_steps(eager, state, images, labels, batch_idx, lr), **TOLERANCE)

@@ -1,9 +1,10 @@
 """A transform, CPU: the compiled graph called straight, without torch.compile's entry on every call.
 
-A call of a torch.compile'd function first checks dynamo's guards on every argument, then runs
-AOTAutograd's wrappers, then the compiled graph: on mlp3's step, about 30 tensors, that entry took
-longer than the arithmetic (research/direct_call.py; BENCHMARKS.md "How far each step is from its
-floor"). `called_directly(fn, options)` does the same compile once by hand and keeps the entry short:
+A call of a torch.compile'd function goes through dynamo's frame hook and guards, then
+AOTAutograd's runtime wrappers, then the compiled graph. For a step as small as mlp3's, about 30
+tensors and a few hundred µs, that entry is a quarter of the time: called directly, the same graph
+took 0.74x the time, mlp's 0.88x (research/direct_call.py; BENCHMARKS.md "How far each step is
+from its floor"). `called_directly(fn, options)` does the same compile once by hand:
 
     trace:    make_fx(fn) on fake tensors      one aten graph of the whole step, backward included
     compile:  inductor's compile_fx(graph)     the same kernels torch.compile builds from it
@@ -12,7 +13,8 @@ floor"). `called_directly(fn, options)` does the same compile once by hand and k
 Its own guard is the key of what a compiled graph is built for: each argument's shape and dtype, and
 the thread count (inductor's CPU kernels are generated for the count they are compiled under). A new
 key traces and compiles again; the loop's arguments never change shape, so that is once per run and
-thread count. The functions it is given are pure: dicts and tuples of tensors in, the same out.
+thread count. The functions it is given are pure: dicts and tuples of tensors in, the same out,
+with no Python branch on a tensor's value (make_fx traces one path, where dynamo would break the graph).
 """
 
 from __future__ import annotations
@@ -108,5 +110,6 @@ def compiled_graph(fn, layout: Layout, flat: list, options: dict):
         out_layout = Layout(out)
         return tuple(out_layout.flatten(out))
 
-    graph = make_fx(flat_fn, tracing_mode="fake")(*flat)
+    with torch.compiler._compile_session_context():  # is_compiling() is True, as under torch.compile (cpu_pool.py asks)
+        graph = make_fx(flat_fn, tracing_mode="fake")(*flat)
     return compile_fx(graph, flat, config_patches=options), out_layout
