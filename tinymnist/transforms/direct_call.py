@@ -99,9 +99,15 @@ def called_directly(fn, options: dict):
 def compiled_graph(fn, layout: Layout, flat: list, options: dict):
     """`fn` over flat leaves, traced on fake tensors (no arithmetic, no random numbers drawn), compiled.
     Imported here: inductor takes most of a second to import, and `tinymnist info` never needs it."""
+    from torch._guards import TracingContext, tracing
     from torch._inductor.compile_fx import compile_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+    # Fixed sizes, as torch.compile(dynamic=False); the shape env and the tracing context are what
+    # inductor's caches ask for (without them the compile was never cached: 3 s again in every run).
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
     out_layout = None
 
     def flat_fn(*leaves):
@@ -110,6 +116,8 @@ def compiled_graph(fn, layout: Layout, flat: list, options: dict):
         out_layout = Layout(out)
         return tuple(out_layout.flatten(out))
 
-    with torch.compiler._compile_session_context():  # is_compiling() is True, as under torch.compile (cpu_pool.py asks)
-        graph = make_fx(flat_fn, tracing_mode="fake")(*flat)
-    return compile_fx(graph, flat, config_patches=options), out_layout
+    fakes = [fake_mode.from_tensor(x) for x in flat]
+    with torch.compiler._compile_session_context(), fake_mode:  # is_compiling() True, as torch.compile's: cpu_pool asks
+        graph = make_fx(flat_fn)(*fakes)
+    with tracing(TracingContext(fake_mode)):
+        return compile_fx(graph, flat, config_patches=options), out_layout
