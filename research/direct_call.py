@@ -1,17 +1,18 @@
 """The compiled CPU step called through torch.compile against the same graph called directly.
 
 transforms/direct_call.py traces the step once (make_fx), compiles it with inductor (compile_fx)
-and calls the compiled graph without dynamo's guards and AOTAutograd's wrappers. This times, per
-recipe, the step `tinymnist train` builds on the CPU (transforms/speed.py's device_step, fixed
-threads) both ways, in one process: windows of at least 0.5 s taken in turn, 9 rounds; medians,
-and the median of the rounds' own ratios. The first column of seconds is each one's compile
-(its first 4 calls).
+and calls the compiled graph without dynamo's entry. This times, per recipe, the step `tinymnist
+train` builds on the CPU (transforms/speed.py's device_step, fixed threads) each way, in one
+process: windows of at least 0.5 s taken in turn, 9 rounds; medians, and the median (and range)
+of the rounds' own ratios. The last column is each one's compile and first 4 calls, from
+inductor's caches as they are (warm after a first run).
 
     python research/direct_call.py --models mlp,mlp3,cnn,lenet,fast [--data-dir DIR]
 """
 
 import argparse
 import statistics
+import subprocess
 import time
 from unittest import mock
 
@@ -44,8 +45,9 @@ def main():
     parser.add_argument("--steps-per-call", type=int, default=1)
     args = parser.parse_args()
     images, labels, source = bench_data(args.data_dir, torch.device("cpu"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data: {source}")
-    print("| model | steps per call | way | µs a step | against torch.compile | compile s |")
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data: {source}; commit {commit}")
+    print("| model | steps per call | way | µs a step | against torch.compile (range) | compile s |")
     print("|---|---|---|---|---|---|")
     for model in args.models.split(","):
         loops, compile_s = {}, {}
@@ -62,10 +64,11 @@ def main():
             for name in loops if r % 2 == 0 else reversed(loops):
                 us[name].append(floor.window_us(loops[name], args.seconds))
         for name, times in us.items():
-            ratio = statistics.median(y / x for x, y in zip(us["torch.compile"], times, strict=True))
+            ratios = [y / x for x, y in zip(us["torch.compile"], times, strict=True)]
+            spread = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+            median = statistics.median(times)
             print(
-                f"| {model} | {args.steps_per_call} | {name} | {statistics.median(times):,.0f} | {ratio:.2f}x "
-                f"| {compile_s[name]:.1f} |",
+                f"| {model} | {args.steps_per_call} | {name} | {median:,.0f} | {spread} | {compile_s[name]:.1f} |",
                 flush=True,
             )
 

@@ -2,7 +2,7 @@
 
 The oracle is the plain step (eager), from the same parameters and batches; the tolerance is
 float32 reassociation, since inductor fuses and splits sums its own way. Beside it, torch.compile
-of the same step, which builds the same graph: its parameters are required to be close, not equal."""
+of the same step, which builds the same kernels: its numbers are required bit for bit."""
 
 import dataclasses
 
@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.support import needs_cpp_compiler
+from tests.support import fit_run, needs_cpp_compiler, random_mnist
 from tinymnist.algorithm import cpu_pool
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state, make_gradient, make_step
+from tinymnist.tool import checkpoint
 from tinymnist.transforms import direct_call, speed
 from tinymnist.transforms.direct_call import Layout, called_directly
-from tinymnist.transforms.several_steps import SeveralSteps, scanned
+from tinymnist.transforms.several_steps import SeveralSteps
 
 CPU = torch.device("cpu")
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
@@ -73,7 +74,7 @@ def test_the_step_called_directly_is_the_plain_step(model):
     expected = run_steps(step, *run)
     got = run_steps(called_directly(step, speed.compile_options()), *run)
     torch.testing.assert_close(got, expected, **TOLERANCE)
-    torch.testing.assert_close(got, run_steps(speed.compiled(step), *run), **TOLERANCE)
+    torch.testing.assert_close(got, run_steps(speed.compiled(step), *run), rtol=0, atol=0)
 
 
 @needs_cpp_compiler
@@ -118,19 +119,45 @@ def test_random_numbers_are_drawn_at_each_call_from_torchs_generator():
     torch.testing.assert_close(fn(x)[0], first, rtol=0, atol=0)
 
 
-def test_it_takes_tensors_only():
+def test_it_takes_tensors_that_need_no_gradient_only():
     with pytest.raises(TypeError, match="tensors"):
         called_directly(lambda x, scale: (x * scale,), {})(torch.ones(2), 2.0)
+    with pytest.raises(TypeError, match="need no gradient"):
+        called_directly(lambda x: (x * 2,), {})(torch.ones(2, requires_grad=True))
 
 
 @needs_cpp_compiler
-def test_several_steps_per_call_keep_the_scan_bit_for_bit_with_the_direct_single_step():
+def test_an_argument_of_other_strides_compiles_again():
+    """inductor's kernels index by the strides they were compiled for."""
+    fn = called_directly(lambda x: (x * 2 + 1,), speed.compile_options())
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(fn(x)[0], x * 2 + 1, rtol=0, atol=0)
+    torch.testing.assert_close(fn(x.t())[0], x.t() * 2 + 1, rtol=0, atol=0)  # the same shape, transposed
+
+
+@pytest.fixture
+def direct_calls(monkeypatch):
+    """The functions device_step hands called_directly, which still compiles them."""
+    wrapped = []
+
+    def spy(fn, options):
+        wrapped.append(fn)
+        return called_directly(fn, options)
+
+    monkeypatch.setattr(speed, "called_directly", spy)
+    return wrapped
+
+
+@needs_cpp_compiler
+@pytest.mark.parametrize("model", sorted(speed.CPU_DIRECT_CALL))
+def test_several_steps_per_call_keep_the_scan_bit_for_bit_with_the_direct_single_step(model, direct_calls):
     """train --steps-per-call runs the scan for k steps and the direct single step for fewer."""
-    step, state, images, labels, batch_idx, lr = recipe_step("mlp3", steps=4)
-    one = called_directly(step, speed.compile_options())
-    several = SeveralSteps(one, speed.compiled(scanned(step)), k=4)
+    _, state, images, labels, batch_idx, lr = recipe_step(model, steps=4)
+    config = recipe_config(model, compile=True, steps_per_call=4, log_interval=4)
+    several = speed.device_step(config, make_optimizer(config), CPU, adaptive_threads=False)
+    assert isinstance(several, SeveralSteps) and len(direct_calls) == 1
     params, opt_state, total = several(state.params, state.opt_state, images, labels, batch_idx, lr)
-    expected = run_steps(one, state, images, labels, batch_idx, lr)
+    expected = run_steps(several.one, state, images, labels, batch_idx, lr)
     torch.testing.assert_close((params, opt_state), expected[:2], rtol=0, atol=0)
     torch.testing.assert_close(total, expected[2].sum(), **TOLERANCE)
 
@@ -168,7 +195,7 @@ def test_code_that_asks_whether_it_is_compiled_is_told_yes(monkeypatch):
 
 
 @needs_cpp_compiler
-def test_n_models_vmapped_step_called_directly_is_the_eager_one():
+def test_n_models_vmapped_step_called_directly_is_the_eager_one(direct_calls):
     """A --seeds run of mlp3 on the CPU: the vmapped step, traced and called directly."""
     config = recipe_config("mlp3", seeds=3, compile=True)
     optimizer = make_optimizer(config)
@@ -179,6 +206,34 @@ def test_n_models_vmapped_step_called_directly_is_the_eager_one():
     batch_idx = torch.randint(0, 256, (2, 3, config.batch_size), generator=g)  # (steps, N, B)
     lr = torch.tensor([[1e-3, 2e-3, 5e-4]] * 2)  # (steps, N)
     direct = speed.device_step(config, optimizer, CPU, adaptive_threads=False)
+    assert len(direct_calls) == 1
     eager = speed.device_step(dataclasses.replace(config, compile=False), optimizer, CPU, adaptive_threads=False)
     got = run_steps(direct, state, images, labels, batch_idx, lr)
     torch.testing.assert_close(got, run_steps(eager, state, images, labels, batch_idx, lr), **TOLERANCE)
+
+
+@needs_cpp_compiler
+def test_a_compiled_mlp3_run_resumed_from_a_checkpoint_is_bit_exact(tmp_path, direct_calls):
+    """fit() end to end on the direct step: 2 epochs straight equal 1 epoch, a checkpoint, 1 more."""
+    data = random_mnist(90, 30)
+    config = recipe_config("mlp3", epochs=2, compile=True, threads=torch.get_num_threads())
+    optimizer = make_optimizer(config)
+
+    def fit(config, state, on_epoch_end=None):
+        step = speed.device_step(config, optimizer, CPU)
+        return fit_run(config, data, state, step, on_epoch_end=on_epoch_end).state
+
+    straight = fit(config, initial_state(config, optimizer, CPU))
+    path = tmp_path / "mlp3.pt"
+    one_epoch = dataclasses.replace(config, epochs=1)
+    fit(
+        one_epoch,
+        initial_state(one_epoch, optimizer, CPU),
+        lambda state: checkpoint.save(path, config.to_dict(), state),
+    )
+    _, saved = checkpoint.load(path, CPU)
+    resumed = fit(config, saved)
+    assert len(direct_calls) == 3  # each run's step was called directly
+    torch.testing.assert_close(
+        (resumed.params, resumed.opt_state), (straight.params, straight.opt_state), rtol=0, atol=0
+    )

@@ -1,20 +1,24 @@
-"""A transform, CPU: the compiled graph called straight, without torch.compile's entry on every call.
+"""A transform, CPU: the compiled graph called straight, without dynamo's entry on every call.
 
-A call of a torch.compile'd function goes through dynamo's frame hook and guards, then
-AOTAutograd's runtime wrappers, then the compiled graph. For a step as small as mlp3's, about 30
-tensors and a few hundred µs, that entry is a quarter of the time: called directly, the same graph
-took 0.74x the time, mlp's 0.88x (research/direct_call.py; BENCHMARKS.md "How far each step is
-from its floor"). `called_directly(fn, options)` does the same compile once by hand:
+A call of a torch.compile'd function goes through dynamo first: its frame hook, its guards on
+every argument, and the code that takes the argument dicts apart and builds the result's. For a
+step as small as mlp3's, about 30 tensors and a few hundred µs, that is a quarter of the time:
+called directly, the same graph took 0.74x the time, mlp's 0.88x (research/direct_call.py;
+BENCHMARKS.md "How far each step is from its floor"). `called_directly(fn, options)` does the
+compile once by hand:
 
     trace:    make_fx(fn) on fake tensors      one aten graph of the whole step, backward included
     compile:  inductor's compile_fx(graph)     the same kernels torch.compile builds from it
-    call:     flatten the arguments, call the compiled graph, rebuild the outputs' dicts
+    call:     flatten the arguments, call what compile_fx returns (the compiled graph in
+              AOTAutograd's runtime wrapper), rebuild the outputs' dicts
 
-Its own guard is the key of what a compiled graph is built for: each argument's shape and dtype, and
-the thread count (inductor's CPU kernels are generated for the count they are compiled under). A new
-key traces and compiles again; the loop's arguments never change shape, so that is once per run and
-thread count. The functions it is given are pure: dicts and tuples of tensors in, the same out,
-with no Python branch on a tensor's value (make_fx traces one path, where dynamo would break the graph).
+Its own guard is the key of what a compiled graph is built for: each argument's shape, strides,
+dtype and device, and the thread count (inductor's CPU kernels are generated for the count they
+are compiled under). A new key traces and compiles again, and the graph is kept; the loop's
+arguments never change, so that is once per run and thread count. The functions it is given are
+pure: dicts, tuples and lists of tensors that need no gradient in, the same out, with no Python
+branch on a tensor's value (make_fx traces one path, where dynamo would break the graph). Not
+thread-safe: models_on_cores' lanes use torch.compile (side_by_side.py), not this.
 """
 
 from __future__ import annotations
@@ -27,30 +31,30 @@ class Layout:
     (torch's generic pytree took about 50 µs a call for a step's arguments and results)."""
 
     def __init__(self, tree):
-        self.shape = shape_of(tree)  # None for a leaf; (type, keys or length, sub-shapes) for a node
+        self.structure = structure_of(tree)  # None for a leaf; (type, keys or length, substructures) for a node
 
     def flatten(self, tree) -> list:
         leaves = []
-        put_leaves(self.shape, tree, leaves)
+        put_leaves(self.structure, tree, leaves)
         return leaves
 
     def rebuild(self, leaves):
-        return build(self.shape, iter(leaves))
+        return build(self.structure, iter(leaves))
 
 
-def shape_of(tree):
+def structure_of(tree):
     if isinstance(tree, dict):
-        return dict, tuple(tree), tuple(shape_of(v) for v in tree.values())
+        return dict, tuple(tree), tuple(structure_of(v) for v in tree.values())
     if isinstance(tree, tuple | list):
-        return type(tree), len(tree), tuple(shape_of(v) for v in tree)
+        return type(tree), len(tree), tuple(structure_of(v) for v in tree)
     return None
 
 
-def put_leaves(shape, tree, leaves: list) -> None:
-    if shape is None:
+def put_leaves(structure, tree, leaves: list) -> None:
+    if structure is None:
         leaves.append(tree)
         return
-    kind, keys, subs = shape
+    kind, keys, subs = structure
     if kind is dict:
         if len(tree) != len(keys):
             raise ValueError(f"a dict of {len(tree)} entries where the compiled graph takes {len(keys)}")
@@ -66,10 +70,10 @@ def put_leaves(shape, tree, leaves: list) -> None:
             put_leaves(sub, value, leaves)
 
 
-def build(shape, leaves):
-    if shape is None:
+def build(structure, leaves):
+    if structure is None:
         return next(leaves)
-    kind, keys, subs = shape
+    kind, keys, subs = structure
     if kind is dict:
         return {k: build(sub, leaves) for k, sub in zip(keys, subs, strict=True)}
     return kind(build(sub, leaves) for sub in subs)
@@ -87,8 +91,10 @@ def called_directly(fn, options: dict):
             if not all(isinstance(x, torch.Tensor) for x in layout.flatten(args)):
                 raise TypeError("called_directly takes tensors, in dicts, tuples and lists, only")
         flat = layout.flatten(args)
-        key = (torch.get_num_threads(), *[(x.shape, x.dtype) for x in flat])
+        key = (torch.get_num_threads(), *[(x.shape, x.stride(), x.dtype, x.device) for x in flat])
         if key not in graphs:
+            if any(x.requires_grad for x in flat):  # the compiled graph would drop autograd's history
+                raise TypeError("called_directly takes tensors that need no gradient")
             graphs[key] = compiled_graph(fn, layout, flat, options)
         graph, out_layout = graphs[key]
         return out_layout.rebuild(graph(*flat))
@@ -117,7 +123,9 @@ def compiled_graph(fn, layout: Layout, flat: list, options: dict):
         return tuple(out_layout.flatten(out))
 
     fakes = [fake_mode.from_tensor(x) for x in flat]
-    with torch.compiler._compile_session_context(), fake_mode:  # is_compiling() True, as torch.compile's: cpu_pool asks
+    # A private torch (2.13) context that only sets the flag is_compiling() reads, as torch.compile sets it:
+    # cpu_pool.max_pool2d asks it.
+    with torch.compiler._compile_session_context(), fake_mode:
         graph = make_fx(flat_fn)(*fakes)
     with tracing(TracingContext(fake_mode)):
         return compile_fx(graph, flat, config_patches=options), out_layout

@@ -4,7 +4,8 @@ Each call of a compiled step pays tens of microseconds of guards and wrapper, mo
 step. `SeveralSteps` runs up to k steps per call through torch's scan operator, one graph
 whose body is the step. Worth about 10% for mlp and mlp3 on 2 cores, for seconds more compile,
 so it is opt-in, `train --steps-per-call K` (BENCHMARKS.md "Several steps per call";
-research/several_steps.py).
+research/several_steps.py). Since mlp's and mlp3's single step is called without dynamo's entry
+(direct_call.py), the scan wins less there: 10 per call against 1 measured 0.94-1.02x.
 
     several(params, opt_state, images, labels, batch_idx, lr) -> (params, opt_state, loss)
         batch_idx: (n, B)  lr: (n,)  n <= k;  loss: the n steps' losses, summed
@@ -45,7 +46,7 @@ class SeveralSteps:
     thrown away, with torch's random state (dropout's) put back."""
 
     def __init__(self, one: Step, several: Step, k: int):
-        self.one, self.several, self.k = one, several, k  # one: compiled(step); several: compiled(scanned(step))
+        self.one, self.several, self.k = one, several, k  # compiled(step[, direct]), compiled(scanned(step))
         self.compiled = False
 
     def __call__(self, params, opt_state, images, labels, batch_idx, lr):  # batch_idx: (n, B), lr: (n,)
