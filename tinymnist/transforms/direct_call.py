@@ -2,8 +2,8 @@
 
 A call of a torch.compile'd function goes through dynamo first: its frame hook, its guards on
 every argument, and the code that takes the argument dicts apart and builds the result's. For a
-step as small as mlp3's, about 30 tensors and a few hundred µs, that is a quarter of the time:
-called directly, the same graph took 0.74x the time, mlp's 0.88x (research/direct_call.py;
+step as small as mlp3's, about 30 tensors and a few hundred µs, that is a fifth of the time:
+called directly, the same graph took 0.78x the time, mlp's 0.86x (research/direct_call.py;
 BENCHMARKS.md "How far each step is from its floor"). `called_directly(fn, options)` does the
 compile once by hand:
 

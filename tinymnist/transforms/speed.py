@@ -36,8 +36,8 @@ from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 CPU_MICRO_BATCH = 256
 CPU_MICRO_BATCH_OF = {"fast": 64}
 # Compiled graphs called directly on the CPU, for the networks whose step is short enough for
-# torch.compile's entry to count: mlp3's step 0.74x the time, mlp's 0.88x; the convolutional
-# networks' steps, 100x longer, gained 1-5%, within the noise (research/direct_call.py, BENCHMARKS.md).
+# dynamo's entry to count: mlp3's step 0.78x the time, mlp's 0.86x, in every round; for the
+# convolutional networks, 100x longer, the rounds' ratios straddled 1 (research/direct_call.py).
 CPU_DIRECT_CALL = {"mlp", "mlp3"}
 
 
