@@ -1,7 +1,7 @@
 """Transforms that make the pure step fast while keeping its signature and its result.
 
     compiled(step)                 torch.compile: one fused graph, compiled once (first_conv.py's rewrite in it)
-    compiled(step, direct=True)    CPU: the same graph, called without torch.compile's entry (direct_call.py)
+    compiled(step, direct=True)    CPU: the same kernels, called without dynamo's entry (direct_call.py)
     micro_batched(gradient, n)     the batch's gradient as the sum of n-image chunks
     GraphedStep(step)              CUDA: the step recorded once, replayed with one launch (cuda_graph.py)
     SeveralSteps(...)              CPU: up to k steps in one compiled call (several_steps.py)
