@@ -1,0 +1,63 @@
+"""cnn's compiled CPU step with dropout's masks as inductor keeps them against masks it generates.
+
+On the CPU inductor keeps `aten::bernoulli_` as an eager fallback (so that a compiled run draws
+eager's masks); the profile of cnn's step shows it at about 3 ms a call, twice a step. The other
+way is a mask inductor compiles itself, `x * (rand_like(x) >= p) / (1 - p)`: a Philox kernel
+fused with the multiply, but other masks than eager's for the same seed. This times the step
+`train` builds (device_step, fixed threads) both ways, in turns in one process, F.dropout swapped
+only while the second way runs; windows of at least 1 s, 9 rounds; medians and the range of the
+rounds' ratios.
+
+    python research/cnn_dropout_mask.py [--data-dir DIR]
+"""
+
+import argparse
+import contextlib
+import statistics
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from tinymnist.tool import floor
+from tinymnist.tool.bench import bench_data
+
+
+def compiled_mask_dropout(x, p=0.5, training=True):
+    if not training:
+        return x
+    return x * (torch.rand_like(x) >= p) / (1 - p)  # a mask inductor generates: uniform draws against p
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--rounds", type=int, default=9)
+    args = parser.parse_args()
+    images, labels, source = bench_data(args.data_dir, torch.device("cpu"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data: {source}")
+    ways = {
+        "bernoulli_ fallback (train's)": contextlib.nullcontext,
+        "rand_like mask": lambda: mock.patch.object(F, "dropout", compiled_mask_dropout),
+    }
+    loops, us = {}, {name: [] for name in ways}
+    for name, swapped in ways.items():
+        with swapped():
+            loops[name] = floor.cpu_steps("cnn", images, labels)
+            for _ in range(4):  # the compile, then three more
+                next(loops[name])
+    for r in range(args.rounds):
+        for name in ways if r % 2 == 0 else reversed(ways):
+            with ways[name]():
+                us[name].append(floor.window_us(loops[name], 1.0))
+    base = us["bernoulli_ fallback (train's)"]
+    print("| way | µs a step | against the fallback (range) |")
+    print("|---|---|---|")
+    for name, times in us.items():
+        ratios = [b / a for a, b in zip(base, times, strict=True)]
+        spread = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+        print(f"| {name} | {statistics.median(times):,.0f} | {spread} |")
+
+
+if __name__ == "__main__":
+    main()
