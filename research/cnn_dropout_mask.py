@@ -6,7 +6,7 @@ way is a mask inductor compiles itself, `x * (rand_like(x) >= p) / (1 - p)`: a P
 fused with the multiply, but other masks than eager's for the same seed. This times the step
 `train` builds (device_step, fixed threads) both ways, in turns in one process, F.dropout swapped
 only while the second way runs; windows of at least 1 s, 9 rounds; medians and the range of the
-rounds' ratios.
+rounds' ratios; then a profile of 20 steps of each way (torch.profiler, the ops that took most).
 
     python research/cnn_dropout_mask.py [--data-dir DIR]
 """
@@ -57,6 +57,12 @@ def main():
         ratios = [b / a for a, b in zip(base, times, strict=True)]
         spread = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
         print(f"| {name} | {statistics.median(times):,.0f} | {spread} |")
+    for name, loop in loops.items():
+        with ways[name](), torch.profiler.profile() as profile:
+            for _ in range(20):
+                next(loop)
+        print(f"\n{name}, 20 steps:")
+        print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=6, max_name_column_width=40))
 
 
 if __name__ == "__main__":
