@@ -30,7 +30,7 @@ def with_cpp_wrapper(fn, options):
 
 # way -> (call directly?, how): device_step calls directly the networks in speed.CPU_DIRECT_CALL
 WAYS = {
-    "torch.compile": (False, called_directly),
+    "torch.compile": (False, called_directly),  # not reached: device_step calls no network directly
     "direct": (True, called_directly),
     "direct, C++ wrapper": (True, with_cpp_wrapper),
 }
@@ -53,7 +53,10 @@ def main():
         loops, compile_s = {}, {}
         for name, (direct, call) in WAYS.items():
             chosen = {model} if direct else set()
-            with mock.patch.object(speed, "CPU_DIRECT_CALL", chosen), mock.patch.object(speed, "called_directly", call):
+            with (
+                mock.patch.object(speed, "CPU_DIRECT_CALL", chosen),
+                mock.patch.object(speed, "called_directly", call),
+            ):
                 loops[name] = floor.cpu_steps(model, images, labels, args.steps_per_call)
                 started = time.perf_counter()
                 for _ in range(4):

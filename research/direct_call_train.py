@@ -2,7 +2,7 @@
 torch.compile (speed.CPU_DIRECT_CALL emptied), in turns, each in a fresh process, so that the
 compile is paid as a user pays it (inductor's caches warm after the first round of each).
 
-    python research/direct_call_train.py --models mlp3,mlp --rounds 3 --data-dir DIR
+    python research/direct_call_train.py --models mlp3,mlp --rounds 4 --data-dir DIR
 
 Prints each run's last line: training seconds, compile seconds, images/s.
 """

@@ -2,9 +2,9 @@
 
 A call of a torch.compile'd function goes through dynamo first: its frame hook, its guards on
 every argument, and the code that takes the argument dicts apart and builds the result's. For a
-step as small as mlp3's, about 30 tensors and a few hundred µs, that is a fifth of the time:
-called directly, the same graph took 0.78x the time, mlp's 0.86x (research/direct_call.py;
-BENCHMARKS.md "How far each step is from its floor"). `called_directly(fn, options)` does the
+step as small as mlp3's (29 tensors in, a few hundred µs) that counts: called directly, the same
+graph took 0.78x the time, mlp's 0.86x (research/direct_call.py; BENCHMARKS.md "How far each step
+is from its floor"). `called_directly(fn, options)` does the
 compile once by hand:
 
     trace:    make_fx(fn) on fake tensors      one aten graph of the whole step, backward included
@@ -13,8 +13,8 @@ compile once by hand:
               AOTAutograd's runtime wrapper), rebuild the outputs' dicts
 
 Its own guard is the key of what a compiled graph is built for: each argument's shape, strides,
-dtype and device, and the thread count (inductor's CPU kernels are generated for the count they
-are compiled under). A new key traces and compiles again, and the graph is kept; the loop's
+dtype, device and requires_grad, and the thread count (inductor's CPU kernels are generated for
+the count they are compiled under). A new key traces and compiles again, and the graph is kept; the loop's
 arguments never change, so that is once per run and thread count. The functions it is given are
 pure: dicts, tuples and lists of tensors that need no gradient in, the same out, with no Python
 branch on a tensor's value (make_fx traces one path, where dynamo would break the graph). Not
@@ -27,8 +27,8 @@ import torch
 
 
 class Layout:
-    """Where a tree of dicts, tuples and lists keeps its leaves, to flatten and rebuild it in a few µs
-    (torch's generic pytree took about 50 µs a call for a step's arguments and results)."""
+    """Where a tree of dicts, tuples and lists keeps its leaves: flattened and rebuilt by a walk made
+    for these three kinds only, cheaper on every call than torch's generic pytree."""
 
     def __init__(self, tree):
         self.structure = structure_of(tree)  # None for a leaf; (type, keys or length, substructures) for a node
@@ -91,7 +91,7 @@ def called_directly(fn, options: dict):
             if not all(isinstance(x, torch.Tensor) for x in layout.flatten(args)):
                 raise TypeError("called_directly takes tensors, in dicts, tuples and lists, only")
         flat = layout.flatten(args)
-        key = (torch.get_num_threads(), *[(x.shape, x.stride(), x.dtype, x.device) for x in flat])
+        key = (torch.get_num_threads(), *[(x.shape, x.stride(), x.dtype, x.device, x.requires_grad) for x in flat])
         if key not in graphs:
             if any(x.requires_grad for x in flat):  # the compiled graph would drop autograd's history
                 raise TypeError("called_directly takes tensors that need no gradient")

@@ -5,7 +5,7 @@ step. `SeveralSteps` runs up to k steps per call through torch's scan operator, 
 whose body is the step. Worth about 10% for mlp and mlp3 on 2 cores, for seconds more compile,
 so it is opt-in, `train --steps-per-call K` (BENCHMARKS.md "Several steps per call";
 research/several_steps.py). Since mlp's and mlp3's single step is called without dynamo's entry
-(direct_call.py), the scan wins less there: 10 per call against 1 measured 0.90x for mlp, 0.84x for mlp3
+(direct_call.py), 10 per call still took 0.90x (mlp) and 0.84x (mlp3) the time of one per call
 (tinymnist bench --floor, BENCHMARKS.md).
 
     several(params, opt_state, images, labels, batch_idx, lr) -> (params, opt_state, loss)
