@@ -46,6 +46,7 @@ _API = {
     "micro_batched": "tinymnist.transforms.speed",
     "device_step": "tinymnist.transforms.speed",
     "AdaptiveThreads": "tinymnist.transforms.cpu_threads",
+    "flush_denormals": "tinymnist.transforms.denormals",
     "optim": "tinymnist.algorithm.optim",
 }
 

@@ -38,6 +38,7 @@ from tinymnist.tool.floor import print_floor_report, run_floor_bench
 from tinymnist.tool.report import json_line, model_test_line
 from tinymnist.tool.time_to_accuracy import MODELS as TIME_TO_ACCURACY_MODELS
 from tinymnist.tool.time_to_accuracy import print_time_to_accuracy, run_time_to_accuracy
+from tinymnist.transforms.denormals import flush_denormals
 from tinymnist.transforms.speed import check_compilable, use_tf32_matmuls
 from tinymnist.transforms.vmap import evaluate_many
 from tinymnist.viz import confusion as viz_confusion
@@ -461,4 +462,5 @@ register(app)
 
 
 def main() -> None:
+    flush_denormals()  # before torch's first parallel op, so that its threads start with it
     app()

@@ -1,0 +1,49 @@
+"""Denormals flushed to zero: in every thread when set before torch's first parallel op, and
+by the command itself. Each case runs in a fresh process: the setting outlives any test."""
+
+import subprocess
+import sys
+
+import pytest
+
+CHILD = """
+import sys, torch
+import tinymnist as tm
+from tinymnist.transforms import denormals
+torch.set_num_threads(2)  # a parallel op then runs on two threads, also on a one-core machine
+when = sys.argv[1]
+if when == "first" and not tm.flush_denormals():  # as a library user calls it
+    print("unsupported"); sys.exit()
+torch.ones(1 << 20).mul(2.0)  # a parallel op: OpenMP starts its threads here
+if when == "after threads started":
+    denormals.flush_denormals()
+print(denormals.flushed_in_every_thread())
+"""
+
+
+def flushed(when: str) -> str:
+    result = subprocess.run([sys.executable, "-c", CHILD, when], capture_output=True, text=True, check=True)
+    if result.stdout.strip() == "unsupported":
+        pytest.skip("this CPU cannot flush denormals")
+    return result.stdout.strip()
+
+
+def test_set_before_threads_start_every_thread_flushes():
+    assert flushed("first") == "True"
+
+
+def test_without_it_denormals_are_kept():
+    assert flushed("never") == "False"  # the check can fail: a kept denormal shows
+
+
+def test_set_after_threads_started_only_the_calling_thread_flushes():
+    """Why the command sets it first thing: a thread copies the setting only when it starts."""
+    assert flushed("after threads started") == "False"
+
+
+@pytest.mark.parametrize("command", [["-m", "tinymnist"], ["-c", "from tinymnist.tool.entry import main; main()"]])
+def test_the_command_flushes_in_every_thread(command):
+    """`python -m tinymnist` and the console script's entry point (torchrun starts the same)."""
+    flushed("first")  # skips where the CPU cannot
+    result = subprocess.run([sys.executable, *command, "info"], capture_output=True, text=True, check=True)
+    assert "CPU denormals" in result.stdout and "flushed to zero in every thread" in result.stdout
