@@ -3,13 +3,18 @@ transforms/denormals.py) and kept, in turns, each in a fresh process (the settin
 before torch starts its threads), on fixed threads so that both runs compute the same steps.
 
     python research/denormals.py --data-dir DIR [--runs mlp,mlp3,fast,cnn:1,lenet:5] [--rounds 2]
+    python research/denormals.py --data-dir DIR --profile mlp
 
 "MODEL:E" trains E epochs instead of the recipe's. Prints each run's last line (training
 seconds, compile seconds, images/s), then how the two checkpoints of a round differ: the
 parameters, bit for bit, and the optimizer state (where flushing may turn a denormal into 0).
+`--profile MODEL`: instead, each way in a fresh process, the step `train` runs on real digits,
+timed over 200 steps after 3,000 (when denormals have built up), then profiled over 200 more
+with inductor's kernels named (the ops that took most).
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +29,30 @@ if sys.argv[1] == "kept":
     cli.flush_denormals = lambda: True
 sys.argv = ["tinymnist", *sys.argv[2:]]
 cli.main()
+"""
+
+
+PROFILE_CHILD = """
+import sys, time, torch
+from torch.profiler import profile
+from tinymnist.transforms.denormals import flush_denormals, flushed_in_every_thread
+if sys.argv[1] == "flushed":
+    flush_denormals()
+from tinymnist import data
+from tinymnist.tool.floor import cpu_steps
+mnist = data.load_mnist(sys.argv[3], "cpu")
+calls = cpu_steps(sys.argv[2], mnist.train_images, mnist.train_labels)
+for _ in range(3000):
+    next(calls)
+started = time.perf_counter()
+for _ in range(200):
+    next(calls)
+print(f"{sys.argv[1]}: every thread flushes: {flushed_in_every_thread()}; "
+      f"{(time.perf_counter() - started) / 200 * 1e6:.0f} us a step after 3,000 steps")
+with profile() as p:
+    for _ in range(200):
+        next(calls)
+print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=70))
 """
 
 
@@ -47,8 +76,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--profile", help="a model: profile its step both ways instead")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {args.threads} threads", flush=True)
+    if args.profile:
+        for way in ("kept", "flushed"):
+            child = [sys.executable, "-c", PROFILE_CHILD, way, args.profile, args.data_dir]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE": "1"}
+            print(subprocess.run(child, capture_output=True, text=True, env=env).stdout, flush=True)
+        return
     with tempfile.TemporaryDirectory() as scratch:
         for run in args.runs.split(","):
             model, _, epochs = run.partition(":")

@@ -11,6 +11,7 @@ pictures. Read algorithm/train.py first, then networks.py and optim.py, then tra
 The library in a dozen lines:
 
     import tinymnist as tm
+    tm.flush_denormals()                                  # first: before torch starts its threads
     data = tm.load_mnist("data", "cpu")                   # tinymnist download fetches the files
     config = tm.recipe_config("mlp", epochs=2)            # the tutorial's recipe, overridden
     optimizer = tm.optim.adam()

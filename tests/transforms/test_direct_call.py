@@ -20,7 +20,10 @@ from tinymnist.transforms.direct_call import Layout, called_directly
 from tinymnist.transforms.several_steps import SeveralSteps
 
 CPU = torch.device("cpu")
-TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+# Against eager: Adam divides each gradient by its own running size, so for a weight whose gradient
+# is near 0 a rounding difference between eager's and inductor's kernels becomes a visible share of
+# the learning rate (1e-3): 2e-6 in one of fc1's 100,352 weights after 3 steps on an Intel Xeon.
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def recipe_step(model: str, steps: int = 3):

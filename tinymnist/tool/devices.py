@@ -42,7 +42,7 @@ def accelerator_report() -> list[tuple[str, str]]:
         ("CUDA available", str(torch.cuda.is_available())),
         ("MPS available", str(torch.backends.mps.is_available())),
         ("CPU threads", str(torch.get_num_threads())),
-        ("CPU denormals", "flushed to zero in every thread" if flushed_in_every_thread() else "kept (slower)"),
+        ("CPU denormals", "flushed to zero in every thread" if flushed_in_every_thread() else "not flushed (slower)"),
     ]
     devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     if torch.backends.mps.is_available():
