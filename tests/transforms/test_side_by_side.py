@@ -24,7 +24,11 @@ from tinymnist.transforms.wide_conv import CHOSEN, SIDE_BY_SIDE
 
 CPU = torch.device("cpu")
 N = 4  # two rounds of a model per thread on 2 threads
-TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+# A model on one thread against the same model on two: other summation orders. Adam and RMSprop
+# divide each gradient by its own running size, so for a weight whose gradient is near 0 the
+# rounding becomes a visible share of the learning rate (0.01): 4.4e-6 in one of lenet's conv2
+# weights on an Intel Xeon.
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def test_side_by_side_is_chosen_only_for_networks_without_random_numbers():
