@@ -70,6 +70,19 @@ def differing(a: dict, b: dict) -> str:
     return f"{count:,} of {total:,} differ, largest difference {gap:.3g}"
 
 
+def denormal_census(opt_state: dict) -> str:
+    """Where the denormals sit in each 2-d state tensor (a Linear weight's (out, in)): how many,
+    and how many of its rows (units) hold nothing else but zeros."""
+    found = []
+    for key, tensors in opt_state.items():
+        for name, x in tensors.items() if isinstance(tensors, dict) else ():
+            denormal = (x != 0) & (x.abs() < torch.finfo(x.dtype).tiny)
+            if x.dim() == 2 and denormal.any():
+                whole_rows = int((denormal.any(1) & (denormal | (x == 0)).all(1)).sum())
+                found.append(f"{key}[{name}] {int(denormal.sum()):,} of {x.numel():,} ({whole_rows} whole rows)")
+    return "denormals in " + ("; ".join(found) or "no weight's state")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", default="mlp,mlp3,fast,cnn:1,lenet:5")
@@ -102,6 +115,7 @@ def main():
                 a, b = (torch.load(saved[w], weights_only=True) for w in ("flushed", "kept"))
                 print(f"{model} | round {r + 1} | parameters: {differing(a['params'], b['params'])}", flush=True)
                 print(f"{model} | round {r + 1} | optimizer state: {differing(a['opt_state'], b['opt_state'])}")
+                print(f"{model} | round {r + 1} | kept: {denormal_census(b['opt_state'])}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,24 @@
 """A transform, CPU only: flush denormal floats to zero, in every thread torch computes on.
 
-Why: Adam's first moment m shrinks by 0.9 a step for a weight whose input is almost always 0
-(the pixels near MNIST's border). Some 800 steps after the last non-zero gradient it falls below
-1.2e-38, a denormal, and there it stays: a few units above zero, m.lerp(0, 0.1) rounds back to
-m. x86 cores compute on denormals through a microcode assist, many times slower: on real digits,
-mlp's fused Adam kernel for fc1 took 206 µs a step instead of 44 (Intel Xeon, 2 threads;
-BENCHMARKS.md "Denormals"). Random digits never show it.
+Why: a denormal (subnormal) float32 is one below 1.2e-38, kept with fewer significant bits;
+x86 cores compute on them through a slow microcode path. Adam's first moment m shrinks by 0.9 a
+step for a weight whose gradient stays 0: in mlp, the whole rows of 40 of fc1's 128 hidden units
+(dead ReLUs); in mlp3, also weights of pixels that are almost always 0. Some 800
+steps later m is a denormal, and there it stays: at a few multiples of the smallest denormal,
+0.1 * m is under half that step, so m.lerp(0, 0.1) rounds back to m. On real digits, on an Intel
+Xeon, mlp's fused Adam kernel for fc1 took 206 µs a step instead of 44 (BENCHMARKS.md "Denormals").
 
-What it changes: values below 1.2e-38 count as 0, in and out of every float op. The updates
-such values make (lr * m / (sqrt(v) + eps), about 1e-39) are far below half an ulp of any weight:
-for each of the five recipes the trained parameters came out the same to the bit (same section).
-TensorFlow sets the same flag in each of its CPU threads.
+What it changes: values below 1.2e-38 count as 0, in and out of every float op (x86's
+flush-to-zero and denormals-are-zero bits). A weight's update from such a state is at most
+about lr * 1.2e-37 / eps, 1e-32, far below half the gap to the next float of any weight: in the
+recipes' runs (cnn 1 epoch, lenet 5) the trained parameters came out the same to the bit.
+TensorFlow sets the same bits in each of its CPU threads.
 
-The flag is per thread (x86's MXCSR), and on Linux a new thread starts with its creator's: set
-it before torch's first parallel op, so that OpenMP's worker threads are created with it. Set
-later, only the calling thread has it. The command sets it first thing; a library user calls
-`flush_denormals()` before any other torch work, and its result says whether every thread flushes.
+The bits are per thread (x86's MXCSR register), and on Linux a new thread starts with its
+creator's: set them before torch's first parallel op, so that OpenMP's worker threads are created
+with them. Set later, only the calling thread has them. The command sets them first thing; a
+library user calls `flush_denormals()` before any other torch work, and its result says whether
+every thread flushes.
 """
 
 from __future__ import annotations
