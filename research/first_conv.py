@@ -7,7 +7,8 @@
    runs it (the recipe's, or a micro-batch of 256): torch's conv2d_weight (oneDNN's backward
    weights), against first_conv.weight_grad_as_forward (one forward convolution, the batch as channels).
 2. The step `tinymnist train` runs on the CPU (speed.device_step, fixed threads), compiled with
-   the rewrite and without it (speed.compile_options giving none), timed in turns.
+   the rewrite forced (first_conv.inductor_pass("always")) and without it (no pass), timed in turns;
+   then which kernel the measured pass `train` compiles with (inductor_pass()) picks for that step.
 
 Each pair is timed in turns, `--rounds` windows each, so that a shared machine's load slows both
 alike; the medians and the median of the rounds' ratios are printed.
@@ -30,7 +31,7 @@ from torch.nn.grad import conv2d_weight
 from tinymnist.algorithm import networks, shapes
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state
-from tinymnist.transforms import speed
+from tinymnist.transforms import first_conv, speed
 from tinymnist.transforms.first_conv import weight_grad_as_forward
 
 N_IMAGES = 60_000
@@ -75,12 +76,13 @@ def kernels(model: str, rounds: int) -> dict:
     return {"batch": batch} | in_turns(pair, rounds)
 
 
-def step_loop(model: str, images, labels, rewrite: bool):
-    """One call of the step train runs on the CPU, advancing its own state; compiled with the rewrite or not."""
+def step_loop(model: str, images, labels, rewrite: str | None):
+    """One call of the step train runs on the CPU, advancing its own state; compiled with
+    first_conv.inductor_pass(rewrite) ("always", "measured") or, for None, without it."""
     config = recipe_config(model, compile=True)
     optimizer = make_optimizer(config)
-    options = speed.compile_options if rewrite else dict  # dict(): none; torch.compile binds them here
-    with mock.patch.object(speed, "compile_options", options):
+    options = {"post_grad_custom_post_pass": first_conv.inductor_pass(rewrite)} if rewrite else {}
+    with mock.patch.object(speed, "compile_options", lambda: options):
         step = speed.device_step(config, optimizer, torch.device("cpu"), adaptive_threads=False)
     state = initial_state(config, optimizer, torch.device("cpu"))
     carry = [state.params, state.opt_state]
@@ -97,7 +99,7 @@ def step_loop(model: str, images, labels, rewrite: bool):
 
 def profile(model: str, images, labels, steps: int = 6) -> None:
     """Each convolution kernel's self time per step, by input shapes, in the compiled step both ways."""
-    for rewrite in (False, True):
+    for rewrite in (None, "always"):
         call = step_loop(model, images, labels, rewrite)
         for _ in range(3):  # the compile, then two more
             call()
@@ -116,7 +118,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--profile", default=None, help="a model: its convolution kernels, profiled, both ways")
     args = parser.parse_args()
-    torch._dynamo.config.recompile_limit = 64  # the same step function, compiled twice per model
+    torch._dynamo.config.recompile_limit = 64  # the same step function, compiled three times per model
+    torch._inductor.config.fx_graph_cache = False  # so that the measured pass runs, not a cached graph's choice
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (N_IMAGES, 28, 28), dtype=torch.uint8, generator=g)  # (60000, 28, 28)
     labels = torch.randint(0, 10, (N_IMAGES,), generator=g)  # (60000,)
@@ -130,9 +133,20 @@ def main() -> None:
         print(f"{model}, {k['batch']}: {k['conv2d_weight'] * 1e3:.2f}, {k['as forward'] * 1e3:.2f}, {k['ratio']:.3f}x")
     print("# model: the compiled CPU step, ms: without the rewrite, with it, ratio")
     for model in args.models.split(","):
-        pair = {"without": step_loop(model, images, labels, False), "with": step_loop(model, images, labels, True)}
+        pair = {"without": step_loop(model, images, labels, None), "with": step_loop(model, images, labels, "always")}
         s = in_turns(pair, args.rounds)
         print(f"{model}: {s['without'] * 1e3:.2f}, {s['with'] * 1e3:.2f}, {s['ratio']:.3f}x", flush=True)
+    print("# model: the measured pass's choice for the step's first convolution (inductor_pass(), as `train` runs it)")
+    for model in args.models.split(","):
+        choices = []
+
+        def recorded(node, choices=choices):
+            choices.append("as forward" if first_conv.as_forward_is_faster(node) else "oneDNN's backward")
+            return choices[-1] == "as forward"
+
+        with mock.patch.dict(first_conv.CHOICES, measured=recorded):
+            step_loop(model, images, labels, "measured")()  # compiles on the first call
+        print(f"{model}: {', '.join(choices)}", flush=True)
 
 
 if __name__ == "__main__":

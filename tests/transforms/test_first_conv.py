@@ -10,13 +10,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._inductor.utils import run_and_get_code
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from tests.support import needs_cpp_compiler, random_mnist
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.train import make_gradient
-from tinymnist.transforms.first_conv import rewrite, weight_grad_as_forward
+from tinymnist.transforms import first_conv, speed
+from tinymnist.transforms.first_conv import as_forward_is_faster, inductor_pass, rewrite, weight_grad_as_forward
 from tinymnist.transforms.speed import compiled
 from tinymnist.transforms.vmap import vmapped
 
@@ -106,6 +108,52 @@ def test_the_pass_leaves_other_convolutions_alone(case):
     assert conv_backwards(traced.graph) == 2
 
 
+@pytest.mark.parametrize("as_forward_faster", [True, False])
+def test_the_pass_rewrites_where_its_choice_says(as_forward_faster):
+    traced, _ = two_conv_gradient()
+    asked = []
+    rewrite(traced.graph, choose=lambda node: asked.append(node) or as_forward_faster)
+    assert len(asked) == 1  # only the one-channel convolution is offered
+    assert conv_backwards(traced.graph) == (1 if as_forward_faster else 2)
+
+
+def first_layer_backward(traced: torch.fx.GraphModule) -> torch.fx.Node:
+    return next(
+        n for n in traced.graph.nodes if n.target is aten.convolution_backward.default and first_conv.rewritable(n)
+    )
+
+
+@pytest.mark.parametrize("seconds, expected", [((2e-3, 1e-3), True), ((1e-3, 2e-3), False)])
+def test_the_measured_choice_takes_the_faster_kernel(monkeypatch, seconds, expected):
+    """(oneDNN's backward, as forward) seconds per call -> whether the rewrite is taken."""
+    node = first_layer_backward(two_conv_gradient()[0])
+    monkeypatch.setattr(first_conv, "timed_in_turns", lambda kernels: list(seconds))
+    assert as_forward_is_faster(node) is expected
+
+
+def test_the_measured_choice_times_both_kernels_on_tensors_of_the_graphs_layout(monkeypatch):
+    """Both kernels run, on real tensors with the fake values' shapes and strides (a channels-last gradient here)."""
+    node = first_layer_backward(two_conv_gradient()[0])
+    channels_last = node.args[0].meta["val"].contiguous(memory_format=torch.channels_last)
+    node.args[0].meta["val"] = channels_last
+    made, timed = [], []
+    random_like, timed_in_turns = first_conv.random_like, first_conv.timed_in_turns
+    monkeypatch.setattr(first_conv, "random_like", lambda fake: made.append(random_like(fake)) or made[-1])
+    monkeypatch.setattr(
+        first_conv, "timed_in_turns", lambda kernels: timed.append(timed_in_turns(kernels)) or timed[-1]
+    )
+    assert isinstance(as_forward_is_faster(node), bool)
+    assert not isinstance(made[0], FakeTensor)
+    assert made[0].shape == channels_last.shape and made[0].stride() == channels_last.stride()
+    assert len(timed[0]) == 2 and all(seconds > 0 for seconds in timed[0])
+
+
+def test_the_choice_is_part_of_inductors_cache_key():
+    """A graph compiled with the rewrite forced is not reused where the choice is measured, nor the other way."""
+    assert inductor_pass("measured").uuid() != inductor_pass("always").uuid()
+    assert inductor_pass("measured").uuid() == inductor_pass("measured").uuid()
+
+
 def test_the_pass_rewrites_vmaps_grouped_first_layer():
     """3 models under vmap: one grouped convolution of one channel per group, here with a 5x3 kernel,
     padding (2, 1) and 11x9 images: the rewritten graph gives the same gradients."""
@@ -125,10 +173,11 @@ def test_the_pass_rewrites_vmaps_grouped_first_layer():
 
 
 @needs_cpp_compiler
-def test_compiled_gradients_take_the_rewrite_and_keep_autograds_values():
+def test_compiled_gradients_take_the_rewrite_and_keep_autograds_values(monkeypatch):
     """fast's gradient as `train` compiles it, and lenet's for 3 models under vmap (groups of one
-    channel), as the vmap-gradient route compiles it. Each graph calls convolution_backward for the
-    second conv only."""
+    channel), as the vmap-gradient route compiles it, with the rewrite forced (measured, this machine
+    may prefer oneDNN's backward). Each graph calls convolution_backward for the second conv only."""
+    monkeypatch.setattr(speed, "compile_options", lambda: {"post_grad_custom_post_pass": inductor_pass("always")})
     data = random_mnist(64, 1, seed=0)
     images, labels = data.train_images, data.train_labels
     fast = recipe_config("fast")

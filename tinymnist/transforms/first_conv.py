@@ -11,22 +11,34 @@ step, its forward 6 ms. The same sums are a forward convolution with the batch a
 which took 8.8 ms there (`python research/first_conv.py --profile fast`). `rewrite` makes that
 change in the graph inductor compiles, after autograd has written the backward, so the networks and
 the pure step keep their plain F.conv2d; speed.compiled hands `inductor_pass()` to each compile it
-makes. The compiled CPU steps took 0.77-0.78x the time for fast, 0.91-0.92x for lenet, 0.91-0.97x
-for cnn, in two runs of research/first_conv.py. The sums run in another order: the gradient agrees
-with autograd's to float rounding, not bit for bit.
+makes. On that host (a 2-core AMD EPYC) the compiled CPU steps took 0.77-0.78x the time for fast,
+0.91-0.92x for lenet, 0.91-0.97x for cnn, in two runs of research/first_conv.py. On a 2-core Intel
+Xeon oneDNN's own backward was the faster one in every layout, and the rewrite made the steps 1.26x
+(fast), 1.37x (lenet) and 1.03x (cnn) slower. So the pass measures: for each convolution it would
+rewrite, it times both kernels on random tensors of the graph's shapes and strides, in turns, and
+keeps the faster (`as_forward_is_faster`). Inductor's cache keeps the compiled graph, and with it
+the choice, for the next process on the same machine. The sums run in another order: the gradient
+agrees with autograd's to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
 
 import functools
 import operator
+import platform
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 
 aten = torch.ops.aten
+
+ROUNDS = 5  # of the two kernels' timings, in turns; the medians are compared
+WINDOW_SECONDS = 0.005  # the least time one timing spans: well above the clock's resolution
 
 
 def weight_grad_as_forward(x, grad_out, padding: list[int], groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,11 +71,46 @@ def rewritable(node: torch.fx.Node) -> bool:
     )
 
 
-def rewrite(graph: torch.fx.Graph) -> None:
-    """Each rewritable convolution_backward of `graph` becomes weight_grad_as_forward."""
+def rewrite(graph: torch.fx.Graph, choose: Callable[[torch.fx.Node], bool] = lambda node: True) -> None:
+    """Each rewritable convolution_backward of `graph` that `choose` takes becomes weight_grad_as_forward."""
     for node in list(graph.nodes):
-        if node.target is aten.convolution_backward.default and rewritable(node):
+        if node.target is aten.convolution_backward.default and rewritable(node) and choose(node):
             replace(graph, node)
+
+
+def as_forward_is_faster(node: torch.fx.Node) -> bool:
+    """Whether weight_grad_as_forward beats the node's own convolution_backward on this machine, now:
+    both timed in turns on random tensors with the shapes and strides of the node's fake values."""
+    grad_out, x, weight, *_ = node.args
+    padding, groups = list(node.args[5]), node.args[9]
+    with unset_fake_temporarily():  # real tensors, inside the compile's fake mode
+        g, image, w = (random_like(arg.meta["val"]) for arg in (grad_out, x, weight))
+        kernels = (
+            lambda: node.target(g, image, w, *node.args[3:]),
+            lambda: weight_grad_as_forward(image, g, padding, groups),
+        )
+        backward, as_forward = timed_in_turns(kernels)
+    return as_forward < backward
+
+
+def random_like(fake: torch.Tensor) -> torch.Tensor:
+    """A real tensor with `fake`'s shape, strides and dtype (the layout decides oneDNN's speed), on the CPU."""
+    return torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype).normal_()
+
+
+def timed_in_turns(kernels) -> list[float]:
+    """Each kernel's median seconds per call over ROUNDS windows, taken in turns so load hits all alike."""
+    for kernel in kernels:  # the first call of a shape sets oneDNN up
+        kernel()
+    samples = [[] for _ in kernels]
+    for _ in range(ROUNDS):
+        for kernel, times in zip(kernels, samples, strict=True):
+            started, calls = time.perf_counter(), 0
+            while (elapsed := time.perf_counter() - started) < WINDOW_SECONDS or calls == 0:
+                kernel()
+                calls += 1
+            times.append(elapsed / calls)
+    return [statistics.median(times) for times in samples]
 
 
 def replace(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
@@ -84,17 +131,31 @@ def replace(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
         graph.erase_node(outputs[1])
 
 
+CHOICES = {"measured": as_forward_is_faster, "always": lambda node: True}
+
+
 @functools.cache
-def inductor_pass():
-    """`rewrite` as inductor's post-grad pass. Built on first use: importing inductor takes about 2 s,
-    which `tinymnist info` and --help need not pay."""
+def inductor_pass(choice: str = "measured"):
+    """`rewrite` as inductor's post-grad pass, taking the kernel CHOICES[choice] picks. Built on first use:
+    importing inductor takes about 2 s, which `tinymnist info` and --help need not pay."""
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class FirstConvWeightGrad(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
-            rewrite(graph)
+            rewrite(graph, CHOICES[choice])
 
-        def uuid(self) -> bytes:  # inductor's cache key: this file's text
-            return get_hash_for_files((__file__,))
+        def uuid(self) -> bytes:  # inductor's cache key: this file's text, the choice and, for a measured
+            # one, the processor, so that a cache shared between machines does not carry one's choice to another
+            where = f"{choice} {platform.machine()} {processor_name()}" if choice == "measured" else choice
+            return get_hash_for_files((__file__,)) + where.encode()
 
     return FirstConvWeightGrad()
+
+
+def processor_name() -> str:
+    """The CPU's model name as Linux reports it, else platform's (often empty)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
