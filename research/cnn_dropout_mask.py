@@ -2,11 +2,12 @@
 
 On the CPU inductor keeps `aten::bernoulli_` as an eager fallback (so that a compiled run draws
 eager's masks); the profile of cnn's step shows it at about 3 ms a call, twice a step. The other
-way is a mask inductor compiles itself, `x * (rand_like(x) >= p) / (1 - p)`: a Philox kernel
-fused with the multiply, but other masks than eager's for the same seed. This times the step
-`train` builds (device_step, fixed threads) both ways, in turns in one process, F.dropout swapped
-only while the second way runs; windows of at least 1 s, 9 rounds; medians and the range of the
-rounds' ratios; then a profile of 20 steps of each way (torch.profiler, the ops that took most).
+way is a mask inductor compiles itself, `rand(shape) < 1 - p`: a Philox kernel fused with the
+multiply, but other masks than eager's for the same seed. `train` takes the second way since
+2026-12-06 (transforms/dropout_mask.py, a pass in speed.compile_options). This times the step
+`train` builds (device_step, fixed threads) both ways, in turns in one process, the pass left out
+of the compile options for the first way; windows of at least 1 s, 9 rounds; medians and the range
+of the rounds' ratios; then a profile of 20 steps of each way (torch.profiler, the ops that took most).
 
     python research/cnn_dropout_mask.py [--data-dir DIR]
 """
@@ -17,16 +18,16 @@ import statistics
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 
 from tinymnist.tool import floor
 from tinymnist.tool.bench import bench_data
+from tinymnist.transforms import speed
 
 
-def compiled_mask_dropout(x, p=0.5, training=True):
-    if not training:
-        return x
-    return x * (torch.rand_like(x) >= p) / (1 - p)  # a mask inductor generates: uniform draws against p
+def without_the_pass():
+    """speed.compile_options without dropout_mask.py's pass: inductor keeps bernoulli_ as an eager call."""
+    options = {k: v for k, v in speed.compile_options().items() if k != "joint_custom_pre_pass"}
+    return mock.patch.object(speed, "compile_options", lambda: options)
 
 
 def main():
@@ -37,8 +38,8 @@ def main():
     images, labels, source = bench_data(args.data_dir, torch.device("cpu"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data: {source}")
     ways = {
-        "bernoulli_ fallback (train's)": contextlib.nullcontext,
-        "rand_like mask": lambda: mock.patch.object(F, "dropout", compiled_mask_dropout),
+        "bernoulli_ fallback": without_the_pass,
+        "compiled mask (train's, dropout_mask.py)": contextlib.nullcontext,
     }
     loops, us = {}, {name: [] for name in ways}
     for name, swapped in ways.items():
@@ -50,7 +51,7 @@ def main():
         for name in ways if r % 2 == 0 else reversed(ways):
             with ways[name]():
                 us[name].append(floor.window_us(loops[name], 1.0))
-    base = us["bernoulli_ fallback (train's)"]
+    base = us["bernoulli_ fallback"]
     print("| way | µs a step | against the fallback (range) |")
     print("|---|---|---|")
     for name, times in us.items():

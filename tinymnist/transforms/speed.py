@@ -1,6 +1,7 @@
 """Transforms that make the pure step fast while keeping its signature and its result.
 
-    compiled(step)                 torch.compile: one fused graph, compiled once (first_conv.py's rewrite in it)
+    compiled(step)                 torch.compile: one fused graph, compiled once (first_conv.py's and
+                                   dropout_mask.py's rewrites in it)
     compiled(step, direct=True)    CPU: the same kernels, called without dynamo's entry (direct_call.py)
     micro_batched(gradient, n)     the batch's gradient as the sum of n-image chunks
     GraphedStep(step)              CUDA: the step recorded once, replayed with one launch (cuda_graph.py)
@@ -21,7 +22,7 @@ from tinymnist.algorithm import optim
 from tinymnist.algorithm.config import TrainConfig
 from tinymnist.algorithm.train import Gradient, Step, make_gradient, make_step
 from tinymnist.errors import TinyMnistError
-from tinymnist.transforms import first_conv
+from tinymnist.transforms import dropout_mask, first_conv
 from tinymnist.transforms.cpu_threads import AdaptiveThreads
 from tinymnist.transforms.cuda_graph import GraphedStep
 from tinymnist.transforms.direct_call import called_directly
@@ -51,10 +52,14 @@ def compiled(fn, direct: bool = False):
 
 
 def compile_options() -> dict:
-    """inductor's options for every compile: first_conv.py's rewrite of a first convolution's weight
-    gradient where it measures faster (CPU graphs only; on an AMD EPYC fast's compiled step took 0.77x
-    the time with it, on an Intel Xeon 1.27x, so it is measured on the machine that compiles)."""
-    return {"post_grad_custom_post_pass": first_conv.inductor_pass()}
+    """inductor's options for every compile, each changing CPU graphs only: first_conv.py's rewrite of a
+    first convolution's weight gradient where it measures faster (on an AMD EPYC fast's compiled step took
+    0.77x the time with it, on an Intel Xeon 1.27x, so it is measured on the machine that compiles), and
+    dropout_mask.py's masks drawn by a compiled kernel (cnn's step 0.91-0.93x the time)."""
+    return {
+        "post_grad_custom_post_pass": first_conv.inductor_pass(),
+        "joint_custom_pre_pass": dropout_mask.inductor_pass(),
+    }
 
 
 def micro_batched(gradient: Gradient, micro_batch: int) -> Gradient:
