@@ -1,0 +1,106 @@
+"""Can max-pooling's compiled CPU kernels get faster? Other formulations and inductor settings, in the step.
+
+In `fast`'s and `lenet`'s compiled CPU steps the kernels inductor generates around max-pooling (the
+argmax forward of algorithm/cpu_pool.py, its backward fused with ReLU's and the bias gradient) run
+as scalar C++ loops: the gradient of an input at (h, w) reads its window's values at (h // 2, w // 2),
+which inductor's vectorizer does not take. This times `train`'s step (tool/floor.cpu_steps: compiled,
+micro-batched, fixed threads, denormals flushed) against the same step compiled with:
+
+    channels-last    cpu_pool.first_max_pool2d on the input made channels-last first (C innermost)
+    separable        max over each row's pair, then over the two rows' maxima (first maximum on ties,
+                     as F.max_pool2d), with torch.where: no argmax, no index tensor
+    separable-cl     the same on a channels-last input
+    force-layout     inductor's force_layout_optimization (channels-last convolutions)
+    no-tiling-limit  inductor's cpp.enable_tiling_heuristics off (vectorize despite strided loads)
+
+each swapped in only while its step compiles; then all timed in turns, windows of at least 0.5 s,
+`--rounds` rounds; medians and the median of the rounds' ratios to train's step.
+
+    python research/pool_variants.py --data-dir DIR [--models fast,lenet] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+from unittest import mock
+
+import torch
+
+from tinymnist.algorithm import cpu_pool
+from tinymnist.tool import floor
+from tinymnist.tool.bench import bench_data
+from tinymnist.transforms.denormals import flush_denormals
+
+ARGMAX_POOL = cpu_pool.first_max_pool2d
+
+
+def separable(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """2x2 max-pool as two pairwise maxima, the first of a pair kept on ties: row-major first maximum."""
+    assert kernel == 2
+    n, channels, height, width = x.shape
+    pairs = x.view(n, channels, height, width // 2, 2)  # (N, C, H, W/2, 2): each row's pairs
+    left, right = pairs[..., 0], pairs[..., 1]
+    row_max = torch.where(left >= right, left, right)  # (N, C, H, W/2)
+    rows = row_max.view(n, channels, height // 2, 2, width // 2)  # (N, C, H/2, 2, W/2)
+    top, bottom = rows[:, :, :, 0], rows[:, :, :, 1]
+    return torch.where(top >= bottom, top, bottom)  # (N, C, H/2, W/2)
+
+
+def channels_last(pool):
+    return lambda x, kernel: pool(x.contiguous(memory_format=torch.channels_last), kernel)
+
+
+def swapped_pool(pool):
+    return lambda: mock.patch.object(cpu_pool, "first_max_pool2d", pool)
+
+
+def inductor_setting(**settings):
+    return lambda: torch._inductor.config.patch(settings)
+
+
+VARIANTS = {
+    "train's": contextlib.nullcontext,
+    "channels-last": swapped_pool(channels_last(ARGMAX_POOL)),
+    "separable": swapped_pool(separable),
+    "separable-cl": swapped_pool(channels_last(separable)),
+    "force-layout": inductor_setting(force_layout_optimization=True),
+    "no-tiling-limit": inductor_setting(**{"cpp.enable_tiling_heuristics": False}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--models", default="fast,lenet")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    flush_denormals()  # as `train` runs
+    torch._dynamo.config.recompile_limit = 64  # one step function, compiled once per variant
+    torch._inductor.config.fx_graph_cache = False  # a variant must not reuse another's cached graph
+    images, labels, source = bench_data(args.data_dir, torch.device("cpu"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data: {source}")
+    for model in args.models.split(","):
+        loops = {}
+        for name, variant in VARIANTS.items():
+            with variant():
+                loops[name] = floor.cpu_steps(model, images, labels)
+                for _ in range(3):  # the compile, then two more
+                    next(loops[name])
+        us = {name: [] for name in VARIANTS}
+        for _ in range(args.rounds):
+            for name, loop in loops.items():
+                us[name].append(floor.window_us(loop, 0.5))
+        base = us["train's"]
+        for name, times in us.items():
+            ratios = [b / a for a, b in zip(base, times, strict=True)]
+            print(
+                f"{model}: {name}: {statistics.median(times):,.0f} us a step, "
+                f"{statistics.median(ratios):.3f}x train's ({min(ratios):.2f}-{max(ratios):.2f})",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
