@@ -13,8 +13,8 @@ change in the graph inductor compiles, after autograd has written the backward, 
 the pure step keep their plain F.conv2d; speed.compiled hands `inductor_pass()` to each compile it
 makes. On that host (a 2-core AMD EPYC) the compiled CPU steps took 0.77-0.78x the time for fast,
 0.91-0.92x for lenet, 0.91-0.97x for cnn, in two runs of research/first_conv.py. On a 2-core Intel
-Xeon oneDNN's own backward was the faster one in every layout, and the rewrite made the steps 1.26x
-(fast), 1.37x (lenet) and 1.03x (cnn) slower. So the pass measures: for each convolution it would
+Xeon oneDNN's own backward was the faster kernel, and the rewrite made the steps 1.27x
+(fast), 1.38x (lenet) and 1.07x (cnn) slower. So the pass measures: for each convolution it would
 rewrite, it times both kernels on random tensors of the graph's shapes and strides, in turns, and
 keeps the faster (`as_forward_is_faster`). Inductor's cache keeps the compiled graph, and with it
 the choice, for the next process on the same machine. The sums run in another order: the gradient

@@ -60,6 +60,8 @@ CONV_RULES = {"vmap": vmap_conv, "loop": loop_conv, "unfold": unfold_conv, "firs
 #   cpu, fast:  side-by-side 0.89x, one-by-one 1.07x, vmap-gradient 1.18x (side-by-side-fast.txt; N a
 #               multiple of the threads only: speed.device_step)
 #   cpu, lenet: side-by-side 0.81x, vmap-gradient 1.00x, one-by-one 1.02x (side-by-side-lenet.txt)
+#   (an Intel Xeon, 2026-12-06: side-by-side 0.94x (fast), 0.91x (lenet); one-by-one 1.03x, 0.96x;
+#   results/bench/cpu-seeds-xeon-2/rules-each.txt)
 #   cuda, cnn (H200, 16 models, CUDA graphs): vmap-gradient 0.67x, one-by-one 0.93x, unfold 1.20x
 #               (results/bench/cuda-h200/issue20/)
 VMAP_GRADIENT, ONE_BY_ONE, SIDE_BY_SIDE = "vmap-gradient", "one-by-one", "side-by-side"
