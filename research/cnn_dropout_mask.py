@@ -2,7 +2,7 @@
 
 On the CPU inductor keeps `aten::bernoulli_` as an eager fallback (so that a compiled run draws
 eager's masks); the profile of cnn's step shows it at about 3 ms a call, twice a step. The other
-way is a mask inductor compiles itself, `rand(shape) < 1 - p`: a Philox kernel fused with the
+way is a mask inductor compiles itself, `rand(shape) > p`: a Philox kernel fused with the
 multiply, but other masks than eager's for the same seed. `train` takes the second way since
 2026-12-06 (transforms/dropout_mask.py, a pass in speed.compile_options). This times the step
 `train` builds (device_step, fixed threads) both ways, in turns in one process, the pass left out

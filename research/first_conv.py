@@ -7,7 +7,7 @@
    runs it (the recipe's, or a micro-batch of 256): torch's conv2d_weight (oneDNN's backward
    weights), against first_conv.weight_grad_as_forward (one forward convolution, the batch as channels).
 2. The step `tinymnist train` runs on the CPU (speed.device_step, fixed threads), compiled with
-   the rewrite forced (first_conv.inductor_pass("always")) and without it (no pass), timed in turns;
+   the rewrite forced (first_conv.inductor_pass("always")) and refused ("never"), timed in turns;
    then which kernel the measured pass `train` compiles with (inductor_pass()) picks for that step.
 
 Each pair is timed in turns, `--rounds` windows each, so that a shared machine's load slows both
@@ -76,12 +76,12 @@ def kernels(model: str, rounds: int) -> dict:
     return {"batch": batch} | in_turns(pair, rounds)
 
 
-def step_loop(model: str, images, labels, rewrite: str | None):
-    """One call of the step train runs on the CPU, advancing its own state; compiled with
-    first_conv.inductor_pass(rewrite) ("always", "measured") or, for None, without it."""
+def step_loop(model: str, images, labels, rewrite: str):
+    """One call of the step train runs on the CPU, advancing its own state; compiled with train's options
+    but first_conv.inductor_pass(rewrite): "always", "never" or "measured" (train's)."""
     config = recipe_config(model, compile=True)
     optimizer = make_optimizer(config)
-    options = {"post_grad_custom_post_pass": first_conv.inductor_pass(rewrite)} if rewrite else {}
+    options = speed.compile_options() | {"post_grad_custom_post_pass": first_conv.inductor_pass(rewrite)}
     with mock.patch.object(speed, "compile_options", lambda: options):
         step = speed.device_step(config, optimizer, torch.device("cpu"), adaptive_threads=False)
     state = initial_state(config, optimizer, torch.device("cpu"))
@@ -99,14 +99,15 @@ def step_loop(model: str, images, labels, rewrite: str | None):
 
 def profile(model: str, images, labels, steps: int = 6) -> None:
     """Each convolution kernel's self time per step, by input shapes, in the compiled step both ways."""
-    for rewrite in (None, "always"):
+    for rewrite in ("never", "always"):
         call = step_loop(model, images, labels, rewrite)
         for _ in range(3):  # the compile, then two more
             call()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(steps):
                 call()
-        print(f"# {model}, {'with' if rewrite else 'without'} the rewrite: ms per step, kernel, input shapes")
+        way = "with" if rewrite == "always" else "without"
+        print(f"# {model}, {way} the rewrite: ms per step, kernel, input shapes")
         for event in prof.key_averages(group_by_input_shape=True):
             if "convolution" in event.key and event.self_cpu_time_total > 0.01 * 1e3 * steps:
                 print(f"{event.self_cpu_time_total / steps / 1e3:7.2f}  {event.key}  {event.input_shapes}")
@@ -133,7 +134,8 @@ def main() -> None:
         print(f"{model}, {k['batch']}: {k['conv2d_weight'] * 1e3:.2f}, {k['as forward'] * 1e3:.2f}, {k['ratio']:.3f}x")
     print("# model: the compiled CPU step, ms: without the rewrite, with it, ratio")
     for model in args.models.split(","):
-        pair = {"without": step_loop(model, images, labels, None), "with": step_loop(model, images, labels, "always")}
+        ways = (("without", "never"), ("with", "always"))
+        pair = {way: step_loop(model, images, labels, rewrite) for way, rewrite in ways}
         s = in_turns(pair, args.rounds)
         print(f"{model}: {s['without'] * 1e3:.2f}, {s['with'] * 1e3:.2f}, {s['ratio']:.3f}x", flush=True)
     print("# model: the measured pass's choice for the step's first convolution (inductor_pass(), as `train` runs it)")

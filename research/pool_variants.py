@@ -10,13 +10,15 @@ micro-batched, fixed threads, denormals flushed) against the same step compiled 
     separable        max over each row's pair, then over the two rows' maxima (first maximum on ties,
                      as F.max_pool2d), with torch.where: no argmax, no index tensor
     separable-cl     the same on a channels-last input
-    force-layout     inductor's force_layout_optimization (channels-last convolutions)
+    byte-argmax      cpu_pool's argmax kept as uint8 rather than int64
+    force-layout     inductor's force_layout_optimization: a control, as inductor already lays a CPU graph's
+                     convolutions out channels-last with oneDNN
     no-tiling-limit  inductor's cpp.enable_tiling_heuristics off (vectorize despite strided loads)
 
 each swapped in only while its step compiles; then all timed in turns, windows of at least 0.5 s,
 `--rounds` rounds; medians and the median of the rounds' ratios to train's step.
 
-    python research/pool_variants.py --data-dir DIR [--models fast,lenet] [--rounds 5]
+    python research/pool_variants.py --data-dir DIR [--models fast,lenet] [--rounds 5] [--variants a,b]
 """
 
 from __future__ import annotations
@@ -48,6 +50,17 @@ def separable(x: torch.Tensor, kernel: int) -> torch.Tensor:
     return torch.where(top >= bottom, top, bottom)  # (N, C, H/2, W/2)
 
 
+def byte_argmax(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """cpu_pool.first_max_pool2d with the window's argmax kept as one byte, not eight: less memory traffic."""
+    n, channels, height, width = x.shape
+    rows, cols = height // kernel, width // kernel
+    windows = x.view(n, channels, rows, kernel, cols, kernel).transpose(3, 4)  # (N, C, H', W', k, k)
+    windows = windows.reshape(n, channels, rows, cols, kernel * kernel)  # (N, C, H', W', k*k)
+    first_max = windows.argmax(dim=-1, keepdim=True).to(torch.uint8)  # (N, C, H', W', 1)
+    picked = torch.arange(kernel * kernel, device=x.device, dtype=torch.uint8) == first_max
+    return torch.where(picked, windows, 0).sum(dim=-1)  # (N, C, H', W')
+
+
 def channels_last(pool):
     return lambda x, kernel: pool(x.contiguous(memory_format=torch.channels_last), kernel)
 
@@ -65,6 +78,7 @@ VARIANTS = {
     "channels-last": swapped_pool(channels_last(ARGMAX_POOL)),
     "separable": swapped_pool(separable),
     "separable-cl": swapped_pool(channels_last(separable)),
+    "byte-argmax": swapped_pool(byte_argmax),
     "force-layout": inductor_setting(force_layout_optimization=True),
     "no-tiling-limit": inductor_setting(**{"cpp.enable_tiling_heuristics": False}),
 }
@@ -75,7 +89,9 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--models", default="fast,lenet")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which, comma-separated (train's always)")
     args = parser.parse_args()
+    variants = {name: VARIANTS[name] for name in ["train's", *args.variants.split(",")]}
     flush_denormals()  # as `train` runs
     torch._dynamo.config.recompile_limit = 64  # one step function, compiled once per variant
     torch._inductor.config.fx_graph_cache = False  # a variant must not reuse another's cached graph
@@ -83,12 +99,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data: {source}")
     for model in args.models.split(","):
         loops = {}
-        for name, variant in VARIANTS.items():
+        for name, variant in variants.items():
             with variant():
                 loops[name] = floor.cpu_steps(model, images, labels)
                 for _ in range(3):  # the compile, then two more
                     next(loops[name])
-        us = {name: [] for name in VARIANTS}
+        us = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, loop in loops.items():
                 us[name].append(floor.window_us(loop, 0.5))

@@ -4,25 +4,30 @@ The oracle is autograd's own convolution_backward. The rewrite adds the same pro
 another order, so float64 agrees to 1e-12 and float32 to float32's rounding of ~10^4-term sums.
 """
 
+import os
+import platform
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._inductor.utils import run_and_get_code
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from tests.support import needs_cpp_compiler, random_mnist
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.train import make_gradient
+from tinymnist.errors import TinyMnistError
 from tinymnist.transforms import first_conv, speed
 from tinymnist.transforms.first_conv import as_forward_is_faster, inductor_pass, rewrite, weight_grad_as_forward
 from tinymnist.transforms.speed import compiled
 from tinymnist.transforms.vmap import vmapped
 
 aten = torch.ops.aten
+ALWAYS = first_conv.CHOICES["always"]
 
 
 def autograd_weight_grads(x, grad_out, weight, padding: int, groups: int):
@@ -90,7 +95,7 @@ def test_the_pass_rewrites_the_one_channel_convolution_only():
     traced, args = two_conv_gradient()
     expected = traced(*args)
     assert conv_backwards(traced.graph) == 2
-    rewrite(traced.graph)
+    rewrite(traced.graph, ALWAYS)
     traced.recompile()
     assert conv_backwards(traced.graph) == 1  # the four-channel layer keeps oneDNN's backward
     for e, o in zip(expected, traced(*args), strict=True):
@@ -104,7 +109,7 @@ def test_the_pass_rewrites_the_one_channel_convolution_only():
 )
 def test_the_pass_leaves_other_convolutions_alone(case):
     traced, _ = two_conv_gradient(**case)
-    rewrite(traced.graph)
+    rewrite(traced.graph, ALWAYS)
     assert conv_backwards(traced.graph) == 2
 
 
@@ -112,7 +117,7 @@ def test_the_pass_leaves_other_convolutions_alone(case):
 def test_the_pass_rewrites_where_its_choice_says(as_forward_faster):
     traced, _ = two_conv_gradient()
     asked = []
-    rewrite(traced.graph, choose=lambda node: asked.append(node) or as_forward_faster)
+    rewrite(traced.graph, lambda node: asked.append(node) or as_forward_faster)
     assert len(asked) == 1  # only the one-channel convolution is offered
     assert conv_backwards(traced.graph) == (1 if as_forward_faster else 2)
 
@@ -123,35 +128,115 @@ def first_layer_backward(traced: torch.fx.GraphModule) -> torch.fx.Node:
     )
 
 
-@pytest.mark.parametrize("seconds, expected", [((2e-3, 1e-3), True), ((1e-3, 2e-3), False)])
-def test_the_measured_choice_takes_the_faster_kernel(monkeypatch, seconds, expected):
+@pytest.fixture
+def timings(monkeypatch):
+    """first_conv's timer replaced: (oneDNN's backward, as forward) seconds per call, as the test sets them;
+    `calls` counts the measurements. This process's remembered choices are forgotten."""
+    monkeypatch.setattr(first_conv, "CHOSEN", {})
+    timings = {"seconds": (1e-3, 1e-3), "calls": 0}
+
+    def timed_in_turns(kernels):
+        timings["calls"] += 1
+        return list(timings["seconds"])
+
+    monkeypatch.setattr(first_conv, "timed_in_turns", timed_in_turns)
+    return timings
+
+
+@pytest.mark.parametrize(
+    "seconds, expected",
+    [((2e-3, 1e-3), True), ((1e-3, 0.85e-3), True), ((1e-3, 0.95e-3), False), ((1e-3, 2e-3), False)],
+    ids=["twice as fast", "past the margin", "within the margin: oneDNN's stays", "slower"],
+)
+def test_the_measured_choice_takes_the_faster_kernel_by_a_margin(timings, seconds, expected):
     """(oneDNN's backward, as forward) seconds per call -> whether the rewrite is taken."""
-    node = first_layer_backward(two_conv_gradient()[0])
-    monkeypatch.setattr(first_conv, "timed_in_turns", lambda kernels: list(seconds))
-    assert as_forward_is_faster(node) is expected
+    timings["seconds"] = seconds
+    assert as_forward_is_faster(first_layer_backward(two_conv_gradient()[0])) is expected
 
 
-def test_the_measured_choice_times_both_kernels_on_tensors_of_the_graphs_layout(monkeypatch):
-    """Both kernels run, on real tensors with the fake values' shapes and strides (a channels-last gradient here)."""
+def test_the_choice_is_measured_once_per_process_for_the_same_arguments_and_threads(timings, monkeypatch):
+    """A step and its scan, or two micro-batch graphs of one shape, take the same kernel."""
     node = first_layer_backward(two_conv_gradient()[0])
-    channels_last = node.args[0].meta["val"].contiguous(memory_format=torch.channels_last)
-    node.args[0].meta["val"] = channels_last
-    made, timed = [], []
-    random_like, timed_in_turns = first_conv.random_like, first_conv.timed_in_turns
-    monkeypatch.setattr(first_conv, "random_like", lambda fake: made.append(random_like(fake)) or made[-1])
+    timings["seconds"] = (2e-3, 1e-3)
+    assert as_forward_is_faster(node) is True
+    timings["seconds"] = (1e-3, 2e-3)  # the machine changed its mind: the first choice holds
+    assert as_forward_is_faster(first_layer_backward(two_conv_gradient()[0])) is True
+    assert timings["calls"] == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 99)  # another thread count is measured anew
+    assert as_forward_is_faster(node) is False
+    assert timings["calls"] == 2
+
+
+def test_the_measurement_runs_both_kernels_on_real_tensors(monkeypatch):
+    monkeypatch.setattr(first_conv, "CHOSEN", {})
+    measured = []
+    timed_in_turns = first_conv.timed_in_turns
     monkeypatch.setattr(
-        first_conv, "timed_in_turns", lambda kernels: timed.append(timed_in_turns(kernels)) or timed[-1]
+        first_conv, "timed_in_turns", lambda kernels: measured.append(timed_in_turns(kernels)) or measured[-1]
     )
-    assert isinstance(as_forward_is_faster(node), bool)
-    assert not isinstance(made[0], FakeTensor)
-    assert made[0].shape == channels_last.shape and made[0].stride() == channels_last.stride()
-    assert len(timed[0]) == 2 and all(seconds > 0 for seconds in timed[0])
+    state = torch.get_rng_state()
+    assert isinstance(as_forward_is_faster(first_layer_backward(two_conv_gradient()[0])), bool)
+    assert len(measured[0]) == 2 and all(seconds > 0 for seconds in measured[0])
+    assert torch.equal(torch.get_rng_state(), state)  # its random tensors leave dropout's generator alone
 
 
-def test_the_choice_is_part_of_inductors_cache_key():
-    """A graph compiled with the rewrite forced is not reused where the choice is measured, nor the other way."""
-    assert inductor_pass("measured").uuid() != inductor_pass("always").uuid()
-    assert inductor_pass("measured").uuid() == inductor_pass("measured").uuid()
+@needs_cpp_compiler
+def test_the_measurement_times_the_layout_the_compiled_step_hands_onednn(timings, monkeypatch):
+    """fast's gradient compiled as `train` compiles it, oneDNN's backward kept: the gradient its conv1
+    backward is timed with has the strides of the buffer the generated code hands convolution_backward."""
+    timings["seconds"] = (1e-3, 2e-3)  # keep oneDNN's backward, so that the generated code calls it
+    made = []
+    random_tensor = first_conv.random_tensor
+    monkeypatch.setattr(first_conv, "random_tensor", lambda *spec: made.append(spec) or random_tensor(*spec))
+    monkeypatch.setattr(speed, "compile_options", lambda: {"post_grad_custom_post_pass": inductor_pass("measured")})
+    data = random_mnist(64, 1, seed=0)
+    gradient = compiled(make_gradient(recipe_config("fast")))
+    with torch._inductor.config.patch(fx_graph_cache=False):  # compile, so that the pass runs
+        _, (code, *_) = run_and_get_code(
+            gradient, networks.init_params("fast", 0), data.train_images, data.train_labels, torch.arange(8)
+        )
+    (grad_name,) = re.findall(r"aten\.convolution_backward\.default\((\w+), .*\[False, True, True\]\)", code)
+    (allocated,) = re.findall(rf"{grad_name} = empty_strided_cpu\(\(([\d, ]+)\), \(([\d, ]+)\)", code)
+    timed_shape, timed_strides, _, _ = made[0]  # the gradient comes first
+    assert [tuple(int(d) for d in part.replace(" ", "").strip(",").split(",")) for part in allocated] == [
+        timed_shape,
+        timed_strides,
+    ]
+
+
+def test_the_choice_is_part_of_inductors_cache_key(monkeypatch):
+    """A graph compiled with the rewrite forced or refused is not reused where the choice is measured, nor a
+    graph measured on one processor on another."""
+    uuids = {choice: inductor_pass(choice).uuid() for choice in ("measured", "always", "never")}
+    assert len(set(uuids.values())) == 3
+    assert inductor_pass("measured").uuid() == uuids["measured"]
+    monkeypatch.setattr(first_conv, "processor", lambda: "another CPU")
+    assert inductor_pass("measured").uuid() != uuids["measured"]
+    assert inductor_pass("always").uuid() == uuids["always"]
+
+
+def test_the_processor_is_told_apart_by_more_than_its_name():
+    described = first_conv.processor()
+    assert described.startswith(platform.machine())
+    if os.path.exists("/proc/cpuinfo"):
+        assert "flags" in described
+
+
+@pytest.mark.parametrize("value, expected", [(None, "measured"), ("never", "never"), ("always", "always")])
+def test_the_environment_pins_the_choice(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv(first_conv.CHOICE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(first_conv.CHOICE_ENV, value)
+    assert first_conv.chosen_pass() is inductor_pass(expected)
+
+
+def test_an_unknown_choice_in_the_environment_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv(first_conv.CHOICE_ENV, "sometimes")
+    with pytest.raises(
+        TinyMnistError, match=r"TINYMNIST_FIRST_CONV is 'sometimes'; set it to one of measured, always, never"
+    ):
+        first_conv.chosen_pass()
 
 
 def test_the_pass_rewrites_vmaps_grouped_first_layer():
@@ -166,7 +251,7 @@ def test_the_pass_rewrites_vmaps_grouped_first_layer():
     x = torch.randn(3, 2, 1, 11, 9, generator=g, dtype=torch.float64)  # (N, B, 1, 11, 9): each model's batch
     traced = make_fx(torch.func.vmap(torch.func.grad(loss)), tracing_mode="fake")(w, x)
     expected = traced(w, x)
-    rewrite(traced.graph)
+    rewrite(traced.graph, ALWAYS)
     traced.recompile()
     assert conv_backwards(traced.graph) == 0
     torch.testing.assert_close(traced(w, x), expected, rtol=1e-12, atol=1e-12)

@@ -12,6 +12,7 @@ from tinymnist.algorithm import optim
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state, make_gradient, make_step
 from tinymnist.tool import checkpoint
+from tinymnist.transforms import first_conv
 from tinymnist.transforms.several_steps import SeveralSteps, scanned
 from tinymnist.transforms.speed import compiled, steps_per_call
 
@@ -39,14 +40,18 @@ def one_at_a_time(step, params, opt_state, images, labels, batch_idx, lr):
 
 
 @needs_cpp_compiler
-@pytest.mark.parametrize("model", ["mlp3", "fast"])  # fast: a conv, and first_conv.py's rewrite inside the scan
-def test_k_steps_in_one_compiled_scan_are_k_compiled_steps_bit_for_bit(model):
-    """scan's body is the step's own graph: the CPU computes the same numbers."""
+@pytest.mark.parametrize("model", ["mlp3", "fast", "cnn"])
+def test_k_steps_in_one_compiled_scan_are_k_compiled_steps_bit_for_bit(model, monkeypatch):
+    """scan's body is the step's own graph: the CPU computes the same numbers. fast: a conv, with
+    first_conv.py's rewrite (pinned) inside the scan; cnn: dropout's masks drawn inside it (dropout_mask.py)."""
+    monkeypatch.setenv(first_conv.CHOICE_ENV, "always")
     config, optimizer, state, images, labels, batch_idx, lr = batches(k=4, model=model)
     step = make_step(make_gradient(config), optimizer)
     one = compiled(step)
     several = SeveralSteps(one, compiled(scanned(step)), k=4)
+    torch.manual_seed(0)  # the generator dropout draws from, the same for both
     got = several(state.params, state.opt_state, images, labels, batch_idx, lr)
+    torch.manual_seed(0)
     expected = one_at_a_time(one, state.params, state.opt_state, images, labels, batch_idx, lr)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 

@@ -4,9 +4,10 @@
 
 The parameters and optimizer state are plain tensor dicts the step takes and returns anew:
 nothing is mutated, so a checkpoint is those dicts plus the generators' states, and a resumed
-run continues bit for bit. `images` is the whole training set, uint8 on the device;
-`batch_idx` picks the step's images, so the gather happens inside the (compiled) step. `lr`
-is a 0-d tensor: a Python float would be baked into the compiled graph and recompile it.
+run continues bit for bit (on a CPU, on the same threads and kernels: README.md's contract).
+`images` is the whole training set, uint8 on the device; `batch_idx` picks the step's images,
+so the gather happens inside the (compiled) step. `lr` is a 0-d tensor: a Python float would be
+baked into the compiled graph and recompile it.
 
 The loop trains one model or N (--seeds, an --lr list) alike: N models' params and state are
 stacked along a leading model axis, and their step takes (N, B) indices and (N,) rates; the loop

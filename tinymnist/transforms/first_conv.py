@@ -1,30 +1,37 @@
 """A speed trick for the CPU: a first convolution's weight gradient as one forward convolution.
 
-oneDNN computes the weight gradient of a convolution whose groups have one input channel each
-(a network's first layer: the image; N models' under vmap) slowly on the channels-last tensors
-inductor hands it: in fast's compiled step, conv1's (256 images, 1 -> 24 channels, 5x5) took 28 ms a
-step, its forward 6 ms. The same sums are a forward convolution with the batch as the channels:
+On a 2-core AMD EPYC, oneDNN computed the weight gradient of a convolution whose groups have one
+input channel each (a network's first layer: the image; N models' under vmap) slowly on the
+channels-last tensors inductor hands it: in fast's compiled step, conv1's (256 images, 1 -> 24
+channels, 5x5) took 28 ms a step, its forward 6 ms. The same sums are a forward convolution with the
+batch as the channels:
 
     dW[o, 0, i, j] = sum over b, y, x of dY[b, o, y, x] * X[b, 0, y + i, x + j]   (X zero-padded)
                    = conv2d(X as (1, B, H, W), weight=dY as (O, B, H', W'))[0, o, i, j]
 
 which took 8.8 ms there (`python research/first_conv.py --profile fast`). `rewrite` makes that
 change in the graph inductor compiles, after autograd has written the backward, so the networks and
-the pure step keep their plain F.conv2d; speed.compiled hands `inductor_pass()` to each compile it
-makes. On that host (a 2-core AMD EPYC) the compiled CPU steps took 0.77-0.78x the time for fast,
-0.91-0.92x for lenet, 0.91-0.97x for cnn, in two runs of research/first_conv.py. On a 2-core Intel
-Xeon oneDNN's own backward was the faster kernel, and the rewrite made the steps 1.27x
-(fast), 1.38x (lenet) and 1.07x (cnn) slower. So the pass measures: for each convolution it would
-rewrite, it times both kernels on random tensors of the graph's shapes and strides, in turns, and
-keeps the faster (`as_forward_is_faster`). Inductor's cache keeps the compiled graph, and with it
-the choice, for the next process on the same machine. The sums run in another order: the gradient
+the pure step keep their plain F.conv2d; speed.compiled hands the pass to each compile it makes.
+There the compiled CPU steps took 0.77-0.78x the time for fast, 0.91-0.92x for lenet, 0.91-0.97x for
+cnn. On a 2-core Intel Xeon oneDNN's own backward was the faster kernel, and the rewrite made the
+steps 1.27x (fast), 1.38x (lenet) and 1.07x (cnn) slower (research/first_conv.py, BENCHMARKS.md).
+
+So the pass measures (`as_forward_is_faster`): for each convolution it could rewrite, it times both
+kernels on random tensors of the shapes and strides the compiled code will hand them (inductor lays
+a CPU graph's convolutions out channels-last), in turns, and takes the rewrite only where it is
+clearly faster (MARGIN). Each choice is made once a process for its arguments and thread count, so
+every graph of a run (a step, its scan, each micro-batch size) agrees; inductor's cache keeps the
+compiled graph, and with it the choice, for the next process on the same processor.
+`$TINYMNIST_FIRST_CONV=always|never` pins it instead. The sums run in another order: the gradient
 agrees with autograd's to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import operator
+import os
 import platform
 import statistics
 import time
@@ -35,10 +42,9 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 
-aten = torch.ops.aten
+from tinymnist.errors import TinyMnistError
 
-ROUNDS = 5  # of the two kernels' timings, in turns; the medians are compared
-WINDOW_SECONDS = 0.005  # the least time one timing spans: well above the clock's resolution
+aten = torch.ops.aten
 
 
 def weight_grad_as_forward(x, grad_out, padding: list[int], groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,31 +77,65 @@ def rewritable(node: torch.fx.Node) -> bool:
     )
 
 
-def rewrite(graph: torch.fx.Graph, choose: Callable[[torch.fx.Node], bool] = lambda node: True) -> None:
+def rewrite(graph: torch.fx.Graph, choose: Callable[[torch.fx.Node], bool]) -> None:
     """Each rewritable convolution_backward of `graph` that `choose` takes becomes weight_grad_as_forward."""
     for node in list(graph.nodes):
         if node.target is aten.convolution_backward.default and rewritable(node) and choose(node):
             replace(graph, node)
 
 
+CHOSEN: dict[tuple, bool] = {}  # this process's measured choices: (tensor specs, other arguments, threads) -> bool
+MARGIN = 0.9  # as forward must be this much faster: near a tie, autograd's own kernel (and its sums) stays
+ROUNDS = 5  # of the two kernels' timings, in turns, the order alternating; the medians are compared
+WINDOW_SECONDS = 0.005  # the least time one timing spans: well above the clock's resolution
+
+
 def as_forward_is_faster(node: torch.fx.Node) -> bool:
-    """Whether weight_grad_as_forward beats the node's own convolution_backward on this machine, now:
-    both timed in turns on random tensors with the shapes and strides of the node's fake values."""
-    grad_out, x, weight, *_ = node.args
-    padding, groups = list(node.args[5]), node.args[9]
+    """Whether weight_grad_as_forward takes at most MARGIN of the time of the node's own convolution_backward
+    on this machine, on this many threads: timed once per process for each kernel's arguments, so that all
+    the graphs a run compiles (a step, its scan, each micro-batch size) make the same choice."""
+    grad_out, x, weight, *options = node.args
+    # Inductor lays a CPU graph's convolutions out channels-last (its layout optimization, always taken
+    # with oneDNN) and hands convolution_backward a channels-last gradient, whatever the traced strides say.
+    layout = torch.channels_last if lays_out_channels_last(node.graph) else None
+    arguments = (tensor_spec(grad_out.meta["val"], layout), tensor_spec(x.meta["val"]), tensor_spec(weight.meta["val"]))
+    key = (arguments, repr(options), torch.get_num_threads())
+    if key not in CHOSEN:
+        CHOSEN[key] = measured_as_forward_is_faster(arguments, options)
+    return CHOSEN[key]
+
+
+def measured_as_forward_is_faster(arguments: tuple, options: list) -> bool:
+    padding, groups = list(options[2]), options[6]  # convolution_backward's padding and groups
     with unset_fake_temporarily():  # real tensors, inside the compile's fake mode
-        g, image, w = (random_like(arg.meta["val"]) for arg in (grad_out, x, weight))
+        generator = torch.Generator().manual_seed(0)  # not the global one, which dropout draws from
+        grad_out, x, weight = (random_tensor(*spec, generator) for spec in arguments)
         kernels = (
-            lambda: node.target(g, image, w, *node.args[3:]),
-            lambda: weight_grad_as_forward(image, g, padding, groups),
+            lambda: aten.convolution_backward.default(grad_out, x, weight, *options),
+            lambda: weight_grad_as_forward(x, grad_out, padding, groups),
         )
         backward, as_forward = timed_in_turns(kernels)
-    return as_forward < backward
+    return as_forward <= MARGIN * backward
 
 
-def random_like(fake: torch.Tensor) -> torch.Tensor:
-    """A real tensor with `fake`'s shape, strides and dtype (the layout decides oneDNN's speed), on the CPU."""
-    return torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype).normal_()
+def lays_out_channels_last(graph: torch.fx.Graph) -> bool:
+    """What inductor's lowering will decide for this graph's convolutions (False where it cannot tell)."""
+    from torch._inductor.graph import GraphLowering
+
+    module = graph.owning_module
+    return module is not None and GraphLowering.decide_layout_opt(module, is_inference=False)
+
+
+def tensor_spec(fake: torch.Tensor, layout: torch.memory_format | None = None) -> tuple:
+    """(shape, strides, dtype) of `fake`, or of it in `layout` (a 4-d tensor's memory format)."""
+    if layout is not None and fake.dim() == 4:
+        fake = fake.contiguous(memory_format=layout)
+    return tuple(fake.shape), fake.stride(), fake.dtype
+
+
+def random_tensor(shape: tuple, strides: tuple, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """A real CPU tensor of this shape, strides (the layout decides oneDNN's speed) and dtype."""
+    return torch.empty_strided(shape, strides, dtype=dtype).normal_(generator=generator)
 
 
 def timed_in_turns(kernels) -> list[float]:
@@ -103,8 +143,9 @@ def timed_in_turns(kernels) -> list[float]:
     for kernel in kernels:  # the first call of a shape sets oneDNN up
         kernel()
     samples = [[] for _ in kernels]
-    for _ in range(ROUNDS):
-        for kernel, times in zip(kernels, samples, strict=True):
+    for round_ in range(ROUNDS):
+        turns = list(zip(kernels, samples, strict=True))
+        for kernel, times in turns if round_ % 2 == 0 else reversed(turns):
             started, calls = time.perf_counter(), 0
             while (elapsed := time.perf_counter() - started) < WINDOW_SECONDS or calls == 0:
                 kernel()
@@ -131,7 +172,8 @@ def replace(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
         graph.erase_node(outputs[1])
 
 
-CHOICES = {"measured": as_forward_is_faster, "always": lambda node: True}
+CHOICES = {"measured": as_forward_is_faster, "always": lambda node: True, "never": lambda node: False}
+CHOICE_ENV = "TINYMNIST_FIRST_CONV"  # "always" or "never" pins the kernel: the same sums on every machine
 
 
 @functools.cache
@@ -146,16 +188,30 @@ def inductor_pass(choice: str = "measured"):
 
         def uuid(self) -> bytes:  # inductor's cache key: this file's text, the choice and, for a measured
             # one, the processor, so that a cache shared between machines does not carry one's choice to another
-            where = f"{choice} {platform.machine()} {processor_name()}" if choice == "measured" else choice
+            where = f"{choice} {processor()}" if choice == "measured" else choice
             return get_hash_for_files((__file__,)) + where.encode()
 
     return FirstConvWeightGrad()
 
 
-def processor_name() -> str:
-    """The CPU's model name as Linux reports it, else platform's (often empty)."""
+def chosen_pass():
+    """inductor_pass for $TINYMNIST_FIRST_CONV (measured, always or never; default measured)."""
+    choice = os.environ.get(CHOICE_ENV, "measured")
+    if choice not in CHOICES:
+        raise TinyMnistError(f"${CHOICE_ENV} is {choice!r}; set it to one of {', '.join(CHOICES)}, or unset it")
+    return inductor_pass(choice)
+
+
+def processor() -> str:
+    """The CPU as exactly as Linux tells it (vendor, family, model, stepping, name, a hash of its feature
+    flags: a VM's model name alone may be a generic "Intel Xeon Processor"), else platform's words."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+            first_cpu = cpuinfo.read().split("\n\n")[0]
     except OSError:
-        return platform.processor()
+        return f"{platform.machine()} {platform.processor()}"
+    fields = dict(line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = hashlib.sha256(fields.get("flags", "").encode()).hexdigest()[:16]
+    described = [fields.get(k, "") for k in ("vendor_id", "cpu family", "model", "stepping", "model name")]
+    return f"{platform.machine()} {' '.join(described)} flags {flags}"
