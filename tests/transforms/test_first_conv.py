@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch._inductor.utils import run_and_get_code
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from tests.support import needs_cpp_compiler, random_mnist
+from tests.support import assert_user_error, needs_cpp_compiler, random_mnist, run, train_args
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.train import make_gradient
@@ -180,28 +180,47 @@ def test_the_measurement_runs_both_kernels_on_real_tensors(monkeypatch):
     assert torch.equal(torch.get_rng_state(), state)  # its random tensors leave dropout's generator alone
 
 
+def fast_and_three_lenets():
+    """fast's gradient as `train` compiles it, and lenet's for 3 models under vmap (a grouped first layer)."""
+    lenet = recipe_config("lenet", seeds=3)
+    three = [networks.init_params("lenet", s) for s in range(3)]
+    return {
+        "fast": (make_gradient(recipe_config("fast")), networks.init_params("fast", 0), torch.arange(32)),
+        "lenet x3": (
+            vmapped(make_gradient(lenet)),
+            {k: torch.stack([p[k] for p in three]) for k in three[0]},
+            torch.arange(48).view(3, 16),
+        ),
+    }
+
+
+def allocated_layout(code: str, buffer: str) -> tuple:
+    """(shape, strides) of `buffer` as the generated code allocates it."""
+    (found,) = re.findall(rf"\b{buffer} = empty_strided_cpu\(\(([\d, ]+)\), \(([\d, ]+)\)", code)
+    return tuple(tuple(int(d) for d in part.replace(" ", "").strip(",").split(",")) for part in found)
+
+
 @needs_cpp_compiler
-def test_the_measurement_times_the_layout_the_compiled_step_hands_onednn(timings, monkeypatch):
-    """fast's gradient compiled as `train` compiles it, oneDNN's backward kept: the gradient its conv1
-    backward is timed with has the strides of the buffer the generated code hands convolution_backward."""
+@pytest.mark.parametrize("case", ["fast", "lenet x3"])
+def test_the_measurement_times_the_layout_the_compiled_step_hands_onednn(timings, monkeypatch, case):
+    """oneDNN's backward kept: the gradient and the input its first layer is timed with have the shapes and
+    strides of the buffers the generated code hands convolution_backward."""
     timings["seconds"] = (1e-3, 2e-3)  # keep oneDNN's backward, so that the generated code calls it
     made = []
     random_tensor = first_conv.random_tensor
     monkeypatch.setattr(first_conv, "random_tensor", lambda *spec: made.append(spec) or random_tensor(*spec))
     monkeypatch.setattr(speed, "compile_options", lambda: {"post_grad_custom_post_pass": inductor_pass("measured")})
     data = random_mnist(64, 1, seed=0)
-    gradient = compiled(make_gradient(recipe_config("fast")))
+    gradient, params, batch_idx = fast_and_three_lenets()[case]
     with torch._inductor.config.patch(fx_graph_cache=False):  # compile, so that the pass runs
-        _, (code, *_) = run_and_get_code(
-            gradient, networks.init_params("fast", 0), data.train_images, data.train_labels, torch.arange(8)
-        )
-    (grad_name,) = re.findall(r"aten\.convolution_backward\.default\((\w+), .*\[False, True, True\]\)", code)
-    (allocated,) = re.findall(rf"{grad_name} = empty_strided_cpu\(\(([\d, ]+)\), \(([\d, ]+)\)", code)
-    timed_shape, timed_strides, _, _ = made[0]  # the gradient comes first
-    assert [tuple(int(d) for d in part.replace(" ", "").strip(",").split(",")) for part in allocated] == [
-        timed_shape,
-        timed_strides,
-    ]
+        _, (code, *_) = run_and_get_code(compiled(gradient), params, data.train_images, data.train_labels, batch_idx)
+    ((grad_name, x_name),) = re.findall(
+        r"aten\.convolution_backward\.default\((\w+), (\w+), .*\[False, True, \w+\]\)",
+        code,  # no input gradient
+    )
+    timed_grad, timed_x, _ = made[:3]  # the gradient, the input, the weight
+    assert allocated_layout(code, grad_name) == timed_grad[:2]
+    assert allocated_layout(code, x_name) == timed_x[:2]
 
 
 def test_the_choice_is_part_of_inductors_cache_key(monkeypatch):
@@ -229,6 +248,18 @@ def test_the_environment_pins_the_choice(monkeypatch, value, expected):
     else:
         monkeypatch.setenv(first_conv.CHOICE_ENV, value)
     assert first_conv.chosen_pass() is inductor_pass(expected)
+
+
+def test_train_refuses_an_unknown_choice_before_any_work_even_uncompiled(monkeypatch, tiny_split, tmp_path):
+    monkeypatch.setenv(first_conv.CHOICE_ENV, "sometimes")
+    saved = tmp_path / "model.pt"
+    assert_user_error(run(*train_args(tiny_split, "--save-model", saved)), "TINYMNIST_FIRST_CONV", "'sometimes'")
+    assert not saved.exists()
+
+
+def test_an_empty_choice_in_the_environment_is_the_default(monkeypatch):
+    monkeypatch.setenv(first_conv.CHOICE_ENV, "")
+    assert first_conv.chosen_pass() is inductor_pass("measured")
 
 
 def test_an_unknown_choice_in_the_environment_is_a_one_line_error(monkeypatch):

@@ -43,7 +43,7 @@ from tinymnist.tool.memory import check_memory
 from tinymnist.tool.report import LineReporter, MetricsFile, ProgressReporter, Reporters, final_line, target_line
 from tinymnist.tool.sweep import Sweep
 from tinymnist.tool.tensorboard import tensorboard_reporter
-from tinymnist.transforms import speed
+from tinymnist.transforms import first_conv, speed
 from tinymnist.transforms.all_reduce import all_reduced
 from tinymnist.transforms.vmap import evaluate_many
 
@@ -145,6 +145,7 @@ def models_here(config: TrainConfig, cluster: torchrun.Cluster | None) -> int:
 
 
 def check_compiler(config: TrainConfig, device: torch.device) -> None:
+    first_conv.environment_choice()  # a mistyped $TINYMNIST_FIRST_CONV: a one-line error now, not at the compile
     if config.compile:
         speed.check_compilable(device)
     elif config.compile is None and device.type == "cpu" and speed.cpu_compiler() is None:

@@ -17,12 +17,14 @@ cnn. On a 2-core Intel Xeon oneDNN's own backward was the faster kernel, and the
 steps 1.27x (fast), 1.38x (lenet) and 1.07x (cnn) slower (research/first_conv.py, BENCHMARKS.md).
 
 So the pass measures (`as_forward_is_faster`): for each convolution it could rewrite, it times both
-kernels on random tensors of the shapes and strides the compiled code will hand them (inductor lays
-a CPU graph's convolutions out channels-last), in turns, and takes the rewrite only where it is
+kernels on random tensors of the shapes and of the layout the compiled code will hand them (inductor
+lays a CPU graph's convolutions out channels-last), in turns, and takes the rewrite only where it is
 clearly faster (MARGIN). Each choice is made once a process for its arguments and thread count, so
-every graph of a run (a step, its scan, each micro-batch size) agrees; inductor's cache keeps the
-compiled graph, and with it the choice, for the next process on the same processor.
-`$TINYMNIST_FIRST_CONV=always|never` pins it instead. The sums run in another order: the gradient
+every graph a process compiles (a step, its scan, each micro-batch size) agrees. Inductor's cache
+keeps each compiled graph, and with it its choice, for later processes on the same processor; a graph
+compiled in a later process (another --steps-per-call, another thread count) measures anew and may
+choose otherwise, in the last bits of its sums. `$TINYMNIST_FIRST_CONV=always|never` pins the kernel
+where bits must match. The sums run in another order: the gradient
 agrees with autograd's to float rounding, not bit for bit.
 """
 
@@ -96,9 +98,15 @@ def as_forward_is_faster(node: torch.fx.Node) -> bool:
     the graphs a run compiles (a step, its scan, each micro-batch size) make the same choice."""
     grad_out, x, weight, *options = node.args
     # Inductor lays a CPU graph's convolutions out channels-last (its layout optimization, always taken
-    # with oneDNN) and hands convolution_backward a channels-last gradient, whatever the traced strides say.
+    # with oneDNN) and hands convolution_backward a channels-last gradient and input, whatever the traced
+    # strides say (for one input channel the input's strides are the same either way; for N models' grouped
+    # layer they are not).
     layout = torch.channels_last if lays_out_channels_last(node.graph) else None
-    arguments = (tensor_spec(grad_out.meta["val"], layout), tensor_spec(x.meta["val"]), tensor_spec(weight.meta["val"]))
+    arguments = (
+        tensor_spec(grad_out.meta["val"], layout),
+        tensor_spec(x.meta["val"], layout),
+        tensor_spec(weight.meta["val"]),
+    )
     key = (arguments, repr(options), torch.get_num_threads())
     if key not in CHOSEN:
         CHOSEN[key] = measured_as_forward_is_faster(arguments, options)
@@ -122,8 +130,8 @@ def lays_out_channels_last(graph: torch.fx.Graph) -> bool:
     """What inductor's lowering will decide for this graph's convolutions (False where it cannot tell)."""
     from torch._inductor.graph import GraphLowering
 
-    module = graph.owning_module
-    return module is not None and GraphLowering.decide_layout_opt(module, is_inference=False)
+    module = graph.owning_module  # a step with torch.func.grad inside compiles as an inference graph
+    return module is not None and GraphLowering.decide_layout_opt(module, is_inference=True)
 
 
 def tensor_spec(fake: torch.Tensor, layout: torch.memory_format | None = None) -> tuple:
@@ -195,11 +203,16 @@ def inductor_pass(choice: str = "measured"):
 
 
 def chosen_pass():
-    """inductor_pass for $TINYMNIST_FIRST_CONV (measured, always or never; default measured)."""
-    choice = os.environ.get(CHOICE_ENV, "measured")
+    """inductor_pass for $TINYMNIST_FIRST_CONV."""
+    return inductor_pass(environment_choice())
+
+
+def environment_choice() -> str:
+    """$TINYMNIST_FIRST_CONV: measured (the default, also when empty), always or never; else a one-line error."""
+    choice = os.environ.get(CHOICE_ENV) or "measured"
     if choice not in CHOICES:
         raise TinyMnistError(f"${CHOICE_ENV} is {choice!r}; set it to one of {', '.join(CHOICES)}, or unset it")
-    return inductor_pass(choice)
+    return choice
 
 
 def processor() -> str:
