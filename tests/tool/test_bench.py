@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from tests.support import assert_user_error, run
+from tests.support import assert_user_error, needs_cpp_compiler, run
 from tinymnist.algorithm import networks, optim
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.train import make_gradient, make_step
@@ -15,6 +15,7 @@ from tinymnist.tool import bench, memory
 pytest.importorskip("PIL", reason="the reference loop needs pillow (pip install 'tinymnist[bench]')")
 
 from tinymnist.tool.reference import reference_loop
+from tinymnist.transforms import first_conv
 
 
 def test_bench_reports_every_field(tmp_path):
@@ -95,6 +96,14 @@ def test_time_to_accuracy_over_seeds_reports_their_spread(real_split, tmp_path):
 
 def test_bench_rejects_an_unknown_model():
     assert_user_error(run("bench", "--models", "mlp,vgg"), "--models 'vgg' is unknown")
+
+
+@needs_cpp_compiler
+def test_bench_checks_the_first_convolutions_setting_before_timing(monkeypatch):
+    monkeypatch.setenv(first_conv.CHOICE_ENV, "sometimes")
+    result = run("bench", "--models", "mlp", "--device", "cpu", "--data-dir", "no-such-folder")
+    assert_user_error(result, "TINYMNIST_FIRST_CONV is 'sometimes'")
+    assert "timing" not in result.output
 
 
 @pytest.mark.parametrize("extra", [[], ["--seeds", "1"], ["--time-to-accuracy", "0.5"]])

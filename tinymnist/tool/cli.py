@@ -38,6 +38,7 @@ from tinymnist.tool.floor import print_floor_report, run_floor_bench
 from tinymnist.tool.report import json_line, model_test_line
 from tinymnist.tool.time_to_accuracy import MODELS as TIME_TO_ACCURACY_MODELS
 from tinymnist.tool.time_to_accuracy import print_time_to_accuracy, run_time_to_accuracy
+from tinymnist.transforms import first_conv
 from tinymnist.transforms.denormals import flush_denormals
 from tinymnist.transforms.speed import check_compilable, use_tf32_matmuls
 from tinymnist.transforms.vmap import evaluate_many
@@ -395,6 +396,7 @@ def bench(
     use_tf32_matmuls(dev)  # for all three loops alike
     if compile:
         check_compilable(dev, eager_too=not floor)
+        first_conv.environment_choice()  # a mistyped $TINYMNIST_FIRST_CONV: now, not after the eager loops
     folder = data.resolve_data_dir(data_dir)
     timing = Timing(window_images, repeats, warmup, compile, log)
     if time_to_accuracy is not None:
