@@ -257,6 +257,21 @@ def test_train_refuses_an_unknown_choice_before_any_work_even_uncompiled(monkeyp
     assert not saved.exists()
 
 
+@pytest.mark.parametrize(
+    "value, shown",
+    [(None, "measured when compiled"), ("never", "oneDNN's backward"), ("sometimes", "TINYMNIST_FIRST_CONV is")],
+)
+def test_info_says_how_the_first_convolutions_gradient_is_computed(monkeypatch, value, shown):
+    if value is None:
+        monkeypatch.delenv(first_conv.CHOICE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(first_conv.CHOICE_ENV, value)
+    result = run("info")
+    assert result.exit_code == 0, result.output
+    (row,) = [line for line in result.stdout.splitlines() if "First conv gradient" in line]
+    assert shown in row
+
+
 def test_an_empty_choice_in_the_environment_is_the_default(monkeypatch):
     monkeypatch.setenv(first_conv.CHOICE_ENV, "")
     assert first_conv.chosen_pass() is inductor_pass("measured")

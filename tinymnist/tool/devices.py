@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tinymnist.errors import TinyMnistError
+from tinymnist.transforms import first_conv
 from tinymnist.transforms.denormals import flushed_in_every_thread
 
 
@@ -34,6 +35,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def first_conv_setting() -> str:
+    """How a compiled CPU step computes a first convolution's weight gradient (transforms/first_conv.py)."""
+    try:
+        choice = first_conv.environment_choice()
+    except TinyMnistError as error:
+        return str(error)
+    return {
+        "measured": "the faster kernel, measured when compiled",
+        "always": f"as a forward conv ({first_conv.CHOICE_ENV}=always)",
+        "never": f"oneDNN's backward ({first_conv.CHOICE_ENV}=never)",
+    }[choice]
+
+
 def accelerator_report() -> list[tuple[str, str]]:
     """(what, value) rows for `tinymnist info`, with a small matmul on each accelerator."""
     rows = [
@@ -43,6 +57,7 @@ def accelerator_report() -> list[tuple[str, str]]:
         ("MPS available", str(torch.backends.mps.is_available())),
         ("CPU threads", str(torch.get_num_threads())),
         ("CPU denormals", "flushed to zero in every thread" if flushed_in_every_thread() else "not flushed (slower)"),
+        ("First conv gradient", first_conv_setting()),
     ]
     devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     if torch.backends.mps.is_available():
