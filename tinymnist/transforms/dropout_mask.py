@@ -22,8 +22,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch._guards import detect_fake_mode
-from torch.fx.experimental.proxy_tensor import make_fx
+
+from tinymnist.transforms import graph_splice
+from tinymnist.transforms.graph_splice import spliced
 
 aten = torch.ops.aten
 
@@ -61,11 +62,8 @@ def replace(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     from torch._inductor.decomposition import select_decomp_table
 
     like, keep = node.args
-    with detect_fake_mode([like.meta["val"]]):  # in the ops inductor lowers (its decompositions ran before this pass)
-        traced = make_fx(functools.partial(uniform_mask, keep=keep), select_decomp_table())(like.meta["val"])
-    (placeholder,) = [n for n in traced.graph.nodes if n.op == "placeholder"]
-    with graph.inserting_before(node):
-        mask = graph.graph_copy(traced.graph, {placeholder: like})
+    # in the ops inductor lowers: its decompositions ran before this pass
+    mask = spliced(graph, node, functools.partial(uniform_mask, keep=keep), [like], select_decomp_table())
     node.replace_all_uses_with(mask)
     graph.erase_node(node)
 
@@ -77,10 +75,10 @@ def inductor_pass():
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class DropoutMask(CustomGraphPass):
-        def __call__(self, graph: torch.fx.Graph | torch.fx.GraphModule) -> None:
-            rewrite(graph.graph if isinstance(graph, torch.fx.GraphModule) else graph)
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            rewrite(graph)
 
-        def uuid(self) -> bytes:  # inductor's cache key: this file's text
-            return get_hash_for_files((__file__,))
+        def uuid(self) -> bytes:  # inductor's cache key: the text of this file and of the splice it uses
+            return get_hash_for_files((__file__, graph_splice.__file__))
 
     return DropoutMask()

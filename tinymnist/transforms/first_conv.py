@@ -24,8 +24,8 @@ every graph a process compiles (a step, its scan, each micro-batch size) agrees.
 keeps each compiled graph, and with it its choice, for later processes on the same processor; a graph
 compiled in a later process (another --steps-per-call, another thread count) measures anew and may
 choose otherwise, in the last bits of its sums. `$TINYMNIST_FIRST_CONV=always|never` pins the kernel
-where bits must match. The sums run in another order: the gradient
-agrees with autograd's to float rounding, not bit for bit.
+where bits must match. The sums run in another order: the gradient agrees with autograd's to float
+rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from tinymnist.errors import TinyMnistError
+from tinymnist.transforms import graph_splice
+from tinymnist.transforms.graph_splice import spliced
 
 aten = torch.ops.aten
 
@@ -166,11 +166,7 @@ def replace(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     """weight_grad_as_forward, traced on the node's fake values, in the node's place."""
     grad_out, x, _, _, _, padding, _, _, _, groups, _ = node.args
     rule = functools.partial(weight_grad_as_forward, padding=list(padding), groups=groups)
-    with detect_fake_mode([x.meta["val"]]):  # the values inductor traced the graph with
-        traced = make_fx(rule)(x.meta["val"], grad_out.meta["val"])
-    inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
-    with graph.inserting_before(node):
-        outputs = graph.graph_copy(traced.graph, dict(zip(inputs, (x, grad_out), strict=True)))
+    outputs = spliced(graph, node, rule, [x, grad_out])
     for user in list(node.users):  # getitem 1 (the weight's gradient), 2 (the bias's); 0 (None) unused
         if user.args[1] > 0:
             user.replace_all_uses_with(outputs[user.args[1] - 1])
@@ -194,10 +190,10 @@ def inductor_pass(choice: str = "measured"):
         def __call__(self, graph: torch.fx.Graph) -> None:
             rewrite(graph, CHOICES[choice])
 
-        def uuid(self) -> bytes:  # inductor's cache key: this file's text, the choice and, for a measured
-            # one, the processor, so that a cache shared between machines does not carry one's choice to another
+        def uuid(self) -> bytes:  # inductor's cache key: this file's and the splice's text, the choice and,
+            # for a measured one, the processor, so that a cache shared between machines keeps choices apart
             where = f"{choice} {processor()}" if choice == "measured" else choice
-            return get_hash_for_files((__file__,)) + where.encode()
+            return get_hash_for_files((__file__, graph_splice.__file__)) + where.encode()
 
     return FirstConvWeightGrad()
 
