@@ -151,7 +151,8 @@ def train(
         "small steps in long runs, at seconds more compile (BENCHMARKS.md).",
     ),
     threads: int | None = unset(
-        "CPU threads, fixed: the same numbers to the last bit whatever else the machine runs.",
+        "CPU threads, fixed: the same numbers to the last bit whatever else the machine runs "
+        "(compiled cnn, lenet, fast: pin TINYMNIST_FIRST_CONV too, docs/usage.md).",
         "all cores, fewer while another program takes one",
     ),
     data_dir: Path | None = DataDir,
@@ -396,7 +397,7 @@ def bench(
     use_tf32_matmuls(dev)  # for all three loops alike
     if compile:
         check_compilable(dev, eager_too=not floor)
-        first_conv.environment_choice()  # a mistyped $TINYMNIST_FIRST_CONV: now, not after the eager loops
+    first_conv.environment_choice()  # a mistyped $TINYMNIST_FIRST_CONV: now, as train does, not after the eager loops
     folder = data.resolve_data_dir(data_dir)
     timing = Timing(window_images, repeats, warmup, compile, log)
     if time_to_accuracy is not None:
