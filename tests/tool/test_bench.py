@@ -1,6 +1,7 @@
 """`tinymnist bench` runs briefly and reports every field; its baseline computes what ours does."""
 
 import json
+import statistics
 import time
 
 import pytest
@@ -45,9 +46,13 @@ def test_bench_reports_every_field(tmp_path):
     assert row["model"] == "mlp" and row["batch_size"] == 64 and "compiled" not in row
     for loop in ("reference", "eager"):
         timing = row[loop]
+        assert len(timing["rates"]) == 2 and timing["images_per_second"] == pytest.approx(
+            statistics.median(timing["rates"])
+        )
         assert timing["images_per_second"] > 0 and timing["peak_memory_mb"] > 0
         assert timing["first_step_seconds"] > 0 and timing["warmup_seconds"] >= 0
-    ratio = row["eager"]["images_per_second"] / row["reference"]["images_per_second"]
+    # the median of each round's ratio: both loops timed in the same round, under the same load
+    ratio = statistics.median(e / r for e, r in zip(row["eager"]["rates"], row["reference"]["rates"], strict=True))
     assert row["eager_vs_reference"] == pytest.approx(ratio)
     assert f"{row['eager_vs_reference']:.2f}x" in result.stdout  # the table shows the ratio
 
@@ -121,17 +126,19 @@ def test_bench_checks_its_json_path_before_timing_anything(tmp_path, extra):
 )
 def test_seeds_that_cannot_fit_are_refused_before_any_timing(tmp_path, monkeypatch, extra):
     """bench --seeds had no memory check: it built and timed N models until memory ran out. With
-    1 MiB free, four models of any recipe are refused up front, as train --seeds refuses them."""
+    1 MiB free, four models of any recipe are refused up front, as train --seeds refuses them. The
+    --seeds 1,4 bench times its loops in turns, so it holds 1 + 1 + 4 models at once."""
     monkeypatch.setattr(memory, "free_bytes", lambda device: 2**20)
     result = run("bench", "--device", "cpu", "--no-compile", "--data-dir", tmp_path / "none", *extra)
-    assert_user_error(result, "--seeds: 4 ", "models need about", "run fewer models at once")
+    expected = "--seeds (every count and the single model at once): 6 " if "mlp,cnn" in extra else "--seeds: 4 "
+    assert_user_error(result, expected, "models need about", "run fewer models at once")
 
 
 def test_a_huge_model_count_is_refused_at_once():
     """N x one model's bytes: constant time, however large N (nothing is built per model)."""
     started = time.perf_counter()
     result = run("bench", "--models", "mlp", "--device", "cpu", "--no-compile", "--seeds", f"1,{10**12}")
-    assert_user_error(result, f"--seeds: {10**12} mlp models need about")
+    assert_user_error(result, f"at once): {10**12 + 2} mlp models need about")
     assert time.perf_counter() - started < 10
 
 
@@ -163,13 +170,13 @@ def test_seeds_bench_times_n_models_in_one_step_against_n_single_runs(tmp_path):
     each ratio is the single step's images/s over the vmapped one's, as the JSON and the table say."""
     out = tmp_path / "s.json"
     args = ("--models", "mlp", "--seeds", "1,2", "--device", "cpu", "--no-compile", "--window-images", 128)
-    result = run("bench", *args, "--repeats", 1, "--warmup", 0, "--data-dir", tmp_path / "none", "--json", out)
+    result = run("bench", *args, "--repeats", 3, "--warmup", 0, "--data-dir", tmp_path / "none", "--json", out)
     assert result.exit_code == 0, result.output
     (row,) = json.loads(out.read_text())["results"]
     assert list(row["n_models"]) == ["1", "2"]
     for timed in row["n_models"].values():
-        ratio = row["single"]["images_per_second"] / timed["images_per_second"]
-        assert timed["time_vs_n_single_runs"] == pytest.approx(ratio)
+        ratio = statistics.median(s / n for s, n in zip(row["single"]["rates"], timed["rates"], strict=True))
+        assert len(timed["rates"]) == 3 and timed["time_vs_n_single_runs"] == pytest.approx(ratio)
         assert f"{ratio:.2f}x" in result.stdout
 
 
@@ -178,11 +185,34 @@ def test_each_timed_loop_starts_on_the_thread_count_bench_started_with():
     the next model's AdaptiveThreads (which takes its count as the most it may use), must
     not start there. A loop that drops to one thread at every step leaves the count as it was."""
     torch.set_num_threads(2)  # conftest puts the suite's count back
+    seen = []
 
     def dropping_steps():
         while True:
             torch.set_num_threads(1)
             yield
 
-    bench.time_loop(dropping_steps(), 1, torch.device("cpu"), window_steps=2, timing=bench.Timing(repeats=2, warmup=1))
-    assert torch.get_num_threads() == 2
+    def watching_steps():
+        while True:
+            seen.append(torch.get_num_threads())
+            yield
+
+    loops = {"drops": bench.Loop(dropping_steps(), 1), "watches": bench.Loop(watching_steps(), 1)}
+    bench.time_in_turns(loops, torch.device("cpu"), window_steps=2, timing=bench.Timing(repeats=3, warmup=1))
+    assert seen and set(seen) == {2} and torch.get_num_threads() == 2
+
+
+def test_loops_are_timed_in_turns_each_round_in_the_other_order():
+    """Windows interleave, so drifting load slows every loop alike; the order flips every round,
+    so that no loop always runs just after the same other one. Warm-up first, for every loop."""
+    calls = []
+
+    def steps(name):
+        while True:
+            calls.append(name)
+            yield
+
+    loops = {name: bench.Loop(steps(name), 1) for name in "abc"}
+    timed = bench.time_in_turns(loops, torch.device("cpu"), window_steps=1, timing=bench.Timing(repeats=3, warmup=0))
+    assert "".join(calls) == "abc" + "abc" + "cba" + "abc"  # the first steps (compiles), then three rounds
+    assert all(len(t["rates"]) == 3 for t in timed.values())

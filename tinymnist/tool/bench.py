@@ -3,8 +3,9 @@
 For each model at its recipe batch size, three ways to train are timed in one
 process on one device: (a) the reference loop of reference.py, (b) our step eager,
 (c) our step compiled. Each is warmed up first (the compile is timed apart), then
-timed over several windows of steps; the median window gives images/s. Ratios are
-(b)/(a) and (c)/(a) from the same run, so a noisy shared machine slows all three alike.
+all are timed in turns, a window of steps of each per round; the median window gives
+images/s. Ratios are (b)/(a) and (c)/(a), the median of each round's, so a noisy
+shared machine slows all three alike (bench --seeds times its loops the same way).
 """
 
 from __future__ import annotations
@@ -119,14 +120,48 @@ def on_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def time_loop(steps: Iterator, batch_size: int, device, window_steps: int, timing: Timing) -> dict:
-    """First step (compile) and warm-up timed apart; then `timing.repeats` windows, median images/s."""
+class Loop(NamedTuple):
+    """A loop to time: its steps (an endless iterator) and the images one step trains, all models'."""
+
+    steps: Iterator
+    images_per_step: int
+
+
+def time_in_turns(loops: dict[str, Loop], device, window_steps: int, timing: Timing) -> dict[str, dict]:
+    """Each loop's first step (the compile) and warm-up timed apart; then `timing.repeats` rounds of
+    one window of every loop in turn, the order reversed every other round, so that a machine whose
+    load drifts slows every loop alike. Per loop: the median images/s and each round's ("rates")."""
+    threads = torch.get_num_threads()  # an adaptive step may leave torch on another: each window starts here
+    results, peaks = {}, {}
+    for name, loop in loops.items():
+        with on_threads(threads), peak_memory(device, peaks, name):
+            results[name] = warm_up(loop.steps, device, timing.warmup)
+    for i in range(timing.repeats):
+        for name in list(loops) if i % 2 == 0 else reversed(loops):
+            with on_threads(threads), peak_memory(device, peaks, name):
+                rate = window_rate(loops[name].steps, loops[name].images_per_step, device, window_steps)
+            results[name].setdefault("rates", []).append(rate)
+    for name, result in results.items():
+        result["images_per_second"] = statistics.median(result["rates"])  # --repeats is at least 1
+        result["peak_memory_mb"] = peaks[name]
+    return results
+
+
+@contextlib.contextmanager
+def peak_memory(device, peaks: dict, name: str) -> Iterator[None]:
+    """peaks[name]: the most memory seen while `name`'s blocks ran. CUDA: allocated (all live loops'
+    tensors, not this loop's alone); CPU: the process's peak RSS so far."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with on_threads(torch.get_num_threads()):
-        warm = warm_up(steps, device, timing.warmup)
-        rates = [window_rate(steps, batch_size, device, window_steps) for _ in range(timing.repeats)]
-    return {"images_per_second": statistics.median(rates), **warm, "peak_memory_mb": peak_memory_mb(device)}
+    yield
+    peak = peak_memory_mb(device)  # None where it cannot be known
+    peaks[name] = None if peak is None else max(peak, peaks.get(name) or 0.0)
+
+
+def in_turns_ratio(numerator: dict, denominator: dict) -> float:
+    """The median over rounds of one loop's images/s over another's in the same round: load that
+    drifts between rounds cancels out, as it would not between two medians."""
+    return statistics.median(a / b for a, b in zip(numerator["rates"], denominator["rates"], strict=True))
 
 
 def warm_up(steps: Iterator, device, warmup: int) -> dict:
@@ -142,34 +177,39 @@ def warm_up(steps: Iterator, device, warmup: int) -> dict:
     return {"first_step_seconds": first_step, "warmup_seconds": time.perf_counter() - started}
 
 
-def window_rate(steps: Iterator, batch_size: int, device, window_steps: int) -> float:
+def window_rate(steps: Iterator, images_per_step: int, device, window_steps: int) -> float:
     """Images/s over one window of `window_steps` steps."""
     started = time.perf_counter()
     for _ in itertools.islice(steps, window_steps):
         pass
     synchronize(device)
-    return window_steps * batch_size / (time.perf_counter() - started)
+    return window_steps * images_per_step / (time.perf_counter() - started)
 
 
 def bench_model(model: str, digits: Digits, device, timing: Timing) -> dict:
-    """Time (a) reference, (b) eager, (c) compiled for one model at its recipe batch size."""
+    """Time (a) reference, (b) eager, (c) compiled for one model at its recipe batch size, in turns."""
     config, (images, labels, _) = recipe_config(model), digits
     window_steps = max(1, timing.window_images // config.batch_size)
     params = networks.init_params(model, config.seed, device)
     loops = {
-        "reference": reference_loop(config, params, images, labels, device),
-        "eager": our_steps(config, images, labels, device, compile=False),
+        "reference": Loop(reference_loop(config, params, images, labels, device), config.batch_size),
+        "eager": Loop(our_steps(config, images, labels, device, compile=False), config.batch_size),
     }
     if timing.compile:
-        loops["compiled"] = our_steps(config, images, labels, device, compile=True)
+        loops["compiled"] = Loop(our_steps(config, images, labels, device, compile=True), config.batch_size)
+    log_turns(timing, model, list(loops), window_steps)
     result = {"model": model, "batch_size": config.batch_size, "window_steps": window_steps}
-    for name, steps in loops.items():
-        timing.log(f"{model}: timing {name} ({counted(timing.repeats, 'window')} of {counted(window_steps, 'step')})")
-        result[name] = time_loop(steps, config.batch_size, device, window_steps, timing)
-    reference = result["reference"]["images_per_second"]
+    result.update(time_in_turns(loops, device, window_steps, timing))
     for name in list(loops)[1:]:  # eager, and compiled if timed
-        result[f"{name}_vs_reference"] = result[name]["images_per_second"] / reference
+        result[f"{name}_vs_reference"] = in_turns_ratio(result[name], result["reference"])
     return result
+
+
+def log_turns(timing: Timing, model: str, names: list[str], window_steps: int) -> None:
+    timing.log(
+        f"{model}: compiling, warming up, then timing {', '.join(names)} in turns "
+        f"({counted(timing.repeats, 'round')} of a window of {counted(window_steps, 'step')} each)"
+    )
 
 
 def write_json(path: Path, report: dict) -> None:
@@ -251,34 +291,36 @@ def print_report(report: dict, json_path: Path | None) -> None:
 # ---- bench --seeds 1,4,16: N models in one step against N single runs ----------------------
 
 
-def check_counts_fit(models: list[str], n_models: int, device: torch.device) -> None:
-    """--seeds N times N models of each recipe in one step: refused before any timing when they
-    cannot fit, as train --seeds is (memory.py), in constant time however large N is."""
+def check_counts_fit(models: list[str], n_models: int, device: torch.device, flag: str = "--seeds") -> None:
+    """N models of each recipe at once: refused before any timing when they cannot fit, as train
+    --seeds is (memory.py), in constant time however large N is."""
     for model in models:
         config = recipe_config(model)
-        check_memory(config, make_optimizer(config), device, n_models, flag="--seeds")
+        check_memory(config, make_optimizer(config), device, n_models, flag=flag)
 
 
 def bench_counts(model: str, counts: list[int], digits: Digits, device, timing: Timing) -> dict:
-    """The single-model step `train` runs, then for each N the N-model step of `train --seeds N`,
-    timed as time_loop does. N single runs in a row train at the single step's rate, so the time
-    of N models against N single runs is single images/s / N-model images/s (summed over N)."""
+    """The single-model step `train` runs and, for each N, the N-model step of `train --seeds N`,
+    timed in turns. N single runs in a row train at the single step's rate, so the time of N models
+    against N single runs is single images/s over N-model images/s (summed over N), in each round."""
     config, (images, labels, _), compile = recipe_config(model), digits, timing.compile
     window_steps = max(1, timing.window_images // config.batch_size)
-    timing.log(
-        f"{model}: timing the single step ({counted(timing.repeats, 'window')} of {counted(window_steps, 'step')})"
-    )
-    steps = our_steps(config, images, labels, device, compile)
-    single = time_loop(steps, config.batch_size, device, window_steps, timing)
-    result = {"model": model, "batch_size": config.batch_size, "window_steps": window_steps, "single": single}
-    result["n_models"] = {}
+    loops = {"single": Loop(our_steps(config, images, labels, device, compile), config.batch_size)}
     for n in counts:
-        timing.log(f"{model}: timing {counted(n, 'model')} through the N-model step")
         steps = our_steps(dataclasses.replace(config, seeds=n), images, labels, device, compile, stacked=True)
-        timed = time_loop(steps, config.batch_size * n, device, window_steps, timing)
-        timed["time_vs_n_single_runs"] = single["images_per_second"] / timed["images_per_second"]
-        result["n_models"][str(n)] = timed
-    return result
+        loops[str(n)] = Loop(steps, config.batch_size * n)
+    log_turns(timing, model, ["single", *(counted(n, "model") for n in counts)], window_steps)
+    timed = time_in_turns(loops, device, window_steps, timing)
+    single = timed.pop("single")
+    for n_models in timed.values():
+        n_models["time_vs_n_single_runs"] = in_turns_ratio(single, n_models)
+    return {
+        "model": model,
+        "batch_size": config.batch_size,
+        "window_steps": window_steps,
+        "single": single,
+        "n_models": timed,
+    }
 
 
 def run_seeds_bench(models_to_run, counts, device, data_dir, timing: Timing = Timing()) -> dict:

@@ -327,7 +327,7 @@ def bench(
     device: str = Device,
     data_dir: Path | None = DataDir,
     window_images: int | None = unset("Images per timed window (rounded to whole batches).", "4096"),
-    repeats: int | None = unset("Timed windows per loop; the median counts.", "5"),
+    repeats: int | None = unset("Rounds of one timed window of every loop in turn; the medians count.", "5"),
     warmup: int | None = unset("Untimed steps after the first (compiling) one.", "3"),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="Also time the compiled step."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the raw results to this JSON file."),
@@ -412,7 +412,8 @@ def bench(
         return print_time_to_accuracy(rows, time_to_accuracy, dev, json_path)
     if seeds is not None:  # N models per step against N single runs
         counts = parse_counts(seeds)
-        check_counts_fit(names, max(counts), dev)
+        # timed in turns: the single model and every count's models are held at once
+        check_counts_fit(names, 1 + sum(counts), dev, flag="--seeds (every count and the single model at once)")
         report = run_seeds_bench(names, counts, dev, folder, timing)
         return print_seeds_report(report, json_path)
     if busy_core or floor:
