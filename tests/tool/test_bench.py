@@ -180,26 +180,31 @@ def test_seeds_bench_times_n_models_in_one_step_against_n_single_runs(tmp_path):
         assert f"{ratio:.2f}x" in result.stdout
 
 
-def test_each_timed_loop_starts_on_the_thread_count_bench_started_with():
-    """An adaptive step may leave torch on fewer threads (cpu_threads.py); the next loop, and
-    the next model's AdaptiveThreads (which takes its count as the most it may use), must
-    not start there. A loop that drops to one thread at every step leaves the count as it was."""
+def test_each_timed_loop_keeps_its_own_thread_count():
+    """An adaptive step sets torch's thread count, which is the whole process's (cpu_threads.py). Timed in
+    turns, every loop starts on bench's count and each of its windows on the count it left last, as if it
+    ran alone: a loop that drops to one thread neither moves another loop's count nor finds its own reset
+    (a reset would have the adaptive step time steps on a count it does not know it runs). Bench ends on
+    the count it started with."""
     torch.set_num_threads(2)  # conftest puts the suite's count back
-    seen = []
+    seen = {"drops": [], "watches": []}
 
     def dropping_steps():
         while True:
+            seen["drops"].append(torch.get_num_threads())
             torch.set_num_threads(1)
             yield
 
     def watching_steps():
         while True:
-            seen.append(torch.get_num_threads())
+            seen["watches"].append(torch.get_num_threads())
             yield
 
     loops = {"drops": bench.Loop(dropping_steps(), 1), "watches": bench.Loop(watching_steps(), 1)}
     bench.time_in_turns(loops, torch.device("cpu"), window_steps=2, timing=bench.Timing(repeats=3, warmup=1))
-    assert seen and set(seen) == {2} and torch.get_num_threads() == 2
+    assert seen["watches"] and set(seen["watches"]) == {2}
+    assert seen["drops"][0] == 2 and set(seen["drops"][1:]) == {1}
+    assert torch.get_num_threads() == 2
 
 
 def test_loops_are_timed_in_turns_each_round_in_the_other_order():

@@ -131,20 +131,31 @@ def time_in_turns(loops: dict[str, Loop], device, window_steps: int, timing: Tim
     """Each loop's first step (the compile) and warm-up timed apart; then `timing.repeats` rounds of
     one window of every loop in turn, the order reversed every other round, so that a machine whose
     load drifts slows every loop alike. Per loop: the median images/s and each round's ("rates")."""
-    threads = torch.get_num_threads()  # an adaptive step may leave torch on another: each window starts here
+    # torch's thread count is the process's: an adaptive step (cpu_threads.py) changes it for itself, so
+    # each loop starts on bench's count and each window goes on with the count that loop's last one left
+    threads = dict.fromkeys(loops, torch.get_num_threads())
     results, peaks = {}, {}
-    for name, loop in loops.items():
-        with on_threads(threads), peak_memory(device, peaks, name):
-            results[name] = warm_up(loop.steps, device, timing.warmup)
-    for i in range(timing.repeats):
-        for name in list(loops) if i % 2 == 0 else reversed(loops):
-            with on_threads(threads), peak_memory(device, peaks, name):
-                rate = window_rate(loops[name].steps, loops[name].images_per_step, device, window_steps)
-            results[name].setdefault("rates", []).append(rate)
+    with on_threads(torch.get_num_threads()):
+        for name, loop in loops.items():
+            with on_loops_threads(threads, name), peak_memory(device, peaks, name):
+                results[name] = warm_up(loop.steps, device, timing.warmup)
+        for i in range(timing.repeats):
+            for name in list(loops) if i % 2 == 0 else reversed(loops):
+                with on_loops_threads(threads, name), peak_memory(device, peaks, name):
+                    rate = window_rate(loops[name].steps, loops[name].images_per_step, device, window_steps)
+                results[name].setdefault("rates", []).append(rate)
     for name, result in results.items():
         result["images_per_second"] = statistics.median(result["rates"])  # --repeats is at least 1
         result["peak_memory_mb"] = peaks[name]
     return results
+
+
+@contextlib.contextmanager
+def on_loops_threads(threads: dict[str, int], name: str) -> Iterator[None]:
+    """Run the block on threads[name], and keep there the count it ends on."""
+    torch.set_num_threads(threads[name])
+    yield
+    threads[name] = torch.get_num_threads()
 
 
 @contextlib.contextmanager

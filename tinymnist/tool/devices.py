@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tinymnist.errors import TinyMnistError
-from tinymnist.transforms import first_conv
+from tinymnist.transforms import first_conv, freed_memory
 from tinymnist.transforms.denormals import flushed_in_every_thread
 
 
@@ -58,6 +58,7 @@ def accelerator_report() -> list[tuple[str, str]]:
         ("CPU threads", str(torch.get_num_threads())),
         ("CPU denormals", "flushed to zero in every thread" if flushed_in_every_thread() else "not flushed (slower)"),
         ("First conv gradient", first_conv_setting()),
+        ("Freed memory", "kept for the next step (malloc)" if freed_memory.reusing else "returned to the system"),
     ]
     devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     if torch.backends.mps.is_available():
