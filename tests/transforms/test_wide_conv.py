@@ -16,9 +16,10 @@ from tinymnist.algorithm import networks, optim
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.train import make_gradient, make_step, per_model, scale_images
 from tinymnist.algorithm.trees import tree_map
+from tinymnist.transforms import speed
 from tinymnist.transforms.speed import compiled, device_step, micro_batched
 from tinymnist.transforms.vmap import n_models_gradient, n_models_update, one_model, vmapped, vmapped_update
-from tinymnist.transforms.wide_conv import CHOSEN, CONV_RULES, wide_forward, wide_gradient
+from tinymnist.transforms.wide_conv import CHOSEN, CONV_RULES, ONE_BY_ONE, SIDE_BY_SIDE, wide_forward, wide_gradient
 
 CPU = torch.device("cpu")
 N, B = 3, 8
@@ -169,6 +170,32 @@ def test_one_model_is_not_mapped_and_gets_its_single_step(optimizer_name):
     got = n_models_update(optimizer.update, 1)(grads, opt_state, params, lr)
     expected = vmapped_update(optimizer.update)(grads, opt_state, params, lr)
     torch.testing.assert_close(got, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "model", sorted(m for (d, m), rule in CHOSEN.items() if d == "cpu" and rule in (ONE_BY_ONE, SIDE_BY_SIDE))
+)
+def test_one_model_of_a_network_run_apart_runs_its_single_step(model, monkeypatch):
+    """N = 1 of a network whose models run apart on the CPU (cnn, fast, lenet): the step device_step
+    builds is the single run's own (here eager), on the model's slices: the same numbers to the bit,
+    and no N-model gradient is built."""
+    monkeypatch.setattr(speed, "n_models_gradient", None)  # called: the in-graph N = 1 route was taken
+    config = recipe_config(model, "adam", batch_size=32, compile=False, micro_batch=16, seeds=1)
+    optimizer = optim.adam()
+    images, labels, batch_idx = batch(n=1, b=32)
+    params = stacked_params(model, 1)
+    opt_state = per_model([optimizer.init(one_model(params, 0))], stacked=True)
+    lr = torch.full((1,), 1e-3)
+    torch.manual_seed(0)  # cnn's dropout
+    got = speed.device_step(config, optimizer, CPU, stacked=True)(params, opt_state, images, labels, batch_idx, lr)
+    single = speed.device_step(config, optimizer, CPU, stacked=False)
+    torch.manual_seed(0)
+    new_params, new_state, loss = single(
+        one_model(params, 0), one_model(opt_state, 0), images, labels, batch_idx[0], lr[0]
+    )
+    assert got[2].shape == (1,) and torch.equal(got[2][0], loss)
+    torch.testing.assert_close(one_model(got[0], 0), new_params, rtol=0, atol=0)
+    torch.testing.assert_close(one_model(got[1], 0), new_state, rtol=0, atol=0)
 
 
 def test_the_chosen_rules_are_rules():

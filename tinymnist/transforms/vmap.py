@@ -8,7 +8,8 @@ Their params and optimizer state are stacked along a leading dim N; the dataset 
 
 They are mapped apart so that micro-batching can sit between them. `n_models_gradient` takes the
 route wide_conv.CHOSEN measured fastest: vmap, wide_conv.py's N-model forward, or `one_by_one`
-(and, compiled on a CPU, side_by_side.py's models_on_cores: speed.device_step).
+(and, compiled on a CPU, side_by_side.py's models_on_cores: speed.device_step). Where that route
+runs the models apart, one model's run is its single step on its slices (`on_model_axis`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import TrainConfig
 from tinymnist.algorithm.shapes import Conv2d
-from tinymnist.algorithm.train import Evaluation, Evaluations, Gradient, make_gradient, scale_images
+from tinymnist.algorithm.train import Evaluation, Evaluations, Gradient, Step, make_gradient, scale_images
 from tinymnist.algorithm.trees import Tree, tree_map
 from tinymnist.transforms.wide_conv import (
     CONV_RULES,
@@ -57,6 +58,19 @@ def unmapped(gradient: Gradient, params, images, labels, batch_idx):  # batch_id
     """The one model's gradient on its slices, with the model axis put back."""
     grads, loss = gradient(one_model(params, 0), images, labels, batch_idx[0])
     return with_model_axis(grads), loss[None]
+
+
+def on_model_axis(step: Step) -> Step:
+    """One model's whole step (compiled as a single run's, with its transforms) for a stacked state
+    of N = 1: called on the model's slices, the model axis put back on what it returns (views)."""
+
+    def stacked_step(params, opt_state, images, labels, batch_idx, lr):  # leaves (1, ...), batch_idx (1, B), lr (1,)
+        params, opt_state, loss = step(
+            one_model(params, 0), one_model(opt_state, 0), images, labels, batch_idx[0], lr[0]
+        )
+        return with_model_axis(params), with_model_axis(opt_state), loss[None]
+
+    return stacked_step
 
 
 def one_by_one(gradient: Gradient) -> Gradient:
