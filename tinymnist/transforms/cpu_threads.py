@@ -25,6 +25,7 @@ PROBE_EVERY, MAX_WAIT = 8, 64  # periods between probes on fewer threads; the lo
 MARGIN = 0.95  # a probe wins when its steps take under 0.95 of the incumbent's
 ABANDON = 2.0  # a probe is cut short once it has taken twice the incumbent's time for its steps
 WARMUP_CALLS = 2  # the first calls compile: not timed
+STEP_SHARE = 0.5  # a period's CPU time counts when the step ran for at least this share of its wall time
 
 
 def thread_counts(most: int) -> list[int]:
@@ -78,14 +79,17 @@ class AdaptiveThreads:
         lagging = self.probe is not None and self.seconds > ABANDON * self.incumbent_seconds * self.steps
         if lagging or (self.seconds >= PERIOD_SECONDS and self.steps >= MIN_PERIOD_STEPS):
             wall, cpu = self.clock() - self.period_start[0], self.cpu_clock() - self.period_start[1]
+            # A period the step ran for under half of was mostly the caller's (an evaluation, another
+            # loop compiling): its CPU time says nothing of a core taken from the step.
+            cores = cpu / wall if self.seconds >= STEP_SHARE * wall else None
             before = self.threads
-            self.end_period(self.seconds / self.steps, cores=cpu / wall)
+            self.end_period(self.seconds / self.steps, cores)
             if self.threads != before:
                 self.set_threads(self.threads)
             self.steps, self.seconds = 0, 0.0
 
-    def end_period(self, seconds_per_step: float, cores: float) -> None:
-        """`cores`: the CPU seconds the process got per second of the period."""
+    def end_period(self, seconds_per_step: float, cores: float | None) -> None:
+        """`cores`: the CPU seconds the process got per second of the period; None: unknown."""
         if self.probe is not None:  # the trial is over: the faster count stays
             if seconds_per_step < MARGIN * self.incumbent_seconds:
                 self.incumbent, self.incumbent_seconds, self.wait = self.probe, seconds_per_step, 0
@@ -95,7 +99,7 @@ class AdaptiveThreads:
             return
         self.incumbent_seconds, self.periods = seconds_per_step, self.periods + 1
         if self.incumbent == self.counts[0]:
-            due = cores < self.incumbent - STARVED and self.periods >= self.wait
+            due = cores is not None and cores < self.incumbent - STARVED and self.periods >= self.wait
         else:
             due = self.periods >= PROBE_EVERY
         if due:
