@@ -12,7 +12,7 @@ The library in a dozen lines:
 
     import tinymnist as tm
     tm.flush_denormals()                                  # first: before torch starts its threads
-tm.reuse_freed_memory()                               # each step's tensors on the last step's pages
+    tm.reuse_freed_memory()                               # each step's tensors on the last step's pages
     data = tm.load_mnist("data", "cpu")                   # tinymnist download fetches the files
     config = tm.recipe_config("mlp", epochs=2)            # the tutorial's recipe, overridden
     optimizer = tm.optim.adam()

@@ -134,6 +134,12 @@ def test_seeds_that_cannot_fit_are_refused_before_any_timing(tmp_path, monkeypat
     assert_user_error(result, expected, "models need about", "run fewer models at once")
 
 
+def test_a_count_given_twice_is_timed_once():
+    from tinymnist.tool.cli import parse_counts
+
+    assert parse_counts("4,1,4") == [4, 1]
+
+
 def test_a_huge_model_count_is_refused_at_once():
     """N x one model's bytes: constant time, however large N (nothing is built per model)."""
     started = time.perf_counter()
@@ -207,9 +213,10 @@ def test_each_timed_loop_keeps_its_own_thread_count():
     assert torch.get_num_threads() == 2
 
 
-def test_loops_are_timed_in_turns_each_round_in_the_other_order():
-    """Windows interleave, so drifting load slows every loop alike; the order flips every round,
-    so that no loop always runs just after the same other one. Warm-up first, for every loop."""
+def test_loops_are_timed_in_turns_each_round_starting_one_loop_later():
+    """Windows interleave, so drifting load slows every loop alike; each round starts one loop
+    later, so that no loop always runs just after the same other one. Warm-up first, for every
+    loop, then an untimed window of each."""
     calls = []
 
     def steps(name):
@@ -219,5 +226,5 @@ def test_loops_are_timed_in_turns_each_round_in_the_other_order():
 
     loops = {name: bench.Loop(steps(name), 1) for name in "abc"}
     timed = bench.time_in_turns(loops, torch.device("cpu"), window_steps=1, timing=bench.Timing(repeats=3, warmup=0))
-    assert "".join(calls) == "abc" + "abc" + "cba" + "abc"  # the first steps (compiles), then three rounds
+    assert "".join(calls) == "abc" + "abc" + "abc" + "bca" + "cab"  # compiles, settling, three rounds
     assert all(len(t["rates"]) == 3 for t in timed.values())

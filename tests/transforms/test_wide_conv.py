@@ -179,7 +179,7 @@ def test_one_model_of_a_network_run_apart_runs_its_single_step(model, monkeypatc
     """N = 1 of a network whose models run apart on the CPU (cnn, fast, lenet): the step device_step
     builds is the single run's own (here eager), on the model's slices: the same numbers to the bit,
     and no N-model gradient is built."""
-    monkeypatch.setattr(speed, "n_models_gradient", None)  # called: the in-graph N = 1 route was taken
+    monkeypatch.setattr(speed, "n_models_gradient", None)  # calling it (the in-graph N = 1 route) fails the test
     config = recipe_config(model, "adam", batch_size=32, compile=False, micro_batch=16, seeds=1)
     optimizer = optim.adam()
     images, labels, batch_idx = batch(n=1, b=32)
@@ -196,6 +196,19 @@ def test_one_model_of_a_network_run_apart_runs_its_single_step(model, monkeypatc
     assert got[2].shape == (1,) and torch.equal(got[2][0], loss)
     torch.testing.assert_close(one_model(got[0], 0), new_params, rtol=0, atol=0)
     torch.testing.assert_close(one_model(got[1], 0), new_state, rtol=0, atol=0)
+
+
+@needs_cpp_compiler
+def test_one_model_run_apart_takes_one_batch_a_call_whatever_steps_per_call_says(monkeypatch):
+    """The loop gives a stacked step one batch a call, so the single step inside takes one too, even
+    where --steps-per-call would make a single run's take several (built, not called: no compile)."""
+    built = []
+    monkeypatch.setattr(speed, "SeveralSteps", lambda *args: built.append(args) or args[0])
+    config = recipe_config("fast", compile=True, micro_batch=0, steps_per_call=10, log_interval=10, seeds=1)
+    speed.device_step(config, optim.adam(), CPU, stacked=True)
+    assert built == []
+    speed.device_step(config, optim.adam(), CPU, stacked=False)  # the control: a single run's takes 10
+    assert len(built) == 1
 
 
 def test_the_chosen_rules_are_rules():

@@ -56,8 +56,8 @@ def to_stderr(message: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class Timing:
     """How each loop is timed: the first (compiling) step and `warmup` more apart, then `repeats`
-    windows of about `window_images` images, the median counting; `compile` also times the
-    compiled step; `log` hears what is being timed."""
+    rounds of a window of about `window_images` images of every loop in turn, the medians counting;
+    `compile` also times the compiled step; `log` hears what is being timed."""
 
     window_images: int = 4096
     repeats: int = 5
@@ -128,9 +128,11 @@ class Loop(NamedTuple):
 
 
 def time_in_turns(loops: dict[str, Loop], device, window_steps: int, timing: Timing) -> dict[str, dict]:
-    """Each loop's first step (the compile) and warm-up timed apart; then `timing.repeats` rounds of
-    one window of every loop in turn, the order reversed every other round, so that a machine whose
-    load drifts slows every loop alike. Per loop: the median images/s and each round's ("rates")."""
+    """Each loop's first step (the compile) and warm-up timed apart, then one untimed window of each
+    (a loop warmed up first has sat through the others' compiles); then `timing.repeats` rounds of
+    one window of every loop in turn, each round starting one loop later, so that a machine whose
+    load drifts slows every loop alike and no loop always follows the same one. Per loop: the
+    median images/s and each round's ("rates")."""
     # torch's thread count is the process's: an adaptive step (cpu_threads.py) changes it for itself, so
     # each loop starts on bench's count and each window goes on with the count that loop's last one left
     threads = dict.fromkeys(loops, torch.get_num_threads())
@@ -139,8 +141,12 @@ def time_in_turns(loops: dict[str, Loop], device, window_steps: int, timing: Tim
         for name, loop in loops.items():
             with on_loops_threads(threads, name), peak_memory(device, peaks, name):
                 results[name] = warm_up(loop.steps, device, timing.warmup)
+        names = list(loops)
+        for name in names:  # untimed: settles what the compiles left (caches, an adaptive step's clock)
+            with on_loops_threads(threads, name):
+                window_rate(loops[name].steps, loops[name].images_per_step, device, window_steps)
         for i in range(timing.repeats):
-            for name in list(loops) if i % 2 == 0 else reversed(loops):
+            for name in names[i % len(names) :] + names[: i % len(names)]:  # abc, bca, cab, ...
                 with on_loops_threads(threads, name), peak_memory(device, peaks, name):
                     rate = window_rate(loops[name].steps, loops[name].images_per_step, device, window_steps)
                 results[name].setdefault("rates", []).append(rate)

@@ -453,7 +453,7 @@ def check_cpu_mode(mode: str, device: str, window_images: int | None, time_to_ac
 def parse_counts(text: str) -> list[int]:
     """bench --seeds 1,4,16 as [1, 4, 16], or a one-line error."""
     try:
-        counts = [int(item) for item in text.split(",")]
+        counts = list(dict.fromkeys(int(item) for item in text.split(",")))  # each count once, in order
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:

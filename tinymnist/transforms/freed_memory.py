@@ -12,10 +12,12 @@ faulted anew for the parameters, the gradient and each state, every step (BENCHM
 What it changes: malloc's mmap threshold goes to 1 GiB, so blocks below it come from the heap,
 and its trim threshold to 2 GiB, so that freed heap is kept rather than handed back: the next
 step's tensors land on pages already faulted in. The numbers do not change, only where they
-live. The process keeps its largest heap until it exits; a training run's steps are alike, so
-that is about its peak anyway.
+live. The process keeps its largest heap until it exits: peak RSS grew by up to 5% in the runs
+measured (8 cnn models: 907 to 952 MB). Threads other than the main one allocate from heaps of
+at most 64 MiB, so their larger blocks are still mapped fresh.
 
-Where: glibc (Linux). Elsewhere (macOS, Windows, musl) nothing changes and the result says so. A
+Where: glibc's malloc (Linux). Elsewhere (macOS, Windows, musl, or an allocator preloaded over
+glibc's) nothing changes and the result says so. A
 library user calls `reuse_freed_memory()` once, early; the same thresholds can be given to any
 program as MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647.
 """
@@ -34,20 +36,25 @@ reusing = False  # whether this process has asked for it and malloc took it (tin
 def reuse_freed_memory() -> bool:
     """Have malloc keep freed blocks for reuse instead of unmapping them. False where the C
     library is not glibc or refuses a setting."""
-    if not glibc():
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     global reusing
-    reusing = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    libc = glibc_malloc()
+    if libc is None:
+        return False
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # The threshold first: where it is refused (older glibc releases capped it at 32 MiB), nothing changed.
+    reusing = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    reusing = reusing and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return reusing
 
 
-def glibc() -> bool:
+def glibc_malloc() -> ctypes.CDLL | None:
+    """glibc, where it is the malloc this process calls; None where another C library is, or an
+    allocator preloaded over it (LD_PRELOAD of tcmalloc or jemalloc, which glibc's settings miss)."""
     try:
-        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
-    except (AttributeError, ValueError, OSError):  # not a POSIX system, or not glibc's name
-        return False
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return None
+        libc, process = ctypes.CDLL("libc.so.6"), ctypes.CDLL(None)
+        in_use = ctypes.cast(process.malloc, ctypes.c_void_p).value
+        return libc if in_use == ctypes.cast(libc.malloc, ctypes.c_void_p).value else None
+    except (AttributeError, ValueError, OSError):  # not POSIX, no glibc name (musl: None), no libc.so.6
+        return None

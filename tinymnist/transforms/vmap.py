@@ -70,6 +70,7 @@ def on_model_axis(step: Step) -> Step:
         )
         return with_model_axis(params), with_model_axis(opt_state), loss[None]
 
+    stacked_step.returns_buffers = getattr(step, "returns_buffers", False)  # a CUDA graph's (train.completed)
     return stacked_step
 
 
