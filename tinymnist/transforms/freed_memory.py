@@ -17,9 +17,9 @@ measured (8 cnn models: 907 to 952 MB). Threads other than the main one allocate
 at most 64 MiB, so their larger blocks are still mapped fresh.
 
 Where: glibc's malloc (Linux). Elsewhere (macOS, Windows, musl, or an allocator preloaded over
-glibc's) nothing changes and the result says so. A
-library user calls `reuse_freed_memory()` once, early; the same thresholds can be given to any
-program as MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647.
+glibc's) nothing changes and the result says so. A library user calls `reuse_freed_memory()` once,
+early; the same thresholds can be given to any program as MALLOC_MMAP_THRESHOLD_=1073741824
+MALLOC_TRIM_THRESHOLD_=2147483647.
 """
 
 from __future__ import annotations
