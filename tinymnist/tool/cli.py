@@ -328,7 +328,11 @@ def bench(
     device: str = Device,
     data_dir: Path | None = DataDir,
     window_images: int | None = unset("Images per timed window (rounded to whole batches).", "4096"),
-    repeats: int | None = unset("Rounds of one timed window of every loop in turn; the medians count.", "5"),
+    repeats: int | None = unset(
+        "Rounds of one timed window of every loop in turn (after an untimed one), each round starting one "
+        "loop later; images/s is each loop's median window, a ratio the median of the rounds' own ratios.",
+        "5",
+    ),
     warmup: int | None = unset("Untimed steps after the first (compiling) one.", "3"),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="Also time the compiled step."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the raw results to this JSON file."),

@@ -12,9 +12,10 @@ faulted anew for the parameters, the gradient and each state, every step (BENCHM
 What it changes: malloc's mmap threshold goes to 1 GiB, so blocks below it come from the heap,
 and its trim threshold to 2 GiB, so that freed heap is kept rather than handed back: the next
 step's tensors land on pages already faulted in. The numbers do not change, only where they
-live. The process keeps its largest heap until it exits: peak RSS grew by up to 5% in the runs
-measured (8 cnn models: 907 to 952 MB). Threads other than the main one allocate from heaps of
-at most 64 MiB, so their larger blocks are still mapped fresh.
+live. The process keeps its largest heap until it exits: peak RSS grew by up to 5% in the step
+loops measured (8 cnn models: 907 to 952 MB). Threads other than the main one allocate from heaps
+of at most 64 MiB, so their blocks over 64 MiB are still mapped fresh. It is process-wide and
+cannot be undone; call it before other threads allocate (mallopt is not thread-safe).
 
 Where: glibc's malloc (Linux). Elsewhere (macOS, Windows, musl, or an allocator preloaded over
 glibc's) nothing changes and the result says so. A library user calls `reuse_freed_memory()` once,
