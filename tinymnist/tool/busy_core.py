@@ -4,8 +4,9 @@ A program keeping a core busy deschedules one of our OpenMP threads, and the oth
 for it at the barrier ending every parallel op; transforms/cpu_threads.py adapts the
 thread count to that. Timed here: the step on all the threads torch found ("fixed") and
 the step `train` runs ("adaptive"), both quiet, then both while a child process spins on
-one core, round after round, so that a machine whose load drifts moves every side alike.
-A window runs for seconds after one untimed, so it measures a run long quiet, or busy.
+one core, round after round, so that a machine whose load drifts moves every side alike;
+a ratio is the median of the rounds' own ratios. A window runs for seconds after one
+untimed, so it measures a run long quiet, or busy.
 """
 
 from __future__ import annotations
@@ -107,15 +108,19 @@ def bench_busy_core(model: str, digits: Digits, most: int, timing: Timing) -> di
         "loop": loop,
         "first_step_seconds": warm["fixed"]["first_step_seconds"],
         **sides,
-        "adaptive_vs_fixed_quiet": sides["adaptive"]["quiet"]["images_per_second"]
-        / sides["fixed"]["quiet"]["images_per_second"],
+        "adaptive_vs_fixed_quiet": per_round_ratio(rates["adaptive"]["quiet"], rates["fixed"]["quiet"]),
         "peak_memory_mb": peak_memory_mb(device),
     }
 
 
 def side_summary(windows: dict[str, list[float]]) -> dict:
     summary = {load: {"images_per_second": statistics.median(w), "windows": w} for load, w in windows.items()}
-    return {**summary, "busy_vs_quiet": summary["busy"]["images_per_second"] / summary["quiet"]["images_per_second"]}
+    return {**summary, "busy_vs_quiet": per_round_ratio(windows["busy"], windows["quiet"])}
+
+
+def per_round_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median of each round's ratio: both windows of a round met the same machine (bench.py's rule)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def run_busy_core_bench(names: list[str], digits: Digits, timing: Timing) -> dict:
