@@ -327,13 +327,15 @@ def bench(
     ),
     device: str = Device,
     data_dir: Path | None = DataDir,
-    window_images: int | None = unset("Images per timed window (rounded to whole batches).", "4096"),
+    window_images: int | None = unset(
+        "Images per timed window, per model with --seeds (rounded down to whole batches, at least one).", "4096"
+    ),
     repeats: int | None = unset(
         "Rounds of one timed window of every loop in turn (after an untimed one), each round starting one "
         "loop later; images/s is each loop's median window, a ratio the median of the rounds' own ratios.",
         "5",
     ),
-    warmup: int | None = unset("Untimed steps after the first (compiling) one.", "3"),
+    warmup: int | None = unset("Steps after the first (compiling) one, timed apart from the windows.", "3"),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="Also time the compiled step."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the raw results to this JSON file."),
     time_to_accuracy: float | None = typer.Option(
