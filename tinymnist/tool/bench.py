@@ -175,10 +175,10 @@ def peak_memory(device, peaks: dict, name: str) -> Iterator[None]:
     peaks[name] = None if peak is None else max(peak, peaks.get(name) or 0.0)
 
 
-def in_turns_ratio(numerator: dict, denominator: dict) -> float:
-    """The median over rounds of one loop's images/s over another's in the same round: load that
+def per_round_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of one side's images/s over another's in the same round: load that
     drifts between rounds cancels out, as it would not between two medians."""
-    return statistics.median(a / b for a, b in zip(numerator["rates"], denominator["rates"], strict=True))
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def warm_up(steps: Iterator, device, warmup: int) -> dict:
@@ -218,7 +218,7 @@ def bench_model(model: str, digits: Digits, device, timing: Timing) -> dict:
     result = {"model": model, "batch_size": config.batch_size, "window_steps": window_steps}
     result.update(time_in_turns(loops, device, window_steps, timing))
     for name in list(loops)[1:]:  # eager, and compiled if timed
-        result[f"{name}_vs_reference"] = in_turns_ratio(result[name], result["reference"])
+        result[f"{name}_vs_reference"] = per_round_ratio(result[name]["rates"], result["reference"]["rates"])
     return result
 
 
@@ -330,7 +330,7 @@ def bench_counts(model: str, counts: list[int], digits: Digits, device, timing: 
     timed = time_in_turns(loops, device, window_steps, timing)
     single = timed.pop("single")
     for n_models in timed.values():
-        n_models["time_vs_n_single_runs"] = in_turns_ratio(single, n_models)
+        n_models["time_vs_n_single_runs"] = per_round_ratio(single["rates"], n_models["rates"])
     return {
         "model": model,
         "batch_size": config.batch_size,

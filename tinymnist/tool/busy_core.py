@@ -29,6 +29,7 @@ from tinymnist.tool.bench import (
     on_threads,
     our_steps,
     peak_memory_mb,
+    per_round_ratio,
     print_table,
     report_head,
     warm_up,
@@ -116,11 +117,6 @@ def bench_busy_core(model: str, digits: Digits, most: int, timing: Timing) -> di
 def side_summary(windows: dict[str, list[float]]) -> dict:
     summary = {load: {"images_per_second": statistics.median(w), "windows": w} for load, w in windows.items()}
     return {**summary, "busy_vs_quiet": per_round_ratio(windows["busy"], windows["quiet"])}
-
-
-def per_round_ratio(numerator: list[float], denominator: list[float]) -> float:
-    """The median of each round's ratio: both windows of a round met the same machine (bench.py's rule)."""
-    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def run_busy_core_bench(names: list[str], digits: Digits, timing: Timing) -> dict:

@@ -97,15 +97,15 @@ def device_step(
     device = torch.device(device)  # "cpu" too
     gradient, update, sharers = make_gradient(config), optimizer.update, 1
     stacked = config.n_models > 1 if stacked is None else stacked
-    if stacked and config.n_models == 1 and chosen_rule(device, config.model) in (ONE_BY_ONE, SIDE_BY_SIDE):
+    rule = chosen_rule(device, config.model) if stacked else None
+    models_apart = rule in (ONE_BY_ONE, SIDE_BY_SIDE)  # one model's gradient, called per model
+    if models_apart and config.n_models == 1:
         # Where N models run apart, one model runs as a single run does, on its slices: fast's step took
         # 1.01x the single step's time this way, 1.03-1.05x with the slices taken inside the compiled
         # graphs (vmap.n_models_gradient's N = 1); mlp3's 1.48x this way (a small step pays for the
         # slicing in Python), 1.11x inside. `train` never stacks one model: this is bench --seeds 1's.
         single = dataclasses.replace(config, steps_per_call=1)  # the loop gives a stacked step one batch a call
         return on_model_axis(device_step(single, optimizer, device, data_parallel, False, adaptive_threads))
-    rule = chosen_rule(device, config.model) if stacked and config.n_models > 1 else None
-    models_apart = rule in (ONE_BY_ONE, SIDE_BY_SIDE)  # one model's gradient, called per model
     if stacked:
         update = n_models_update(update, config.n_models)
     if stacked and not models_apart:
