@@ -134,6 +134,15 @@ def test_seeds_that_cannot_fit_are_refused_before_any_timing(tmp_path, monkeypat
     assert_user_error(result, expected, "models need about", "run fewer models at once")
 
 
+@pytest.mark.parametrize(
+    "counts, fragment",
+    [("1,x", "'x' is not a count of 1 or more"), ("1,,4", "an empty item"), ("4,0", "'0' is not a count")],
+)
+def test_a_bad_model_count_is_named(counts, fragment):
+    result = run("bench", "--models", "mlp", "--device", "cpu", "--no-compile", "--seeds", counts)
+    assert_user_error(result, f"--seeds {counts}: {fragment}", "like --seeds 1,4,16")
+
+
 def test_a_count_given_twice_is_timed_once():
     from tinymnist.tool.cli import parse_counts
 

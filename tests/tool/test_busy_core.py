@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.support import assert_user_error, run
 from tinymnist.errors import TinyMnistError
@@ -126,3 +127,10 @@ def test_the_busy_process_stops_when_bench_is_killed():
 )
 def test_busy_core_refuses_what_does_not_apply(other):
     assert_user_error(run("bench", "--busy-core", *other), "--busy-core", other[0])
+
+
+def test_busy_core_on_one_thread_is_refused():
+    """With one thread there is nothing to drop: the adaptive step is the fixed one, and the
+    comparison would only time noise (torch takes OMP_NUM_THREADS=1 this way)."""
+    torch.set_num_threads(1)  # conftest restores the count
+    assert_user_error(run("bench", "--busy-core", "--models", "mlp"), "--busy-core", "1 thread", "OMP_NUM_THREADS")

@@ -103,6 +103,9 @@ def test_resume_is_bit_exact(tiny_split, tmp_path, compile):
         (["--lr", "-0.1"], ["--lr"]),
         (["--micro-batch", "-1"], ["--micro-batch", "0 (whole batch) or positive"]),
         (["--threads", "0"], ["--threads", "positive"]),
+        (["--seeds", "1,4"], ["--seeds 1,4", "one number of models", "tinymnist bench --seeds 1,4"]),
+        (["--seeds", "four"], ["--seeds four", "a whole number of models"]),
+        (["--seeds", "0"], ["--seeds", "1 or more"]),
         (["--lr", "nan"], ["--lr"]),
         (["--device", "tpu"], ["--device"]),
         (["--save-model", "/nonexistent-folder/model.pt"], ["--save-model", "does not exist"]),
@@ -116,6 +119,16 @@ def test_threads_fixes_the_cpu_thread_count(tiny_split):
     torch.set_num_threads(2)  # conftest restores the count
     assert run(*train_args(tiny_split, "--epochs", 1, "--threads", 1)).exit_code == 0
     assert torch.get_num_threads() == 1
+
+
+def test_more_threads_than_cores_is_said_and_still_runs(tiny_split):
+    """--threads above the core count is allowed (the same count on another machine gives the same
+    numbers), but it is slower here, so the run says so."""
+    threads = (os.cpu_count() or 1) + 1
+    result = run(*train_args(tiny_split, "--epochs", 1, "--threads", threads))
+    assert result.exit_code == 0, result.output
+    assert f"--threads {threads} is more than this machine's {threads - 1} cores" in result.stderr
+    assert "more than this machine" not in run(*train_args(tiny_split, "--epochs", 1, "--threads", 1)).stderr
 
 
 @pytest.mark.parametrize(

@@ -146,7 +146,6 @@ def test_steps_per_call_is_for_one_models_step_compiled_whole_on_the_cpu():
     mlp3 = recipe_config("mlp3", compile=True, steps_per_call=10)
     assert steps_per_call(mlp3, CPU) == 10
     assert steps_per_call(recipe_config("mlp3", compile=True), CPU) == 1  # the default: one
-    assert steps_per_call(dataclasses.replace(mlp3, log_interval=4), CPU) == 4  # a call never passes a log line
     assert steps_per_call(dataclasses.replace(mlp3, compile=False), CPU) == 1
     assert steps_per_call(dataclasses.replace(mlp3, seeds=2), CPU) == 1  # N models: one call is N steps already
     assert steps_per_call(mlp3, CPU, one_process=False) == 1  # torchrun: the all-reduce stays per step
@@ -176,6 +175,16 @@ def test_train_with_steps_per_call_ends_where_train_without_does(tiny_split, tmp
         pytest.param(("--steps-per-call", 4, "--compile", "--seeds", 2), "a single model", marks=needs_cpp_compiler),
         pytest.param(
             ("--steps-per-call", 4, "--compile", "--batch-size", 512), "--micro-batch 0", marks=needs_cpp_compiler
+        ),
+        # where a call ends before k steps, every time: k would be compiled and never run
+        pytest.param(("--steps-per-call", 20, "--compile"), "--log-interval 10 ends it", marks=needs_cpp_compiler),
+        pytest.param(
+            ("--steps-per-call", 10, "--compile", "--eval-every", 5), "--eval-every 5 ends it", marks=needs_cpp_compiler
+        ),
+        pytest.param(  # 600 images in batches of 15
+            ("--steps-per-call", 50, "--compile", "--log-interval", 100),
+            "an epoch of 40 batches ends it",
+            marks=needs_cpp_compiler,
         ),
     ],
 )

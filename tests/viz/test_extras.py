@@ -1,4 +1,4 @@
-"""Without the `viz` extra: a one-line error naming what to install; terminal pictures still work."""
+"""Without the `viz` or `bench` extra: a one-line error naming what to install; terminal pictures still work."""
 
 import json
 import sys
@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
-from tests.support import assert_user_error, run_viz, train_checkpoint
+from tests.support import assert_user_error, run, run_viz, train_checkpoint
 from tinymnist.errors import TinyMnistError
+from tinymnist.tool import cli
 from tinymnist.viz.confusion import write_confusion_png
 
 INSTALL = "pip install 'tinymnist[viz]'"
@@ -105,3 +106,27 @@ def test_a_missing_extra_is_found_before_the_work(tiny_split, tmp_path, monkeypa
     with_data = ["--data-dir", empty, "--no-download", "--device", "cpu"]  # the test set would be missing
     assert_user_error(run_viz("predict", checkpoint, "-o", tmp_path / "d.png", *with_data), "predict -o needs pillow")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt", "no_data"]
+
+
+@pytest.mark.parametrize(
+    "extra, timed",
+    [
+        ([], "run_bench"),
+        (["--time-to-accuracy", "0.99"], "run_time_to_accuracy"),
+        (["--seeds", "1"], "run_seeds_bench"),
+    ],
+)
+def test_bench_without_pillow_says_so_before_timing_anything(tmp_path, monkeypatch, extra, timed):
+    """The tutorials' loop is timed after tinymnist's, minutes into a --time-to-accuracy run: pillow
+    is checked first. --seeds times no tutorial loop, so it goes on without pillow."""
+
+    def reached(*args, **kwargs):
+        raise TinyMnistError("reached the timing")
+
+    uninstall(monkeypatch, "PIL")
+    monkeypatch.setattr(cli, timed, reached)
+    result = run("bench", "--device", "cpu", "--no-compile", "--data-dir", tmp_path, *extra)
+    if extra[:1] == ["--seeds"]:
+        assert_user_error(result, "reached the timing")
+    else:
+        assert_user_error(result, "bench's reference loop needs pillow", "pip install 'tinymnist[bench]'")

@@ -5,8 +5,8 @@ for it at the barrier ending every parallel op; transforms/cpu_threads.py adapts
 thread count to that. Timed here: the step on all the threads torch found ("fixed") and
 the step `train` runs ("adaptive"), both quiet, then both while a child process spins on
 one core, round after round, so that a machine whose load drifts moves every side alike;
-a ratio is the median of the rounds' own ratios. A window runs for seconds after one
-untimed, so it measures a run long quiet, or busy.
+a ratio is the median of the rounds' own ratios. A window times WINDOW_SECONDS of steps after
+SETTLE_SECONDS untimed, so it measures a run long quiet, or busy.
 """
 
 from __future__ import annotations
@@ -131,8 +131,9 @@ def run_busy_core_bench(names: list[str], digits: Digits, timing: Timing) -> dic
 
 def print_busy_core_report(report: dict) -> None:
     title = f"{report['machine']}, torch {report['torch']}; data: {report['data']}"
-    columns = ("model", "step", "fixed quiet img/s", "fixed busy", "busy/quiet")
-    table = new_table(title, (*columns, "adaptive quiet", "adaptive busy", "busy/quiet", "adaptive/fixed quiet"))
+    fixed = ("fixed quiet img/s", "fixed busy", "fixed busy/quiet")
+    adaptive = ("adaptive quiet", "adaptive busy", "adaptive busy/quiet")
+    table = new_table(title, ("model", "step", *fixed, *adaptive, "adaptive/fixed quiet"))
     for r in report["results"]:
         cells = [r["model"], r["loop"]]
         for side in (r["fixed"], r["adaptive"]):  # quiet, busy, busy/quiet

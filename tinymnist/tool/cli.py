@@ -6,6 +6,7 @@ takes the model's recipe (config.RECIPES). A mistake the user can fix is one std
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from tinymnist.tool.busy_core import print_busy_core_report, run_busy_core_bench
 from tinymnist.tool.devices import accelerator_report, resolve_device
 from tinymnist.tool.exits import OneLineUsageErrors, user_errors
 from tinymnist.tool.floor import print_floor_report, run_floor_bench
+from tinymnist.tool.reference import require_pillow
 from tinymnist.tool.report import json_line, model_test_line
 from tinymnist.tool.time_to_accuracy import MODELS as TIME_TO_ACCURACY_MODELS
 from tinymnist.tool.time_to_accuracy import print_time_to_accuracy, run_time_to_accuracy
@@ -101,7 +103,7 @@ def train(
         "list (0.5,1,2) trains one model per rate, all at once.",
         "the recipe's; torch.optim's for another --optimizer",
     ),
-    seeds: int | None = unset(
+    seeds: str | None = unset(
         "Train this many models at once, seeded --seed, --seed+1, ... (with an --lr list: per rate).", "1"
     ),
     gamma: float | None = unset("Multiply the learning rate by this after every epoch (StepLR).", RECIPE),
@@ -149,7 +151,8 @@ def train(
     steps_per_call: int = typer.Option(
         1,
         help="CPU: run this many steps per compiled call (one model's step, compiled whole): faster for "
-        "small steps in long runs, at seconds more compile (BENCHMARKS.md).",
+        "small steps in long runs, at seconds more compile (BENCHMARKS.md). A call ends at every log line, "
+        "evaluation and epoch end: at most --log-interval, --eval-every and the batches of an epoch.",
     ),
     threads: int | None = unset(
         "CPU threads, fixed: the same numbers to the last bit whatever else the machine runs "
@@ -173,6 +176,8 @@ def train(
     if no_accel and device not in (None, "cpu"):
         raise TinyMnistError(f"--no-accel means --device cpu, but --device {device} was given; pass only one")
     rates = None if lr is None else parse_lrs(lr)  # a list trains one model per rate
+    if threads is not None and threads > (cores := os.cpu_count() or 1):
+        log(f"tinymnist: --threads {threads} is more than this machine's {cores} cores; the extra ones wait their turn")
     flags = dict(
         model=model,
         optimizer=optimizer,
@@ -181,7 +186,7 @@ def train(
         epochs=epochs,
         lr=rates[0] if rates else None,
         lrs=rates if rates and len(rates) > 1 else None,
-        seeds=seeds,
+        seeds=None if seeds is None else parse_seeds(seeds),
         gamma=gamma,
         schedule=schedule,
         label_smoothing=label_smoothing,
@@ -328,22 +333,31 @@ def bench(
     device: str = Device,
     data_dir: Path | None = DataDir,
     window_images: int | None = unset(
-        "Images per timed window, per model with --seeds (rounded down to whole batches, at least one).", "4096"
+        "Images per timed window; with --seeds, each of the N models' share of a window (rounded down to "
+        "whole batches, at least one).",
+        "4096",
     ),
     repeats: int | None = unset(
         "Rounds of one timed window of every loop in turn (after an untimed one), each round starting one "
-        "loop later; images/s is each loop's median window, a ratio the median of the rounds' own ratios.",
+        "loop later; images/s is each loop's median window, a ratio the median of the rounds' own ratios "
+        "(--busy-core: quiet and busy windows per round; --floor: rounds of every step in turn).",
         "5",
     ),
     warmup: int | None = unset("Steps after the first (compiling) one, timed apart from the windows.", "3"),
-    compile: bool = typer.Option(True, "--compile/--no-compile", help="Also time the compiled step."),
+    compile: bool = typer.Option(
+        True,
+        "--compile/--no-compile",
+        help="Also time the compiled step; --no-compile: only eager (with --seeds, --busy-core or "
+        "--time-to-accuracy, the eager step instead of the compiled one).",
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the raw results to this JSON file."),
     time_to_accuracy: float | None = typer.Option(
         None,
         "--time-to-accuracy",
         show_default="off",
         help="Instead: seconds of training until this test accuracy "
-        "(0.99) for fast, cnn and the tutorials' cnn loop, on the real MNIST files (the timing options do not apply).",
+        "(0.99) for fast, cnn and the tutorials' cnn loop, on the real MNIST files (the timing options do not "
+        "apply; --seeds gives one number of models trained at once).",
     ),
     seeds: str | None = typer.Option(
         None,
@@ -373,14 +387,15 @@ def bench(
         check_cpu_mode("--busy-core" if busy_core else "--floor", device, window_images, time_to_accuracy, seeds)
     if floor and warmup is not None:
         raise TinyMnistError(
-            "--warmup does not apply to --floor (it runs each step 3 times before timing); leave it out"
+            "--warmup does not apply to --floor (it compiles each step and calls it 3 times before timing); "
+            "leave it out"
         )
     if floor and not compile:
         raise TinyMnistError("--floor times the compiled step; leave out --no-compile")
     if time_to_accuracy is not None and (given := [flag for flag, value in timing.items() if value is not None]):
         raise TinyMnistError(
             f"{given[0]} does not apply to --time-to-accuracy (fast, cnn and the tutorials' cnn "
-            f"loop, each run to the target); leave one of them out"
+            f"loop, each run to the target); leave out {given[0]} or --time-to-accuracy"
         )
     model_list = "mlp,mlp3,cnn,lenet" if model_list is None else model_list
     window_images = 4096 if window_images is None else window_images
@@ -400,6 +415,8 @@ def bench(
             raise TinyMnistError(f"{flag} must be at least {least}, got {value}")
     if json_path is not None:
         outputs.check_output(json_path, "--json")  # before minutes of timing, not after
+    if time_to_accuracy is not None or (seeds is None and not busy_core and not floor):
+        require_pillow()  # the tutorials' loop is timed last, after minutes of ours
     dev = torch.device("cpu") if busy_core or floor else resolve_device(device)
     use_tf32_matmuls(dev)  # for all three loops alike
     if compile:
@@ -450,21 +467,42 @@ def check_cpu_mode(mode: str, device: str, window_images: int | None, time_to_ac
     ):
         if value is not None:
             raise TinyMnistError(
-                f"{flag} does not apply to {mode} (one model's CPU step, timed for seconds); leave one out"
+                f"{flag} does not apply to {mode} (one model's CPU step, timed for seconds); leave out {flag} or {mode}"
             )
     if device not in ("auto", "cpu"):
         raise TinyMnistError(f"{mode} times the CPU step; use --device cpu, not {device}")
+    if mode == "--busy-core" and torch.get_num_threads() < 2:
+        raise TinyMnistError(
+            f"--busy-core compares a step on all threads with one that drops some, but torch has "
+            f"{torch.get_num_threads()} thread here; unset OMP_NUM_THREADS or run on 2 or more cores"
+        )
 
 
 def parse_counts(text: str) -> list[int]:
-    """bench --seeds 1,4,16 as [1, 4, 16], or a one-line error."""
+    """bench --seeds 1,4,16 as [1, 4, 16], or a one-line error naming the bad item."""
+    counts = []
+    for item in text.split(","):
+        try:
+            counts.append(int(item))
+        except ValueError:
+            counts.append(0)
+        if counts[-1] < 1:
+            what = "an empty item" if not item.strip() else f"{item.strip()!r} is not a count of 1 or more"
+            raise TinyMnistError(f"--seeds {text}: {what}; give model counts comma-separated, like --seeds 1,4,16")
+    return list(dict.fromkeys(counts))  # each count once, in order
+
+
+def parse_seeds(text: str) -> int:
+    """train --seeds 4 as 4; a list of counts is bench's, a non-number a one-line error."""
+    if "," in text:
+        raise TinyMnistError(
+            f"--seeds {text}: train takes one number of models, like --seeds 4; "
+            f"to time several counts, run tinymnist bench --seeds {text}"
+        )
     try:
-        counts = list(dict.fromkeys(int(item) for item in text.split(",")))  # each count once, in order
+        return int(text)
     except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        raise TinyMnistError(f"--seeds {text}: give model counts of 1 or more, comma-separated, like --seeds 1,4,16")
-    return counts
+        raise TinyMnistError(f"--seeds {text}: give a whole number of models, like --seeds 4") from None
 
 
 from tinymnist.viz.commands import register  # noqa: E402  (plot, predict, export: after the commands above)

@@ -174,7 +174,7 @@ def floor_parts(model: str, batch: int, micro_batch: int) -> dict[str, dict[str,
 def cpu_steps(model: str, images, labels, steps_per_call: int = 1) -> Iterator[int]:
     """Yield the steps done by each call of the step `train` runs for `model` on the CPU, on
     fixed threads, forever; `steps_per_call` as `train --steps-per-call`."""
-    config = recipe_config(model, compile=True, steps_per_call=steps_per_call, log_interval=steps_per_call)
+    config = recipe_config(model, compile=True, steps_per_call=steps_per_call)
     optimizer = make_optimizer(config)
     step = speed.device_step(config, optimizer, CPU, adaptive_threads=False)
     k = speed.steps_per_call(config, CPU)

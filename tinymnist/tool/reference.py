@@ -8,6 +8,7 @@ the DataLoader collates a batch, the batch is copied to the device.
 from __future__ import annotations
 
 import copy
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import TrainConfig
 from tinymnist.algorithm.train import loss_function
-from tinymnist.errors import TinyMnistError
+from tinymnist.tool.extras import require
 
 TORCH_OPTIMIZERS = {
     "sgd": torch.optim.SGD,
@@ -27,17 +28,16 @@ TORCH_OPTIMIZERS = {
 }
 
 
+def require_pillow() -> ModuleType:
+    """PIL.Image, or a one-line error naming the extra: bench checks it before it times anything."""
+    return require("PIL.Image", "bench's reference loop", extra="bench")
+
+
 class TutorialMNIST(Dataset):
     """torchvision's MNIST with transforms.Compose([ToTensor(), Normalize((mean,), (std,))])."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float):
-        try:
-            from PIL import Image
-        except ImportError:
-            raise TinyMnistError(
-                "the benchmark's reference loop needs pillow: pip install 'tinymnist[bench]'"
-            ) from None
-        self.to_pil = Image.fromarray
+        self.to_pil = require_pillow().fromarray
         self.images, self.labels = images.cpu(), labels.cpu()  # the tutorials keep data on the host
         self.mean, self.std = mean, std
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -109,6 +110,9 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
         with outputs.exclusive(paths):  # a second run on these files refuses; a dead run's temp files go
             mnist = data.load_mnist(Path(config.data_dir), device, download=config.download)  # fetches what is missing
             check_batch_fits(config, len(mnist.train_images))
+            batches = math.ceil(len(mnist.train_images) / config.batch_size)
+            if config.steps_per_call > 1 and (why := speed.several_steps_cut_short(config, batches)):
+                raise TinyMnistError(f"--steps-per-call {config.steps_per_call}: {why}; give at most that many")
             sweep = Sweep(config, cluster, mnist) if cluster and config.n_models > 1 else None
             models = sweep.models if sweep else model_configs(config)
             state = (

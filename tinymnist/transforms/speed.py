@@ -148,12 +148,25 @@ def device_step(
 
 
 def steps_per_call(config: TrainConfig, device: torch.device, one_process: bool = True) -> int:
-    """--steps-per-call, at most a log interval, unless several_steps_refused; else 1. Default 1: k = 10
-    ran mlp and mlp3 1.11x faster on 2 cores, but compiles ~4.6 s longer than it saves in the recipes'
-    runs (BENCHMARKS.md, "Several steps per call")."""
+    """--steps-per-call, unless several_steps_refused; else 1. Default 1: k = 10 ran mlp and mlp3 1.11x
+    faster on 2 cores, but compiles ~4.6 s longer than it saves in the recipes' runs (BENCHMARKS.md,
+    "Several steps per call")."""
     if config.steps_per_call == 1 or several_steps_refused(config, device, one_process):
         return 1
-    return min(config.steps_per_call, config.log_interval)
+    return config.steps_per_call
+
+
+def several_steps_cut_short(config: TrainConfig, batches_per_epoch: int) -> str | None:
+    """Why no call could take --steps-per-call steps, or None: a call ends at every log line, evaluation
+    and epoch end (the loop reads the device there), so k steps would be compiled and never run."""
+    for what, steps in (
+        (f"--log-interval {config.log_interval}", config.log_interval),
+        (f"--eval-every {config.eval_every}", config.eval_every),
+        (f"an epoch of {batches_per_epoch} batches", batches_per_epoch),
+    ):
+        if steps and steps < config.steps_per_call:
+            return f"a call ends at every log line, evaluation and epoch end, and {what} ends it after {steps} steps"
+    return None
 
 
 def several_steps_refused(config: TrainConfig, device: torch.device, one_process: bool = True) -> str | None:

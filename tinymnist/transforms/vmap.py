@@ -108,7 +108,9 @@ def chunk_sharers(config: TrainConfig) -> int:
 
     A convnet's N models share it, to keep N models' activations in cache (`fast`, 8 models: 1.51x
     8 single runs in chunks of 256 each, 1.10x in chunks of 32 each); an MLP's do not (`mlp`, 8 models:
-    1.01x whole, 1.26x in chunks of 32; research/wide_conv.py, results/bench/cpu-seeds/)."""
+    1.01x whole, 1.26x in chunks of 32; research/wide_conv.py, results/bench/cpu-seeds/). Today every
+    convnet's CPU rule runs the models apart (wide_conv.CHOSEN), so only the research scripts, which
+    time the vmapped rules against those, reach the convnet case."""
     convolutional = any(isinstance(layer, Conv2d) for layer in networks.ARCHITECTURES[config.model])
     return config.n_models if convolutional else 1
 
