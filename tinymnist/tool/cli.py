@@ -150,9 +150,8 @@ def train(
     ),
     steps_per_call: int = typer.Option(
         1,
-        help="CPU: run this many steps per compiled call (one model's step, compiled whole): faster for "
-        "small steps in long runs, at seconds more compile (BENCHMARKS.md). A call ends at every log line, "
-        "evaluation and epoch end: at most --log-interval, --eval-every and the batches of an epoch.",
+        help="CPU: steps per compiled call (one model's step, compiled whole), at most --log-interval, "
+        "--eval-every and an epoch's batches: faster in long runs, at seconds more compile (BENCHMARKS.md).",
     ),
     threads: int | None = unset(
         "CPU threads, fixed: the same numbers to the last bit whatever else the machine runs "
