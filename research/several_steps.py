@@ -1,11 +1,13 @@
-"""Several steps per compiled call on the CPU: worth it for which recipes, and at what compile cost?
+"""Several steps per compiled call on the CPU: the single step, k steps through torch's scan operator,
+and k steps unrolled into one graph (what `train --steps-per-call k` runs), in turns.
 
-For each recipe: the compiled single step (one call per step, what `train` ran before)
-against transforms/several_steps.py's SeveralSteps (k steps per call through torch's scan
-operator), on torch's fixed threads, windows of about 0.5 s taken in turn, 9 rounds;
-medians, and the compile time of each one's first call.
+For each recipe: the step `train` runs (one call per step; called directly for mlp and mlp3),
+k steps per call through scan (one graph whose body is the step, compiled by torch.compile), and
+transforms/several_steps.py's k unrolled steps with inductor's C++ wrapper; on torch's fixed
+threads, windows of about 0.5 s taken in turn, 9 rounds; medians, and the compile time of each
+one's first call (from inductor's cache where an earlier run left it).
 
-    python research/several_steps.py --k 10 mlp mlp3 cnn
+    python research/several_steps.py --k 10 mlp mlp3
 
 Raw output: results/bench/cpu-several-steps/.
 """
@@ -15,12 +17,32 @@ import statistics
 import time
 
 import torch
+from torch._higher_order_ops.scan import scan  # torch's scan operator (no public name in torch 2.13)
 
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state, make_gradient, make_step
 from tinymnist.tool.bench import bench_data
-from tinymnist.transforms.several_steps import SeveralSteps, scanned
-from tinymnist.transforms.speed import compiled, default_micro_batch, micro_batched
+from tinymnist.transforms.denormals import flush_denormals
+from tinymnist.transforms.freed_memory import reuse_freed_memory
+from tinymnist.transforms.several_steps import SeveralSteps
+from tinymnist.transforms.speed import compiled, device_step
+
+CPU = torch.device("cpu")
+
+
+def scanned(step):
+    """`step` once per row of (k, B) indices and (k,) rates, in one scan; the summed loss."""
+
+    def steps(params, opt_state, images, labels, batch_idx, lr):
+        def body(carry, row):
+            (params, opt_state, total), (idx, rate) = carry, row
+            params, opt_state, loss = step(params, opt_state, images, labels, idx, rate)
+            return (params, opt_state, total + loss), loss
+
+        (params, opt_state, total), _ = scan(body, (params, opt_state, torch.zeros(())), (batch_idx, lr))
+        return params, opt_state, total
+
+    return steps
 
 
 def timed(fn, *args):
@@ -33,33 +55,36 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="+")
     parser.add_argument("--k", type=int, default=10)
-    args, k = parser.parse_args(), parser.parse_args().k
-    images, labels, source = bench_data("data", torch.device("cpu"))
+    args = parser.parse_args()
+    k = args.k
+    flush_denormals()  # as `tinymnist` does at its start
+    reuse_freed_memory()
+    images, labels, source = bench_data("data", CPU)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, k = {k}; data: {source}")
-    print("| model | batch | one step per call img/s | k per call img/s | ratio | compile s: one, scan |")
+    head = f"| model | batch | one per call img/s | scan: {k} per call | unrolled: {k} per call |"
+    print(f"{head} compile s: one, scan, unrolled |")
     print("|---|---|---|---|---|---|")
     for model in args.models:
-        config = recipe_config(model)
+        config = recipe_config(model, compile=True, micro_batch=0, steps_per_call=k)
         optimizer = make_optimizer(config)
-        gradient = make_gradient(config)
-        micro = default_micro_batch(torch.device("cpu"), model)
-        if 0 < micro < config.batch_size:  # as device_step: compiled pieces, the chunk loop in Python
-            gradient = micro_batched(compiled(gradient), micro)
-        step = make_step(gradient, optimizer)
-        one, scan_k = compiled(step), compiled(scanned(step))
-        state = initial_state(config, optimizer, "cpu")
+        unrolled = device_step(config, optimizer, CPU, adaptive_threads=False)  # SeveralSteps, as train builds it
+        one = unrolled.one
+        scan_k = SeveralSteps(one, compiled(scanned(make_step(make_gradient(config), optimizer))), k)
+        state = initial_state(config, optimizer, CPU)
         g = torch.Generator().manual_seed(0)
         batch_idx = torch.randint(0, len(images), (k, config.batch_size), generator=g)  # (k, B)
         lr = torch.full((k,), config.lr)
         p, o = state.params, state.opt_state
         _, compile_one = timed(one, p, o, images, labels, batch_idx[0], lr[0])
         _, compile_scan = timed(scan_k, p, o, images, labels, batch_idx, lr)
-        several = SeveralSteps(one, scan_k, k)
+        _, compile_unrolled = timed(unrolled, p, o, images, labels, batch_idx, lr)
         per_window = max(k, round(0.5 / max(timed(one, p, o, images, labels, batch_idx[0], lr[0])[1], 1e-6)))
         calls = max(1, per_window // k)
-        rates = {"one": [], "several": []}
+        sides = {"one": None, "scan": scan_k, "unrolled": unrolled}
+        rates = {side: [] for side in sides}
         for r in range(9):
-            for side in ("one", "several") if r % 2 == 0 else ("several", "one"):
+            order = list(sides)[r % 3 :] + list(sides)[: r % 3]  # each round starts one side later
+            for side in order:
                 started = time.perf_counter()
                 pp, oo = p, o
                 for _ in range(calls):
@@ -67,11 +92,12 @@ def main():
                         for i in range(k):
                             pp, oo, _ = one(pp, oo, images, labels, batch_idx[i], lr[i])
                     else:
-                        pp, oo, _ = several(pp, oo, images, labels, batch_idx, lr)
+                        pp, oo, _ = sides[side](pp, oo, images, labels, batch_idx, lr)
                 rates[side].append(calls * k * config.batch_size / (time.perf_counter() - started))
-        a, b = statistics.median(rates["one"]), statistics.median(rates["several"])
-        compile_seconds = f"{compile_one:.1f}, {compile_scan:.1f}"
-        print(f"| {model} | {config.batch_size} | {a:,.0f} | {b:,.0f} | {b / a:.2f}x | {compile_seconds} |", flush=True)
+        a, s, u = (statistics.median(rates[side]) for side in sides)
+        compile_seconds = f"{compile_one:.1f}, {compile_scan:.1f}, {compile_unrolled:.1f}"
+        row = f"| {model} | {config.batch_size} | {a:,.0f} | {s:,.0f} ({s / a:.2f}x) | {u:,.0f} ({u / a:.2f}x) |"
+        print(f"{row} {compile_seconds} |", flush=True)
 
 
 if __name__ == "__main__":

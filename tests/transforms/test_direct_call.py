@@ -153,12 +153,13 @@ def direct_calls(monkeypatch):
 
 @needs_cpp_compiler
 @pytest.mark.parametrize("model", sorted(speed.CPU_DIRECT_CALL))
-def test_several_steps_per_call_keep_the_scan_bit_for_bit_with_the_direct_single_step(model, direct_calls):
-    """train --steps-per-call runs the scan for k steps and the direct single step for fewer."""
+def test_several_steps_per_call_are_direct_calls_bit_for_bit_with_the_single_step(model, direct_calls):
+    """train --steps-per-call runs the k-step graph for k steps and the single step for fewer, both
+    called directly."""
     _, state, images, labels, batch_idx, lr = recipe_step(model, steps=4)
     config = recipe_config(model, compile=True, steps_per_call=4, log_interval=4)
     several = speed.device_step(config, make_optimizer(config), CPU, adaptive_threads=False)
-    assert isinstance(several, SeveralSteps) and len(direct_calls) == 1
+    assert isinstance(several, SeveralSteps) and len(direct_calls) == 2
     params, opt_state, total = several(state.params, state.opt_state, images, labels, batch_idx, lr)
     expected = run_steps(several.one, state, images, labels, batch_idx, lr)
     torch.testing.assert_close((params, opt_state), expected[:2], rtol=0, atol=0)

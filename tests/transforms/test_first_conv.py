@@ -155,7 +155,7 @@ def test_the_measured_choice_takes_the_faster_kernel_by_a_margin(timings, second
 
 
 def test_the_choice_is_measured_once_per_process_for_the_same_arguments_and_threads(timings, monkeypatch):
-    """A step and its scan, or two micro-batch graphs of one shape, take the same kernel."""
+    """A step and its k-step graph, or two micro-batch graphs of one shape, take the same kernel."""
     node = first_layer_backward(two_conv_gradient()[0])
     timings["seconds"] = (2e-3, 1e-3)
     assert as_forward_is_faster(node) is True

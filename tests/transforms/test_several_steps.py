@@ -13,7 +13,7 @@ from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state, make_gradient, make_step
 from tinymnist.tool import checkpoint
 from tinymnist.transforms import first_conv
-from tinymnist.transforms.several_steps import SeveralSteps, scanned
+from tinymnist.transforms.several_steps import SeveralSteps, unrolled
 from tinymnist.transforms.speed import compiled, steps_per_call
 
 CPU = torch.device("cpu")
@@ -41,14 +41,14 @@ def one_at_a_time(step, params, opt_state, images, labels, batch_idx, lr):
 
 @needs_cpp_compiler
 @pytest.mark.parametrize("model", ["mlp3", "fast", "cnn"])
-def test_k_steps_in_one_compiled_scan_are_k_compiled_steps_bit_for_bit(model, monkeypatch):
-    """scan's body is the step's own graph: the CPU computes the same numbers. fast: a conv, with
-    first_conv.py's rewrite (pinned) inside the scan; cnn: dropout's masks drawn inside it (dropout_mask.py)."""
+def test_k_steps_in_one_compiled_graph_are_k_compiled_steps_bit_for_bit(model, monkeypatch):
+    """The k-step graph is the step's own graph k times: the CPU computes the same numbers. fast: a conv,
+    with first_conv.py's rewrite (pinned) in every step; cnn: dropout's masks drawn in it (dropout_mask.py)."""
     monkeypatch.setenv(first_conv.CHOICE_ENV, "always")
     config, optimizer, state, images, labels, batch_idx, lr = batches(k=4, model=model)
     step = make_step(make_gradient(config), optimizer)
     one = compiled(step)
-    several = SeveralSteps(one, compiled(scanned(step)), k=4)
+    several = SeveralSteps(one, compiled(unrolled(step, 4)), k=4)
     torch.manual_seed(0)  # the generator dropout draws from, the same for both
     got = several(state.params, state.opt_state, images, labels, batch_idx, lr)
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def test_k_steps_in_one_compiled_scan_are_k_compiled_steps_bit_for_bit(model, mo
 def test_a_shorter_call_runs_the_single_step_n_times():
     config, optimizer, state, images, labels, batch_idx, lr = batches(k=3)
     step = make_step(make_gradient(config), optimizer)
-    several = SeveralSteps(step, lambda *args: pytest.fail("the scan is for exactly k steps"), k=10)
+    several = SeveralSteps(step, lambda *args: pytest.fail("the k-step graph is for exactly k steps"), k=10)
     several.compiled = True  # past the first call's warm-up of both paths (tested below)
     got = several(state.params, state.opt_state, images, labels, batch_idx, lr)
     expected = one_at_a_time(step, state.params, state.opt_state, images, labels, batch_idx, lr)

@@ -151,7 +151,7 @@ def train(
     steps_per_call: int = typer.Option(
         1,
         help="CPU: steps per compiled call (one model's step, compiled whole), at most --log-interval, "
-        "--eval-every and an epoch's batches: faster in long runs, at seconds more compile (BENCHMARKS.md).",
+        "--eval-every and an epoch's batches: faster for mlp and mlp3, for a longer first compile (BENCHMARKS.md).",
     ),
     threads: int | None = unset(
         "CPU threads, fixed: the same numbers to the last bit whatever else the machine runs "

@@ -20,7 +20,7 @@ So the pass measures (`as_forward_is_faster`): for each convolution it could rew
 kernels on random tensors of the shapes and of the layout the compiled code will hand them (inductor
 lays a CPU graph's convolutions out channels-last), in turns, and takes the rewrite only where it is
 clearly faster (MARGIN). Each choice is made once a process for its arguments and thread count, so
-every graph a process compiles (a step, its scan, each micro-batch size) agrees. Inductor's cache
+every graph a process compiles (a step, its k-step graph, each micro-batch size) agrees. Inductor's cache
 keeps each compiled graph, and with it its choice, for later processes on the same processor; a graph
 compiled in a later process (another --steps-per-call, another thread count) measures anew and may
 choose otherwise, in the last bits of its sums. `$TINYMNIST_FIRST_CONV=always|never` pins the kernel
@@ -56,7 +56,7 @@ def weight_grad_as_forward(x, grad_out, padding: list[int], groups: int) -> tupl
     channels = x.permute(1, 0, 2, 3).reshape(1, groups * batch, height, width)  # (1, G*B, H, W): images as channels
     kernels = grad_out.permute(1, 0, 2, 3)  # (G*O, B, H', W'): one kernel per output channel
     weight_grad = aten.convolution(channels, kernels, None, [1, 1], padding, [1, 1], False, [0, 0], groups)
-    # (1, G*O, k, k) -> (G*O, 1, k, k) with a weight's own strides: a scan's carried parameters must keep theirs
+    # (1, G*O, k, k) -> (G*O, 1, k, k) with a weight's own strides, so that a new weight is laid out as the old
     weight_grad = weight_grad.flatten().view(kernels.shape[0], 1, *weight_grad.shape[-2:])
     return weight_grad, grad_out.sum(dim=(0, 2, 3))  # (G*O, 1, k, k), (G*O,)
 
@@ -95,7 +95,7 @@ WINDOW_SECONDS = 0.005  # the least time one timing spans: well above the clock'
 def as_forward_is_faster(node: torch.fx.Node) -> bool:
     """Whether weight_grad_as_forward takes at most MARGIN of the time of the node's own convolution_backward
     on this machine, on this many threads: timed once per process for each kernel's arguments, so that all
-    the graphs a run compiles (a step, its scan, each micro-batch size) make the same choice."""
+    the graphs a run compiles (a step, its k-step graph, each micro-batch size) make the same choice."""
     grad_out, x, weight, *options = node.args
     # Inductor lays a CPU graph's convolutions out channels-last (its layout optimization, always taken
     # with oneDNN) and hands convolution_backward a channels-last gradient and input, whatever the traced
