@@ -1,15 +1,17 @@
 """Several steps per compiled call on the CPU: the single step, k steps through torch's scan operator,
-and k steps unrolled into one graph (what `train --steps-per-call k` runs), in turns.
+and k steps unrolled into one graph, with inductor's Python wrapper and with its C++ wrapper (what
+`train --steps-per-call k` runs), in turns.
 
 For each recipe: the step `train` runs (one call per step; called directly for mlp and mlp3),
 k steps per call through scan (one graph whose body is the step, compiled by torch.compile), and
-transforms/several_steps.py's k unrolled steps with inductor's C++ wrapper; on torch's fixed
-threads, windows of about 0.5 s taken in turn, 9 rounds; medians, and the compile time of each
-one's first call (from inductor's cache where an earlier run left it).
+transforms/several_steps.py's k unrolled steps, called as the single step is, with either wrapper;
+on torch's fixed threads, windows of about 0.5 s taken in turn, 9 rounds; medians, and the compile
+time of each one's first call (from inductor's cache where an earlier run left it).
 
     python research/several_steps.py --k 10 mlp mlp3
 
-Raw output: results/bench/cpu-several-steps/.
+Raw output: results/bench/cpu-several-steps-unrolled-amd/ (the scan alone, on an Intel Xeon:
+results/bench/cpu-several-steps/).
 """
 
 import argparse
@@ -24,8 +26,8 @@ from tinymnist.algorithm.train import initial_state, make_gradient, make_step
 from tinymnist.tool.bench import bench_data
 from tinymnist.transforms.denormals import flush_denormals
 from tinymnist.transforms.freed_memory import reuse_freed_memory
-from tinymnist.transforms.several_steps import SeveralSteps
-from tinymnist.transforms.speed import compiled, device_step
+from tinymnist.transforms.several_steps import SeveralSteps, unrolled
+from tinymnist.transforms.speed import CPU_DIRECT_CALL, compiled, device_step
 
 CPU = torch.device("cpu")
 
@@ -61,15 +63,16 @@ def main():
     reuse_freed_memory()
     images, labels, source = bench_data("data", CPU)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, k = {k}; data: {source}")
-    head = f"| model | batch | one per call img/s | scan: {k} per call | unrolled: {k} per call |"
-    print(f"{head} compile s: one, scan, unrolled |")
-    print("|---|---|---|---|---|---|")
+    head = f"| model | batch | one per call img/s | scan: {k} per call | unrolled, Python wrapper | unrolled, C++ |"
+    print(f"{head} compile s: one, scan, unrolled Python, C++ |")
+    print("|---|---|---|---|---|---|---|")
     for model in args.models:
         config = recipe_config(model, compile=True, micro_batch=0, steps_per_call=k)
         optimizer = make_optimizer(config)
-        unrolled = device_step(config, optimizer, CPU, adaptive_threads=False)  # SeveralSteps, as train builds it
-        one = unrolled.one
-        scan_k = SeveralSteps(one, compiled(scanned(make_step(make_gradient(config), optimizer))), k)
+        cpp = device_step(config, optimizer, CPU, adaptive_threads=False)  # SeveralSteps, as train builds it
+        one, step = cpp.one, make_step(make_gradient(config), optimizer)
+        scan_k = SeveralSteps(one, compiled(scanned(step)), k)
+        python = SeveralSteps(one, compiled(unrolled(step, k), direct=model in CPU_DIRECT_CALL), k)
         state = initial_state(config, optimizer, CPU)
         g = torch.Generator().manual_seed(0)
         batch_idx = torch.randint(0, len(images), (k, config.batch_size), generator=g)  # (k, B)
@@ -77,13 +80,14 @@ def main():
         p, o = state.params, state.opt_state
         _, compile_one = timed(one, p, o, images, labels, batch_idx[0], lr[0])
         _, compile_scan = timed(scan_k, p, o, images, labels, batch_idx, lr)
-        _, compile_unrolled = timed(unrolled, p, o, images, labels, batch_idx, lr)
+        _, compile_python = timed(python, p, o, images, labels, batch_idx, lr)
+        _, compile_cpp = timed(cpp, p, o, images, labels, batch_idx, lr)
         per_window = max(k, round(0.5 / max(timed(one, p, o, images, labels, batch_idx[0], lr[0])[1], 1e-6)))
         calls = max(1, per_window // k)
-        sides = {"one": None, "scan": scan_k, "unrolled": unrolled}
+        sides = {"one": None, "scan": scan_k, "python": python, "cpp": cpp}
         rates = {side: [] for side in sides}
         for r in range(9):
-            order = list(sides)[r % 3 :] + list(sides)[: r % 3]  # each round starts one side later
+            order = list(sides)[r % 4 :] + list(sides)[: r % 4]  # each round starts one side later
             for side in order:
                 started = time.perf_counter()
                 pp, oo = p, o
@@ -94,10 +98,10 @@ def main():
                     else:
                         pp, oo, _ = sides[side](pp, oo, images, labels, batch_idx, lr)
                 rates[side].append(calls * k * config.batch_size / (time.perf_counter() - started))
-        a, s, u = (statistics.median(rates[side]) for side in sides)
-        compile_seconds = f"{compile_one:.1f}, {compile_scan:.1f}, {compile_unrolled:.1f}"
-        row = f"| {model} | {config.batch_size} | {a:,.0f} | {s:,.0f} ({s / a:.2f}x) | {u:,.0f} ({u / a:.2f}x) |"
-        print(f"{row} {compile_seconds} |", flush=True)
+        a, *others = (statistics.median(rates[side]) for side in sides)
+        cells = " | ".join(f"{x:,.0f} ({x / a:.2f}x)" for x in others)
+        compile_seconds = ", ".join(f"{t:.1f}" for t in (compile_one, compile_scan, compile_python, compile_cpp))
+        print(f"| {model} | {config.batch_size} | {a:,.0f} | {cells} | {compile_seconds} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 
 from tests.support import assert_user_error, needs_cpp_compiler, needs_cuda, run, train_args
 from tinymnist.tool import checkpoint
+from tinymnist.tool.cli import usable_cores
 
 TEST_LINE = re.compile(r"Test set: Average loss: (\d+\.\d{4}), Accuracy: (\d+)/(\d+) \((\d+)%\)")
 TRAIN_LINE = re.compile(r"Train Epoch: (\d+) \[(\d+)/(\d+) \((\d+)%\)\]\tLoss: (\d+\.\d{6})")
@@ -103,7 +104,7 @@ def test_resume_is_bit_exact(tiny_split, tmp_path, compile):
         (["--lr", "-0.1"], ["--lr"]),
         (["--micro-batch", "-1"], ["--micro-batch", "0 (whole batch) or positive"]),
         (["--threads", "0"], ["--threads", "positive"]),
-        (["--seeds", "1,4"], ["--seeds 1,4", "one number of models", "tinymnist bench --seeds 1,4"]),
+        (["--seeds", "1,4"], ["--seeds 1,4", "one number of models", "tinymnist bench --seeds takes a list"]),
         (["--seeds", "four"], ["--seeds four", "a whole number of models"]),
         (["--seeds", "0"], ["--seeds", "1 or more"]),
         (["--lr", "nan"], ["--lr"]),
@@ -124,7 +125,7 @@ def test_threads_fixes_the_cpu_thread_count(tiny_split):
 def test_more_threads_than_cores_is_said_and_still_runs(tiny_split):
     """--threads above the core count is allowed (the same count on another machine gives the same
     numbers), but it is slower here, so the run says so."""
-    threads = (os.cpu_count() or 1) + 1
+    threads = usable_cores() + 1
     result = run(*train_args(tiny_split, "--epochs", 1, "--threads", threads))
     assert result.exit_code == 0, result.output
     assert f"--threads {threads} is more than this machine's {threads - 1} cores" in result.stderr

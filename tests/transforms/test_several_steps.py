@@ -12,9 +12,10 @@ from tinymnist.algorithm import optim
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state, make_gradient, make_step
 from tinymnist.tool import checkpoint
-from tinymnist.transforms import first_conv
+from tinymnist.transforms import first_conv, speed
+from tinymnist.transforms.cpu_threads import AdaptiveThreads
 from tinymnist.transforms.several_steps import SeveralSteps, unrolled
-from tinymnist.transforms.speed import compiled, steps_per_call
+from tinymnist.transforms.speed import device_step, steps_per_call
 
 CPU = torch.device("cpu")
 
@@ -42,17 +43,44 @@ def one_at_a_time(step, params, opt_state, images, labels, batch_idx, lr):
 @needs_cpp_compiler
 @pytest.mark.parametrize("model", ["mlp3", "fast", "cnn"])
 def test_k_steps_in_one_compiled_graph_are_k_compiled_steps_bit_for_bit(model, monkeypatch):
-    """The k-step graph is the step's own graph k times: the CPU computes the same numbers. fast: a conv,
-    with first_conv.py's rewrite (pinned) in every step; cnn: dropout's masks drawn in it (dropout_mask.py)."""
+    """The k-step graph is the step's own graph k times: the CPU computes the same numbers. Built as train
+    builds it (C++ wrapper; mlp3 called directly); fast: a conv, with first_conv.py's rewrite (pinned) in
+    every step; cnn: dropout's masks drawn in it (dropout_mask.py)."""
     monkeypatch.setenv(first_conv.CHOICE_ENV, "always")
-    config, optimizer, state, images, labels, batch_idx, lr = batches(k=4, model=model)
-    step = make_step(make_gradient(config), optimizer)
-    one = compiled(step)
-    several = SeveralSteps(one, compiled(unrolled(step, 4)), k=4)
+    _, optimizer, state, images, labels, batch_idx, lr = batches(k=4, model=model)
+    config = recipe_config(model, compile=True, micro_batch=0, steps_per_call=4)
+    several = device_step(config, optimizer, CPU, adaptive_threads=False)
+    assert isinstance(several, SeveralSteps)
     torch.manual_seed(0)  # the generator dropout draws from, the same for both
     got = several(state.params, state.opt_state, images, labels, batch_idx, lr)
     torch.manual_seed(0)
-    expected = one_at_a_time(one, state.params, state.opt_state, images, labels, batch_idx, lr)
+    expected = one_at_a_time(several.one, state.params, state.opt_state, images, labels, batch_idx, lr)
+    torch.testing.assert_close(got[:2], expected[:2], rtol=0, atol=0)
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-6, atol=0)  # the sum of 4 losses, in another order
+
+
+@needs_cpp_compiler
+def test_the_k_step_graph_is_compiled_as_one_unrolled_graph_with_the_cpp_wrapper(monkeypatch):
+    """Compiled, not run: what device_step hands the compiler for k steps, and for one."""
+    handed = []
+    monkeypatch.setattr(speed, "compiled", lambda fn, direct=False, cpp_wrapper=False: handed.append(cpp_wrapper) or fn)
+    config = recipe_config("mlp3", compile=True, steps_per_call=3)
+    optimizer = make_optimizer(config)
+    several = device_step(config, optimizer, CPU, adaptive_threads=False)
+    assert handed == [False, True]  # the single step, then the k-step graph
+    _, _, state, images, labels, batch_idx, lr = batches(k=3)
+    several.compiled = True
+    got = several(state.params, state.opt_state, images, labels, batch_idx, lr)  # eager: the unrolled function
+    step = make_step(make_gradient(config), optimizer)
+    expected = one_at_a_time(step, state.params, state.opt_state, images, labels, batch_idx, lr)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_unrolled_runs_each_row_as_a_step():
+    config, optimizer, state, images, labels, batch_idx, lr = batches(k=3)
+    step = make_step(make_gradient(config), optimizer)
+    got = unrolled(step, 3)(state.params, state.opt_state, images, labels, batch_idx, lr)
+    expected = one_at_a_time(step, state.params, state.opt_state, images, labels, batch_idx, lr)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -151,12 +179,23 @@ def test_steps_per_call_is_for_one_models_step_compiled_whole_on_the_cpu():
     assert steps_per_call(mlp3, CPU, one_process=False) == 1  # torchrun: the all-reduce stays per step
     assert steps_per_call(dataclasses.replace(mlp3, batch_size=512), CPU) == 1  # micro-batches: compiled in pieces
     assert steps_per_call(mlp3, torch.device("cuda")) == 1  # CUDA graphs replay a step with one launch
+    assert steps_per_call(dataclasses.replace(mlp3, dry_run=True), CPU) == 1  # one step: no k-step graph
+
+
+@needs_cpp_compiler
+def test_several_steps_per_call_stay_on_fixed_threads():
+    """Each thread count compiles its own k-step graph, up to a minute: not mid-run (built, not called)."""
+    torch.set_num_threads(2)  # conftest restores the count
+    config = recipe_config("mlp3", compile=True)
+    assert isinstance(device_step(config, make_optimizer(config), CPU), AdaptiveThreads)  # the control: k = 1
+    several = dataclasses.replace(config, steps_per_call=10)
+    assert isinstance(device_step(several, make_optimizer(several), CPU), SeveralSteps)
 
 
 @needs_cpp_compiler
 def test_train_with_steps_per_call_ends_where_train_without_does(tiny_split, tmp_path):
-    """The CLI end to end: the same checkpoint, bit for bit, and the same log lines but for the
-    run's speed (on fixed threads, so that nothing but the calls differ)."""
+    """The CLI end to end: the same checkpoint, bit for bit (on fixed threads, so that nothing but the
+    calls differ; the logged losses are summed in other groups, so may differ in the last digits)."""
     common = ("--model", "mlp3", "--epochs", 1, "--compile", "--threads", 2, "--log-interval", 10)
     for name, extra in (("one", ()), ("several", ("--steps-per-call", 5))):
         result = run(*train_args(tiny_split, *common, *extra, "--save-model", tmp_path / f"{name}.pt"))
@@ -190,3 +229,10 @@ def test_train_with_steps_per_call_ends_where_train_without_does(tiny_split, tmp
 )
 def test_steps_per_call_where_it_cannot_apply_is_refused_saying_why(tiny_split, extra, fragment):
     assert_user_error(run(*train_args(tiny_split, "--model", "mlp3", *extra)), "--steps-per-call", fragment)
+
+
+@needs_cpp_compiler
+def test_steps_per_call_past_the_log_interval_is_refused_before_the_data_is_read(tmp_path):
+    args = train_args(tmp_path / "no-data", "--model", "mlp3", "--compile", "--steps-per-call", 20)
+    remedy = "pass --steps-per-call 10 or fewer, or a larger --log-interval"
+    assert_user_error(run(*args), "--steps-per-call 20", remedy)

@@ -150,8 +150,9 @@ def train(
     ),
     steps_per_call: int = typer.Option(
         1,
-        help="CPU: steps per compiled call (one model's step, compiled whole), at most --log-interval, "
-        "--eval-every and an epoch's batches: faster for mlp and mlp3, for a longer first compile (BENCHMARKS.md).",
+        help="CPU: steps per compiled call (one model's step, compiled whole, on fixed threads), at most "
+        "--log-interval, --eval-every and an epoch's batches: faster for mlp and mlp3, for a longer first "
+        "compile (BENCHMARKS.md).",
     ),
     threads: int | None = unset(
         "CPU threads, fixed: the same numbers to the last bit whatever else the machine runs "
@@ -175,7 +176,7 @@ def train(
     if no_accel and device not in (None, "cpu"):
         raise TinyMnistError(f"--no-accel means --device cpu, but --device {device} was given; pass only one")
     rates = None if lr is None else parse_lrs(lr)  # a list trains one model per rate
-    if threads is not None and threads > (cores := os.cpu_count() or 1):
+    if threads is not None and threads > (cores := usable_cores()):
         log(f"tinymnist: --threads {threads} is more than this machine's {cores} cores; the extra ones wait their turn")
     flags = dict(
         model=model,
@@ -477,17 +478,19 @@ def check_cpu_mode(mode: str, device: str, window_images: int | None, time_to_ac
         )
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS has one), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def parse_counts(text: str) -> list[int]:
     """bench --seeds 1,4,16 as [1, 4, 16], or a one-line error naming the bad item."""
     counts = []
     for item in text.split(","):
-        try:
-            counts.append(int(item))
-        except ValueError:
-            counts.append(0)
-        if counts[-1] < 1:
+        if not item.strip().isdigit() or int(item) < 1:
             what = "an empty item" if not item.strip() else f"{item.strip()!r} is not a count of 1 or more"
             raise TinyMnistError(f"--seeds {text}: {what}; give model counts comma-separated, like --seeds 1,4,16")
+        counts.append(int(item))
     return list(dict.fromkeys(counts))  # each count once, in order
 
 
@@ -496,7 +499,7 @@ def parse_seeds(text: str) -> int:
     if "," in text:
         raise TinyMnistError(
             f"--seeds {text}: train takes one number of models, like --seeds 4; "
-            f"to time several counts, run tinymnist bench --seeds {text}"
+            f"tinymnist bench --seeds takes a list, to time several counts"
         )
     try:
         return int(text)

@@ -104,6 +104,8 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
         check_compiler(config, device)
         if config.steps_per_call > 1 and (why := speed.several_steps_refused(config, device, cluster is None)):
             raise TinyMnistError(f"--steps-per-call {config.steps_per_call}: {why}; or leave it out")
+        if config.steps_per_call > 1 and (error := speed.several_steps_cut_short(config)):
+            raise TinyMnistError(error)
         paths = check_outputs(config)
         optimizer = make_optimizer(config)
         check_memory(config, optimizer, device, models_here(config, cluster))  # before N configs are built
@@ -111,8 +113,8 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
             mnist = data.load_mnist(Path(config.data_dir), device, download=config.download)  # fetches what is missing
             check_batch_fits(config, len(mnist.train_images))
             batches = math.ceil(len(mnist.train_images) / config.batch_size)
-            if config.steps_per_call > 1 and (why := speed.several_steps_cut_short(config, batches)):
-                raise TinyMnistError(f"--steps-per-call {config.steps_per_call}: {why}; give at most that many")
+            if config.steps_per_call > 1 and (error := speed.several_steps_cut_short(config, batches)):
+                raise TinyMnistError(error)
             sweep = Sweep(config, cluster, mnist) if cluster and config.n_models > 1 else None
             models = sweep.models if sweep else model_configs(config)
             state = (

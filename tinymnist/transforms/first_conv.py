@@ -56,7 +56,8 @@ def weight_grad_as_forward(x, grad_out, padding: list[int], groups: int) -> tupl
     channels = x.permute(1, 0, 2, 3).reshape(1, groups * batch, height, width)  # (1, G*B, H, W): images as channels
     kernels = grad_out.permute(1, 0, 2, 3)  # (G*O, B, H', W'): one kernel per output channel
     weight_grad = aten.convolution(channels, kernels, None, [1, 1], padding, [1, 1], False, [0, 0], groups)
-    # (1, G*O, k, k) -> (G*O, 1, k, k) with a weight's own strides, so that a new weight is laid out as the old
+    # (1, G*O, k, k) -> (G*O, 1, k, k) with a weight's own strides: the step's new weight is the next call's
+    # argument, and direct_call.py compiles anew for new strides
     weight_grad = weight_grad.flatten().view(kernels.shape[0], 1, *weight_grad.shape[-2:])
     return weight_grad, grad_out.sum(dim=(0, 2, 3))  # (G*O, 1, k, k), (G*O,)
 

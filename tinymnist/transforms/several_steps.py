@@ -5,11 +5,11 @@ built (direct_call.py), inductor's wrapper allocating every buffer and checking 
 size, the loop between calls. For mlp3 that is most of a step. `SeveralSteps` runs up to k steps
 per call as one graph: the step unrolled k times, the parameters each step returns fed to the next,
 so that the Python side is paid once per k steps. In `tinymnist bench --floor` on 2 cores of an AMD
-EPYC, 10 unrolled steps per call took about 0.6x the time per step of one per call for mlp3
+EPYC, 10 unrolled steps per call took 0.48x the time per step of one per call for mlp3, 0.63x for mlp
 (BENCHMARKS.md "Several steps per call"). The graph is k steps long, so its first compile is too
-(about a minute for mlp3 at k = 10; inductor's cache keeps it for later runs), so it is opt-in,
-`train --steps-per-call K`. Torch's scan operator, which keeps the graph one step long, compiled
-in seconds but ran no faster than one step per call on the same machine, so it is not used.
+(33-49 s for mlp and mlp3 at k = 10; inductor's cache keeps it for later runs), so it is opt-in,
+`train --steps-per-call K`. Torch's scan operator keeps the graph one step long and compiled in
+9 s, but ran only 1.03-1.15x as fast as one step per call on the same machine (unrolled: 1.34-2.01x).
 
     several(params, opt_state, images, labels, batch_idx, lr) -> (params, opt_state, loss)
         batch_idx: (n, B)  lr: (n,)  n <= k;  loss: the n steps' losses, summed

@@ -141,34 +141,42 @@ def device_step(
         return GraphedStep(step, compile)
     k = 1 if stacked else steps_per_call(config, device, data_parallel is None)
     if compile and k > 1:
-        # k steps' kernels called from C++: mlp3's step 0.87x the time of the Python wrapper's (several_steps.py)
+        # k steps' kernels called from C++, not Python: research/several_steps.py measures both
         step = SeveralSteps(compiled(step, direct), compiled(unrolled(step, k), direct, cpp_wrapper=True), k)
     elif compile:
         step = compiled(step, direct)
-    if adaptive_threads and config.threads is None and device.type == "cpu" and torch.get_num_threads() > 1:
+    # Not with k steps a call: each thread count compiles its own k-step graph, up to a minute, mid-run.
+    adaptive = adaptive_threads and config.threads is None and k == 1
+    if adaptive and device.type == "cpu" and torch.get_num_threads() > 1:
         return AdaptiveThreads(step, most=torch.get_num_threads())
     return step
 
 
 def steps_per_call(config: TrainConfig, device: torch.device, one_process: bool = True) -> int:
-    """--steps-per-call, unless several_steps_refused; else 1. Default 1: k = 10 ran mlp and mlp3 1.11x
-    faster on 2 cores, but compiles ~4.6 s longer than it saves in the recipes' runs (BENCHMARKS.md,
+    """--steps-per-call, unless several_steps_refused or a dry run (one step: the k-step graph would be
+    compiled for nothing); else 1. Default 1: k = 10 ran mlp 1.34x and mlp3 2.01x as fast on 2 cores, but
+    its graph compiles for 33-49 s the first time, more than it saves in the recipes' runs (BENCHMARKS.md,
     "Several steps per call")."""
-    if config.steps_per_call == 1 or several_steps_refused(config, device, one_process):
+    if config.steps_per_call == 1 or config.dry_run or several_steps_refused(config, device, one_process):
         return 1
     return config.steps_per_call
 
 
-def several_steps_cut_short(config: TrainConfig, batches_per_epoch: int) -> str | None:
-    """Why no call could take --steps-per-call steps, or None: a call ends at every log line, evaluation
-    and epoch end (the loop reads the device there), so k steps would be compiled and never run."""
-    for what, steps in (
-        (f"--log-interval {config.log_interval}", config.log_interval),
-        (f"--eval-every {config.eval_every}", config.eval_every),
-        (f"an epoch of {batches_per_epoch} batches", batches_per_epoch),
+def several_steps_cut_short(config: TrainConfig, batches_per_epoch: int | None = None) -> str | None:
+    """Why no call could take --steps-per-call steps, as an error, or None: a call ends at every log line,
+    evaluation and epoch end (the loop reads the device there), so k steps would be compiled and never run.
+    Without `batches_per_epoch` (before the data is loaded) the flags alone are checked."""
+    k = config.steps_per_call
+    for what, steps, or_else in (
+        (f"--log-interval {config.log_interval}", config.log_interval, "a larger --log-interval"),
+        (f"--eval-every {config.eval_every}", config.eval_every, "a larger --eval-every"),
+        (f"an epoch of {batches_per_epoch} batches", batches_per_epoch, "a smaller --batch-size"),
     ):
-        if steps and steps < config.steps_per_call:
-            return f"a call ends at every log line, evaluation and epoch end, and {what} ends it after {steps} steps"
+        if steps and steps < k:
+            return (
+                f"--steps-per-call {k}: a call ends at every log line, evaluation and epoch end, and {what} "
+                f"ends it after {steps} steps; pass --steps-per-call {steps} or fewer, or {or_else}"
+            )
     return None
 
 
