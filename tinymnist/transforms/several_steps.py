@@ -10,6 +10,8 @@ EPYC, 10 unrolled steps per call took 0.48x the time per step of one per call fo
 (33-49 s for mlp and mlp3 at k = 10; inductor's cache keeps it for later runs), so it is opt-in,
 `train --steps-per-call K`. Torch's scan operator keeps the graph one step long and compiled in
 9 s, but ran only 1.03-1.15x as fast as one step per call on the same machine (unrolled: 1.34-2.01x).
+speed.device_step has inductor's C++ wrapper call the k-step graph's kernels: 1.33x (mlp) and 2.20x
+(mlp3) the speed of one step per call, against 1.15x and 1.83x with its Python wrapper.
 
     several(params, opt_state, images, labels, batch_idx, lr) -> (params, opt_state, loss)
         batch_idx: (n, B)  lr: (n,)  n <= k;  loss: the n steps' losses, summed
