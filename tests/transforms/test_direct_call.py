@@ -241,3 +241,19 @@ def test_a_compiled_mlp3_run_resumed_from_a_checkpoint_is_bit_exact(tmp_path, di
     torch.testing.assert_close(
         (resumed.params, resumed.opt_state), (straight.params, straight.opt_state), rtol=0, atol=0
     )
+
+
+@needs_cpp_compiler
+def test_the_graph_called_directly_leaves_the_size_checks_to_its_own_key():
+    """Its key guards every argument's shape and strides, so inductor's per-call checks of them are left
+    out of the generated code; torch.compile's graph of the same function keeps them (the control)."""
+    from torch._inductor.utils import run_and_get_code
+
+    def fn(d):
+        return {"y": d["x"].t() @ d["x"]}  # an extern matmul: inductor checks its output's size too
+
+    x = {"x": torch.randn(8, 3)}
+    _, direct = run_and_get_code(called_directly(fn, speed.compile_options()), x)
+    _, dynamo = run_and_get_code(torch.compile(fn, fullgraph=True, dynamic=False), x)
+    assert direct and "assert_size_stride(" not in "".join(direct)
+    assert dynamo and "assert_size_stride(" in "".join(dynamo)

@@ -127,5 +127,9 @@ def compiled_graph(fn, layout: Layout, flat: list, options: dict):
     # cpu_pool.max_pool2d asks it.
     with torch.compiler._compile_session_context(), fake_mode:
         graph = make_fx(flat_fn)(*fakes)
+    # The key above guards every argument's shape and strides, so the graph's own checks of them on every
+    # call are left out (unless `options` asks for them): mlp3's step 0.90-0.93x the time, mlp's 0.97-0.99x
+    # (research/size_asserts.py).
+    options = {"size_asserts": False} | options
     with tracing(TracingContext(fake_mode)):
         return compile_fx(graph, flat, config_patches=options), out_layout
