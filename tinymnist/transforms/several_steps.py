@@ -56,11 +56,8 @@ class SeveralSteps:
             self.compile_the_other_path(params, opt_state, images, labels, batch_idx, lr)
         if len(batch_idx) == self.k:
             return self.several(params, opt_state, images, labels, batch_idx, lr)
-        total = 0.0
-        for idx, rate in zip(batch_idx, lr, strict=True):
-            params, opt_state, loss = self.one(params, opt_state, images, labels, idx, rate)
-            total = total + loss
-        return params, opt_state, total
+        fewer = unrolled(self.one, len(batch_idx))  # the compiled single step, called n times from Python
+        return fewer(params, opt_state, images, labels, batch_idx, lr)
 
     def compile_the_other_path(self, params, opt_state, images, labels, batch_idx, lr) -> None:
         self.compiled = True
