@@ -14,11 +14,15 @@ micro-batched, fixed threads, denormals flushed) against the same step compiled 
     force-layout     inductor's force_layout_optimization: a control, as inductor already lays a CPU graph's
                      convolutions out channels-last with oneDNN
     no-tiling-limit  inductor's cpp.enable_tiling_heuristics off (vectorize despite strided loads)
+    no-layout-opt    inductor's layout_optimization off: the convolutions in the graph's own layout (NCHW)
 
-each swapped in only while its step compiles; then all timed in turns, windows of at least 0.5 s,
-`--rounds` rounds; medians and the median of the rounds' ratios to train's step.
+each swapped in while its step compiles and while it is timed (dynamo guards on the pool function: a
+step called with train's pool back in place runs train's graph), the settings passed in the step's
+compile options (a step compiled with options equal to train's reuses its graph); all timed in turns, windows of at
+least `--seconds`, `--rounds` rounds; medians and the median of the rounds' ratios to train's step.
 
-    python research/pool_variants.py --data-dir DIR [--models fast,lenet] [--rounds 5] [--variants a,b]
+    python research/pool_variants.py --data-dir DIR [--models fast,lenet] [--rounds 5] [--seconds 0.5]
+        [--variants a,b]
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from tinymnist.algorithm import cpu_pool
 from tinymnist.tool import floor
 from tinymnist.tool.bench import bench_data
+from tinymnist.transforms import speed
 from tinymnist.transforms.denormals import flush_denormals
 
 ARGMAX_POOL = cpu_pool.first_max_pool2d
@@ -70,7 +75,10 @@ def swapped_pool(pool):
 
 
 def inductor_setting(**settings):
-    return lambda: torch._inductor.config.patch(settings)
+    """The settings in the step's compile options: a torch._inductor.config.patch around the compile alone
+    would change nothing, as a torch.compile with options equal to train's step's shares its compiled graph."""
+    options = speed.compile_options() | settings
+    return lambda: mock.patch.object(speed, "compile_options", lambda: options)
 
 
 VARIANTS = {
@@ -81,6 +89,7 @@ VARIANTS = {
     "byte-argmax": swapped_pool(byte_argmax),
     "force-layout": inductor_setting(force_layout_optimization=True),
     "no-tiling-limit": inductor_setting(**{"cpp.enable_tiling_heuristics": False}),
+    "no-layout-opt": inductor_setting(layout_optimization=False),
 }
 
 
@@ -89,6 +98,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--models", default="fast,lenet")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=0.5, help="the least time of one timing window")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which, comma-separated (train's always)")
     args = parser.parse_args()
     variants = {name: VARIANTS[name] for name in ["train's", *args.variants.split(",")]}
@@ -105,9 +115,12 @@ def main() -> None:
                 for _ in range(3):  # the compile, then two more
                     next(loops[name])
         us = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, loop in loops.items():
-                us[name].append(floor.window_us(loop, 0.5))
+        for round_ in range(args.rounds):
+            for name, loop in loops.items() if round_ % 2 == 0 else reversed(loops.items()):
+                # Each window inside its variant: dynamo guards on cpu_pool.first_max_pool2d, and with the
+                # pool swapped back it would run the graph compiled for train's pool, without a recompile.
+                with variants[name]():
+                    us[name].append(floor.window_us(loop, args.seconds))
         base = us["train's"]
         for name, times in us.items():
             ratios = [b / a for a, b in zip(base, times, strict=True)]
