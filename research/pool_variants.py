@@ -11,6 +11,7 @@ micro-batched, fixed threads, denormals flushed) against the same step compiled 
                      as F.max_pool2d), with torch.where: no argmax, no index tensor
     separable-cl     the same on a channels-last input
     byte-argmax      cpu_pool's argmax kept as uint8 rather than int64
+    aten             F.max_pool2d's own forward and backward kernels (vectorized), as ops inductor calls as they are
     force-layout     inductor's force_layout_optimization: a control, as inductor already lays a CPU graph's
                      convolutions out channels-last with oneDNN
     no-tiling-limit  inductor's cpp.enable_tiling_heuristics off (vectorize despite strided loads)
@@ -40,6 +41,7 @@ from tinymnist.tool.bench import bench_data
 from tinymnist.transforms import speed
 from tinymnist.transforms.denormals import flush_denormals
 
+aten = torch.ops.aten
 ARGMAX_POOL = cpu_pool.first_max_pool2d
 
 
@@ -66,6 +68,52 @@ def byte_argmax(x: torch.Tensor, kernel: int) -> torch.Tensor:
     return torch.where(picked, windows, 0).sum(dim=-1)  # (N, C, H', W')
 
 
+@torch.library.custom_op("tinymnist_research::max_pool", mutates_args=())
+def aten_max_pool(x: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """F.max_pool2d's own kernel, opaque to inductor: (values, flat indices), each (N, C, H', W')."""
+    return aten.max_pool2d_with_indices(x, [kernel, kernel], [kernel, kernel])
+
+
+@aten_max_pool.register_fake
+def _(x, kernel):
+    return aten.max_pool2d_with_indices(x, [kernel, kernel], [kernel, kernel])
+
+
+@torch.library.custom_op("tinymnist_research::max_pool_backward", mutates_args=())
+def aten_max_pool_backward(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, kernel: int) -> torch.Tensor:
+    """F.max_pool2d's own backward kernel, opaque to inductor: (N, C, H, W), like x."""
+    window = [kernel, kernel]
+    return aten.max_pool2d_with_indices_backward(grad, x, window, window, [0, 0], [1, 1], False, indices)
+
+
+@aten_max_pool_backward.register_fake
+def _(grad, x, indices, kernel):
+    return torch.empty_like(x)
+
+
+class AtenMaxPool(torch.autograd.Function):
+    """The two opaque ops as one differentiable pool (setup_context: torch.func.grad needs it)."""
+
+    @staticmethod
+    def forward(x, kernel):
+        return aten_max_pool(x, kernel)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.kernel = inputs[1]
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        x, indices = ctx.saved_tensors
+        return aten_max_pool_backward(grad, x, indices, ctx.kernel), None
+
+
+def aten_pool(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    return AtenMaxPool.apply(x, kernel)[0]
+
+
 def channels_last(pool):
     return lambda x, kernel: pool(x.contiguous(memory_format=torch.channels_last), kernel)
 
@@ -87,6 +135,7 @@ VARIANTS = {
     "separable": swapped_pool(separable),
     "separable-cl": swapped_pool(channels_last(separable)),
     "byte-argmax": swapped_pool(byte_argmax),
+    "aten": swapped_pool(aten_pool),
     "force-layout": inductor_setting(force_layout_optimization=True),
     "no-tiling-limit": inductor_setting(**{"cpp.enable_tiling_heuristics": False}),
     "no-layout-opt": inductor_setting(layout_optimization=False),
