@@ -33,9 +33,14 @@ def main(source: Path, target: Path) -> None:
     print(f"{target}: {len(images) - TEST_SIZE} training and {TEST_SIZE} test images")
 
 
+USAGE = "usage: python scripts/t10k_split.py MNIST_DIR TARGET_DIR"
+
 if __name__ == "__main__":
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(USAGE + "\n" + __doc__.split("\n\n", 2)[2].strip())
+        sys.exit(0)
     if len(sys.argv) != 3:
-        sys.exit("usage: python scripts/t10k_split.py MNIST_DIR TARGET_DIR")
+        sys.exit(USAGE)
     try:
         main(Path(sys.argv[1]), Path(sys.argv[2]))
     except (TinyMnistError, OSError) as e:

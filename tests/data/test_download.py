@@ -21,6 +21,7 @@ from tests.support.mirror import Mirror, cut_off, gzip_if_accepted, serve, stall
 from tinymnist.data import DEFAULT_MIRRORS, FILES, DownloadError, download, load_mnist
 from tinymnist.data.fetch import Patience
 from tinymnist.data.idx import read_idx, write_idx
+from tinymnist.data.sources import build_from
 from tinymnist.errors import TinyMnistError
 
 T10K_IMAGES, T10K_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
@@ -294,6 +295,22 @@ def test_data_folder_that_cannot_be_created(tmp_path):
     (tmp_path / "a-file").write_bytes(b"")
     with pytest.raises(DownloadError, match=re.escape(f"cannot create the data folder {tmp_path / 'a-file' / 'data'}")):
         download(tmp_path / "a-file" / "data", mirrors=["http://127.0.0.1:9/"], **FAST)
+
+
+def test_a_file_as_the_data_folder_is_named_as_such_and_left_alone(tmp_path):
+    file = tmp_path / "cases.txt"
+    file.write_text("my notes")
+    calls = (
+        lambda: download(file, mirrors=["http://127.0.0.1:9/"], **FAST),
+        lambda: load_mnist(file),
+        lambda: load_mnist(file, download=True),
+        lambda: build_from(tmp_path / "mnist.pkl.gz", file),  # refused before the source is read
+    )
+    refusal = re.escape(f"--data-dir {file} is a file, not a folder; choose a folder")
+    for call in calls:
+        with pytest.raises(TinyMnistError, match=refusal):
+            call()
+    assert entries(tmp_path) == ["cases.txt"] and file.read_text() == "my notes"
 
 
 def test_full_disk_is_a_project_error(mirrors, t10k, tmp_path, monkeypatch):

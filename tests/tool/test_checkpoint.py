@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -270,10 +271,13 @@ def test_unreadable_files_are_one_line_and_torch_is_never_cut_mid_word(tmp_path)
     # random bytes: seed 0 fails torch's weights-only unpickler, seed 20 with a KeyError (no torch.save records)
     (tmp_path / "garbage.pt").write_bytes(random.Random(0).randbytes(1000))
     (tmp_path / "keyerror.pt").write_bytes(random.Random(20).randbytes(1000))
+    (tmp_path / "table.pt").write_text("a,b,c\n1,2,3")  # torch: "pop from empty list"
+    with zipfile.ZipFile(tmp_path / "other.pt", "w") as archive:  # a whole zip, but not torch.save's
+        archive.writestr("notes.txt", "not tensors")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     assert_refused(tmp_path / "missing.pt", "no such file")
     assert_refused(tmp_path / "list.pt", "not a tinymnist checkpoint")
-    for name in ("truncated.pt", "garbage.pt", "keyerror.pt"):
+    for name in ("truncated.pt", "garbage.pt", "keyerror.pt", "table.pt", "other.pt"):
         message = assert_refused(tmp_path / name, "not a readable tinymnist checkpoint (")
         with pytest.raises(Exception) as torch_error:
             torch.load(tmp_path / name, weights_only=True)
@@ -282,6 +286,8 @@ def test_unreadable_files_are_one_line_and_torch_is_never_cut_mid_word(tmp_path)
         # torch's advice (weights_only=False) is not passed on; a KeyError is a file without torch.save's records
         if "Weights only load failed" in first_line or isinstance(torch_error.value, KeyError):
             assert quoted == "it is not a torch.save file of tensors, numbers and strings"
+        elif name in ("truncated.pt", "table.pt"):  # torch's words would be a zip or pickle internal
+            assert quoted == "it is not a whole file written by torch.save: cut off, or another kind of file"
         else:
             assert quoted == first_line or (quoted.endswith(" …") and first_line.startswith(quoted[:-2] + " "))
 

@@ -257,6 +257,14 @@ def test_a_named_pipe_or_a_folder_as_checkpoint_is_refused_not_waited_on(tiny_sp
     assert_user_error(run(*train_args(tiny_split, "--resume", tmp_path)), "is a folder")
 
 
+def test_a_file_as_data_dir_is_one_line_naming_the_flag(tmp_path):
+    file = tmp_path / "cases.txt"
+    file.write_text("my notes")
+    for args in (train_args(file, "--model", "mlp"), ["download", "--data-dir", file]):
+        assert_user_error(run(*args), f"--data-dir {file} is a file, not a folder")
+    assert file.read_text() == "my notes"
+
+
 def test_damaged_checkpoints_are_named_in_words_not_torchs_advice(tiny_split, tmp_path):
     text, pickled = tmp_path / "notes.pt", tmp_path / "object.pt"
     text.write_text("101 dalmatians")

@@ -39,3 +39,13 @@ def test_missing_test_files_are_one_line_and_write_nothing(tmp_path):
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"t10k_split: error: MNIST files missing from {tmp_path}: t10k-images-idx3-ubyte.gz")
     assert os.listdir(tmp_path) == []
+
+
+def test_help_says_how_to_call_it_and_succeeds():
+    for flag in ("-h", "--help"):
+        result = subprocess.run([sys.executable, SCRIPT, flag], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("usage: python scripts/t10k_split.py MNIST_DIR TARGET_DIR\n")
+        assert "first 8,000 as the training split" in result.stdout
+    wrong = subprocess.run([sys.executable, SCRIPT, "only-one"], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 1 and wrong.stderr.startswith("usage:")

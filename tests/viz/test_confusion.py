@@ -87,3 +87,8 @@ def test_eval_confusion_counts_what_eval_counts(tiny_split, tmp_path):
     jpeg = tmp_path / "c.jpg"
     assert_user_error(run("eval", ckpt, "--confusion", "-o", jpeg, "--data-dir", tiny_split), "c.jpg", ".png")
     assert not jpeg.exists()
+    png, where = tmp_path / "c.png", ["--data-dir", tiny_split, "--no-download", "--device", "cpu"]
+    drawn = run("eval", ckpt, "--confusion", "-o", png, *where)
+    assert drawn.exit_code == 0 and drawn.stdout.strip().endswith(f"wrote {png}") and png.exists()
+    drawn = run("eval", ckpt, "--confusion", "--json", "-o", png, *where)  # stdout stays JSON lines
+    assert json.loads(drawn.stdout)["correct"] == record["correct"] and f"wrote {png}" in drawn.stderr

@@ -73,7 +73,10 @@ def test_a_wrong_suffix_or_a_missing_checkpoint_is_a_one_line_error(tiny_split, 
     checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
     assert_user_error(run_viz("export", checkpoint, "-o", tmp_path / "model.npz"), "model.npz", ".safetensors")
     assert_user_error(run_viz("export", tmp_path / "absent.pt", "-o", tmp_path / "m.pt"), "absent.pt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
+    (tmp_path / "exports").mkdir()
+    assert_user_error(run_viz("export", checkpoint, "-o", tmp_path / "exports"), "exports is a folder", "model.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "mlp.pt"]
+    assert not any((tmp_path / "exports").iterdir())
 
 
 class FullDisk:

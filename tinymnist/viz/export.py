@@ -38,6 +38,8 @@ def tutorial_state_dict(model: str, params: dict[str, torch.Tensor]) -> dict[str
 
 def check_export_name(path: Path) -> None:
     """Before any work: a suffix that names a format, and that format's package if it is an extra."""
+    if Path(path).is_dir():
+        raise TinyMnistError(f"-o {path} is a folder; give a file path such as {Path(path) / 'model.pt'}")
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
         raise TinyMnistError(f"-o {path}: name the file .pt, .pth or .safetensors; the suffix picks the format")
