@@ -278,6 +278,9 @@ def test_every_mirror_failing_explains_each_answer(mirrors, refusing_url, t10k, 
     for instruction in (str(tmp_path), "TINYMNIST_DATA", "--data-dir", "TINYMNIST_MIRRORS"):
         assert instruction in str(caught.value)
     assert entries(tmp_path) == []  # no file under the final name, no temp file
+    with pytest.raises(DownloadError):  # into a folder of its own making: not left behind empty
+        download(tmp_path / "new" / "data", mirrors=urls[:1], md5s=md5_of({T10K_IMAGES: t10k[T10K_IMAGES]}), **FAST)
+    assert entries(tmp_path) == ["new"] and entries(tmp_path / "new") == []
 
 
 def test_a_file_that_arrived_stays_when_another_fails(mirrors, t10k, tmp_path):
@@ -289,6 +292,22 @@ def test_a_file_that_arrived_stays_when_another_fails(mirrors, t10k, tmp_path):
     assert (tmp_path / T10K_LABELS).read_bytes() == t10k[T10K_LABELS]
     assert f"{T10K_IMAGES}: {mirror.url}{T10K_IMAGES}: HTTP 404" in str(caught.value).splitlines()
     assert f"{T10K_LABELS}:" not in str(caught.value)
+
+
+def test_a_mirror_whose_name_does_not_resolve_is_asked_once_in_a_run(mirrors, t10k, tmp_path, capsys):
+    """No network (or a wrong host name): no retries, no second file asked of it. `.invalid` never
+    resolves (RFC 2606)."""
+    (good,) = mirrors(1)
+    good.answers = {name: [serve(body)] for name, body in t10k.items()}
+    nowhere = "http://mnist-mirror.invalid/"
+
+    download(tmp_path, mirrors=[nowhere, good.url], md5s=md5_of(t10k), **FAST)
+
+    assert entries(tmp_path) == sorted(t10k)
+    said = [line for line in capsys.readouterr().err.splitlines() if nowhere in line]
+    assert said[0] == f"downloading {nowhere}{T10K_IMAGES}"
+    assert said[1].startswith(f"{nowhere}{T10K_IMAGES}: ") and "no network, or a wrong mirror name" in said[1]
+    assert said[2].startswith(f"{nowhere}{T10K_LABELS}: not asked: ") and len(said) == 3
 
 
 def test_data_folder_that_cannot_be_created(tmp_path):

@@ -130,6 +130,7 @@ def download(
     naming every file no mirror could provide; those that arrived stay."""
     data_dir = Path(data_dir)
     check_data_dir(data_dir)
+    created = not data_dir.exists()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -142,6 +143,8 @@ def download(
         failures = fetch_files(data_dir, wanted, mirrors, progress=progress, patience=patience)
     except OSError as e:  # the local disk (full, read-only): network errors are answers, not raised
         raise DownloadError(f"cannot write into the data folder {data_dir}: {e.strerror or e}") from None
+    if failures and created and not any(data_dir.iterdir()):  # nothing arrived: leave no empty folder behind
+        data_dir.rmdir()
     if failures:
         lines = [f"{name}: {'; '.join(answers)}" for name, answers in failures.items()]
         how = f"To fix: {_by_hand(data_dir, list(failures))}, or list other mirrors in {MIRRORS_ENV}=URL,URL"

@@ -3,9 +3,9 @@
 Per file, mirrors are tried in order. A failure that may pass (refused connection, timeout,
 HTTP 5xx, a body cut short) is retried on the same mirror with exponential backoff; one the
 mirror would repeat (HTTP 4xx, a wrong md5) moves on to the next. `Patience` bounds every
-wait, every try is one line on stderr, and a mirror whose last try got no answer is not asked
-again in this run. The bytes stream into `files.atomic_write`'s temp file, renamed only once
-the md5 matches.
+wait, every try is one line on stderr, and a mirror whose last try got no answer, or whose
+name does not resolve (no network), is not asked again in this run. The bytes stream into
+`files.atomic_write`'s temp file, renamed only once the md5 matches.
 """
 
 from __future__ import annotations
@@ -152,6 +152,8 @@ class _Fetcher:
         except requests.Timeout:
             raise _NoAnswer(f"no answer within {read:g} s") from None
         except requests.ConnectionError as e:  # also a read timeout in the middle of the body
+            if _UNRESOLVED.search(str(e)):  # no network or a wrong host name: seconds of retries would not help
+                raise _Dead(f"{_reason(e)} (no network, or a wrong mirror name)") from None
             raise (_NoAnswer if _READ_TIMED_OUT in str(e) else _TryAgain)(_reason(e)) from None
         except requests.RequestException as e:  # a malformed mirror URL, too many redirects, ...
             raise _NextMirror(_reason(e)) from None
@@ -189,6 +191,11 @@ def _say(line: str) -> None:
 
 # How urllib3 words a read timeout: mid-body, requests raises it as a plain ConnectionError.
 _READ_TIMED_OUT = "Read timed out"
+# A host name that does not resolve, in urllib3's words (2.x: NameResolutionError; 1.x: the resolver's).
+_UNRESOLVED = re.compile(
+    r"NameResolutionError|Failed to resolve|Name or service not known|nodename nor servname|getaddrinfo failed"
+    r"|Temporary failure in name resolution"
+)
 
 
 def _reason(error: requests.RequestException) -> str:
