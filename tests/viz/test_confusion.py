@@ -59,6 +59,15 @@ def test_the_table_shows_counts_and_per_class_accuracy():
     assert cells == ["4", ".", ".", ".", ".", "93", ".", ".", ".", ".", "7", "93.00%"]
 
 
+def test_the_table_of_full_mnist_counts_fits_a_pipes_80_columns_uncut():
+    labels = torch.arange(10_000) % 10  # (10000,): 1,000 of each digit, so 4-digit counts on the diagonal
+    console = Console(width=80, record=True, force_terminal=False)
+    console.print(confusion_table(confusion_matrix(labels, labels)))
+    text = console.export_text()
+    assert "accuracy" in text and "…" not in text and max(map(len, text.splitlines())) <= 80
+    assert all("1000" in line for line in text.splitlines() if line.strip()[:1].isdigit())
+
+
 def test_the_png_has_its_size_and_is_not_blank(tmp_path):
     write_confusion_png(example_matrix(), tmp_path / "confusion.png")
     open_png(tmp_path / "confusion.png", (700, 600))
