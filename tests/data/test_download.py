@@ -325,7 +325,7 @@ def test_a_file_as_the_data_folder_is_named_as_such_and_left_alone(tmp_path):
         lambda: load_mnist(file, download=True),
         lambda: build_from(tmp_path / "mnist.pkl.gz", file),  # refused before the source is read
     )
-    refusal = re.escape(f"--data-dir {file} is a file, not a folder; choose a folder")
+    refusal = re.escape(f"the data folder {file} is a file; give --data-dir (or $TINYMNIST_DATA) a folder")
     for call in calls:
         with pytest.raises(TinyMnistError, match=refusal):
             call()

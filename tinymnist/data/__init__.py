@@ -106,7 +106,7 @@ def check_data_dir(data_dir: Path) -> None:
     """A one-line error where the data folder's path names a file (else every later message would be
     about missing files or a failed mkdir)."""
     if Path(data_dir).exists() and not Path(data_dir).is_dir():
-        raise TinyMnistError(f"--data-dir {data_dir} is a file, not a folder; choose a folder")
+        raise TinyMnistError(f"the data folder {data_dir} is a file; give --data-dir (or ${DATA_DIR_ENV}) a folder")
 
 
 def _provide(data_dir: Path, names: Sequence[str], allow_download: bool) -> None:
