@@ -37,7 +37,7 @@ USAGE = "usage: python scripts/t10k_split.py MNIST_DIR TARGET_DIR"
 
 if __name__ == "__main__":
     if sys.argv[1:] in (["-h"], ["--help"]):
-        print(USAGE + "\n" + __doc__.split("\n\n", 2)[2].strip())
+        print(USAGE + "\n\n" + __doc__.strip())
         sys.exit(0)
     if len(sys.argv) != 3:
         sys.exit(USAGE)

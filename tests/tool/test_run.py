@@ -261,7 +261,7 @@ def test_a_file_as_data_dir_is_one_line_naming_the_flag(tmp_path):
     file = tmp_path / "cases.txt"
     file.write_text("my notes")
     for args in (train_args(file, "--model", "mlp"), ["download", "--data-dir", file]):
-        assert_user_error(run(*args), f"the data folder {file} is a file; give --data-dir")
+        assert_user_error(run(*args), f"the data folder {file} is a file, not a folder")
     assert file.read_text() == "my notes"
 
 

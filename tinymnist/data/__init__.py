@@ -106,7 +106,7 @@ def check_data_dir(data_dir: Path) -> None:
     """A one-line error where the data folder's path names a file (else every later message would be
     about missing files or a failed mkdir)."""
     if Path(data_dir).exists() and not Path(data_dir).is_dir():
-        raise TinyMnistError(f"the data folder {data_dir} is a file; give --data-dir (or ${DATA_DIR_ENV}) a folder")
+        raise TinyMnistError(f"the data folder {data_dir} is a file, not a folder; choose a folder")
 
 
 def _provide(data_dir: Path, names: Sequence[str], allow_download: bool) -> None:
@@ -130,7 +130,7 @@ def download(
     naming every file no mirror could provide; those that arrived stay."""
     data_dir = Path(data_dir)
     check_data_dir(data_dir)
-    created = not data_dir.exists()
+    made = [folder for folder in (data_dir, *data_dir.parents) if not folder.exists()]  # deepest first
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -143,12 +143,19 @@ def download(
         failures = fetch_files(data_dir, wanted, mirrors, progress=progress, patience=patience)
     except OSError as e:  # the local disk (full, read-only): network errors are answers, not raised
         raise DownloadError(f"cannot write into the data folder {data_dir}: {e.strerror or e}") from None
-    if failures and created and not any(data_dir.iterdir()):  # nothing arrived: leave no empty folder behind
-        data_dir.rmdir()
     if failures:
+        _remove_if_empty(made)  # nothing arrived: leave no empty folders behind
         lines = [f"{name}: {'; '.join(answers)}" for name, answers in failures.items()]
         how = f"To fix: {_by_hand(data_dir, list(failures))}, or list other mirrors in {MIRRORS_ENV}=URL,URL"
         raise DownloadError("\n".join(["could not download MNIST; what each mirror answered:", *lines, how]))
+
+
+def _remove_if_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders a download made, deepest first, as long as each is empty."""
+    for folder in folders:
+        if any(folder.iterdir()):
+            return
+        folder.rmdir()
 
 
 def _already_present(data_dir: Path, name: str) -> bool:

@@ -94,6 +94,9 @@ def _why(error: Exception, path: Path) -> str:
         return "it is not a torch.save file of tensors, numbers and strings"
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose index is at its end
         return "it is not a whole file written by torch.save: cut off, or another kind of file"
+    with zipfile.ZipFile(path) as archive:
+        if not any(name.endswith("/data.pkl") for name in archive.namelist()):  # torch.save's record of objects
+            return "a zip archive, but not one written by torch.save"
     return brief(str(error)) or type(error).__name__
 
 
