@@ -64,6 +64,14 @@ def test_time_to_accuracy_refuses_the_flags_it_would_ignore(flag):
     assert_user_error(run("bench", "--time-to-accuracy", "0.99", *flag), flag[0], "does not apply")
 
 
+def test_a_file_as_data_dir_is_refused_not_taken_for_missing_files(tmp_path):
+    """Missing MNIST files mean random images; a file where the folder should be is a mistake."""
+    file = tmp_path / "cases.txt"
+    file.write_text("my notes")
+    result = run("bench", "--models", "mlp", "--device", "cpu", "--no-compile", "--data-dir", file)
+    assert_user_error(result, f"the data folder {file} is a file, not a folder")
+
+
 def test_time_to_accuracy_takes_one_number_of_models():
     assert_user_error(run("bench", "--time-to-accuracy", "0.99", "--seeds", "1,4"), "--seeds 1,4", "one number")
 

@@ -425,6 +425,7 @@ def bench(
         check_compilable(dev, eager_too=not floor)
     first_conv.environment_choice()  # a mistyped $TINYMNIST_FIRST_CONV: now, as train does, not after the eager loops
     folder = data.resolve_data_dir(data_dir)
+    data.check_data_dir(folder)  # a file there would pass for "no MNIST files", and random images be timed
     timing = Timing(window_images, repeats, warmup, compile, log)
     if time_to_accuracy is not None:
         if not 0 < time_to_accuracy <= 1:

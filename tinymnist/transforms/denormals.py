@@ -23,6 +23,8 @@ every thread flushes.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 DENORMAL_BITS = 1 << 20  # a float32 with a zero exponent: 1.5e-39, a denormal
@@ -32,6 +34,9 @@ GRAIN = 32768  # elements: torch gives each thread of an elementwise op at least
 def flush_denormals() -> bool:
     """Flush denormals to zero in this thread and in the threads it starts. False where the CPU
     cannot, or where torch's threads were already running without it."""
+    # numpy's finfo then finds the smallest subnormal to be 0 and warns, twice, wherever it is first
+    # asked (matplotlib asks while drawing): the flush is meant, so the warning says nothing new.
+    warnings.filterwarnings("ignore", message="The value of the smallest subnormal", category=UserWarning)
     return torch.set_flush_denormal(True) and flushed_in_every_thread()
 
 
