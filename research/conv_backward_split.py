@@ -23,9 +23,9 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from in_turns import print_against, steps_in_turns  # research/in_turns.py
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from tinymnist.tool import floor
 from tinymnist.tool.bench import bench_data
 from tinymnist.transforms import speed
 from tinymnist.transforms.denormals import flush_denormals
@@ -137,23 +137,7 @@ def main() -> None:
     ways = {"train's": contextlib.nullcontext, "split": with_split}
     for model in args.models.split(","):
         print_kernels(model)
-        loops = {}
-        for name, way in ways.items():
-            with way():
-                loops[name] = floor.cpu_steps(model, images, labels)
-                for _ in range(3):  # the compile, then two more
-                    next(loops[name])
-        us = {name: [] for name in ways}
-        for round_ in range(args.rounds):
-            for name in ways if round_ % 2 == 0 else reversed(ways):
-                us[name].append(floor.window_us(loops[name], args.seconds))
-        for name, times in us.items():
-            ratios = [b / a for a, b in zip(us["train's"], times, strict=True)]
-            print(
-                f"{model}: {name}: {statistics.median(times):,.0f} us a step, "
-                f"{statistics.median(ratios):.3f}x train's ({min(ratios):.2f}-{max(ratios):.2f})",
-                flush=True,
-            )
+        print_against(model, steps_in_turns(model, images, labels, ways, args.rounds, args.seconds))
 
 
 if __name__ == "__main__":

@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 from unittest import mock
 
 import torch
+from in_turns import print_against, steps_in_turns  # research/in_turns.py
 
 from tinymnist.algorithm import cpu_pool
-from tinymnist.tool import floor
 from tinymnist.tool.bench import bench_data
 from tinymnist.transforms import speed
 from tinymnist.transforms.denormals import flush_denormals
@@ -157,27 +156,7 @@ def main() -> None:
     images, labels, source = bench_data(args.data_dir, torch.device("cpu"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data: {source}")
     for model in args.models.split(","):
-        loops = {}
-        for name, variant in variants.items():
-            with variant():
-                loops[name] = floor.cpu_steps(model, images, labels)
-                for _ in range(3):  # the compile, then two more
-                    next(loops[name])
-        us = {name: [] for name in variants}
-        for round_ in range(args.rounds):
-            for name, loop in loops.items() if round_ % 2 == 0 else reversed(loops.items()):
-                # Each window inside its variant: dynamo guards on cpu_pool.first_max_pool2d, and with the
-                # pool swapped back it would run the graph compiled for train's pool, without a recompile.
-                with variants[name]():
-                    us[name].append(floor.window_us(loop, args.seconds))
-        base = us["train's"]
-        for name, times in us.items():
-            ratios = [b / a for a, b in zip(base, times, strict=True)]
-            print(
-                f"{model}: {name}: {statistics.median(times):,.0f} us a step, "
-                f"{statistics.median(ratios):.3f}x train's ({min(ratios):.2f}-{max(ratios):.2f})",
-                flush=True,
-            )
+        print_against(model, steps_in_turns(model, images, labels, variants, args.rounds, args.seconds))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""What the research scripts that compare ways of building `train`'s CPU step share: the step built
+and timed in turns, each way's patch in place while its step compiles and while it is timed.
+
+In place for the timing too: dynamo guards on what a step traced (a swapped function), and a step
+called with the patch undone silently runs the graph compiled without it (no recompile, no log line).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+from tinymnist.tool import floor
+
+
+def steps_in_turns(
+    model: str, images, labels, ways: dict[str, Callable[[], AbstractContextManager]], rounds: int, seconds: float
+) -> dict[str, list[float]]:
+    """µs a step of each way's build of floor.cpu_steps, one window of at least `seconds` per way and
+    round, the ways' order reversed every other round so that a host's drift hits all alike."""
+    loops = {}
+    for name, way in ways.items():
+        with way():
+            loops[name] = floor.cpu_steps(model, images, labels)
+            for _ in range(3):  # the compile, then two more
+                next(loops[name])
+    us = {name: [] for name in ways}
+    for round_ in range(rounds):
+        for name in ways if round_ % 2 == 0 else reversed(ways):
+            with ways[name]():
+                us[name].append(floor.window_us(loops[name], seconds))
+    return us
+
+
+def print_against(model: str, us: dict[str, list[float]], base: str = "train's") -> None:
+    """Each way's median µs a step and the median (and range) of its rounds' ratios to `base`'s."""
+    for name, times in us.items():
+        ratios = [b / a for a, b in zip(us[base], times, strict=True)]
+        print(
+            f"{model}: {name}: {statistics.median(times):,.0f} us a step, "
+            f"{statistics.median(ratios):.3f}x {base} ({min(ratios):.2f}-{max(ratios):.2f})",
+            flush=True,
+        )
