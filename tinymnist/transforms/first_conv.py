@@ -23,9 +23,12 @@ clearly faster (MARGIN). Each choice is made once a process for its arguments an
 every graph a process compiles (a step, its k-step graph, each micro-batch size) agrees. Inductor's cache
 keeps each compiled graph, and with it its choice, for later processes on the same processor; a graph
 compiled in a later process (another --steps-per-call, another thread count) measures anew and may
-choose otherwise, in the last bits of its sums. `$TINYMNIST_FIRST_CONV=always|never` pins the kernel
-where bits must match. The sums run in another order: the gradient agrees with autograd's to float
-rounding, not bit for bit.
+choose otherwise, in the last bits of its sums. The timing is noisy near MARGIN (cnn's first layer
+measured 0.68-1.14x in eight processes on a 2-core AMD EPYC), and a graph cached with a wrong choice
+serves every later process: fast's step ran at 61-71 ms that way against 54-56 ms compiled anew
+(research/first_conv_choice.py, BENCHMARKS.md). `$TINYMNIST_FIRST_CONV=always|never` pins the kernel
+where bits must match or a cached choice is suspect. The sums run in another order: the gradient
+agrees with autograd's to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
