@@ -1,13 +1,13 @@
 """Can the backward of the first block (conv1, ReLU, max-pool) in `lenet`'s and `fast`'s compiled CPU step get faster?
 
 In both steps one generated kernel is the largest item after the convolutions (inductor's kernel
-profile, AMD EPYC, per micro-batch: `lenet` 4.1 of 22 ms, `fast` 3.1 of 12.7 ms): the max-pool's
-backward fused with ReLU's and with the weight-gradient kernels of transforms/first_conv.py. Its
-loops run scalar: the gradient of conv1's output at (y, x) reads its window's at (y // 2, x // 2),
-which inductor's vectorizer does not take, and the (O, H, W, B) copy first_conv.py's convolution
-wants is written in a loop that also sums the bias. Cutting that kernel to a tenth would bring both
-steps near 1.5x their floor (issue 20, point 3). This times `train`'s step (tool/floor.cpu_steps)
-against the same step with:
+profile, AMD EPYC, a throwaway script, per micro-batch: `lenet` 4.1 of 22 ms, `fast` 3.1 of 12.7
+ms): the max-pool's backward fused with ReLU's and with the weight-gradient kernels of
+transforms/first_conv.py. Its loops run scalar: the gradient of conv1's output at (y, x) reads its
+window's at (y // 2, x // 2), which inductor's vectorizer does not take, and the (O, H, W, B) copy
+first_conv.py's convolution wants is written in a loop that also sums the bias. Cutting that kernel
+to a tenth would bring both steps near 1.5x their floor (issue 20, point 3). This times `train`'s
+step (tool/floor.cpu_steps) against the same step with:
 
     polyphase          conv1 -> ReLU -> pool as one stride-2 convolution over the window's 4 positions
                        (the 4 shifted images as one batch of 4B), the pool a first maximum over those 4
@@ -18,24 +18,29 @@ against the same step with:
     pool-first-cl      the pool before each ReLU (max and ReLU commute: the same values and gradients;
                        ReLU's mask then reads the pooled quarter), and first_conv.py's kernels stored as
                        the (O, H, W, B) its convolution wants, the bias summed from them: in isolation
-                       (random tensors, this block's backward alone) 0.65x the time for lenet's shapes
+                       (random tensors, this block's backward alone; a throwaway script) 0.65x the
+                       time for lenet's shapes
     masked-sum         the pool as a sum over each window of the input where its first maximum is,
                        so that autograd's backward is an expand, not a gather
+    control            train's step itself, compiled and timed as a way of its own (its rounds show the
+                       host's noise and any advantage of a way's place in the turns)
 
 each patched in while its step compiles and while it is timed (research/in_turns.py): the networks
 as templates of another class (dynamo guards on the template, not on Network.forward), the weight
 gradient's rewrite as a pass of its own in the compile options (a graph of its own, under a cache key
-of its own). `--check`
-first compares each way's compiled gradient (train's too) of one batch with the plain network's eager one.
-
-and `control`, train's step itself compiled and timed as a way of its own (its rounds show the host's
-noise and any advantage of a way's place in the turns).
+of its own). `--check` first compares each way's compiled gradient (train's too) of one batch with the
+plain network's eager one.
 
     python research/first_block_backward.py --data-dir DIR [--models fast,lenet] [--rounds 5]
         [--seconds 2] [--variants a,b] [--check] [--first-conv always|never|measured]
 
 `--first-conv` pins first_conv.py's kernel for every way (default always: the rewrite, as on the AMD
-EPYC these were measured on): measured anew for each way's graph, the choice can differ between them.
+EPYC these were measured on). Measured, a process makes one choice per shape, but a graph that comes
+from inductor's cache carries the choice of the process that compiled it, which can differ
+(research/first_conv_choice.py) and then decides the comparison by itself.
+
+`pool-first-cl` and `masked-sum` change the second pool too (every ReLU-then-pool pair, every pool),
+and `pool-first-cl` makes two changes at once.
 
 A custom backward would have been the direct way, but inside torch.compile torch.func.grad
 ignores an autograd.Function's own backward (torch 2.13: pytorch#193279, wrong gradients with no
@@ -60,7 +65,7 @@ from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.shapes import Conv2d, MaxPool2d, ReLU
 from tinymnist.algorithm.train import make_gradient
 from tinymnist.tool.bench import bench_data
-from tinymnist.transforms import first_conv, speed
+from tinymnist.transforms import first_conv, graph_splice, speed
 from tinymnist.transforms.denormals import flush_denormals
 
 aten = torch.ops.aten
@@ -199,8 +204,11 @@ def with_first_conv_pass(rewrite) -> AbstractContextManager:
         def __call__(self, graph: torch.fx.Graph) -> None:
             rewrite(graph)
 
-        def uuid(self) -> bytes:
-            return get_hash_for_files((__file__, first_conv.__file__)) + rewrite.__name__.encode()
+        def uuid(self) -> bytes:  # as first_conv.inductor_pass's, and the rewrite's name
+            choice = first_conv.environment_choice()
+            where = f"{choice} {first_conv.processor()}" if choice == "measured" else choice
+            files = (__file__, first_conv.__file__, graph_splice.__file__)
+            return get_hash_for_files(files) + f"{rewrite.__name__} {where}".encode()
 
     options = speed.compile_options() | {"post_grad_custom_post_pass": Pass()}
     return mock.patch.object(speed, "compile_options", lambda: options)
@@ -242,7 +250,7 @@ def check(model: str, images: torch.Tensor, labels: torch.Tensor, ways: dict) ->
     its tensors differ from train's compiled ones in any bit (none: as likely the same graph as exact sums)."""
     config = recipe_config(model)
     params = networks.init_params(model, seed=0)
-    batch_idx = torch.arange(256)  # a micro-batch's worth
+    batch_idx = torch.arange(256)  # lenet's micro-batch (fast's is 64: a graph of another shape than the timed one)
     gradient = make_gradient(config)
     plain, _ = gradient(params, images, labels, batch_idx)
     compiled = {}
@@ -269,8 +277,8 @@ def main() -> None:
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--first-conv", default="always", choices=["always", "never", "measured"])
     args = parser.parse_args()
-    # The same first-layer kernel in every way's graph: a measured choice is made anew per graph and can
-    # differ between them (research/first_conv_choice.py), which would decide the comparison by itself.
+    # The same first-layer kernel in every way's graph: measured, a graph from inductor's cache carries the
+    # choice of the process that compiled it (research/first_conv_choice.py), which would decide the comparison.
     os.environ[first_conv.CHOICE_ENV] = args.first_conv
     torch._dynamo.config.recompile_limit = 64  # each way compiles the same functions once more
     flush_denormals()

@@ -9,6 +9,8 @@ turns) and by a slower one meant to be steadier (the fastest of seven 20 ms wind
 warm-up), and prints as-forward time over backward time: below first_conv.MARGIN (0.9) the rewrite
 is taken. Part 2 times `--model`'s compiled CPU step (tool/floor.cpu_steps) in fresh processes with
 the kernel pinned each way ($TINYMNIST_FIRST_CONV=always, never), in turns, inductor's caches off.
+Part 1 times in a quiet process; first_conv.py times while inductor compiles (its compile workers
+may be starting), where the choice may cross the margin more often than here.
 
     python research/first_conv_choice.py --data-dir DIR [--processes 6] [--model fast] [--step-rounds 3]
 """
@@ -74,7 +76,7 @@ def ratios() -> None:
         )
         backward, forward = first_conv.timed_in_turns(kernels)
         slow_backward, slow_forward = fastest_after_warm_up(kernels)
-        out.append(f"{name} {forward / backward:.2f} (slower rule {slow_forward / slow_backward:.2f})")
+        out.append(f"{name} {forward / backward:.3f} (slower rule {slow_forward / slow_backward:.3f})")
     print("   ".join(out), flush=True)
 
 

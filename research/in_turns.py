@@ -4,9 +4,10 @@ and timed in turns, each way's patch in place while its step compiles and while 
 In place for the timing too: dynamo guards on what a step traced (a swapped function), and a step
 called with the patch undone silently runs the graph compiled without it (no recompile, no log line).
 What a patch swaps must be something dynamo guards on: a module's function (cpu_pool.first_max_pool2d),
-a network template (networks.TEMPLATES), the compile options (speed.compile_options). A method swapped
-on a class (Network.forward) or a pass's code swapped under an unchanged cache key is not: every way
-then silently runs the graph compiled first (research/first_block_backward.py checks for it).
+a network template of another class (networks.TEMPLATES), the compile options (speed.compile_options).
+A method swapped on a class (Network.forward) or a pass's code swapped under an unchanged cache key is
+not: every way then silently runs the graph compiled first (research/first_block_backward.py's --check
+counts the gradient tensors in which a way differs from train's, which shows it for ways that change bits).
 """
 
 from __future__ import annotations
