@@ -133,26 +133,20 @@ def templates(network_class) -> AbstractContextManager:
     return mock.patch.dict(networks.TEMPLATES, built)
 
 
-def weight_grad_strided(x, grad_out, padding: list[int], groups: int, stride: list[int] = (1, 1)):
-    """first_conv.weight_grad_as_forward for a convolution of any stride: the stride becomes the
-    forward convolution's dilation (dW[o, i, j] sums dY[b, o, y, x] * X[b, s*y + i, s*x + j])."""
+def weight_grad_widened(x, grad_out, padding: list[int], groups: int, stride=(1, 1), stored: bool = False):
+    """first_conv.weight_grad_as_forward, widened: for a convolution of any stride (the stride becomes the
+    forward convolution's dilation: dW[o, i, j] sums dY[b, o, y, x] * X[b, s*y + i, s*x + j]), and with
+    `stored`, its kernels stored (O, H', W', B) by an explicit copy and the bias gradient summed from that
+    copy rather than in the loop that writes it."""
     batch, _, height, width = x.shape
     channels = x.permute(1, 0, 2, 3).reshape(1, groups * batch, height, width)  # (1, G*B, H, W)
     kernels = grad_out.permute(1, 0, 2, 3)  # (G*O, B, H', W')
+    if stored:
+        kernels = kernels.contiguous(memory_format=torch.channels_last)  # stored (G*O, H', W', B)
     weight_grad = aten.convolution(channels, kernels, None, [1, 1], padding, list(stride), False, [0, 0], groups)
     weight_grad = weight_grad.flatten().view(kernels.shape[0], 1, *weight_grad.shape[-2:])
-    return weight_grad, grad_out.sum(dim=(0, 2, 3))
-
-
-def weight_grad_kernels_stored(x, grad_out, padding: list[int], groups: int):
-    """first_conv.weight_grad_as_forward with its kernels stored (O, H', W', B) by an explicit copy,
-    and the bias gradient summed from that copy rather than in the loop that writes it."""
-    batch, _, height, width = x.shape
-    channels = x.permute(1, 0, 2, 3).reshape(1, groups * batch, height, width)
-    kernels = grad_out.permute(1, 0, 2, 3).contiguous(memory_format=torch.channels_last)  # stored (O, H', W', B)
-    weight_grad = aten.convolution(channels, kernels, None, [1, 1], padding, [1, 1], False, [0, 0], groups)
-    weight_grad = weight_grad.flatten().view(kernels.shape[0], 1, *weight_grad.shape[-2:])
-    return weight_grad, kernels.sum(dim=(1, 2, 3))
+    bias_grad = kernels.sum(dim=(1, 2, 3)) if stored else grad_out.sum(dim=(0, 2, 3))
+    return weight_grad, bias_grad
 
 
 def strided_rewritable(node: torch.fx.Node) -> bool:
@@ -171,9 +165,9 @@ def strided_rewritable(node: torch.fx.Node) -> bool:
 
 
 def strided_replace(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
-    """first_conv.replace, passing the node's stride to weight_grad_strided."""
+    """first_conv.replace, passing the node's stride to weight_grad_widened."""
     stride = list(node.args[4])
-    with mock.patch.object(first_conv, "weight_grad_as_forward", functools.partial(weight_grad_strided, stride=stride)):
+    with mock.patch.object(first_conv, "weight_grad_as_forward", functools.partial(weight_grad_widened, stride=stride)):
         first_conv.replace(graph, node)
 
 
@@ -189,8 +183,8 @@ def strided_rewrite(graph: torch.fx.Graph) -> None:
 
 
 def kernels_stored_rewrite(graph: torch.fx.Graph) -> None:
-    """first_conv.rewrite (its choice) with weight_grad_kernels_stored."""
-    with mock.patch.object(first_conv, "weight_grad_as_forward", weight_grad_kernels_stored):
+    """first_conv.rewrite (its choice) with weight_grad_widened's kernels stored."""
+    with mock.patch.object(first_conv, "weight_grad_as_forward", functools.partial(weight_grad_widened, stored=True)):
         first_conv.rewrite(graph, first_conv.CHOICES[first_conv.environment_choice()])
 
 
