@@ -195,14 +195,14 @@ def with_first_conv_pass(rewrite) -> AbstractContextManager:
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class Pass(CustomGraphPass):
+        measured = first_conv.chosen_pass().measured  # first_conv's choices measured before the compile
+
         def __call__(self, graph: torch.fx.Graph) -> None:
             rewrite(graph)
 
-        def uuid(self) -> bytes:  # as first_conv.inductor_pass's, and the rewrite's name
-            choice = first_conv.environment_choice()
-            where = f"{choice} {first_conv.processor()}" if choice == "measured" else choice
+        def uuid(self) -> bytes:  # first_conv.inductor_pass's (its choices in force), this file's, the rewrite's name
             files = (__file__, first_conv.__file__, graph_splice.__file__)
-            return get_hash_for_files(files) + f"{rewrite.__name__} {where}".encode()
+            return first_conv.chosen_pass().uuid() + get_hash_for_files(files) + rewrite.__name__.encode()
 
     options = speed.compile_options() | {"post_grad_custom_post_pass": Pass()}
     return mock.patch.object(speed, "compile_options", lambda: options)

@@ -143,7 +143,7 @@ def main() -> None:
         choices = []
 
         def recorded(node, choices=choices):
-            choices.append("as forward" if first_conv.as_forward_is_faster(node) else "oneDNN's backward")
+            choices.append("as forward" if first_conv.chosen_in_force(node) else "oneDNN's backward")
             return choices[-1] == "as forward"
 
         with mock.patch.dict(first_conv.CHOICES, measured=recorded):

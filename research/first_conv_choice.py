@@ -9,10 +9,18 @@ turns) and by a slower one meant to be steadier (the fastest of seven 20 ms wind
 warm-up), and prints as-forward time over backward time: below first_conv.MARGIN (0.9) the rewrite
 is taken. Part 2 times `--model`'s compiled CPU step (tool/floor.cpu_steps) in fresh processes with
 the kernel pinned each way ($TINYMNIST_FIRST_CONV=always, never), in turns, inductor's caches off.
-Part 1 times in a quiet process; first_conv.py times while inductor compiles (its compile workers
-may be starting), where the choice may cross the margin more often than here.
+Part 1 times in a quiet process; first_conv.py times before inductor compiles, where the choice may
+cross the margin more often than here.
+
+Part 3 (`--cached`, since first_conv.py measures before the compile and keys the compile on its choices)
+checks that no choice outlives its process: fresh processes share one new inductor cache folder, each
+made to measure one way or the other (the timer patched: as if it had measured so), in the order
+as forward, oneDNN's backward, as forward, oneDNN's backward. Each prints its choice, how many of its
+graphs (the micro-batch's gradient, the update) came from the cache, and its step's µs: a process takes
+an earlier process's gradient graph only where it measured the same.
 
     python research/first_conv_choice.py --data-dir DIR [--processes 6] [--model fast] [--step-rounds 3]
+    python research/first_conv_choice.py --data-dir DIR --cached [--model fast]
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 LAYERS = {  # network: (micro-batch, out channels, output side, kernel, padding) of its first convolution
@@ -96,18 +105,53 @@ def step_us(model: str, data_dir: str) -> None:
     print(statistics.median(floor.window_us(steps, 3.0) for _ in range(3)), flush=True)
 
 
+def cached_step(model: str, data_dir: str, measured: str) -> None:
+    """One process of part 3: its first-layer choice made as `measured` says, its compile's cache hits, its
+    step's µs (median of 3 windows of 3 s)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from tinymnist.tool import floor
+    from tinymnist.tool.bench import bench_data
+    from tinymnist.transforms import first_conv
+    from tinymnist.transforms.denormals import flush_denormals
+
+    flush_denormals()
+    seconds = [2.0, 1.0] if measured == "as-forward" else [1.0, 2.0]  # (backward, as forward) per call
+    first_conv.timed_in_turns = lambda kernels: seconds
+    digits = bench_data(data_dir, torch.device("cpu"))
+    steps = floor.cpu_steps(model, digits.images, digits.labels)
+    for _ in range(4):  # the compile, then three more
+        next(steps)
+    us = statistics.median(floor.window_us(steps, 3.0) for _ in range(3))
+    chosen = ", ".join("as forward" if faster else "oneDNN's backward" for faster in first_conv.CHOSEN.values())
+    hits, misses = counters["aot_autograd"]["autograd_cache_hit"], counters["aot_autograd"]["autograd_cache_miss"]
+    print(f"  measured {measured}: chose {chosen}; {hits} of {hits + misses} graphs from the cache; {us:,.0f} µs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--processes", type=int, default=6)
     parser.add_argument("--model", default="fast")
     parser.add_argument("--step-rounds", type=int, default=3)
-    parser.add_argument("--child", choices=["ratios", "step"], help=argparse.SUPPRESS)
+    parser.add_argument("--cached", action="store_true", help="part 3 only")
+    parser.add_argument("--child", choices=["ratios", "step", "as-forward", "backward"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "ratios":
         return ratios()
     if args.child == "step":
         return step_us(args.model, args.data_dir)
+    if args.child:
+        return cached_step(args.model, args.data_dir, args.child)
+    if args.cached:
+        print(f"{args.model}'s compiled CPU step, fresh processes sharing a new inductor cache:", flush=True)
+        with tempfile.TemporaryDirectory() as cache:
+            env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache, "TINYMNIST_FIRST_CONV": "measured"}
+            for measured in ("as-forward", "backward", "as-forward", "backward"):
+                child = [sys.executable, __file__, "--child", measured, "--model", args.model]
+                subprocess.run([*child, "--data-dir", args.data_dir], env=env, check=True)
+        return None
     print("as forward / backward, each line a fresh process (rewrite taken below 0.9):", flush=True)
     for _ in range(args.processes):
         subprocess.run([sys.executable, __file__, "--child", "ratios"], check=True)

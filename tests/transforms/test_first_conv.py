@@ -4,8 +4,6 @@ The oracle is autograd's own convolution_backward. The rewrite adds the same pro
 another order, so float64 agrees to 1e-12 and float32 to float32's rounding of ~10^4-term sums.
 """
 
-import os
-import platform
 import re
 
 import pytest
@@ -21,8 +19,15 @@ from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.train import make_gradient
 from tinymnist.errors import TinyMnistError
-from tinymnist.transforms import first_conv, speed
-from tinymnist.transforms.first_conv import as_forward_is_faster, inductor_pass, rewrite, weight_grad_as_forward
+from tinymnist.transforms import first_conv, side_by_side, speed
+from tinymnist.transforms.direct_call import called_directly
+from tinymnist.transforms.first_conv import (
+    as_forward_is_faster,
+    inductor_pass,
+    node_key,
+    rewrite,
+    weight_grad_as_forward,
+)
 from tinymnist.transforms.speed import compiled
 from tinymnist.transforms.vmap import vmapped
 
@@ -151,19 +156,19 @@ def timings(monkeypatch):
 def test_the_measured_choice_takes_the_faster_kernel_by_a_margin(timings, seconds, expected):
     """(oneDNN's backward, as forward) seconds per call -> whether the rewrite is taken."""
     timings["seconds"] = seconds
-    assert as_forward_is_faster(first_layer_backward(two_conv_gradient()[0])) is expected
+    assert as_forward_is_faster(node_key(first_layer_backward(two_conv_gradient()[0]))) is expected
 
 
 def test_the_choice_is_measured_once_per_process_for_the_same_arguments_and_threads(timings, monkeypatch):
     """A step and its k-step graph, or two micro-batch graphs of one shape, take the same kernel."""
     node = first_layer_backward(two_conv_gradient()[0])
     timings["seconds"] = (2e-3, 1e-3)
-    assert as_forward_is_faster(node) is True
+    assert as_forward_is_faster(node_key(node)) is True
     timings["seconds"] = (1e-3, 2e-3)  # the machine changed its mind: the first choice holds
-    assert as_forward_is_faster(first_layer_backward(two_conv_gradient()[0])) is True
+    assert as_forward_is_faster(node_key(first_layer_backward(two_conv_gradient()[0]))) is True
     assert timings["calls"] == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 99)  # another thread count is measured anew
-    assert as_forward_is_faster(node) is False
+    assert as_forward_is_faster(node_key(node)) is False
     assert timings["calls"] == 2
 
 
@@ -175,7 +180,7 @@ def test_the_measurement_runs_both_kernels_on_real_tensors(monkeypatch):
         first_conv, "timed_in_turns", lambda kernels: measured.append(timed_in_turns(kernels)) or measured[-1]
     )
     state = torch.get_rng_state()
-    assert isinstance(as_forward_is_faster(first_layer_backward(two_conv_gradient()[0])), bool)
+    assert isinstance(as_forward_is_faster(node_key(first_layer_backward(two_conv_gradient()[0]))), bool)
     assert len(measured[0]) == 2 and all(seconds > 0 for seconds in measured[0])
     assert torch.equal(torch.get_rng_state(), state)  # its random tensors leave dropout's generator alone
 
@@ -225,20 +230,96 @@ def test_the_measurement_times_the_layout_the_compiled_step_hands_onednn(timings
 
 def test_the_choice_is_part_of_inductors_cache_key(monkeypatch):
     """A graph compiled with the rewrite forced or refused is not reused where the choice is measured, nor a
-    graph measured on one processor on another."""
+    graph compiled with one measured choice where another was measured."""
     uuids = {choice: inductor_pass(choice).uuid() for choice in ("measured", "always", "never")}
     assert len(set(uuids.values())) == 3
-    assert inductor_pass("measured").uuid() == uuids["measured"]
-    monkeypatch.setattr(first_conv, "processor", lambda: "another CPU")
-    assert inductor_pass("measured").uuid() != uuids["measured"]
+    key = node_key(first_layer_backward(two_conv_gradient()[0]))
+    monkeypatch.setattr(first_conv, "IN_FORCE", {key: True})
+    as_forward = inductor_pass("measured").uuid()
+    monkeypatch.setattr(first_conv, "IN_FORCE", {key: False})
+    assert len({as_forward, inductor_pass("measured").uuid(), uuids["measured"]}) == 3
     assert inductor_pass("always").uuid() == uuids["always"]
 
 
-def test_the_processor_is_told_apart_by_more_than_its_name():
-    described = first_conv.processor()
-    assert described.startswith(platform.machine())
-    if os.path.exists("/proc/cpuinfo"):
-        assert "flags" in described
+@needs_cpp_compiler
+def test_a_cached_graph_serves_only_a_process_that_measured_the_same_choice(timings):
+    """Three runs sharing inductor's on-disk caches, each measuring anew as a new process would: the
+    second measures the other kernel faster and compiles its own graph; the third measures as the first
+    and takes the first's graph from the cache. (When the pass measured during the compile, the second
+    run took the first's graph, and its choice, from the cache.)"""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    data = random_mnist(64, 1, seed=0)
+    gradient, params, batch_idx = fast_and_three_lenets()["fast"]
+
+    def run_as_a_new_process(seconds) -> tuple[int, int]:
+        """(compiles, cache hits) of fast's gradient, compiled anew with (backward, as forward) timings."""
+        torch._dynamo.reset()
+        first_conv.CHOSEN.clear()
+        counters.clear()
+        timings["seconds"] = seconds
+        compiled(gradient)(params, data.train_images, data.train_labels, batch_idx)
+        return counters["inductor"]["fxgraph_cache_miss"], counters["aot_autograd"]["autograd_cache_hit"]
+
+    with fresh_cache(), torch._inductor.config.patch(fx_graph_cache=True):
+        assert run_as_a_new_process((2e-3, 1e-3)) == (1, 0)  # as forward: compiled, cached
+        assert run_as_a_new_process((1e-3, 2e-3)) == (1, 0)  # oneDNN's backward: another graph
+        assert run_as_a_new_process((2e-3, 1e-3)) == (0, 1)  # as forward again: the first graph
+    assert timings["calls"] == 3
+    assert first_conv.UNCHOSEN == []
+
+
+@needs_cpp_compiler
+@pytest.mark.parametrize("how", ["compiled", "compiled without the GIL", "called directly", "lenet x3 compiled"])
+def test_every_compile_measures_its_first_convolution_before_it_starts(timings, monkeypatch, how):
+    """speed.compiled, side_by_side's and direct_call's compiles measure each first convolution before the
+    compile, for the key the pass then looks up: the pass finds its choice (here the rewrite) and no
+    convolution goes without one."""
+    monkeypatch.setattr(first_conv, "UNCHOSEN", [])
+    timings["seconds"] = (2e-3, 1e-3)  # as forward is faster
+    options = speed.compile_options()
+    compile = {
+        "compiled": compiled,
+        "compiled without the GIL": lambda fn: side_by_side.compiled_without_gil(fn, options),
+        "called directly": lambda fn: called_directly(fn, options),
+        "lenet x3 compiled": compiled,
+    }[how]
+    data = random_mnist(64, 1, seed=0)
+    gradient, params, batch_idx = fast_and_three_lenets()["lenet x3" if how.startswith("lenet") else "fast"]
+    with torch._inductor.config.patch(fx_graph_cache=False):  # compile, so that the pass runs
+        _, (code, *_) = run_and_get_code(compile(gradient), params, data.train_images, data.train_labels, batch_idx)
+    assert timings["calls"] == 1
+    assert first_conv.UNCHOSEN == []
+    # the second layer's only: the first's rewritten (Python's wrapper calls aten, the C++ wrapper aoti_torch)
+    assert len(re.findall(r"aten\.convolution_backward\.default\(|aoti_torch_cpu_convolution_backward\(", code)) == 1
+
+
+def test_a_compile_outside_tinymnists_keeps_onednns_backward_and_says_which_it_met(monkeypatch):
+    """No choice measured before the compile (a torch.compile with the pass but not compile_with_choices):
+    nothing is timed inside the compile, whose cache key could not hold it."""
+    monkeypatch.setattr(first_conv, "UNCHOSEN", [])
+    monkeypatch.setattr(first_conv, "timed_in_turns", lambda kernels: pytest.fail("timed inside the compile"))
+    traced, _ = two_conv_gradient()
+    rewrite(traced.graph, first_conv.CHOICES["measured"])
+    assert conv_backwards(traced.graph) == 2
+    assert first_conv.UNCHOSEN == [node_key(first_layer_backward(two_conv_gradient()[0]))]
+
+
+def test_the_convolutions_are_found_on_fake_tensors_leaving_the_generator_alone():
+    """cnn's gradient (dropout draws random numbers) run for its first convolution's key only."""
+    gradient = make_gradient(recipe_config("cnn"))
+    data = random_mnist(64, 1, seed=0)
+    args = (networks.init_params("cnn", 0), data.train_images, data.train_labels, torch.arange(16))
+    traced = make_fx(gradient)(*args)
+    state = torch.get_rng_state()
+    (key,) = first_conv.first_convolutions(traced, list(args))
+    assert torch.equal(torch.get_rng_state(), state)
+    (node,) = [
+        n for n in traced.graph.nodes if n.target is aten.convolution_backward.default and first_conv.rewritable(n)
+    ]
+    assert key == node_key(node)
+    assert key[0][1][0] == (16, 1, 28, 28)  # the image's (B, 1, H, W)
 
 
 @pytest.mark.parametrize("value, expected", [(None, "measured"), ("never", "never"), ("always", "always")])

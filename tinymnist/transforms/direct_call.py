@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from tinymnist.transforms import first_conv
+
 
 class Layout:
     """Where a tree of dicts, tuples and lists keeps its leaves: flattened and rebuilt by a walk made
@@ -131,5 +133,5 @@ def compiled_graph(fn, layout: Layout, flat: list, options: dict):
     # call are left out (unless `options` asks for them): mlp3's step 0.90-0.93x the time, mlp's 0.97-0.99x
     # (research/size_asserts.py).
     options = {"size_asserts": False} | options
-    with tracing(TracingContext(fake_mode)):
+    with tracing(TracingContext(fake_mode)), first_conv.choices_measured(graph, flat, options):
         return compile_fx(graph, flat, config_patches=options), out_layout

@@ -16,34 +16,37 @@ There the compiled CPU steps took 0.77-0.78x the time for fast, 0.91-0.92x for l
 cnn. On a 2-core Intel Xeon oneDNN's own backward was the faster kernel, and the rewrite made the
 steps 1.27x (fast), 1.38x (lenet) and 1.07x (cnn) slower (research/first_conv.py, BENCHMARKS.md).
 
-So the pass measures (`as_forward_is_faster`): for each convolution it could rewrite, it times both
-kernels on random tensors of the shapes and of the layout the compiled code will hand them (inductor
-lays a CPU graph's convolutions out channels-last), in turns, and takes the rewrite only where it is
-clearly faster (MARGIN). Each choice is made once a process for its arguments and thread count, so
-every graph a process compiles (a step, its k-step graph, each micro-batch size) agrees. Inductor's cache
-keeps each compiled graph, and with it its choice, for later processes on the same processor; a graph
-compiled in a later process (another --steps-per-call, another thread count) measures anew and may
-choose otherwise, in the last bits of its sums. The timing is noisy near MARGIN (cnn's first layer
-measured 0.68-1.14x in eight processes on a 2-core AMD EPYC), and a graph cached with a wrong choice
-serves every later process: fast's step ran at 61-71 ms that way against 54-56 ms compiled anew
-(research/first_conv_choice.py, BENCHMARKS.md). `$TINYMNIST_FIRST_CONV=always|never` pins the kernel
-where bits must match or a cached choice is suspect. The sums run in another order: the gradient
-agrees with autograd's to float rounding, not bit for bit.
+So the choice is measured (`as_forward_is_faster`): for each convolution the pass could rewrite, both
+kernels are timed on random tensors of the shapes and of the layout the compiled code will hand them
+(inductor lays a CPU graph's convolutions out channels-last), in turns, and the rewrite is taken only where
+it is clearly faster (MARGIN). Each choice is made once a process for its arguments and thread count, so
+every graph a process compiles (a step, its k-step graph, each micro-batch size) agrees.
+
+The timing happens before the compile starts, not inside the pass: `compile_with_choices`, the backend
+speed.compiled hands torch.compile, runs the graph once on fake tensors to find the convolutions, times
+them, and the pass's cache key (`uuid`) holds the choices. Inductor's caches keep compiled graphs for later
+processes, and a choice made inside the compile could not be part of the key: a graph cached with a wrong
+choice then served every later process (the timing is noisy near MARGIN: cnn's first layer measured
+0.68-1.14x in eight processes on a 2-core AMD EPYC), and fast's step ran at 61-71 ms that way against
+54-56 ms compiled anew (research/first_conv_choice.py, BENCHMARKS.md). Now a process that measures
+otherwise compiles its own graph. `$TINYMNIST_FIRST_CONV=always|never` pins the kernel where bits must
+match. The sums run in another order: the gradient agrees with autograd's to float rounding, not bit
+for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
 import operator
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from tinymnist.errors import TinyMnistError
 from tinymnist.transforms import graph_splice
@@ -66,20 +69,29 @@ def weight_grad_as_forward(x, grad_out, padding: list[int], groups: int) -> tupl
 
 
 def rewritable(node: torch.fx.Node) -> bool:
-    """A CPU convolution_backward that needs no input gradient, of stride 1, one input channel per group,
-    traced with fake values of fixed sizes (else it is left as it is)."""
-    grad_out, x, weight, _, stride, _, dilation, transposed, _, _, mask = node.args
+    """A convolution_backward that `rewritable_call` takes, traced with fake values of fixed sizes, whose
+    used outputs are all asked for (else it is left as it is)."""
+    grad_out, x, weight, *options = node.args
     values = [arg.meta.get("val") for arg in (grad_out, x, weight)]
     if not all(isinstance(v, FakeTensor) and all(isinstance(d, int) for d in v.shape) for v in values):
         return False
+    mask = options[-1]
+    return rewritable_call(*values, options) and all(
+        user.target is operator.getitem and (mask[user.args[1]] or not user.users) for user in node.users
+    )
+
+
+def rewritable_call(grad_out, x, weight, options) -> bool:
+    """convolution_backward's arguments on the CPU, of stride 1, one input channel per group, no input
+    gradient asked."""
+    _, stride, _, dilation, transposed, _, _, mask = options
     return (
-        values[1].device.type == "cpu"
-        and values[2].shape[1] == 1  # (O, C_in / groups, k, k)
+        x.device.type == "cpu"
+        and weight.shape[1] == 1  # (O, C_in / groups, k, k)
         and list(stride) == list(dilation) == [1, 1]
         and not transposed
         and not mask[0]  # the input's gradient: none asked
         and mask[1]
-        and all(user.target is operator.getitem and (mask[user.args[1]] or not user.users) for user in node.users)
     )
 
 
@@ -90,34 +102,103 @@ def rewrite(graph: torch.fx.Graph, choose: Callable[[torch.fx.Node], bool]) -> N
             replace(graph, node)
 
 
-CHOSEN: dict[tuple, bool] = {}  # this process's measured choices: (tensor specs, other arguments, threads) -> bool
+CHOSEN: dict[tuple, bool] = {}  # this process's measurements: choice_key -> whether as forward is faster
+IN_FORCE: dict[tuple, bool] | None = None  # the choices of the graph being compiled, measured before its compile
+UNCHOSEN: list[tuple] = []  # keys the measured pass met with no choice in force (it kept oneDNN's backward)
 MARGIN = 0.9  # as forward must be this much faster: near a tie, autograd's own kernel (and its sums) stays
 ROUNDS = 5  # of the two kernels' timings, in turns, the order alternating; the medians are compared
 WINDOW_SECONDS = 0.005  # the least time one timing spans: well above the clock's resolution
 
 
-def as_forward_is_faster(node: torch.fx.Node) -> bool:
-    """Whether weight_grad_as_forward takes at most MARGIN of the time of the node's own convolution_backward
-    on this machine, on this many threads: timed once per process for each kernel's arguments, so that all
-    the graphs a run compiles (a step, its k-step graph, each micro-batch size) make the same choice."""
+@contextlib.contextmanager
+def choices_measured(graph_module: torch.fx.GraphModule, example_inputs: list, options: dict):
+    """While `graph_module` compiles with `options`: the measured pass's choices for it in IN_FORCE, timed
+    before the compile starts, so that inductor's cache keys (inductor_pass's uuid) hold them and a graph
+    compiled in one process cannot hand its choice to another."""
+    global IN_FORCE
+    measured = getattr(options.get("post_grad_custom_post_pass"), "measured", False)
+    on_cpu = all(x.device.type == "cpu" for x in tree_leaves(example_inputs) if isinstance(x, torch.Tensor))
+    keys = first_convolutions(graph_module, example_inputs) if measured and on_cpu else []
+    IN_FORCE, outside = {key: as_forward_is_faster(key) for key in keys}, IN_FORCE
+    try:
+        yield
+    finally:
+        IN_FORCE = outside
+
+
+def compile_with_choices(graph_module: torch.fx.GraphModule, example_inputs: list, options: dict | None = None):
+    """torch.compile's backend for tinymnist's compiles: inductor with `options`, inside choices_measured."""
+    from torch._inductor.compile_fx import compile_fx
+
+    with choices_measured(graph_module, example_inputs, options or {}):
+        return compile_fx(graph_module, example_inputs, config_patches=options or {})
+
+
+def first_convolutions(graph_module: torch.fx.GraphModule, example_inputs: list) -> list[tuple]:
+    """The choice_key of each rewritable convolution_backward the graph computes: the graph run once on fake
+    tensors (shapes only: no arithmetic, no random numbers drawn), its calls recorded. A graph torch.compile
+    hands its backend computes the backward as autograd does it, with the arguments the traced graph gets."""
+    from torch._guards import detect_fake_mode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    keys = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is aten.convolution_backward.default and rewritable_call(*args[:3], args[3:]):
+                keys.append(choice_key(*args[:3], args[3:]))
+            return func(*args, **(kwargs or {}))
+
+    fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode()
+    fakes = tree_map_only(
+        torch.Tensor, lambda x: x if isinstance(x, FakeTensor) else fake_mode.from_tensor(x), example_inputs
+    )
+    with fake_mode, Recorder():
+        graph_module(*fakes)
+    return keys
+
+
+def chosen_in_force(node: torch.fx.Node) -> bool:
+    """The measured pass's choice: the one measured for this node's arguments before the compile, else
+    (a compile outside compile_with_choices) oneDNN's backward, the key recorded in UNCHOSEN."""
+    key = node_key(node)
+    if IN_FORCE is None or key not in IN_FORCE:
+        UNCHOSEN.append(key)
+        return False
+    return IN_FORCE[key]
+
+
+def node_key(node: torch.fx.Node) -> tuple:
+    """choice_key of a traced convolution_backward."""
     grad_out, x, weight, *options = node.args
+    return choice_key(grad_out.meta["val"], x.meta["val"], weight.meta["val"], options)
+
+
+def choice_key(grad_out, x, weight, options) -> tuple:
+    """What a choice is measured for: the three tensors' specs in the layout the compiled code hands the
+    kernel, the other arguments (lists as tuples) and this process's thread count."""
     # Inductor lays a CPU graph's convolutions out channels-last (its layout optimization, always taken
     # with oneDNN) and hands convolution_backward a channels-last gradient and input, whatever the traced
     # strides say (for one input channel the input's strides are the same either way; for N models' grouped
     # layer they are not).
-    layout = torch.channels_last if lays_out_channels_last(node.graph) else None
-    arguments = (
-        tensor_spec(grad_out.meta["val"], layout),
-        tensor_spec(x.meta["val"], layout),
-        tensor_spec(weight.meta["val"]),
-    )
-    key = (arguments, repr(options), torch.get_num_threads())
+    layout = torch.channels_last if lays_out_channels_last() else None
+    arguments = (tensor_spec(grad_out, layout), tensor_spec(x, layout), tensor_spec(weight))
+    others = tuple(tuple(o) if isinstance(o, list) else o for o in options)
+    return arguments, others, torch.get_num_threads()
+
+
+def as_forward_is_faster(key: tuple) -> bool:
+    """Whether weight_grad_as_forward takes at most MARGIN of the time of convolution_backward for the
+    arguments of `key` (a choice_key) on this machine, on this many threads: timed once per process for
+    each key, so that all the graphs a run compiles (a step, its k-step graph, each micro-batch size)
+    make the same choice."""
     if key not in CHOSEN:
+        arguments, options, _ = key
         CHOSEN[key] = measured_as_forward_is_faster(arguments, options)
     return CHOSEN[key]
 
 
-def measured_as_forward_is_faster(arguments: tuple, options: list) -> bool:
+def measured_as_forward_is_faster(arguments: tuple, options: tuple) -> bool:
     padding, groups = list(options[2]), options[6]  # convolution_backward's padding and groups
     with unset_fake_temporarily():  # real tensors, inside the compile's fake mode
         generator = torch.Generator().manual_seed(0)  # not the global one, which dropout draws from
@@ -130,12 +211,13 @@ def measured_as_forward_is_faster(arguments: tuple, options: list) -> bool:
     return as_forward <= MARGIN * backward
 
 
-def lays_out_channels_last(graph: torch.fx.Graph) -> bool:
-    """What inductor's lowering will decide for this graph's convolutions (False where it cannot tell)."""
-    from torch._inductor.graph import GraphLowering
+def lays_out_channels_last() -> bool:
+    """What inductor decides for a CPU graph's convolutions (GraphLowering.decide_layout_opt, whose CPU rule
+    this is: channels-last wherever oneDNN is on, unless its layout optimization is turned off)."""
+    from torch._inductor import config
 
-    module = graph.owning_module  # a step with torch.func.grad inside compiles as an inference graph
-    return module is not None and GraphLowering.decide_layout_opt(module, is_inference=True)
+    onednn = torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()
+    return config.layout_optimization and (config.force_layout_optimization or onednn)
 
 
 def tensor_spec(fake: torch.Tensor, layout: torch.memory_format | None = None) -> tuple:
@@ -180,7 +262,7 @@ def replace(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
         graph.erase_node(outputs[1])
 
 
-CHOICES = {"measured": as_forward_is_faster, "always": lambda node: True, "never": lambda node: False}
+CHOICES = {"measured": chosen_in_force, "always": lambda node: True, "never": lambda node: False}
 CHOICE_ENV = "TINYMNIST_FIRST_CONV"  # "always" or "never" pins the kernel: the same sums on every machine
 
 
@@ -191,12 +273,15 @@ def inductor_pass(choice: str = "measured"):
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class FirstConvWeightGrad(CustomGraphPass):
+        measured = choice == "measured"  # for choices_measured
+
         def __call__(self, graph: torch.fx.Graph) -> None:
             rewrite(graph, CHOICES[choice])
 
         def uuid(self) -> bytes:  # inductor's cache key: this file's and the splice's text, the choice and,
-            # for a measured one, the processor, so that a cache shared between machines keeps choices apart
-            where = f"{choice} {processor()}" if choice == "measured" else choice
+            # for a measured one, the choices in force for the graph being compiled
+            measured = sorted(repr(choice) for choice in (IN_FORCE or {}).items())
+            where = f"{choice} {measured}" if choice == "measured" else choice
             return get_hash_for_files((__file__, graph_splice.__file__)) + where.encode()
 
     return FirstConvWeightGrad()
@@ -213,18 +298,3 @@ def environment_choice() -> str:
     if choice not in CHOICES:
         raise TinyMnistError(f"${CHOICE_ENV} is {choice!r}; set it to one of {', '.join(CHOICES)}, or unset it")
     return choice
-
-
-def processor() -> str:
-    """The CPU as exactly as Linux tells it (vendor, family, model, stepping, name, a hash of its feature
-    flags: a VM's model name alone may be a generic "Intel Xeon Processor"), else platform's words."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            first_cpu = cpuinfo.read().split("\n\n")[0]
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}"
-    fields = dict(line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = hashlib.sha256(fields.get("flags", "").encode()).hexdigest()[:16]
-    described = [fields.get(k, "") for k in ("vendor_id", "cpu family", "model", "stepping", "model name")]
-    return f"{platform.machine()} {' '.join(described)} flags {flags}"

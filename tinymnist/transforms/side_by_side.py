@@ -27,6 +27,7 @@ import torch
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.shapes import Dropout
 from tinymnist.algorithm.train import Gradient
+from tinymnist.transforms import first_conv
 from tinymnist.transforms.vmap import one_model
 
 
@@ -37,7 +38,8 @@ def draws_random_numbers(model: str) -> bool:
 
 def compiled_without_gil(fn, options: dict):
     """torch.compile as speed.compiled does, with inductor's C++ wrapper: the graph runs with the GIL released."""
-    return torch.compile(fn, fullgraph=True, dynamic=False, options=options | {"cpp_wrapper": True})
+    options = options | {"cpp_wrapper": True}
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=first_conv.compile_with_choices, options=options)
 
 
 def models_on_cores(gradient: Gradient, workers: int) -> Gradient:

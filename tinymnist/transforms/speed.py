@@ -51,7 +51,7 @@ def compiled(fn, direct: bool = False, cpp_wrapper: bool = False):
     options = compile_options() | ({"cpp_wrapper": True} if cpp_wrapper else {})
     if direct:
         return called_directly(fn, options)
-    return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=first_conv.compile_with_choices, options=options)
 
 
 def compile_options() -> dict:
