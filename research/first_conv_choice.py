@@ -8,7 +8,8 @@ and 64) by first_conv.py's rule (first_conv.timed_in_turns: the medians of five 
 turns) and by a slower one meant to be steadier (the fastest of seven 20 ms windows after 50 ms of
 warm-up), and prints as-forward time over backward time: below first_conv.MARGIN (0.9) the rewrite
 is taken. Part 2 times `--model`'s compiled CPU step (tool/floor.cpu_steps) in fresh processes with
-the kernel pinned each way ($TINYMNIST_FIRST_CONV=always, never), in turns, inductor's caches off.
+the kernel pinned each way ($TINYMNIST_FIRST_CONV=always, never) and measured, in turns, inductor's
+caches off.
 Part 1 times in a quiet process; first_conv.py times before inductor compiles, where the choice may
 cross the margin more often than here.
 
@@ -157,7 +158,7 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--child", "ratios"], check=True)
     print(f"{args.model}'s compiled CPU step, µs, fresh processes in turns, inductor's caches off:", flush=True)
     for round_ in range(args.step_rounds):
-        for choice in ("always", "never") if round_ % 2 == 0 else ("never", "always"):
+        for choice in ("always", "never", "measured")[:: 1 if round_ % 2 == 0 else -1]:
             env = os.environ | {"TINYMNIST_FIRST_CONV": choice, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
             child = [sys.executable, __file__, "--child", "step", "--model", args.model, "--data-dir", args.data_dir]
             us = subprocess.run(child, env=env, check=True, capture_output=True, text=True).stdout.split()[-1]
