@@ -110,15 +110,15 @@ class LineReporter:
 
     def __init__(self, out=None):
         self.out = out or sys.stdout
-        self.steps = 1
 
-    def epoch_started(self, epoch: int, steps: int, lr: float, compiling: bool) -> None:
-        self.steps = steps
+    def epoch_started(self, epoch: int, steps: int, lr: float, compiling: bool) -> None: ...
 
     def logged(self, epoch: int, step: int, images_seen: int, n_train: int, loss: float) -> None:
-        seen = min(images_seen, n_train)
+        seen = min(
+            images_seen, n_train
+        )  # the percentage is of the epoch, as the brackets say (a dry run's one step: 0%)
         print(
-            f"Train Epoch: {epoch} [{seen}/{n_train} ({100 * step / self.steps:.0f}%)]\tLoss: {loss:.6f}",
+            f"Train Epoch: {epoch} [{seen}/{n_train} ({100 * seen / n_train:.0f}%)]\tLoss: {loss:.6f}",
             file=self.out,
             flush=True,
         )
