@@ -35,9 +35,10 @@ plain network's eager one.
         [--seconds 2] [--variants a,b] [--check] [--first-conv always|never|measured]
 
 `--first-conv` pins first_conv.py's kernel for every way (default always: the rewrite, as on the AMD
-EPYC these were measured on). Measured, a process makes one choice per shape, but a graph that comes
-from inductor's cache carries the choice of the process that compiled it, which can differ
-(research/first_conv_choice.py) and then decides the comparison by itself.
+EPYC these were measured on). Measured, a process makes one choice per shape for all its ways, but
+that choice may differ from one process to the next (research/first_conv_choice.py) and then decides a
+comparison between runs by itself. (When these were measured, before commit 93eb514, a graph from
+inductor's cache also carried the choice of the process that compiled it.)
 
 `pool-first-cl` and `masked-sum` change the second pool too (every ReLU-then-pool pair, every pool),
 and `pool-first-cl` makes two changes at once.
@@ -271,8 +272,8 @@ def main() -> None:
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--first-conv", default="always", choices=["always", "never", "measured"])
     args = parser.parse_args()
-    # The same first-layer kernel in every way's graph: measured, a graph from inductor's cache carries the
-    # choice of the process that compiled it (research/first_conv_choice.py), which would decide the comparison.
+    # The same first-layer kernel in every way's graph and every run: measured, it may differ between
+    # processes (research/first_conv_choice.py), which would decide the comparison.
     os.environ[first_conv.CHOICE_ENV] = args.first_conv
     torch._dynamo.config.recompile_limit = 64  # each way compiles the same functions once more
     flush_denormals()

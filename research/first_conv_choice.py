@@ -1,8 +1,9 @@
 """How steady is transforms/first_conv.py's measured choice from one process to the next, and what it is worth.
 
 first_conv.py times a first convolution's weight gradient both ways (oneDNN's backward, and as a
-forward convolution) on random tensors while inductor compiles, and inductor's cache keeps the
-graph, with its choice, for every later process on the processor. Each fresh process here (part 1)
+forward convolution) on random tensors before inductor compiles (until commit 93eb514: while it
+compiled, and inductor's cache kept the graph, with its choice, for every later process on the
+processor). Each fresh process here (part 1)
 times the first layers of fast, lenet and cnn (the compiled CPU step's shapes: micro-batches 64, 256
 and 64) by first_conv.py's rule (first_conv.timed_in_turns: the medians of five 5 ms windows in
 turns) and by a slower one meant to be steadier (the fastest of seven 20 ms windows after 50 ms of

@@ -185,12 +185,14 @@ def test_the_measurement_runs_both_kernels_on_real_tensors(monkeypatch):
     assert torch.equal(torch.get_rng_state(), state)  # its random tensors leave dropout's generator alone
 
 
-def fast_and_three_lenets():
-    """fast's gradient as `train` compiles it, and lenet's for 3 models under vmap (a grouped first layer)."""
+def gradient_cases():
+    """fast's and cnn's gradients as `train` compiles them, and lenet's for 3 models under vmap (a grouped
+    first layer)."""
     lenet = recipe_config("lenet", seeds=3)
     three = [networks.init_params("lenet", s) for s in range(3)]
     return {
         "fast": (make_gradient(recipe_config("fast")), networks.init_params("fast", 0), torch.arange(32)),
+        "cnn": (make_gradient(recipe_config("cnn")), networks.init_params("cnn", 0), torch.arange(32)),
         "lenet x3": (
             vmapped(make_gradient(lenet)),
             {k: torch.stack([p[k] for p in three]) for k in three[0]},
@@ -216,7 +218,7 @@ def test_the_measurement_times_the_layout_the_compiled_step_hands_onednn(timings
     monkeypatch.setattr(first_conv, "random_tensor", lambda *spec: made.append(spec) or random_tensor(*spec))
     monkeypatch.setattr(speed, "compile_options", lambda: {"post_grad_custom_post_pass": inductor_pass("measured")})
     data = random_mnist(64, 1, seed=0)
-    gradient, params, batch_idx = fast_and_three_lenets()[case]
+    gradient, params, batch_idx = gradient_cases()[case]
     with torch._inductor.config.patch(fx_graph_cache=False):  # compile, so that the pass runs
         _, (code, *_) = run_and_get_code(compiled(gradient), params, data.train_images, data.train_labels, batch_idx)
     ((grad_name, x_name),) = re.findall(
@@ -242,7 +244,7 @@ def test_the_choice_is_part_of_inductors_cache_key(monkeypatch):
 
 
 @needs_cpp_compiler
-def test_a_cached_graph_serves_only_a_process_that_measured_the_same_choice(timings):
+def test_a_cached_graph_serves_only_a_process_that_measured_the_same_choice(timings, monkeypatch):
     """Three runs sharing inductor's on-disk caches, each measuring anew as a new process would: the
     second measures the other kernel faster and compiles its own graph; the third measures as the first
     and takes the first's graph from the cache. (When the pass measured during the compile, the second
@@ -250,8 +252,9 @@ def test_a_cached_graph_serves_only_a_process_that_measured_the_same_choice(timi
     from torch._dynamo.utils import counters
     from torch._inductor.utils import fresh_cache
 
+    monkeypatch.setattr(first_conv, "UNCHOSEN", set())
     data = random_mnist(64, 1, seed=0)
-    gradient, params, batch_idx = fast_and_three_lenets()["fast"]
+    gradient, params, batch_idx = gradient_cases()["fast"]
 
     def run_as_a_new_process(seconds) -> tuple[int, int]:
         """(compiles, cache hits) of fast's gradient, compiled anew with (backward, as forward) timings."""
@@ -267,30 +270,41 @@ def test_a_cached_graph_serves_only_a_process_that_measured_the_same_choice(timi
         assert run_as_a_new_process((1e-3, 2e-3)) == (1, 0)  # oneDNN's backward: another graph
         assert run_as_a_new_process((2e-3, 1e-3)) == (0, 1)  # as forward again: the first graph
     assert timings["calls"] == 3
-    assert first_conv.UNCHOSEN == []
+    assert first_conv.UNCHOSEN == set()
 
 
 @needs_cpp_compiler
-@pytest.mark.parametrize("how", ["compiled", "compiled without the GIL", "called directly", "lenet x3 compiled"])
-def test_every_compile_measures_its_first_convolution_before_it_starts(timings, monkeypatch, how):
+@pytest.mark.parametrize(
+    "case, how",
+    [
+        ("fast", "compiled"),
+        ("fast", "compiled without the GIL"),
+        ("fast", "called directly"),
+        ("fast", "without layout optimization"),
+        ("lenet x3", "compiled"),
+        ("cnn", "compiled"),
+    ],
+)
+def test_every_compile_measures_its_first_convolution_before_it_starts(timings, monkeypatch, case, how):
     """speed.compiled, side_by_side's and direct_call's compiles measure each first convolution before the
-    compile, for the key the pass then looks up: the pass finds its choice (here the rewrite) and no
-    convolution goes without one."""
-    monkeypatch.setattr(first_conv, "UNCHOSEN", [])
+    compile, for the key the pass then looks up, also where the options change the layout inductor hands
+    oneDNN: the pass finds its choice (here the rewrite) and no convolution goes without one."""
+    monkeypatch.setattr(first_conv, "UNCHOSEN", set())
     timings["seconds"] = (2e-3, 1e-3)  # as forward is faster
     options = speed.compile_options()
+    if how == "without layout optimization":  # contiguous, not channels-last: another key
+        options = options | {"layout_optimization": False}
+        monkeypatch.setattr(speed, "compile_options", lambda: options)
     compile = {
-        "compiled": compiled,
         "compiled without the GIL": lambda fn: side_by_side.compiled_without_gil(fn, options),
         "called directly": lambda fn: called_directly(fn, options),
-        "lenet x3 compiled": compiled,
-    }[how]
+    }.get(how, compiled)
     data = random_mnist(64, 1, seed=0)
-    gradient, params, batch_idx = fast_and_three_lenets()["lenet x3" if how.startswith("lenet") else "fast"]
+    gradient, params, batch_idx = gradient_cases()[case]
     with torch._inductor.config.patch(fx_graph_cache=False):  # compile, so that the pass runs
         _, (code, *_) = run_and_get_code(compile(gradient), params, data.train_images, data.train_labels, batch_idx)
     assert timings["calls"] == 1
-    assert first_conv.UNCHOSEN == []
+    assert first_conv.UNCHOSEN == set()
     # the second layer's only: the first's rewritten (Python's wrapper calls aten, the C++ wrapper aoti_torch)
     assert len(re.findall(r"aten\.convolution_backward\.default\(|aoti_torch_cpu_convolution_backward\(", code)) == 1
 
@@ -298,12 +312,12 @@ def test_every_compile_measures_its_first_convolution_before_it_starts(timings, 
 def test_a_compile_outside_tinymnists_keeps_onednns_backward_and_says_which_it_met(monkeypatch):
     """No choice measured before the compile (a torch.compile with the pass but not compile_with_choices):
     nothing is timed inside the compile, whose cache key could not hold it."""
-    monkeypatch.setattr(first_conv, "UNCHOSEN", [])
+    monkeypatch.setattr(first_conv, "UNCHOSEN", set())
     monkeypatch.setattr(first_conv, "timed_in_turns", lambda kernels: pytest.fail("timed inside the compile"))
     traced, _ = two_conv_gradient()
     rewrite(traced.graph, first_conv.CHOICES["measured"])
     assert conv_backwards(traced.graph) == 2
-    assert first_conv.UNCHOSEN == [node_key(first_layer_backward(two_conv_gradient()[0]))]
+    assert first_conv.UNCHOSEN == {node_key(first_layer_backward(two_conv_gradient()[0]))}
 
 
 def test_the_convolutions_are_found_on_fake_tensors_leaving_the_generator_alone():

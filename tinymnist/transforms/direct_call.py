@@ -8,7 +8,8 @@ is from its floor"). `called_directly(fn, options)` does the
 compile once by hand:
 
     trace:    make_fx(fn) on fake tensors      one aten graph of the whole step, backward included
-    compile:  inductor's compile_fx(graph)     the same kernels torch.compile builds from it
+    compile:  inductor's compile_fx(graph)     the same kernels torch.compile builds from it (through
+                                               first_conv.compile_with_choices, as speed.compiled's)
     call:     flatten the arguments, call what compile_fx returns (the compiled graph in
               AOTAutograd's runtime wrapper), rebuild the outputs' dicts
 
@@ -108,7 +109,6 @@ def compiled_graph(fn, layout: Layout, flat: list, options: dict):
     """`fn` over flat leaves, traced on fake tensors (no arithmetic, no random numbers drawn), compiled.
     Imported here: inductor takes most of a second to import, and `tinymnist info` never needs it."""
     from torch._guards import TracingContext, tracing
-    from torch._inductor.compile_fx import compile_fx
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -133,5 +133,5 @@ def compiled_graph(fn, layout: Layout, flat: list, options: dict):
     # call are left out (unless `options` asks for them): mlp3's step 0.90-0.93x the time, mlp's 0.97-0.99x
     # (research/size_asserts.py).
     options = {"size_asserts": False} | options
-    with tracing(TracingContext(fake_mode)), first_conv.choices_measured(graph, flat, options):
-        return compile_fx(graph, flat, config_patches=options), out_layout
+    with tracing(TracingContext(fake_mode)):
+        return first_conv.compile_with_choices(graph, flat, options), out_layout

@@ -36,7 +36,6 @@ for bit.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import operator
 import os
@@ -45,7 +44,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from tinymnist.errors import TinyMnistError
@@ -104,34 +103,31 @@ def rewrite(graph: torch.fx.Graph, choose: Callable[[torch.fx.Node], bool]) -> N
 
 CHOSEN: dict[tuple, bool] = {}  # this process's measurements: choice_key -> whether as forward is faster
 IN_FORCE: dict[tuple, bool] | None = None  # the choices of the graph being compiled, measured before its compile
-UNCHOSEN: list[tuple] = []  # keys the measured pass met with no choice in force (it kept oneDNN's backward)
+UNCHOSEN: set[tuple] = set()  # keys the measured pass met with no choice in force (it kept oneDNN's backward)
 MARGIN = 0.9  # as forward must be this much faster: near a tie, autograd's own kernel (and its sums) stays
 ROUNDS = 5  # of the two kernels' timings, in turns, the order alternating; the medians are compared
 WINDOW_SECONDS = 0.005  # the least time one timing spans: well above the clock's resolution
 
 
-@contextlib.contextmanager
-def choices_measured(graph_module: torch.fx.GraphModule, example_inputs: list, options: dict):
-    """While `graph_module` compiles with `options`: the measured pass's choices for it in IN_FORCE, timed
-    before the compile starts, so that inductor's cache keys (inductor_pass's uuid) hold them and a graph
-    compiled in one process cannot hand its choice to another."""
-    global IN_FORCE
-    measured = getattr(options.get("post_grad_custom_post_pass"), "measured", False)
-    on_cpu = all(x.device.type == "cpu" for x in tree_leaves(example_inputs) if isinstance(x, torch.Tensor))
-    keys = first_convolutions(graph_module, example_inputs) if measured and on_cpu else []
-    IN_FORCE, outside = {key: as_forward_is_faster(key) for key in keys}, IN_FORCE
-    try:
-        yield
-    finally:
-        IN_FORCE = outside
-
-
 def compile_with_choices(graph_module: torch.fx.GraphModule, example_inputs: list, options: dict | None = None):
-    """torch.compile's backend for tinymnist's compiles: inductor with `options`, inside choices_measured."""
+    """torch.compile's backend for tinymnist's compiles (and direct_call's compile): inductor with `options`,
+    the measured pass's choices for this graph timed before the compile starts and in IN_FORCE while it
+    runs, so that inductor's cache keys (the pass's uuid) hold them and a graph compiled in one process
+    cannot hand its choice to another."""
+    global IN_FORCE
+    from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
 
-    with choices_measured(graph_module, example_inputs, options or {}):
-        return compile_fx(graph_module, example_inputs, config_patches=options or {})
+    options = options or {}
+    measured = getattr(options.get("post_grad_custom_post_pass"), "measured", False)
+    on_cpu = all(x.device.type == "cpu" for x in tree_leaves(example_inputs) if isinstance(x, torch.Tensor))
+    with config.patch(options):  # the keys' layout as the compile will decide it: options may change it
+        keys = first_convolutions(graph_module, example_inputs) if measured and on_cpu else []
+    IN_FORCE, outside = {key: as_forward_is_faster(key) for key in keys}, IN_FORCE
+    try:
+        return compile_fx(graph_module, example_inputs, config_patches=options)
+    finally:
+        IN_FORCE = outside
 
 
 def first_convolutions(graph_module: torch.fx.GraphModule, example_inputs: list) -> list[tuple]:
@@ -163,7 +159,7 @@ def chosen_in_force(node: torch.fx.Node) -> bool:
     (a compile outside compile_with_choices) oneDNN's backward, the key recorded in UNCHOSEN."""
     key = node_key(node)
     if IN_FORCE is None or key not in IN_FORCE:
-        UNCHOSEN.append(key)
+        UNCHOSEN.add(key)
         return False
     return IN_FORCE[key]
 
@@ -200,14 +196,13 @@ def as_forward_is_faster(key: tuple) -> bool:
 
 def measured_as_forward_is_faster(arguments: tuple, options: tuple) -> bool:
     padding, groups = list(options[2]), options[6]  # convolution_backward's padding and groups
-    with unset_fake_temporarily():  # real tensors, inside the compile's fake mode
-        generator = torch.Generator().manual_seed(0)  # not the global one, which dropout draws from
-        grad_out, x, weight = (random_tensor(*spec, generator) for spec in arguments)
-        kernels = (
-            lambda: aten.convolution_backward.default(grad_out, x, weight, *options),
-            lambda: weight_grad_as_forward(x, grad_out, padding, groups),
-        )
-        backward, as_forward = timed_in_turns(kernels)
+    generator = torch.Generator().manual_seed(0)  # not the global one, which dropout draws from
+    grad_out, x, weight = (random_tensor(*spec, generator) for spec in arguments)
+    kernels = (
+        lambda: aten.convolution_backward.default(grad_out, x, weight, *options),
+        lambda: weight_grad_as_forward(x, grad_out, padding, groups),
+    )
+    backward, as_forward = timed_in_turns(kernels)
     return as_forward <= MARGIN * backward
 
 
@@ -273,7 +268,7 @@ def inductor_pass(choice: str = "measured"):
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class FirstConvWeightGrad(CustomGraphPass):
-        measured = choice == "measured"  # for choices_measured
+        measured = choice == "measured"  # compile_with_choices times the choices before the compile for such a pass
 
         def __call__(self, graph: torch.fx.Graph) -> None:
             rewrite(graph, CHOICES[choice])
