@@ -1,5 +1,6 @@
 """What an output may replace (outputs.check_output): a file of its own kind, an empty one, or
-nothing; never a file of another kind, never a file the run reads. Each refusal is one line,
+nothing; never a file of another kind, never a file the run reads, and for a new training run never an
+earlier run's checkpoint or metrics (outputs.refuse_an_earlier_run). Each refusal is one line,
 exit 2, with the file left byte for byte as it was; each legitimate replacement still works."""
 
 import json
@@ -95,20 +96,31 @@ def test_an_input_under_another_name_is_still_an_input(tiny_split, tmp_path):
     assert images.read_bytes() == before
 
 
-def test_a_second_run_replaces_its_own_checkpoint_and_metrics(tiny_split, made, tmp_path):
-    ckpt = as_named(made["checkpoint"], tmp_path / "run.pt")
-    metrics = as_named(made["metrics"], tmp_path / "run.jsonl")
-    again = run(*train_args(tiny_split, "--model", "mlp", "--epochs", 2, "--save-model", ckpt, "--metrics", metrics))
-    assert again.exit_code == 0, again.output
-    assert checkpoint.peek(ckpt)["epoch"] == 2
-    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1, 2]
+@pytest.mark.parametrize("flag", ["--save-model", "--metrics"])
+def test_a_new_run_never_replaces_an_earlier_runs_checkpoint_or_metrics(tiny_split, made, tmp_path, flag):
+    """A forgotten --resume: the new run's first epoch would have replaced the earlier run's training."""
+    kind = "checkpoint" if flag == "--save-model" else "metrics"
+    path = as_named(made[kind], tmp_path / made[kind].name)
+    before = path.read_bytes()
+    result = run(*train_args(tiny_split, "--model", "mlp", "--epochs", 2, flag, path))
+    words = "holds a checkpoint of mlp at epoch 1; pass --resume" if kind == "checkpoint" else "an earlier run's"
+    assert_refused_and_kept(result, path, before, f"{flag} {path} ", words, "name another file or delete it first")
+
+
+def test_a_resumed_run_never_saves_over_another_checkpoint(tiny_split, made, tmp_path):
+    resumed, other = (as_named(made["checkpoint"], tmp_path / name) for name in ("resumed.pt", "other.pt"))
+    before = other.read_bytes()
+    result = run(*train_args(tiny_split, "--resume", resumed, "--save-model", other, "--epochs", 2))
+    assert_refused_and_kept(result, other, before, f"--save-model {other} holds a checkpoint", f"--resume {other}")
 
 
 def test_a_resumed_run_may_save_over_its_own_checkpoint_and_empty_files_may_be_replaced(tiny_split, made, tmp_path):
     ckpt = as_named(made["checkpoint"], tmp_path / "run.pt")
-    in_place = run(*train_args(tiny_split, "--resume", ckpt, "--save-model", ckpt, "--epochs", 2))
+    metrics = as_named(made["metrics"], tmp_path / "run.jsonl")
+    in_place = run(*train_args(tiny_split, "--resume", ckpt, "--save-model", ckpt, "--metrics", metrics, "--epochs", 2))
     assert in_place.exit_code == 0, in_place.output
     assert checkpoint.peek(ckpt)["epoch"] == 2
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1, 2]  # appended
     empty_ckpt, empty_metrics = tmp_path / "empty.pt", tmp_path / "empty.jsonl"
     empty_ckpt.touch()
     empty_metrics.touch()

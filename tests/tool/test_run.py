@@ -51,15 +51,15 @@ def test_a_resumed_run_writes_only_where_its_own_command_says(tiny_split, finish
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["mlp.jsonl", "mlp.pt"]
 
 
-def test_a_resumed_run_appends_to_metrics_and_a_new_run_starts_them_afresh(tiny_split, finished, tmp_path):
+def test_a_resumed_run_appends_to_metrics_and_a_new_run_refuses_them(tiny_split, finished, tmp_path):
     ckpt, metrics = finished
     assert len(metrics.read_text().splitlines()) == 2  # untrained, epoch 1
     resumed = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--metrics", metrics))
     assert resumed.exit_code == 0, resumed.output
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1, 2]
     fresh = run(*train_args(tiny_split, "--model", "mlp", "--epochs", 1, "--metrics", metrics))
-    assert fresh.exit_code == 0, fresh.output
-    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1]
+    assert_user_error(fresh, f"--metrics {metrics} holds an earlier run's metrics", "name another file")
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1, 2]
 
 
 def test_resume_takes_what_was_trained_from_the_checkpoint(tiny_split, finished, tmp_path):
@@ -163,21 +163,6 @@ def test_sigterm_exits_143_keeping_the_last_completed_epoch(tiny_split, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.pt"]  # no temp or lock file left
 
 
-def test_ctrl_c_in_the_first_epoch_leaves_an_earlier_checkpoint_alone(tiny_split, finished):
-    """A new run on a path that holds trained work writes nothing before its first epoch completes."""
-    import signal
-
-    ckpt, _ = finished
-    before = ckpt.read_bytes()
-    process = start_training(tiny_split, "--save-model", ckpt)
-    wait_for(process, "Train Epoch: 1")
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert "no epoch completed, nothing saved" in stderr and "Traceback" not in stderr
-    assert ckpt.read_bytes() == before
-
-
 def test_a_resumed_run_stopped_before_its_next_epoch_says_its_checkpoint_is_unchanged(tiny_split, tmp_path):
     """It said "nothing saved", as if the work were lost."""
     import signal
@@ -187,11 +172,13 @@ def test_a_resumed_run_stopped_before_its_next_epoch_says_its_checkpoint_is_unch
     wait_for(process, "Train Epoch: 2")
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=120)
+    before = ckpt.read_bytes()
     resumed = start_training(tiny_split, "--resume", ckpt, "--save-model", ckpt)
     wait_for(resumed, "Train Epoch: 2")
     resumed.send_signal(signal.SIGINT)
     _, stderr = resumed.communicate(timeout=120)
     assert resumed.returncode == 130, stderr
+    assert ckpt.read_bytes() == before  # nothing written before an epoch completes
     assert (
         stderr.strip().splitlines()[-1]
         == f"tinymnist: interrupted; no epoch completed in this run; {ckpt} (epoch 1) is unchanged"
@@ -228,12 +215,12 @@ def test_a_signal_while_the_data_loads_ends_in_one_line(tmp_path, signum, code, 
     assert stderr.strip().splitlines()[-1] == line and "Traceback" not in stderr
 
 
-def test_a_dry_run_writes_no_metrics_over_a_real_history(tiny_split, tmp_path):
+def test_a_dry_run_over_a_real_history_is_refused_as_the_run_would_be(tiny_split, tmp_path):
     metrics = tmp_path / "history.jsonl"
     assert run(*train_args(tiny_split, "--model", "mlp", "--epochs", 1, "--metrics", metrics)).exit_code == 0
     history = metrics.read_bytes()
     dry = run(*train_args(tiny_split, "--model", "mlp", "--dry-run", "--metrics", metrics))
-    assert dry.exit_code == 0, dry.output
+    assert_user_error(dry, f"--metrics {metrics} holds an earlier run's metrics")
     assert metrics.read_bytes() == history
 
 
@@ -309,15 +296,15 @@ def test_resume_refuses_one_rate_for_many_models_and_metrics_onto_the_checkpoint
     assert ckpt.read_bytes() == before
 
 
-def test_a_tensorboard_folder_that_fails_leaves_the_metrics_file_as_it_was(tiny_split, tmp_path):
-    """The TensorBoard writers are made before --metrics is started afresh: a failure there truncated it."""
+def test_a_tensorboard_folder_that_fails_leaves_no_metrics_file(tiny_split, tmp_path):
+    """The TensorBoard writers are made before --metrics is started: a failure there truncated it (now that a
+    new run refuses an earlier run's metrics, it would leave a file of a run that never ran)."""
     metrics, board = tmp_path / "m.jsonl", tmp_path / "board"
-    metrics.write_text('{"epoch": 0}\n')
     board.mkdir()
     (board / "ensemble").write_text("a file where a run's folder goes")
     result = run(*train_args(tiny_split, "--model", "mlp", "--seeds", 2, "--metrics", metrics, "--tensorboard", board))
     assert_user_error(result, "--tensorboard", "ensemble")
-    assert metrics.read_text() == '{"epoch": 0}\n'
+    assert not metrics.exists()
 
 
 def test_gamma_with_a_one_cycle_schedule_is_refused(tiny_split):

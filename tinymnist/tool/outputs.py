@@ -4,7 +4,8 @@ the work, one run each, written whole or not at all.
 `check_output` refuses, before an hour of training, every path a run could not write (a
 folder, a special file, a symbolic link, a missing folder, a name too long, no permission),
 one of the run's own inputs, and a file of another kind than the output's (KINDS, told from
-its first bytes): a run must lose nothing it did not make. Export's state_dict has no kind
+its first bytes): a run must lose nothing it did not make. `refuse_an_earlier_run` keeps a new
+training run off an earlier run's checkpoint and metrics too. Export's state_dict has no kind
 of its own, so export may replace any file but those four kinds; a missing or empty file
 may always be replaced.
 
@@ -211,6 +212,28 @@ def _check_replaceable(path: Path, flag: str) -> None:
     else:
         what = f"is {found}, not {kind}"
     raise TinyMnistError(f"{flag} {path} {what}; name another file or delete it first")
+
+
+def refuse_an_earlier_run(path: Path, flag: str) -> None:
+    """Refuse, naming `flag`, a new run's output where an earlier run's checkpoint or metrics already are:
+    its first epoch would replace hours of training (a forgotten --resume). Call it after check_output."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES + 1)
+    except FileNotFoundError:
+        return
+    if _is_checkpoint(path, head):
+        entries = checkpoint.peek(path)
+        model = entries.get("config", {}).get("model") if isinstance(entries.get("config"), dict) else None
+        what = f"a checkpoint of {model or 'a run'} at epoch {entries.get('epoch')}"
+        raise TinyMnistError(
+            f"{flag} {path} holds {what}; pass --resume {path} to continue it, or name another file or delete it first"
+        )
+    if head and _is_metrics(path, head):
+        raise TinyMnistError(
+            f"{flag} {path} holds an earlier run's metrics; name another file or delete it first "
+            "(a resumed run appends to its own)"
+        )
 
 
 # ---- one run per output file -------------------------------------------------------------

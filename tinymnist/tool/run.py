@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -110,6 +111,7 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
         optimizer = make_optimizer(config)
         check_memory(config, optimizer, device, models_here(config, cluster))  # before N configs are built
         with outputs.exclusive(paths):  # a second run on these files refuses; a dead run's temp files go
+            refuse_earlier_runs(config, paths)
             mnist = data.load_mnist(Path(config.data_dir), device, download=config.download)  # fetches what is missing
             check_batch_fits(config, len(mnist.train_images))
             batches = math.ceil(len(mnist.train_images) / config.batch_size)
@@ -172,6 +174,23 @@ def check_outputs(config: TrainConfig) -> dict[str, Path]:
         extras.require("torch.utils.tensorboard", "--tensorboard")  # a missing extra is found now, not after loading
         outputs.check_output_folder(Path(config.tensorboard), "--tensorboard")
     return paths
+
+
+def refuse_earlier_runs(config: TrainConfig, paths: dict[str, Path]) -> None:
+    """A new run writes no file an earlier run left (its checkpoint, its metrics); a resumed run continues
+    its own checkpoint in place and appends to its metrics. Checked once the files are locked: a run
+    still writing them is named as such, not as an earlier run."""
+    for flag, path in paths.items():
+        resumed_here = config.resume and (flag == "--metrics" or same_file(path, Path(config.resume)))
+        if not resumed_here:
+            outputs.refuse_an_earlier_run(path, flag)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there
+        return False
 
 
 def start(config: TrainConfig, optimizer, device: torch.device, resumed: TrainState | None, cluster) -> TrainState:
