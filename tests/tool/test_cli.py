@@ -27,7 +27,8 @@ def test_dry_run_does_one_step_and_one_evaluation(tiny_split, tmp_path):
     assert len(TEST_LINE.findall(result.stdout)) == 1
     assert not metrics.exists()  # a dry run writes no output (tests/test_run.py: not over a real history)
     final = result.stdout.strip().splitlines()[-1]
-    assert "one step, not timed (+ " in final and "images/s" not in final  # its one step is the first, untimed
+    assert "after one step (a dry run) on cpu; not timed (+ " in final  # its one step is the first, untimed
+    assert "images/s" not in final and "epoch" not in final
 
 
 def test_dry_run_saves_no_checkpoint(tiny_split, tmp_path):
@@ -240,7 +241,7 @@ def test_shapes_prints_the_arithmetic_and_the_9216():
     result = run("shapes", "cnn")
     assert result.exit_code == 0, result.output
     assert "9216" in result.stdout and "1,199,882" in result.stdout
-    assert_user_error(run("shapes", "vgg"), "vgg")
+    assert_user_error(run("shapes", "vgg"), "MODEL 'vgg' is unknown; choose one of mlp")  # an argument, no --model
 
 
 def test_info_reports_torch_and_accelerators():

@@ -104,6 +104,13 @@ def test_a_bad_metrics_file_is_a_one_line_error(tmp_path, content, fragment):
     assert_user_error(run_viz("plot", tmp_path / "absent.jsonl"), "absent.jsonl", "no such file")
 
 
+def test_a_binary_file_given_to_plot_is_told_as_no_metrics_file(tmp_path):
+    """A checkpoint's zip bytes (plot mlp.pt for plot mlp.jsonl) printed the codec's words."""
+    path = tmp_path / "mlp.pt"
+    path.write_bytes(b"PK\x03\x04\x80\xff binary")
+    assert_user_error(run_viz("plot", path), f"metrics file {path}: not text, so not a file `train --metrics` wrote")
+
+
 def test_piped_output_is_a_table_of_the_numbers(tmp_path):
     path = write_metrics(tmp_path / "mlp.jsonl", curve(0.9712))
     result = run_viz("plot", path)

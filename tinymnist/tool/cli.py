@@ -228,7 +228,11 @@ def train(
 @user_errors
 def eval_command(
     checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT", help="A file written by train --save-model."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of the log line."),
+    json_output: bool = typer.Option(
+        False,
+        "--json",
+        help="Print JSON instead of the log line: one object; for N models one line per model, then the ensemble's.",
+    ),
     confusion: bool = typer.Option(
         False,
         "--confusion",
@@ -282,6 +286,7 @@ def eval_command(
 @user_errors
 def shapes_command(model: str = typer.Argument(..., help=f"One of {MODELS}.")):
     """Trace a network layer by layer: output shapes, the arithmetic, parameter counts."""
+    networks.check_model(model, "MODEL")  # the argument, not a --model flag
     table = Table(title=f"{model}: input (1, 28, 28)")
     rows = networks.trace(model)
     for column in ("layer", "output shape", "arithmetic", "params"):

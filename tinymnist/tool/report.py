@@ -58,19 +58,22 @@ def final_line(result, device, compile_note: str) -> str:
     """The run's last line: final accuracy (N models: spread, best, ensemble), time without the compile, speed."""
     last = result.records[-1]
     speed = f"training {result.train_seconds:.1f} s {compile_note}, {result.images_per_second:,.0f} images/s"
+    when = f"after {last['epoch']:g} epoch{'' if last['epoch'] == 1 else 's'}"
+    if last.get("ensemble"):
+        when = f"after {counted(result.state.epoch, 'epoch')}"
     if not result.images:  # a dry run's one step is the first, kept off the clock
-        speed = f"one step, not timed {compile_note}"
+        speed, when = f"not timed {compile_note}", "after one step (a dry run)"
     if not last.get("ensemble"):
         return (
             f"Final test accuracy: {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "
-            f"after {last['epoch']:g} epoch{'' if last['epoch'] == 1 else 's'} on {device}; {speed}"
+            f"{when} on {device}; {speed}"
         )
     return (
         f"Final test accuracy over {last['models']} models: {100 * last['mean_accuracy']:.2f}% "
         f"± {100 * last['std_accuracy']:.2f} (min {100 * last['min_accuracy']:.2f}%, "
         f"max {100 * last['max_accuracy']:.2f}% with seed {last['best_seed']}, lr {last['best_lr']:g}); "
         f"ensemble {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "
-        f"after {counted(result.state.epoch, 'epoch')} on {device}; {speed} over all models"
+        f"{when} on {device}; {speed} over all models"
     )
 
 

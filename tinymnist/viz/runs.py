@@ -71,7 +71,9 @@ def read_records(path: Path) -> list[dict]:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
         raise TinyMnistError(f"metrics file {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:  # a checkpoint, a picture: plot reads the JSON lines `train --metrics` writes
+        raise TinyMnistError(f"metrics file {path}: not text, so not a file `train --metrics` wrote") from None
+    except OSError as e:
         raise TinyMnistError(f"metrics file {path}: cannot be read ({e})") from None
     records = []
     for number, line in enumerate(lines, start=1):
