@@ -62,6 +62,37 @@ def test_a_resumed_run_appends_to_metrics_and_a_new_run_refuses_them(tiny_split,
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1, 2]
 
 
+def test_a_resumed_run_drops_the_evaluations_past_its_checkpoint_before_it_appends(tiny_split, finished):
+    """The interrupted run evaluated past its last checkpoint (--eval-every, or an epoch whose save never
+    came): the resumed run makes those evaluations anew, so the file would hold them twice."""
+    ckpt, metrics = finished
+    history = metrics.read_text()
+    past = [json.loads(history.splitlines()[-1]) | {"epoch": e} for e in (1.5, 2)]
+    metrics.write_text(history + "".join(json.dumps(r) + "\n" for r in past))
+    before = metrics.read_bytes()
+    dry = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--metrics", metrics, "--dry-run"))
+    assert dry.exit_code == 0, dry.output
+    assert metrics.read_bytes() == before  # a dry run writes nothing
+    resumed = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--metrics", metrics))
+    assert resumed.exit_code == 0, resumed.output
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1, 2]
+    assert metrics.read_text().startswith(history)
+    assert f"--metrics {metrics}: dropped 2 evaluations past the checkpoint's epoch 1" in resumed.stderr
+
+
+@pytest.mark.parametrize(
+    "tail, words",
+    [('{"epoch": 1.5, "test_lo', "its last line (line 3) was cut off"), ("not json\n", "line 3: not a metrics record")],
+)
+def test_a_resumed_run_refuses_a_metrics_file_it_cannot_continue(tiny_split, finished, tail, words):
+    ckpt, metrics = finished
+    metrics.write_text(metrics.read_text() + tail)
+    before = metrics.read_bytes()
+    result = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--metrics", metrics))
+    assert_user_error(result, f"--metrics {metrics}", words)
+    assert metrics.read_bytes() == before
+
+
 def test_resume_takes_what_was_trained_from_the_checkpoint(tiny_split, finished, tmp_path):
     ckpt, _ = finished
     again = tmp_path / "again.pt"

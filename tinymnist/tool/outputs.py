@@ -34,6 +34,7 @@ from tinymnist import data
 from tinymnist.data import files
 from tinymnist.errors import TinyMnistError
 from tinymnist.tool import checkpoint
+from tinymnist.tool.report import counted
 
 # What to do when a lock file cannot be written, by the error the OS gave; anything else: another folder.
 LOCK_ADVICE = {
@@ -234,6 +235,34 @@ def refuse_an_earlier_run(path: Path, flag: str) -> None:
             f"{flag} {path} holds an earlier run's metrics; name another file or delete it first "
             "(a resumed run appends to its own)"
         )
+
+
+def continue_metrics(path: Path, flag: str, epoch: int) -> str | None:
+    """A resumed run's metrics file, made the history of its checkpoint (saved at `epoch`) before the run
+    appends: a last line cut off mid-write is refused; evaluations past `epoch`, those of the interrupted
+    run after its last checkpoint, which this run makes anew, are dropped (atomically). Returns a note
+    saying how many were dropped, or None."""
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(b"\n"):  # every record ends its line: this one was cut off
+        cut = f"its last line (line {len(lines)}) was cut off mid-write"
+        raise TinyMnistError(f"{flag} {path}: {cut}; delete that line or name another file")
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        record = _json(line)
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), (int, float)):
+            raise TinyMnistError(f"{flag} {path}, line {number}: not a metrics record; name another file")
+        if record["epoch"] <= epoch:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return None
+    with files.atomic_write(path) as file:
+        file.write(b"".join(kept))
+    dropped = counted(len(lines) - len(kept), "evaluation")
+    return f"{flag} {path}: dropped {dropped} past the checkpoint's epoch {epoch}, which this run makes anew"
 
 
 # ---- one run per output file -------------------------------------------------------------

@@ -111,7 +111,7 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
         optimizer = make_optimizer(config)
         check_memory(config, optimizer, device, models_here(config, cluster))  # before N configs are built
         with outputs.exclusive(paths):  # a second run on these files refuses; a dead run's temp files go
-            refuse_earlier_runs(config, paths)
+            check_earlier_runs(config, paths, resumed)
             mnist = data.load_mnist(Path(config.data_dir), device, download=config.download)  # fetches what is missing
             check_batch_fits(config, len(mnist.train_images))
             batches = math.ceil(len(mnist.train_images) / config.batch_size)
@@ -176,14 +176,17 @@ def check_outputs(config: TrainConfig) -> dict[str, Path]:
     return paths
 
 
-def refuse_earlier_runs(config: TrainConfig, paths: dict[str, Path]) -> None:
+def check_earlier_runs(config: TrainConfig, paths: dict[str, Path], resumed: TrainState | None) -> None:
     """A new run writes no file an earlier run left (its checkpoint, its metrics); a resumed run continues
-    its own checkpoint in place and appends to its metrics. Checked once the files are locked: a run
-    still writing them is named as such, not as an earlier run."""
+    its own checkpoint in place and appends to its metrics, made its checkpoint's history first. Checked
+    once the files are locked: a run still writing them is named as such, not as an earlier run."""
     for flag, path in paths.items():
-        resumed_here = config.resume and (flag == "--metrics" or same_file(path, Path(config.resume)))
+        resumed_here = resumed is not None and (flag == "--metrics" or same_file(path, Path(config.resume)))
         if not resumed_here:
             outputs.refuse_an_earlier_run(path, flag)
+        elif flag == "--metrics" and not config.dry_run:  # a dry run writes no metrics
+            if note := outputs.continue_metrics(path, flag, resumed.epoch):
+                print(f"tinymnist: {note}", file=sys.stderr)
 
 
 def same_file(a: Path, b: Path) -> bool:
