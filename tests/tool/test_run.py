@@ -93,6 +93,18 @@ def test_a_resumed_run_refuses_a_metrics_file_it_cannot_continue(tiny_split, fin
     assert metrics.read_bytes() == before
 
 
+def test_a_flag_that_replaces_a_trained_value_on_resume_says_so(tiny_split, finished):
+    ckpt, _ = finished
+    saved_lr = checkpoint.peek(ckpt)["config"]["lr"]
+    same = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--lr", saved_lr, "--dry-run"))
+    assert same.exit_code == 0, same.output
+    assert "replaces" not in same.stderr
+    other = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--lr", 0.5, "--batch-size", 7, "--dry-run"))
+    assert other.exit_code == 0, other.output
+    assert f"tinymnist: --lr 0.5 replaces checkpoint {ckpt}'s {saved_lr} from here on" in other.stderr
+    assert f"--batch-size 7 replaces checkpoint {ckpt}'s" in other.stderr and "bit for bit" in other.stderr
+
+
 def test_resume_takes_what_was_trained_from_the_checkpoint(tiny_split, finished, tmp_path):
     ckpt, _ = finished
     again = tmp_path / "again.pt"

@@ -129,7 +129,8 @@ def train(
         show_default="off",
     ),
     save_model: Path | None = unset(
-        "Write a checkpoint here after every epoch (atomically).", "none: nothing is saved"
+        "Write a checkpoint here after every epoch (atomically); never over an earlier run's (resume it).",
+        "none: nothing is saved",
     ),
     device: str | None = unset("auto, cpu, cuda, cuda:N or mps.", "auto"),
     no_accel: bool = typer.Option(
@@ -163,12 +164,13 @@ def train(
     no_download: bool = NoDownload,
     metrics: Path | None = unset(
         "Write one JSON object per evaluation to this JSON Lines file: "
-        "a new run starts it afresh, a resumed run appends.",
+        "a new run refuses an earlier run's, a resumed run appends.",
         "none",
     ),
     tensorboard: Path | None = unset("Also write TensorBoard scalars into this folder (needs the viz extra).", "none"),
     resume: Path | None = unset(
-        "Continue from this checkpoint (--epochs is the total); it is only read: save with --save-model.",
+        "Continue from this checkpoint (--epochs is the total); it is only read: save with --save-model. "
+        "What was trained comes from it; a flag given now (--lr, --batch-size) replaces it, with a note.",
         "a new run",
     ),
 ):

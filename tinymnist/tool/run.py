@@ -89,6 +89,14 @@ def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
         raise Finished(
             f"checkpoint {path} has completed {state.epoch} of --epochs {config.epochs}; nothing to train ({more})"
         )
+    for field in TRAINED_FIELDS:  # allowed (a lower rate from here on, say), but no longer the same run
+        if field != "epochs" and flags.get(field) is not None and flags[field] != trained[field]:
+            flag = "--" + field.replace("_", "-")
+            print(
+                f"tinymnist: {flag} {flags[field]} replaces checkpoint {path}'s {trained[field]} from here on; "
+                "the run no longer continues it bit for bit",
+                file=sys.stderr,
+            )
     return config, state
 
 
