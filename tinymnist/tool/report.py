@@ -117,9 +117,8 @@ class LineReporter:
     def epoch_started(self, epoch: int, steps: int, lr: float, compiling: bool) -> None: ...
 
     def logged(self, epoch: int, step: int, images_seen: int, n_train: int, loss: float) -> None:
-        seen = min(
-            images_seen, n_train
-        )  # the percentage is of the epoch, as the brackets say (a dry run's one step: 0%)
+        # the percentage is of the epoch, as the brackets say (a dry run's one step: 0%)
+        seen = min(images_seen, n_train)
         print(
             f"Train Epoch: {epoch} [{seen}/{n_train} ({100 * seen / n_train:.0f}%)]\tLoss: {loss:.6f}",
             file=self.out,

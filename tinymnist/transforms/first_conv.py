@@ -275,7 +275,7 @@ def inductor_pass(choice: str = "measured"):
 
         def uuid(self) -> bytes:  # inductor's cache key: this file's and the splice's text, the choice and,
             # for a measured one, the choices in force for the graph being compiled
-            measured = sorted(repr(choice) for choice in (IN_FORCE or {}).items())
+            measured = sorted(repr(item) for item in (IN_FORCE or {}).items())
             where = f"{choice} {measured}" if choice == "measured" else choice
             return get_hash_for_files((__file__, graph_splice.__file__)) + where.encode()
 
