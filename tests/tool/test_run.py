@@ -62,22 +62,17 @@ def test_a_resumed_run_appends_to_metrics_and_a_new_run_refuses_them(tiny_split,
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1, 2]
 
 
-def test_a_resumed_run_drops_the_evaluations_past_its_checkpoint_before_it_appends(tiny_split, finished):
-    """The interrupted run evaluated past its last checkpoint (--eval-every, or an epoch whose save never
-    came): the resumed run makes those evaluations anew, so the file would hold them twice."""
-    ckpt, metrics = finished
-    history = metrics.read_text()
-    past = [json.loads(history.splitlines()[-1]) | {"epoch": e} for e in (1.5, 2)]
-    metrics.write_text(history + "".join(json.dumps(r) + "\n" for r in past))
-    before = metrics.read_bytes()
-    dry = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--metrics", metrics, "--dry-run"))
-    assert dry.exit_code == 0, dry.output
-    assert metrics.read_bytes() == before  # a dry run writes nothing
-    resumed = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--metrics", metrics))
-    assert resumed.exit_code == 0, resumed.output
-    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1, 2]
-    assert metrics.read_text().startswith(history)
-    assert f"--metrics {metrics}: dropped 2 evaluations past the checkpoint's epoch 1" in resumed.stderr
+def test_a_resumed_run_refuses_metrics_past_its_checkpoint(tiny_split, finished, tmp_path):
+    """Another run's file, or the interrupted run's evaluations after its last save: appending would mix
+    two histories or hold evaluations twice. Nothing is dropped for the user; a dry run checks it too."""
+    ckpt, _ = finished
+    other = tmp_path / "other.jsonl"
+    assert run(*train_args(tiny_split, "--model", "mlp", "--epochs", 3, "--metrics", other)).exit_code == 0
+    before = other.read_bytes()
+    for dry in ([], ["--dry-run"]):
+        result = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--metrics", other, *dry))
+        assert_user_error(result, f"--metrics {other} holds evaluations up to epoch 3", "checkpoint's epoch 1")
+        assert other.read_bytes() == before
 
 
 @pytest.mark.parametrize(
@@ -93,6 +88,14 @@ def test_a_resumed_run_refuses_a_metrics_file_it_cannot_continue(tiny_split, fin
     assert metrics.read_bytes() == before
 
 
+def test_a_resumed_run_continues_a_metrics_file_with_a_blank_line_as_plot_reads_it(tiny_split, finished):
+    ckpt, metrics = finished
+    metrics.write_text(metrics.read_text() + "\n")
+    resumed = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--metrics", metrics))
+    assert resumed.exit_code == 0, resumed.output
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines() if line] == [0, 1, 2]
+
+
 def test_a_flag_that_replaces_a_trained_value_on_resume_says_so(tiny_split, finished):
     ckpt, _ = finished
     saved_lr = checkpoint.peek(ckpt)["config"]["lr"]
@@ -103,6 +106,8 @@ def test_a_flag_that_replaces_a_trained_value_on_resume_says_so(tiny_split, fini
     assert other.exit_code == 0, other.output
     assert f"tinymnist: --lr 0.5 replaces checkpoint {ckpt}'s {saved_lr} from here on" in other.stderr
     assert f"--batch-size 7 replaces checkpoint {ckpt}'s" in other.stderr and "bit for bit" in other.stderr
+    logged = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--log-interval", 3, "--dry-run"))
+    assert logged.exit_code == 0 and "replaces" not in logged.stderr  # how often it logs changes no number
 
 
 def test_resume_takes_what_was_trained_from_the_checkpoint(tiny_split, finished, tmp_path):

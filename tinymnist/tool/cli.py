@@ -164,7 +164,7 @@ def train(
     no_download: bool = NoDownload,
     metrics: Path | None = unset(
         "Write one JSON object per evaluation to this JSON Lines file: "
-        "a new run refuses an earlier run's, a resumed run appends.",
+        "a new run refuses an earlier run's, a resumed run appends to one that ends at its checkpoint.",
         "none",
     ),
     tensorboard: Path | None = unset("Also write TensorBoard scalars into this folder (needs the viz extra).", "none"),

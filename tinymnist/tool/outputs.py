@@ -34,7 +34,6 @@ from tinymnist import data
 from tinymnist.data import files
 from tinymnist.errors import TinyMnistError
 from tinymnist.tool import checkpoint
-from tinymnist.tool.report import counted
 
 # What to do when a lock file cannot be written, by the error the OS gave; anything else: another folder.
 LOCK_ADVICE = {
@@ -224,9 +223,7 @@ def refuse_an_earlier_run(path: Path, flag: str) -> None:
     except FileNotFoundError:
         return
     if _is_checkpoint(path, head):
-        entries = checkpoint.peek(path)
-        model = entries.get("config", {}).get("model") if isinstance(entries.get("config"), dict) else None
-        what = f"a checkpoint of {model or 'a run'} at epoch {entries.get('epoch')}"
+        what = _described_checkpoint(checkpoint.peek(path))
         raise TinyMnistError(
             f"{flag} {path} holds {what}; pass --resume {path} to continue it, or name another file or delete it first"
         )
@@ -237,32 +234,39 @@ def refuse_an_earlier_run(path: Path, flag: str) -> None:
         )
 
 
-def continue_metrics(path: Path, flag: str, epoch: int) -> str | None:
-    """A resumed run's metrics file, made the history of its checkpoint (saved at `epoch`) before the run
-    appends: a last line cut off mid-write is refused; evaluations past `epoch`, those of the interrupted
-    run after its last checkpoint, which this run makes anew, are dropped (atomically). Returns a note
-    saying how many were dropped, or None."""
+def _described_checkpoint(entries: dict) -> str:
+    """ "a checkpoint of mlp at epoch 2", from a checkpoint's unchecked entries."""
+    config = entries.get("config")
+    model = config.get("model") if isinstance(config, dict) else None
+    return f"a checkpoint of {model or 'a run'} at epoch {entries.get('epoch')}"
+
+
+def check_continued_metrics(path: Path, flag: str, epoch: int) -> None:
+    """Refuse, naming `flag`, a resumed run's metrics file that does not end where its checkpoint (saved at
+    `epoch`) does: a last line cut off mid-write, a line that is no record, or records past `epoch` (another
+    run's, or the interrupted run's after its last save, which the resumed run would make again). Reads
+    only: the user decides what goes."""
     try:
-        text = path.read_bytes()
+        lines = path.read_bytes().splitlines(keepends=True)
     except FileNotFoundError:
-        return None
-    lines = text.splitlines(keepends=True)
+        return
     if lines and not lines[-1].endswith(b"\n"):  # every record ends its line: this one was cut off
         cut = f"its last line (line {len(lines)}) was cut off mid-write"
         raise TinyMnistError(f"{flag} {path}: {cut}; delete that line or name another file")
-    kept = []
+    latest = 0.0
     for number, line in enumerate(lines, start=1):
+        if not line.strip():  # as plot reads it
+            continue
         record = _json(line)
         if not isinstance(record, dict) or not isinstance(record.get("epoch"), (int, float)):
-            raise TinyMnistError(f"{flag} {path}, line {number}: not a metrics record; name another file")
-        if record["epoch"] <= epoch:
-            kept.append(line)
-    if len(kept) == len(lines):
-        return None
-    with files.atomic_write(path) as file:
-        file.write(b"".join(kept))
-    dropped = counted(len(lines) - len(kept), "evaluation")
-    return f"{flag} {path}: dropped {dropped} past the checkpoint's epoch {epoch}, which this run makes anew"
+            raise TinyMnistError(f"{flag} {path}, line {number}: not a metrics record; delete it or name another file")
+        latest = max(latest, record["epoch"])
+    if latest > epoch:
+        raise TinyMnistError(
+            f"{flag} {path} holds evaluations up to epoch {latest:g}, past the checkpoint's epoch {epoch} "
+            "(another run's, or this run's after its last save, which it would make again); "
+            "name another file, or delete those lines to continue this one"
+        )
 
 
 # ---- one run per output file -------------------------------------------------------------

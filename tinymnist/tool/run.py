@@ -55,6 +55,9 @@ TRAINED_FIELDS = (
     "model optimizer lr gamma schedule label_smoothing batch_size test_batch_size epochs seed log_interval seeds lrs"
 ).split()
 
+# Of those, the ones a flag given now may replace that change the arithmetic (a note says so).
+ARITHMETIC_FIELDS = "lr gamma schedule label_smoothing batch_size".split()
+
 
 class Finished(Exception):
     """A resumed checkpoint that already holds every epoch asked for: nothing to train."""
@@ -89,8 +92,9 @@ def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
         raise Finished(
             f"checkpoint {path} has completed {state.epoch} of --epochs {config.epochs}; nothing to train ({more})"
         )
-    for field in TRAINED_FIELDS:  # allowed (a lower rate from here on, say), but no longer the same run
-        if field != "epochs" and flags.get(field) is not None and flags[field] != trained[field]:
+    cluster = torchrun.from_env()
+    for field in ARITHMETIC_FIELDS:  # allowed (a lower rate from here on, say), but no longer the same run
+        if flags.get(field) is not None and flags[field] != trained[field] and (cluster is None or cluster.leader):
             flag = "--" + field.replace("_", "-")
             print(
                 f"tinymnist: {flag} {flags[field]} replaces checkpoint {path}'s {trained[field]} from here on; "
@@ -186,18 +190,17 @@ def check_outputs(config: TrainConfig) -> dict[str, Path]:
 
 def check_earlier_runs(config: TrainConfig, paths: dict[str, Path], resumed: TrainState | None) -> None:
     """A new run writes no file an earlier run left (its checkpoint, its metrics); a resumed run continues
-    its own checkpoint in place and appends to its metrics, made its checkpoint's history first. Checked
+    its own checkpoint in place and appends to a metrics file that ends where the checkpoint does. Checked
     once the files are locked: a run still writing them is named as such, not as an earlier run."""
     for flag, path in paths.items():
-        resumed_here = resumed is not None and (flag == "--metrics" or same_file(path, Path(config.resume)))
-        if not resumed_here:
+        if resumed is None or (flag == "--save-model" and not same_file(path, Path(config.resume))):
             outputs.refuse_an_earlier_run(path, flag)
-        elif flag == "--metrics" and not config.dry_run:  # a dry run writes no metrics
-            if note := outputs.continue_metrics(path, flag, resumed.epoch):
-                print(f"tinymnist: {note}", file=sys.stderr)
+        elif flag == "--metrics":
+            outputs.check_continued_metrics(path, flag, resumed.epoch)
 
 
 def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links and relative paths followed); False where one is missing."""
     try:
         return os.path.samefile(a, b)
     except OSError:  # one of them is not there
@@ -236,7 +239,7 @@ def train_and_save(
     console = Console()
     reporters = [interrupts.SwallowedSignals(), ProgressReporter(console) if console.is_terminal else LineReporter()]
     # A dry run checks that the outputs can be written but writes none: a real history stays.
-    if config.tensorboard and not config.dry_run:  # before --metrics, which a new run starts afresh
+    if config.tensorboard and not config.dry_run:  # before --metrics is opened: a failure here leaves none
         reporters.append(tensorboard_reporter(config, len(mnist.train_images)))
     if metrics_path and not config.dry_run:
         reporters.append(MetricsFile(metrics_path, append=resumed is not None))
