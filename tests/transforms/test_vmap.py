@@ -212,10 +212,10 @@ def test_an_n_model_run_matches_each_single_run(tiny_split, tmp_path):
     assert records[-1]["ensemble"] is True and records[-1]["models"] == 2
     for seed in (3, 4):
         single = run(
-            *train_args(tiny_split, *[a if a != 3 else seed for a in common], "--metrics", tmp_path / "s.jsonl")
+            *train_args(tiny_split, *[a if a != 3 else seed for a in common], "--metrics", tmp_path / f"s{seed}.jsonl")
         )
         assert single.exit_code == 0, single.output
-        last = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[-1])
+        last = json.loads((tmp_path / f"s{seed}.jsonl").read_text().splitlines()[-1])
         assert abs(last["test_accuracy"] - final[seed]) <= 0.003
     evaluated = run("eval", tmp_path / "n.pt", "--data-dir", tiny_split, "--no-download", "--device", "cpu", "--json")
     lines = [json.loads(line) for line in evaluated.output.splitlines()]
