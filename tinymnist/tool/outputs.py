@@ -54,12 +54,19 @@ def check_output(path: Path, flag: str, inputs: Mapping[Path, str] | None = None
 
 def _refuse_inputs(path: Path, flag: str, inputs: Mapping[Path, str]) -> None:
     for source, what in inputs.items():
-        try:  # the same real path, or (hard links) the same file
-            same = os.path.realpath(path) == os.path.realpath(source) or os.path.samefile(path, source)
-        except OSError:  # one of them is not there, under another name: not one file
-            same = False
-        if same:
+        if same_file(path, source):
             raise TinyMnistError(f"{flag} {path} is {what}; name another file")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same real path (links and relative paths followed; the file
+    may not be there yet) or, for hard links, the same file on disk."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there, under another name: not one file
+        return False
 
 
 def data_inputs(data_dir: Path) -> dict[Path, str]:

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -193,18 +192,10 @@ def check_earlier_runs(config: TrainConfig, paths: dict[str, Path], resumed: Tra
     its own checkpoint in place and appends to a metrics file that ends where the checkpoint does. Checked
     once the files are locked: a run still writing them is named as such, not as an earlier run."""
     for flag, path in paths.items():
-        if resumed is None or (flag == "--save-model" and not same_file(path, Path(config.resume))):
+        if resumed is None or (flag == "--save-model" and not outputs.same_file(path, Path(config.resume))):
             outputs.refuse_an_earlier_run(path, flag)
         elif flag == "--metrics":
             outputs.check_continued_metrics(path, flag, resumed.epoch)
-
-
-def same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file (links and relative paths followed); False where one is missing."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them is not there
-        return False
 
 
 def start(config: TrainConfig, optimizer, device: torch.device, resumed: TrainState | None, cluster) -> TrainState:
