@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from tinymnist.data.fetch import Patience, fetch_files
+from tinymnist.data.fetch import NO_MIRROR_LEFT, Patience, fetch_files
 from tinymnist.data.files import remove_leftovers
 from tinymnist.data.idx import IdxError, IdxHeader, open_idx
 from tinymnist.errors import TinyMnistError
@@ -145,7 +145,9 @@ def download(
         raise DownloadError(f"cannot write into the data folder {data_dir}: {e.strerror or e}") from None
     if failures:
         _remove_if_empty(made)  # nothing arrived: leave no empty folders behind
-        lines = [f"{name}: {'; '.join(answers)}" for name, answers in failures.items()]
+        lines = [f"{name}: {'; '.join(answers)}" for name, answers in failures.items() if answers != [NO_MIRROR_LEFT]]
+        if not_asked := [name for name, answers in failures.items() if answers == [NO_MIRROR_LEFT]]:
+            lines.append(f"{', '.join(not_asked)}: {NO_MIRROR_LEFT}")
         how = f"To fix: {_by_hand(data_dir, list(failures))}, or list other mirrors in {MIRRORS_ENV}=URL,URL"
         raise DownloadError("\n".join(["could not download MNIST; what each mirror answered:", *lines, how]))
 

@@ -28,6 +28,8 @@ CHUNK_BYTES = 1 << 16  # stream, hash and write in 64 KiB pieces
 # The bytes as stored: with gzip transfer encoding, Content-Length counts compressed bytes while requests
 # hands over uncompressed ones, and a short body could not be told from a whole one.
 AS_STORED = {"Accept-Encoding": "identity"}
+# A file's only answer once every mirror is out of the run: said once in the error, not per mirror and file.
+NO_MIRROR_LEFT = "not asked: no mirror answered for an earlier file"
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class _Fetcher:
 
     def fetch(self, name: str, destination: Path, md5: str) -> list[str]:
         """Try each mirror in turn: [] once one delivers, else what every mirror answered."""
+        if self.mirrors and all(base in self.dead for base in self.mirrors):
+            return [NO_MIRROR_LEFT]  # offline: the first file's lines said why
         task = self.bar.add_task(name, total=None)
         give_up_at = time.monotonic() + self.patience.deadline
         answers = []
