@@ -83,7 +83,7 @@ def test_classic_pickle_train_and_validation_become_the_training_set(tmp_path, a
     arrays = fake_mnist()
     accept(arrays)
     written = build_from(classic_pickle(tmp_path / "mnist.pkl.gz", arrays, protocol=protocol), tmp_path / "data")
-    assert written == list(FILES)
+    assert written == dict.fromkeys(FILES, True)
     assert_written(tmp_path / "data", arrays)
 
 
@@ -123,6 +123,37 @@ def test_rebuilt_files_are_taken_without_touching_the_network(tmp_path, accept):
     build_from(classic_pickle(tmp_path / "mnist.pkl.gz", arrays), tmp_path / "data")
     download(tmp_path / "data", mirrors=["http://127.0.0.1:9/"])  # would be refused: nothing is asked
     assert data.load_mnist(tmp_path / "data").train_images.shape == (60, 28, 28)
+
+
+def test_the_data_folder_as_its_own_source_is_left_as_it_is(tmp_path, accept):
+    """`download --from DIR --data-dir DIR`: the files are checked, not rewritten onto themselves."""
+    arrays = fake_mnist()
+    accept(arrays)
+    build_from(classic_pickle(tmp_path / "mnist.pkl.gz", arrays), tmp_path / "data")
+    before = {name: os.stat(tmp_path / "data" / name) for name in FILES}
+
+    assert build_from(tmp_path / "data", tmp_path / "data") == dict.fromkeys(FILES, False)
+
+    assert_written(tmp_path / "data", arrays)
+    for name, stat in before.items():
+        after = os.stat(tmp_path / "data" / name)
+        assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns), name
+
+
+def test_only_the_files_that_are_not_mnists_are_rebuilt(tmp_path, accept):
+    """A file with another md5 under MNIST's name (another dataset, say) or a cut-off one is replaced."""
+    arrays = fake_mnist()
+    accept(arrays)
+    data_dir = tmp_path / "data"
+    build_from(classic_pickle(tmp_path / "mnist.pkl.gz", arrays), data_dir)
+    write_idx(data_dir / TRAIN_LABELS, torch.from_numpy((arrays[TRAIN_LABELS] + 1) % 10))  # a valid IDX, not MNIST's
+    cut = (data_dir / TEST_IMAGES).read_bytes()
+    (data_dir / TEST_IMAGES).write_bytes(cut[: len(cut) // 2])
+
+    written = build_from(tmp_path / "mnist.pkl.gz", data_dir)
+
+    assert written == {TRAIN_IMAGES: False, TRAIN_LABELS: True, TEST_IMAGES: True, TEST_LABELS: False}
+    assert_written(data_dir, arrays)
 
 
 # ---- refusals ------------------------------------------------------------------------------

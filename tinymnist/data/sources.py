@@ -29,9 +29,10 @@ ZIP_MAGIC, PICKLE_MAGIC = b"PK", b"\x80"  # .npz is a zip; pickle protocol >= 2
 FORMATS = "mnist.pkl.gz, Keras's mnist.npz, or a folder of IDX files such as torchvision's MNIST/raw"
 
 
-def build_from(source: Path, data_dir: Path) -> list[str]:
-    """Write into data_dir each MNIST file that `source` holds, md5-verified, and return their names;
-    nothing is written if any is not byte for byte MNIST's."""
+def build_from(source: Path, data_dir: Path) -> dict[str, bool]:
+    """Write into data_dir each MNIST file that `source` holds, md5-verified; nothing is written if any is
+    not byte for byte MNIST's. Returns {name: written}: False where data_dir already held MNIST's file (as
+    when `source` is data_dir itself), which is left as it is."""
     source, data_dir = Path(source), Path(data_dir)
     check_data_dir(data_dir)
     tensors = _read_source(source)  # name -> (N, 28, 28) or (N,) uint8
@@ -39,13 +40,27 @@ def build_from(source: Path, data_dir: Path) -> list[str]:
     if wrong:
         got = ", ".join(f"{name} (md5 {idx_md5(tensors[name])}, MNIST's is {RAW_MD5[name]})" for name in wrong)
         raise TinyMnistError(f"--from {source}: not an original copy of MNIST: {got}; nothing written")
+    written = {name: not _holds_mnists(data_dir, name) for name in tensors}
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         for name, tensor in tensors.items():
-            write_idx(data_dir / name, tensor)
+            if written[name]:
+                write_idx(data_dir / name, tensor)
     except OSError as e:
         raise TinyMnistError(f"cannot write into the data folder {data_dir}: {e.strerror or e}") from None
-    return list(tensors)
+    return written
+
+
+def _holds_mnists(data_dir: Path, name: str) -> bool:
+    """Whether data_dir holds `name`, gzipped or not, with the md5 of MNIST's contents."""
+    if (path := find_file(data_dir, name)) is None:
+        return False
+    try:
+        with open_idx(path) as idx:
+            check_header(path, idx.header, name)  # a bomb is refused here, by its header
+            return idx_md5(idx.read()) == RAW_MD5[name]
+    except (TinyMnistError, OSError):  # cut off, corrupt, unreadable: rebuilt
+        return False
 
 
 def _read_source(source: Path) -> dict[str, torch.Tensor]:

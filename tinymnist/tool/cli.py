@@ -326,8 +326,9 @@ def download(
     if source is None:
         data.download(folder)
     else:
-        for name in sources.build_from(source, folder):
-            print(f"{folder / name}: rebuilt from {source}, the md5 of its contents is MNIST's")
+        for name, written in sources.build_from(source, folder).items():
+            done = f"rebuilt from {source}" if written else "already there, left as it is"
+            print(f"{folder / name}: {done}; the md5 of its contents is MNIST's")
         if missing := data.missing_files(folder):
             raise data.MissingDataError(data.missing_data_message(folder, missing))
     print(f"MNIST files are in {folder}")
