@@ -110,6 +110,24 @@ def test_count_mismatch_names_both_files(small_mnist):
         load_mnist(folder)
 
 
+def test_swapped_training_and_test_files_are_named_as_such(small_mnist):
+    """MNIST's two images files under each other's names: the counts give it away, and the error says so."""
+    folder, _ = small_mnist
+    write_idx(folder / TRAIN_IMAGES, torch.zeros(10_000, 28, 28, dtype=torch.uint8))  # the test set's size
+    write_idx(folder / TRAIN_LABELS, torch.zeros(60_000, dtype=torch.uint8))
+    with pytest.raises(TinyMnistError) as caught:
+        load_mnist(folder)
+    assert str(caught.value) == (
+        f"{folder / TRAIN_IMAGES} holds 10000 images but {TRAIN_LABELS} holds 60000 labels "
+        "(10000 is the test set's size: are the train- and t10k- files swapped?); "
+        "put MNIST's own files there (`tinymnist download`, or `tinymnist download --from` a copy)"
+    )
+
+    write_idx(folder / TEST_LABELS, torch.zeros(60_000, dtype=torch.uint8))  # the training set's size
+    with pytest.raises(TinyMnistError, match=re.escape("(60000 is the training set's size: are the train- and t10k")):
+        load_test_split(folder)
+
+
 @pytest.mark.parametrize("bad_label, dtype", [(10, torch.uint8), (255, torch.uint8), (-1, torch.int8)])
 def test_label_outside_0_to_9_names_the_file(small_mnist, bad_label, dtype):
     folder, written = small_mnist

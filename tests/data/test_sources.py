@@ -188,6 +188,28 @@ def test_a_pickle_that_names_other_code_is_refused(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("damage", ["cut-pickle", "flipped-pickle", "cut-gzip"])
+def test_a_cut_off_or_damaged_pickle_says_so(tmp_path, damage):
+    """A download that stopped early, or a disk error, is named as such, not as another layout."""
+    pickled = pickle.dumps(((np.zeros((5, 784), np.float32), np.zeros(5, np.int64)),) * 3, protocol=2)
+    if damage == "cut-pickle":
+        pickled = pickled[: len(pickled) // 2]
+    if damage == "flipped-pickle":  # the first opcode after the protocol header: no opcode is 0xff
+        pickled = pickled[:2] + b"\xff" + pickled[3:]
+    packed = gzip.compress(pickled)
+    if damage == "cut-gzip":
+        packed = packed[: len(packed) // 2]
+    source = tmp_path / "mnist.pkl.gz"
+    source.write_bytes(packed)
+    with pytest.raises(TinyMnistError) as caught:
+        build_from(source, tmp_path / "data")
+    message = str(caught.value)
+    assert message.startswith(f"--from {source}: cut off or damaged (") and message.endswith(
+        "); copy it again; nothing written"
+    ), message
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.mark.parametrize(
     "payload, message",
     [

@@ -38,6 +38,7 @@ RAW_MD5: dict[str, str] = {
 }
 TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")  # all that `eval` needs
 EXAMPLES = {"train": 60_000, "t10k": 10_000}  # MNIST's split sizes: a data folder may hold fewer
+REPLACE = "put MNIST's own files there (`tinymnist download`, or `tinymnist download --from` a copy)"
 # Tried in order; yann.lecun.com, the original home, answers scripts with 403/404.
 DEFAULT_MIRRORS: tuple[str, ...] = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",  # PyTorch's copy (torchvision's first choice)
@@ -197,7 +198,7 @@ def _load_split(data_dir: Path, prefix: str, device: torch.device | str) -> tupl
             images_count, labels_count = images_file.header.shape[0], labels_file.header.shape[0]
             if images_count != labels_count:
                 counts = f"{images_count} images but {labels_path.name} holds {labels_count} labels"
-                raise TinyMnistError(f"{images_path} holds {counts}")
+                raise TinyMnistError(f"{images_path} holds {counts}{_swapped(prefix, images_count)}; {REPLACE}")
             if labels_count == 0:
                 raise TinyMnistError(f"{labels_path}: holds no examples")
             images = images_file.read()  # (N, 28, 28) uint8
@@ -221,4 +222,14 @@ def check_header(path: Path, header: IdxHeader, name: str) -> None:
     if kind == "labels" and (len(header.shape) != 1 or header.dtype.is_floating_point):
         raise TinyMnistError(f"{path}: expected a vector of integer labels, found {found}")
     if header.shape[0] > EXAMPLES[prefix]:
-        raise TinyMnistError(f"{path}: header says {header.shape[0]} {kind}, more than MNIST's {EXAMPLES[prefix]}")
+        more = f"header says {header.shape[0]} {kind}, more than MNIST's {EXAMPLES[prefix]}"
+        raise TinyMnistError(f"{path}: {more}{_swapped(prefix, header.shape[0])}; {REPLACE}")
+
+
+def _swapped(prefix: str, count: int) -> str:
+    """' (60000 is the training set's size: ...)' where `count` is the other split's whole size, else ''."""
+    (other,) = set(EXAMPLES) - {prefix}
+    if count != EXAMPLES[other]:
+        return ""
+    split = "training" if other == "train" else "test"
+    return f" ({count} is the {split} set's size: are the train- and t10k- files swapped?)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,10 @@ def _from_npz(path: Path) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(array) for name, array in loaded.items()}
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle that names something other than NumPy's arrays."""
+
+
 class _ArraysOnly(pickle.Unpickler):
     """Unpickle NumPy arrays and nothing else: a pickle may name any callable to run on loading."""
 
@@ -127,7 +132,7 @@ class _ArraysOnly(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing {module}.{name}: only NumPy arrays are expected")
+            raise _Refused(f"refusing {module}.{name}: only NumPy arrays are expected")
         return super().find_class(module, name)
 
 
@@ -140,8 +145,10 @@ def _from_pickle(path: Path, gzipped: bool) -> dict[str, torch.Tensor]:
         arrays = (train_x, train_y, valid_x, valid_y, test_x, test_y)
         if not all(isinstance(array, np.ndarray) and array.size for array in arrays):
             raise TypeError("expected six non-empty NumPy arrays")
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise TinyMnistError(f"--from {path}: {e}; nothing written") from None
+    except (EOFError, OSError, zlib.error, pickle.UnpicklingError) as e:  # the file ends early or is damaged
+        raise TinyMnistError(f"--from {path}: cut off or damaged ({e}); copy it again; nothing written") from None
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"[:120]
         raise TinyMnistError(f"--from {path}: not the classic mnist.pkl.gz layout ({reason})") from None
