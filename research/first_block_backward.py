@@ -22,6 +22,11 @@ step (tool/floor.cpu_steps) against the same step with:
                        time for lenet's shapes
     masked-sum         the pool as a sum over each window of the input where its first maximum is,
                        so that autograd's backward is an expand, not a gather
+    channels-last-pool cpu_pool.first_max_pool2d over the input laid out (N, H, W, C), every index affine in
+                       the channel, so that the pool's backward could be vectorized over the channels
+    unfold             first_conv.py's weight gradient as im2col and a batched product over the batch,
+                       (B, O, H'W') @ (B, H'W', k*k) summed over B: the gradient stays in the layout the
+                       pool's backward writes, with no (O, H', W', B) copy for a forward convolution
     control            train's step itself, compiled and timed as a way of its own (its rounds show the
                        host's noise and any advantage of a way's place in the turns)
 
@@ -222,6 +227,39 @@ def masked_sum_pool(x: torch.Tensor, kernel: int) -> torch.Tensor:
     return torch.where(picked, tiles, 0).sum(dim=(3, 5))  # (N, C, H', W'); backward: the gradient expanded
 
 
+def channels_last_pool(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """cpu_pool.first_max_pool2d over x laid out (N, H, W, C): every index affine in the channel."""
+    n, channels, height, width = x.shape
+    rows, cols = height // kernel, width // kernel
+    xl = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # (N, H, W, C), C innermost
+    windows = xl.view(n, rows, kernel, cols, kernel, channels).permute(0, 1, 3, 2, 4, 5)  # (N, H', W', k, k, C)
+    windows = windows.reshape(n, rows, cols, kernel * kernel, channels)  # (N, H', W', k*k, C)
+    first = windows.argmax(dim=3, keepdim=True)  # (N, H', W', 1, C)
+    picked = torch.arange(kernel * kernel, device=x.device).view(-1, 1) == first  # (N, H', W', k*k, C)
+    return torch.where(picked, windows, 0).sum(dim=3).permute(0, 3, 1, 2)  # (N, C, H', W'), channels-last
+
+
+def weight_grad_unfold(x, grad_out, padding: list[int], groups: int):
+    """The first convolution's weight gradient (one model: groups 1) as im2col and a batched product over
+    the batch: dY stays (B, O, H'W') as the pool's backward writes it, with no (O, H', W', B) copy."""
+    assert groups == 1, "one model's step only"
+    batch, out_h, out_w = x.shape[0], *grad_out.shape[-2:]
+    kernel = x.shape[-2] + 2 * padding[0] - out_h + 1
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))  # (B, 1, H+2p, W+2p)
+    # (no unfold or stack: this is spliced into the graph after inductor's decompositions)
+    shifted = [padded[:, :, i : i + out_h, j : j + out_w] for i in range(kernel) for j in range(kernel)]
+    patches = torch.cat(shifted, dim=1).view(batch, kernel * kernel, out_h * out_w)  # (B, k*k, H'W')
+    dy = grad_out.flatten(2)  # (B, O, H'W')
+    weight_grad = torch.bmm(dy, patches.permute(0, 2, 1)).sum(0)  # (B, O, k*k) summed over B: (O, k*k)
+    return weight_grad.view(-1, 1, kernel, kernel), grad_out.sum(dim=(0, 2, 3))
+
+
+def unfold_rewrite(graph: torch.fx.Graph) -> None:
+    """first_conv.rewrite (its choice) with weight_grad_unfold."""
+    with mock.patch.object(first_conv, "weight_grad_as_forward", weight_grad_unfold):
+        first_conv.rewrite(graph, first_conv.CHOICES[first_conv.environment_choice()])
+
+
 @contextlib.contextmanager
 def patched(*patches):
     """Each patch a context manager or (object, attribute, value), all in place at once."""
@@ -237,6 +275,8 @@ VARIANTS = {
     "polyphase-dilated": lambda: patched(templates(PolyphaseNetwork), with_first_conv_pass(strided_rewrite)),
     "pool-first-cl": lambda: patched(templates(PoolFirstNetwork), with_first_conv_pass(kernels_stored_rewrite)),
     "masked-sum": lambda: patched((cpu_pool, "first_max_pool2d", masked_sum_pool)),
+    "channels-last-pool": lambda: patched((cpu_pool, "first_max_pool2d", channels_last_pool)),
+    "unfold": lambda: with_first_conv_pass(unfold_rewrite),
 }
 
 
