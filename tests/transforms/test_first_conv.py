@@ -5,6 +5,8 @@ another order, so float64 agrees to 1e-12 and float32 to float32's rounding of ~
 """
 
 import re
+import threading
+import time
 
 import pytest
 import torch
@@ -307,6 +309,34 @@ def test_every_compile_measures_its_first_convolution_before_it_starts(timings, 
     assert first_conv.UNCHOSEN == set()
     # the second layer's only: the first's rewritten (Python's wrapper calls aten, the C++ wrapper aoti_torch)
     assert len(re.findall(r"aten\.convolution_backward\.default\(|aoti_torch_cpu_convolution_backward\(", code)) == 1
+
+
+def test_compiles_in_two_threads_each_keep_their_own_choices_in_force(monkeypatch):
+    """IN_FORCE is one module global: a compile in another thread (direct_call's compiles are not under
+    dynamo's lock) must not replace the choices while inductor is compiling with them."""
+    seen = {}
+
+    def compile_fx(graph_module, example_inputs, config_patches):
+        name = threading.current_thread().name
+        at_start = first_conv.IN_FORCE
+        time.sleep(0.2)  # the other thread's compile starts meanwhile, unless it waits for this one
+        seen[name] = (at_start, first_conv.IN_FORCE)
+
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", compile_fx)
+    monkeypatch.setattr(first_conv, "first_convolutions", lambda graph_module, inputs: [inputs[0]])
+    monkeypatch.setattr(first_conv, "as_forward_is_faster", lambda key: key == "a")
+    options = {"post_grad_custom_post_pass": first_conv.inductor_pass()}
+    threads = [
+        threading.Thread(target=first_conv.compile_with_choices, args=(None, [key], options), name=key)
+        for key in ("a", "b")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert seen == {"a": ({"a": True},) * 2, "b": ({"b": False},) * 2}
+    assert first_conv.IN_FORCE is None
 
 
 def test_a_compile_outside_tinymnists_keeps_onednns_backward_and_says_which_it_met(monkeypatch):

@@ -40,6 +40,7 @@ import functools
 import operator
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
@@ -103,6 +104,9 @@ def rewrite(graph: torch.fx.Graph, choose: Callable[[torch.fx.Node], bool]) -> N
 
 CHOSEN: dict[tuple, bool] = {}  # this process's measurements: choice_key -> whether as forward is faster
 IN_FORCE: dict[tuple, bool] | None = None  # the choices of the graph being compiled, measured before its compile
+# One compile at a time holds IN_FORCE: dynamo's own lock does not cover direct_call.py's compiles.
+# Reentrant: a compile that compiles another graph in its thread keeps the outer one's choices for after.
+COMPILING = threading.RLock()
 UNCHOSEN: set[tuple] = set()  # keys the measured pass met with no choice in force (it kept oneDNN's backward)
 MARGIN = 0.9  # as forward must be this much faster: near a tie, autograd's own kernel (and its sums) stays
 ROUNDS = 5  # of the two kernels' timings, in turns, the order alternating; the medians are compared
@@ -123,11 +127,12 @@ def compile_with_choices(graph_module: torch.fx.GraphModule, example_inputs: lis
     on_cpu = all(x.device.type == "cpu" for x in tree_leaves(example_inputs) if isinstance(x, torch.Tensor))
     with config.patch(options):  # the keys' layout as the compile will decide it: options may change it
         keys = first_convolutions(graph_module, example_inputs) if measured and on_cpu else []
-    IN_FORCE, outside = {key: as_forward_is_faster(key) for key in keys}, IN_FORCE
-    try:
-        return compile_fx(graph_module, example_inputs, config_patches=options)
-    finally:
-        IN_FORCE = outside
+    with COMPILING:
+        IN_FORCE, outside = {key: as_forward_is_faster(key) for key in keys}, IN_FORCE
+        try:
+            return compile_fx(graph_module, example_inputs, config_patches=options)
+        finally:
+            IN_FORCE = outside
 
 
 def first_convolutions(graph_module: torch.fx.GraphModule, example_inputs: list) -> list[tuple]:
