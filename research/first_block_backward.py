@@ -24,6 +24,9 @@ step (tool/floor.cpu_steps) against the same step with:
                        so that autograd's backward is an expand, not a gather
     channels-last-pool cpu_pool.first_max_pool2d over the input laid out (N, H, W, C), every index affine in
                        the channel, so that the pool's backward could be vectorized over the channels
+    gather             every pool a gather of each window's first maximum: its backward a scatter of the
+                       pooled gradient (ATen's scatter_add, called from the compiled code), ReLU's a loop
+                       of its own over contiguous values
     unfold             first_conv.py's weight gradient as im2col and a batched product over the batch,
                        (B, O, H'W') @ (B, H'W', k*k) summed over B: the gradient stays in the layout the
                        pool's backward writes, with no (O, H', W', B) copy for a forward convolution
@@ -239,6 +242,21 @@ def channels_last_pool(x: torch.Tensor, kernel: int) -> torch.Tensor:
     return torch.where(picked, windows, 0).sum(dim=3).permute(0, 3, 1, 2)  # (N, C, H', W'), channels-last
 
 
+def gather_pool(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """cpu_pool.first_max_pool2d as a gather of each window's first maximum from x's flattened planes, so that
+    autograd's backward is a scatter of the pooled gradient (one store per window, no (y // 2, x // 2) index
+    per input value) and ReLU's backward a loop of its own over contiguous values."""
+    n, channels, height, width = x.shape
+    rows, cols = height // kernel, width // kernel
+    with torch.no_grad():
+        windows = x.view(n, channels, rows, kernel, cols, kernel).transpose(3, 4).reshape(n, channels, rows, cols, -1)
+        first = windows.argmax(dim=-1)  # (N, C, H', W'): the first maximum's position in its window, row-major
+        top = torch.arange(rows, device=x.device).view(-1, 1) * kernel  # (H', 1): each window's first row
+        left = torch.arange(cols, device=x.device) * kernel  # (W',): each window's first column
+        flat = (top + first // kernel) * width + left + first % kernel  # (N, C, H', W'): its place in the plane
+    return x.flatten(2).gather(2, flat.flatten(2)).view(n, channels, rows, cols)  # (N, C, H', W')
+
+
 def weight_grad_unfold(x, grad_out, padding: list[int], groups: int):
     """The first convolution's weight gradient (one model: groups 1) as im2col and a batched product over
     the batch: dY stays (B, O, H'W') as the pool's backward writes it, with no (O, H', W', B) copy."""
@@ -277,6 +295,7 @@ VARIANTS = {
     "masked-sum": lambda: patched((cpu_pool, "first_max_pool2d", masked_sum_pool)),
     "channels-last-pool": lambda: patched((cpu_pool, "first_max_pool2d", channels_last_pool)),
     "unfold": lambda: with_first_conv_pass(unfold_rewrite),
+    "gather": lambda: patched((cpu_pool, "first_max_pool2d", gather_pool)),
 }
 
 
