@@ -175,7 +175,9 @@ def test_corrupt_file_is_a_project_error(small_mnist):
     (folder / TRAIN_IMAGES).write_bytes(b"not gzip at all")
     with pytest.raises(TinyMnistError, match=re.escape(f"{TRAIN_IMAGES}: corrupt gzip stream")) as caught:
         load_mnist(folder)
-    assert str(caught.value).endswith("; delete it and run `tinymnist download` to fetch it again")
+    assert str(caught.value).endswith(
+        "; `tinymnist download` fetches it again (offline: `tinymnist download --from` a copy replaces it)"
+    )
 
 
 def test_data_dir_precedence(monkeypatch, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.support import assert_user_error, run, train_args
+from tests.support import assert_user_error, needs_cpp_compiler, run, train_args
 from tests.support.mirror import Mirror
 from tinymnist import data
 from tinymnist.tool import checkpoint
@@ -233,6 +233,47 @@ def test_a_resumed_run_stopped_before_its_next_epoch_says_its_checkpoint_is_unch
     )
 
 
+def test_a_new_run_stopped_before_its_first_checkpoint_leaves_no_metrics_and_can_run_again(tiny_split, tmp_path):
+    """Its metrics file stayed behind, and the same command then refused it as an earlier run's."""
+    import signal
+
+    files = ("--save-model", tmp_path / "cnn.pt", "--metrics", tmp_path / "cnn.jsonl")
+    process = start_training(tiny_split, *files)
+    wait_for(process, "Train Epoch: 1")  # the untrained evaluation is in the metrics file by now
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "tinymnist: interrupted; no epoch completed, nothing saved"
+    assert list(tmp_path.iterdir()) == []
+    again = run(*train_args(tiny_split, "--model", "cnn", "--dry-run", *files))  # checks the outputs as a run would
+    assert again.exit_code == 0, again.output
+
+
+@needs_cpp_compiler
+@pytest.mark.skipif(os.name != "posix", reason="the failing compiler is a shell script")
+def test_a_c_compiler_that_fails_is_one_line_and_leaves_no_files(tiny_split, tmp_path):
+    """A full temporary folder or a file size limit (`ulimit -f`) stops inductor's C++ compile: that was a
+    170-line traceback and exit 1, and the run's metrics file stayed behind."""
+    compiler = tmp_path / "bin" / "g++"  # g++'s --version for inductor's check; every compile fails
+    compiler.parent.mkdir()
+    failing = '[ "$1" = --version ] && exec g++ --version\necho "fatal error: No space left on device" >&2\nexit 1'
+    compiler.write_text(f"#!/bin/sh\n{failing}\n")
+    compiler.chmod(0o755)
+    env = {**os.environ, "CXX": str(compiler), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}  # nothing cached
+    outputs = tmp_path / "out"
+    outputs.mkdir()
+    files = ["--save-model", outputs / "mlp.pt", "--metrics", outputs / "mlp.jsonl"]
+    command = [sys.executable, "-m", "tinymnist", *train_args(tiny_split, "--model", "mlp", "--compile", *files)]
+    result = subprocess.run(list(map(str, command)), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "tinymnist: error: compiling the step failed: the C++ compiler stopped (fatal error: No space left on "
+        "device); check the space and limits of the temporary folder ($TMPDIR), or pass --no-compile"
+    )
+    assert "Traceback" not in result.stderr
+    assert list(outputs.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("signum", "code", "line"),
     [(signal.SIGINT, 130, "tinymnist: interrupted"), (signal.SIGTERM, 143, "tinymnist: interrupted by SIGTERM")],
@@ -315,7 +356,7 @@ def test_resume_refuses_flags_that_would_rewrite_what_was_trained(tiny_split, fi
     ckpt, _ = finished
     before = ckpt.read_bytes()
     refused = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--seed", 5))
-    assert_user_error(refused, "--seed/--seeds/--lr do not match", str(ckpt))
+    assert_user_error(refused, "--seed/--seeds do not match the models of checkpoint", str(ckpt))
     cycle = tmp_path / "cycle.pt"
     one_cycle = ("--model", "mlp", "--schedule", "one-cycle")
     assert run(*train_args(tiny_split, *one_cycle, "--epochs", 1, "--save-model", cycle)).exit_code == 0
@@ -331,7 +372,8 @@ def test_resume_refuses_one_rate_for_many_models_and_metrics_onto_the_checkpoint
     sweep = tmp_path / "sweep.pt"
     trained = run(*train_args(tiny_split, "--model", "mlp", "--epochs", 1, "--seeds", 2, "--save-model", sweep))
     assert trained.exit_code == 0, trained.output
-    assert_user_error(run(*train_args(tiny_split, "--resume", sweep, "--epochs", 2, "--lr", 0.01)), "--lr do not match")
+    one_rate = run(*train_args(tiny_split, "--resume", sweep, "--epochs", 2, "--lr", 0.01))
+    assert_user_error(one_rate, f"error: --lr does not match the models of checkpoint {sweep}")
     rates = tmp_path / "rates.pt"
     grid = ("--model", "mlp", "--seeds", 2, "--lr", "0.001,0.002")
     assert run(*train_args(tiny_split, *grid, "--epochs", 1, "--save-model", rates)).exit_code == 0

@@ -117,3 +117,22 @@ def test_tensorboard_onto_a_file_is_refused_before_training(tiny_split, tmp_path
     result = run(*train_args(tiny_split, "--model", "mlp", "--tensorboard", tmp_path / "taken" / "run"))
     assert_user_error(result, "--tensorboard", "is a file, not a folder")
     assert "Train Epoch" not in result.stdout
+
+
+def test_a_new_run_refuses_an_earlier_runs_events_and_a_resumed_run_adds_to_its_own(tiny_split, tmp_path):
+    """A second run into the same folder drew both runs as one in TensorBoard, their steps on top of each other."""
+    from tests.support import assert_user_error, run, train_args
+
+    board, ckpt = tmp_path / "board", tmp_path / "mlp.pt"
+    first = run(*train_args(tiny_split, "--model", "mlp", "--epochs", 1, "--tensorboard", board, "--save-model", ckpt))
+    assert first.exit_code == 0, first.output
+    events = sorted(board.rglob("events.out.tfevents.*"))
+    assert len(events) == 1
+    for dry in ((), ("--dry-run",)):
+        again = run(*train_args(tiny_split, "--model", "mlp", "--epochs", 1, "--tensorboard", board, *dry))
+        assert_user_error(again, f"--tensorboard {board} holds an earlier run's TensorBoard events", "delete them")
+        assert sorted(board.rglob("events.out.tfevents.*")) == events
+    resumed = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--tensorboard", board))
+    assert resumed.exit_code == 0, resumed.output
+    assert len(list(board.rglob("events.out.tfevents.*"))) == 2
+    assert scalars(board)["test/accuracy"][0][-1] > 0  # the resumed run's epoch 2 is in the folder

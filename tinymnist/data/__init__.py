@@ -39,6 +39,7 @@ RAW_MD5: dict[str, str] = {
 TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")  # all that `eval` needs
 EXAMPLES = {"train": 60_000, "t10k": 10_000}  # MNIST's split sizes: a data folder may hold fewer
 REPLACE = "put MNIST's own files there (`tinymnist download`, or `tinymnist download --from` a copy)"
+FETCH_AGAIN = "`tinymnist download` fetches it again (offline: `tinymnist download --from` a copy replaces it)"
 # Tried in order; yann.lecun.com, the original home, answers scripts with 403/404.
 DEFAULT_MIRRORS: tuple[str, ...] = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",  # PyTorch's copy (torchvision's first choice)
@@ -204,7 +205,7 @@ def _load_split(data_dir: Path, prefix: str, device: torch.device | str) -> tupl
             images = images_file.read()  # (N, 28, 28) uint8
             labels = labels_file.read()  # (N,) integers
     except IdxError as e:
-        raise IdxError(f"{e}; delete it and run `tinymnist download` to fetch it again") from None
+        raise IdxError(f"{e}; {FETCH_AGAIN}") from None
     out_of_range = (labels < 0) | (labels >= NUM_CLASSES)  # (N,) bool
     if out_of_range.any():
         index = int(out_of_range.nonzero()[0])

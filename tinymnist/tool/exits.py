@@ -27,8 +27,31 @@ def user_errors(command):
         except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line, unless a run has said what it saved
             interrupts.report(stop)
             raise typer.Exit(interrupts.exit_code(stop)) from None
+        except Exception as e:
+            if (failed := cpp_compile_failure(e)) is None:
+                raise  # a bug: its traceback is what a report needs
+            print(f"tinymnist: error: {failed}", file=sys.stderr)
+            raise typer.Exit(EXIT_USAGE) from None
 
     return wrapper
+
+
+def cpp_compile_failure(error: BaseException) -> str | None:
+    """torch.compile's C++ compiler failing on this machine (a full disk, a file size limit, missing headers),
+    in one line, where `error` is that (inductor's CppCompileError, as raised or wrapped); else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__name__ == "CppCompileError":
+            said = [line.strip() for line in str(getattr(error, "output", "")).splitlines() if line.strip()]
+            why = next((line for line in said if "error" in line.lower() or "exceeded" in line.lower()), None)
+            cause = f" ({why[:160]})" if why else ""
+            return (
+                f"compiling the step failed: the C++ compiler stopped{cause}; check the space and limits of the "
+                "temporary folder ($TMPDIR), or pass --no-compile"
+            )
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return None
 
 
 # click's UsageError, whose subclasses are what it raises for a bad command line; typer 0.29

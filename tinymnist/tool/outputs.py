@@ -241,6 +241,16 @@ def refuse_an_earlier_run(path: Path, flag: str) -> None:
         )
 
 
+def refuse_earlier_events(folder: Path, flag: str) -> None:
+    """Refuse, naming `flag`, a new run's TensorBoard folder where an earlier run's event files are (N models'
+    in their subfolders): TensorBoard would draw the two runs as one, their steps on top of each other."""
+    if Path(folder).is_dir() and next(Path(folder).rglob("events.out.tfevents.*"), None) is not None:
+        raise TinyMnistError(
+            f"{flag} {folder} holds an earlier run's TensorBoard events; name another folder or delete them first "
+            "(a resumed run adds to its own)"
+        )
+
+
 def _described_checkpoint(entries: dict) -> str:
     """ "a checkpoint of mlp at epoch 2", from a checkpoint's unchecked entries."""
     config = entries.get("config")

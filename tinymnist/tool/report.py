@@ -86,7 +86,8 @@ def target_line(target: float, result, compile_note: str, resumed_at: int | None
         compile_note += f" in this run, resumed after epoch {resumed_at}"
     if not reached:
         best = max(r["test_accuracy"] for r in result.records if not r.get("ensemble"))
-        return f"Target {100 * target:.2f}% not reached: best {100 * best:.2f}% in {result.state.epoch} epochs"
+        epochs = counted(result.state.epoch, "epoch")
+        return f"Target {100 * target:.2f}% not reached: best {100 * best:.2f}% in {epochs}"
     last = max(reached, key=lambda r: r["train_seconds_total"])
     if len(result.reached) == 1:
         return (

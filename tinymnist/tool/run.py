@@ -78,7 +78,8 @@ def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
     one_rate_for_many = flags.get("lr") is not None and flags.get("lrs") is None and trained["lrs"] is not None
     other_models = max(len(grid), len(saved_grid)) > 1 and grid != saved_grid  # N models: stacked in that order
     if other_seeds or one_rate_for_many or other_models:
-        raise TinyMnistError(f"--seed/--seeds/--lr do not match the models of checkpoint {path}; leave them out")
+        named = "--seed/--seeds do" if other_seeds else "--lr does"  # the same seeds: the rates differ
+        raise TinyMnistError(f"{named} not match the models of checkpoint {path}; leave them out")
     validate(config)  # a flag given now (--epochs -3) is checked before it is compared
     one_cycle = config.schedule == trained["schedule"] == "one-cycle"
     if one_cycle and config.epochs != trained["epochs"]:  # every step's rate depends on the run's total steps
@@ -184,6 +185,8 @@ def check_outputs(config: TrainConfig) -> dict[str, Path]:
     if config.tensorboard:
         extras.require("torch.utils.tensorboard", "--tensorboard")  # a missing extra is found now, not after loading
         outputs.check_output_folder(Path(config.tensorboard), "--tensorboard")
+        if not config.resume:
+            outputs.refuse_earlier_events(Path(config.tensorboard), "--tensorboard")
     return paths
 
 
@@ -235,15 +238,22 @@ def train_and_save(
     if metrics_path and not config.dry_run:
         reporters.append(MetricsFile(metrics_path, append=resumed is not None))
     reporter = Reporters(*reporters)
-    with contextlib.closing(reporter):
-        try:
-            return fit(dataclasses.replace(training, reporter=reporter, on_epoch_end=save), mnist, state)
-        except NonFiniteLoss as e:
-            raise TinyMnistError(f"{e}{save.kept()}") from None
-        except KeyboardInterrupt as stop:
-            reporter.close()
-            interrupts.report(stop, save.kept() or save.nothing_kept())
-            raise
+    try:
+        with contextlib.closing(reporter):
+            try:
+                return fit(dataclasses.replace(training, reporter=reporter, on_epoch_end=save), mnist, state)
+            except NonFiniteLoss as e:
+                raise TinyMnistError(f"{e}{save.kept()}") from None
+            except KeyboardInterrupt as stop:
+                reporter.close()
+                interrupts.report(stop, save.kept() or save.nothing_kept())
+                raise
+    except BaseException:
+        # A new run that ends before its first checkpoint leaves no metrics either: records no checkpoint
+        # continues would only make the same command refuse this file as an earlier run's.
+        if metrics_path and not config.dry_run and config.save_model and resumed is None and not save.saved:
+            metrics_path.unlink(missing_ok=True)
+        raise
 
 
 class Saver:
