@@ -17,6 +17,7 @@ from tests.support.tutorials import TUTORIALS, tutorial_forward
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import RECIPES
 from tinymnist.data.idx import read_idx
+from tinymnist.tool import checkpoint as checkpoint_file
 from tinymnist.viz.export import tutorial_state_dict
 
 
@@ -114,12 +115,33 @@ def test_a_failed_write_keeps_the_previous_export_and_leaves_no_temp_file(tiny_s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt", "model.pt"]
 
 
-def test_a_checkpoint_of_several_models_is_refused_by_export_and_predict(tiny_split, tmp_path):
-    """--seeds stacks N models (leading dim N): no tutorial nn.Module loads that, so nothing is written."""
-    checkpoint = train_checkpoint(tiny_split, tmp_path / "seeds.pt", "mlp", "--epochs", "1", "--seeds", "2")
-    assert_user_error(run_viz("export", checkpoint, "-o", tmp_path / "m.pt"), "seeds.pt holds 2", "--seeds")
-    assert_user_error(run_viz("predict", checkpoint, "--data-dir", tiny_split, "--device", "cpu"), "seeds.pt holds 2")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["seeds.pt"]
+def test_export_and_predict_take_the_one_model_of_several_that_seed_and_lr_pick(tiny_split, tmp_path):
+    """--seeds 2 and two rates stack 4 models (leading dim N), which no tutorial nn.Module loads: export and
+    predict take the one --seed and --lr pick (its own slice of every tensor, and the mistakes eval counts
+    for it); without a pick, or with one that names no model or two, one line and nothing written."""
+    grid = ("--epochs", "1", "--seeds", "2", "--lr", "0.001,0.002")
+    checkpoint = train_checkpoint(tiny_split, tmp_path / "grid.pt", "mlp", *grid)
+    held = "holds 4 models (--seed 1 --lr 0.001, --seed 2 --lr 0.001, --seed 1 --lr 0.002, --seed 2 --lr 0.002)"
+    exported = tmp_path / "m.pt"
+    assert_user_error(run_viz("export", checkpoint, "-o", exported), held, "pick one with --seed and --lr")
+    assert_user_error(run_viz("export", checkpoint, "-o", exported, "--seed", 2), "pick one")  # two rates
+    test_digits = ("--data-dir", tiny_split, "--no-download", "--device", "cpu")
+    none = run_viz("predict", checkpoint, *test_digits, "--seed", 3, "--lr", 0.001)
+    assert_user_error(none, held, "--seed 3 --lr 0.001 is none of them")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.pt"]
+
+    result = run_viz("export", checkpoint, "-o", exported, "--seed", 2, "--lr", 0.002)
+    assert result.exit_code == 0 and "the mlp (seed 2, lr 0.002) state_dict" in result.stdout, result.output
+    stacked = checkpoint_file.load(checkpoint, torch.device("cpu"))[1].params
+    state = torch.load(exported, weights_only=True)
+    assert state.keys() == stacked.keys() and all(torch.equal(state[k], stacked[k][3]) for k in state)  # 4th model
+    evaluated = run("eval", checkpoint, "--json", *test_digits)
+    records = [json.loads(line) for line in evaluated.stdout.splitlines()]
+    (mine,) = [r for r in records if r.get("seed") == 2 and r.get("initial_lr") == 0.002]
+    predicted = run_viz("predict", checkpoint, *test_digits, "--seed", 2, "--lr", 0.002, "--count", 1)
+    assert predicted.exit_code == 0, predicted.output
+    wrong = mine["total"] - mine["correct"]
+    assert f"mlp (seed 2, lr 0.002) after 1 epoch: {wrong} of {mine['total']} test digits wrong" in predicted.stdout
 
 
 def test_an_output_that_is_a_symlink_is_refused_and_its_target_kept(tiny_split, tmp_path):

@@ -78,6 +78,12 @@ def predict(
     ),
     no_download: bool = typer.Option(False, "--no-download", help="Fail instead of downloading missing test files."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps.", show_default=True),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Of a checkpoint of several models (--seeds, an --lr list): the seed of the one to take."
+    ),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Of a checkpoint of several models: the rate of the one to take."
+    ),
 ):
     """Digits with the checkpoint's prediction and probability: test digits, or --image files."""
     if image:  # pillow reads them
@@ -100,17 +106,17 @@ def predict(
     dev = resolve_device(device)
     use_tf32_matmuls(dev)  # as train and eval compute, so the mistakes are the ones eval counts
     config, state = checkpoint.load(checkpoint_path, dev)
-    one_model(config, checkpoint_path, "predict")
+    params, which = one_model(config, state.params, checkpoint_path, seed, lr)
     model = config["model"]
     if image:
-        results = predict_images(model, state.params, image, dev)
+        results = predict_images(model, params, image, dev)
         for digit, top in results:
             alternatives = ", ".join(f"{d} {100 * p:.1f}%" for d, p in top)
             print(f"{digit.name}: {digit.predicted} ({100 * digit.probability:.1f}%); top {len(top)}: {alternatives}")
         digits = [digit for digit, _ in results]  # as the network saw them: 28x28, centred
     else:
         images, labels = data.load_test_split(data.resolve_data_dir(data_dir), dev, download=not no_download)
-        probs = probabilities(model, state.params, images)  # (N, 10)
+        probs = probabilities(model, params, images)  # (T, 10)
         wrong_count = int((probs.argmax(dim=1) != labels).sum())
         digits = labelled_digits(probs, images, labels, pick(probs, labels, count, wrong))
         if 0 < len(digits) < count:  # a note, not an error: what there is, is what --count asked for
@@ -118,7 +124,7 @@ def predict(
                 counted(wrong_count, "mistake") + " in the test set" if wrong else counted(len(labels), "test digit")
             )
             print(f"tinymnist: note: --count {count} is more than the {there}; showing every one", file=sys.stderr)
-        trained = f"{model} after {counted(state.epoch, 'epoch')}"
+        trained = f"{model}{which} after {counted(state.epoch, 'epoch')}"
         print(f"{trained}: {wrong_count} of {len(labels)} test digits wrong; {shown(len(digits), wrong)}:")
         if not digits:
             return
@@ -136,27 +142,47 @@ def export(
     output: Path = typer.Option(
         ..., "-o", "--output", help="model.pt, model.pth or model.safetensors; the suffix picks the format."
     ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Of a checkpoint of several models (--seeds, an --lr list): the seed of the one to take."
+    ),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Of a checkpoint of several models: the rate of the one to take."
+    ),
 ):
     """A plain state_dict that the tutorial's own nn.Module loads with strict=True."""
     check_export_name(output)  # the suffix, and safetensors if it names that format: before any work
     config, state = checkpoint.load(checkpoint_path, torch.device("cpu"))
-    one_model(config, checkpoint_path, "export")
+    params, which = one_model(config, state.params, checkpoint_path, seed, lr)
     outputs.check_output_path(output, "-o")  # a symlink, a folder, a device: refused as for every output
     if checkpoint.peek(output) is not None:  # the checkpoint itself, or another run's
         raise TinyMnistError(f"-o {output} is a tinymnist checkpoint, which export would replace; name another file")
     with outputs.exclusive({"-o": output}):  # a run saving to that file refuses it, and vice versa
-        export_state_dict(config["model"], state.params, output)
+        export_state_dict(config["model"], params, output)
     after = counted(state.epoch, "epoch")
-    print(f"wrote {output}: the {config['model']} state_dict after {after}, for the tutorial's nn.Module")
+    print(f"wrote {output}: the {config['model']}{which} state_dict after {after}, for the tutorial's nn.Module")
 
 
-def one_model(config: dict, path: Path, command: str) -> None:
-    """predict and export take one network; a --seeds/--lr-list checkpoint stacks N of them (leading dim N)."""
-    if (count := len(model_grid(TrainConfig(**config)))) > 1:
-        raise TinyMnistError(
-            f"{command} takes a checkpoint of one model; {path} holds {count} (--seeds/--lr list): "
-            "train the one you want alone (--seed S --lr L) and save that"
-        )
+def one_model(config: dict, params: dict, path: Path, seed: int | None, lr: float | None) -> tuple[dict, str]:
+    """The one network predict and export take: the checkpoint's own, or of a checkpoint of N (--seeds, an --lr
+    list: every tensor with a leading dim N) the one --seed and --lr pick; and its name for the output."""
+    grid = model_grid(TrainConfig(**config))  # (lr, seed) of each model, in the order they are stacked
+    picked = [i for i, (rate, s) in enumerate(grid) if seed in (None, s) and lr in (None, rate)]
+    held = ", ".join(f"--seed {s} --lr {rate:g}" for rate, s in grid)
+    if len(picked) != 1:
+        flags = (f"--seed {seed}" if seed is not None else "", f"--lr {lr:g}" if lr is not None else "")
+        asked = " ".join(flag for flag in flags if flag)
+        if not asked:
+            which = "pick one with --seed and --lr"
+        elif not picked:
+            which = f"{asked} is none of them"
+        else:
+            which = f"{asked} names {len(picked)} of them: pick one with --seed and --lr"
+        raise TinyMnistError(f"{path} holds {counted(len(grid), 'model')} ({held}): {which}")
+    if len(grid) == 1:
+        return params, ""
+    (i,) = picked
+    rate, s = grid[i]
+    return {name: tensor[i] for name, tensor in params.items()}, f" (seed {s}, lr {rate:g})"
 
 
 def shown(count: int, wrong: bool) -> str:
