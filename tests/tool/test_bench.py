@@ -224,10 +224,22 @@ def test_each_timed_loop_keeps_its_own_thread_count():
             yield
 
     loops = {"drops": bench.Loop(dropping_steps(), 1), "watches": bench.Loop(watching_steps(), 1)}
-    bench.time_in_turns(loops, torch.device("cpu"), window_steps=2, timing=bench.Timing(repeats=3, warmup=1))
+    timed = bench.time_in_turns(loops, torch.device("cpu"), window_steps=2, timing=bench.Timing(repeats=3, warmup=1))
     assert seen["watches"] and set(seen["watches"]) == {2}
     assert seen["drops"][0] == 2 and set(seen["drops"][1:]) == {1}
     assert torch.get_num_threads() == 2
+    assert (timed["drops"]["fewest_threads"], timed["watches"]["fewest_threads"]) == (1, 2)
+
+
+def test_a_loop_that_left_its_threads_while_timed_gets_a_note_a_quiet_run_none():
+    """An adaptive step leaves its threads only while another program takes a core: then the tutorials'
+    loop on fixed threads stalls, and its ratio says nothing of a quiet machine (the helper that found it
+    saw 117.8x against 5.9x quiet)."""
+    quiet = {"reference": {"fewest_threads": 2}, "compiled": {"fewest_threads": 2}}
+    assert bench.busy_note("mlp", quiet, threads=2) is None
+    busy = {"reference": {"fewest_threads": 2}, "compiled": {"fewest_threads": 1}}
+    note = bench.busy_note("mlp", busy, threads=2)
+    assert note.startswith("tinymnist: note: mlp: another program took a core") and "1 thread of 2" in note
 
 
 def test_loops_are_timed_in_turns_each_round_starting_one_loop_later():

@@ -36,3 +36,24 @@ def test_an_evaluation_inside_an_epoch_keeps_the_bar_going_and_prints_every_test
     assert all(line in shown for line in lines), shown
     assert [shown.index(line) for line in lines] == sorted(shown.index(line) for line in lines)
     assert "4/4" in shown  # the bar reached the epoch's end
+
+
+def test_the_speed_on_the_bar_leaves_the_compile_out():
+    """It counted from the epoch's start, the first step's compile included: 2,483 img/s on the bar against
+    17,746 on the run's last line. Now an epoch that compiles counts from its first log line."""
+    screen, now = io.StringIO(), [0.0]
+    reporter = ProgressReporter(
+        Console(file=screen, force_terminal=True, width=120, color_system=None), clock=lambda: now[0]
+    )
+    reporter.epoch_started(1, steps=30, lr=0.01, compiling=True)
+    now[0] = 10.0  # a 10 s compile, then 10 steps of 64 images
+    reporter.logged(1, 10, 640, 1920, 2.0)
+    now[0] = 10.5  # 10 steps more in 0.5 s: 1,280 images/s
+    reporter.logged(1, 20, 1280, 1920, 1.0)
+    reporter.epoch_started(2, steps=30, lr=0.01, compiling=False)  # compiled: from the epoch's start
+    now[0] = 11.0
+    reporter.logged(2, 10, 640, 1920, 0.5)
+    reporter.close()
+    shown = screen.getvalue()
+    assert "loss 1.0000  1,280 img/s" in shown and "loss 0.5000  1,280 img/s" in shown, shown
+    assert "64 img/s" not in shown  # the compile counted: 640 images in 10 s

@@ -150,10 +150,25 @@ def time_in_turns(loops: dict[str, Loop], device, window_steps: int, timing: Tim
                 with on_loops_threads(threads, name), peak_memory(device, peaks, name):
                     rate = window_rate(loops[name].steps, loops[name].images_per_step, device, window_steps)
                 results[name].setdefault("rates", []).append(rate)
+                results[name]["fewest_threads"] = min(threads[name], results[name].get("fewest_threads", threads[name]))
     for name, result in results.items():
         result["images_per_second"] = statistics.median(result["rates"])  # --repeats is at least 1
         result["peak_memory_mb"] = peaks[name]
     return results
+
+
+def busy_note(model: str, results: dict[str, dict], threads: int) -> str | None:
+    """A note where an adaptive step left its threads while timed, as it does only while another program
+    takes a core (cpu_threads.py): loops on fixed threads stall then, the tutorials' among them, so the
+    ratios are not a quiet machine's (many times higher on 2 cores)."""
+    fewest = min(result.get("fewest_threads", threads) for result in results.values())
+    if fewest >= threads:
+        return None
+    return (
+        f"tinymnist: note: {model}: another program took a core while the loops were timed (an adaptive step "
+        f"went to {counted(fewest, 'thread')} of {threads}); the reference loop's fixed threads stall then, so "
+        "these ratios are not a quiet machine's: rerun on a quiet one to compare with BENCHMARKS.md"
+    )
 
 
 @contextlib.contextmanager
@@ -216,7 +231,10 @@ def bench_model(model: str, digits: Digits, device, timing: Timing) -> dict:
         loops["compiled"] = Loop(our_steps(config, images, labels, device, compile=True), config.batch_size)
     log_turns(timing, model, list(loops), window_steps)
     result = {"model": model, "batch_size": config.batch_size, "window_steps": window_steps}
+    threads = torch.get_num_threads()
     result.update(time_in_turns(loops, device, window_steps, timing))
+    if device.type == "cpu" and (note := busy_note(model, {name: result[name] for name in loops}, threads)):
+        timing.log(note)
     for name in list(loops)[1:]:  # eager, and compiled if timed
         result[f"{name}_vs_reference"] = per_round_ratio(result[name]["rates"], result["reference"]["rates"])
     return result

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -134,11 +136,14 @@ class LineReporter:
 
 
 class ProgressReporter:
-    """A rich progress bar per epoch with the loss and images/s ("compiling" until the first step is done)."""
+    """A rich progress bar per epoch with the loss and images/s ("compiling" until the first step is done).
+    The speed leaves the compile out, as the run's last line does: an epoch that compiles counts it from
+    its first log line on."""
 
-    def __init__(self, console: Console):
-        self.console = console
+    def __init__(self, console: Console, clock: Callable[[], float] = time.perf_counter):
+        self.console, self.clock = console, clock
         self.progress: Progress | None = None
+        self.counted_from: tuple[int, float] | None = None  # (images seen, time) the epoch's speed counts from
 
     def epoch_started(self, epoch: int, steps: int, lr: float, compiling: bool) -> None:
         self.close()  # the previous epoch's bar stays on screen, finished
@@ -151,12 +156,16 @@ class ProgressReporter:
             console=self.console,
         )
         self.task = self.progress.add_task("train", total=steps, status="compiling" if compiling else "")
+        self.counted_from = None if compiling else (0, self.clock())
         self.progress.start()
 
     def logged(self, epoch: int, step: int, images_seen: int, n_train: int, loss: float) -> None:
-        elapsed = self.progress.tasks[self.task].elapsed or 0.0
-        speed = images_seen / elapsed if elapsed else 0.0
-        self.progress.update(self.task, completed=step, status=f"loss {loss:.4f}  {speed:,.0f} img/s")
+        now = self.clock()
+        if self.counted_from is None:  # the first log line after the compile
+            self.counted_from = (images_seen, now)
+        images, since = self.counted_from
+        speed = f"  {(images_seen - images) / (now - since):,.0f} img/s" if images_seen > images and now > since else ""
+        self.progress.update(self.task, completed=step, status=f"loss {loss:.4f}{speed}")
 
     def evaluated(self, record: dict) -> None:
         line = evaluation_line(record)
