@@ -104,6 +104,22 @@ def test_a_bad_metrics_file_is_a_one_line_error(tmp_path, content, fragment):
     assert_user_error(run_viz("plot", tmp_path / "absent.jsonl"), "absent.jsonl", "no such file")
 
 
+def test_a_last_line_cut_off_is_left_out_with_a_note(tmp_path):
+    """A run still writing its file, or one stopped mid-line: plot refused the whole file, asking whether it
+    was a --metrics file. A broken line that ends in a newline, or one before the last, is still an error."""
+    path = write_metrics(tmp_path / "live.jsonl", curve(0.9712))
+    path.write_text(path.read_text() + '{"epoch": 6, "test_lo')
+    result = run_viz("plot", path)
+    assert result.exit_code == 0, result.output
+    assert (
+        result.stderr.strip()
+        == f"tinymnist: note: metrics file {path}, line 7 is cut off; plotting the lines before it"
+    )
+    assert result.stdout.strip().splitlines()[-1].split() == ["5", "0.0909", "0.1500", "97.12%"]
+    path.write_text(path.read_text() + "\n")
+    assert_user_error(run_viz("plot", path), "line 7: not JSON")
+
+
 def test_a_binary_file_given_to_plot_is_told_as_no_metrics_file(tmp_path):
     """A checkpoint's zip bytes (plot mlp.pt for plot mlp.jsonl) printed the codec's words."""
     path = tmp_path / "mlp.pt"

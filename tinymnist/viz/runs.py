@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,13 +69,14 @@ def read_records(path: Path) -> list[dict]:
     """The JSON objects of a metrics file, each checked for the keys a plot needs."""
     files.check_readable(path, "metrics file")
     try:
-        lines = Path(path).read_text().splitlines()
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise TinyMnistError(f"metrics file {path}: no such file") from None
     except UnicodeDecodeError:  # a checkpoint, a picture: plot reads the JSON lines `train --metrics` writes
         raise TinyMnistError(f"metrics file {path}: not text, so not a file `train --metrics` wrote") from None
     except OSError as e:
         raise TinyMnistError(f"metrics file {path}: cannot be read ({e})") from None
+    lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -83,6 +85,9 @@ def read_records(path: Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n"):  # a run writing it now, or one stopped mid-line
+                print(f"tinymnist: note: {where} is cut off; plotting the lines before it", file=sys.stderr)
+                break
             raise TinyMnistError(f"{where}: not JSON ({e.msg}); is it a --metrics file?") from None
         except RecursionError:  # the parser recurses once per level: [[[[...]]]] 100,000 deep exhausts it
             raise TinyMnistError(f"{where}: nested too deeply to be a record; is it a --metrics file?") from None
