@@ -397,6 +397,17 @@ def test_a_tensorboard_folder_that_fails_leaves_no_metrics_file(tiny_split, tmp_
     assert not metrics.exists()
 
 
+def test_more_threads_than_cores_is_said_in_a_note(tiny_split):
+    """--threads 1000 on 2 cores was taken silently, and ran every step far slower."""
+    cores = os.cpu_count()
+    result = run(*train_args(tiny_split, "--model", "mlp", "--dry-run", "--threads", cores + 1))
+    assert result.exit_code == 0, result.output
+    note = f"tinymnist: note: --threads {cores + 1} is more than the {cores} cores here"
+    assert note in result.stderr
+    fits = run(*train_args(tiny_split, "--model", "mlp", "--dry-run", "--threads", cores))
+    assert fits.exit_code == 0 and "note" not in fits.stderr, fits.output
+
+
 def test_gamma_with_a_one_cycle_schedule_is_refused(tiny_split):
     """--gamma scales StepLR; one-cycle (the fast recipe's) has none to scale."""
     assert_user_error(run(*train_args(tiny_split, "--model", "fast", "--gamma", 0.5)), "--gamma 0.5", "one-cycle")

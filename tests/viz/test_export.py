@@ -144,6 +144,19 @@ def test_export_and_predict_take_the_one_model_of_several_that_seed_and_lr_pick(
     assert f"mlp (seed 2, lr 0.002) after 1 epoch: {wrong} of {mine['total']} test digits wrong" in predicted.stdout
 
 
+def test_an_exported_file_given_as_a_checkpoint_is_named_as_an_export(tiny_split, tmp_path):
+    """eval, predict and --resume of export's weights said only "not a tinymnist checkpoint"."""
+    checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
+    exported = tmp_path / "mlp_state.pt"
+    assert run_viz("export", checkpoint, "-o", exported).exit_code == 0
+    words = ("not a tinymnist checkpoint", "weights alone, as `tinymnist export` writes them", "--save-model wrote")
+    test_digits = ("--data-dir", tiny_split, "--no-download", "--device", "cpu")
+    assert_user_error(run("eval", exported, *test_digits), str(exported), *words)
+    assert_user_error(run_viz("predict", exported, *test_digits), *words)
+    resumed = run("train", "--resume", exported, *test_digits, "--no-compile")
+    assert_user_error(resumed, *words)
+
+
 def test_an_output_that_is_a_symlink_is_refused_and_its_target_kept(tiny_split, tmp_path):
     """As train refuses --save-model onto a symlink: replacing the link would surprise, writing through it harm."""
     checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -114,6 +115,12 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
         speed.use_tf32_matmuls(device)
         if config.threads:
             torch.set_num_threads(config.threads)
+            if config.threads > (cores := os.cpu_count() or config.threads):
+                print(
+                    f"tinymnist: note: --threads {config.threads} is more than the {cores} cores here; "
+                    "threads without a core of their own make every step wait",
+                    file=sys.stderr,
+                )
         check_compiler(config, device)
         if config.steps_per_call > 1 and (why := speed.several_steps_refused(config, device, cluster is None)):
             raise TinyMnistError(f"--steps-per-call {config.steps_per_call}: {why}; or leave it out")
