@@ -162,16 +162,21 @@ def _remove_if_empty(folders: Sequence[Path]) -> None:
         folder.rmdir()
 
 
-def _already_present(data_dir: Path, name: str) -> bool:
+def whole_contents(data_dir: Path, name: str) -> torch.Tensor | None:
+    """The contents of `name` where data_dir holds it (gzipped or not) whole, under a header MNIST's file
+    could have; None where it is absent, cut off, corrupt or unreadable."""
     if (path := find_file(data_dir, name)) is None:
-        return False
+        return None
     try:
         with open_idx(path) as idx:
             check_header(path, idx.header, name)  # a bomb is refused here, by its header
-            idx.read()
-    except TinyMnistError:
-        return False
-    return True
+            return idx.read()
+    except (TinyMnistError, OSError):
+        return None
+
+
+def _already_present(data_dir: Path, name: str) -> bool:
+    return whole_contents(data_dir, name) is not None
 
 
 def _mirrors_from_env() -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinymnist.data import FILES, RAW_MD5, check_data_dir, check_header, files, find_file
+from tinymnist.data import FILES, RAW_MD5, check_data_dir, check_header, files, find_file, whole_contents
 from tinymnist.data.idx import GZIP_MAGIC, idx_md5, open_idx, write_idx
 from tinymnist.errors import TinyMnistError
 
@@ -53,15 +53,9 @@ def build_from(source: Path, data_dir: Path) -> dict[str, bool]:
 
 
 def _holds_mnists(data_dir: Path, name: str) -> bool:
-    """Whether data_dir holds `name`, gzipped or not, with the md5 of MNIST's contents."""
-    if (path := find_file(data_dir, name)) is None:
-        return False
-    try:
-        with open_idx(path) as idx:
-            check_header(path, idx.header, name)  # a bomb is refused here, by its header
-            return idx_md5(idx.read()) == RAW_MD5[name]
-    except (TinyMnistError, OSError):  # cut off, corrupt, unreadable: rebuilt
-        return False
+    """Whether data_dir holds `name`, gzipped or not, with the md5 of MNIST's contents (else it is rebuilt)."""
+    contents = whole_contents(data_dir, name)
+    return contents is not None and idx_md5(contents) == RAW_MD5[name]
 
 
 def _read_source(source: Path) -> dict[str, torch.Tensor]:
