@@ -313,3 +313,28 @@ def test_without_a_cpp_compiler_the_default_step_runs_eager(tiny_split, no_cpp_c
     assert "s first step)" in result.stdout  # not "s compiling)"
     quiet = run(*train_args(tiny_split, "--model", "mlp", "--dry-run"))  # --no-compile: nothing to say
     assert quiet.exit_code == 0 and "C++" not in quiet.stderr, quiet.output
+
+
+def test_a_cpp_compile_error_is_found_raised_or_wrapped_and_said_by_its_cause():
+    """inductor raises CppCompileError inside its own wrappers (InductorError, BackendCompilerFailed: their
+    inner_exception). A full disk or a size limit gets the space advice; another compiler error, the advice
+    to run eager and report it; anything else, or an error raised `from None` while one was handled, is not one."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import CppCompileError
+
+    from tinymnist.tool.exits import cpp_compile_failure
+
+    full = CppCompileError(["g++", "k.cpp"], "k.cpp: In function\nld: final link failed: No space left on device\n")
+    wrapped = BackendCompilerFailed(lambda: None, full, None)
+    assert "(ld: final link failed: No space left on device); free space" in cpp_compile_failure(wrapped)
+    bad_code = CppCompileError(["g++", "k.cpp"], "k.cpp:3:1: error: expected ';' before '}' token\n")
+    said = cpp_compile_failure(bad_code)
+    assert "(k.cpp:3:1: error: expected ';' before '}' token)" in said and "please report it" in said
+    assert cpp_compile_failure(RuntimeError("a bug")) is None
+    try:
+        try:
+            raise full
+        except CppCompileError:
+            raise ValueError("another error, its context hidden") from None
+    except ValueError as hidden:
+        assert cpp_compile_failure(hidden) is None

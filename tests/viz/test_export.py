@@ -135,6 +135,7 @@ def test_export_and_predict_take_the_one_model_of_several_that_seed_and_lr_pick(
     stacked = checkpoint_file.load(checkpoint, torch.device("cpu"))[1].params
     state = torch.load(exported, weights_only=True)
     assert state.keys() == stacked.keys() and all(torch.equal(state[k], stacked[k][3]) for k in state)  # 4th model
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in state.values())  # not all 4
     evaluated = run("eval", checkpoint, "--json", *test_digits)
     records = [json.loads(line) for line in evaluated.stdout.splitlines()]
     (mine,) = [r for r in records if r.get("seed") == 2 and r.get("initial_lr") == 0.002]
@@ -149,9 +150,9 @@ def test_an_exported_file_given_as_a_checkpoint_is_named_as_an_export(tiny_split
     checkpoint = train_checkpoint(tiny_split, tmp_path / "mlp.pt", "mlp", "--epochs", "1")
     exported = tmp_path / "mlp_state.pt"
     assert run_viz("export", checkpoint, "-o", exported).exit_code == 0
-    words = ("not a tinymnist checkpoint", "weights alone, as `tinymnist export` writes them", "--save-model wrote")
+    words = ("not a tinymnist checkpoint", "weights alone (a state_dict, such as `tinymnist export` writes)")
     test_digits = ("--data-dir", tiny_split, "--no-download", "--device", "cpu")
-    assert_user_error(run("eval", exported, *test_digits), str(exported), *words)
+    assert_user_error(run("eval", exported, *test_digits), str(exported), *words, "give one --save-model wrote")
     assert_user_error(run_viz("predict", exported, *test_digits), *words)
     resumed = run("train", "--resume", exported, *test_digits, "--no-compile")
     assert_user_error(resumed, *words)

@@ -118,6 +118,8 @@ def test_a_last_line_cut_off_is_left_out_with_a_note(tmp_path):
     assert result.stdout.strip().splitlines()[-1].split() == ["5", "0.0909", "0.1500", "97.12%"]
     path.write_text(path.read_text() + "\n")
     assert_user_error(run_viz("plot", path), "line 7: not JSON")
+    path.write_text('{"epoch": 0, "test_lo')
+    assert_user_error(run_viz("plot", path), "its only line is cut off; a run has not written a whole record yet")
 
 
 def test_a_binary_file_given_to_plot_is_told_as_no_metrics_file(tmp_path):

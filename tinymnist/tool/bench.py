@@ -160,7 +160,8 @@ def time_in_turns(loops: dict[str, Loop], device, window_steps: int, timing: Tim
 def busy_note(model: str, results: dict[str, dict], threads: int) -> str | None:
     """A note where an adaptive step left its threads while timed, as it does only while another program
     takes a core (cpu_threads.py): loops on fixed threads stall then, the tutorials' among them, so the
-    ratios are not a quiet machine's (many times higher on 2 cores)."""
+    ratios are not a quiet machine's (many times higher on 2 cores). The count is read at each window's end,
+    so a probe of fewer threads that came back within a window goes unseen: the note can be missing, not wrong."""
     fewest = min(result.get("fewest_threads", threads) for result in results.values())
     if fewest >= threads:
         return None

@@ -45,7 +45,7 @@ def check_payload(payload, device: torch.device) -> tuple[dict, dict, dict, int,
     in the expected dicts' key order (the compiled step guards on it): nothing aliases the file."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         weights = isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values())
-        export = "; it holds weights alone, as `tinymnist export` writes them" if weights else ""
+        export = "; it holds weights alone (a state_dict, such as `tinymnist export` writes)" if weights else ""
         raise Damaged(f"not a tinymnist checkpoint (expected format {FORMAT}){export}; give one --save-model wrote")
     _same_keys("it", payload, ENTRIES)
     config = check_config(payload["config"])

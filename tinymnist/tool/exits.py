@@ -37,21 +37,31 @@ def user_errors(command):
 
 
 def cpp_compile_failure(error: BaseException) -> str | None:
-    """torch.compile's C++ compiler failing on this machine (a full disk, a file size limit, missing headers),
-    in one line, where `error` is that (inductor's CppCompileError, as raised or wrapped); else None."""
+    """torch.compile's C++ compiler failing (inductor's CppCompileError, raised or wrapped), in one line with
+    the compiler's own words, where `error` is that; else None. A full disk or a file size limit is the
+    usual cause on a user's machine; other compiler errors point to the generated code."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if type(error).__name__ == "CppCompileError":
             said = [line.strip() for line in str(getattr(error, "output", "")).splitlines() if line.strip()]
-            why = next((line for line in said if "error" in line.lower() or "exceeded" in line.lower()), None)
-            cause = f" ({why[:160]})" if why else ""
+            space = next((line for line in said if any(words in line for words in OUT_OF_SPACE)), None)
+            if space:
+                return (
+                    f"compiling the step failed: the C++ compiler stopped ({space[:160]}); free space in the "
+                    "temporary folder ($TMPDIR) or raise its limits, or run without compiling (--no-compile)"
+                )
+            why = next((line for line in said if "error" in line.lower()), "no reason given")
             return (
-                f"compiling the step failed: the C++ compiler stopped{cause}; check the space and limits of the "
-                "temporary folder ($TMPDIR), or pass --no-compile"
+                f"compiling the step failed: the C++ compiler stopped ({why[:160]}); run without compiling "
+                "(--no-compile), and please report it with the command that failed"
             )
-        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+        inner = getattr(error, "inner_exception", None) or error.__cause__
+        error = inner or (None if error.__suppress_context__ else error.__context__)
     return None
+
+
+OUT_OF_SPACE = ("No space left", "File size limit", "exceeded", "Disk quota")
 
 
 # click's UsageError, whose subclasses are what it raises for a bad command line; typer 0.29

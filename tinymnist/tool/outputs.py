@@ -247,7 +247,7 @@ def refuse_earlier_events(folder: Path, flag: str) -> None:
     if Path(folder).is_dir() and next(Path(folder).rglob("events.out.tfevents.*"), None) is not None:
         raise TinyMnistError(
             f"{flag} {folder} holds an earlier run's TensorBoard events; name another folder or delete them first "
-            "(a resumed run adds to its own)"
+            "(a resumed run may add to it)"
         )
 
 

@@ -188,6 +188,7 @@ class MetricsFile:
     """--metrics: one JSON object per evaluation, flushed as it happens; a resumed run appends."""
 
     def __init__(self, path: Path, append: bool):
+        self.path = path
         self.file = path.open("a" if append else "w")
 
     def epoch_started(self, *args, **kwargs) -> None: ...
@@ -199,6 +200,10 @@ class MetricsFile:
 
     def close(self) -> None:
         self.file.close()
+
+    def discard(self) -> None:
+        """Remove the file (closed): a run that keeps nothing."""
+        self.path.unlink(missing_ok=True)
 
 
 class Reporters:

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -115,12 +114,6 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
         speed.use_tf32_matmuls(device)
         if config.threads:
             torch.set_num_threads(config.threads)
-            if config.threads > (cores := os.cpu_count() or config.threads):
-                print(
-                    f"tinymnist: note: --threads {config.threads} is more than the {cores} cores here; "
-                    "threads without a core of their own make every step wait",
-                    file=sys.stderr,
-                )
         check_compiler(config, device)
         if config.steps_per_call > 1 and (why := speed.several_steps_refused(config, device, cluster is None)):
             raise TinyMnistError(f"--steps-per-call {config.steps_per_call}: {why}; or leave it out")
@@ -239,28 +232,47 @@ def train_and_save(
     save = Saver(config, sweep, resumed)
     console = Console()
     reporters = [interrupts.SwallowedSignals(), ProgressReporter(console) if console.is_terminal else LineReporter()]
+    written = []  # this run's --tensorboard writers and --metrics file
     # A dry run checks that the outputs can be written but writes none: a real history stays.
     if config.tensorboard and not config.dry_run:  # before --metrics is opened: a failure here leaves none
-        reporters.append(tensorboard_reporter(config, len(mnist.train_images)))
+        written.append(tensorboard_reporter(config, len(mnist.train_images)))
     if metrics_path and not config.dry_run:
-        reporters.append(MetricsFile(metrics_path, append=resumed is not None))
-    reporter = Reporters(*reporters)
+        written.append(MetricsFile(metrics_path, append=resumed is not None))
+    # In the order a record must reach them: one that a signal interrupts is in a file before it is on screen
+    trained = TrainedEvaluations()
+    reporter = Reporters(trained, *written, *reporters)
     try:
         with contextlib.closing(reporter):
             try:
                 return fit(dataclasses.replace(training, reporter=reporter, on_epoch_end=save), mnist, state)
             except NonFiniteLoss as e:
-                raise TinyMnistError(f"{e}{save.kept()}") from None
+                raise TinyMnistError(f"{e}{save.kept() or save.evaluations_kept(written, trained)}") from None
             except KeyboardInterrupt as stop:
                 reporter.close()
-                interrupts.report(stop, save.kept() or save.nothing_kept())
+                interrupts.report(stop, save.kept() or save.nothing_kept(written, trained))
                 raise
     except BaseException:
-        # A new run that ends before its first checkpoint leaves no metrics either: records no checkpoint
-        # continues would only make the same command refuse this file as an earlier run's.
-        if metrics_path and not config.dry_run and config.save_model and resumed is None and not save.saved:
-            metrics_path.unlink(missing_ok=True)
+        # A new run stopped before its first checkpoint, having evaluated nothing but the untrained network,
+        # leaves no outputs: the same command would refuse them as an earlier run's. Trained evaluations stay.
+        if resumed is None and config.save_model and not save.saved and not trained.seen:
+            for output in written:
+                output.discard()
         raise
+
+
+class TrainedEvaluations:
+    """A reporter that remembers whether the run has evaluated trained weights (an epoch past 0)."""
+
+    def __init__(self):
+        self.seen = False
+
+    def epoch_started(self, *args, **kwargs) -> None: ...
+    def logged(self, *args) -> None: ...
+
+    def evaluated(self, record: dict) -> None:
+        self.seen = self.seen or record["epoch"] > 0
+
+    def close(self) -> None: ...
 
 
 class Saver:
@@ -284,10 +296,19 @@ class Saver:
             return f"; the checkpoint of epoch {self.saved[-1]} is kept in {self.config.save_model}"
         return ""
 
-    def nothing_kept(self) -> str:
+    def nothing_kept(self, written: list, trained: TrainedEvaluations) -> str:
         """A stop before this run saved anything: what is still on disk."""
         if self.resumed is not None:
             return f"; no epoch completed in this run; {self.config.resume} (epoch {self.resumed.epoch}) is unchanged"
         if torchrun.launched() and not self.config.save_model:
             return ""  # not rank 0: the leader says what is saved
-        return "; no epoch completed, nothing saved" if self.config.save_model else "; no --save-model, nothing saved"
+        if not self.config.save_model:
+            return "; no --save-model, nothing saved"
+        return self.evaluations_kept(written, trained) or "; no epoch completed, nothing saved"
+
+    def evaluations_kept(self, written: list, trained: TrainedEvaluations) -> str:
+        """A new run's trained evaluations, kept though no checkpoint is: where they are."""
+        if self.resumed is not None or not self.config.save_model or not trained.seen or not written:
+            return ""
+        kept = " and ".join(str(output.path) for output in written)
+        return f"; no epoch completed, so no checkpoint; its evaluations are kept in {kept}"

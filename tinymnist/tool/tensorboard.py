@@ -33,7 +33,8 @@ class TensorBoardReporter:
     """Writes scalars into `log_dir` through torch.utils.tensorboard's SummaryWriter."""
 
     def __init__(self, log_dir: Path, n_train: int):
-        self.n_train = n_train
+        self.path, self.n_train = log_dir, n_train
+        self.made = made_folders(log_dir)  # deepest first: the writer makes them
         tensorboard = require("torch.utils.tensorboard", "--tensorboard")
         try:
             self.writer = tensorboard.SummaryWriter(log_dir=str(log_dir))
@@ -60,11 +61,30 @@ class TensorBoardReporter:
     def close(self) -> None:
         self.writer.close()
 
+    def discard(self) -> None:
+        """Remove what the writer wrote (closed), and the folders it made, if nothing else is in them. A new
+        run's: it refuses a folder with earlier event files, so the event files in log_dir are its own."""
+        for events in self.path.glob("events.out.tfevents.*"):
+            events.unlink(missing_ok=True)
+        remove_if_empty(self.made)
+
+
+def made_folders(folder: Path) -> list[Path]:
+    """The folders a writer into `folder` would make: those of its path not there yet, deepest first."""
+    return [f for f in (folder, *folder.parents) if not f.exists()]
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
 
 class ModelsTensorBoard:
     """A multi-model run: each model's records in its own folder, the ensemble's in DIR/ensemble."""
 
     def __init__(self, log_dir: Path, n_train: int, folders: list[str]):
+        self.path, self.made = log_dir, made_folders(log_dir)
         # every folder made now: one that cannot be written fails before training
         self.models = {folder: TensorBoardReporter(log_dir / folder, n_train) for folder in folders}
         self.ensemble = TensorBoardReporter(log_dir / "ensemble", n_train)
@@ -85,3 +105,8 @@ class ModelsTensorBoard:
     def close(self) -> None:
         for reporter in [*self.models.values(), self.ensemble]:
             reporter.close()
+
+    def discard(self) -> None:
+        for reporter in [*self.models.values(), self.ensemble]:
+            reporter.discard()
+        remove_if_empty(self.made)

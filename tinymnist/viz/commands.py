@@ -167,9 +167,9 @@ def one_model(config: dict, params: dict, path: Path, seed: int | None, lr: floa
     list: every tensor with a leading dim N) the one --seed and --lr pick; and its name for the output."""
     grid = model_grid(TrainConfig(**config))  # (lr, seed) of each model, in the order they are stacked
     picked = [i for i, (rate, s) in enumerate(grid) if seed in (None, s) and lr in (None, rate)]
-    held = ", ".join(f"--seed {s} --lr {rate:g}" for rate, s in grid)
+    held = ", ".join(f"--seed {s} --lr {rate!r}" for rate, s in grid)  # repr: what --lr gives back exactly
     if len(picked) != 1:
-        flags = (f"--seed {seed}" if seed is not None else "", f"--lr {lr:g}" if lr is not None else "")
+        flags = (f"--seed {seed}" if seed is not None else "", f"--lr {lr!r}" if lr is not None else "")
         asked = " ".join(flag for flag in flags if flag)
         if not asked:
             which = "pick one with --seed and --lr"
@@ -182,7 +182,8 @@ def one_model(config: dict, params: dict, path: Path, seed: int | None, lr: floa
         return params, ""
     (i,) = picked
     rate, s = grid[i]
-    return {name: tensor[i] for name, tensor in params.items()}, f" (seed {s}, lr {rate:g})"
+    # copies: torch.save writes a view's whole storage, all N models
+    return {name: tensor[i].clone() for name, tensor in params.items()}, f" (seed {s}, lr {rate!r})"
 
 
 def shown(count: int, wrong: bool) -> str:

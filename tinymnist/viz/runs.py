@@ -77,7 +77,7 @@ def read_records(path: Path) -> list[dict]:
     except OSError as e:
         raise TinyMnistError(f"metrics file {path}: cannot be read ({e})") from None
     lines = text.splitlines()
-    records = []
+    records, cut_off = [], None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -86,7 +86,7 @@ def read_records(path: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             if number == len(lines) and not text.endswith("\n"):  # a run writing it now, or one stopped mid-line
-                print(f"tinymnist: note: {where} is cut off; plotting the lines before it", file=sys.stderr)
+                cut_off = where
                 break
             raise TinyMnistError(f"{where}: not JSON ({e.msg}); is it a --metrics file?") from None
         except RecursionError:  # the parser recurses once per level: [[[[...]]]] 100,000 deep exhausts it
@@ -104,8 +104,12 @@ def read_records(path: Path) -> list[dict]:
             ranges = "epochs count from 0, accuracy is 0 to 1"
             raise TinyMnistError(f"{where}: epoch {epoch} or test_accuracy {accuracy} is out of range ({ranges})")
         records.append(record)
+    if not records and cut_off:
+        raise TinyMnistError(f"metrics file {path}: its only line is cut off; a run has not written a whole record yet")
     if not records:
         raise TinyMnistError(f"metrics file {path}: holds no evaluations; train with --metrics {path} first")
+    if cut_off:
+        print(f"tinymnist: note: {cut_off} is cut off; plotting the lines before it", file=sys.stderr)
     return records
 
 
