@@ -49,6 +49,11 @@ def test_a_resumed_run_writes_only_where_its_own_command_says(tiny_split, finish
     assert "after 2 epochs" in result.stdout
     assert ckpt.read_bytes() == checkpoint_bytes and metrics.read_text() == metrics_text
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["mlp.jsonl", "mlp.pt"]
+    # which it says before training: a forgotten --save-model loses the epochs it trains
+    note = f"tinymnist: note: no --save-model, so this run's epochs are not saved (--save-model {ckpt} continues"
+    assert note in result.stderr
+    saved = run(*train_args(tiny_split, "--resume", ckpt, "--epochs", 2, "--save-model", ckpt, "--dry-run"))
+    assert saved.exit_code == 0 and "no --save-model" not in saved.stderr, saved.output
 
 
 def test_a_resumed_run_appends_to_metrics_and_a_new_run_refuses_them(tiny_split, finished, tmp_path):

@@ -93,8 +93,10 @@ def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
             f"checkpoint {path} has completed {state.epoch} of --epochs {config.epochs}; nothing to train ({more})"
         )
     cluster = torchrun.from_env()
+    if cluster is not None and not cluster.leader:
+        return config, state  # the notes below come from rank 0
     for field in ARITHMETIC_FIELDS:  # allowed (a lower rate from here on, say), but no longer the same run
-        if flags.get(field) is not None and flags[field] != trained[field] and (cluster is None or cluster.leader):
+        if flags.get(field) is not None and flags[field] != trained[field]:
             flag = "--" + field.replace("_", "-")
             print(
                 f"tinymnist: {flag} {flags[field]} replaces checkpoint {path}'s {trained[field]} from here on; "
@@ -142,6 +144,13 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
             evaluate = sweep or TestSet(config, models, mnist, evaluate_many if config.n_models > 1 else evaluate_one)
             k = speed.steps_per_call(config, device, one_process=cluster is None)  # as device_step chose
             training = Training(config, models, step, evaluate, steps_per_call=k)
+            leads = cluster is None or cluster.leader  # only rank 0 writes outputs: the others' --save-model is None
+            if resumed is not None and not config.save_model and not config.dry_run and leads:
+                print(  # allowed (a look at more epochs), but easy to forget: said once nothing else can fail first
+                    f"tinymnist: note: no --save-model, so this run's epochs are not saved (--save-model "
+                    f"{config.resume} continues the checkpoint in place)",
+                    file=sys.stderr,
+                )
             result = train_and_save(training, mnist, state, paths.get("--metrics"), resumed, sweep)
         if sweep:  # the speed of the whole sweep: every share's images in the slowest share's time
             result.train_seconds, result.images = sweep.totals(result.train_seconds, result.images)
