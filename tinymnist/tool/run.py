@@ -247,7 +247,8 @@ def train_and_save(
         written.append(tensorboard_reporter(config, len(mnist.train_images)))
     if metrics_path and not config.dry_run:
         written.append(MetricsFile(metrics_path, append=resumed is not None))
-    # In the order a record must reach them: one that a signal interrupts is in a file before it is on screen
+    # In this order: `trained` hears of a record before the files have it, and the files before the screen, so
+    # a signal between two of them never removes a record that a file kept or the screen showed
     trained = TrainedEvaluations()
     reporter = Reporters(trained, *written, *reporters)
     try:
