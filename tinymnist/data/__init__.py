@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from tinymnist.data.fetch import NO_MIRROR_LEFT, Patience, fetch_files
-from tinymnist.data.files import remove_leftovers
+from tinymnist.data.files import folders_to_make, remove_if_empty, remove_leftovers
 from tinymnist.data.idx import IdxError, IdxHeader, open_idx
 from tinymnist.errors import TinyMnistError
 
@@ -132,34 +132,26 @@ def download(
     naming every file no mirror could provide; those that arrived stay."""
     data_dir = Path(data_dir)
     check_data_dir(data_dir)
-    made = [folder for folder in (data_dir, *data_dir.parents) if not folder.exists()]  # deepest first
+    made = folders_to_make(data_dir)  # deepest first
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DownloadError(f"cannot create the data folder {data_dir}: {e.strerror or e}") from None
     for name in md5s:
         remove_leftovers(data_dir / name)
-    wanted = {name: md5 for name, md5 in md5s.items() if not _already_present(data_dir, name)}
+    wanted = {name: md5 for name, md5 in md5s.items() if whole_contents(data_dir, name) is None}
     mirrors = list(mirrors) if mirrors is not None else _mirrors_from_env()
     try:
         failures = fetch_files(data_dir, wanted, mirrors, progress=progress, patience=patience)
     except OSError as e:  # the local disk (full, read-only): network errors are answers, not raised
         raise DownloadError(f"cannot write into the data folder {data_dir}: {e.strerror or e}") from None
     if failures:
-        _remove_if_empty(made)  # nothing arrived: leave no empty folders behind
+        remove_if_empty(made)  # nothing arrived: leave no empty folders behind
         lines = [f"{name}: {'; '.join(answers)}" for name, answers in failures.items() if answers != [NO_MIRROR_LEFT]]
         if not_asked := [name for name, answers in failures.items() if answers == [NO_MIRROR_LEFT]]:
             lines.append(f"{', '.join(not_asked)}: {NO_MIRROR_LEFT}")
         how = f"To fix: {_by_hand(data_dir, list(failures))}, or list other mirrors in {MIRRORS_ENV}=URL,URL"
         raise DownloadError("\n".join(["could not download MNIST; what each mirror answered:", *lines, how]))
-
-
-def _remove_if_empty(folders: Sequence[Path]) -> None:
-    """Remove the folders a download made, deepest first, as long as each is empty."""
-    for folder in folders:
-        if any(folder.iterdir()):
-            return
-        folder.rmdir()
 
 
 def whole_contents(data_dir: Path, name: str) -> torch.Tensor | None:
@@ -173,10 +165,6 @@ def whole_contents(data_dir: Path, name: str) -> torch.Tensor | None:
             return idx.read()
     except (TinyMnistError, OSError):
         return None
-
-
-def _already_present(data_dir: Path, name: str) -> bool:
-    return whole_contents(data_dir, name) is not None
 
 
 def _mirrors_from_env() -> list[str]:

@@ -111,3 +111,18 @@ def check_readable(path: str | os.PathLike, what: str) -> None:
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "a pipe, socket or device"
         raise TinyMnistError(f"{what} {path}: is {kind}, not a file; give the path of a file")
+
+
+def folders_to_make(folder: Path) -> list[Path]:
+    """The folders of `folder`'s path that are not there yet, deepest first: what making it creates."""
+    return [f for f in (folder, *folder.parents) if not f.exists()]
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders a command made (folders_to_make's), deepest first, as long as each is empty."""
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        if any(folder.iterdir()):
+            return
+        folder.rmdir()

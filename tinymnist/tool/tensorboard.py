@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tinymnist.algorithm.config import TrainConfig, model_grid
+from tinymnist.data.files import folders_to_make, remove_if_empty
 from tinymnist.errors import TinyMnistError
 from tinymnist.tool.extras import require
 
@@ -34,7 +35,7 @@ class TensorBoardReporter:
 
     def __init__(self, log_dir: Path, n_train: int):
         self.path, self.n_train = log_dir, n_train
-        self.made = made_folders(log_dir)  # deepest first: the writer makes them
+        self.made = folders_to_make(log_dir)  # deepest first: the writer makes them
         tensorboard = require("torch.utils.tensorboard", "--tensorboard")
         try:
             self.writer = tensorboard.SummaryWriter(log_dir=str(log_dir))
@@ -69,22 +70,11 @@ class TensorBoardReporter:
         remove_if_empty(self.made)
 
 
-def made_folders(folder: Path) -> list[Path]:
-    """The folders a writer into `folder` would make: those of its path not there yet, deepest first."""
-    return [f for f in (folder, *folder.parents) if not f.exists()]
-
-
-def remove_if_empty(folders: list[Path]) -> None:
-    for folder in folders:  # deepest first
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-
-
 class ModelsTensorBoard:
     """A multi-model run: each model's records in its own folder, the ensemble's in DIR/ensemble."""
 
     def __init__(self, log_dir: Path, n_train: int, folders: list[str]):
-        self.path, self.made = log_dir, made_folders(log_dir)
+        self.path, self.made = log_dir, folders_to_make(log_dir)
         # every folder made now: one that cannot be written fails before training
         self.models = {folder: TensorBoardReporter(log_dir / folder, n_train) for folder in folders}
         self.ensemble = TensorBoardReporter(log_dir / "ensemble", n_train)

@@ -21,6 +21,7 @@ from tinymnist.tool.exits import user_errors
 from tinymnist.tool.extras import require
 from tinymnist.tool.report import counted
 from tinymnist.transforms.speed import use_tf32_matmuls
+from tinymnist.transforms.vmap import one_model
 from tinymnist.viz.curves import write_curves_png
 from tinymnist.viz.digits import plain_digits, terminal_digits, write_digits_png
 from tinymnist.viz.export import check_export_name, export_state_dict
@@ -106,7 +107,7 @@ def predict(
     dev = resolve_device(device)
     use_tf32_matmuls(dev)  # as train and eval compute, so the mistakes are the ones eval counts
     config, state = checkpoint.load(checkpoint_path, dev)
-    params, which = one_model(config, state.params, checkpoint_path, seed, lr)
+    params, which = picked_model(config, state.params, checkpoint_path, seed, lr)
     model = config["model"]
     if image:
         results = predict_images(model, params, image, dev)
@@ -152,7 +153,7 @@ def export(
     """A plain state_dict that the tutorial's own nn.Module loads with strict=True."""
     check_export_name(output)  # the suffix, and safetensors if it names that format: before any work
     config, state = checkpoint.load(checkpoint_path, torch.device("cpu"))
-    params, which = one_model(config, state.params, checkpoint_path, seed, lr)
+    params, which = picked_model(config, state.params, checkpoint_path, seed, lr)
     outputs.check_output_path(output, "-o")  # a symlink, a folder, a device: refused as for every output
     if checkpoint.peek(output) is not None:  # the checkpoint itself, or another run's
         raise TinyMnistError(f"-o {output} is a tinymnist checkpoint, which export would replace; name another file")
@@ -162,7 +163,7 @@ def export(
     print(f"wrote {output}: the {config['model']}{which} state_dict after {after}, for the tutorial's nn.Module")
 
 
-def one_model(config: dict, params: dict, path: Path, seed: int | None, lr: float | None) -> tuple[dict, str]:
+def picked_model(config: dict, params: dict, path: Path, seed: int | None, lr: float | None) -> tuple[dict, str]:
     """The one network predict and export take: the checkpoint's own, or of a checkpoint of N (--seeds, an --lr
     list: every tensor with a leading dim N) the one --seed and --lr pick; and its name for the output."""
     grid = model_grid(TrainConfig(**config))  # (lr, seed) of each model, in the order they are stacked
@@ -183,7 +184,7 @@ def one_model(config: dict, params: dict, path: Path, seed: int | None, lr: floa
     (i,) = picked
     rate, s = grid[i]
     # copies: torch.save writes a view's whole storage, all N models
-    return {name: tensor[i].clone() for name, tensor in params.items()}, f" (seed {s}, lr {rate!r})"
+    return {name: tensor.clone() for name, tensor in one_model(params, i).items()}, f" (seed {s}, lr {rate!r})"
 
 
 def shown(count: int, wrong: bool) -> str:
