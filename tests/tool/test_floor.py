@@ -6,6 +6,7 @@ import statistics
 
 import pytest
 import torch
+from torch.autograd import profiler_legacy
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.support import assert_user_error, needs_cpp_compiler, run
@@ -77,6 +78,45 @@ def test_the_floor_counts_each_product_by_its_faster_kernel():
     assert floor.cheapest_total(times | {"conv1.weight_grad_as_forward@8": 90.0}) == 50.0 + 5.0 + 7.0
 
 
+def profiled_events(fn, calls: int = 20):
+    with profiler_legacy.profile() as profile:
+        for _ in range(calls):
+            fn()
+    return profile.function_events
+
+
+def test_a_convolutions_forward_and_backward_are_products():
+    """aten::convolution (with the oneDNN call under it) and aten::convolution_backward fill most
+    of a window of nothing else."""
+    x, weight = torch.randn(64, 8, 28, 28, requires_grad=True), torch.randn(16, 8, 3, 3, requires_grad=True)
+    events = profiled_events(lambda: torch.nn.functional.conv2d(x, weight).sum().backward())
+    assert 0.5 < floor.products_seconds(events) / floor.window_seconds(events) <= 1.0
+    assert {e.name for e in events} >= {"aten::convolution", "aten::convolution_backward", "aten::_convolution"}
+
+
+def test_a_product_called_inside_a_product_is_counted_once():
+    """A product op whose kernel calls another (here made so with a named scope around aten::mm)
+    is counted with what it calls, once: counted at both levels, the window would hold twice itself."""
+    x = torch.randn(512, 512)
+
+    def nested():
+        with torch.autograd.profiler.record_function("aten::mm"):
+            x @ x.t()
+
+    events = profiled_events(nested)
+    inner = [e for e in events if e.name == "aten::mm" and e.cpu_parent is not None]
+    assert len(inner) == 20 and all(e.cpu_parent.cpu_parent.name == "aten::mm" for e in inner)  # under matmul
+    assert 0.5 < floor.products_seconds(events) / floor.window_seconds(events) <= 1.0
+
+
+def test_elementwise_work_is_not_a_product():
+    x = torch.randn(256, 1024)
+    events = profiled_events(lambda: torch.relu(x * 2 + 1))
+    assert floor.products_seconds(events) == 0 < floor.window_seconds(events)
+    matmuls = profiled_events(lambda: x @ x.t())
+    assert floor.products_seconds(matmuls) > 0.5 * floor.window_seconds(matmuls)
+
+
 def test_optimizer_arrays_by_hand():
     # read the gradient; read and write the parameters and each state tensor of the same size
     assert floor.optimizer_arrays("mlp") == 1 + 2 * 3  # adam: exp_avg, exp_avg_sq
@@ -117,6 +157,16 @@ def test_floor_bench_reports_the_step_k_steps_and_floor(tmp_path, monkeypatch):
     assert row["floor_us"] == pytest.approx(statistics.median(floors))
     products = [name for name in samples if name.startswith("whole/")]
     assert len(products) == 2 + 3 * 3  # fc1: forward and weight gradient; fc2-fc4: all three
+    # where the step's time goes: each round's profiled share of it in the products, and the rest
+    shares = row["step_products_shares"]
+    assert len(shares) == 2 and all(0 < share < 1 for share in shares)
+    in_step = [share * step for share, step in zip(shares, samples["step"], strict=True)]
+    assert row["step_products_us"] == pytest.approx(statistics.median(in_step))
+    rest = [step - products for step, products in zip(samples["step"], in_step, strict=True)]
+    assert row["step_rest_us"] == pytest.approx(statistics.median(rest))
+    ratio = statistics.median(p / q for p, q in zip(in_step, samples["whole"], strict=True))
+    assert row["step_products_over_products"] == pytest.approx(ratio)
+    assert f"{ratio:.2f}x" in result.stdout.split("Where the step's time goes")[1]
 
 
 @pytest.mark.parametrize(

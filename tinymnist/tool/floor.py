@@ -14,6 +14,12 @@ The floor, timed with torch's own kernels on random tensors of the step's shapes
 Each round times a window of steps, then the floor, so load from other programs hits both;
 step/floor is the median of the rounds' ratios. Run it quiet: while another program keeps a
 core busy, every parallel op waits for a descheduled thread.
+
+Where the step's time goes: each round also runs a window of steps under torch's profiler and
+takes the share of its time spent inside the products' ATen calls (convolutions, matrix products,
+with whatever they call: oneDNN's own layout copies count as theirs). That share of the step's
+time is its products, to set beside the floor's; the rest is all that a perfect step would fold
+away: the compiled elementwise kernels, copies, and the calls' overhead.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import profiler_legacy
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from tinymnist.algorithm import networks, shapes
@@ -44,6 +51,11 @@ STEP_SECONDS = 0.25  # the least time one window of steps spans
 PRODUCT_SECONDS = 0.01  # the least time one measurement of a product spans: far above the clock's resolution
 STEPS_PER_CALL = 10  # K of `train --steps-per-call K` timed beside the one-step call
 AS_FORWARD = "_as_forward"  # a product's name with it: the same product by first_conv.py's kernel
+# The ATen calls a step's products run in, as torch's profiler names them; aten::convolution holds the
+# forward's oneDNN call, and a compiled step calls the others directly
+PRODUCT_OPS = frozenset(
+    {"aten::convolution", "aten::convolution_backward", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+)
 
 
 # ---- what a step must compute -------------------------------------------------------------
@@ -199,6 +211,32 @@ def window_us(calls: Iterator[int], seconds: float) -> float:
     return elapsed / steps * 1e6
 
 
+def products_share(calls: Iterator[int], seconds: float) -> float:
+    """The share of a window of steps, spanning at least `seconds`, spent in PRODUCT_OPS, under torch's profiler."""
+    with profiler_legacy.profile() as profile:  # the same events as torch.profiler's, without kineto's lines on stderr
+        window_us(calls, seconds)
+    events = profile.function_events
+    return products_seconds(events) / window_seconds(events)
+
+
+def products_seconds(events) -> float:
+    """Seconds in PRODUCT_OPS calls, each counted once with what it calls (oneDNN's convolution inside
+    aten::convolution is not counted again): the calls on the profiled thread run one after another."""
+
+    def inside_a_product(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None and parent.name not in PRODUCT_OPS:
+            parent = parent.cpu_parent
+        return parent is not None
+
+    return sum(e.cpu_time_total for e in events if e.name in PRODUCT_OPS and not inside_a_product(e)) / 1e6
+
+
+def window_seconds(events) -> float:
+    """From the first profiled call's start to the last one's end."""
+    return (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) / 1e6
+
+
 def measure(model: str, images, labels, rounds: int, log: Callable[[str], None]) -> dict:
     """Rounds of (a window of steps, each floor measurement); medians, and step/floor per round."""
     batch, micro_batch = recipe_config(model).batch_size, speed.default_micro_batch(CPU, model)
@@ -215,9 +253,11 @@ def measure(model: str, images, labels, rounds: int, log: Callable[[str], None])
     compile_seconds = time.perf_counter() - started
     parts = floor_parts(model, batch, micro_batch)
     samples = collections.defaultdict(list)  # "step", "k_steps", each way's total, "way/product": us per round
+    shares = []  # per round: the share of a profiled window of steps spent in the products
     for _ in range(rounds):
         for name, calls in loops.items():
             samples[name].append(window_us(calls, STEP_SECONDS))
+        shares.append(products_share(loops["step"], STEP_SECONDS))
         for way, timed in parts.items():
             times = {name: t.microseconds() for name, t in timed.items()}
             samples[way].append(cheapest_total(times))
@@ -231,6 +271,7 @@ def measure(model: str, images, labels, rounds: int, log: Callable[[str], None])
         f"{name}_over_floor": statistics.median(s / f for s, f in zip(samples[name], floors, strict=True))
         for name in loops
     }
+    step_products = [share * step for share, step in zip(shares, samples["step"], strict=True)]
     return {
         "model": model,
         "batch": batch,
@@ -247,6 +288,10 @@ def measure(model: str, images, labels, rounds: int, log: Callable[[str], None])
         "optimizer_us": median["optimizer"],
         "floor_us": statistics.median(floors),
         **over_floor,
+        "step_products_us": statistics.median(step_products),
+        "step_rest_us": statistics.median(s - p for s, p in zip(samples["step"], step_products, strict=True)),
+        "step_products_over_products": statistics.median(s / p for s, p in zip(step_products, products, strict=True)),
+        "step_products_shares": shares,
         "medians_us": median,
         "samples_us": dict(samples),
     }
@@ -284,6 +329,19 @@ def print_floor_report(report: dict) -> None:
             several_ratio,
         )
     print_table(table, width=140)
+    split = new_table(
+        "Where the step's time goes: its products' ATen calls (profiled) and the rest",
+        ("model", "step us", "its products us", "over the floor's products", "the rest us"),
+    )
+    for r in report["results"]:
+        split.add_row(
+            r["model"],
+            f"{r['step_us']:,.0f}",
+            f"{r['step_products_us']:,.0f}",
+            f"{r['step_products_over_products']:.2f}x",
+            f"{r['step_rest_us']:,.0f}",
+        )
+    print_table(split)
     for r in report["results"]:
         if r["k_steps_refused"]:
             print(f"{r['model']}: no {k} steps per call: {r['k_steps_refused']}")
