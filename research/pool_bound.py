@@ -9,8 +9,9 @@ win: the same step with every pool swapped for its window's top-left corner bloc
 whose forward reads the pool's output size and whose backward writes the full-resolution gradient
 (zeros around the block) in elementwise code: the gradient writes any pool backward must make, with
 no maximum found and no index kept. Its values are wrong; its time is about the least a pool costs.
-This times train's step, the corner step, and the floor's products and optimizer traffic (tool/floor.py),
-in turns, `--rounds` rounds; each step's median and the median of its rounds' ratios to the floor.
+This times train's step, the corner step, and the floor's products and optimizer traffic (tool/floor.py,
+whose faster way, whole batch or micro-batches, is taken by median as in `bench --floor`), in turns,
+`--rounds` rounds; each step's median and the median (and range) of its rounds' ratios to the floor.
 
     python research/pool_bound.py --data-dir DIR [--models fast,lenet] [--rounds 5] [--seconds 0.5]
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 from unittest import mock
 
@@ -39,10 +41,11 @@ def corner(x: torch.Tensor, kernel: int) -> torch.Tensor:
 
 
 def floor_us(parts: dict) -> dict[str, float]:
-    """One measurement of each way of the floor (tool/floor.py's cheapest_total), plus the optimizer."""
-    return {
-        way: floor.cheapest_total({name: t.microseconds() for name, t in timed.items()}) for way, timed in parts.items()
-    }
+    """One measurement of each way of the floor's products (whole batch, micro-batches: tool/floor.py's
+    cheapest_total), each with the optimizer's traffic added."""
+    times = {way: floor.cheapest_total({n: t.microseconds() for n, t in timed.items()}) for way, timed in parts.items()}
+    optimizer = times.pop("optimizer")
+    return {way: us + optimizer for way, us in times.items()}
 
 
 def main() -> None:
@@ -53,9 +56,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.5, help="the least time of one timing window")
     args = parser.parse_args()
     flush_denormals()  # as `train` runs
-    torch._inductor.config.fx_graph_cache = False  # the corner step must not reuse train's cached graph
     images, labels, source = bench_data(args.data_dir, torch.device("cpu"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data: {source}")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data: {source}; load average {load}")
     ways = {"train's": contextlib.nullcontext(), "corner": mock.patch.object(cpu_pool, "first_max_pool2d", corner)}
     for model in args.models.split(","):
         loops = {}
@@ -65,16 +68,17 @@ def main() -> None:
                 for _ in range(3):  # the compile, then two more
                     next(loops[name])
         parts = floor.floor_parts(model, recipe_config(model).batch_size, speed.default_micro_batch(floor.CPU, model))
-        samples = {name: [] for name in [*ways, "floor"]}
+        samples, floors = {name: [] for name in ways}, {way: [] for way in parts if way != "optimizer"}
         for round_ in range(args.rounds):
             for name in ways if round_ % 2 == 0 else reversed(ways):
                 with ways[name]:
                     samples[name].append(floor.window_us(loops[name], args.seconds))
-            times = floor_us(parts)
-            products = min(us for way, us in times.items() if way != "optimizer")  # whole batch or micro-batches
-            samples["floor"].append(products + times["optimizer"])
+            for way, us in floor_us(parts).items():
+                floors[way].append(us)
+        way = min(floors, key=lambda w: statistics.median(floors[w]))  # as bench --floor: the faster way by median
+        print(f"{model}: floor: {statistics.median(floors[way]):,.0f} us ({way})", flush=True)
         for name, us in samples.items():
-            ratios = [step / f for step, f in zip(us, samples["floor"], strict=True)]
+            ratios = [step / f for step, f in zip(us, floors[way], strict=True)]
             print(
                 f"{model}: {name}: {statistics.median(us):,.0f} us a step, {statistics.median(ratios):.2f}x the floor "
                 f"({min(ratios):.2f}-{max(ratios):.2f})",

@@ -86,12 +86,36 @@ def profiled_events(fn, calls: int = 20):
 
 
 def test_a_convolutions_forward_and_backward_are_products():
-    """aten::convolution (with the oneDNN call under it) and aten::convolution_backward fill most
-    of a window of nothing else."""
+    """aten::convolution (with the oneDNN call under it) and aten::convolution_backward, each whole,
+    and nothing else: they fill most of a window of nothing else."""
     x, weight = torch.randn(64, 8, 28, 28, requires_grad=True), torch.randn(16, 8, 3, 3, requires_grad=True)
     events = profiled_events(lambda: torch.nn.functional.conv2d(x, weight).sum().backward())
+    convolutions = [e for e in events if e.name in ("aten::convolution", "aten::convolution_backward")]
+    assert len(convolutions) == 2 * 20 and {e.name for e in events} >= {"aten::_convolution"}
+    assert floor.products_seconds(events) == pytest.approx(sum(e.cpu_time_total for e in convolutions) / 1e6)
     assert 0.5 < floor.products_seconds(events) / floor.window_seconds(events) <= 1.0
-    assert {e.name for e in events} >= {"aten::convolution", "aten::convolution_backward", "aten::_convolution"}
+
+
+@needs_cpp_compiler
+def test_every_product_of_a_compiled_step_is_counted():
+    """mlp3's compiled CPU step: every product call the profiler sees is one of PRODUCT_OPS or runs inside
+    one, and there are as many as the floor's products (4 forwards, 4 weight and 3 input gradients)."""
+    images, labels = torch.zeros(64, 28, 28, dtype=torch.uint8), torch.zeros(64, dtype=torch.int64)
+    steps = floor.cpu_steps("mlp3", images, labels)
+    for _ in range(3):  # the compile, then two more
+        next(steps)
+    events = profiled_events(lambda: next(steps), calls=5)
+    looks_like_a_product = [e for e in events if any(word in e.name for word in ("mm", "conv", "matmul", "linear"))]
+    counted = [e for e in looks_like_a_product if e.name in floor.PRODUCT_OPS]
+    assert all(e in counted or any(a in counted for a in ancestors(e)) for e in looks_like_a_product)
+    top_level = [e for e in counted if not any(a in counted for a in ancestors(e))]
+    per_step = sum(len(p.products()) for p in floor.product_layers("mlp3"))
+    assert per_step == 11 and len(top_level) == 5 * per_step
+
+
+def ancestors(event):
+    while (event := event.cpu_parent) is not None:
+        yield event
 
 
 def test_a_product_called_inside_a_product_is_counted_once():
@@ -162,8 +186,8 @@ def test_floor_bench_reports_the_step_k_steps_and_floor(tmp_path, monkeypatch):
     assert len(shares) == 2 and all(0 < share < 1 for share in shares)
     in_step = [share * step for share, step in zip(shares, samples["step"], strict=True)]
     assert row["step_products_us"] == pytest.approx(statistics.median(in_step))
-    rest = [step - products for step, products in zip(samples["step"], in_step, strict=True)]
-    assert row["step_rest_us"] == pytest.approx(statistics.median(rest))
+    assert row["step_rest_us"] == pytest.approx(row["step_us"] - row["step_products_us"])  # a row adds up
+    assert len(row["profiled_step_us"]) == 2
     ratio = statistics.median(p / q for p, q in zip(in_step, samples["whole"], strict=True))
     assert row["step_products_over_products"] == pytest.approx(ratio)
     assert f"{ratio:.2f}x" in result.stdout.split("Where the step's time goes")[1]

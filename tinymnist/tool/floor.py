@@ -18,8 +18,11 @@ core busy, every parallel op waits for a descheduled thread.
 Where the step's time goes: each round also runs a window of steps under torch's profiler and
 takes the share of its time spent inside the products' ATen calls (convolutions, matrix products,
 with whatever they call: oneDNN's own layout copies count as theirs). That share of the step's
-time is its products, to set beside the floor's; the rest is all that a perfect step would fold
-away: the compiled elementwise kernels, copies, and the calls' overhead.
+time is its products, to set beside the floor's; the rest is the step less its products: the
+compiled elementwise kernels, the optimizer's update, copies, and the calls' overhead. The profiler
+costs time of its own, most of it in the many short calls of a small step: mlp3's profiled step took
+1.1-1.2x its plain one, most of that inside the products, so its products' share reads about 10%
+high there (the JSON keeps the profiled step's time); a convolutional step's is within its noise.
 """
 
 from __future__ import annotations
@@ -211,12 +214,13 @@ def window_us(calls: Iterator[int], seconds: float) -> float:
     return elapsed / steps * 1e6
 
 
-def products_share(calls: Iterator[int], seconds: float) -> float:
-    """The share of a window of steps, spanning at least `seconds`, spent in PRODUCT_OPS, under torch's profiler."""
+def products_share(calls: Iterator[int], seconds: float) -> tuple[float, float]:
+    """The share of a window of steps, spanning at least `seconds`, spent in PRODUCT_OPS under torch's
+    profiler, and the profiled window's microseconds per step."""
     with profiler_legacy.profile() as profile:  # the same events as torch.profiler's, without kineto's lines on stderr
-        window_us(calls, seconds)
+        us = window_us(calls, seconds)
     events = profile.function_events
-    return products_seconds(events) / window_seconds(events)
+    return products_seconds(events) / window_seconds(events), us
 
 
 def products_seconds(events) -> float:
@@ -253,11 +257,13 @@ def measure(model: str, images, labels, rounds: int, log: Callable[[str], None])
     compile_seconds = time.perf_counter() - started
     parts = floor_parts(model, batch, micro_batch)
     samples = collections.defaultdict(list)  # "step", "k_steps", each way's total, "way/product": us per round
-    shares = []  # per round: the share of a profiled window of steps spent in the products
+    shares, profiled_us = [], []  # per round: a profiled window's share spent in the products, and its µs a step
     for _ in range(rounds):
         for name, calls in loops.items():
             samples[name].append(window_us(calls, STEP_SECONDS))
-        shares.append(products_share(loops["step"], STEP_SECONDS))
+        share, us = products_share(loops["step"], STEP_SECONDS)
+        shares.append(share)
+        profiled_us.append(us)
         for way, timed in parts.items():
             times = {name: t.microseconds() for name, t in timed.items()}
             samples[way].append(cheapest_total(times))
@@ -272,6 +278,7 @@ def measure(model: str, images, labels, rounds: int, log: Callable[[str], None])
         for name in loops
     }
     step_products = [share * step for share, step in zip(shares, samples["step"], strict=True)]
+    step_products_us = statistics.median(step_products)
     return {
         "model": model,
         "batch": batch,
@@ -288,10 +295,11 @@ def measure(model: str, images, labels, rounds: int, log: Callable[[str], None])
         "optimizer_us": median["optimizer"],
         "floor_us": statistics.median(floors),
         **over_floor,
-        "step_products_us": statistics.median(step_products),
-        "step_rest_us": statistics.median(s - p for s, p in zip(samples["step"], step_products, strict=True)),
+        "step_products_us": step_products_us,
+        "step_rest_us": median["step"] - step_products_us,  # so that a row of the table adds up
         "step_products_over_products": statistics.median(s / p for s, p in zip(step_products, products, strict=True)),
         "step_products_shares": shares,
+        "profiled_step_us": profiled_us,
         "medians_us": median,
         "samples_us": dict(samples),
     }
