@@ -30,6 +30,10 @@ step (tool/floor.cpu_steps) against the same step with:
     unfold             first_conv.py's weight gradient as im2col and a batched product over the batch,
                        (B, O, H'W') @ (B, H'W', k*k) summed over B: the gradient stays in the layout the
                        pool's backward writes, with no (O, H', W', B) copy for a forward convolution
+    aten-pool          every pool F.max_pool2d, as inductor compiles it (its low-memory forward with int8
+                       offsets; its backward a scatter into zeros)
+    c-backward         aten-pool with both pool kernels hand-written in C and spliced in after autograd,
+                       the ReLU's backward folded into the pool's (research/pool_kernel.py)
     control            train's step itself, compiled and timed as a way of its own (its rounds show the
                        host's noise and any advantage of a way's place in the turns)
 
@@ -53,7 +57,8 @@ and `pool-first-cl` makes two changes at once.
 
 A custom backward would have been the direct way, but inside torch.compile torch.func.grad
 ignores an autograd.Function's own backward (torch 2.13: pytorch#193279, wrong gradients with no
-error) and refuses a torch.library custom op's registered one.
+error) and refuses a torch.library custom op's registered one. `c-backward` goes around that: its ops
+replace nodes of the graph autograd has already written.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ import os
 from contextlib import AbstractContextManager
 from unittest import mock
 
+import pool_kernel  # research/pool_kernel.py
 import torch
 import torch.nn.functional as F
 from in_turns import print_against, steps_in_turns  # research/in_turns.py
@@ -210,7 +216,7 @@ def with_first_conv_pass(rewrite) -> AbstractContextManager:
             rewrite(graph)
 
         def uuid(self) -> bytes:  # first_conv.inductor_pass's (its choices in force), this file's, the rewrite's name
-            files = (__file__, first_conv.__file__, graph_splice.__file__)
+            files = (__file__, first_conv.__file__, graph_splice.__file__, pool_kernel.__file__)
             return first_conv.chosen_pass().uuid() + get_hash_for_files(files) + rewrite.__name__.encode()
 
     options = speed.compile_options() | {"post_grad_custom_post_pass": Pass()}
@@ -278,6 +284,17 @@ def unfold_rewrite(graph: torch.fx.Graph) -> None:
         first_conv.rewrite(graph, first_conv.CHOICES[first_conv.environment_choice()])
 
 
+def pool_kernel_rewrite(graph: torch.fx.Graph) -> None:
+    """pool_kernel.py's C backward for every 2x2 max-pool (F.max_pool2d's), then first_conv.rewrite (its choice)."""
+    pool_kernel.rewrite(graph)
+    first_conv.rewrite(graph, first_conv.CHOICES[first_conv.environment_choice()])
+
+
+def aten_pool(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """F.max_pool2d, as inductor compiles it (prims._low_memory_max_pool_with_offsets; a scatter backward)."""
+    return F.max_pool2d(x, kernel)
+
+
 @contextlib.contextmanager
 def patched(*patches):
     """Each patch a context manager or (object, attribute, value), all in place at once."""
@@ -296,6 +313,8 @@ VARIANTS = {
     "channels-last-pool": lambda: patched((cpu_pool, "first_max_pool2d", channels_last_pool)),
     "unfold": lambda: with_first_conv_pass(unfold_rewrite),
     "gather": lambda: patched((cpu_pool, "first_max_pool2d", gather_pool)),
+    "aten-pool": lambda: patched((cpu_pool, "first_max_pool2d", aten_pool)),
+    "c-backward": lambda: patched((cpu_pool, "first_max_pool2d", aten_pool), with_first_conv_pass(pool_kernel_rewrite)),
 }
 
 

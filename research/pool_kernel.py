@@ -1,0 +1,298 @@
+"""Hand-written CPU kernels for 2x2 max-pooling, spliced into the compiled step after autograd.
+
+Under torch.compile, F.max_pool2d reaches inductor's post-grad graph as named nodes: the forward
+prims._low_memory_max_pool_with_offsets (the maxima, and each one's offset in its window as int8), the
+backward a zero tensor that aten.scatter_add fills at prims._low_memory_max_pool_offsets_to_indices'
+indices, reshaped to the input's shape. Inductor compiles that scatter to scalar loops. `rewrite`
+swaps both for ops inductor calls as they are, C loops (compiled once with the system's gcc, loaded with
+ctypes) bit for bit equal to inductor's:
+
+- pool2x2_forward: each window's first maximum and its offset, in the input's layout (vectorized over
+  the channels of a channels-last input; branch-free scalar code for NCHW);
+- pool2x2_backward: each window's two rows of the gradient, written laid out (C, N, H, W), the layout
+  transforms/first_conv.py's weight gradient reads it in (AVX2 for a contiguous gradient);
+- where the pool reads a ReLU's output, the ReLU's backward folded in at the pooled size: a picked
+  position's input is its window's maximum, so its mask is the maximum's.
+
+    python research/first_block_backward.py --data-dir DIR --variants aten-pool,c-backward --check
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import functools
+import hashlib
+import itertools
+import operator
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tinymnist.transforms.graph_splice import spliced
+
+prims = torch.ops.prims
+aten = torch.ops.aten
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+/* v where on, else +0.0: a bit mask. Not a branch (the picked position is random), and not v * (float)on,
+   whose int-to-float conversion chained every iteration to the last: 3.5x slower. */
+static inline float keep(float v, int on) {
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    bits &= -(uint32_t)on;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+/* Rows [begin, end) of the pooled gradient's N*C*H' rows; strides in elements. out: (N, C, 2H', 2W') laid out
+   (C, N, 2H', 2W'), the layout transforms/first_conv.py's weight gradient reads it in. */
+void pool2x2_backward(const float* restrict grad, const int8_t* restrict offsets, float* restrict out,
+                      int64_t batch, int64_t channels, int64_t rows, int64_t cols, const int64_t* g, const int64_t* o,
+                      int64_t begin, int64_t end) {
+    const int64_t g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3], o0 = o[0], o1 = o[1], o2 = o[2], o3 = o[3];
+    for (int64_t r = begin; r < end; r++) {
+        const int64_t n = r / (channels * rows), c = (r / rows) % channels, i = r % rows;
+        const float* restrict gr = grad + n * g0 + c * g1 + i * g2;
+        const int8_t* restrict orow = offsets + n * o0 + c * o1 + i * o2;
+        float* restrict top = out + ((c * batch + n) * 2 * rows + 2 * i) * 2 * cols;
+        float* restrict bottom = top + 2 * cols;
+        int64_t j = 0;
+#ifdef __AVX2__
+        if (g3 == 1 && o3 == 1) { /* 8 windows at a time: four masked vectors, interleaved into the two rows */
+            for (; j + 8 <= cols; j += 8) {
+                const __m256 v = _mm256_loadu_ps(gr + j);
+                const __m256i k = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(orow + j)));
+                __m256 m[4];
+                for (int p = 0; p < 4; p++)
+                    m[p] = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_set1_epi32(p))));
+                for (int row = 0; row < 2; row++) {
+                    const __m256 lo = _mm256_unpacklo_ps(m[2 * row], m[2 * row + 1]);
+                    const __m256 hi = _mm256_unpackhi_ps(m[2 * row], m[2 * row + 1]);
+                    float* restrict dst = (row ? bottom : top) + 2 * j;
+                    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(lo, hi, 0x20));
+                    _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+                }
+            }
+        }
+#endif
+        for (; j < cols; j++) {
+            const float v = gr[j * g3];
+            const int k = orow[j * o3];
+            top[2 * j] = keep(v, k == 0);
+            top[2 * j + 1] = keep(v, k == 1);
+            bottom[2 * j] = keep(v, k == 2);
+            bottom[2 * j + 1] = keep(v, k == 3);
+        }
+    }
+}
+/* Output rows [begin, end) of N*H' (channels-last x: s[1] == 1) or N*C*H' (else); x's strides in elements.
+   values and offsets (N, C, H', W') in x's layout: each window's first maximum (row-major) and its offset 0-3. */
+void pool2x2_forward(const float* restrict x, float* restrict values, int8_t* restrict offsets, int64_t channels,
+                     int64_t rows, int64_t cols, const int64_t* s, int64_t begin, int64_t end) {
+    const int64_t s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3];
+    if (s1 == 1) { /* channels innermost: every window's four values are four contiguous rows of C */
+        for (int64_t r = begin; r < end; r++) {
+            const int64_t n = r / rows, i = r % rows;
+            for (int64_t j = 0; j < cols; j++) {
+                const float* restrict a = x + n * s0 + 2 * i * s2 + 2 * j * s3;
+                const float* restrict b = a + s3;
+                const float* restrict c = a + s2;
+                const float* restrict d = c + s3;
+                float* restrict v = values + (r * cols + j) * channels;
+                int8_t* restrict o = offsets + (r * cols + j) * channels;
+                int32_t at[256]; /* channels <= 256 (rewrite checks); 32 bits, as the floats: one vector width */
+                for (int64_t k = 0; k < channels; k++) {
+                    float m = a[k];
+                    int32_t pick = 0;
+                    int32_t later = -(int32_t)(b[k] > m); pick = (pick & ~later) | (1 & later); m = b[k] > m ? b[k] : m;
+                    later = -(int32_t)(c[k] > m); pick = (pick & ~later) | (2 & later); m = c[k] > m ? c[k] : m;
+                    later = -(int32_t)(d[k] > m); pick = (pick & ~later) | (3 & later); m = d[k] > m ? d[k] : m;
+                    v[k] = m;
+                    at[k] = pick;
+                }
+                for (int64_t k = 0; k < channels; k++) o[k] = (int8_t)at[k];
+            }
+        }
+    } else {
+        for (int64_t r = begin; r < end; r++) {
+            const int64_t n = r / (channels * rows), ch = (r / rows) % channels, i = r % rows;
+            const float* restrict top = x + n * s0 + ch * s1 + 2 * i * s2;
+            for (int64_t j = 0; j < cols; j++) {
+                const float a = top[2 * j * s3], b = top[(2 * j + 1) * s3];
+                const float c = top[s2 + 2 * j * s3], d = top[s2 + (2 * j + 1) * s3];
+                float m = a;
+                int32_t pick = 0;
+                int32_t later = -(int32_t)(b > m); pick = (pick & ~later) | (1 & later); m = b > m ? b : m;
+                later = -(int32_t)(c > m); pick = (pick & ~later) | (2 & later); m = c > m ? c : m;
+                later = -(int32_t)(d > m); pick = (pick & ~later) | (3 & later); m = d > m ? d : m;
+                values[r * cols + j] = m;
+                offsets[r * cols + j] = (int8_t)pick;
+            }
+        }
+    }
+}
+"""
+# On the calling thread alone: split between two Python threads, fast's step ran 1.07x train's against 1.02x
+# on one (the kernels then wait for torch's OpenMP threads, which spin for a while after each parallel op)
+THREADS = 1
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """SOURCE compiled once per text (a cached .so under the temp folder) and loaded."""
+    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"tinymnist_pool2x2_{digest}.so"
+    if not path.exists():
+        source = path.with_suffix(".c")
+        source.write_text(SOURCE)
+        partial = path.with_suffix(".so.partial")
+        subprocess.run(["gcc", "-O3", "-march=native", "-shared", "-fPIC", source, "-o", partial], check=True)
+        partial.replace(path)
+    lib = ctypes.CDLL(str(path))
+    lib.pool2x2_backward.restype = None
+    return lib
+
+
+@functools.cache
+def pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(THREADS)
+
+
+@torch.library.custom_op("tinymnist_research::pool2x2_backward", mutates_args=(), tags=[torch.Tag.flexible_layout])
+def pool2x2_backward(grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """grad (N, C, H', W') float32 and offsets (N, C, H', W') int8, row-major in each 2x2 window -> the input's
+    gradient (N, C, 2H', 2W'), laid out (C, N, 2H', 2W'): each window's picked position gets its gradient, else 0."""
+    n, channels, rows, cols = grad.shape
+    out = torch.empty(channels, n, 2 * rows, 2 * cols).transpose(0, 1)  # (N, C, H, W), laid out (C, N, H, W)
+    g = (ctypes.c_int64 * 4)(*grad.stride())
+    o = (ctypes.c_int64 * 4)(*offsets.stride())
+    pointers = (ctypes.c_void_p(grad.data_ptr()), ctypes.c_void_p(offsets.data_ptr()), ctypes.c_void_p(out.data_ptr()))
+    sizes = (ctypes.c_int64(n), ctypes.c_int64(channels), ctypes.c_int64(rows), ctypes.c_int64(cols))
+    in_threads(library().pool2x2_backward, n * channels * rows, *pointers, *sizes, g, o)
+    return out
+
+
+def in_threads(kernel, rows: int, *arguments) -> None:
+    """kernel(*arguments, begin, end) over [0, rows), the rows split between THREADS threads."""
+    if THREADS == 1:
+        return kernel(*arguments, ctypes.c_int64(0), ctypes.c_int64(rows))
+    bounds = [rows * t // THREADS for t in range(THREADS + 1)]
+    calls = [
+        pool().submit(kernel, *arguments, ctypes.c_int64(a), ctypes.c_int64(b)) for a, b in itertools.pairwise(bounds)
+    ]
+    for call in calls:
+        call.result()
+
+
+def pooled_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (N, C, H/2, W/2) tensor in x's layout: channels-last where x is (and not also contiguous)."""
+    n, channels, height, width = x.shape
+    layout = torch.channels_last if channels_last(x) else torch.contiguous_format
+    return torch.empty(n, channels, height // 2, width // 2, dtype=dtype, device=x.device, memory_format=layout)
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    return x.stride(1) == 1 and x.shape[1] > 1
+
+
+@torch.library.custom_op("tinymnist_research::pool2x2_forward", mutates_args=(), tags=[torch.Tag.flexible_layout])
+def pool2x2_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, C, H, W) float32, H and W even -> each 2x2 window's first maximum and its offset (int8), both
+    (N, C, H/2, W/2) in x's layout: prims._low_memory_max_pool_with_offsets for these windows."""
+    n, channels, height, width = x.shape
+    values, offsets = pooled_like(x, torch.float32), pooled_like(x, torch.int8)
+    rows, cols = height // 2, width // 2
+    s = (ctypes.c_int64 * 4)(*x.stride())
+    pointers = (ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(values.data_ptr()), ctypes.c_void_p(offsets.data_ptr()))
+    sizes = (ctypes.c_int64(channels), ctypes.c_int64(rows), ctypes.c_int64(cols))
+    total = n * rows if channels_last(x) else n * channels * rows
+    in_threads(library().pool2x2_forward, total, *pointers, *sizes, s)
+    return values, offsets
+
+
+@pool2x2_forward.register_fake
+def _(x):
+    return pooled_like(x, torch.float32), pooled_like(x, torch.int8)
+
+
+@pool2x2_backward.register_fake
+def _(grad, offsets):
+    n, channels, rows, cols = grad.shape
+    return grad.new_empty(channels, n, 2 * rows, 2 * cols).transpose(0, 1)
+
+
+def rewrite(graph: torch.fx.Graph) -> None:
+    """Each 2x2, stride-2 max-pool backward (reshape(scatter_add(zeros, 1, indices from offsets, grad)))
+    becomes pool2x2_backward(grad, offsets)."""
+    for node in list(graph.nodes):
+        if node.target is not aten.scatter_add.default:
+            continue
+        _, dim, index, src = node.args
+        indices = index.args[0] if index.target is aten.reshape.default else None
+        if dim != 1 or indices is None or indices.target is not prims._low_memory_max_pool_offsets_to_indices.default:
+            continue
+        offsets, kernel, _, stride, padding, dilation = indices.args
+        if [list(kernel), list(stride), list(padding), list(dilation)] != [[2, 2], [2, 2], [0, 0], [1, 1]]:
+            continue
+        (reshaped,) = node.users  # (N*C, H*W) -> (N, C, H, W)
+        grad = src.args[0]  # src: grad reshaped to (N*C, H'*W')
+        pooled_input = offsets.args[0].args[0]  # offsets: getitem 1 of the forward pool, which reads this
+        values = maxima(graph, offsets.args[0])
+        relu = only_relu_backward(reshaped, pooled_input)
+        if relu is None:
+            replacement = spliced(graph, reshaped, pool2x2_backward, [grad, offsets])
+            reshaped.replace_all_uses_with(replacement)
+        else:  # the ReLU's mask at the pooled size: a picked position's input is its window's maximum
+            replacement = spliced(graph, relu, relu_then_pool_backward, [grad, values, offsets])
+            relu.replace_all_uses_with(replacement)
+    for node in list(graph.nodes):  # then the forward pools, whose offsets the backward ops now read
+        forward_pool = node.target is prims._low_memory_max_pool_with_offsets.default
+        if forward_pool and list(node.args[1:]) == FORWARD_ARGS and node.args[0].meta["val"].shape[1] <= 256:
+            outputs = spliced(graph, node, pool2x2_forward, [node.args[0]])
+            for user in list(node.users):  # getitem 0 (the maxima), 1 (the offsets)
+                user.replace_all_uses_with(outputs[user.args[1]])
+                graph.erase_node(user)
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+
+
+FORWARD_ARGS = [[2, 2], [2, 2], [0, 0], [1, 1], False]  # kernel, stride, padding, dilation, ceil_mode
+
+
+def maxima(graph: torch.fx.Graph, pool: torch.fx.Node) -> torch.fx.Node:
+    """The forward pool's first output (its maxima), a new getitem where none is left (a loss not returned)."""
+    for user in pool.users:
+        if user.args[1] == 0:
+            return user
+    with graph.inserting_after(pool):
+        node = graph.call_function(operator.getitem, (pool, 0))
+    node.meta["val"] = pool.meta["val"][0]
+    return node
+
+
+def relu_then_pool_backward(grad, values, offsets):
+    """The gradient of max_pool(relu(y)) at y: the ReLU's backward folded into the pool's, at the pooled size."""
+    return pool2x2_backward(torch.where(values <= 0, 0.0, grad), offsets)
+
+
+def only_relu_backward(reshaped: torch.fx.Node, pooled_input: torch.fx.Node) -> torch.fx.Node | None:
+    """The ReLU backward the pool's gradient (reshaped) goes to alone, where the pool read the ReLU's output
+    (threshold_backward(gradient, relu output, 0)); else None."""
+    if len(reshaped.users) != 1 or pooled_input.target is not aten.relu.default:
+        return None
+    (user,) = reshaped.users
+    if user.target is aten.threshold_backward.default and user.args[1:] == (pooled_input, 0):
+        return user
+    if user.target is aten.where.self and user.args[2] is reshaped:  # decomposed: where(relu <= 0, 0, gradient)
+        mask, zero = user.args[:2]
+        is_zero = zero.target is aten.full.default and zero.args == ([], 0.0)
+        if mask.target is aten.le.Scalar and mask.args == (pooled_input, 0) and is_zero:
+            return user
+    return None
