@@ -14,6 +14,7 @@ ctypes) bit for bit equal to inductor's:
 - where the pool reads a ReLU's output, the ReLU's backward folded in at the pooled size: a picked
   position's input is its window's maximum, so its mask is the maximum's.
 
+    python research/pool_kernel.py   (the ops against inductor's and ATen's, bit for bit)
     python research/first_block_backward.py --data-dir DIR --variants aten-pool,c-backward --check
 """
 
@@ -296,3 +297,29 @@ def only_relu_backward(reshaped: torch.fx.Node, pooled_input: torch.fx.Node) -> 
         if mask.target is aten.le.Scalar and mask.args == (pooled_input, 0) and is_zero:
             return user
     return None
+
+
+def main() -> None:
+    """The two ops against the ones they replace, on random inputs in both layouts, bit for bit."""
+    import torch._inductor.inductor_prims  # registers the prims a compile would
+
+    torch.manual_seed(0)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for shape in [(3, 5, 24, 24), (64, 24, 24, 24), (64, 32, 10, 10), (2, 6, 28, 28)]:
+            x = torch.randn(shape).contiguous(memory_format=layout)
+            values, offsets = pool2x2_forward(x)
+            expected = prims._low_memory_max_pool_with_offsets(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+            _, indices = torch.nn.functional.max_pool2d(x, 2, return_indices=True)
+            grad = torch.randn_like(values)
+            backward = aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
+            same = [
+                torch.equal(values, expected[0]),
+                torch.equal(offsets, expected[1]),
+                torch.equal(pool2x2_backward(grad, offsets), backward),
+            ]
+            print(f"{shape}, {layout}: forward values, offsets, backward equal: {same}")
+            assert all(same)
+
+
+if __name__ == "__main__":
+    main()
