@@ -58,8 +58,9 @@ void pool2x2_backward(const float* restrict grad, const int8_t* restrict offsets
                       int64_t batch, int64_t channels, int64_t rows, int64_t cols, const int64_t* g, const int64_t* o,
                       int64_t begin, int64_t end) {
     const int64_t g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3], o0 = o[0], o1 = o[1], o2 = o[2], o3 = o[3];
+    /* row r's (n, c, i), counted rather than divided out: 64-bit divisions cost more than a small row's stores */
+    int64_t n = begin / (channels * rows), c = (begin / rows) % channels, i = begin % rows;
     for (int64_t r = begin; r < end; r++) {
-        const int64_t n = r / (channels * rows), c = (r / rows) % channels, i = r % rows;
         const float* restrict gr = grad + n * g0 + c * g1 + i * g2;
         const int8_t* restrict orow = offsets + n * o0 + c * o1 + i * o2;
         float* restrict top = out + ((c * batch + n) * 2 * rows + 2 * i) * 2 * cols;
@@ -90,6 +91,10 @@ void pool2x2_backward(const float* restrict grad, const int8_t* restrict offsets
             top[2 * j + 1] = keep(v, k == 1);
             bottom[2 * j] = keep(v, k == 2);
             bottom[2 * j + 1] = keep(v, k == 3);
+        }
+        if (++i == rows) {
+            i = 0;
+            if (++c == channels) c = 0, n++;
         }
     }
 }
@@ -122,10 +127,37 @@ void pool2x2_forward(const float* restrict x, float* restrict values, int8_t* re
             }
         }
     } else {
+        int64_t n = begin / (channels * rows), ch = (begin / rows) % channels, i = begin % rows; /* counted, as above */
         for (int64_t r = begin; r < end; r++) {
-            const int64_t n = r / (channels * rows), ch = (r / rows) % channels, i = r % rows;
             const float* restrict top = x + n * s0 + ch * s1 + 2 * i * s2;
-            for (int64_t j = 0; j < cols; j++) {
+            int64_t j = 0;
+#ifdef __AVX2__
+            if (s3 == 1) { /* 8 windows at a time: each row's 16 values split into the windows' left and right */
+                for (; j + 8 <= cols; j += 8) {
+                    __m256 q[4]; /* each window's a, b (top row), c, d (bottom row); windows in the order 0 1 4 5 2 3 6 7 */
+                    for (int row = 0; row < 2; row++) {
+                        const __m256 lo = _mm256_loadu_ps(top + row * s2 + 2 * j);
+                        const __m256 hi = _mm256_loadu_ps(top + row * s2 + 2 * j + 8);
+                        q[2 * row] = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+                        q[2 * row + 1] = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+                    }
+                    __m256 m = q[0];
+                    __m256i pick = _mm256_setzero_si256();
+                    for (int p = 1; p < 4; p++) {
+                        const __m256 later = _mm256_cmp_ps(q[p], m, _CMP_GT_OQ);
+                        m = _mm256_blendv_ps(m, q[p], later);
+                        pick = _mm256_blendv_epi8(pick, _mm256_set1_epi32(p), _mm256_castps_si256(later));
+                    }
+                    m = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(m), _MM_SHUFFLE(3, 1, 2, 0)));
+                    pick = _mm256_permute4x64_epi64(pick, _MM_SHUFFLE(3, 1, 2, 0));
+                    _mm256_storeu_ps(values + r * cols + j, m);
+                    int32_t at[8];
+                    _mm256_storeu_si256((__m256i*)at, pick);
+                    for (int k = 0; k < 8; k++) offsets[r * cols + j + k] = (int8_t)at[k];
+                }
+            }
+#endif
+            for (; j < cols; j++) {
                 const float a = top[2 * j * s3], b = top[(2 * j + 1) * s3];
                 const float c = top[s2 + 2 * j * s3], d = top[s2 + (2 * j + 1) * s3];
                 float m = a;
@@ -135,6 +167,10 @@ void pool2x2_forward(const float* restrict x, float* restrict values, int8_t* re
                 later = -(int32_t)(d > m); pick = (pick & ~later) | (3 & later); m = d > m ? d : m;
                 values[r * cols + j] = m;
                 offsets[r * cols + j] = (int8_t)pick;
+            }
+            if (++i == rows) {
+                i = 0;
+                if (++ch == channels) ch = 0, n++;
             }
         }
     }
