@@ -52,22 +52,22 @@ static inline float keep(float v, int on) {
     memcpy(&v, &bits, 4);
     return v;
 }
-/* Rows [begin, end) of the pooled gradient's N*C*H' rows; strides in elements. out: (N, C, 2H', 2W') laid out
-   (C, N, 2H', 2W'), the layout transforms/first_conv.py's weight gradient reads it in. */
+/* Rows [begin, end) of the pooled gradient's N*C*H' rows; strides in elements (out's: u). */
 void pool2x2_backward(const float* restrict grad, const int8_t* restrict offsets, float* restrict out,
-                      int64_t batch, int64_t channels, int64_t rows, int64_t cols, const int64_t* g, const int64_t* o,
-                      int64_t begin, int64_t end) {
+                      int64_t channels, int64_t rows, int64_t cols, const int64_t* g, const int64_t* o,
+                      const int64_t* u, int64_t begin, int64_t end) {
     const int64_t g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3], o0 = o[0], o1 = o[1], o2 = o[2], o3 = o[3];
+    const int64_t u0 = u[0], u1 = u[1], u2 = u[2], u3 = u[3];
     /* row r's (n, c, i), counted rather than divided out: 64-bit divisions cost more than a small row's stores */
     int64_t n = begin / (channels * rows), c = (begin / rows) % channels, i = begin % rows;
     for (int64_t r = begin; r < end; r++) {
         const float* restrict gr = grad + n * g0 + c * g1 + i * g2;
         const int8_t* restrict orow = offsets + n * o0 + c * o1 + i * o2;
-        float* restrict top = out + ((c * batch + n) * 2 * rows + 2 * i) * 2 * cols;
-        float* restrict bottom = top + 2 * cols;
+        float* restrict top = out + n * u0 + c * u1 + 2 * i * u2;
+        float* restrict bottom = top + u2;
         int64_t j = 0;
 #ifdef __AVX2__
-        if (g3 == 1 && o3 == 1) { /* 8 windows at a time: four masked vectors, interleaved into the two rows */
+        if (g3 == 1 && o3 == 1 && u3 == 1) { /* 8 windows at a time: four masked vectors, interleaved */
             for (; j + 8 <= cols; j += 8) {
                 const __m256 v = _mm256_loadu_ps(gr + j);
                 const __m256i k = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(orow + j)));
@@ -87,10 +87,10 @@ void pool2x2_backward(const float* restrict grad, const int8_t* restrict offsets
         for (; j < cols; j++) {
             const float v = gr[j * g3];
             const int k = orow[j * o3];
-            top[2 * j] = keep(v, k == 0);
-            top[2 * j + 1] = keep(v, k == 1);
-            bottom[2 * j] = keep(v, k == 2);
-            bottom[2 * j + 1] = keep(v, k == 3);
+            top[2 * j * u3] = keep(v, k == 0);
+            top[(2 * j + 1) * u3] = keep(v, k == 1);
+            bottom[2 * j * u3] = keep(v, k == 2);
+            bottom[(2 * j + 1) * u3] = keep(v, k == 3);
         }
         if (++i == rows) {
             i = 0;
@@ -134,7 +134,7 @@ void pool2x2_forward(const float* restrict x, float* restrict values, int8_t* re
 #ifdef __AVX2__
             if (s3 == 1) { /* 8 windows at a time: each row's 16 values split into the windows' left and right */
                 for (; j + 8 <= cols; j += 8) {
-                    __m256 q[4]; /* each window's a, b (top row), c, d (bottom row); windows in the order 0 1 4 5 2 3 6 7 */
+                    __m256 q[4]; /* a, b (top row), c, d (bottom row) of windows 0 1 4 5 2 3 6 7 */
                     for (int row = 0; row < 2; row++) {
                         const __m256 lo = _mm256_loadu_ps(top + row * s2 + 2 * j);
                         const __m256 hi = _mm256_loadu_ps(top + row * s2 + 2 * j + 8);
@@ -207,12 +207,13 @@ def pool2x2_backward(grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """grad (N, C, H', W') float32 and offsets (N, C, H', W') int8, row-major in each 2x2 window -> the input's
     gradient (N, C, 2H', 2W'), laid out (C, N, 2H', 2W'): each window's picked position gets its gradient, else 0."""
     n, channels, rows, cols = grad.shape
-    out = torch.empty(channels, n, 2 * rows, 2 * cols).transpose(0, 1)  # (N, C, H, W), laid out (C, N, H, W)
+    out = gradient_like(grad)
     g = (ctypes.c_int64 * 4)(*grad.stride())
     o = (ctypes.c_int64 * 4)(*offsets.stride())
     pointers = (ctypes.c_void_p(grad.data_ptr()), ctypes.c_void_p(offsets.data_ptr()), ctypes.c_void_p(out.data_ptr()))
-    sizes = (ctypes.c_int64(n), ctypes.c_int64(channels), ctypes.c_int64(rows), ctypes.c_int64(cols))
-    in_threads(library().pool2x2_backward, n * channels * rows, *pointers, *sizes, g, o)
+    u = (ctypes.c_int64 * 4)(*out.stride())
+    sizes = (ctypes.c_int64(channels), ctypes.c_int64(rows), ctypes.c_int64(cols))
+    in_threads(library().pool2x2_backward, n * channels * rows, *pointers, *sizes, g, o, u)
     return out
 
 
@@ -261,8 +262,20 @@ def _(x):
 
 @pool2x2_backward.register_fake
 def _(grad, offsets):
+    return gradient_like(grad)
+
+
+# The backward's output layout: "cnhw", (C, N, H, W), what first_conv.py's weight gradient permutes the
+# gradient to; "nhwc", channels-last, inductor's choice in train's step
+GRADIENT_LAYOUT = "cnhw"
+
+
+def gradient_like(grad: torch.Tensor) -> torch.Tensor:
+    """An empty (N, C, 2H', 2W') gradient for the pool's input, laid out as GRADIENT_LAYOUT says."""
     n, channels, rows, cols = grad.shape
-    return grad.new_empty(channels, n, 2 * rows, 2 * cols).transpose(0, 1)
+    if GRADIENT_LAYOUT == "nhwc":
+        return torch.empty(n, channels, 2 * rows, 2 * cols, device=grad.device, memory_format=torch.channels_last)
+    return torch.empty(channels, n, 2 * rows, 2 * cols, device=grad.device).transpose(0, 1)
 
 
 def rewrite(graph: torch.fx.Graph) -> None:
