@@ -8,9 +8,9 @@ swaps both for ops inductor calls as they are, C loops (compiled once with the s
 ctypes) bit for bit equal to inductor's:
 
 - pool2x2_forward: each window's first maximum and its offset, in the input's layout (vectorized over
-  the channels of a channels-last input; branch-free scalar code for NCHW);
+  the channels of a channels-last input, with AVX2 over the width of an NCHW one);
 - pool2x2_backward: each window's two rows of the gradient, written laid out (C, N, H, W), the layout
-  transforms/first_conv.py's weight gradient reads it in (AVX2 for a contiguous gradient);
+  transforms/first_conv.py's weight gradient permutes it to (AVX2 for a contiguous gradient);
 - where the pool reads a ReLU's output, the ReLU's backward folded in at the pooled size: a picked
   position's input is its window's maximum, so its mask is the maximum's.
 
