@@ -12,6 +12,7 @@ counts the gradient tensors in which a way differs from train's, which shows it 
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -47,3 +48,13 @@ def print_against(model: str, us: dict[str, list[float]], base: str = "train's")
             f"{statistics.median(ratios):.3f}x {base} ({min(ratios):.2f}-{max(ratios):.2f})",
             flush=True,
         )
+
+
+def turns_parser(doc: str, seconds: float) -> argparse.ArgumentParser:
+    """The flags every script that times ways in turns takes: --data-dir, --models, --rounds, --seconds."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--models", default="fast,lenet")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=seconds, help="the least time of one timing window")
+    return parser

@@ -18,13 +18,13 @@ whose faster way, whole batch or micro-batches, is taken by median as in `bench 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
 from unittest import mock
 
 import torch
+from in_turns import turns_parser  # research/in_turns.py
 
 from tinymnist.algorithm import cpu_pool
 from tinymnist.algorithm.config import recipe_config
@@ -49,12 +49,7 @@ def floor_us(parts: dict) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--models", default="fast,lenet")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=0.5, help="the least time of one timing window")
-    args = parser.parse_args()
+    args = turns_parser(__doc__, seconds=0.5).parse_args()
     flush_denormals()  # as `train` runs
     images, labels, source = bench_data(args.data_dir, torch.device("cpu"))
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())

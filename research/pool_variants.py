@@ -28,12 +28,11 @@ least `--seconds`, `--rounds` rounds; medians and the median of the rounds' rati
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from unittest import mock
 
 import torch
-from in_turns import print_against, steps_in_turns  # research/in_turns.py
+from in_turns import print_against, steps_in_turns, turns_parser  # research/in_turns.py
 
 from tinymnist.algorithm import cpu_pool
 from tinymnist.tool.bench import bench_data
@@ -142,11 +141,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--models", default="fast,lenet")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=0.5, help="the least time of one timing window")
+    parser = turns_parser(__doc__, seconds=0.5)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which, comma-separated (train's always)")
     args = parser.parse_args()
     variants = {name: VARIANTS[name] for name in ["train's", *args.variants.split(",")]}
