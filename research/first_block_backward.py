@@ -338,6 +338,7 @@ def check(model: str, images: torch.Tensor, labels: torch.Tensor, ways: dict) ->
             f"{differ} of {len(plain)} tensors differ from train's compiled ones",
             flush=True,
         )
+        assert worst < 1e-5, f"{name}'s gradients are not autograd's"  # float32 sums in another order: ~1e-6
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import functools
 import hashlib
 import itertools
 import operator
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -50,8 +51,17 @@ static inline float keep(float v, int on) {
     memcpy(&bits, &v, 4);
     bits &= -(uint32_t)on;
     memcpy(&v, &bits, 4);
-    return v;
+    return v + 0.0f; /* a -0.0 gradient lands as +0.0, as ATen's scatter into zeros leaves it */
 }
+/* Whether x takes a window's maximum from m, the values seen before it: larger, or the first NaN
+   (as inductor's compiled pool and train's argmax pick it). */
+static inline int beats(float x, float m) { return x > m || (x != x && m == m); }
+#define TAKE(x, at)                                \
+    do {                                           \
+        const int32_t later = -(int32_t)beats(x, m); \
+        pick = (pick & ~later) | ((at) & later);   \
+        m = later ? (x) : m;                       \
+    } while (0)
 /* Rows [begin, end) of the pooled gradient's N*C*H' rows; strides in elements (out's: u). */
 void pool2x2_backward(const float* restrict grad, const int8_t* restrict offsets, float* restrict out,
                       int64_t channels, int64_t rows, int64_t cols, const int64_t* g, const int64_t* o,
@@ -72,8 +82,10 @@ void pool2x2_backward(const float* restrict grad, const int8_t* restrict offsets
                 const __m256 v = _mm256_loadu_ps(gr + j);
                 const __m256i k = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(orow + j)));
                 __m256 m[4];
-                for (int p = 0; p < 4; p++)
-                    m[p] = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_set1_epi32(p))));
+                for (int p = 0; p < 4; p++) {
+                    const __m256 picked = _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_set1_epi32(p)));
+                    m[p] = _mm256_add_ps(_mm256_and_ps(v, picked), _mm256_setzero_ps()); /* + 0.0: as keep() */
+                }
                 for (int row = 0; row < 2; row++) {
                     const __m256 lo = _mm256_unpacklo_ps(m[2 * row], m[2 * row + 1]);
                     const __m256 hi = _mm256_unpackhi_ps(m[2 * row], m[2 * row + 1]);
@@ -117,9 +129,9 @@ void pool2x2_forward(const float* restrict x, float* restrict values, int8_t* re
                 for (int64_t k = 0; k < channels; k++) {
                     float m = a[k];
                     int32_t pick = 0;
-                    int32_t later = -(int32_t)(b[k] > m); pick = (pick & ~later) | (1 & later); m = b[k] > m ? b[k] : m;
-                    later = -(int32_t)(c[k] > m); pick = (pick & ~later) | (2 & later); m = c[k] > m ? c[k] : m;
-                    later = -(int32_t)(d[k] > m); pick = (pick & ~later) | (3 & later); m = d[k] > m ? d[k] : m;
+                    TAKE(b[k], 1);
+                    TAKE(c[k], 2);
+                    TAKE(d[k], 3);
                     v[k] = m;
                     at[k] = pick;
                 }
@@ -144,7 +156,9 @@ void pool2x2_forward(const float* restrict x, float* restrict values, int8_t* re
                     __m256 m = q[0];
                     __m256i pick = _mm256_setzero_si256();
                     for (int p = 1; p < 4; p++) {
-                        const __m256 later = _mm256_cmp_ps(q[p], m, _CMP_GT_OQ);
+                        const __m256 first_nan = _mm256_and_ps(_mm256_cmp_ps(q[p], q[p], _CMP_UNORD_Q),
+                                                               _mm256_cmp_ps(m, m, _CMP_ORD_Q));
+                        const __m256 later = _mm256_or_ps(_mm256_cmp_ps(q[p], m, _CMP_GT_OQ), first_nan);
                         m = _mm256_blendv_ps(m, q[p], later);
                         pick = _mm256_blendv_epi8(pick, _mm256_set1_epi32(p), _mm256_castps_si256(later));
                     }
@@ -162,9 +176,9 @@ void pool2x2_forward(const float* restrict x, float* restrict values, int8_t* re
                 const float c = top[s2 + 2 * j * s3], d = top[s2 + (2 * j + 1) * s3];
                 float m = a;
                 int32_t pick = 0;
-                int32_t later = -(int32_t)(b > m); pick = (pick & ~later) | (1 & later); m = b > m ? b : m;
-                later = -(int32_t)(c > m); pick = (pick & ~later) | (2 & later); m = c > m ? c : m;
-                later = -(int32_t)(d > m); pick = (pick & ~later) | (3 & later); m = d > m ? d : m;
+                TAKE(b, 1);
+                TAKE(c, 2);
+                TAKE(d, 3);
                 values[r * cols + j] = m;
                 offsets[r * cols + j] = (int8_t)pick;
             }
@@ -181,17 +195,24 @@ void pool2x2_forward(const float* restrict x, float* restrict values, int8_t* re
 THREADS = 1
 
 
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+
+
 @functools.cache
 def library() -> ctypes.CDLL:
-    """SOURCE compiled once per text (a cached .so under the temp folder) and loaded."""
-    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
+    """SOURCE compiled once per text, flags and processor (a cached .so under the temp folder) and loaded."""
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else platform.machine()
+    flags = next((line for line in cpu.splitlines() if line.startswith("flags")), cpu)  # what -march=native sees
+    digest = hashlib.sha256("\n".join([SOURCE, *FLAGS, flags]).encode()).hexdigest()[:16]
     path = Path(tempfile.gettempdir()) / f"tinymnist_pool2x2_{digest}.so"
-    if not path.exists():
-        source = path.with_suffix(".c")
-        source.write_text(SOURCE)
-        partial = path.with_suffix(".so.partial")
-        subprocess.run(["gcc", "-O3", "-march=native", "-shared", "-fPIC", source, "-o", partial], check=True)
-        partial.replace(path)
+    if not path.exists():  # each process writes its own files, and the last rename wins
+        with tempfile.TemporaryDirectory() as folder:
+            source, built = Path(folder) / "pool2x2.c", Path(folder) / "pool2x2.so"
+            source.write_text(SOURCE)
+            subprocess.run(["gcc", *FLAGS, source, "-o", built], check=True)
+            partial = Path(tempfile.mkstemp(dir=path.parent, prefix=path.name)[1])
+            partial.write_bytes(built.read_bytes())
+            partial.replace(path)
     lib = ctypes.CDLL(str(path))
     lib.pool2x2_backward.restype = None
     return lib
@@ -245,6 +266,7 @@ def pool2x2_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, C, H, W) float32, H and W even -> each 2x2 window's first maximum and its offset (int8), both
     (N, C, H/2, W/2) in x's layout: prims._low_memory_max_pool_with_offsets for these windows."""
     n, channels, height, width = x.shape
+    torch._check(not channels_last(x) or channels <= 256, lambda: "a channels-last input of at most 256 channels")
     values, offsets = pooled_like(x, torch.float32), pooled_like(x, torch.int8)
     rows, cols = height // 2, width // 2
     s = (ctypes.c_int64 * 4)(*x.stride())
@@ -279,8 +301,8 @@ def gradient_like(grad: torch.Tensor) -> torch.Tensor:
 
 
 def rewrite(graph: torch.fx.Graph) -> None:
-    """Each 2x2, stride-2 max-pool backward (reshape(scatter_add(zeros, 1, indices from offsets, grad)))
-    becomes pool2x2_backward(grad, offsets)."""
+    """Each 2x2, stride-2 max-pool (`ours`) becomes pool2x2_forward, and its backward (reshape(scatter_add(zeros,
+    1, indices from its offsets, grad))) pool2x2_backward(grad, offsets), with a ReLU's backward before it folded in."""
     for node in list(graph.nodes):
         if node.target is not aten.scatter_add.default:
             continue
@@ -288,23 +310,21 @@ def rewrite(graph: torch.fx.Graph) -> None:
         indices = index.args[0] if index.target is aten.reshape.default else None
         if dim != 1 or indices is None or indices.target is not prims._low_memory_max_pool_offsets_to_indices.default:
             continue
-        offsets, kernel, _, stride, padding, dilation = indices.args
-        if [list(kernel), list(stride), list(padding), list(dilation)] != [[2, 2], [2, 2], [0, 0], [1, 1]]:
+        offsets = indices.args[0]  # getitem 1 of the forward pool
+        pool = offsets.args[0]
+        grad = src.args[0] if src.target is aten.reshape.default else None  # grad (N, C, H', W') as (N*C, H'*W')
+        if not ours(pool) or grad is None or grad.meta["val"].shape != offsets.meta["val"].shape:
             continue
         (reshaped,) = node.users  # (N*C, H*W) -> (N, C, H, W)
-        grad = src.args[0]  # src: grad reshaped to (N*C, H'*W')
-        pooled_input = offsets.args[0].args[0]  # offsets: getitem 1 of the forward pool, which reads this
-        values = maxima(graph, offsets.args[0])
-        relu = only_relu_backward(reshaped, pooled_input)
+        relu = only_relu_backward(reshaped, pool.args[0])
         if relu is None:
             replacement = spliced(graph, reshaped, pool2x2_backward, [grad, offsets])
             reshaped.replace_all_uses_with(replacement)
         else:  # the ReLU's mask at the pooled size: a picked position's input is its window's maximum
-            replacement = spliced(graph, relu, relu_then_pool_backward, [grad, values, offsets])
+            replacement = spliced(graph, relu, relu_then_pool_backward, [grad, maxima(graph, pool), offsets])
             relu.replace_all_uses_with(replacement)
     for node in list(graph.nodes):  # then the forward pools, whose offsets the backward ops now read
-        forward_pool = node.target is prims._low_memory_max_pool_with_offsets.default
-        if forward_pool and list(node.args[1:]) == FORWARD_ARGS and node.args[0].meta["val"].shape[1] <= 256:
+        if ours(node):
             outputs = spliced(graph, node, pool2x2_forward, [node.args[0]])
             for user in list(node.users):  # getitem 0 (the maxima), 1 (the offsets)
                 user.replace_all_uses_with(outputs[user.args[1]])
@@ -314,6 +334,16 @@ def rewrite(graph: torch.fx.Graph) -> None:
 
 
 FORWARD_ARGS = [[2, 2], [2, 2], [0, 0], [1, 1], False]  # kernel, stride, padding, dilation, ceil_mode
+
+
+def ours(pool: torch.fx.Node) -> bool:
+    """A forward pool the C kernels compute: 2x2 windows tiling a float32 CPU input of even height and width,
+    and at most 256 channels where it is channels-last (the forward's buffer)."""
+    if pool.target is not prims._low_memory_max_pool_with_offsets.default or list(pool.args[1:]) != FORWARD_ARGS:
+        return False
+    x = pool.args[0].meta["val"]  # (N, C, H, W)
+    tiles = x.dim() == 4 and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
+    return tiles and x.dtype == torch.float32 and x.device.type == "cpu" and (x.stride(1) != 1 or x.shape[1] <= 256)
 
 
 def maxima(graph: torch.fx.Graph, pool: torch.fx.Node) -> torch.fx.Node:
@@ -348,26 +378,49 @@ def only_relu_backward(reshaped: torch.fx.Node, pooled_input: torch.fx.Node) -> 
     return None
 
 
+def one_per_window(shape) -> torch.Tensor:
+    """A mask with one True at a random place of a fifth of the 2x2 windows: where first and last NaN coincide
+    (of two NaNs in a window ATen picks the last, inductor's compiled pool and these kernels the first)."""
+    n, channels, height, width = shape
+    place = torch.randint(0, 4, (n, channels, height // 2, width // 2))
+    hit = torch.nn.functional.one_hot(place, 4).bool() & (torch.rand(place.shape) < 0.2)[..., None]
+    return hit.view(n, channels, height // 2, width // 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(shape)
+
+
 def main() -> None:
-    """The two ops against the ones they replace, on random inputs in both layouts, bit for bit."""
+    """The two ops against the ones they replace, bit for bit (float bits, so NaN and the sign of zero count), on
+    random inputs, ties (small integers), a NaN in some windows and negative zeros, in both layouts. The forward's
+    values are ATen's (F.max_pool2d's); inductor's compiled pool agrees but for the sign of a zero maximum."""
     import torch._inductor.inductor_prims  # registers the prims a compile would
 
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().view(torch.int32) if t.dtype == torch.float32 else t
+
     torch.manual_seed(0)
+    inputs = {
+        "random": lambda shape: torch.randn(shape),
+        "ties": lambda shape: torch.randint(-2, 3, shape).float(),
+        "a NaN in some windows": lambda shape: torch.randn(shape).masked_fill(one_per_window(shape), float("nan")),
+        "negative zeros": lambda shape: torch.randn(shape).clamp(max=0) * 0,  # -0.0 and +0.0
+    }
     for layout in (torch.contiguous_format, torch.channels_last):
-        for shape in [(3, 5, 24, 24), (64, 24, 24, 24), (64, 32, 10, 10), (2, 6, 28, 28)]:
-            x = torch.randn(shape).contiguous(memory_format=layout)
-            values, offsets = pool2x2_forward(x)
-            expected = prims._low_memory_max_pool_with_offsets(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
-            _, indices = torch.nn.functional.max_pool2d(x, 2, return_indices=True)
-            grad = torch.randn_like(values)
-            backward = aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
-            same = [
-                torch.equal(values, expected[0]),
-                torch.equal(offsets, expected[1]),
-                torch.equal(pool2x2_backward(grad, offsets), backward),
-            ]
-            print(f"{shape}, {layout}: forward values, offsets, backward equal: {same}")
-            assert all(same)
+        for shape in [(3, 5, 24, 24), (64, 24, 24, 24), (64, 32, 10, 10), (2, 6, 28, 28), (1, 9, 34, 18)]:
+            for kind, make in inputs.items():
+                x = make(shape).contiguous(memory_format=layout)
+                values, offsets = pool2x2_forward(x)
+                expected = prims._low_memory_max_pool_with_offsets(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+                aten_values, indices = torch.nn.functional.max_pool2d(x, 2, return_indices=True)
+                grad = make(values.shape) if kind == "negative zeros" else torch.randn(values.shape)
+                backward = aten.max_pool2d_with_indices_backward(
+                    grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
+                )
+                same = [
+                    torch.equal(bits(values), bits(aten_values)),
+                    torch.equal(offsets, expected[1]),
+                    torch.equal(bits(pool2x2_backward(grad, offsets)), bits(backward)),
+                ]
+                print(f"{shape}, {layout}, {kind}: values, offsets, backward equal: {same}")
+                assert all(same)
 
 
 if __name__ == "__main__":
