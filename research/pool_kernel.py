@@ -26,6 +26,7 @@ import functools
 import hashlib
 import itertools
 import operator
+import os
 import platform
 import subprocess
 import tempfile
@@ -200,19 +201,25 @@ FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """SOURCE compiled once per text, flags and processor (a cached .so under the temp folder) and loaded."""
+    """SOURCE compiled once per text, flags and processor (a cached .so in inductor's cache folder, which is
+    this user's: a predictable name in the shared temp folder could be a library someone else put there) and
+    loaded."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else platform.machine()
     flags = next((line for line in cpu.splitlines() if line.startswith("flags")), cpu)  # what -march=native sees
     digest = hashlib.sha256("\n".join([SOURCE, *FLAGS, flags]).encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"tinymnist_pool2x2_{digest}.so"
+    path = Path(cache_dir()) / "tinymnist" / f"pool2x2_{digest}.so"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():  # each process writes its own files, and the last rename wins
         with tempfile.TemporaryDirectory() as folder:
             source, built = Path(folder) / "pool2x2.c", Path(folder) / "pool2x2.so"
             source.write_text(SOURCE)
             subprocess.run(["gcc", *FLAGS, source, "-o", built], check=True)
-            partial = Path(tempfile.mkstemp(dir=path.parent, prefix=path.name)[1])
-            partial.write_bytes(built.read_bytes())
-            partial.replace(path)
+            handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name)
+            with os.fdopen(handle, "wb") as file:
+                file.write(built.read_bytes())
+            Path(partial).replace(path)
     lib = ctypes.CDLL(str(path))
     lib.pool2x2_backward.restype = None
     return lib
