@@ -1,5 +1,5 @@
 """scripts/t10k_split.py, the one user script: a train/test folder from the t10k files alone.
-The research scripts' own tests are in research/ (the product's suite does not run them)."""
+The research scripts are experiments, not tested here: each checks what it needs itself (research/README.md)."""
 
 import os
 import subprocess
