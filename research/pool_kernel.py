@@ -5,7 +5,7 @@ prims._low_memory_max_pool_with_offsets (the maxima, and each one's offset in it
 backward a zero tensor that aten.scatter_add fills at prims._low_memory_max_pool_offsets_to_indices'
 indices, reshaped to the input's shape. Inductor compiles that scatter to scalar loops. `rewrite`
 swaps both for ops inductor calls as they are, C loops (compiled once with the system's gcc, loaded with
-ctypes) bit for bit equal to inductor's:
+ctypes) bit for bit equal to ATen's ops, and to inductor's but for the sign of a zero maximum:
 
 - pool2x2_forward: each window's first maximum and its offset, in the input's layout (vectorized over
   the channels of a channels-last input, with AVX2 over the width of an NCHW one);
@@ -194,8 +194,6 @@ void pool2x2_forward(const float* restrict x, float* restrict values, int8_t* re
 # On the calling thread alone: split between two Python threads, fast's step ran 1.07x train's against 1.02x
 # on one (the kernels then wait for torch's OpenMP threads, which spin for a while after each parallel op)
 THREADS = 1
-
-
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
 
 
