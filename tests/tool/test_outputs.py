@@ -222,3 +222,19 @@ def test_taking_a_file_removes_its_dead_writers_temp_files_and_nothing_else(tmp_
     with outputs.exclusive({"--save-model": tmp_path / "run.pt", "--metrics": tmp_path / "run.jsonl"}):
         assert set(listing(tmp_path)) == {*lookalikes, ".run.pt.lock", ".run.jsonl.lock"}
     assert listing(tmp_path) == sorted(lookalikes)
+
+
+def test_earlier_events_are_looked_for_where_a_run_writes(tmp_path):
+    """A run writes events into its --tensorboard folder, N models' into its subfolders: an earlier run's there
+    are refused; events deeper down (TensorBoard's other runs) are not looked for, nor walked to."""
+    board = tmp_path / "board"
+    (board / "old" / "runs").mkdir(parents=True)
+    (board / "old" / "runs" / "events.out.tfevents.1.host").write_bytes(b"")
+    outputs.refuse_earlier_events(board, "--tensorboard")  # nothing where this run writes
+    outputs.refuse_earlier_events(tmp_path / "absent", "--tensorboard")
+    for where in (board, board / "seed1_lr0.1"):
+        where.mkdir(exist_ok=True)
+        (where / "events.out.tfevents.2.host").write_bytes(b"")
+        with pytest.raises(TinyMnistError, match=r"--tensorboard .* holds an earlier run's TensorBoard events"):
+            outputs.refuse_earlier_events(board, "--tensorboard")
+        (where / "events.out.tfevents.2.host").unlink()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import stat
@@ -243,8 +244,12 @@ def refuse_an_earlier_run(path: Path, flag: str) -> None:
 
 def refuse_earlier_events(folder: Path, flag: str) -> None:
     """Refuse, naming `flag`, a new run's TensorBoard folder where an earlier run's event files are (N models'
-    in their subfolders): TensorBoard would draw the two runs as one, their steps on top of each other."""
-    if Path(folder).is_dir() and next(Path(folder).rglob("events.out.tfevents.*"), None) is not None:
+    in their subfolders): TensorBoard would draw the two runs as one, their steps on top of each other. Only
+    where a run writes is looked at, the folder and its subfolders: events deeper down are other runs to
+    TensorBoard, and a large folder given by mistake is not walked whole."""
+    events = "events.out.tfevents.*"
+    found = itertools.chain(Path(folder).glob(events), Path(folder).glob(f"*/{events}"))  # lazily: the first will do
+    if Path(folder).is_dir() and next(found, None) is not None:
         raise TinyMnistError(
             f"{flag} {folder} holds an earlier run's TensorBoard events; name another folder or delete them first "
             "(a resumed run may add to it)"
