@@ -11,6 +11,7 @@ import pytest
 from tests.support import remount_read_only, tmpfs
 from tinymnist.errors import TinyMnistError
 from tinymnist.tool import outputs
+from tinymnist.tool.tensorboard import refuse_earlier_events
 
 FLAG = "--save-model"
 
@@ -230,11 +231,11 @@ def test_earlier_events_are_looked_for_where_a_run_writes(tmp_path):
     board = tmp_path / "board"
     (board / "old" / "runs").mkdir(parents=True)
     (board / "old" / "runs" / "events.out.tfevents.1.host").write_bytes(b"")
-    outputs.refuse_earlier_events(board, "--tensorboard")  # nothing where this run writes
-    outputs.refuse_earlier_events(tmp_path / "absent", "--tensorboard")
+    refuse_earlier_events(board, "--tensorboard")  # nothing where this run writes
+    refuse_earlier_events(tmp_path / "absent", "--tensorboard")
     for where in (board, board / "seed1_lr0.1"):
         where.mkdir(exist_ok=True)
         (where / "events.out.tfevents.2.host").write_bytes(b"")
         with pytest.raises(TinyMnistError, match=r"--tensorboard .* holds an earlier run's TensorBoard events"):
-            outputs.refuse_earlier_events(board, "--tensorboard")
+            refuse_earlier_events(board, "--tensorboard")
         (where / "events.out.tfevents.2.host").unlink()

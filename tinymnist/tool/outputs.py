@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import json
 import os
 import stat
@@ -239,20 +238,6 @@ def refuse_an_earlier_run(path: Path, flag: str) -> None:
         raise TinyMnistError(
             f"{flag} {path} holds an earlier run's metrics; name another file or delete it first "
             "(a resumed run appends to its own)"
-        )
-
-
-def refuse_earlier_events(folder: Path, flag: str) -> None:
-    """Refuse, naming `flag`, a new run's TensorBoard folder where an earlier run's event files are (N models'
-    in their subfolders): TensorBoard would draw the two runs as one, their steps on top of each other. Only
-    where a run writes is looked at, the folder and its subfolders: events deeper down are other runs to
-    TensorBoard, and a large folder given by mistake is not walked whole."""
-    events = "events.out.tfevents.*"
-    found = itertools.chain(Path(folder).glob(events), Path(folder).glob(f"*/{events}"))  # lazily: the first will do
-    if Path(folder).is_dir() and next(found, None) is not None:
-        raise TinyMnistError(
-            f"{flag} {folder} holds an earlier run's TensorBoard events; name another folder or delete them first "
-            "(a resumed run may add to it)"
         )
 
 

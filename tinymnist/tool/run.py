@@ -43,7 +43,7 @@ from tinymnist.tool.devices import resolve_device
 from tinymnist.tool.memory import check_memory
 from tinymnist.tool.report import LineReporter, MetricsFile, ProgressReporter, Reporters, final_line, target_line
 from tinymnist.tool.sweep import Sweep
-from tinymnist.tool.tensorboard import tensorboard_reporter
+from tinymnist.tool.tensorboard import refuse_earlier_events, tensorboard_reporter
 from tinymnist.transforms import first_conv, speed
 from tinymnist.transforms.all_reduce import all_reduced
 from tinymnist.transforms.vmap import evaluate_many
@@ -195,7 +195,7 @@ def check_outputs(config: TrainConfig) -> dict[str, Path]:
         extras.require("torch.utils.tensorboard", "--tensorboard")  # a missing extra is found now, not after loading
         outputs.check_output_folder(Path(config.tensorboard), "--tensorboard")
         if not config.resume:
-            outputs.refuse_earlier_events(Path(config.tensorboard), "--tensorboard")
+            refuse_earlier_events(Path(config.tensorboard), "--tensorboard")
     return paths
 
 

@@ -10,6 +10,7 @@ epoch (--eval-every) keep their place. A multi-model run gives each model its ow
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from tinymnist.algorithm.config import TrainConfig, model_grid
@@ -24,6 +25,23 @@ def tensorboard_reporter(config: TrainConfig, n_train: int):
     if len(grid) == 1:
         return TensorBoardReporter(Path(config.tensorboard), n_train)
     return ModelsTensorBoard(Path(config.tensorboard), n_train, [model_folder(seed, lr) for lr, seed in grid])
+
+
+EVENT_FILES = "events.out.tfevents.*"  # the names SummaryWriter gives the files it writes
+
+
+def refuse_earlier_events(folder: Path, flag: str) -> None:
+    """Refuse, naming `flag`, a new run's TensorBoard folder where an earlier run's event files are (N models'
+    in their subfolders): TensorBoard would draw the two runs as one, their steps on top of each other. Only
+    where a run writes is looked at, the folder and its subfolders: events deeper down are other runs to
+    TensorBoard, and a large folder given by mistake is not walked whole."""
+    folder = Path(folder)
+    found = itertools.chain(folder.glob(EVENT_FILES), folder.glob(f"*/{EVENT_FILES}"))  # lazily: the first will do
+    if folder.is_dir() and next(found, None) is not None:
+        raise TinyMnistError(
+            f"{flag} {folder} holds an earlier run's TensorBoard events; name another folder or delete them first "
+            "(a resumed run may add to it)"
+        )
 
 
 def model_folder(seed: int, lr: float) -> str:
@@ -65,7 +83,7 @@ class TensorBoardReporter:
     def discard(self) -> None:
         """Remove what the writer wrote (closed), and the folders it made, if nothing else is in them. A new
         run's: it refuses a folder with earlier event files, so the event files in log_dir are its own."""
-        for events in self.path.glob("events.out.tfevents.*"):
+        for events in self.path.glob(EVENT_FILES):
             events.unlink(missing_ok=True)
         remove_if_empty(self.made)
 
