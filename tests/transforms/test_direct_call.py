@@ -26,6 +26,7 @@ CPU = torch.device("cpu")
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
+
 def recipe_step(model: str, steps: int = 3):
     config = recipe_config(model)
     optimizer = make_optimizer(config)
@@ -33,7 +34,8 @@ def recipe_step(model: str, steps: int = 3):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (256,), generator=g)
-    batch_idx = torch.randint(0, 256, (steps, config.batch_size), generator=g)  # (steps, B)
+    batch = min(config.batch_size, 256)  # lenet's 8192 would take 20 s here, and shows nothing more
+    batch_idx = torch.randint(0, 256, (steps, batch), generator=g)  # (steps, B)
     lr = torch.linspace(config.lr, config.lr / 2, steps)  # (steps,)
     return make_step(make_gradient(config), optimizer), state, images, labels, batch_idx, lr
 
@@ -73,11 +75,24 @@ def test_a_layout_refuses_a_tree_of_another_shape():
 @needs_cpp_compiler
 @pytest.mark.parametrize("model", sorted(speed.CPU_DIRECT_CALL))
 def test_the_step_called_directly_is_the_plain_step(model):
-    step, *run = recipe_step(model)
-    expected = run_steps(step, *run)
-    got = run_steps(called_directly(step, speed.compile_options()), *run)
-    torch.testing.assert_close(got, expected, **TOLERANCE)
-    torch.testing.assert_close(got, run_steps(speed.compiled(step), *run), rtol=0, atol=0)
+    """The step against torch.compile's, from the same seed, bit for bit; its gradient against eager's, with
+    inductor drawing eager's random numbers (fallback_random: dropout's masks then match eager's). Not the
+    step against eager's: RMSprop and Adam divide a gradient by its own size, and for a weight whose gradient
+    is near 0 a rounding difference moves it by a visible share of fast's learning rate (1e-2)."""
+    from torch._inductor import config as inductor_config
+
+    step, state, images, labels, batch_idx, lr = recipe_step(model)
+    torch.manual_seed(0)
+    got = run_steps(called_directly(step, speed.compile_options()), state, images, labels, batch_idx, lr)
+    torch.manual_seed(0)
+    expected = run_steps(speed.compiled(step), state, images, labels, batch_idx, lr)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    gradient = make_gradient(recipe_config(model))
+    with inductor_config.patch(fallback_random=True):
+        torch.manual_seed(0)
+        got = called_directly(gradient, speed.compile_options())(state.params, images, labels, batch_idx[0])
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, gradient(state.params, images, labels, batch_idx[0]), **TOLERANCE)
 
 
 @needs_cpp_compiler
@@ -152,10 +167,11 @@ def direct_calls(monkeypatch):
 
 
 @needs_cpp_compiler
-@pytest.mark.parametrize("model", sorted(speed.CPU_DIRECT_CALL))
+@pytest.mark.parametrize("model", ["mlp", "mlp3"])
 def test_several_steps_per_call_are_direct_calls_bit_for_bit_with_the_single_step(model, direct_calls):
     """train --steps-per-call runs the k-step graph for k steps and the single step for fewer, both
-    called directly."""
+    called directly. For the networks it pays for: fast's and lenet's micro-batches refuse it, and cnn's
+    dropout draws its masks from one seed per call, so k steps a call draw other masks than k calls."""
     _, state, images, labels, batch_idx, lr = recipe_step(model, steps=4)
     config = recipe_config(model, compile=True, steps_per_call=4, log_interval=4)
     several = speed.device_step(config, make_optimizer(config), CPU, adaptive_threads=False)
@@ -169,9 +185,9 @@ def test_several_steps_per_call_are_direct_calls_bit_for_bit_with_the_single_ste
 @needs_cpp_compiler
 @pytest.mark.parametrize(
     ("model", "data_parallel", "direct"),
-    [("mlp3", False, True), ("mlp", False, True), ("cnn", False, False), ("mlp3", True, False)],
+    [("mlp3", False, True), ("mlp", False, True), ("cnn", False, True), ("fast", False, True), ("mlp3", True, False)],
 )
-def test_train_calls_directly_the_networks_it_pays_for_in_one_process(model, data_parallel, direct, monkeypatch):
+def test_train_calls_the_compiled_graphs_directly_in_one_process_only(model, data_parallel, direct, monkeypatch):
     wrapped = []
     monkeypatch.setattr(speed, "called_directly", lambda fn, options: wrapped.append(fn) or fn)
     monkeypatch.setattr(speed.torch, "compile", lambda fn, **kwargs: fn)  # nothing compiles here

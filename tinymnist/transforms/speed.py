@@ -37,10 +37,11 @@ from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 # (research/micro_batch.py; cnn and lenet gained nothing from smaller chunks). BENCHMARKS.md has both.
 CPU_MICRO_BATCH = 256
 CPU_MICRO_BATCH_OF = {"fast": 64}
-# Compiled graphs called directly on the CPU, for the networks whose step is short enough for
-# dynamo's entry to count: mlp3's step 0.78x the time, mlp's 0.86x, in every round; for the
-# convolutional networks, 100x longer, the rounds' ratios straddled 1 (research/direct_call.py).
-CPU_DIRECT_CALL = {"mlp", "mlp3"}
+# Compiled graphs called directly on the CPU, without dynamo's entry on each call: mlp3's step 0.78x the
+# time, mlp's 0.86x, in every round (research/direct_call.py); the convolutional networks' steps, 100x
+# longer, 0.955x (fast, four micro-batch calls a step), 0.977x (lenet, 32) and 0.975x (cnn), medians of 40
+# rounds' ratios taken in turns, though single rounds straddle 1 (research/one_graph_micro.py).
+CPU_DIRECT_CALL = {"mlp", "mlp3", "cnn", "lenet", "fast"}
 
 
 def compiled(fn, direct: bool = False, cpp_wrapper: bool = False):
