@@ -38,9 +38,10 @@ from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 CPU_MICRO_BATCH = 256
 CPU_MICRO_BATCH_OF = {"fast": 64}
 # Compiled graphs called directly on the CPU, without dynamo's entry on each call: mlp3's step 0.78x the
-# time, mlp's 0.86x, in every round (research/direct_call.py); the convolutional networks' steps, 100x
-# longer, 0.955x (fast, four micro-batch calls a step), 0.977x (lenet, 32) and 0.975x (cnn), medians of 40
-# rounds' ratios taken in turns, though single rounds straddle 1 (research/one_graph_micro.py).
+# time, mlp's 0.86x, in every round (research/direct_call.py); fast's 0.955x and 0.966x (four calls a step,
+# one per micro-batch), lenet's 0.977x and 0.956x (32 calls), medians of 40 rounds' ratios in two runs,
+# though single rounds straddle 1 (research/one_graph_micro.py). cnn's one call a step saves too little to
+# see (0.975x, 1.006x), and is called directly all the same: the same kernels, one rule for every network.
 CPU_DIRECT_CALL = {"mlp", "mlp3", "cnn", "lenet", "fast"}
 
 
