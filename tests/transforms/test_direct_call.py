@@ -1,8 +1,8 @@
 """transforms/direct_call.py: the step traced once, compiled by inductor, called without dynamo.
 
-The oracle is the plain step (eager), from the same parameters and batches; the tolerance is
-float32 reassociation, since inductor fuses and splits sums its own way. Beside it, torch.compile
-of the same step, which builds the same kernels: its numbers are required bit for bit."""
+Two oracles, from the same parameters and batches: torch.compile of the same function, which builds
+the same kernels, so its numbers are required bit for bit; and the plain function (eager), to float32
+reassociation, since inductor fuses and splits sums its own way."""
 
 import dataclasses
 
@@ -24,7 +24,6 @@ CPU = torch.device("cpu")
 # is near 0 a rounding difference between eager's and inductor's kernels becomes a visible share of
 # the learning rate (1e-3): 2e-6 in one of fc1's 100,352 weights after 3 steps on an Intel Xeon.
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
-
 
 
 def recipe_step(model: str, steps: int = 3):
@@ -74,7 +73,7 @@ def test_a_layout_refuses_a_tree_of_another_shape():
 
 @needs_cpp_compiler
 @pytest.mark.parametrize("model", sorted(speed.CPU_DIRECT_CALL))
-def test_the_step_called_directly_is_the_plain_step(model):
+def test_the_step_called_directly_is_torch_compiles_and_near_eagers(model):
     """The step against torch.compile's, from the same seed, bit for bit; its gradient against eager's, with
     inductor drawing eager's random numbers (fallback_random: dropout's masks then match eager's). Not the
     step against eager's: RMSprop and Adam divide a gradient by its own size, and for a weight whose gradient
@@ -167,16 +166,19 @@ def direct_calls(monkeypatch):
 
 
 @needs_cpp_compiler
-@pytest.mark.parametrize("model", ["mlp", "mlp3"])
+@pytest.mark.parametrize("model", ["mlp", "mlp3", "cnn"])
 def test_several_steps_per_call_are_direct_calls_bit_for_bit_with_the_single_step(model, direct_calls):
     """train --steps-per-call runs the k-step graph for k steps and the single step for fewer, both
-    called directly. For the networks it pays for: fast's and lenet's micro-batches refuse it, and cnn's
-    dropout draws its masks from one seed per call, so k steps a call draw other masks than k calls."""
+    called directly (fast's and lenet's micro-batches refuse it). cnn's k steps a call draw the dropout
+    masks of k single calls from the same seed: inductor draws each graph's seeds from torch's generator
+    in turn."""
     _, state, images, labels, batch_idx, lr = recipe_step(model, steps=4)
     config = recipe_config(model, compile=True, steps_per_call=4, log_interval=4)
     several = speed.device_step(config, make_optimizer(config), CPU, adaptive_threads=False)
     assert isinstance(several, SeveralSteps) and len(direct_calls) == 2
+    torch.manual_seed(0)
     params, opt_state, total = several(state.params, state.opt_state, images, labels, batch_idx, lr)
+    torch.manual_seed(0)
     expected = run_steps(several.one, state, images, labels, batch_idx, lr)
     torch.testing.assert_close((params, opt_state), expected[:2], rtol=0, atol=0)
     torch.testing.assert_close(total, expected[2].sum(), **TOLERANCE)
@@ -185,15 +187,42 @@ def test_several_steps_per_call_are_direct_calls_bit_for_bit_with_the_single_ste
 @needs_cpp_compiler
 @pytest.mark.parametrize(
     ("model", "data_parallel", "direct"),
-    [("mlp3", False, True), ("mlp", False, True), ("cnn", False, True), ("fast", False, True), ("mlp3", True, False)],
+    [
+        ("mlp3", False, ["step"]),
+        ("mlp", False, ["step"]),
+        ("cnn", False, ["step"]),
+        ("fast", False, ["gradient", "update"]),  # micro-batched: the pieces are compiled, the loop runs in Python
+        ("lenet", False, ["gradient", "update"]),
+        ("mlp3", True, []),
+        ("fast", True, []),
+    ],
 )
-def test_train_calls_the_compiled_graphs_directly_in_one_process_only(model, data_parallel, direct, monkeypatch):
+def test_train_calls_the_compiled_graphs_directly_unless_data_parallel(model, data_parallel, direct, monkeypatch):
     wrapped = []
     monkeypatch.setattr(speed, "called_directly", lambda fn, options: wrapped.append(fn) or fn)
     monkeypatch.setattr(speed.torch, "compile", lambda fn, **kwargs: fn)  # nothing compiles here
     config = recipe_config(model, compile=True)
     speed.device_step(config, make_optimizer(config), CPU, data_parallel=(lambda g: g) if data_parallel else None)
-    assert bool(wrapped) == direct
+    assert [fn.__name__ for fn in wrapped] == direct
+
+
+@needs_cpp_compiler
+@pytest.mark.parametrize(("model", "batch"), [("fast", 256), ("lenet", 512)])
+def test_micro_batches_called_directly_are_torch_compiles_bit_for_bit(model, batch, direct_calls, monkeypatch):
+    """fast's and lenet's CPU step as train builds it: a compiled gradient per micro-batch (fast's 4 of 64
+    images, lenet's 2 of 256 here) and a compiled update, called directly, give the numbers of the same
+    pieces called through torch.compile, to the bit."""
+    config = recipe_config(model, compile=True, batch_size=batch)
+    optimizer = make_optimizer(config)
+    _, state, images, labels, batch_idx, lr = recipe_step(model, steps=2)
+    batch_idx = torch.randint(0, len(images), (2, batch), generator=torch.Generator().manual_seed(1))  # (steps, B)
+    direct = speed.device_step(config, optimizer, CPU, adaptive_threads=False)
+    assert [fn.__name__ for fn in direct_calls] == ["gradient", "update"]
+    monkeypatch.setattr(speed, "CPU_DIRECT_CALL", set())
+    through_dynamo = speed.device_step(config, optimizer, CPU, adaptive_threads=False)
+    assert len(direct_calls) == 2
+    got = run_steps(direct, state, images, labels, batch_idx, lr)
+    torch.testing.assert_close(got, run_steps(through_dynamo, state, images, labels, batch_idx, lr), rtol=0, atol=0)
 
 
 @needs_cpp_compiler

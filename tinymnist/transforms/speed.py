@@ -38,10 +38,10 @@ from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 CPU_MICRO_BATCH = 256
 CPU_MICRO_BATCH_OF = {"fast": 64}
 # Compiled graphs called directly on the CPU, without dynamo's entry on each call: mlp3's step 0.78x the
-# time, mlp's 0.86x, in every round (research/direct_call.py); fast's 0.955x and 0.966x (four calls a step,
-# one per micro-batch), lenet's 0.977x and 0.956x (32 calls), medians of 40 rounds' ratios in two runs,
-# though single rounds straddle 1 (research/one_graph_micro.py). cnn's one call a step saves too little to
-# see (0.975x, 1.006x), and is called directly all the same: the same kernels, one rule for every network.
+# time, mlp's 0.86x, in every round (research/direct_call.py). fast and lenet call a compiled gradient per
+# micro-batch (4 and 32 a step): 0.955x and 0.966x, 0.977x and 0.956x, medians of 40 paired rounds in two
+# runs, a few percent at most, as single rounds swing by 15% (research/one_graph_micro.py); cnn's one call a
+# step 0.975x and 1.006x, noise. All are called directly: the same kernels, bit for bit (tested), less work.
 CPU_DIRECT_CALL = {"mlp", "mlp3", "cnn", "lenet", "fast"}
 
 
@@ -119,7 +119,7 @@ def device_step(
     # fast, 3 models on 2 threads, ran 0.85x the speed of one at a time (BENCHMARKS.md).
     threads = torch.get_num_threads()
     side_by_side = rule == SIDE_BY_SIDE and compile and threads > 1 and config.n_models % threads == 0
-    # In one process only: direct_call traces the step on fake tensors, and torchrun's collectives are untried there.
+    # Not with data parallelism: direct_call traces the step on fake tensors, and the all-reduce is untried there.
     direct = device.type == "cpu" and config.model in CPU_DIRECT_CALL and data_parallel is None
     micro_batch = (
         config.micro_batch if config.micro_batch is not None else default_micro_batch(device, config.model, sharers)
