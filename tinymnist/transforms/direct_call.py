@@ -5,9 +5,8 @@ every argument, and the code that takes the argument dicts apart and builds the 
 step as small as mlp3's (29 tensors in, a few hundred µs) that counts: called directly, the same
 graph took 0.78x the time, mlp's 0.86x (research/direct_call.py); fast's and lenet's steps, which call
 a compiled gradient per micro-batch, 0.955-0.966x and 0.956-0.977x in medians of 40 paired rounds, a few
-percent at most (research/one_graph_micro.py;
-BENCHMARKS.md "How far each step is from its floor"). `called_directly(fn, options)` does the
-compile once by hand:
+percent at most (research/one_graph_micro.py; BENCHMARKS.md "How far each step is from its floor").
+`called_directly(fn, options)` does the compile once by hand:
 
     trace:    make_fx(fn) on fake tensors      one aten graph of the whole step, backward included
     compile:  inductor's compile_fx(graph)     the same kernels torch.compile builds from it (through
