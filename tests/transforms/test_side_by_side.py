@@ -19,7 +19,7 @@ from tests.support import needs_cpp_compiler, random_mnist
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import per_model
-from tinymnist.transforms import speed
+from tinymnist.transforms import direct_call, speed
 from tinymnist.transforms.side_by_side import draws_random_numbers, models_on_cores
 from tinymnist.transforms.speed import device_step
 from tinymnist.transforms.vmap import one_model
@@ -43,12 +43,20 @@ def test_side_by_side_is_chosen_only_for_networks_without_random_numbers():
 def test_models_side_by_side_are_n_single_steps(model, micro_batch, caller_threads, monkeypatch):
     """fast and lenet on the CPU (wide_conv.CHOSEN: side by side): the N-model step device_step
     builds is each model's own single step, whole or in the same micro-batches (8 images in
-    chunks of 3, 3 and 2), twice; the second call compiles nothing more (a compile on a worker
-    would race the other workers' calls)."""
+    chunks of 3, 3 and 2), twice; its gradient is called directly (direct_call.py), and the second
+    call compiles nothing more (a compile on a worker would race the other workers' calls)."""
     assert CHOSEN[("cpu", model)] == SIDE_BY_SIDE
     torch._dynamo.reset()  # the suite's earlier compiles count toward dynamo's recompile limit of this code
     caller_threads(2)
     built = spy_on_models_on_cores(monkeypatch)
+    compiles = []
+    compiled_graph = direct_call.compiled_graph
+
+    def counted(fn, layout, flat, options):  # what direct_call compiles: which function, for the C++ wrapper?
+        compiles.append((fn.__name__, options.get("cpp_wrapper", False)))
+        return compiled_graph(fn, layout, flat, options)
+
+    monkeypatch.setattr(direct_call, "compiled_graph", counted)
     config = recipe_config(model, batch_size=8, seeds=N, compile=True, micro_batch=micro_batch)
     optimizer = make_optimizer(config)
     data = random_mnist(64, 1, seed=0)
@@ -61,8 +69,12 @@ def test_models_side_by_side_are_n_single_steps(model, micro_batch, caller_threa
     assert built == [2]  # side by side, not a fallback
     single = device_step(dataclasses.replace(config, seeds=1), optimizer, CPU, adaptive_threads=False)
     for turn in range(2):  # the first call compiles (model 0 on the caller), the second only runs
+        compiled_before = len(compiles)
         with torch._dynamo.config.patch(error_on_recompile=turn > 0):
             new_params, new_state, losses = step(params, opt_state, images, labels, batch_idx.roll(turn, 1), lr)
+        if turn == 0:  # the gradient without the GIL (for each chunk size), and the N-model update
+            assert ("gradient", True) in compiles and ("update", False) in compiles
+        assert turn == 0 or len(compiles) == compiled_before
         for i in range(N):
             args = (one_model(params, i), one_model(opt_state, i), images, labels, batch_idx[i].roll(turn), lr[i])
             caller_threads(1)  # the model's single step on one thread, as its gradient ran side by side

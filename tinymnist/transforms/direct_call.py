@@ -19,8 +19,9 @@ dtype, device and requires_grad, and the thread count (inductor's CPU kernels ar
 the count they are compiled under). A new key traces and compiles again, and the graph is kept; the loop's
 arguments never change, so that is once per run and thread count. The functions it is given are
 pure: dicts, tuples and lists of tensors that need no gradient in, the same out, with no Python
-branch on a tensor's value (make_fx traces one path, where dynamo would break the graph). Not
-thread-safe: models_on_cores' lanes use torch.compile (side_by_side.py), not this.
+branch on a tensor's value (make_fx traces one path, where dynamo would break the graph). Calls from
+several threads are safe once a key's graph is compiled (models_on_cores compiles on the caller's
+thread first); two threads that meet a new key at once would each compile it.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ with whole models. Two conditions make it pay and keep it exact:
   (`cpp_wrapper`: fast's first step 8.3 s against 3.6 s); its default Python wrapper holds the GIL in every
   generated kernel. fast, 8 models: 0.89x the time of 8 single runs without the GIL, 1.08x
   with it, 1.07x one after another (research/wide_conv.py, results/bench/cpu-seeds/side-by-side-fast.txt).
+  Where the single step is called directly (direct_call.py), so is this gradient: with only the single step
+  direct, 8 models took 0.94x (lenet) and 0.88x (fast) the time of 8 single runs; with both, 0.89x, 0.88x
+  and 0.75x, 0.84x (two runs; results/bench/cpu-issue20-amd/seeds-*direct-2026-12-07*.txt).
 - The network draws no random numbers. Dropout draws from torch's one generator, and threads
   would draw in no fixed order, so a seeded run would not repeat: cnn keeps one_by_one.
 
@@ -28,6 +31,7 @@ from tinymnist.algorithm import networks
 from tinymnist.algorithm.shapes import Dropout
 from tinymnist.algorithm.train import Gradient
 from tinymnist.transforms import first_conv
+from tinymnist.transforms.direct_call import called_directly
 from tinymnist.transforms.vmap import one_model
 
 
@@ -36,9 +40,13 @@ def draws_random_numbers(model: str) -> bool:
     return any(isinstance(layer, Dropout) for layer in networks.ARCHITECTURES[model])
 
 
-def compiled_without_gil(fn, options: dict):
-    """torch.compile as speed.compiled does, with inductor's C++ wrapper: the graph runs with the GIL released."""
+def compiled_without_gil(fn, options: dict, direct: bool = False):
+    """torch.compile as speed.compiled does, with inductor's C++ wrapper: the graph runs with the GIL released.
+    `direct`: the same graph called directly (direct_call.py), which the lanes may share once models_on_cores'
+    first call has compiled it on the caller's thread, for the one thread each lane runs on."""
     options = options | {"cpp_wrapper": True}
+    if direct:
+        return called_directly(fn, options)
     return torch.compile(fn, fullgraph=True, dynamic=False, backend=first_conv.compile_with_choices, options=options)
 
 

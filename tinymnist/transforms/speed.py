@@ -127,7 +127,10 @@ def device_step(
     split = 0 < micro_batch < config.batch_size
     if models_apart or split:  # compile the pieces; the loops run in Python
         if compile:
-            gradient = compiled_without_gil(gradient, compile_options()) if side_by_side else compiled(gradient, direct)
+            if side_by_side:
+                gradient = compiled_without_gil(gradient, compile_options(), direct)
+            else:
+                gradient = compiled(gradient, direct)
             update = compiled(update, direct)
         if split:
             gradient = micro_batched(gradient, micro_batch)
