@@ -5,6 +5,8 @@ the same kernels, so its numbers are required bit for bit; and the plain functio
 reassociation, since inductor fuses and splits sums its own way."""
 
 import dataclasses
+import threading
+import time
 
 import pytest
 import torch
@@ -121,6 +123,33 @@ def test_it_compiles_again_only_for_a_new_shape_or_thread_count(monkeypatch):
     assert compiles == [threads, threads, threads + 1]
     fn({"w": w}, x)
     assert len(compiles) == 3  # back on the first count: its graph is kept
+
+
+@needs_cpp_compiler
+def test_threads_that_meet_a_new_key_at_once_compile_it_once(monkeypatch):
+    """Tracing sets process-wide state (torch's "compiling" flag, torch.fx's tracer), so a new key is traced
+    and compiled by one thread while another that meets it waits, then takes the same graph."""
+    compiles, compiling = [], threading.Event()
+
+    def counted(*args):
+        compiles.append(threading.current_thread())
+        compiling.set()
+        time.sleep(0.3)  # the other thread meets the key meanwhile
+        return compiled_graph(*args)
+
+    compiled_graph = direct_call.compiled_graph
+    monkeypatch.setattr(direct_call, "compiled_graph", counted)
+    fn = called_directly(lambda d, x: {"y": d["w"] @ x + 1}, speed.compile_options())
+    w, x = torch.randn(3, 4), torch.randn(4, 2)
+    results = []
+    other = threading.Thread(target=lambda: results.append(fn({"w": w}, x)["y"]))
+    other.start()
+    compiling.wait()
+    results.append(fn({"w": w}, x)["y"])
+    other.join()
+    assert compiles == [other] and len(results) == 2
+    for y in results:
+        torch.testing.assert_close(y, w @ x + 1, **TOLERANCE)
 
 
 @needs_cpp_compiler

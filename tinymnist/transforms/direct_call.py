@@ -20,8 +20,9 @@ the count they are compiled under). A new key traces and compiles again, and the
 arguments never change, so that is once per run and thread count. The functions it is given are
 pure: dicts, tuples and lists of tensors that need no gradient in, the same out, with no Python
 branch on a tensor's value (make_fx traces one path, where dynamo would break the graph). Calls from
-several threads are safe once a key's graph is compiled (models_on_cores compiles on the caller's
-thread first); two threads that meet a new key at once would each compile it.
+several threads share a key's graph once it is compiled (models_on_cores' first call compiles every
+key its lanes meet, on the caller's thread); a new key is traced and compiled under first_conv's
+lock, one at a time, since the trace's "compiling" flag and torch.fx's tracer state are global.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def called_directly(fn, options: dict):
         if key not in graphs:
             if any(x.requires_grad for x in flat):  # the compiled graph would drop autograd's history
                 raise TypeError("called_directly takes tensors that need no gradient")
-            graphs[key] = compiled_graph(fn, layout, flat, options)
+            with first_conv.COMPILING:  # one trace and compile at a time: their flags and tracer state are global
+                if key not in graphs:
+                    graphs[key] = compiled_graph(fn, layout, flat, options)
         graph, out_layout = graphs[key]
         return out_layout.rebuild(graph(*flat))
 
