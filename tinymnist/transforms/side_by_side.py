@@ -10,11 +10,11 @@ with whole models. Two conditions make it pay and keep it exact:
   (`cpp_wrapper`: fast's first step 8.3 s against 3.6 s); its default Python wrapper holds the GIL in every
   generated kernel. fast, 8 models: 0.89x the time of 8 single runs without the GIL, 1.08x
   with it, 1.07x one after another (research/wide_conv.py, results/bench/cpu-seeds/side-by-side-fast.txt).
-  Where the single step is called directly (direct_call.py), so is this gradient, for the same reason: the
-  same kernels with less work a call. 8 models took 0.89x and 0.88x (lenet), 0.75x and 0.84x (fast) the time
-  of 8 single runs in two runs of `tinymnist bench --seeds 1,8` (0.94x and 0.88x in one run before, with
-  only the single step direct): within those 5-round runs' noise, no paired comparison
-  (results/bench/cpu-issue20-amd/seeds-*direct-2026-12-07*.txt).
+  Where the single step is called directly (direct_call.py), so is this gradient: the same kernels, with
+  less work a call, and N models run as the single runs they are compared with. Against torch.compile, in
+  turns (research/side_by_side_direct.py, 8 models, two runs of 20 rounds): fast 0.985x and 0.973x, lenet
+  1.075x and 0.967x, no gain beyond the noise. 8 models took 0.89x and 0.88x (lenet), 0.75x and 0.84x (fast)
+  the time of 8 single runs (`tinymnist bench --seeds 1,8`; results/bench/cpu-issue20-amd/).
 - The network draws no random numbers. Dropout draws from torch's one generator, and threads
   would draw in no fixed order, so a seeded run would not repeat: cnn keeps one_by_one.
 
