@@ -20,7 +20,7 @@ import torch
 from in_turns import print_against, steps_in_turns, turns_parser  # research/in_turns.py
 
 from tinymnist.tool.bench import bench_data
-from tinymnist.transforms import side_by_side, speed
+from tinymnist.transforms import speed
 
 
 def chunks_on_cores(divide: int = 1):
@@ -62,7 +62,7 @@ def chunks_on_cores_of(divide: int):
 
     def compiled(fn, direct=False, cpp_wrapper=False):  # the gradient without the GIL, the update as train's
         if fn.__name__ == "gradient":
-            return side_by_side.compiled_without_gil(fn, speed.compile_options())
+            return speed_compiled(fn, cpp_wrapper=True)
         return speed_compiled(fn, direct, cpp_wrapper)
 
     with mock.patch.object(speed, "micro_batched", micro_batched), mock.patch.object(speed, "compiled", compiled):

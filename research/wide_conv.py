@@ -35,8 +35,8 @@ from tinymnist.algorithm import optim
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state, make_gradient, make_step, synchronize
 from tinymnist.transforms.cuda_graph import GraphedStep
-from tinymnist.transforms.side_by_side import compiled_without_gil, models_on_cores
-from tinymnist.transforms.speed import compile_options, compiled, default_micro_batch, device_step, micro_batched
+from tinymnist.transforms.side_by_side import models_on_cores
+from tinymnist.transforms.speed import compiled, default_micro_batch, device_step, micro_batched
 from tinymnist.transforms.vmap import one_by_one, vmapped, vmapped_update
 from tinymnist.transforms.wide_conv import CONV_RULES, wide_gradient
 
@@ -77,7 +77,7 @@ def build_step(config, optimizer, device, rule: str, micro_batch: int):
     if rule.startswith("side-by-side"):  # a model per core, each its compiled gradient (transforms/side_by_side.py)
         without_gil = rule == "side-by-side"  # "side-by-side-gil": inductor's Python wrapper, which holds the GIL
         gradient = make_gradient(config)
-        gradient = compiled_without_gil(gradient, compile_options()) if without_gil else compiled(gradient)
+        gradient = compiled(gradient, cpp_wrapper=without_gil)
         if 0 < micro_batch < config.batch_size:
             gradient = micro_batched(gradient, micro_batch)
         gradients = models_on_cores(gradient, workers=torch.get_num_threads())

@@ -21,7 +21,7 @@ from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.train import make_gradient
 from tinymnist.errors import TinyMnistError
-from tinymnist.transforms import first_conv, side_by_side, speed
+from tinymnist.transforms import first_conv, speed
 from tinymnist.transforms.direct_call import called_directly
 from tinymnist.transforms.first_conv import (
     as_forward_is_faster,
@@ -288,7 +288,7 @@ def test_a_cached_graph_serves_only_a_process_that_measured_the_same_choice(timi
     ],
 )
 def test_every_compile_measures_its_first_convolution_before_it_starts(timings, monkeypatch, case, how):
-    """speed.compiled, side_by_side's and direct_call's compiles measure each first convolution before the
+    """speed.compiled (also with the C++ wrapper, as N models side by side take it) and direct_call's compiles measure each first convolution before the
     compile, for the key the pass then looks up, also where the options change the layout inductor hands
     oneDNN: the pass finds its choice (here the rewrite) and no convolution goes without one."""
     monkeypatch.setattr(first_conv, "UNCHOSEN", set())
@@ -298,7 +298,7 @@ def test_every_compile_measures_its_first_convolution_before_it_starts(timings, 
         options = options | {"layout_optimization": False}
         monkeypatch.setattr(speed, "compile_options", lambda: options)
     compile = {
-        "compiled without the GIL": lambda fn: side_by_side.compiled_without_gil(fn, options),
+        "compiled without the GIL": lambda fn: compiled(fn, cpp_wrapper=True),  # speed.compile_options(): `options`
         "called directly": lambda fn: called_directly(fn, options),
     }.get(how, compiled)
     data = random_mnist(64, 1, seed=0)

@@ -32,8 +32,6 @@ import torch
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.shapes import Dropout
 from tinymnist.algorithm.train import Gradient
-from tinymnist.transforms import first_conv
-from tinymnist.transforms.direct_call import called_directly
 from tinymnist.transforms.vmap import one_model
 
 
@@ -42,18 +40,8 @@ def draws_random_numbers(model: str) -> bool:
     return any(isinstance(layer, Dropout) for layer in networks.ARCHITECTURES[model])
 
 
-def compiled_without_gil(fn, options: dict, direct: bool = False):
-    """torch.compile as speed.compiled does, with inductor's C++ wrapper: the graph runs with the GIL released.
-    `direct`: the same graph called directly (direct_call.py), which the lanes may share once models_on_cores'
-    first call has compiled it on the caller's thread, for the one thread each lane runs on."""
-    options = options | {"cpp_wrapper": True}
-    if direct:
-        return called_directly(fn, options)
-    return torch.compile(fn, fullgraph=True, dynamic=False, backend=first_conv.compile_with_choices, options=options)
-
-
 def models_on_cores(gradient: Gradient, workers: int) -> Gradient:
-    """One model's `gradient` (compiled_without_gil) over N stacked models, side by side on up to
+    """One model's `gradient` (speed.compiled with the C++ wrapper) over N stacked models, side by side on up to
     `workers` Python threads of one OpenMP thread each; the grads and losses stacked in model order."""
     # The initializer puts each worker on one OpenMP thread (torch.set_num_threads is per thread
     # here, and also what threads started later begin with; tinymnist starts none).

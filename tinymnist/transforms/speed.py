@@ -21,6 +21,7 @@ import torch
 
 from tinymnist.algorithm import optim
 from tinymnist.algorithm.config import TrainConfig
+from tinymnist.algorithm.networks import MODEL_NAMES
 from tinymnist.algorithm.train import Gradient, Step, make_gradient, make_step
 from tinymnist.errors import TinyMnistError
 from tinymnist.transforms import dropout_mask, first_conv
@@ -28,7 +29,7 @@ from tinymnist.transforms.cpu_threads import AdaptiveThreads
 from tinymnist.transforms.cuda_graph import GraphedStep
 from tinymnist.transforms.direct_call import called_directly
 from tinymnist.transforms.several_steps import SeveralSteps, unrolled
-from tinymnist.transforms.side_by_side import compiled_without_gil, models_on_cores
+from tinymnist.transforms.side_by_side import models_on_cores
 from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models_update, on_model_axis, one_by_one
 from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 
@@ -42,14 +43,15 @@ CPU_MICRO_BATCH_OF = {"fast": 64}
 # micro-batch (4 and 32 a step): 0.955x and 0.966x, 0.977x and 0.956x, medians of 40 paired rounds in two
 # runs, a few percent at most, as single rounds swing by 15% (research/one_graph_micro.py); cnn's one call a
 # step 0.975x and 1.006x, noise. All are called directly: the same kernels, bit for bit (tested), less work.
-CPU_DIRECT_CALL = {"mlp", "mlp3", "cnn", "lenet", "fast"}
+CPU_DIRECT_CALL = set(MODEL_NAMES)
 
 
 def compiled(fn, direct: bool = False, cpp_wrapper: bool = False):
     """torch.compile as one graph (a graph break is a bug here); dynamic=False so that a second
     model compiled in the same process does not turn its sizes symbolic. `direct`: the same
     compile by hand, called without dynamo (direct_call.py: CPU, one process). `cpp_wrapper`:
-    inductor's C++ wrapper calls the kernels, not Python (seconds more compile)."""
+    inductor's C++ wrapper calls the kernels, not Python, and the graph runs without the GIL
+    (side_by_side.py's lanes need that; seconds more compile)."""
     options = compile_options() | ({"cpp_wrapper": True} if cpp_wrapper else {})
     if direct:
         return called_directly(fn, options)
@@ -127,10 +129,7 @@ def device_step(
     split = 0 < micro_batch < config.batch_size
     if models_apart or split:  # compile the pieces; the loops run in Python
         if compile:
-            if side_by_side:
-                gradient = compiled_without_gil(gradient, compile_options(), direct)
-            else:
-                gradient = compiled(gradient, direct)
+            gradient = compiled(gradient, direct, cpp_wrapper=side_by_side)  # side by side: without the GIL
             update = compiled(update, direct)
         if split:
             gradient = micro_batched(gradient, micro_batch)
