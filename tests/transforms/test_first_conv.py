@@ -288,9 +288,10 @@ def test_a_cached_graph_serves_only_a_process_that_measured_the_same_choice(timi
     ],
 )
 def test_every_compile_measures_its_first_convolution_before_it_starts(timings, monkeypatch, case, how):
-    """speed.compiled (also with the C++ wrapper, as N models side by side take it) and direct_call's compiles measure each first convolution before the
-    compile, for the key the pass then looks up, also where the options change the layout inductor hands
-    oneDNN: the pass finds its choice (here the rewrite) and no convolution goes without one."""
+    """speed.compiled (also with the C++ wrapper, as N models side by side take it) and direct_call's compiles
+    measure each first convolution before the compile, for the key the pass then looks up, also where the
+    options change the layout inductor hands oneDNN: the pass finds its choice (here the rewrite) and no
+    convolution goes without one."""
     monkeypatch.setattr(first_conv, "UNCHOSEN", set())
     timings["seconds"] = (2e-3, 1e-3)  # as forward is faster
     options = speed.compile_options()
