@@ -1,4 +1,5 @@
-"""Which micro-batch makes a recipe's CPU step fastest: speed.CPU_MICRO_BATCH_OF's evidence.
+"""Which micro-batch makes a recipe's CPU step fastest: speed.CPU_MICRO_BATCH's evidence (and,
+until transforms/polyphase.py, fast's chunks of 64).
 
     python research/micro_batch.py --model fast --chunks 0,128,64,32 [--rounds 5]
 

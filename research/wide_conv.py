@@ -48,8 +48,8 @@ def per_model_chunk(chunks: str, model: str, n: int, device) -> int:
     (speed.default_micro_batch: as many images in flight as one model's chunk); "each": the
     device's chunk for each model, N times as many (device_step before wide_conv.py); a number."""
     if chunks == "shared":
-        return default_micro_batch(device, model, n)
-    return default_micro_batch(device, model) if chunks == "each" else int(chunks)
+        return default_micro_batch(device, n)
+    return default_micro_batch(device) if chunks == "each" else int(chunks)
 
 
 def build_step(config, optimizer, device, rule: str, micro_batch: int):
@@ -156,7 +156,7 @@ def main() -> None:
         steps = max(1, args.window_images // config.batch_size)
         stacked = {(n, rule, per_model_chunk(c, model, n, device)) for n in counts for rule in rules for c in chunks}
         stacked = sorted(stacked, key=lambda w: (w[0], rules.index(w[1]), -w[2]))
-        wanted = [(1, "single", default_micro_batch(device, model)), *stacked]
+        wanted = [(1, "single", default_micro_batch(device)), *stacked]
         candidates = []
         for n, rule, micro_batch in wanted:
             print(f"{model}: compiling {rule} for N={n}, chunks of {micro_batch}", file=sys.stderr)

@@ -44,8 +44,8 @@ def one_at_a_time(step, params, opt_state, images, labels, batch_idx, lr):
 @pytest.mark.parametrize("model", ["mlp3", "fast", "cnn"])
 def test_k_steps_in_one_compiled_graph_are_k_compiled_steps_bit_for_bit(model, monkeypatch):
     """The k-step graph is the step's own graph k times: the CPU computes the same numbers. Built as train
-    builds it (C++ wrapper; mlp3 called directly); fast: a conv, with first_conv.py's rewrite (pinned) in
-    every step; cnn: dropout's masks drawn in it (dropout_mask.py)."""
+    builds it (C++ wrapper; mlp3 called directly); fast: its first block as one product (polyphase.py) in
+    every step; cnn: first_conv.py's rewrite (pinned), and dropout's masks drawn in it (dropout_mask.py)."""
     monkeypatch.setenv(first_conv.CHOICE_ENV, "always")
     _, optimizer, state, images, labels, batch_idx, lr = batches(k=4, model=model)
     config = recipe_config(model, compile=True, micro_batch=0, steps_per_call=4)

@@ -123,21 +123,23 @@ class Network(nn.Module):
 
     def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         for layer in self.layers:  # x: (B, 1, 28, 28) -> (B, 10)
-            if isinstance(layer, (Conv2d, Linear)):
-                x = getattr(self, layer.name)(x)  # with the weights functional_call passed in
-            elif isinstance(layer, ReLU):
-                x = F.relu(x)
-            elif isinstance(layer, MaxPool2d):
-                x = max_pool2d(x, layer.kernel, layer.stride)  # (B, C, H, W) -> (B, C, H', W'), cpu_pool.py
-            elif isinstance(layer, Dropout):
-                x = F.dropout(x, layer.p, training=train)
-            elif isinstance(layer, Flatten):
-                x = torch.flatten(x, 1)  # (B, C, H, W) -> (B, C*H*W): the batch dim stays
-            elif isinstance(layer, LogSoftmax):
-                x = F.log_softmax(x, dim=1)  # over the classes of each example
-            else:
-                raise TypeError(f"no forward rule for layer {layer!r}")
+            x = self.layer_forward(layer, x, train)
         return x
+
+    def layer_forward(self, layer: Layer, x: torch.Tensor, train: bool) -> torch.Tensor:
+        if isinstance(layer, (Conv2d, Linear)):
+            return getattr(self, layer.name)(x)  # with the weights functional_call passed in
+        if isinstance(layer, ReLU):
+            return F.relu(x)
+        if isinstance(layer, MaxPool2d):
+            return max_pool2d(x, layer.kernel, layer.stride)  # (B, C, H, W) -> (B, C, H', W'), cpu_pool.py
+        if isinstance(layer, Dropout):
+            return F.dropout(x, layer.p, training=train)
+        if isinstance(layer, Flatten):
+            return torch.flatten(x, 1)  # (B, C, H, W) -> (B, C*H*W): the batch dim stays
+        if isinstance(layer, LogSoftmax):
+            return F.log_softmax(x, dim=1)  # over the classes of each example
+        raise TypeError(f"no forward rule for layer {layer!r}")
 
 
 # Built once, here: building a module inside a compiled function breaks its graph. A plain

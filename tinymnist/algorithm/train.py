@@ -61,13 +61,14 @@ def training_loss(config: TrainConfig) -> Callable[..., torch.Tensor]:
     return loss_function(config.model)
 
 
-def make_gradient(config: TrainConfig) -> Gradient:
-    """`gradient(params, images, labels, batch_idx) -> (grads, loss)` of the batch's mean loss."""
+def make_gradient(config: TrainConfig, apply=networks.apply) -> Gradient:
+    """`gradient(params, images, labels, batch_idx) -> (grads, loss)` of the batch's mean loss.
+    `apply`: the network's forward (a transform may pass one that computes the same otherwise)."""
     model, recipe, loss_fn = config.model, config.recipe, training_loss(config)
 
     def batch_loss(params: Params, images_u8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = scale_images(images_u8, recipe.mean, recipe.std)  # (B, 1, 28, 28)
-        out = networks.apply(model, params, x, train=True)  # (B, 10), dropout on
+        out = apply(model, params, x, train=True)  # (B, 10), dropout on
         return loss_fn(out, labels)
 
     grad_and_loss = torch.func.grad_and_value(batch_loss)  # d(loss)/d(params), and the loss

@@ -243,7 +243,7 @@ def window_seconds(events) -> float:
 
 def measure(model: str, images, labels, rounds: int, log: Callable[[str], None]) -> dict:
     """Rounds of (a window of steps, each floor measurement); medians, and step/floor per round."""
-    batch, micro_batch = recipe_config(model).batch_size, speed.default_micro_batch(CPU, model)
+    batch, micro_batch = recipe_config(model).batch_size, speed.default_micro_batch(CPU)
     several = dataclasses.replace(recipe_config(model, compile=True), steps_per_call=STEPS_PER_CALL)
     refused = speed.several_steps_refused(several, CPU)
     log(f"{model}: compiling the step" + ("" if refused else f" and {STEPS_PER_CALL} steps per call"))

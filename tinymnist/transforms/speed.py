@@ -4,6 +4,7 @@
                                    dropout_mask.py's rewrites in it)
     compiled(step, direct=True)    CPU: the same kernels, called without dynamo's entry (direct_call.py)
     micro_batched(gradient, n)     the batch's gradient as the sum of n-image chunks
+    polyphase.apply                CPU: the first conv, ReLU and max-pool as one product (polyphase.py)
     GraphedStep(step)              CUDA: the step recorded once, replayed with one launch (cuda_graph.py)
     SeveralSteps(...)              CPU: up to k steps in one compiled call (several_steps.py)
     AdaptiveThreads(step, n)       CPU: the step on the thread count fastest now (cpu_threads.py)
@@ -19,12 +20,12 @@ from collections.abc import Callable
 
 import torch
 
-from tinymnist.algorithm import optim
+from tinymnist.algorithm import networks, optim
 from tinymnist.algorithm.config import TrainConfig
 from tinymnist.algorithm.networks import MODEL_NAMES
 from tinymnist.algorithm.train import Gradient, Step, make_gradient, make_step
 from tinymnist.errors import TinyMnistError
-from tinymnist.transforms import dropout_mask, first_conv
+from tinymnist.transforms import dropout_mask, first_conv, polyphase
 from tinymnist.transforms.cpu_threads import AdaptiveThreads
 from tinymnist.transforms.cuda_graph import GraphedStep
 from tinymnist.transforms.direct_call import called_directly
@@ -34,10 +35,14 @@ from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models
 from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 
 # Micro-batches on the CPU, so that a chunk's activations stay in cache: lenet's 8192-image step ran
-# ~2x faster in chunks of 256 (tinymnist bench), fast's 256-image step 0.71x the time in chunks of 64
-# (research/micro_batch.py; cnn and lenet gained nothing from smaller chunks). BENCHMARKS.md has both.
+# ~2x faster in chunks of 256 (tinymnist bench; cnn and lenet gained nothing from smaller chunks).
+# fast's 256-image step ran 0.71x the time in chunks of 64 (research/micro_batch.py), until its first block
+# became one product: then its whole batch was the fastest (research/polyphase_first_block.py).
+# BENCHMARKS.md has each.
 CPU_MICRO_BATCH = 256
-CPU_MICRO_BATCH_OF = {"fast": 64}
+# The compiled CPU step's first block as one product (polyphase.py) where measured faster: fast's step
+# XXX; lenet's took 1.2-1.6x the time (research/polyphase_first_block.py).
+CPU_POLYPHASE = {"fast"}
 # Compiled graphs called directly on the CPU, without dynamo's entry on each call: mlp3's step 0.78x the
 # time, mlp's 0.86x, in every round (research/direct_call.py). fast and lenet call a compiled gradient per
 # micro-batch (4 and 32 a step): 0.955x and 0.966x, 0.977x and 0.956x, medians of 40 paired rounds in two
@@ -101,7 +106,8 @@ def device_step(
     micro-batched; `stacked` (default: N > 1) maps over a leading model axis; `adaptive_threads=False`
     or config.threads keeps a CPU step on the threads it finds."""
     device = torch.device(device)  # "cpu" too
-    gradient, update, sharers = make_gradient(config), optimizer.update, 1
+    compile = use_compile(config, device)
+    gradient, update, sharers = make_gradient(config, network_apply(config, device, compile)), optimizer.update, 1
     stacked = config.n_models > 1 if stacked is None else stacked
     rule = chosen_rule(device, config.model) if stacked else None
     models_apart = rule in (ONE_BY_ONE, SIDE_BY_SIDE)  # one model's gradient, called per model
@@ -116,16 +122,13 @@ def device_step(
         update = n_models_update(update, config.n_models)
     if stacked and not models_apart:
         gradient, sharers = n_models_gradient(config, device), chunk_sharers(config)  # sharers: of one micro-batch
-    compile = use_compile(config, device)
     # Side by side needs the compiled graph without the GIL, and whole rounds of a model per thread:
     # fast, 3 models on 2 threads, ran 0.85x the speed of one at a time (BENCHMARKS.md).
     threads = torch.get_num_threads()
     side_by_side = rule == SIDE_BY_SIDE and compile and threads > 1 and config.n_models % threads == 0
     # Not with data parallelism: direct_call traces the step on fake tensors, and the all-reduce is untried there.
     direct = device.type == "cpu" and config.model in CPU_DIRECT_CALL and data_parallel is None
-    micro_batch = (
-        config.micro_batch if config.micro_batch is not None else default_micro_batch(device, config.model, sharers)
-    )
+    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device, sharers)
     split = 0 < micro_batch < config.batch_size
     if models_apart or split:  # compile the pieces; the loops run in Python
         if compile:
@@ -154,6 +157,14 @@ def device_step(
     if adaptive and device.type == "cpu" and torch.get_num_threads() > 1:
         return AdaptiveThreads(step, most=torch.get_num_threads())
     return step
+
+
+def network_apply(config: TrainConfig, device: torch.device, compile: bool):
+    """The network's forward for the step: polyphase.apply where CPU_POLYPHASE takes it, compiled on the
+    CPU (eager, its pieces run one by one and gain nothing), else networks.apply."""
+    if compile and device.type == "cpu" and config.model in CPU_POLYPHASE:
+        return polyphase.apply
+    return networks.apply
 
 
 def steps_per_call(config: TrainConfig, device: torch.device, one_process: bool = True) -> int:
@@ -186,7 +197,7 @@ def several_steps_cut_short(config: TrainConfig, batches_per_epoch: int | None =
 
 def several_steps_refused(config: TrainConfig, device: torch.device, one_process: bool = True) -> str | None:
     """Why several steps per call cannot run here (one model, compiled, CPU, one process), or None."""
-    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device, config.model)
+    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device)
     if device.type != "cpu":
         return "it runs on the CPU only (--device cpu)"
     if not use_compile(config, device):
@@ -208,10 +219,10 @@ def use_compile(config: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_compiler() is not None)
 
 
-def default_micro_batch(device: torch.device, model: str, sharers: int = 1) -> int:
-    """Images per model and chunk: 0 (whole batch) off the CPU; on it, the network's CPU chunk split
-    between the `sharers` models that share a chunk (vmap.chunk_sharers)."""
-    return max(1, CPU_MICRO_BATCH_OF.get(model, CPU_MICRO_BATCH) // sharers) if device.type == "cpu" else 0
+def default_micro_batch(device: torch.device, sharers: int = 1) -> int:
+    """Images per model and chunk: 0 (whole batch) off the CPU; on it, CPU_MICRO_BATCH split between
+    the `sharers` models that share a chunk (vmap.chunk_sharers)."""
+    return max(1, CPU_MICRO_BATCH // sharers) if device.type == "cpu" else 0
 
 
 def use_tf32_matmuls(device: torch.device) -> None:
