@@ -35,8 +35,9 @@ from tinymnist.algorithm import optim
 from tinymnist.algorithm.config import make_optimizer, recipe_config
 from tinymnist.algorithm.train import initial_state, make_gradient, make_step, synchronize
 from tinymnist.transforms.cuda_graph import GraphedStep
+from tinymnist.transforms.freed_memory import reuse_freed_memory
 from tinymnist.transforms.side_by_side import models_on_cores
-from tinymnist.transforms.speed import compiled, default_micro_batch, device_step, micro_batched
+from tinymnist.transforms.speed import compiled, default_micro_batch, device_step, micro_batched, network_apply
 from tinymnist.transforms.vmap import one_by_one, vmapped, vmapped_update
 from tinymnist.transforms.wide_conv import CONV_RULES, wide_gradient
 
@@ -59,16 +60,17 @@ def build_step(config, optimizer, device, rule: str, micro_batch: int):
         micro = dataclasses.replace(config, micro_batch=micro_batch)
         return device_step(micro, optimizer, device, stacked=rule == "chosen")
     update = vmapped_update(optimizer.update)
+    one_gradient = make_gradient(config, network_apply(config, device, compile=True))  # one model's, as train's
     if device.type == "cuda":  # as device_step runs a step there: compiled, replayed as one CUDA graph
         if rule.startswith("one-by-one"):
-            gradient = one_by_one(make_gradient(config))
+            gradient = one_by_one(one_gradient)
         elif rule == "vmap-gradient":
-            gradient = vmapped(make_gradient(config))
+            gradient = vmapped(one_gradient)
         else:
             gradient = wide_gradient(config, CONV_RULES[rule])
         return GraphedStep(make_step(gradient, optim.Optimizer(optimizer.init, update)), compile=True)
     if rule == "one-by-one":  # one model's compiled gradient, called once per model from Python
-        gradient = make_gradient(config)
+        gradient = one_gradient
         if 0 < micro_batch < config.batch_size:
             gradient = micro_batched(compiled(gradient), micro_batch)
         else:
@@ -76,15 +78,14 @@ def build_step(config, optimizer, device, rule: str, micro_batch: int):
         return make_step(one_by_one(gradient), optim.Optimizer(optimizer.init, compiled(update)))
     if rule.startswith("side-by-side"):  # a model per core, each its compiled gradient (transforms/side_by_side.py)
         without_gil = rule == "side-by-side"  # "side-by-side-gil": inductor's Python wrapper, which holds the GIL
-        gradient = make_gradient(config)
-        gradient = compiled(gradient, cpp_wrapper=without_gil)
+        gradient = compiled(one_gradient, cpp_wrapper=without_gil)
         if 0 < micro_batch < config.batch_size:
             gradient = micro_batched(gradient, micro_batch)
         gradients = models_on_cores(gradient, workers=torch.get_num_threads())
         return make_step(gradients, optim.Optimizer(optimizer.init, compiled(update)))
     if rule == "one-by-one-graph":  # the same loop, unrolled into one compiled step
-        return compiled(make_step(one_by_one(make_gradient(config)), optim.Optimizer(optimizer.init, update)))
-    gradient = vmapped(make_gradient(config)) if rule == "vmap-gradient" else wide_gradient(config, CONV_RULES[rule])
+        return compiled(make_step(one_by_one(one_gradient), optim.Optimizer(optimizer.init, update)))
+    gradient = vmapped(one_gradient) if rule == "vmap-gradient" else wide_gradient(config, CONV_RULES[rule])
     if 0 < micro_batch < config.batch_size:
         gradient = micro_batched(compiled(gradient), micro_batch)
         return make_step(gradient, optim.Optimizer(optimizer.init, compiled(update)))
@@ -144,6 +145,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64  # train.py's one `step` is compiled once per candidate
+    reuse_freed_memory()  # as the command line does
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (N_IMAGES, 28, 28), dtype=torch.uint8, generator=g).to(device)  # (60000, 28, 28)
     labels = torch.randint(0, 10, (N_IMAGES,), generator=g).to(device)  # (60000,)

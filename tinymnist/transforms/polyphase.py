@@ -16,10 +16,11 @@ value at (y, x) reads its window's at (y // 2, x // 2)) and a convolution's weig
 F.max_pool2d picks, so the values and the gradients are the plain layers', to float rounding (the
 products add in another order): tests/transforms/test_polyphase.py checks them, ties included.
 
-It pays where the patch (k*k values) and the output channels are of one size: fast's first block
-(25 values, 24 channels) took its compiled CPU step to 0.77-0.89x the time; lenet's (25 values, 6
-channels: the patches are 4x its output) to 1.2-1.6x (research/polyphase_first_block.py,
-BENCHMARKS.md). speed.py takes it where measured faster.
+It pays where a patch (k*k values) and the output channels are of one size: with it, fast's compiled
+CPU step (25 values, 24 channels) took 0.79x and 0.82x the time of its step before (the layers, in
+micro-batches of 64), its 256 images in one piece; lenet's (25 values, 6 channels: the patches hold
+4x its output) 1.45-1.47x (2-core AMD EPYC, research/polyphase_first_block.py, BENCHMARKS.md). So
+speed.py takes it for fast alone.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def polyphase_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p
     windows = windows.reshape(batch, half, 2, half, 2, kernel * kernel)  # (B, Y, dy, X, dx, k*k)
     patches = windows.permute(2, 4, 0, 1, 3, 5).reshape(-1, kernel * kernel)  # (4*B*Y*X, k*k), phase-major
     planes = patches @ weight.view(channels_out, -1).t()  # (4*B*Y*X, O)
-    # The bias added here, where inductor fuses it into the pool's kernel: inside the product (addmm) it
-    # made that kernel take 20 ms of fast's step, not 1.5 ms (a profile on the AMD EPYC below)
+    # The bias added here, where inductor fuses it into the pool's kernel: inside the product (addmm), that
+    # kernel took 20 ms of fast's step, not 1.5 ms (a profile, 2-core AMD EPYC)
     planes = planes.view(PHASES, batch, half, half, channels_out) + bias  # (4, B, Y, X, O)
     first = planes.argmax(dim=0, keepdim=True)  # (1, B, Y, X, O): the window's first maximum
     phase = torch.arange(PHASES, device=x.device).view(PHASES, 1, 1, 1, 1)

@@ -41,7 +41,7 @@ from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 # BENCHMARKS.md has each.
 CPU_MICRO_BATCH = 256
 # The compiled CPU step's first block as one product (polyphase.py) where measured faster: fast's step
-# XXX; lenet's took 1.2-1.6x the time (research/polyphase_first_block.py).
+# 0.79x and 0.82x the time, lenet's 1.45-1.47x (research/polyphase_first_block.py).
 CPU_POLYPHASE = {"fast"}
 # Compiled graphs called directly on the CPU, without dynamo's entry on each call: mlp3's step 0.78x the
 # time, mlp's 0.86x, in every round (research/direct_call.py). fast and lenet call a compiled gradient per
