@@ -73,15 +73,13 @@ from unittest import mock
 import pool_kernel  # research/pool_kernel.py
 import torch
 import torch.nn.functional as F
-from in_turns import print_against, steps_in_turns  # research/in_turns.py
+from in_turns import compare  # research/in_turns.py
 
 from tinymnist.algorithm import cpu_pool, networks
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.shapes import Conv2d, MaxPool2d, ReLU
 from tinymnist.algorithm.train import make_gradient
-from tinymnist.tool.bench import bench_data
 from tinymnist.transforms import first_conv, graph_splice, speed
-from tinymnist.transforms.denormals import flush_denormals
 
 aten = torch.ops.aten
 
@@ -354,16 +352,7 @@ def main() -> None:
     # The same first-layer kernel in every way's graph and every run: measured, it may differ between
     # processes (research/first_conv_choice.py), which would decide the comparison.
     os.environ[first_conv.CHOICE_ENV] = args.first_conv
-    torch._dynamo.config.recompile_limit = 64  # each way compiles the same functions once more
-    flush_denormals()
-    digits = bench_data(args.data_dir, torch.device("cpu"))
-    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
-    print(f"data: {digits.source}; {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
-    ways = {"train's": contextlib.nullcontext} | variants
-    for model in args.models.split(","):
-        if args.check:
-            check(model, digits.images, digits.labels, ways)
-        print_against(model, steps_in_turns(model, digits.images, digits.labels, ways, args.rounds, args.seconds))
+    compare(args, {name: VARIANTS[name] for name in args.variants.split(",")}, check)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,16 @@ counts the gradient tensors in which a way differs from train's, which shows it 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
+import torch
+
 from tinymnist.tool import floor
+from tinymnist.tool.bench import bench_data
+from tinymnist.transforms.denormals import flush_denormals
 
 
 def steps_in_turns(
@@ -58,3 +63,17 @@ def turns_parser(doc: str, seconds: float) -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=seconds, help="the least time of one timing window")
     return parser
+
+
+def compare(args: argparse.Namespace, ways: dict[str, Callable[[], AbstractContextManager]], check=None) -> None:
+    """train's step and `ways`, timed in turns for each of `args.models` on the digits in `args.data_dir`;
+    with `--check` (args.check), first `check(model, images, labels, ways)`."""
+    torch._dynamo.config.recompile_limit = 64  # each way compiles the same functions once more
+    flush_denormals()
+    digits = bench_data(args.data_dir, torch.device("cpu"))
+    print(f"data: {digits.source}; {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    ways = {"train's": contextlib.nullcontext} | ways
+    for model in args.models.split(","):
+        if check and args.check:
+            check(model, digits.images, digits.labels, ways)
+        print_against(model, steps_in_turns(model, digits.images, digits.labels, ways, args.rounds, args.seconds))

@@ -37,9 +37,9 @@ def called(direct: bool):
 def one_graph(direct: bool):
     @contextlib.contextmanager
     def way():
-        def gradient_in_chunks(config):
-            micro_batch = speed_micro_batch(torch.device("cpu"), config.model)
-            return speed.micro_batched(speed_make_gradient(config), micro_batch)
+        def gradient_in_chunks(config, apply):
+            micro_batch = speed_micro_batch(torch.device("cpu"))
+            return speed.micro_batched(speed_make_gradient(config, apply), micro_batch)
 
         with (
             mock.patch.object(speed, "make_gradient", gradient_in_chunks),

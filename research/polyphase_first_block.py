@@ -10,6 +10,7 @@ The ways, each train's CPU step (tool/floor.cpu_steps) built and timed in turns 
     polyphase        polyphase.apply at the network's default micro-batch (lenet's 256)
     channels-first   polyphase.apply with the patches stored tap-major and the product (O, positions):
                      for lenet's 6 channels, the product's output runs along the positions
+    bias-in-product  polyphase.apply with the bias added by the product (addmm), not after it
     taps             the first convolution as k*k shifted slices of the image times a weight each, summed
                      (one elementwise kernel for inductor to fuse with the ReLU and the pool), the
                      layers otherwise as networks.py runs them
@@ -28,14 +29,12 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from first_block_backward import patched  # research/first_block_backward.py
-from in_turns import print_against, steps_in_turns, turns_parser  # research/in_turns.py
+from in_turns import compare, turns_parser  # research/in_turns.py
 
 from tinymnist.algorithm import networks
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.train import make_gradient
-from tinymnist.tool.bench import bench_data
 from tinymnist.transforms import polyphase, speed
-from tinymnist.transforms.denormals import flush_denormals
 from tinymnist.transforms.freed_memory import reuse_freed_memory
 
 
@@ -49,8 +48,21 @@ def channels_first_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     planes = weight.view(channels_out, -1) @ patches  # (O, 4*B*Y*X)
     planes = planes.view(channels_out, 4, batch, half, half) + bias.view(-1, 1, 1, 1, 1)  # (O, 4, B, Y, X)
     first = planes.argmax(dim=1, keepdim=True)  # (O, 1, B, Y, X)
-    kept = (torch.arange(4, device=x.device).view(1, 4, 1, 1, 1) == first) & (planes > 0)
+    kept = (torch.arange(4, device=x.device).view(1, 4, 1, 1, 1) == first) & ~(planes <= 0)
     return torch.where(kept, planes, 0).sum(dim=1).transpose(0, 1)  # (B, O, Y, X)
+
+
+def bias_in_product_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
+    """polyphase.polyphase_block with the bias added inside the matrix product (addmm)."""
+    batch, (channels_out, _, kernel, _) = x.shape[0], weight.shape
+    padded = F.pad(x, (padding,) * 4)[:, 0]  # (B, H+2p, W+2p)
+    half = (padded.shape[-1] - kernel + 1) // 2
+    windows = padded.unfold(1, kernel, 1).unfold(2, kernel, 1).reshape(batch, half, 2, half, 2, kernel * kernel)
+    patches = windows.permute(2, 4, 0, 1, 3, 5).reshape(-1, kernel * kernel)  # (4*B*Y*X, k*k)
+    planes = torch.addmm(bias, patches, weight.flatten(1).t()).view(4, batch, half, half, channels_out)
+    first = planes.argmax(dim=0, keepdim=True)  # (1, B, Y, X, O)
+    kept = (torch.arange(4, device=x.device).view(4, 1, 1, 1, 1) == first) & ~(planes <= 0)
+    return torch.where(kept, planes, 0).sum(dim=0).permute(0, 3, 1, 2)  # (B, O, Y, X)
 
 
 def taps_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
@@ -96,6 +108,7 @@ WAYS = {
     "polyphase-128": lambda: taken({"fast"}, 128),
     "polyphase": lambda: taken({"fast", "lenet"}),
     "channels-first": lambda: patched(taken({"fast", "lenet"}), block_templates(channels_first_block)),
+    "bias-in-product": lambda: patched(taken({"fast", "lenet"}), block_templates(bias_in_product_block)),
     "taps": lambda: patched(taken({"fast", "lenet"}), block_templates(taps_block)),
 }
 
@@ -124,16 +137,8 @@ def main() -> None:
     parser.add_argument("--ways", default="plain-64,plain-whole,polyphase-64,polyphase-128")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    torch._dynamo.config.recompile_limit = 64  # each way compiles the same functions once more
     reuse_freed_memory()  # as the command line does
-    flush_denormals()
-    digits = bench_data(args.data_dir, torch.device("cpu"))
-    print(f"data: {digits.source}; {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
-    ways = {"train's": contextlib.nullcontext} | {name: WAYS[name] for name in args.ways.split(",") if name}
-    for model in args.models.split(","):
-        if args.check:
-            check(model, digits.images, digits.labels, ways)
-        print_against(model, steps_in_turns(model, digits.images, digits.labels, ways, args.rounds, args.seconds))
+    compare(args, {name: WAYS[name] for name in args.ways.split(",") if name}, check)
 
 
 if __name__ == "__main__":

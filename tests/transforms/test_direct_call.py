@@ -198,7 +198,7 @@ def direct_calls(monkeypatch):
 @pytest.mark.parametrize("model", ["mlp", "mlp3", "cnn"])
 def test_several_steps_per_call_are_direct_calls_bit_for_bit_with_the_single_step(model, direct_calls):
     """train --steps-per-call runs the k-step graph for k steps and the single step for fewer, both
-    called directly (fast's and lenet's micro-batches refuse it). cnn's k steps a call draw the dropout
+    called directly (lenet's micro-batches refuse it). cnn's k steps a call draw the dropout
     masks of k single calls from the same seed: inductor draws each graph's seeds from torch's generator
     in turn."""
     _, state, images, labels, batch_idx, lr = recipe_step(model, steps=4)

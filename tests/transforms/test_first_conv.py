@@ -188,8 +188,8 @@ def test_the_measurement_runs_both_kernels_on_real_tensors(monkeypatch):
 
 
 def gradient_cases():
-    """fast's and cnn's gradients as `train` compiles them, and lenet's for 3 models under vmap (a grouped
-    first layer)."""
+    """fast's (through its layers, as before polyphase.py) and cnn's gradients as `train` compiles them, and
+    lenet's for 3 models under vmap (a grouped first layer)."""
     lenet = recipe_config("lenet", seeds=3)
     three = [networks.init_params("lenet", s) for s in range(3)]
     return {

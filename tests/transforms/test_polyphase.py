@@ -1,5 +1,7 @@
 """transforms/polyphase.py: the first block as one product gives the plain layers' values and gradients."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,10 +24,8 @@ def plain_block(x, weight, bias, padding):
 
 def values_and_gradients(block, x, weight, bias, padding, grad_out):
     """The block's output and the weight's and bias's gradients for the upstream gradient `grad_out`."""
-    weight, bias = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-    out = block(x, weight, bias, padding)
-    weight_grad, bias_grad = torch.autograd.grad(out, (weight, bias), grad_out)
-    return out.detach(), weight_grad, bias_grad
+    out, pullback = torch.func.vjp(lambda w, b: block(x, w, b, padding), weight, bias)
+    return out, *pullback(grad_out)
 
 
 @st.composite
@@ -71,14 +71,27 @@ def test_ties_send_the_gradient_where_max_pool_sends_it(case):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_a_nan_is_its_windows_maximum_as_in_max_pool():
+    """A NaN weight must show in the output (and so in the loss), not vanish behind ReLU's mask."""
+    x, weight, bias = torch.rand(2, 1, 6, 6), torch.randn(3, 1, 3, 3), torch.randn(3)
+    weight[1, 0, 1, 1] = float("nan")  # channel 1: NaN everywhere
+    x[0, 0, 0, 0] = float("nan")  # image 0: NaN in the first windows of every channel
+    got, expected = polyphase_block(x, weight, bias, 0), plain_block(x, weight, bias, 0)
+    assert got[:, 1].isnan().all() and got[0, :, 0, 0].isnan().all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_it_takes_the_networks_that_start_with_its_block():
     assert set(polyphase.TEMPLATES) == {"lenet", "fast"}  # cnn's conv1 feeds conv2; mlp's have none
     conv, relu, pool = networks.ARCHITECTURES["fast"][:3]
     assert polyphase.takes((conv, relu, pool))
+    assert polyphase.takes((conv, relu, shapes.MaxPool2d("pool", kernel=2, stride=2)))
     odd = shapes.Conv2d("conv1", 8, kernel=4)  # 28 -> 25: windows would not tile it
     assert not polyphase.takes((odd, relu, pool))
+    assert not polyphase.takes((shapes.Conv2d("conv1", 8, kernel=3, stride=2), relu, pool))
     assert not polyphase.takes((conv, pool, relu))
     assert not polyphase.takes((conv, relu, shapes.MaxPool2d("pool", kernel=3)))
+    assert not polyphase.takes((conv, relu, shapes.MaxPool2d("pool", kernel=2, stride=1)))
 
 
 @pytest.mark.parametrize("model", sorted(polyphase.TEMPLATES))
@@ -95,6 +108,23 @@ def test_a_network_through_it_is_the_tutorials_module(model):
     loss.backward()
     theirs = dict(zip(params, (p.grad for p in oracle.parameters()), strict=True))
     torch.testing.assert_close(ours, (theirs, loss.detach()), rtol=1e-5, atol=1e-6)
+
+
+@needs_cpp_compiler
+def test_compiled_ties_send_the_gradient_where_max_pool_sends_it():
+    """Inductor's kernels for the block at fast's shapes, on whole numbers (exact sums, many ties): the
+    values and gradients of F.max_pool2d's layers, eager, to the bit."""
+    compiled_block = torch.compile(functools.partial(values_and_gradients, polyphase_block), fullgraph=True)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 2, (4, 1, 28, 28), generator=g).float()  # ink or blank
+        weight, bias = (
+            torch.randint(-2, 3, (24, 1, 5, 5), generator=g).float(),
+            torch.randint(-2, 3, (24,), generator=g).float(),
+        )
+        grad_out = torch.randint(-2, 3, (4, 24, 12, 12), generator=g).float()
+        expected = values_and_gradients(plain_block, x, weight, bias, 0, grad_out)
+        torch.testing.assert_close(compiled_block(x, weight, bias, 0, grad_out), expected, rtol=0, atol=0)
 
 
 @needs_cpp_compiler

@@ -3,8 +3,9 @@
 import torch
 
 from tinymnist.algorithm import networks
-from tinymnist.algorithm.config import recipe_config
-from tinymnist.transforms import polyphase, speed
+from tinymnist.algorithm.config import make_optimizer, recipe_config
+from tinymnist.algorithm.train import make_gradient
+from tinymnist.transforms import polyphase, speed, vmap
 from tinymnist.transforms.speed import CPU_MICRO_BATCH, default_micro_batch
 
 CPU = torch.device("cpu")
@@ -26,3 +27,30 @@ def test_the_compiled_cpu_step_runs_the_first_block_as_one_product_where_measure
         assert speed.network_apply(config, CPU, compile=False) is networks.apply  # eager: the layers
         assert speed.network_apply(config, torch.device("cuda"), compile=True) is networks.apply
     assert "fast" in speed.CPU_POLYPHASE and "lenet" not in speed.CPU_POLYPHASE  # lenet's measured slower
+
+
+def test_every_cpu_step_train_builds_for_fast_runs_the_product_compiled_and_the_layers_eager(monkeypatch):
+    """One run, N = 1 of the N-model step, N models side by side (or one by one) and data parallelism:
+    each builds its gradient with the forward network_apply chose (nothing compiles here)."""
+    applies = []
+
+    def spy(config, apply=networks.apply):
+        applies.append(apply)
+        return make_gradient(config, apply)
+
+    monkeypatch.setattr(speed, "make_gradient", spy)
+    monkeypatch.setattr(vmap, "make_gradient", spy)
+    monkeypatch.setattr(speed, "called_directly", lambda fn, options: fn)
+    monkeypatch.setattr(speed.torch, "compile", lambda fn, **kwargs: fn)
+    for compile, expected in [(True, polyphase.apply), (False, networks.apply)]:
+        for seeds, stacked, data_parallel in [
+            (1, False, None),
+            (1, True, None),
+            (2, None, None),
+            (3, None, None),
+            (1, False, lambda g: g),
+        ]:
+            applies.clear()
+            config = recipe_config("fast", compile=compile, seeds=seeds)
+            speed.device_step(config, make_optimizer(config), CPU, data_parallel, stacked=stacked)
+            assert applies and all(apply is expected for apply in applies), (compile, seeds, stacked)

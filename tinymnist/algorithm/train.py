@@ -61,7 +61,7 @@ def training_loss(config: TrainConfig) -> Callable[..., torch.Tensor]:
     return loss_function(config.model)
 
 
-def make_gradient(config: TrainConfig, apply=networks.apply) -> Gradient:
+def make_gradient(config: TrainConfig, apply: Callable[..., torch.Tensor] = networks.apply) -> Gradient:
     """`gradient(params, images, labels, batch_idx) -> (grads, loss)` of the batch's mean loss.
     `apply`: the network's forward (a transform may pass one that computes the same otherwise)."""
     model, recipe, loss_fn = config.model, config.recipe, training_loss(config)

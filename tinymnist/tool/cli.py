@@ -144,7 +144,7 @@ def train(
     ),
     micro_batch: int | None = unset(
         "Compute each step's gradient in chunks of this many images; 0: the whole batch at once.",
-        "256 on the CPU (64 for fast), else 0",
+        "256 on the CPU, else 0",
     ),
     cuda_graphs: bool = typer.Option(
         True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay each step as one CUDA graph."
@@ -157,7 +157,7 @@ def train(
     ),
     threads: int | None = unset(
         "CPU threads, fixed: the same numbers to the last bit whatever else the machine runs "
-        "(compiled cnn, lenet, fast: pin TINYMNIST_FIRST_CONV too, docs/usage.md).",
+        "(compiled cnn, lenet: pin TINYMNIST_FIRST_CONV too, docs/usage.md).",
         "all cores, fewer while another program takes one",
     ),
     data_dir: Path | None = DataDir,

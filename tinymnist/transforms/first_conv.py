@@ -12,8 +12,9 @@ batch as the channels:
 which took 8.8 ms there (`python research/first_conv.py --profile fast`). `rewrite` makes that
 change in the graph inductor compiles, after autograd has written the backward, so the networks and
 the pure step keep their plain F.conv2d; speed.compiled hands the pass to each compile it makes.
-There the compiled CPU steps took 0.77-0.78x the time for fast, 0.91-0.92x for lenet, 0.91-0.97x for
-cnn. On a 2-core Intel Xeon oneDNN's own backward was the faster kernel, and the rewrite made the
+There the compiled CPU steps took 0.77-0.78x the time for fast (whose first block is one product
+since, polyphase.py, with no convolution to rewrite), 0.91-0.92x for lenet, 0.91-0.97x for cnn. On
+a 2-core Intel Xeon oneDNN's own backward was the faster kernel, and the rewrite made the
 steps 1.27x (fast), 1.38x (lenet) and 1.07x (cnn) slower (research/first_conv.py, BENCHMARKS.md).
 
 So the choice is measured (`as_forward_is_faster`): for each convolution the pass could rewrite, both

@@ -14,12 +14,13 @@ plain layers, the same block's backward is a scalar loop over the full-resolutio
 value at (y, x) reads its window's at (y // 2, x // 2)) and a convolution's weight gradient
 (first_conv.py). Bias and ReLU commute with the maximum, and a window's first maximum is the one
 F.max_pool2d picks, so the values and the gradients are the plain layers', to float rounding (the
-products add in another order): tests/transforms/test_polyphase.py checks them, ties included.
+products add in another order): tests/transforms/test_polyphase.py checks them, ties and NaN included.
 
-It pays where a patch (k*k values) and the output channels are of one size: with it, fast's compiled
-CPU step (25 values, 24 channels) took 0.79x and 0.82x the time of its step before (the layers, in
-micro-batches of 64), its 256 images in one piece; lenet's (25 values, 6 channels: the patches hold
-4x its output) 1.45-1.47x (2-core AMD EPYC, research/polyphase_first_block.py, BENCHMARKS.md). So
+It pays where a patch (k*k values) and the output channels are of one size. On a 2-core AMD EPYC,
+fast's compiled CPU step (25 values, 24 channels) took 0.92-0.98x the time of the same step through
+the layers (medians of three runs, each within its rounds' spread), both on its 256 images in one
+piece, and 1.42x and 1.38x its floor against 1.52x; lenet's (25 values, 6 channels: the patches
+hold 4x its output) took 1.45-1.47x (research/polyphase_first_block.py, BENCHMARKS.md). So
 speed.py takes it for fast alone.
 """
 
@@ -36,21 +37,22 @@ PHASES = 4  # a 2x2 window's positions, row-major as F.max_pool2d scans them: (0
 
 
 def polyphase_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
-    """F.max_pool2d(F.relu(F.conv2d(x, weight, bias, padding=padding)), 2) for x (B, 1, H, W), weight
-    (O, 1, k, k), stride 1 and an even output side S: -> (B, O, S/2, S/2), with channels-last strides."""
+    """F.max_pool2d(F.relu(F.conv2d(x, weight, bias, padding=padding)), 2) for a square image x (B, 1, H, H),
+    weight (O, 1, k, k), stride 1 and an even output side S (what `takes` checks of a network): -> (B, O,
+    S/2, S/2), with channels-last strides. A window's NaN is its maximum, as in F.max_pool2d."""
     batch, (channels_out, _, kernel, _) = x.shape[0], weight.shape
     padded = F.pad(x, (padding,) * 4)[:, 0]  # (B, H+2p, W+2p)
     half = (padded.shape[-1] - kernel + 1) // 2  # the pooled side, S/2
     windows = padded.unfold(1, kernel, 1).unfold(2, kernel, 1)  # (B, S, S, k, k): every patch, a view
     windows = windows.reshape(batch, half, 2, half, 2, kernel * kernel)  # (B, Y, dy, X, dx, k*k)
     patches = windows.permute(2, 4, 0, 1, 3, 5).reshape(-1, kernel * kernel)  # (4*B*Y*X, k*k), phase-major
-    planes = patches @ weight.view(channels_out, -1).t()  # (4*B*Y*X, O)
-    # The bias added here, where inductor fuses it into the pool's kernel: inside the product (addmm), that
-    # kernel took 20 ms of fast's step, not 1.5 ms (a profile, 2-core AMD EPYC)
+    planes = patches @ weight.flatten(1).t()  # (4*B*Y*X, O)
+    # The bias added here, where inductor fuses it into the pool's kernel: added inside the product (addmm),
+    # the step took 1.5x the time (research/polyphase_first_block.py's bias-in-product)
     planes = planes.view(PHASES, batch, half, half, channels_out) + bias  # (4, B, Y, X, O)
     first = planes.argmax(dim=0, keepdim=True)  # (1, B, Y, X, O): the window's first maximum
     phase = torch.arange(PHASES, device=x.device).view(PHASES, 1, 1, 1, 1)
-    kept = (phase == first) & (planes > 0)  # (4, B, Y, X, O): the pool's pick, then ReLU's mask
+    kept = (phase == first) & ~(planes <= 0)  # (4, B, Y, X, O): the pool's pick, then ReLU's mask (NaN kept)
     # a sum with one term at most: its gradient goes to the kept value alone
     return torch.where(kept, planes, 0).sum(dim=0).permute(0, 3, 1, 2)  # (B, O, Y, X)
 

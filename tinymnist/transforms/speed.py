@@ -36,18 +36,18 @@ from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 
 # Micro-batches on the CPU, so that a chunk's activations stay in cache: lenet's 8192-image step ran
 # ~2x faster in chunks of 256 (tinymnist bench; cnn and lenet gained nothing from smaller chunks).
-# fast's 256-image step ran 0.71x the time in chunks of 64 (research/micro_batch.py), until its first block
-# became one product: then its whole batch was the fastest (research/polyphase_first_block.py).
-# BENCHMARKS.md has each.
+# fast's 256-image step ran 0.71x the time in chunks of 64 on 2026-12-05 (research/micro_batch.py); in one
+# piece it has been the faster since, most likely because of freed_memory.py (0.78-0.87x the time of chunks
+# of 64 through the layers, 0.86x through polyphase.py; research/polyphase_first_block.py, BENCHMARKS.md).
 CPU_MICRO_BATCH = 256
 # The compiled CPU step's first block as one product (polyphase.py) where measured faster: fast's step
-# 0.79x and 0.82x the time, lenet's 1.45-1.47x (research/polyphase_first_block.py).
+# 0.92-0.98x the time through the layers, lenet's 1.45-1.47x (research/polyphase_first_block.py).
 CPU_POLYPHASE = {"fast"}
 # Compiled graphs called directly on the CPU, without dynamo's entry on each call: mlp3's step 0.78x the
-# time, mlp's 0.86x, in every round (research/direct_call.py). fast and lenet call a compiled gradient per
-# micro-batch (4 and 32 a step): 0.955x and 0.966x, 0.977x and 0.956x, medians of 40 paired rounds in two
-# runs, a few percent at most, as single rounds swing by 15% (research/one_graph_micro.py); cnn's one call a
-# step 0.975x and 1.006x, noise. All are called directly: the same kernels, bit for bit (tested), less work.
+# time, mlp's 0.86x, in every round (research/direct_call.py). lenet calls a compiled gradient per micro-batch
+# (32 a step, and fast 4 before polyphase.py): 0.977x and 0.956x (fast 0.955x and 0.966x), medians of 40 paired
+# rounds in two runs, a few percent at most, as single rounds swing by 15% (research/one_graph_micro.py); cnn's
+# one call a step 0.975x and 1.006x, noise. All are called directly: the same kernels, bit for bit (tested).
 CPU_DIRECT_CALL = set(MODEL_NAMES)
 
 
@@ -65,8 +65,8 @@ def compiled(fn, direct: bool = False, cpp_wrapper: bool = False):
 
 def compile_options() -> dict:
     """inductor's options for every compile, each changing CPU graphs only: first_conv.py's rewrite of a
-    first convolution's weight gradient where it measures faster (on an AMD EPYC fast's compiled step took
-    0.77x the time with it, on an Intel Xeon 1.27x, so it is measured on the machine that compiles), and
+    first convolution's weight gradient where it measures faster (on an AMD EPYC lenet's compiled step took
+    0.91x the time with it, on an Intel Xeon 1.38x, so it is measured on the machine that compiles), and
     dropout_mask.py's masks drawn by a compiled kernel (cnn's step 0.91-0.93x the time)."""
     return {
         "post_grad_custom_post_pass": first_conv.chosen_pass(),
@@ -107,7 +107,8 @@ def device_step(
     or config.threads keeps a CPU step on the threads it finds."""
     device = torch.device(device)  # "cpu" too
     compile = use_compile(config, device)
-    gradient, update, sharers = make_gradient(config, network_apply(config, device, compile)), optimizer.update, 1
+    apply = network_apply(config, device, compile)
+    gradient, update, sharers = make_gradient(config, apply), optimizer.update, 1
     stacked = config.n_models > 1 if stacked is None else stacked
     rule = chosen_rule(device, config.model) if stacked else None
     models_apart = rule in (ONE_BY_ONE, SIDE_BY_SIDE)  # one model's gradient, called per model
@@ -121,7 +122,7 @@ def device_step(
     if stacked:
         update = n_models_update(update, config.n_models)
     if stacked and not models_apart:
-        gradient, sharers = n_models_gradient(config, device), chunk_sharers(config)  # sharers: of one micro-batch
+        gradient, sharers = n_models_gradient(config, device, apply), chunk_sharers(config)  # sharers: of one chunk
     # Side by side needs the compiled graph without the GIL, and whole rounds of a model per thread:
     # fast, 3 models on 2 threads, ran 0.85x the speed of one at a time (BENCHMARKS.md).
     threads = torch.get_num_threads()
@@ -159,9 +160,9 @@ def device_step(
     return step
 
 
-def network_apply(config: TrainConfig, device: torch.device, compile: bool):
+def network_apply(config: TrainConfig, device: torch.device, compile: bool) -> Callable[..., torch.Tensor]:
     """The network's forward for the step: polyphase.apply where CPU_POLYPHASE takes it, compiled on the
-    CPU (eager, its pieces run one by one and gain nothing), else networks.apply."""
+    CPU, where it was measured; else networks.apply."""
     if compile and device.type == "cpu" and config.model in CPU_POLYPHASE:
         return polyphase.apply
     return networks.apply

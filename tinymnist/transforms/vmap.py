@@ -15,6 +15,7 @@ runs the models apart, one model's run is its single step on its slices (`on_mod
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +40,16 @@ def vmapped(gradient: Gradient) -> Gradient:
     return torch.func.vmap(gradient, in_dims=(0, None, None, 0), randomness="different")
 
 
-def n_models_gradient(config: TrainConfig, device: torch.device) -> Gradient:
-    """train.py's gradient over N stacked models by the route wide_conv.CHOSEN measured fastest on `device`.
+def n_models_gradient(
+    config: TrainConfig, device: torch.device, apply: Callable[..., torch.Tensor] = networks.apply
+) -> Gradient:
+    """train.py's gradient over N stacked models by the route wide_conv.CHOSEN measured fastest on `device`;
+    `apply`: one model's forward (speed.network_apply's), but for wide_conv's rules, which write their own.
 
     One model runs unmapped, the ops of a single run (vmap of one model took 1.11x the single step's
     time for lenet and fast; research/wide_conv.py, results/bench/cpu-seeds/). The run's N decides, not
     the rows given, so a torchrun share of a sweep matches the one-process sweep to the bit."""
-    one = make_gradient(config)
+    one = make_gradient(config, apply)
     if config.n_models == 1:
         return functools.partial(unmapped, one)
     rule = chosen_rule(device, config.model)
