@@ -11,6 +11,7 @@ The ways, each train's CPU step (tool/floor.cpu_steps) built and timed in turns 
     channels-first   polyphase.apply with the patches stored tap-major and the product (O, positions):
                      for lenet's 6 channels, the product's output runs along the positions
     bias-in-product  polyphase.apply with the bias added by the product (addmm), not after it
+    relu-after       polyphase.apply with the pool's pick as cpu_pool.first_max_pool2d makes it, ReLU after it
     taps             the first convolution as k*k shifted slices of the image times a weight each, summed
                      (one elementwise kernel for inductor to fuse with the ReLU and the pool), the
                      layers otherwise as networks.py runs them
@@ -65,6 +66,19 @@ def bias_in_product_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return torch.where(kept, planes, 0).sum(dim=0).permute(0, 3, 1, 2)  # (B, O, Y, X)
 
 
+def relu_after_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
+    """polyphase.polyphase_block with ReLU applied after the pool's pick, not as a mask inside it."""
+    batch, (channels_out, _, kernel, _) = x.shape[0], weight.shape
+    padded = F.pad(x, (padding,) * 4)[:, 0]  # (B, H+2p, W+2p)
+    half = (padded.shape[-1] - kernel + 1) // 2
+    windows = padded.unfold(1, kernel, 1).unfold(2, kernel, 1).reshape(batch, half, 2, half, 2, kernel * kernel)
+    patches = windows.permute(2, 4, 0, 1, 3, 5).reshape(-1, kernel * kernel)  # (4*B*Y*X, k*k)
+    planes = (patches @ weight.flatten(1).t()).view(4, batch, half, half, channels_out) + bias  # (4, B, Y, X, O)
+    first = planes.argmax(dim=0, keepdim=True)  # (1, B, Y, X, O)
+    picked = torch.arange(4, device=x.device).view(4, 1, 1, 1, 1) == first
+    return F.relu(torch.where(picked, planes, 0).sum(dim=0)).permute(0, 3, 1, 2)  # (B, O, Y, X)
+
+
 def taps_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
     """The first convolution as k*k shifted slices summed, then ReLU and cpu_pool's max-pool as networks.py has them."""
     channels_out, _, kernel, _ = weight.shape  # (O, 1, k, k)
@@ -78,20 +92,9 @@ def taps_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, paddin
 
 
 def block_templates(block) -> contextlib.AbstractContextManager:
-    """polyphase.TEMPLATES whose first block is `block` (dynamo guards on the template polyphase.apply looks up)."""
-
-    class Network(polyphase.PolyphaseNetwork):
-        def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
-            conv = self.layers[0]
-            module = getattr(self, conv.name)
-            x = block(x, module.weight, module.bias, conv.padding)
-            for layer in self.layers[3:]:
-                x = self.layer_forward(layer, x, train)
-            return x
-
-    return mock.patch.dict(
-        polyphase.TEMPLATES, {name: Network(networks.ARCHITECTURES[name]) for name in polyphase.TEMPLATES}
-    )
+    """polyphase.py's network with `block` in polyphase_block's place (a module global, which dynamo guards on
+    and direct_call traces anew for each step built)."""
+    return mock.patch.object(polyphase, "polyphase_block", block)
 
 
 def taken(models: set[str], chunk: int | None = None) -> contextlib.AbstractContextManager:
@@ -109,6 +112,7 @@ WAYS = {
     "polyphase": lambda: taken({"fast", "lenet"}),
     "channels-first": lambda: patched(taken({"fast", "lenet"}), block_templates(channels_first_block)),
     "bias-in-product": lambda: patched(taken({"fast", "lenet"}), block_templates(bias_in_product_block)),
+    "relu-after": lambda: patched(taken({"fast", "lenet"}), block_templates(relu_after_block)),
     "taps": lambda: patched(taken({"fast", "lenet"}), block_templates(taps_block)),
 }
 

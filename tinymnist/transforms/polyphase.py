@@ -48,8 +48,10 @@ def polyphase_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p
     patches = windows.permute(2, 4, 0, 1, 3, 5).reshape(-1, kernel * kernel)  # (4*B*Y*X, k*k), phase-major
     planes = patches @ weight.flatten(1).t()  # (4*B*Y*X, O)
     # The bias added here, where inductor fuses it into the pool's kernel: added inside the product (addmm),
-    # the step took 1.5x the time (research/polyphase_first_block.py's bias-in-product)
+    # the step took 1.5-1.8x the time (research/polyphase_first_block.py's bias-in-product)
     planes = planes.view(PHASES, batch, half, half, channels_out) + bias  # (4, B, Y, X, O)
+    # The first maximum as cpu_pool.first_max_pool2d picks it, with ReLU's mask in the pick: ReLU applied
+    # after the pick, the step took 1.2-1.3x the time (research/polyphase_first_block.py's relu-after)
     first = planes.argmax(dim=0, keepdim=True)  # (1, B, Y, X, O): the window's first maximum
     phase = torch.arange(PHASES, device=x.device).view(PHASES, 1, 1, 1, 1)
     kept = (phase == first) & ~(planes <= 0)  # (4, B, Y, X, O): the pool's pick, then ReLU's mask (NaN kept)
