@@ -119,6 +119,31 @@ def test_fit_logs_at_the_interval_and_evaluates_every_epoch():
     assert [s.epoch for s in ended] == [1, 2] and ended[-1] is result.state
 
 
+def test_fit_leaves_a_steps_untimed_seconds_off_the_training_clock(monkeypatch):
+    """A step that compiles again mid-run (AdaptiveThreads at a new thread count) says how long that
+    took in untimed_seconds(): the training time leaves it out, as it leaves out the first step."""
+    from tinymnist.algorithm import train
+
+    data = random_mnist(100, 50)
+    config = recipe_config("mlp", batch_size=16, epochs=2, compile=False)  # 7 steps an epoch
+    optimizer = optimizer_of(config)
+    plain, clock = plain_step(config, optimizer), {"now": 0.0, "calls": 0, "untimed": 0.0}
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock["now"])
+
+    def step(*args):
+        clock["calls"] += 1
+        extra = 5.0 if clock["calls"] == 4 else 0.0  # the fourth call compiles for 5 s
+        clock["now"] += 1.0 + extra
+        clock["untimed"] += extra
+        return plain(*args)
+
+    step.untimed_seconds = lambda: clock["untimed"]
+    result = fit_run(config, data, initial_state(config, optimizer, CPU), step, Silent())
+    assert clock["calls"] == 14
+    assert result.train_seconds == 13.0  # the 13 steps after the first, 1 s each
+    assert result.untimed_seconds == 5.0
+
+
 @needs_cpp_compiler
 def test_compiled_step_never_recompiles_and_agrees_with_eager():
     """mlp3's batch of 15 makes every other batch row a misaligned view, and the lr changes

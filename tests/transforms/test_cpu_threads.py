@@ -160,6 +160,8 @@ def test_the_first_call_at_a_new_thread_count_compiles_again_and_is_not_held_aga
     run(adaptive, 1000)
     first = machine.ran.index(1)
     assert set(machine.ran[first : first + 50]) == {1}  # the first probe won, its compile aside
+    # that compile is the loop's to leave off the training clock (the first call's, on 2 threads, too)
+    assert adaptive.untimed_seconds() == pytest.approx(2.0 + BUSY[1][0])
 
 
 def test_one_thread_has_nothing_to_choose():

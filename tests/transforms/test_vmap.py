@@ -278,3 +278,15 @@ def test_n_models_stop_when_every_model_has_reached_the_target():
     assert [r["epoch"] for r in result.reached] == first
     assert result.records[-1]["epoch"] == max(first)
     assert all("images_total" in r for r in result.records if not r.get("ensemble"))
+
+
+def test_one_model_on_the_model_axis_keeps_its_steps_untimed_seconds():
+    """train.Clock reads untimed_seconds() (AdaptiveThreads' mid-run compiles) through the N = 1 wrapper."""
+    from tinymnist.transforms.vmap import on_model_axis
+
+    def step(params, opt_state, images, labels, batch_idx, lr):
+        return params, opt_state, torch.tensor(0.0)
+
+    assert not hasattr(on_model_axis(step), "untimed_seconds")
+    step.untimed_seconds = lambda: 2.5
+    assert on_model_axis(step).untimed_seconds() == 2.5

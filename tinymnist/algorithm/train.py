@@ -351,6 +351,7 @@ class FitResult:
     state: TrainState  # after the last completed epoch
     records: list[dict] = field(default_factory=list)  # one per model and evaluation, as --metrics writes them
     first_step_seconds: float = 0.0  # the first step compiles (when compiled): timed apart
+    untimed_seconds: float = 0.0  # later calls that compiled again (a new thread count): timed apart
     train_seconds: float = 0.0
     images: int = 0  # images trained on in train_seconds, by all the models together
     steps: int = 0  # optimizer steps of this run, the first one included
@@ -371,20 +372,25 @@ def synchronize(device: torch.device) -> None:
 
 class Clock:
     """Seconds of training, stopped around the first (compiling) step and evaluations; the device
-    is synchronized at each reading, so queued work counts."""
+    is synchronized at each reading, so queued work counts. `untimed`: a running total of seconds
+    spent inside the step on work that is not training (a transform compiling again mid-run,
+    cpu_threads.py), left out of each lap."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.seconds, self.since = device, 0.0, 0.0
+    def __init__(self, device: torch.device, untimed: Callable[[], float] = lambda: 0.0):
+        self.device, self.untimed, self.seconds, self.since = device, untimed, 0.0, (0.0, 0.0)
+        self.untimed_seconds = 0.0  # the laps' untimed seconds, counted laps only
 
     def start(self) -> None:
         synchronize(self.device)
-        self.since = time.perf_counter()
+        self.since = (time.perf_counter(), self.untimed())
 
     def stop(self, count: bool = True) -> float:
-        """The seconds since start; added to the total unless `count` is False."""
+        """The seconds since start, less the untimed ones; added to the total unless `count` is False."""
         synchronize(self.device)
-        lap = time.perf_counter() - self.since
-        self.seconds += lap if count else 0.0
+        untimed = self.untimed() - self.since[1]
+        lap = time.perf_counter() - self.since[0] - untimed
+        if count:
+            self.seconds, self.untimed_seconds = self.seconds + lap, self.untimed_seconds + untimed
         return lap
 
 
@@ -409,7 +415,7 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
     stacked = config.n_models > 1  # the state has a leading model axis
     steps = math.ceil(n_train / config.batch_size)  # per epoch: epoch_batches tops up the last batch
     shuffles = restore_rng(state.rng, device)
-    result, clock = FitResult(state), Clock(device)
+    result, clock = FitResult(state), Clock(device, getattr(step, "untimed_seconds", lambda: 0.0))
     params, opt_state = state.params, state.opt_state
     if state.epoch == 0 and not config.dry_run:  # the untrained network, as the tutorials show
         untrained = Progress(0, [None] * n_models, [m.lr for m in training.models], 0.0, 0)
@@ -468,7 +474,7 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
         if reached:
             break
         clock.start()
-    result.train_seconds = clock.seconds
+    result.train_seconds, result.untimed_seconds = clock.seconds, clock.untimed_seconds
     result.images = max(result.steps - untimed, 0) * config.batch_size * n_models
     return result
 

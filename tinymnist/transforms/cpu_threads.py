@@ -7,8 +7,9 @@ both (research/wait_policy.py, BENCHMARKS.md "A busy core"). A taken core shows 
 CPU time (2 threads: 1.89-2.01 CPU s/s quiet, 1.07-1.50 with one taken; research/cpu_busy_signal.py),
 which starts a probe of fewer threads; the faster stays. A quiet run never leaves n threads, so its
 numbers are a fixed-thread run's to the bit (`--threads N` fixes them under any load). Each new count
-compiles once, untimed (inductor's cpp.dynamic_threads would spare that, but gave a compiled mlp3
-step a wrong loss). The count is torch's, process-wide.
+compiles once (inductor's cpp.dynamic_threads would spare that, but gave a compiled mlp3 step a wrong
+loss): that call is left out of the probe's timing, and its seconds are kept in `untimed_seconds()`,
+which train.fit takes off the training clock. The count is torch's, process-wide.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class AdaptiveThreads:
         self.periods, self.wait = 0, 0  # the incumbent's periods since the last probe, and before the next
         self.calls, self.steps, self.seconds = 0, 0, 0.0  # this period's steps and their wall time
         self.counts_run = {self.incumbent}  # thread counts the step has been called with (and compiled for)
+        self.compile_seconds = 0.0  # the wall time of the first calls at a new count: compiling, not training
         self.period_start = (0.0, 0.0)  # both clocks when the period's first step started
 
     @property
@@ -64,8 +66,16 @@ class AdaptiveThreads:
         if self.steps == 0:
             self.period_start = (started, self.cpu_clock())
         result = self.step(*args)
-        self.record(self.clock() - started, self.threads)
+        seconds = self.clock() - started
+        if self.threads not in self.counts_run:
+            self.compile_seconds += seconds
+        self.record(seconds, self.threads)
         return result
+
+    def untimed_seconds(self) -> float:
+        """The seconds of the calls so far that compiled for a new thread count (train.Clock leaves
+        them out of the training time; the first call, at all threads, is the loop's to leave out)."""
+        return self.compile_seconds
 
     def record(self, seconds: float, threads: int) -> None:
         """One call's wall time: ends the period when it is long enough, or a probe that lags."""

@@ -75,6 +75,8 @@ def on_model_axis(step: Step) -> Step:
         return with_model_axis(params), with_model_axis(opt_state), loss[None]
 
     stacked_step.returns_buffers = getattr(step, "returns_buffers", False)  # a CUDA graph's (train.completed)
+    if hasattr(step, "untimed_seconds"):  # AdaptiveThreads' compiles at a new thread count (train.Clock)
+        stacked_step.untimed_seconds = step.untimed_seconds
     return stacked_step
 
 
