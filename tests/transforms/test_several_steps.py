@@ -177,7 +177,7 @@ def test_steps_per_call_is_for_one_models_step_compiled_whole_on_the_cpu():
     assert steps_per_call(dataclasses.replace(mlp3, compile=False), CPU) == 1
     assert steps_per_call(dataclasses.replace(mlp3, seeds=2), CPU) == 1  # N models: one call is N steps already
     assert steps_per_call(mlp3, CPU, one_process=False) == 1  # torchrun: the all-reduce stays per step
-    assert steps_per_call(dataclasses.replace(mlp3, batch_size=512), CPU) == 1  # micro-batches: compiled in pieces
+    assert steps_per_call(dataclasses.replace(mlp3, micro_batch=5), CPU) == 1  # micro-batches: compiled in pieces
     assert steps_per_call(mlp3, torch.device("cuda")) == 1  # CUDA graphs replay a step with one launch
     assert steps_per_call(dataclasses.replace(mlp3, dry_run=True), CPU) == 1  # one step: no k-step graph
 
@@ -213,7 +213,7 @@ def test_train_with_steps_per_call_ends_where_train_without_does(tiny_split, tmp
         (("--steps-per-call", 4, "--no-compile"), "--compile"),
         pytest.param(("--steps-per-call", 4, "--compile", "--seeds", 2), "a single model", marks=needs_cpp_compiler),
         pytest.param(
-            ("--steps-per-call", 4, "--compile", "--batch-size", 512), "--micro-batch 0", marks=needs_cpp_compiler
+            ("--steps-per-call", 4, "--compile", "--micro-batch", 5), "--micro-batch 0", marks=needs_cpp_compiler
         ),
         # where a call ends before k steps, every time: k would be compiled and never run
         pytest.param(("--steps-per-call", 20, "--compile"), "--log-interval 10 ends it", marks=needs_cpp_compiler),

@@ -144,7 +144,7 @@ def train(
     ),
     micro_batch: int | None = unset(
         "Compute each step's gradient in chunks of this many images; 0: the whole batch at once.",
-        "256 on the CPU, else 0",
+        "0",
     ),
     cuda_graphs: bool = typer.Option(
         True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay each step as one CUDA graph."

@@ -1,13 +1,13 @@
 """`tinymnist bench --floor`: how far each recipe's CPU step is from the work it cannot skip.
 
-The step is the one `train` runs on the CPU (compiled, in micro-batches where it splits
-the batch) on fixed threads, at the recipe's batch size; also K steps per call where it can.
+The step is the one `train` runs on the CPU (compiled, its batch in one piece) on fixed
+threads, at the recipe's batch size; also K steps per call where it can.
 The floor, timed with torch's own kernels on random tensors of the step's shapes, is:
 - every conv and linear layer's products: forward, weight gradient (for a one-channel conv, by
   oneDNN's backward or as a forward convolution, transforms/first_conv.py, the faster in each round)
   and (but for the first layer, whose input needs no gradient) input gradient, at the whole batch or
-  in the step's micro-batches, whichever is faster. Elementwise work (biases, ReLU, pooling, the
-  loss) is left out: a perfect step would fold it into the products.
+  in micro-batches of speed.CPU_MICRO_BATCH, whichever is faster. Elementwise work (biases, ReLU,
+  pooling, the loss) is left out: a perfect step would fold it into the products.
 - the optimizer's memory traffic: parameters, gradients and optimizer state read, parameters
   and state written, timed as torch.add over arrays of the parameter count and scaled.
 
@@ -165,7 +165,7 @@ class Timed:
 def floor_parts(model: str, batch: int, micro_batch: int) -> dict[str, dict[str, Timed]]:
     """The floor's measurements by way of batching ("whole", "micro"), plus "optimizer"."""
     ways = {"whole": {batch: 1}}
-    if 0 < micro_batch < batch:  # the step's chunks: torch.split's sizes, counted
+    if 0 < micro_batch < batch:  # torch.split's chunk sizes, counted
         ways["micro"] = collections.Counter(len(c) for c in torch.arange(batch).split(micro_batch))
     parts = {
         way: {
@@ -243,9 +243,10 @@ def window_seconds(events) -> float:
 
 def measure(model: str, images, labels, rounds: int, log: Callable[[str], None]) -> dict:
     """Rounds of (a window of steps, each floor measurement); medians, and step/floor per round."""
-    batch, micro_batch = recipe_config(model).batch_size, speed.default_micro_batch(CPU)
+    batch, micro_batch = recipe_config(model).batch_size, speed.CPU_MICRO_BATCH  # the floor's other way
     several = dataclasses.replace(recipe_config(model, compile=True), steps_per_call=STEPS_PER_CALL)
-    refused = speed.several_steps_refused(several, CPU)
+    batches = math.ceil(len(images) / batch)  # an epoch's
+    refused = speed.several_steps_refused(several, CPU) or speed.several_steps_cut_short(several, batches)
     log(f"{model}: compiling the step" + ("" if refused else f" and {STEPS_PER_CALL} steps per call"))
     loops = {"step": cpu_steps(model, images, labels)}
     if not refused:

@@ -34,11 +34,13 @@ from tinymnist.transforms.side_by_side import models_on_cores
 from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models_update, on_model_axis, one_by_one
 from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 
-# Micro-batches on the CPU, so that a chunk's activations stay in cache: lenet's 8192-image step ran
-# ~2x faster in chunks of 256 (tinymnist bench; cnn and lenet gained nothing from smaller chunks).
-# fast's 256-image step ran 0.71x the time in chunks of 64 on 2026-12-05 (research/micro_batch.py); in one
-# piece it has been the faster since, most likely because of freed_memory.py (0.78-0.87x the time of chunks
-# of 64 through the layers, 0.86x through polyphase.py; research/polyphase_first_block.py, BENCHMARKS.md).
+# One model's step takes its batch in one piece: on 2 cores of an AMD EPYC, lenet's 8192 images took 0.81x
+# the time of chunks of 256 compiled and 0.89x eager, fast's 256 images 0.78-0.87x the time of chunks of 64
+# (2026-12-07, research/micro_batch.py and polyphase_first_block.py). Chunks of 256 were ~2x faster for lenet
+# when first measured, before freed_memory.py and the CPU max-pool; fast's of 64 0.71x on 2026-12-05.
+# N convolutional models that share one chunk (vmap.chunk_sharers) still split CPU_MICRO_BATCH images
+# between them, so that N models' activations stay in cache: fast's 8 models in chunks of 32 each ran
+# 1.10x the time of 8 single runs, in chunks of 256 each 1.51x (research/wide_conv.py).
 CPU_MICRO_BATCH = 256
 # The compiled CPU step's first block as one product (polyphase.py) where measured faster: fast's step
 # 0.92-0.98x the time through the layers, lenet's 1.45-1.47x (research/polyphase_first_block.py).
@@ -221,9 +223,9 @@ def use_compile(config: TrainConfig, device: torch.device) -> bool:
 
 
 def default_micro_batch(device: torch.device, sharers: int = 1) -> int:
-    """Images per model and chunk: 0 (whole batch) off the CPU; on it, CPU_MICRO_BATCH split between
-    the `sharers` models that share a chunk (vmap.chunk_sharers)."""
-    return max(1, CPU_MICRO_BATCH // sharers) if device.type == "cpu" else 0
+    """Images per model and chunk, 0 for the whole batch: one model's step takes it whole; on the CPU,
+    `sharers` > 1 models that share a chunk (vmap.chunk_sharers) split CPU_MICRO_BATCH between them."""
+    return max(1, CPU_MICRO_BATCH // sharers) if device.type == "cpu" and sharers > 1 else 0
 
 
 def use_tf32_matmuls(device: torch.device) -> None:
