@@ -62,7 +62,7 @@ def main() -> None:
                 loops[name] = floor.cpu_steps(model, images, labels)
                 for _ in range(3):  # the compile, then two more
                     next(loops[name])
-        parts = floor.floor_parts(model, recipe_config(model).batch_size, speed.default_micro_batch(floor.CPU))
+        parts = floor.floor_parts(model, recipe_config(model).batch_size, speed.CPU_MICRO_BATCH)  # as bench --floor
         samples, floors = {name: [] for name in ways}, {way: [] for way in parts if way != "optimizer"}
         for round_ in range(args.rounds):
             for name in ways if round_ % 2 == 0 else reversed(ways):

@@ -49,8 +49,8 @@ def per_model_chunk(chunks: str, model: str, n: int, device) -> int:
     (speed.default_micro_batch: as many images in flight as one model's chunk); "each": the
     device's chunk for each model, N times as many (device_step before wide_conv.py); a number."""
     if chunks == "shared":
-        return default_micro_batch(device, n)
-    return default_micro_batch(device) if chunks == "each" else int(chunks)
+        return default_micro_batch(device, n, sharers=n)
+    return default_micro_batch(device, n) if chunks == "each" else int(chunks)
 
 
 def build_step(config, optimizer, device, rule: str, micro_batch: int):

@@ -11,11 +11,12 @@ from tinymnist.transforms.speed import CPU_MICRO_BATCH, default_micro_batch
 CPU = torch.device("cpu")
 
 
-def test_one_model_takes_its_batch_whole_and_models_that_share_a_cpu_chunk_split_it():
+def test_one_model_takes_its_batch_whole_and_n_models_take_cpu_chunks():
     assert default_micro_batch(CPU) == 0  # lenet's 8192 images too: measured faster than chunks of 256
-    assert default_micro_batch(CPU, sharers=8) == CPU_MICRO_BATCH // 8  # 8 models' images in one chunk
-    assert default_micro_batch(CPU, sharers=CPU_MICRO_BATCH + 1) == 1  # never an empty chunk
-    assert default_micro_batch(torch.device("cuda")) == 0  # the whole batch off the CPU
+    assert default_micro_batch(CPU, models=8) == CPU_MICRO_BATCH  # each model's, when they run apart
+    assert default_micro_batch(CPU, models=8, sharers=8) == CPU_MICRO_BATCH // 8  # 8 models' images in one chunk
+    assert default_micro_batch(CPU, models=300, sharers=300) == 1  # never an empty chunk
+    assert default_micro_batch(torch.device("cuda"), models=8) == 0  # the whole batch off the CPU
 
 
 def test_the_compiled_cpu_step_runs_the_first_block_as_one_product_where_measured_faster():

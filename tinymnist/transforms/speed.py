@@ -38,9 +38,10 @@ from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 # the time of chunks of 256 compiled and 0.89x eager, fast's 256 images 0.78-0.87x the time of chunks of 64
 # (2026-12-07, research/micro_batch.py and polyphase_first_block.py). Chunks of 256 were ~2x faster for lenet
 # when first measured, before freed_memory.py and the CPU max-pool; fast's of 64 0.71x on 2026-12-05.
-# N convolutional models that share one chunk (vmap.chunk_sharers) still split CPU_MICRO_BATCH images
-# between them, so that N models' activations stay in cache: fast's 8 models in chunks of 32 each ran
-# 1.10x the time of 8 single runs, in chunks of 256 each 1.51x (research/wide_conv.py).
+# N models keep CPU_MICRO_BATCH images a chunk: 8 lenet models side by side, one per core, took 2.07x the time
+# of 8 single runs with whole batches, 0.88-0.89x in chunks of 256 (tinymnist bench --seeds 1,8). N
+# convolutional models that share one chunk (vmap.chunk_sharers) split it between them, so that their
+# activations stay in cache: fast's 8 in chunks of 32 each took 1.10x, of 256 each 1.51x (research/wide_conv.py).
 CPU_MICRO_BATCH = 256
 # The compiled CPU step's first block as one product (polyphase.py) where measured faster: fast's step
 # 0.92-0.98x the time through the layers, lenet's 1.45-1.47x (research/polyphase_first_block.py).
@@ -131,7 +132,9 @@ def device_step(
     side_by_side = rule == SIDE_BY_SIDE and compile and threads > 1 and config.n_models % threads == 0
     # Not with data parallelism: direct_call traces the step on fake tensors, and the all-reduce is untried there.
     direct = device.type == "cpu" and config.model in CPU_DIRECT_CALL and data_parallel is None
-    micro_batch = config.micro_batch if config.micro_batch is not None else default_micro_batch(device, sharers)
+    micro_batch = config.micro_batch
+    if micro_batch is None:
+        micro_batch = default_micro_batch(device, config.n_models, sharers)
     split = 0 < micro_batch < config.batch_size
     if models_apart or split:  # compile the pieces; the loops run in Python
         if compile:
@@ -222,10 +225,11 @@ def use_compile(config: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_compiler() is not None)
 
 
-def default_micro_batch(device: torch.device, sharers: int = 1) -> int:
+def default_micro_batch(device: torch.device, models: int = 1, sharers: int = 1) -> int:
     """Images per model and chunk, 0 for the whole batch: one model's step takes it whole; on the CPU,
-    `sharers` > 1 models that share a chunk (vmap.chunk_sharers) split CPU_MICRO_BATCH between them."""
-    return max(1, CPU_MICRO_BATCH // sharers) if device.type == "cpu" and sharers > 1 else 0
+    N models' steps take chunks of CPU_MICRO_BATCH, split between the `sharers` models that share
+    one chunk (vmap.chunk_sharers)."""
+    return max(1, CPU_MICRO_BATCH // sharers) if device.type == "cpu" and models > 1 else 0
 
 
 def use_tf32_matmuls(device: torch.device) -> None:
