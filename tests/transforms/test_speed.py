@@ -55,3 +55,25 @@ def test_every_cpu_step_train_builds_for_fast_runs_the_product_compiled_and_the_
             config = recipe_config("fast", compile=compile, seeds=seeds)
             speed.device_step(config, make_optimizer(config), CPU, data_parallel, stacked=stacked)
             assert applies and all(apply is expected for apply in applies), (compile, seeds, stacked)
+
+
+def test_lenets_step_takes_its_batch_whole_and_n_lenets_take_chunks_of_the_cpu_micro_batch(monkeypatch):
+    """The wiring of default_micro_batch's choice: device_step splits no batch of one model, and each
+    model's batch of N models in chunks of CPU_MICRO_BATCH (nothing compiles or runs here)."""
+    chunks = []
+
+    def spy(gradient, micro_batch):
+        chunks.append(micro_batch)
+        return speed_micro_batched(gradient, micro_batch)
+
+    speed_micro_batched = speed.micro_batched
+    monkeypatch.setattr(speed, "micro_batched", spy)
+    for seeds, expected in [(1, []), (2, [CPU_MICRO_BATCH]), (3, [CPU_MICRO_BATCH])]:
+        chunks.clear()
+        config = recipe_config("lenet", compile=False, seeds=seeds)
+        speed.device_step(config, make_optimizer(config), CPU)
+        assert chunks == expected, seeds
+    chunks.clear()
+    config = recipe_config("lenet", compile=False, micro_batch=512)  # a value given is taken
+    speed.device_step(config, make_optimizer(config), CPU)
+    assert chunks == [512]
