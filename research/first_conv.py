@@ -4,7 +4,7 @@
     python research/first_conv.py --profile fast > results/bench/cpu-first-conv/profile-fast.txt
 
 1. The kernels, eager, on random tensors of each network's first layer at the batch the CPU step
-   runs it (the recipe's, or a micro-batch of 256): torch's conv2d_weight (oneDNN's backward
+   runs it (the recipe's whole batch; lenet's chunks of 256 before 2026-12-07): torch's conv2d_weight (oneDNN's backward
    weights), against first_conv.weight_grad_as_forward (one forward convolution, the batch as channels).
 2. The step `tinymnist train` runs on the CPU (speed.device_step, fixed threads), compiled with
    the rewrite forced (first_conv.inductor_pass("always")) and refused ("never"), timed in turns;

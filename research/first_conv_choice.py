@@ -1,18 +1,17 @@
 """How steady is transforms/first_conv.py's measured choice from one process to the next, and what it is worth.
 
-first_conv.py times a first convolution's weight gradient both ways (oneDNN's backward, and as a
-forward convolution) on random tensors before inductor compiles (until commit 93eb514: while it
-compiled, and inductor's cache kept the graph, with its choice, for every later process on the
-processor). Each fresh process here (part 1)
-times the first layers of fast, lenet and cnn (the compiled CPU step's shapes: micro-batches 64, 256
-and 64) by first_conv.py's rule (first_conv.timed_in_turns: the medians of five 5 ms windows in
-turns) and by a slower one meant to be steadier (the fastest of seven 20 ms windows after 50 ms of
-warm-up), and prints as-forward time over backward time: below first_conv.MARGIN (0.9) the rewrite
-is taken. Part 2 times `--model`'s compiled CPU step (tool/floor.cpu_steps) in fresh processes with
-the kernel pinned each way ($TINYMNIST_FIRST_CONV=always, never) and measured, in turns, inductor's
-caches off.
-Part 1 times in a quiet process; first_conv.py times before inductor compiles, where the choice may
-cross the margin more often than here.
+first_conv.py times a first convolution's weight gradient both ways (oneDNN's backward, and as a forward
+convolution) on random tensors before inductor compiles (until commit 93eb514: while it compiled, and
+inductor's cache kept the graph, with its choice, for every later process on the processor). Each fresh
+process here (part 1) times the first layers of fast, lenet and cnn (the compiled CPU step's shapes then:
+micro-batches 64, 256 and 64; lenet's step takes its whole batch of 8192 since 2026-12-07) by
+first_conv.py's rule (first_conv.timed_in_turns: the medians of five 5 ms windows in turns) and by a slower
+one meant to be steadier (the fastest of seven 20 ms windows after 50 ms of warm-up), and prints as-forward
+time over backward time: below first_conv.MARGIN (0.9) the rewrite is taken. Part 2 times `--model`'s
+compiled CPU step (tool/floor.cpu_steps) in fresh processes with the kernel pinned each way
+($TINYMNIST_FIRST_CONV=always, never) and measured, in turns, inductor's caches off. Part 1 times in a quiet
+process; first_conv.py times before inductor compiles, where the choice may cross the margin more often than
+here.
 
 Part 3 (`--cached`, since first_conv.py measures before the compile and keys the compile on its choices)
 checks that no choice outlives its process: fresh processes share one new inductor cache folder, each

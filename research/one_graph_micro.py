@@ -1,9 +1,11 @@
 """The CPU step's compiled graphs called through torch.compile against the same graphs called directly
-(transforms/direct_call.py), and fast's micro-batches in one compiled graph, each way timed in turns.
+(transforms/direct_call.py), and the micro-batches in one compiled graph, each way timed in turns. Every
+way splits the batch in chunks of speed.CPU_MICRO_BATCH, as train did by default until 2026-12-07 (lenet:
+32 chunks of 256; fast's 256 images and the smaller batches are one chunk).
 
     torch.compile     speed.device_step with no network in speed.CPU_DIRECT_CALL: every call of a compiled
-                      graph (fast: 4 micro-batches' gradients and the update a step; lenet: 32 and 1) through
-                      dynamo's entry, the micro-batches' loop and sums in Python
+                      graph (lenet: 32 micro-batches' gradients and the update a step) through dynamo's
+                      entry, the micro-batches' loop and sums in Python
     direct            the same graphs called directly (train's way since 2026-12-07)
     one graph         speed.micro_batched inside the step, the whole step one torch.compile'd graph
     one graph direct  that graph called directly
@@ -27,24 +29,31 @@ from tinymnist.algorithm.networks import MODEL_NAMES
 from tinymnist.tool.bench import bench_data
 from tinymnist.transforms import speed
 
-speed_make_gradient, speed_micro_batch = speed.make_gradient, speed.default_micro_batch
+speed_make_gradient = speed.make_gradient
 
 
 def called(direct: bool):
-    return lambda: mock.patch.object(speed, "CPU_DIRECT_CALL", set(MODEL_NAMES) if direct else set())
+    @contextlib.contextmanager
+    def way():
+        with (
+            mock.patch.object(speed, "CPU_DIRECT_CALL", set(MODEL_NAMES) if direct else set()),
+            mock.patch.object(speed, "default_micro_batch", lambda *a, **k: speed.CPU_MICRO_BATCH),
+        ):
+            yield
+
+    return way
 
 
 def one_graph(direct: bool):
     @contextlib.contextmanager
     def way():
         def gradient_in_chunks(config, apply):
-            micro_batch = speed_micro_batch(torch.device("cpu"))
-            return speed.micro_batched(speed_make_gradient(config, apply), micro_batch)
+            return speed.micro_batched(speed_make_gradient(config, apply), speed.CPU_MICRO_BATCH)
 
         with (
+            called(direct)(),
             mock.patch.object(speed, "make_gradient", gradient_in_chunks),
             mock.patch.object(speed, "default_micro_batch", lambda *a, **k: 0),  # device_step splits nothing
-            called(direct)(),
         ):
             yield
 

@@ -7,7 +7,8 @@ The ways, each train's CPU step (tool/floor.cpu_steps) built and timed in turns 
                      step for fast until polyphase.py
     plain-whole      the same, fast's 256 images in one call
     polyphase-64     polyphase.apply, fast's batch in micro-batches of 64 (128: polyphase-128)
-    polyphase        polyphase.apply at the network's default micro-batch (lenet's 256)
+    polyphase        polyphase.apply at the network's default micro-batch (the whole batch since 2026-12-07;
+                     lenet's 256 before)
     channels-first   polyphase.apply with the patches stored tap-major and the product (O, positions):
                      for lenet's 6 channels, the product's output runs along the positions
     bias-in-product  polyphase.apply with the bias added by the product (addmm), not after it
@@ -101,7 +102,7 @@ def taken(models: set[str], chunk: int | None = None) -> contextlib.AbstractCont
     """speed.py's choices patched: polyphase.apply for `models`, the CPU micro-batch `chunk` (None: the default)."""
     if chunk is None:
         return patched((speed, "CPU_POLYPHASE", models))
-    return patched((speed, "CPU_POLYPHASE", models), (speed, "default_micro_batch", lambda device, sharers=1: chunk))
+    return patched((speed, "CPU_POLYPHASE", models), (speed, "default_micro_batch", lambda *args, **kwargs: chunk))
 
 
 WAYS = {

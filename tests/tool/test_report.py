@@ -2,9 +2,12 @@
 
 import io
 
+import torch
 from rich.console import Console
 
-from tinymnist.tool.report import ProgressReporter
+from tinymnist.algorithm.train import FitResult
+from tinymnist.tool.report import ProgressReporter, off_the_clock
+from tinymnist.tool.time_to_accuracy import print_time_to_accuracy
 
 
 def record(epoch, correct):
@@ -57,3 +60,16 @@ def test_the_speed_on_the_bar_leaves_the_compile_out():
     shown = screen.getvalue()
     assert "loss 1.0000  1,280 img/s" in shown and "loss 0.5000  1,280 img/s" in shown, shown
     assert "64 img/s" not in shown  # the compile counted: 640 images in 10 s
+
+
+def test_the_time_left_out_names_a_mid_run_compile_when_there_was_one(capsys):
+    """train's last line and bench --time-to-accuracy's table say what the training clock left out."""
+    quiet = FitResult(state=None, first_step_seconds=3.04)
+    probed = FitResult(state=None, first_step_seconds=3.04, untimed_seconds=2.5)
+    assert off_the_clock(quiet, compiled=True) == "(+ 3.0 s compiling)"
+    assert off_the_clock(quiet, compiled=False) == "(+ 3.0 s first step)"
+    assert off_the_clock(probed, compiled=True) == "(+ 3.0 s compiling, + 2.5 s compiling for another thread count)"
+    row = {"loop": "tinymnist fast", "reached": 1, "models": 1, "seconds": 7.4, "images": 58880, "epochs": 0.98}
+    row |= {"best_accuracy": 0.9901, "speedup_vs_reference": None, "first_step_seconds": 4.3, "untimed_seconds": 2.5}
+    print_time_to_accuracy([row], 0.99, torch.device("cpu"), None)
+    assert "4.3 + 2.5 later" in capsys.readouterr().out

@@ -45,10 +45,8 @@ class Machine:
         return x * 2
 
 
-def governed(machine: Machine, most: int = 2) -> AdaptiveThreads:
-    return AdaptiveThreads(
-        machine.step, most, clock=machine.clock, cpu_clock=machine.cpu_clock, set_threads=machine.set_threads
-    )
+def governed(machine: Machine, most: int = 2, compiles: bool = True) -> AdaptiveThreads:
+    return AdaptiveThreads(machine.step, most, machine.clock, machine.cpu_clock, machine.set_threads, compiles=compiles)
 
 
 def run(adaptive: AdaptiveThreads, steps: int) -> None:
@@ -160,8 +158,15 @@ def test_the_first_call_at_a_new_thread_count_compiles_again_and_is_not_held_aga
     run(adaptive, 1000)
     first = machine.ran.index(1)
     assert set(machine.ran[first : first + 50]) == {1}  # the first probe won, its compile aside
-    # that compile is the loop's to leave off the training clock (the first call's, on 2 threads, too)
+    # the probe's first call is for train.Clock to leave out (the run's first call, on 2 threads, is the loop's)
     assert adaptive.untimed_seconds() == pytest.approx(2.0 + BUSY[1][0])
+
+
+def test_an_eager_steps_first_call_at_a_new_thread_count_is_training():
+    machine = Machine(BUSY)
+    adaptive = governed(machine, compiles=False)
+    run(adaptive, 1000)
+    assert 1 in machine.ran and adaptive.untimed_seconds() == 0.0
 
 
 def test_one_thread_has_nothing_to_choose():
@@ -189,7 +194,7 @@ def test_device_step_governs_a_cpu_step_with_several_threads_and_computes_the_sa
     try:
         torch.set_num_threads(2)
         step = device_step(config, optimizer, torch.device("cpu"))
-        assert isinstance(step, AdaptiveThreads) and step.counts == [2, 1]
+        assert isinstance(step, AdaptiveThreads) and step.counts == [2, 1] and not step.compiles  # eager
         for threads in (2, 1, 2):
             step.set_threads(threads)
             torch.testing.assert_close(step(*args), expected)

@@ -22,7 +22,7 @@ from tinymnist.errors import TinyMnistError
 from tinymnist.tool import checkpoint
 from tinymnist.transforms import wide_conv
 from tinymnist.transforms.speed import compiled, device_step
-from tinymnist.transforms.vmap import evaluate_many, one_model, vmapped, vmapped_update
+from tinymnist.transforms.vmap import evaluate_many, on_model_axis, one_model, vmapped, vmapped_update
 
 CPU = torch.device("cpu")
 N = 3
@@ -282,7 +282,6 @@ def test_n_models_stop_when_every_model_has_reached_the_target():
 
 def test_one_model_on_the_model_axis_keeps_its_steps_untimed_seconds():
     """train.Clock reads untimed_seconds() (AdaptiveThreads' mid-run compiles) through the N = 1 wrapper."""
-    from tinymnist.transforms.vmap import on_model_axis
 
     def step(params, opt_state, images, labels, batch_idx, lr):
         return params, opt_state, torch.tensor(0.0)

@@ -372,25 +372,26 @@ def synchronize(device: torch.device) -> None:
 
 class Clock:
     """Seconds of training, stopped around the first (compiling) step and evaluations; the device
-    is synchronized at each reading, so queued work counts. `untimed`: a running total of seconds
-    spent inside the step on work that is not training (a transform compiling again mid-run,
-    cpu_threads.py), left out of each lap."""
+    is synchronized at each reading, so queued work counts. `untimed_total`: the step's running total
+    of seconds spent on work that is not training (a transform compiling again mid-run,
+    cpu_threads.py), left out of every lap and kept apart in untimed_seconds."""
 
-    def __init__(self, device: torch.device, untimed: Callable[[], float] = lambda: 0.0):
-        self.device, self.untimed, self.seconds, self.since = device, untimed, 0.0, (0.0, 0.0)
-        self.untimed_seconds = 0.0  # the laps' untimed seconds, counted laps only
+    def __init__(self, device: torch.device, untimed_total: Callable[[], float] = lambda: 0.0):
+        self.device, self.untimed_total = device, untimed_total
+        self.seconds, self.untimed_seconds = 0.0, 0.0
+        self.started, self.untimed_at_start = 0.0, 0.0
 
     def start(self) -> None:
         synchronize(self.device)
-        self.since = (time.perf_counter(), self.untimed())
+        self.started, self.untimed_at_start = time.perf_counter(), self.untimed_total()
 
     def stop(self, count: bool = True) -> float:
-        """The seconds since start, less the untimed ones; added to the total unless `count` is False."""
+        """The seconds since start less the untimed ones; added to the total unless `count` is False."""
         synchronize(self.device)
-        untimed = self.untimed() - self.since[1]
-        lap = time.perf_counter() - self.since[0] - untimed
-        if count:
-            self.seconds, self.untimed_seconds = self.seconds + lap, self.untimed_seconds + untimed
+        untimed = self.untimed_total() - self.untimed_at_start
+        lap = time.perf_counter() - self.started - untimed
+        self.seconds += lap if count else 0.0
+        self.untimed_seconds += untimed
         return lap
 
 
@@ -415,6 +416,7 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
     stacked = config.n_models > 1  # the state has a leading model axis
     steps = math.ceil(n_train / config.batch_size)  # per epoch: epoch_batches tops up the last batch
     shuffles = restore_rng(state.rng, device)
+    # A call that compiled again (AdaptiveThreads at a new thread count) is off the clock, its images counted.
     result, clock = FitResult(state), Clock(device, getattr(step, "untimed_seconds", lambda: 0.0))
     params, opt_state = state.params, state.opt_state
     if state.epoch == 0 and not config.dry_run:  # the untrained network, as the tutorials show
@@ -424,7 +426,7 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
     first = state.epoch * steps
     last = first + 1 if config.dry_run else config.epochs * steps
     clock.start()
-    s, untimed = first, 0  # steps of the run so far; those of the first (compiling) call
+    s, compile_steps = first, 0  # steps of the run so far; those of the first (compiling) call
     while s < last:
         epoch, i = s // steps + 1, s % steps  # i: steps of this epoch before this call
         if i == 0:  # a new epoch: each model's own data order and learning rates
@@ -445,7 +447,7 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
         s, done = s + n, i + n  # done: steps of this epoch, this call's included
         result.steps += n
         if s == first + n:  # the step compiles on its first call: keep that out of the speed
-            result.first_step_seconds, untimed = clock.stop(count=False), n
+            result.first_step_seconds, compile_steps = clock.stop(count=False), n
             clock.start()
         epoch_end = done == steps or s == last
         if done % config.log_interval == 0 or epoch_end:
@@ -459,7 +461,7 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
         if not epoch_end and not (config.eval_every and done % config.eval_every == 0):
             continue
         clock.stop()  # ---- evaluation, off the clock ----
-        timed = done - untimed * (first // steps + 1 == epoch)  # this epoch's steps less the compiling call's
+        timed = done - compile_steps * (first // steps + 1 == epoch)  # this epoch's steps less the compiling call's
         seconds, images = clock.seconds - epoch_start, timed * config.batch_size * n_models
         if epoch_end:
             progress = Progress(epoch, [total / done for total in epoch_losses], [r[0] for r in lrs], seconds, images)
@@ -475,7 +477,7 @@ def fit(training: Training, data: Dataset, state: TrainState) -> FitResult:
             break
         clock.start()
     result.train_seconds, result.untimed_seconds = clock.seconds, clock.untimed_seconds
-    result.images = max(result.steps - untimed, 0) * config.batch_size * n_models
+    result.images = max(result.steps - compile_steps, 0) * config.batch_size * n_models
     return result
 
 

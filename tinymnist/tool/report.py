@@ -56,6 +56,15 @@ def model_test_line(record: dict) -> str:
     return f"{who}: {test_line(record)}"
 
 
+def off_the_clock(result, compiled: bool) -> str:
+    """What the training time leaves out, in parentheses: the first step (compiling, when compiled),
+    and any call that compiled again mid-run (AdaptiveThreads at another thread count)."""
+    note = f"(+ {result.first_step_seconds:.1f} s {'compiling' if compiled else 'first step'}"
+    if result.untimed_seconds:
+        note += f", + {result.untimed_seconds:.1f} s compiling for another thread count"
+    return note + ")"
+
+
 def final_line(result, device, compile_note: str) -> str:
     """The run's last line: final accuracy (N models: spread, best, ensemble), time without the compile, speed."""
     last = result.records[-1]

@@ -44,8 +44,11 @@ class AdaptiveThreads:
         clock: Callable[[], float] = time.perf_counter,
         cpu_clock: Callable[[], float] = time.process_time,
         set_threads: Callable[[int], None] = torch.set_num_threads,
+        compiles: bool = True,
     ):
+        """`compiles`: the step holds compiled graphs, so that a new thread count compiles again."""
         self.step, self.clock, self.cpu_clock, self.set_threads = step, clock, cpu_clock, set_threads
+        self.compiles = compiles
         self.counts = thread_counts(most)
         self.incumbent = self.counts[0]
         self.incumbent_seconds = None  # per step, over the incumbent's last period
@@ -67,7 +70,7 @@ class AdaptiveThreads:
             self.period_start = (started, self.cpu_clock())
         result = self.step(*args)
         seconds = self.clock() - started
-        if self.threads not in self.counts_run:
+        if self.compiles and self.threads not in self.counts_run:
             self.compile_seconds += seconds
         self.record(seconds, self.threads)
         return result

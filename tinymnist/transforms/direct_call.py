@@ -1,10 +1,10 @@
 """A transform, CPU: the compiled graph called straight, without dynamo's entry on every call.
 
-A call of a torch.compile'd function goes through dynamo first: its frame hook, its guards on
-every argument, and the code that takes the argument dicts apart and builds the result's. For a
-step as small as mlp3's (29 tensors in, a few hundred µs) that counts: called directly, the same
-graph took 0.78x the time, mlp's 0.86x (research/direct_call.py); lenet's step, which calls a compiled
-gradient per micro-batch (as fast's did before polyphase.py), 0.956-0.977x in medians of 40 paired rounds
+A call of a torch.compile'd function goes through dynamo first: its frame hook, its guards on every
+argument, and the code that takes the argument dicts apart and builds the result's. For a step as small as
+mlp3's (29 tensors in, a few hundred µs) that counts: called directly, the same graph took 0.78x the time,
+mlp's 0.86x (research/direct_call.py); lenet's step in chunks of 256, a compiled gradient per chunk (its
+default until 2026-12-07, and fast's before polyphase.py), 0.956-0.977x in medians of 40 paired rounds
 (fast's 0.955-0.966x), a few percent at most (research/one_graph_micro.py; BENCHMARKS.md "How far each step
 is from its floor").
 `called_directly(fn, options)` does the compile once by hand:

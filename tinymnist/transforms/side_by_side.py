@@ -14,7 +14,9 @@ with whole models. Two conditions make it pay and keep it exact:
   less work a call, and N models run as the single runs they are compared with. Against torch.compile, in
   turns (research/side_by_side_direct.py, 8 models, two runs of 20 rounds): fast 0.985x and 0.973x, lenet
   1.075x and 0.967x, no gain beyond the noise. 8 models took 0.89x and 0.88x (lenet), 0.75x and 0.84x (fast)
-  the time of 8 single runs (`tinymnist bench --seeds 1,8`; results/bench/cpu-issue20-amd/).
+  the time of 8 single runs (`tinymnist bench --seeds 1,8`; results/bench/cpu-issue20-amd/). Since one model's
+  step got faster (fast's first block one product, lenet's batch in one piece): fast 0.82-0.91x, lenet
+  1.00-1.11x (results/bench/cpu-whole-batch-amd/; lanes stay in chunks of 256, speed.CPU_MICRO_BATCH).
 - The network draws no random numbers. Dropout draws from torch's one generator, and threads
   would draw in no fixed order, so a seeded run would not repeat: cnn keeps one_by_one.
 

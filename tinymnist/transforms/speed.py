@@ -39,18 +39,19 @@ from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 # (2026-12-07, research/micro_batch.py and polyphase_first_block.py). Chunks of 256 were ~2x faster for lenet
 # when first measured, before freed_memory.py and the CPU max-pool; fast's of 64 0.71x on 2026-12-05.
 # N models keep CPU_MICRO_BATCH images a chunk: 8 lenet models side by side, one per core, took 2.07x the time
-# of 8 single runs with whole batches, 0.88-0.89x in chunks of 256 (tinymnist bench --seeds 1,8). N
+# of 8 single runs with whole batches, 1.00-1.11x in chunks of 256 (tinymnist bench --seeds 1,8 and
+# research/wide_conv.py, both against single runs in one piece). N
 # convolutional models that share one chunk (vmap.chunk_sharers) split it between them, so that their
 # activations stay in cache: fast's 8 in chunks of 32 each took 1.10x, of 256 each 1.51x (research/wide_conv.py).
 CPU_MICRO_BATCH = 256
 # The compiled CPU step's first block as one product (polyphase.py) where measured faster: fast's step
 # 0.92-0.98x the time through the layers, lenet's 1.45-1.47x (research/polyphase_first_block.py).
 CPU_POLYPHASE = {"fast"}
-# Compiled graphs called directly on the CPU, without dynamo's entry on each call: mlp3's step 0.78x the
-# time, mlp's 0.86x, in every round (research/direct_call.py). lenet calls a compiled gradient per micro-batch
-# (32 a step, and fast 4 before polyphase.py): 0.977x and 0.956x (fast 0.955x and 0.966x), medians of 40 paired
-# rounds in two runs, a few percent at most, as single rounds swing by 15% (research/one_graph_micro.py); cnn's
-# one call a step 0.975x and 1.006x, noise. All are called directly: the same kernels, bit for bit (tested).
+# Compiled graphs called directly on the CPU, without dynamo's entry on each call: mlp3's step 0.78x the time, mlp's
+# 0.86x, in every round (research/direct_call.py). lenet's step in chunks (32 compiled gradients a step, its default
+# until 2026-12-07, and fast's 4 before polyphase.py): 0.977x and 0.956x (fast 0.955x and 0.966x), medians of 40
+# paired rounds in two runs, a few percent at most, as single rounds swing by 15% (research/one_graph_micro.py);
+# cnn's one call a step 0.975x and 1.006x, noise. All are called directly: the same kernels, bit for bit (tested).
 CPU_DIRECT_CALL = set(MODEL_NAMES)
 
 
@@ -161,7 +162,7 @@ def device_step(
     # Not with k steps a call: each thread count compiles its own k-step graph, up to a minute, mid-run.
     adaptive = adaptive_threads and config.threads is None and k == 1
     if adaptive and device.type == "cpu" and torch.get_num_threads() > 1:
-        return AdaptiveThreads(step, most=torch.get_num_threads())
+        return AdaptiveThreads(step, most=torch.get_num_threads(), compiles=use_compile(config, device))
     return step
 
 
