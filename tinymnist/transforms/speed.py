@@ -34,15 +34,15 @@ from tinymnist.transforms.side_by_side import models_on_cores
 from tinymnist.transforms.vmap import chunk_sharers, n_models_gradient, n_models_update, on_model_axis, one_by_one
 from tinymnist.transforms.wide_conv import ONE_BY_ONE, SIDE_BY_SIDE, chosen_rule
 
-# One model's step takes its batch in one piece: on 2 cores of an AMD EPYC, lenet's 8192 images took 0.81x
-# the time of chunks of 256 compiled and 0.89x eager, fast's 256 images 0.78-0.87x the time of chunks of 64
-# (2026-12-07, research/micro_batch.py and polyphase_first_block.py). Chunks of 256 were ~2x faster for lenet
-# when first measured, before freed_memory.py and the CPU max-pool; fast's of 64 0.71x on 2026-12-05.
-# N models keep CPU_MICRO_BATCH images a chunk: 8 lenet models side by side, one per core, took 2.07x the time
-# of 8 single runs with whole batches, 1.00-1.11x in chunks of 256 (tinymnist bench --seeds 1,8 and
-# research/wide_conv.py, both against single runs in one piece). N
-# convolutional models that share one chunk (vmap.chunk_sharers) split it between them, so that their
-# activations stay in cache: fast's 8 in chunks of 32 each took 1.10x, of 256 each 1.51x (research/wide_conv.py).
+# One model's step takes its batch in one piece: on 2 cores of an AMD EPYC, lenet's 8192 images took 0.81x the time
+# of chunks of 256 compiled (0.93-0.99x in shorter runs, and eager), fast's 256 images 0.78-0.87x the time of chunks
+# of 64 (2026-12-07, research/micro_batch.py and polyphase_first_block.py). Chunks of 256 were ~2x faster for lenet
+# when first measured, before freed_memory.py and the CPU max-pool; fast's of 64 0.71x on 2026-12-05. N models keep
+# CPU_MICRO_BATCH images a chunk: 8 lenet models side by side, one per core, took 2.07x the time of 8 single runs
+# with whole batches, 1.00-1.11x in chunks of 256 (tinymnist bench --seeds 1,8 and research/wide_conv.py, both
+# against single runs in one piece). N convolutional models that share one chunk (vmap.chunk_sharers) split it
+# between them, so that their activations stay in cache: fast's 8 in chunks of 32 each took 1.10x, of 256 each 1.51x
+# (research/wide_conv.py).
 CPU_MICRO_BATCH = 256
 # The compiled CPU step's first block as one product (polyphase.py) where measured faster: fast's step
 # 0.92-0.98x the time through the layers, lenet's 1.45-1.47x (research/polyphase_first_block.py).
