@@ -56,24 +56,16 @@ def channels_first_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 def bias_in_product_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
     """polyphase.polyphase_block with the bias added inside the matrix product (addmm)."""
-    batch, (channels_out, _, kernel, _) = x.shape[0], weight.shape
-    padded = F.pad(x, (padding,) * 4)[:, 0]  # (B, H+2p, W+2p)
-    half = (padded.shape[-1] - kernel + 1) // 2
-    windows = padded.unfold(1, kernel, 1).unfold(2, kernel, 1).reshape(batch, half, 2, half, 2, kernel * kernel)
-    patches = windows.permute(2, 4, 0, 1, 3, 5).reshape(-1, kernel * kernel)  # (4*B*Y*X, k*k)
+    batch, channels_out = x.shape[0], weight.shape[0]
+    patches, half = polyphase.phase_patches(x, weight.shape[-1], padding)  # (4*B*Y*X, k*k)
     planes = torch.addmm(bias, patches, weight.flatten(1).t()).view(4, batch, half, half, channels_out)
-    first = planes.argmax(dim=0, keepdim=True)  # (1, B, Y, X, O)
-    kept = (torch.arange(4, device=x.device).view(4, 1, 1, 1, 1) == first) & ~(planes <= 0)
-    return torch.where(kept, planes, 0).sum(dim=0).permute(0, 3, 1, 2)  # (B, O, Y, X)
+    return polyphase.relu_max_over_phases(planes).permute(0, 3, 1, 2)  # (B, O, Y, X)
 
 
 def relu_after_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
     """polyphase.polyphase_block with ReLU applied after the pool's pick, not as a mask inside it."""
-    batch, (channels_out, _, kernel, _) = x.shape[0], weight.shape
-    padded = F.pad(x, (padding,) * 4)[:, 0]  # (B, H+2p, W+2p)
-    half = (padded.shape[-1] - kernel + 1) // 2
-    windows = padded.unfold(1, kernel, 1).unfold(2, kernel, 1).reshape(batch, half, 2, half, 2, kernel * kernel)
-    patches = windows.permute(2, 4, 0, 1, 3, 5).reshape(-1, kernel * kernel)  # (4*B*Y*X, k*k)
+    batch, channels_out = x.shape[0], weight.shape[0]
+    patches, half = polyphase.phase_patches(x, weight.shape[-1], padding)  # (4*B*Y*X, k*k)
     planes = (patches @ weight.flatten(1).t()).view(4, batch, half, half, channels_out) + bias  # (4, B, Y, X, O)
     first = planes.argmax(dim=0, keepdim=True)  # (1, B, Y, X, O)
     picked = torch.arange(4, device=x.device).view(4, 1, 1, 1, 1) == first

@@ -40,23 +40,35 @@ def polyphase_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p
     """F.max_pool2d(F.relu(F.conv2d(x, weight, bias, padding=padding)), 2) for a square image x (B, 1, H, H),
     weight (O, 1, k, k), stride 1 and an even output side S (what `takes` checks of a network): -> (B, O,
     S/2, S/2), with channels-last strides. A window's NaN is its maximum, as in F.max_pool2d."""
-    batch, (channels_out, _, kernel, _) = x.shape[0], weight.shape
-    padded = F.pad(x, (padding,) * 4)[:, 0]  # (B, H+2p, W+2p)
-    half = (padded.shape[-1] - kernel + 1) // 2  # the pooled side, S/2
-    windows = padded.unfold(1, kernel, 1).unfold(2, kernel, 1)  # (B, S, S, k, k): every patch, a view
-    windows = windows.reshape(batch, half, 2, half, 2, kernel * kernel)  # (B, Y, dy, X, dx, k*k)
-    patches = windows.permute(2, 4, 0, 1, 3, 5).reshape(-1, kernel * kernel)  # (4*B*Y*X, k*k), phase-major
+    batch, channels_out = x.shape[0], weight.shape[0]
+    patches, half = phase_patches(x, weight.shape[-1], padding)  # (4*B*Y*X, k*k)
     planes = patches @ weight.flatten(1).t()  # (4*B*Y*X, O)
     # The bias added here, where inductor fuses it into the pool's kernel: added inside the product (addmm),
     # the step took 1.5-1.8x the time (research/polyphase_first_block.py's bias-in-product)
     planes = planes.view(PHASES, batch, half, half, channels_out) + bias  # (4, B, Y, X, O)
-    # The first maximum as cpu_pool.first_max_pool2d picks it, with ReLU's mask in the pick: ReLU applied
-    # after the pick, the step took 1.2-1.3x the time (research/polyphase_first_block.py's relu-after)
+    return relu_max_over_phases(planes).permute(0, 3, 1, 2)  # (B, O, Y, X)
+
+
+def phase_patches(x: torch.Tensor, kernel: int, padding: int) -> tuple[torch.Tensor, int]:
+    """Every k x k patch of the one-channel images x (B, 1, H, H) as a row, grouped by its place in its
+    2x2 pool window: (4*B*Y*X, k*k), phase-major, and the pooled side Y = X."""
+    batch = x.shape[0]
+    padded = F.pad(x, (padding,) * 4)[:, 0]  # (B, H+2p, W+2p)
+    half = (padded.shape[-1] - kernel + 1) // 2  # the pooled side, S/2
+    windows = padded.unfold(1, kernel, 1).unfold(2, kernel, 1)  # (B, S, S, k, k): every patch, a view
+    windows = windows.reshape(batch, half, 2, half, 2, kernel * kernel)  # (B, Y, dy, X, dx, k*k)
+    return windows.permute(2, 4, 0, 1, 3, 5).reshape(-1, kernel * kernel), half  # (4*B*Y*X, k*k)
+
+
+def relu_max_over_phases(planes: torch.Tensor) -> torch.Tensor:
+    """relu(max over the 4 phases) of planes (4, B, Y, X, O) -> (B, Y, X, O), the maximum the first one as
+    cpu_pool.first_max_pool2d picks it, ReLU a mask in the pick: ReLU applied after the pick, the step
+    took 1.2-1.3x the time (research/polyphase_first_block.py's relu-after)."""
     first = planes.argmax(dim=0, keepdim=True)  # (1, B, Y, X, O): the window's first maximum
-    phase = torch.arange(PHASES, device=x.device).view(PHASES, 1, 1, 1, 1)
+    phase = torch.arange(PHASES, device=planes.device).view(PHASES, 1, 1, 1, 1)
     kept = (phase == first) & ~(planes <= 0)  # (4, B, Y, X, O): the pool's pick, then ReLU's mask (NaN kept)
     # a sum with one term at most: its gradient goes to the kept value alone
-    return torch.where(kept, planes, 0).sum(dim=0).permute(0, 3, 1, 2)  # (B, O, Y, X)
+    return torch.where(kept, planes, 0).sum(dim=0)  # (B, Y, X, O)
 
 
 def takes(layers: tuple[Layer, ...]) -> bool:
