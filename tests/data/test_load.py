@@ -97,6 +97,7 @@ def test_missing_files_raise_with_instructions(tmp_path):
     assert isinstance(caught.value, TinyMnistError)
     assert message == missing_data_message(tmp_path, [TRAIN_IMAGES, TRAIN_LABELS])
     assert "\n" not in message  # the CLI prints it as one line
+    assert f"`tinymnist download --data-dir {tmp_path}`" in message  # the fix fills this folder, not ./data
     for needed in (TRAIN_IMAGES, TRAIN_LABELS, str(tmp_path), "tinymnist download", "TINYMNIST_DATA", "--data-dir"):
         assert needed in message, needed
     assert TEST_IMAGES not in message

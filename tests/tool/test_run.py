@@ -430,3 +430,8 @@ def test_gamma_with_a_one_cycle_schedule_is_refused(tiny_split):
 def test_resume_checks_the_flags_given_now_before_anything_else(tiny_split, finished):
     ckpt, _ = finished
     assert_user_error(run(*train_args(tiny_split, "--resume", ckpt, "--epochs", "-3")), "--epochs")
+
+
+def test_resuming_a_missing_checkpoint_names_the_flag(tiny_split, tmp_path):
+    absent = tmp_path / "absent.pt"
+    assert_user_error(run(*train_args(tiny_split, "--resume", absent)), f"--resume {absent}", "no such file")

