@@ -278,3 +278,44 @@ def test_shielded_outside_the_main_thread_is_a_no_op():
 def _enter_and_leave():
     with interrupts.shielded():
         yield "inside"
+
+
+# A child whose command has finished, and whose exit callbacks wait (as the shutdown of torch.compile's
+# worker processes can): the interpreter's finalization would have put the default handler back.
+SIGNAL_WHILE_EXITING = """
+    import atexit, importlib.util, sys, time
+
+    def wait_at_exit():
+        print("exiting", flush=True)
+        time.sleep(600)
+
+    class FinishedCli:
+        def find_spec(self, name, path=None, target=None):
+            return importlib.util.spec_from_loader(name, self) if name == "tinymnist.tool.cli" else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            module.main = lambda: atexit.register(wait_at_exit)
+
+    sys.meta_path.insert(0, FinishedCli())
+    from tinymnist.tool.entry import main
+    main()
+"""
+
+
+def test_a_ctrl_c_after_the_command_finished_says_so_and_exits_at_once():
+    child = start(SIGNAL_WHILE_EXITING)
+    wait_for_line(child, "exiting")
+    child.send_signal(signal.SIGINT)
+    assert finish(child) == (130, "", "tinymnist: interrupted while exiting; the command had finished\n")
+
+
+@pytest.mark.parametrize(("code", "status", "stderr"), [(0, 0, ""), (2, 2, ""), (None, 0, ""), ("bad", 1, "bad\n")])
+def test_a_process_leaves_with_its_exit_code_and_everything_printed(code, status, stderr):
+    """leave skips the interpreter's finalization (where gloo's threads aborted a rank, and a Ctrl-C
+    went unreported), so it must flush what was printed itself: piped output is block-buffered."""
+    script = f"from tinymnist.tool import entry; print('the final line', end=''); entry.leave({code!r})"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (status, "the final line", stderr)

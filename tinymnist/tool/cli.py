@@ -152,8 +152,9 @@ def train(
     steps_per_call: int = typer.Option(
         1,
         help="CPU: steps per compiled call (one model's step, compiled whole, on fixed threads), at most "
-        "--log-interval, --eval-every and an epoch's batches: faster for mlp and mlp3, for a longer first "
-        "compile (BENCHMARKS.md).",
+        "--log-interval, --eval-every and an epoch's batches. For long or repeated mlp and mlp3 runs only: "
+        "their steps run 1.3-2x as fast, but the first compile takes 30-50 s (about 1 s from inductor's "
+        "cache later), more than the recipes' own epochs save (BENCHMARKS.md).",
     ),
     threads: int | None = unset(
         "CPU threads, fixed: the same numbers to the last bit whatever else the machine runs "

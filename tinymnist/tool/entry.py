@@ -7,6 +7,8 @@ free of heavy imports.
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 
 from tinymnist.tool import interrupts
@@ -20,18 +22,30 @@ def main() -> None:
         interrupts.raise_if_swallowed()  # a Ctrl-C that torch's import caught still ends the run
         try:
             cli_main()
+            code = 0
         except SystemExit as done:
-            exit_if_torchrun(done.code)
-            raise
-        exit_if_torchrun(0)
+            code = done.code
     except KeyboardInterrupt as e:  # during the imports: each command reports its own
         interrupts.report(e)
         sys.exit(interrupts.exit_code(e))
+    leave(code)
 
 
-def exit_if_torchrun(code) -> None:
-    """Under torchrun, leave without the interpreter's finalization (torchrun.exit_now)."""
+def leave(code: int | str | None) -> None:
+    """End the process once the command has returned, without the interpreter's finalization.
+
+    Finalization takes about a second after torch (its modules torn down one by one), and Python puts
+    the default signal handlers back first: a Ctrl-C then killed the process without a word. Under
+    torchrun it could also abort gloo's threads still releasing the last collective's tensors. Every
+    file is closed by now; the exit callbacks (torch.compile's worker processes stopping) still run,
+    with the handlers in place (interrupts.finished)."""
+    interrupts.finished()
     from tinymnist.tool import torchrun
 
-    if torchrun.launched():
-        torchrun.exit_now(code)
+    if not torchrun.launched():  # torchrun's ranks leave at once, as they always have
+        atexit._run_exitfuncs()
+    if isinstance(code, str):  # as SystemExit would print it
+        print(code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)

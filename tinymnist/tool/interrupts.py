@@ -10,6 +10,7 @@ The handler object holds this state, and the process's signal table holds the ha
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -50,10 +51,16 @@ class _Handler:
         self.shield_depth = 0  # nested shielded() blocks now running
         self.pending: int | None = None  # a signal that arrived while shielded
         self.raised: int | None = None  # the first signal, once acted on: the run is ending
+        self.finished = False  # the command has returned: the interpreter is shutting down
 
     def __call__(self, signum: int, frame) -> None:
         if self.raised is not None:
             return  # the run is already ending: let its cleanup finish
+        if self.finished:  # an exception now would escape every handler: say so and leave at once
+            self.raised = signum
+            print("tinymnist: interrupted while exiting; the command had finished", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(exit_code(_exception(signum)))
         if self.shield_depth:
             self.pending = self.pending or signum
             return
@@ -81,6 +88,15 @@ def install() -> None:
         handler = _Handler()
         for signum in SIGNALS:
             signal.signal(signum, handler)
+
+
+def finished() -> None:
+    """The command has returned: a signal from now on (during the interpreter's shutdown, which waits
+    for torch.compile's worker processes) ends the process with its one line and exit code at once,
+    where an exception would escape every handler and end it without a word."""
+    handler = _installed()
+    if handler is not None:
+        handler.finished = True
 
 
 def raise_if_swallowed() -> None:

@@ -72,8 +72,9 @@ def final_line(result, device, compile_note: str) -> str:
     when = f"after {last['epoch']:g} epoch{'' if last['epoch'] == 1 else 's'}"
     if last.get("ensemble"):
         when = f"after {counted(result.state.epoch, 'epoch')}"
-    if not result.images:  # a dry run's one step is the first, kept off the clock
-        speed, when = f"not timed {compile_note}", "after one step (a dry run)"
+    if not result.images:  # a dry run's one step is the first, kept off the clock: no speed to give
+        took = f"{result.first_step_seconds:.1f} s" + (" with its compile" if "compiling" in compile_note else "")
+        speed, when = f"the step took {took}, no speed measured", "after one step (a dry run)"
     if not last.get("ensemble"):
         return (
             f"Final test accuracy: {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "

@@ -13,7 +13,6 @@ import functools
 import os
 import re
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -147,16 +146,6 @@ def rendezvous_timeout(env=os.environ) -> datetime.timedelta:
 def leave() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def exit_now(code: int | str | None) -> None:
-    """End one of torchrun's processes without the interpreter's finalization, which could abort
-    gloo's threads still releasing the last collective's tensors. Every file is closed by now."""
-    if isinstance(code, str):  # as SystemExit would print it
-        print(code, file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 def share(n_models: int, cluster: Cluster) -> slice:
