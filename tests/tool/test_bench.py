@@ -11,7 +11,7 @@ from tests.support import assert_user_error, needs_cpp_compiler, run
 from tinymnist.algorithm import networks, optim
 from tinymnist.algorithm.config import recipe_config
 from tinymnist.algorithm.train import make_gradient, make_step
-from tinymnist.tool import bench, memory
+from tinymnist.tool import bench, memory, time_to_accuracy
 
 pytest.importorskip("PIL", reason="the reference loop needs pillow (pip install 'tinymnist[bench]')")
 
@@ -57,9 +57,7 @@ def test_bench_reports_every_field(tmp_path):
     assert f"{row['eager_vs_reference']:.2f}x" in result.stdout  # the table shows the ratio
 
 
-@pytest.mark.parametrize(
-    "flag", [["--models", "mlp"], ["--repeats", "3"], ["--warmup", "0"], ["--window-images", "512"]]
-)
+@pytest.mark.parametrize("flag", [["--models", "mlp"], ["--warmup", "0"], ["--window-images", "512"]])
 def test_time_to_accuracy_refuses_the_flags_it_would_ignore(flag):
     assert_user_error(run("bench", "--time-to-accuracy", "0.99", *flag), flag[0], "does not apply")
 
@@ -105,6 +103,35 @@ def test_time_to_accuracy_over_seeds_reports_their_spread(real_split, tmp_path):
         assert row["reached"] == 3  # 50% is reached well within the recipes' epochs
         assert row["min_seconds"] <= row["seconds"] <= row["max_seconds"]
         assert f"{row['reached']}/3" in result.stdout
+
+
+def test_time_to_accuracy_over_rounds_gives_the_median_round_and_keeps_every_round(real_split, tmp_path):
+    """--repeats 3: the three loops run three times in turn; each row's seconds and ratio are the medians of
+    its rounds', and the JSON keeps every round's rows."""
+    out = tmp_path / "t.json"
+    args = ("--time-to-accuracy", "0.5", "--repeats", "3", "--device", "cpu", "--no-compile", "--json", out)
+    result = run("bench", *args, "--data-dir", real_split)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert len(report["rounds"]) == 3 and all(len(rows) == 3 for rows in report["rounds"])
+    for loop, row in enumerate(report["results"]):
+        runs = [rows[loop] for rows in report["rounds"]]
+        assert row["round_seconds"] == [r["seconds"] for r in runs]
+        assert row["seconds"] == statistics.median(row["round_seconds"])
+        assert row["speedup_vs_reference"] == pytest.approx(statistics.median(r["speedup_vs_reference"] for r in runs))
+    assert "medians of 3 rounds" in result.stdout
+
+
+def test_a_loop_that_missed_the_target_in_one_round_has_no_median():
+    reached = {"reached": 1, "seconds": 2.0, "images": 640, "epochs": 0.5, "best_accuracy": 0.6}
+    missed = {"reached": 0, "seconds": None, "images": None, "epochs": 2, "best_accuracy": 0.4}
+    runs = [
+        r | {"loop": "tinymnist fast", "speedup_vs_reference": r["seconds"], "first_step_seconds": 1.0}
+        for r in (reached, missed, reached)
+    ]
+    row = time_to_accuracy.over_rounds(runs)
+    assert (row["reached"], row["seconds"], row["speedup_vs_reference"]) == (0, None, None)
+    assert row["round_seconds"] == [2.0, None, 2.0] and row["epochs"] == 2
 
 
 def test_bench_rejects_an_unknown_model():

@@ -351,8 +351,9 @@ def bench(
     repeats: int | None = unset(
         "Rounds of one timed window of every loop in turn (after an untimed one), each round starting one "
         "loop later; images/s is each loop's median window, a ratio the median of the rounds' own ratios "
-        "(--busy-core: quiet and busy windows per round; --floor: rounds of every step in turn).",
-        "5",
+        "(--busy-core: quiet and busy windows per round; --floor: rounds of every step in turn; "
+        "--time-to-accuracy: whole runs of the three loops in turn, the median round's seconds).",
+        "5; with --time-to-accuracy 1",
     ),
     warmup: int | None = unset("Steps after the first (compiling) one, timed apart from the windows.", "3"),
     compile: bool = typer.Option(
@@ -367,8 +368,8 @@ def bench(
         "--time-to-accuracy",
         show_default="off",
         help="Instead: seconds of training until this test accuracy "
-        "(0.99) for fast, cnn and the tutorials' cnn loop, on the real MNIST files (the timing options do not "
-        "apply; --seeds gives one number of models trained at once).",
+        "(0.99) for fast, cnn and the tutorials' cnn loop, on the real MNIST files (--repeats runs them that "
+        "many times; the other timing options do not apply; --seeds gives one number of models trained at once).",
     ),
     seeds: str | None = typer.Option(
         None,
@@ -391,7 +392,7 @@ def bench(
     ),
 ):
     """Images/s of the tutorials' DataLoader loop against tinymnist's step (BENCHMARKS.md)."""
-    timing = {"--models": model_list, "--window-images": window_images, "--repeats": repeats, "--warmup": warmup}
+    timing = {"--models": model_list, "--window-images": window_images, "--warmup": warmup}
     if busy_core and floor:
         raise TinyMnistError("--busy-core and --floor are two benchmarks; give one of them")
     if busy_core or floor:
@@ -410,7 +411,7 @@ def bench(
         )
     model_list = "mlp,mlp3,cnn,lenet" if model_list is None else model_list
     window_images = 4096 if window_images is None else window_images
-    repeats = 5 if repeats is None else repeats
+    repeats = (1 if time_to_accuracy is not None else 5) if repeats is None else repeats
     warmup = 3 if warmup is None else warmup
     names = [m.strip() for m in model_list.split(",") if m.strip()]
     if not names:
@@ -444,8 +445,10 @@ def bench(
             raise TinyMnistError(f"--seeds {seeds}: with --time-to-accuracy give one number of models, like --seeds 10")
         check_counts_fit(TIME_TO_ACCURACY_MODELS, n[0], dev)
         mnist = data.load_mnist(folder, dev)  # real digits: random ones never reach it
-        rows = run_time_to_accuracy(mnist, dev, time_to_accuracy, compile, log=log, seeds=n[0])
-        return print_time_to_accuracy(rows, time_to_accuracy, dev, json_path)
+        rows, every_round = run_time_to_accuracy(
+            mnist, dev, time_to_accuracy, compile, log=log, seeds=n[0], rounds=repeats
+        )
+        return print_time_to_accuracy(rows, time_to_accuracy, dev, json_path, every_round)
     if seeds is not None:  # N models per step against N single runs
         counts = parse_counts(seeds)
         # timed in turns: the single model and every count's models are held at once

@@ -5,7 +5,9 @@ Three runs on the same data and device, in one process: the `fast` recipe and th
 recipe through the tutorials' own loop (reference.py: DataLoader, nn.Module,
 torch.optim). All three are evaluated on the whole test set every tenth of an epoch,
 off the clock; the first step (the compile) is timed apart. Ratios come from the
-same run, so a noisy shared machine slows all three alike.
+same run, so a noisy shared machine slows all three alike. With --repeats R the three
+run R times in turn: each loop's seconds are the median round's, its ratio the median
+of the rounds' own ratios, and every round's rows are kept in the JSON.
 """
 
 from __future__ import annotations
@@ -96,32 +98,65 @@ def reference(model: str, mnist: MNIST, device: torch.device, target: float) -> 
 
 
 def run_time_to_accuracy(
-    mnist: MNIST, device: torch.device, target: float, compile: bool, log, seeds: int = 1
-) -> list[dict]:
+    mnist: MNIST, device: torch.device, target: float, compile: bool, log, seeds: int = 1, rounds: int = 1
+) -> tuple[list[dict], list[list[dict]]]:
     """fast and cnn through tinymnist (`seeds` models of each at once), cnn through the tutorials'
-    loop; ratios to the reference."""
-    rows = []
+    loop, `rounds` times in turn; ratios to the reference. -> each loop's row over the rounds, and
+    every round's rows."""
     threads = torch.get_num_threads()  # each run starts on it, whatever count the run before left
-    for model in MODELS:
-        log(f"time to {100 * target:g}%: {model}" + (f", {seeds} models at once" if seeds > 1 else ""))
+    every_round = []
+    for n in range(rounds):
+        rows, of = [], f" (round {n + 1} of {rounds})" if rounds > 1 else ""
+        for model in MODELS:
+            log(f"time to {100 * target:g}%: {model}" + (f", {seeds} models at once" if seeds > 1 else "") + of)
+            with on_threads(threads):
+                rows.append(ours(model, mnist, device, target, compile, seeds))
+        log(f"time to {100 * target:g}%: reference cnn{of}")
         with on_threads(threads):
-            rows.append(ours(model, mnist, device, target, compile, seeds))
-    log(f"time to {100 * target:g}%: reference cnn")
-    with on_threads(threads):
-        rows.append(reference("cnn", mnist, device, target))
-    baseline = rows[-1]["seconds"]
-    for row in rows:
-        row["speedup_vs_reference"] = baseline / row["seconds"] if baseline and row["seconds"] else None
-    return rows
+            rows.append(reference("cnn", mnist, device, target))
+        baseline = rows[-1]["seconds"]
+        for row in rows:
+            row["speedup_vs_reference"] = baseline / row["seconds"] if baseline and row["seconds"] else None
+        every_round.append(rows)
+    return [over_rounds(list(runs)) for runs in zip(*every_round, strict=True)], every_round
 
 
-def print_time_to_accuracy(rows: list[dict], target: float, device: torch.device, json_path) -> None:
-    """The rows as a table (every digit when the output is a log file); the raw rows as JSON."""
+def over_rounds(runs: list[dict]) -> dict:
+    """One loop's row from its rounds: the median round's seconds (the median of the rounds' times, where
+    every round reached the target), the median of their ratios, every round's seconds; one round: as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    reached = all(r["reached"] for r in runs)
+    median = lambda key: statistics.median(r[key] for r in runs) if reached else None  # noqa: E731
+    ratios = [r["speedup_vs_reference"] for r in runs]
+    return runs[0] | {
+        "reached": min(r["reached"] for r in runs),
+        "seconds": median("seconds"),
+        "round_seconds": [r["seconds"] for r in runs],
+        "min_seconds": min((r["min_seconds"] for r in runs if r.get("min_seconds") is not None), default=None),
+        "max_seconds": max((r["max_seconds"] for r in runs if r.get("max_seconds") is not None), default=None),
+        "images": round(median("images")) if reached else None,
+        "epochs": median("epochs") if reached else max(r["epochs"] for r in runs),
+        "best_accuracy": max(r["best_accuracy"] for r in runs),
+        "speedup_vs_reference": statistics.median(ratios) if None not in ratios else None,
+        "first_step_seconds": runs[0]["first_step_seconds"],  # later rounds may compile from inductor's cache
+        "untimed_seconds": max(r.get("untimed_seconds", 0.0) for r in runs),
+    }
+
+
+def print_time_to_accuracy(
+    rows: list[dict], target: float, device: torch.device, json_path, every_round: list[list[dict]] | None = None
+) -> None:
+    """The rows as a table (every digit when the output is a log file); the raw rows, and every round's, as JSON."""
     if json_path:
-        write_json(json_path, {"target": target, **report_head(device), "results": rows})
+        rounds = {"rounds": every_round} if every_round and len(every_round) > 1 else {}
+        write_json(json_path, {"target": target, **report_head(device), "results": rows, **rounds})
     title = f"time to {100 * target:g}% test accuracy, {machine_description(device)}, torch {torch.__version__}"
     columns = ("loop", "reached", "seconds", "min-max s", "images", "epochs", "best accuracy", "vs reference")
-    table = new_table(title, (*columns, "first step s"))
+    several = any("round_seconds" in r for r in rows)
+    if several:
+        title += f"; medians of {len(rows[0]['round_seconds'])} rounds"
+    table = new_table(title, (*columns, *(("each round s",) if several else ()), "first step s"))
     for r in rows:
         spread = f"{r['min_seconds']:.2f}-{r['max_seconds']:.2f}" if r.get("min_seconds") is not None else "-"
         first_step = f"{r['first_step_seconds']:.1f}"
@@ -136,6 +171,7 @@ def print_time_to_accuracy(rows: list[dict], target: float, device: torch.device
             f"{r['epochs']:g}",
             f"{100 * r['best_accuracy']:.2f}%",
             f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-",
+            *((", ".join("-" if t is None else f"{t:.2f}" for t in r["round_seconds"]),) if several else ()),
             first_step,
         )
     print_table(table)
