@@ -119,6 +119,7 @@ def test_time_to_accuracy_over_rounds_gives_the_median_round_and_keeps_every_rou
         assert row["round_seconds"] == [r["seconds"] for r in runs]
         assert row["seconds"] == statistics.median(row["round_seconds"])
         assert row["speedup_vs_reference"] == pytest.approx(statistics.median(r["speedup_vs_reference"] for r in runs))
+        assert "/".join(f"{t:.2f}" for t in row["round_seconds"]) in result.stdout  # every digit, in the table
     assert "medians of 3 rounds" in result.stdout
 
 

@@ -152,11 +152,13 @@ def print_time_to_accuracy(
         rounds = {"rounds": every_round} if every_round and len(every_round) > 1 else {}
         write_json(json_path, {"target": target, **report_head(device), "results": rows, **rounds})
     title = f"time to {100 * target:g}% test accuracy, {machine_description(device)}, torch {torch.__version__}"
-    columns = ("loop", "reached", "seconds", "min-max s", "images", "epochs", "best accuracy", "vs reference")
     several = any("round_seconds" in r for r in rows)
+    models = any(r["models"] > 1 for r in rows)  # the spread of their times: min-max
     if several:
         title += f"; medians of {len(rows[0]['round_seconds'])} rounds"
-    table = new_table(title, (*columns, *(("each round s",) if several else ()), "first step s"))
+    columns = ("loop", "reached", "seconds", *(("min-max s",) if models else ()), "images", "epochs")
+    columns += ("best accuracy", "vs reference", *(("each round s",) if several else ()), "first step s")
+    table = new_table(title, columns)
     for r in rows:
         spread = f"{r['min_seconds']:.2f}-{r['max_seconds']:.2f}" if r.get("min_seconds") is not None else "-"
         first_step = f"{r['first_step_seconds']:.1f}"
@@ -166,12 +168,12 @@ def print_time_to_accuracy(
             r["loop"],
             f"{r['reached']}/{r['models']}",
             f"{r['seconds']:.2f}" if r["reached"] else "not reached",
-            spread,
+            *((spread,) if models else ()),
             f"{r['images']:,}" if r["reached"] else "-",
             f"{r['epochs']:g}",
             f"{100 * r['best_accuracy']:.2f}%",
             f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-",
-            *((", ".join("-" if t is None else f"{t:.2f}" for t in r["round_seconds"]),) if several else ()),
+            *(("/".join("-" if t is None else f"{t:.2f}" for t in r["round_seconds"]),) if several else ()),
             first_step,
         )
-    print_table(table)
+    print_table(table, width=150 if several else 120)  # every round's seconds in full
