@@ -352,7 +352,7 @@ def bench(
         "Rounds of one timed window of every loop in turn (after an untimed one), each round starting one "
         "loop later; images/s is each loop's median window, a ratio the median of the rounds' own ratios "
         "(--busy-core: quiet and busy windows per round; --floor: rounds of every step in turn; "
-        "--time-to-accuracy: whole runs of the three loops in turn, the median round's seconds).",
+        "--time-to-accuracy: whole runs of the three loops in turn, the median of their seconds).",
         "5; with --time-to-accuracy 1",
     ),
     warmup: int | None = unset("Steps after the first (compiling) one, timed apart from the windows.", "3"),

@@ -6,7 +6,7 @@ recipe through the tutorials' own loop (reference.py: DataLoader, nn.Module,
 torch.optim). All three are evaluated on the whole test set every tenth of an epoch,
 off the clock; the first step (the compile) is timed apart. Ratios come from the
 same run, so a noisy shared machine slows all three alike. With --repeats R the three
-run R times in turn: each loop's seconds are the median round's, its ratio the median
+run R times in turn: each loop's seconds are the median of its rounds', its ratio the median
 of the rounds' own ratios, and every round's rows are kept in the JSON.
 """
 
@@ -122,8 +122,8 @@ def run_time_to_accuracy(
 
 
 def over_rounds(runs: list[dict]) -> dict:
-    """One loop's row from its rounds: the median round's seconds (the median of the rounds' times, where
-    every round reached the target), the median of their ratios, every round's seconds; one round: as it is."""
+    """One loop's row from its rounds: the median of their seconds (where every round reached the
+    target), the median of their ratios, every round's seconds; one round: as it is."""
     if len(runs) == 1:
         return runs[0]
     reached = all(r["reached"] for r in runs)
