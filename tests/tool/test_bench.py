@@ -120,19 +120,23 @@ def test_time_to_accuracy_over_rounds_gives_the_median_round_and_keeps_every_rou
         assert row["seconds"] == statistics.median(row["round_seconds"])
         assert row["speedup_vs_reference"] == pytest.approx(statistics.median(r["speedup_vs_reference"] for r in runs))
         assert "/".join(f"{t:.2f}" for t in row["round_seconds"]) in result.stdout  # every digit, in the table
-    assert "medians of 3 rounds" in result.stdout
+    assert "medians of 3 rounds" in result.stdout and "3/3 rounds" in result.stdout
+    assert "round 3 of 3: tinymnist fast" in result.stderr  # each round said as it ends: a stop keeps them
 
 
-def test_a_loop_that_missed_the_target_in_one_round_has_no_median():
-    reached = {"reached": 1, "seconds": 2.0, "images": 640, "epochs": 0.5, "best_accuracy": 0.6}
-    missed = {"reached": 0, "seconds": None, "images": None, "epochs": 2, "best_accuracy": 0.4}
-    runs = [
-        r | {"loop": "tinymnist fast", "speedup_vs_reference": r["seconds"], "first_step_seconds": 1.0}
-        for r in (reached, missed, reached)
-    ]
-    row = time_to_accuracy.over_rounds(runs)
-    assert (row["reached"], row["seconds"], row["speedup_vs_reference"]) == (0, None, None)
-    assert row["round_seconds"] == [2.0, None, 2.0] and row["epochs"] == 2
+def test_a_loop_that_missed_the_target_in_a_round_has_the_median_of_the_rounds_that_reached_it(capsys):
+    reached = {"reached": 1, "seconds": 2.0, "images": 640, "epochs": 0.5, "best_accuracy": 0.99}
+    missed = {"reached": 0, "seconds": None, "images": None, "epochs": 2, "best_accuracy": 0.98}
+    common = {"loop": "tinymnist fast", "models": 1, "first_step_seconds": 1.0}
+    rounds = [r | common | {"speedup_vs_reference": r["seconds"] and 3 * r["seconds"]} for r in (reached, missed)]
+    row = time_to_accuracy.over_rounds([rounds[0], rounds[1], rounds[0] | {"seconds": 4.0, "epochs": 1.5}])
+    assert (row["rounds_reached"], row["seconds"], row["epochs"], row["speedup_vs_reference"]) == (2, 3.0, 1.0, 6.0)
+    assert row["round_seconds"] == [2.0, None, 4.0] and row["reached"] == 0
+    never = time_to_accuracy.over_rounds([rounds[1], rounds[1]])
+    assert (never["rounds_reached"], never["seconds"], never["speedup_vs_reference"]) == (0, None, None)
+    time_to_accuracy.print_time_to_accuracy([row, never | {"loop": "reference cnn"}], 0.99, torch.device("cpu"), None)
+    table = capsys.readouterr().out
+    assert "2/3 rounds" in table and "2.00/-/4.00" in table and "0/2 rounds" in table and "not reached" in table
 
 
 def test_bench_rejects_an_unknown_model():

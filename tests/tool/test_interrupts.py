@@ -280,16 +280,20 @@ def _enter_and_leave():
         yield "inside"
 
 
-# A child whose command has finished, and whose exit callbacks wait (as the shutdown of torch.compile's
-# worker processes can): the interpreter's finalization would have put the default handler back.
-SIGNAL_WHILE_EXITING = """
-    import atexit, importlib.util, sys, time
+# A child running the console script's `main` with a stand-in for the CLI (importing torch takes seconds):
+# STAND_IN's code defines `command`, which runs as the CLI's main, and may use `wait_at_exit`, an exit
+# callback that says "exiting" and waits, as the shutdown of torch.compile's worker processes can.
+WITH_A_STAND_IN_CLI = """
+    import atexit, importlib.util, os, signal, sys, time
+    from tinymnist.tool import interrupts
 
     def wait_at_exit():
         print("exiting", flush=True)
         time.sleep(600)
 
-    class FinishedCli:
+    STAND_IN
+
+    class StandInCli:
         def find_spec(self, name, path=None, target=None):
             return importlib.util.spec_from_loader(name, self) if name == "tinymnist.tool.cli" else None
 
@@ -297,19 +301,68 @@ SIGNAL_WHILE_EXITING = """
             return None
 
         def exec_module(self, module):
-            module.main = lambda: atexit.register(wait_at_exit)
+            module.main = command
 
-    sys.meta_path.insert(0, FinishedCli())
+    sys.meta_path.insert(0, StandInCli())
     from tinymnist.tool.entry import main
     main()
 """
 
 
+def stand_in(command: str, *shell) -> subprocess.Popen:
+    """The child above with `command` as the CLI; `shell`: run it through bash with these redirections."""
+    code = textwrap.dedent(WITH_A_STAND_IN_CLI).replace("STAND_IN", textwrap.dedent(command))
+    if not shell:
+        return start(code)
+    line = f'{sys.executable} -c "$0" {" ".join(shell)}'
+    return subprocess.Popen(["bash", "-c", line, code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_a_ctrl_c_after_the_command_finished_says_so_and_exits_at_once():
-    child = start(SIGNAL_WHILE_EXITING)
+    """The interpreter's finalization would have put the default handler back: killed without a word."""
+    child = stand_in("def command():\n    atexit.register(wait_at_exit)")
     wait_for_line(child, "exiting")
     child.send_signal(signal.SIGINT)
     assert finish(child) == (130, "", "tinymnist: interrupted while exiting; the command had finished\n")
+
+
+def test_after_an_interrupted_command_another_signal_ends_the_exit_callbacks():
+    """The run's cleanup ignores a second signal; its exit callbacks do not."""
+    child = stand_in("""
+        def command():
+            atexit.register(wait_at_exit)
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(600)
+            except KeyboardInterrupt as stop:  # as exits.py ends a command
+                interrupts.report(stop)
+                raise SystemExit(interrupts.exit_code(stop))
+    """)
+    wait_for_line(child, "exiting")
+    child.send_signal(signal.SIGTERM)
+    assert finish(child) == (130, "", "tinymnist: interrupted\ntinymnist: interrupted while exiting\n")
+
+
+def test_a_signal_a_finalizer_swallowed_as_the_command_returned_still_ends_it_in_one_line():
+    """Python drops an exception raised inside a __del__ with a traceback: the signal still ends the run
+    (exit 130, its one line), and nothing else is said."""
+    child = stand_in("""
+        class Freed:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                signal.sigtimedwait([], 0)  # the handler runs here, inside __del__
+
+        def command():
+            kept = Freed()
+            print("done", flush=True)
+    """)
+    assert finish(child) == (130, "done\n", "tinymnist: interrupted\n")
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-", ">&- 2>&-"])
+def test_a_command_with_its_output_closed_exits_0(closed):
+    child = stand_in("def command():\n    pass", closed)
+    assert finish(child)[0] == 0
 
 
 @pytest.mark.parametrize(("code", "status", "stderr"), [(0, 0, ""), (2, 2, ""), (None, 0, ""), ("bad", 1, "bad\n")])

@@ -151,10 +151,8 @@ def train(
     ),
     steps_per_call: int = typer.Option(
         1,
-        help="CPU: steps per compiled call (one model's step, compiled whole, on fixed threads), at most "
-        "--log-interval, --eval-every and an epoch's batches. For long or repeated mlp and mlp3 runs only: "
-        "their steps run 1.3-2x as fast, but the first compile takes 30-50 s (about 1 s from inductor's "
-        "cache later), more than the recipes' own epochs save (BENCHMARKS.md).",
+        help="CPU: steps per compiled call (one model, fixed threads), at most --log-interval, --eval-every "
+        "and an epoch's batches. For long or repeated mlp, mlp3 runs: 1.3-2x faster after a 30-50 s compile.",
     ),
     threads: int | None = unset(
         "CPU threads, fixed: the same numbers to the last bit whatever else the machine runs "
@@ -352,7 +350,8 @@ def bench(
         "Rounds of one timed window of every loop in turn (after an untimed one), each round starting one "
         "loop later; images/s is each loop's median window, a ratio the median of the rounds' own ratios "
         "(--busy-core: quiet and busy windows per round; --floor: rounds of every step in turn; "
-        "--time-to-accuracy: whole runs of the three loops in turn, the median of their seconds).",
+        "--time-to-accuracy: whole runs of the three loops, in the same order each round, the median of "
+        "their seconds).",
         "5; with --time-to-accuracy 1",
     ),
     warmup: int | None = unset("Steps after the first (compiling) one, timed apart from the windows.", "3"),

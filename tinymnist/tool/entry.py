@@ -25,27 +25,27 @@ def main() -> None:
             code = 0
         except SystemExit as done:
             code = done.code
-    except KeyboardInterrupt as e:  # during the imports: each command reports its own
+        leave(code)
+    except KeyboardInterrupt as e:  # during the imports, or as the command returned: each command reports its own
         interrupts.report(e)
         sys.exit(interrupts.exit_code(e))
-    leave(code)
 
 
 def leave(code: int | str | None) -> None:
     """End the process once the command has returned, without the interpreter's finalization.
 
-    Finalization takes about a second after torch (its modules torn down one by one), and Python puts
-    the default signal handlers back first: a Ctrl-C then killed the process without a word. Under
-    torchrun it could also abort gloo's threads still releasing the last collective's tensors. Every
-    file is closed by now; the exit callbacks (torch.compile's worker processes stopping) still run,
-    with the handlers in place (interrupts.finished)."""
-    interrupts.finished()
+    Finalization takes about a second after torch (its modules torn down one by one). It runs the exit
+    callbacks with our signal handler, whose exception there is only printed as ignored, then puts the
+    default handlers back: a Ctrl-C then killed the process without a word. Under torchrun it could also
+    abort gloo's threads still releasing the last collective's tensors. Every file is closed by now; the
+    exit callbacks (torch.compile's worker processes stopping) run here, where a signal ends the process
+    at once with its line (interrupts.finished)."""
+    code = interrupts.finished(code)
     from tinymnist.tool import torchrun
 
     if not torchrun.launched():  # torchrun's ranks leave at once, as they always have
         atexit._run_exitfuncs()
     if isinstance(code, str):  # as SystemExit would print it
-        print(code, file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
+        print(code, file=sys.stderr or sys.stdout)
+    interrupts.flush_output()
     os._exit(code if isinstance(code, int) else 0 if code is None else 1)

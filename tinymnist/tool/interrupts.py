@@ -51,16 +51,16 @@ class _Handler:
         self.shield_depth = 0  # nested shielded() blocks now running
         self.pending: int | None = None  # a signal that arrived while shielded
         self.raised: int | None = None  # the first signal, once acted on: the run is ending
-        self.finished = False  # the command has returned: the interpreter is shutting down
+        self.finished = False  # the command has returned: only the exit callbacks are left
 
     def __call__(self, signum: int, frame) -> None:
+        if self.finished:  # an exception now would escape every handler: say so and leave at once
+            done = "" if self.raised is not None else "; the command had finished"
+            print(f"tinymnist: interrupted while exiting{done}", file=sys.stderr or sys.stdout)
+            flush_output()
+            os._exit(exit_code(_exception(self.raised or signum)))
         if self.raised is not None:
             return  # the run is already ending: let its cleanup finish
-        if self.finished:  # an exception now would escape every handler: say so and leave at once
-            self.raised = signum
-            print("tinymnist: interrupted while exiting; the command had finished", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(exit_code(_exception(signum)))
         if self.shield_depth:
             self.pending = self.pending or signum
             return
@@ -88,15 +88,57 @@ def install() -> None:
         handler = _Handler()
         for signum in SIGNALS:
             signal.signal(signum, handler)
+        sys.unraisablehook = _quiet_when_ours
 
 
-def finished() -> None:
-    """The command has returned: a signal from now on (during the interpreter's shutdown, which waits
-    for torch.compile's worker processes) ends the process with its one line and exit code at once,
-    where an exception would escape every handler and end it without a word."""
+def finished(code: int | str | None) -> int | str | None:
+    """The command has returned with exit code `code`: from now on a signal (while the exit callbacks run,
+    which may wait for torch.compile's worker processes) ends the process at once with its one line and
+    exit code, where an exception would escape every handler. -> the code to leave with: a signal whose
+    exception a finalizer swallowed as the command returned still ends it as an interrupt.
+
+    The signals are held back across the switch, so that none lands between the check and the flag."""
     handler = _installed()
-    if handler is not None:
+    if handler is None:
+        return code
+    with _held_back():  # a signal that waited is handled as it ends, by the finished handler
         handler.finished = True
+        if handler.raised is not None and code == 0:  # raised inside a __del__ or weakref callback, and dropped
+            stop = _exception(handler.raised)
+            report(stop)
+            code = exit_code(stop)
+    return code
+
+
+@contextlib.contextmanager
+def _held_back() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked by the OS for the block (where it can: not on Windows)."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    mask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+def flush_output() -> None:
+    """Flush stdout and stderr before os._exit, which skips it; either may be closed (`>&-`: None)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            stream.flush()
+
+
+def _quiet_when_ours(unraisable) -> None:
+    """sys.unraisablehook: Python drops an exception raised inside a finalizer (a `__del__`, a weakref
+    callback) with a traceback; our signal's exception there is no error (the handler has noted the
+    signal, and the run ends at the next check), so it goes unsaid. Anything else as Python says it."""
+    handler = _installed()
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and handler is not None and handler.raised is not None:
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def raise_if_swallowed() -> None:

@@ -65,16 +65,17 @@ def off_the_clock(result, compiled: bool) -> str:
     return note + ")"
 
 
-def final_line(result, device, compile_note: str) -> str:
+def final_line(result, device, compiled: bool) -> str:
     """The run's last line: final accuracy (N models: spread, best, ensemble), time without the compile, speed."""
     last = result.records[-1]
-    speed = f"training {result.train_seconds:.1f} s {compile_note}, {result.images_per_second:,.0f} images/s"
+    speed = f"training {result.train_seconds:.1f} s {off_the_clock(result, compiled)}, "
+    speed += f"{result.images_per_second:,.0f} images/s" + (" over all models" if last.get("ensemble") else "")
     when = f"after {last['epoch']:g} epoch{'' if last['epoch'] == 1 else 's'}"
     if last.get("ensemble"):
         when = f"after {counted(result.state.epoch, 'epoch')}"
     if not result.images:  # a dry run's one step is the first, kept off the clock: no speed to give
-        took = f"{result.first_step_seconds:.1f} s" + (" with its compile" if "compiling" in compile_note else "")
-        speed, when = f"the step took {took}, no speed measured", "after one step (a dry run)"
+        took = f"{result.first_step_seconds:.1f} s" + (", compiling included" if compiled else "")
+        speed, when = f"its one step took {took}; no speed measured", "after one step (a dry run)"
     if not last.get("ensemble"):
         return (
             f"Final test accuracy: {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "
@@ -85,7 +86,7 @@ def final_line(result, device, compile_note: str) -> str:
         f"± {100 * last['std_accuracy']:.2f} (min {100 * last['min_accuracy']:.2f}%, "
         f"max {100 * last['max_accuracy']:.2f}% with seed {last['best_seed']}, lr {last['best_lr']:g}); "
         f"ensemble {100 * last['test_accuracy']:.2f}% ({last['correct']}/{last['total']}) "
-        f"{when} on {device}; {speed} over all models"
+        f"{when} on {device}; {speed}"
     )
 
 

@@ -171,7 +171,7 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
             saved = saved_at_target(config, result, resumed) if all(result.reached) and config.save_model else None
             if saved:
                 print(saved)
-        print(final_line(result, device, compile_note))
+        print(final_line(result, device, compiled))
     return result
 
 
