@@ -340,7 +340,7 @@ def test_after_an_interrupted_command_another_signal_ends_the_exit_callbacks():
     """)
     wait_for_line(child, "exiting")
     child.send_signal(signal.SIGTERM)
-    assert finish(child) == (130, "", "tinymnist: interrupted\ntinymnist: interrupted while exiting\n")
+    assert finish(child) == (130, "", "tinymnist: interrupted\ntinymnist: interrupted by SIGTERM while exiting\n")
 
 
 def test_a_signal_a_finalizer_swallowed_as_the_command_returned_still_ends_it_in_one_line():
@@ -356,7 +356,7 @@ def test_a_signal_a_finalizer_swallowed_as_the_command_returned_still_ends_it_in
             kept = Freed()
             print("done", flush=True)
     """)
-    assert finish(child) == (130, "done\n", "tinymnist: interrupted\n")
+    assert finish(child) == (130, "done\n", "tinymnist: interrupted; the command had finished\n")
 
 
 @pytest.mark.parametrize("closed", [">&-", "2>&-", ">&- 2>&-"])

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+FINISHED = "; the command had finished"  # said of a signal that came after the command's work
 SHELL_SIGNAL_BASE = 128  # POSIX shells report "killed by signal N" as exit status 128 + N
 
 
@@ -36,7 +37,7 @@ def report(stop: KeyboardInterrupt, kept: str = "") -> None:
     if getattr(stop, "reported", False):  # said already, closer to where it landed
         return
     by = " by SIGTERM" if isinstance(stop, Terminated) else ""
-    print(f"tinymnist: interrupted{by}{kept}", file=sys.stderr)
+    print(f"tinymnist: interrupted{by}{kept}", file=sys.stderr or sys.stdout)
     stop.reported = True
 
 
@@ -55,8 +56,8 @@ class _Handler:
 
     def __call__(self, signum: int, frame) -> None:
         if self.finished:  # an exception now would escape every handler: say so and leave at once
-            done = "" if self.raised is not None else "; the command had finished"
-            print(f"tinymnist: interrupted while exiting{done}", file=sys.stderr or sys.stdout)
+            stop = _exception(signum)
+            report(stop, " while exiting" + ("" if self.raised is not None else FINISHED))
             flush_output()
             os._exit(exit_code(_exception(self.raised or signum)))
         if self.raised is not None:
@@ -105,7 +106,7 @@ def finished(code: int | str | None) -> int | str | None:
         handler.finished = True
         if handler.raised is not None and code == 0:  # raised inside a __del__ or weakref callback, and dropped
             stop = _exception(handler.raised)
-            report(stop)
+            report(stop, FINISHED)
             code = exit_code(stop)
     return code
 
