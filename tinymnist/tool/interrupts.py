@@ -3,8 +3,10 @@
 After `install()`, SIGINT raises `KeyboardInterrupt` and SIGTERM `Terminated` (a subclass,
 so every handler that saves the last epoch handles both). Only the first signal raises:
 a second Ctrl-C must not break into the cleanup. Inside `shielded()` (a checkpoint being
-written) a signal waits until the block ends. Every stop ends in one line, `report(stop)`.
-The handler object holds this state, and the process's signal table holds the handler.
+written) a signal waits until the block ends. Once the command has returned (`finished()`,
+while the process exits) a signal raises nothing: it ends the process at once. Every stop
+ends in one line, `report(stop)`. The handler object holds this state, and the process's
+signal table holds the handler.
 """
 
 from __future__ import annotations
