@@ -72,6 +72,8 @@ def test_a_file_as_data_dir_is_refused_not_taken_for_missing_files(tmp_path):
 
 def test_time_to_accuracy_takes_one_number_of_models():
     assert_user_error(run("bench", "--time-to-accuracy", "0.99", "--seeds", "1,4"), "--seeds 1,4", "one number")
+    zero = run("bench", "--time-to-accuracy", "0.99", "--seeds", "0")
+    assert_user_error(zero, "--seeds 0: '0' is not a count", "like --seeds 10")  # not a list it would refuse
 
 
 def test_time_to_accuracy_over_seeds_reports_their_spread(real_split, tmp_path):

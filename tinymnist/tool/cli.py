@@ -439,7 +439,7 @@ def bench(
     if time_to_accuracy is not None:
         if not 0 < time_to_accuracy <= 1:
             raise TinyMnistError(f"--time-to-accuracy is a fraction (0.99 for 99%), got {time_to_accuracy}")
-        n = parse_counts(seeds) if seeds is not None else [1]
+        n = parse_counts(seeds, "one number of models, like --seeds 10") if seeds is not None else [1]
         if len(n) != 1:
             raise TinyMnistError(f"--seeds {seeds}: with --time-to-accuracy give one number of models, like --seeds 10")
         check_counts_fit(TIME_TO_ACCURACY_MODELS, n[0], dev)
@@ -497,13 +497,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def parse_counts(text: str) -> list[int]:
-    """bench --seeds 1,4,16 as [1, 4, 16], or a one-line error naming the bad item."""
+def parse_counts(text: str, example: str = "model counts comma-separated, like --seeds 1,4,16") -> list[int]:
+    """bench --seeds 1,4,16 as [1, 4, 16], or a one-line error naming the bad item and saying what to give."""
     counts = []
     for item in text.split(","):
         if not item.strip().isdigit() or int(item) < 1:
             what = "an empty item" if not item.strip() else f"{item.strip()!r} is not a count of 1 or more"
-            raise TinyMnistError(f"--seeds {text}: {what}; give model counts comma-separated, like --seeds 1,4,16")
+            raise TinyMnistError(f"--seeds {text}: {what}; give {example}")
         counts.append(int(item))
     return list(dict.fromkeys(counts))  # each count once, in order
 
