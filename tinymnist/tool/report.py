@@ -90,11 +90,12 @@ def final_line(result, device, compiled: bool) -> str:
     )
 
 
-def target_line(target: float, result, compile_note: str, resumed_at: int | None = None) -> str:
+def target_line(target: float, result, compiled: bool, resumed_at: int | None = None) -> str:
     """--target-accuracy: when it was reached (time, images) or that it was not; N models: when the last did,
     and how many. A resumed run counts its own time and images, and says so."""
     reached = [r for r in result.reached if r is not None]
     goal = f"target {100 * target:.2f}%"
+    compile_note = off_the_clock(result, compiled)
     if resumed_at is not None:
         compile_note += f" in this run, resumed after epoch {resumed_at}"
     if not reached:

@@ -41,15 +41,7 @@ from tinymnist.errors import TinyMnistError
 from tinymnist.tool import checkpoint, extras, interrupts, outputs, torchrun
 from tinymnist.tool.devices import resolve_device
 from tinymnist.tool.memory import check_memory
-from tinymnist.tool.report import (
-    LineReporter,
-    MetricsFile,
-    ProgressReporter,
-    Reporters,
-    final_line,
-    off_the_clock,
-    target_line,
-)
+from tinymnist.tool.report import LineReporter, MetricsFile, ProgressReporter, Reporters, final_line, target_line
 from tinymnist.tool.sweep import Sweep
 from tinymnist.tool.tensorboard import refuse_earlier_events, tensorboard_reporter
 from tinymnist.transforms import first_conv, speed
@@ -165,9 +157,8 @@ def train(config: TrainConfig, resumed: TrainState | None = None) -> FitResult:
         if sweep:  # the speed of the whole sweep: every share's images in the slowest share's time
             result.train_seconds, result.images = sweep.totals(result.train_seconds, result.images)
         compiled = speed.use_compile(config, device)
-        compile_note = off_the_clock(result, compiled)
         if config.target_accuracy is not None:
-            print(target_line(config.target_accuracy, result, compile_note, resumed.epoch if resumed else None))
+            print(target_line(config.target_accuracy, result, compiled, resumed.epoch if resumed else None))
             saved = saved_at_target(config, result, resumed) if all(result.reached) and config.save_model else None
             if saved:
                 print(saved)
